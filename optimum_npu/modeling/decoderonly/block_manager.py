@@ -1,0 +1,97 @@
+"""Host-side bookkeeping of the paged KV cache: which physical blocks each batch slot owns.
+
+The device holds `num_blocks` KV blocks of `block_size` positions per layer. A batch slot
+(one row of the compiled decode/prefill graphs) owns a list of blocks; its block table row
+maps logical block i (positions i*block_size ..) to a physical block. Blocks are handed
+out as a sequence grows and returned when it finishes (nano-vllm style, without prefix
+caching).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+
+class KVCacheExhaustedError(RuntimeError):
+    """No free KV blocks left for a sequence that needs to grow."""
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int, num_slots: int, pad_block: int = 0):
+        if min(num_blocks, block_size, max_blocks_per_seq, num_slots) <= 0:
+            raise ValueError(
+                "BlockManager sizes must be positive, got "
+                f"num_blocks={num_blocks}, block_size={block_size}, "
+                f"max_blocks_per_seq={max_blocks_per_seq}, num_slots={num_slots}"
+            )
+        if not 0 <= pad_block < num_blocks:
+            raise ValueError(f"pad_block must be a valid block index in [0, {num_blocks}), got {pad_block}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.num_slots = num_slots
+        # Block tables are fixed-width tensors; unused entries need *some* in-range index
+        # because the kernels gather whole rows. They are masked out (never attended), and
+        # callers never write past what they allocated, so the filler is never touched.
+        self.pad_block = pad_block
+        self._free_blocks: deque[int] = deque(range(num_blocks))
+        self._slot_blocks: list[list[int]] = [[] for _ in range(num_slots)]
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold positions 0..num_tokens-1."""
+        return math.ceil(num_tokens / self.block_size)
+
+    def allocate(self, slot: int, num_tokens: int) -> None:
+        """Make `slot` own enough blocks for `num_tokens` positions (grows, never shrinks).
+
+        All-or-nothing: if the blocks are not available, nothing is allocated.
+        """
+        self._check_slot(slot)
+        needed = self.blocks_for(num_tokens)
+        if needed > self.max_blocks_per_seq:
+            max_tokens = self.max_blocks_per_seq * self.block_size
+            raise ValueError(
+                f"slot {slot}: {num_tokens} tokens exceed the per-sequence KV capacity of {max_tokens} "
+                f"({self.max_blocks_per_seq} blocks x {self.block_size}); raise rbln_max_seq_len"
+            )
+        owned = self._slot_blocks[slot]
+        missing = needed - len(owned)
+        if missing <= 0:
+            return
+        if missing > len(self._free_blocks):
+            raise KVCacheExhaustedError(
+                f"KV cache exhausted: slot {slot} needs {missing} more block(s) to hold {num_tokens} tokens, "
+                f"but only {len(self._free_blocks)} of {self.num_blocks} blocks are free. "
+                "Increase rbln_kvcache_num_blocks or reduce rbln_batch_size (fewer concurrent sequences)."
+            )
+        owned.extend(self._free_blocks.popleft() for _ in range(missing))
+
+    def free(self, slot: int) -> None:
+        """Return all blocks of `slot` to the pool."""
+        self._check_slot(slot)
+        self._free_blocks.extend(self._slot_blocks[slot])
+        self._slot_blocks[slot] = []
+
+    def block_table(self, slot: int) -> list[int]:
+        """Physical blocks owned by `slot`, in logical order (a copy)."""
+        self._check_slot(slot)
+        return list(self._slot_blocks[slot])
+
+    def block_tables(self, slots: list[int]) -> torch.Tensor:
+        """int32 [len(slots), max_blocks_per_seq] rows for the kernels, padded with pad_block."""
+        table = torch.full((len(slots), self.max_blocks_per_seq), self.pad_block, dtype=torch.int32)
+        for row, slot in enumerate(slots):
+            blocks = self.block_table(slot)
+            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return table
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
