@@ -1,0 +1,453 @@
+"""The configuration of one compiled model: `rbln_*` options, their validation, rbln_config.json.
+
+A model is compiled with a set of options of two kinds (as in optimum-rbln):
+
+- COMPILE-TIME options are baked into the compiled program (target npu, dtype, batch size,
+  sequence length, ...). Changing one means recompiling (`from_pretrained(..., export=True)`).
+- RUNTIME options only say how to run the program (which device, whether to create
+  runtimes at all, profiling). They may change every time a compiled folder is loaded.
+
+A config is plain frozen data. The life of one:
+
+    config, hf_kwargs = RBLNLlamaForCausalLMConfig.from_kwargs(kwargs)   # export: rbln_* options
+    config = config.with_compiled(cls_name="RBLNLlamaForCausalLM", graphs=...)  # after compiling
+    config.save(folder)                                                   # rbln_config.json
+    config, hf_kwargs = RBLNLlamaForCausalLMConfig.from_compiled(folder, kwargs)  # load: runtime options only
+
+Users pass options in three equivalent ways; `rbln_*` kwargs win over the dict / object:
+
+    from_pretrained(..., rbln_batch_size=4)
+    from_pretrained(..., rbln_config={"batch_size": 4})
+    from_pretrained(..., rbln_config=RBLNLlamaForCausalLMConfig(batch_size=4))
+
+A subclass adds its own compile-time options by declaring plain dataclass fields; runtime
+options are declared with `runtime_option(...)`. Every subclass is registered by class name
+so that `RBLNModelConfig.load(folder)` can rebuild the right class from the JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Self
+
+from optimum_npu.sim_device.specs import DEFAULT_NPU, get_npu_spec
+
+CONFIG_NAME = "rbln_config.json"
+OPTION_PREFIX = "rbln_"          # `from_pretrained(rbln_batch_size=4)` sets option `batch_size`
+CONFIG_KWARG = "rbln_config"     # `from_pretrained(rbln_config={...} or a config object)`
+
+# An ATOM-Max server holds 8 cards; tensor parallelism may span at most one server.
+MAX_CARDS_PER_SERVER = 8
+
+DTYPES = ("bfloat16", "float16")
+NUMERICS = ("device", "exact")   # "exact": simulator-only fp32 host math, to tell porting bugs from rounding
+
+# One graph input as the compiler sees it: (name, shape, dtype), e.g. ("input_ids", (1, 128), "int64").
+InputInfo = tuple[str, tuple[int, ...], str]
+
+# Field kinds, kept in each dataclass field's metadata. A field without a kind is a compile-time option.
+_KIND = "optimum_npu_kind"
+_COMPILE, _RUNTIME, _INTERNAL = "compile", "runtime", "internal"
+
+# Every RBLNModelConfig subclass, by class name: `load()` resolves "config_cls" through it.
+CONFIG_REGISTRY: dict[str, type[RBLNModelConfig]] = {}
+
+
+def runtime_option(default: Any) -> Any:
+    """Declare a RUNTIME option: it may change when a compiled folder is loaded."""
+    return field(default=default, metadata={_KIND: _RUNTIME})
+
+
+def _internal_field(**kwargs: Any) -> Any:
+    """Not a user option: filled by the model after compiling (what the artifact contains)."""
+    return field(metadata={_KIND: _INTERNAL}, **kwargs)
+
+
+def package_version() -> str:
+    """Version of optimum-npu, from the installed metadata or, in a source checkout, the package."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("optimum-npu")
+    except PackageNotFoundError:
+        pass
+    try:  # not installed (e.g. running from a checkout); the package may not define it yet either
+        from optimum_npu import __version__
+
+        return str(__version__)
+    except (ImportError, AttributeError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Small validation helpers: each error names the option as the user typed it (rbln_<name>).
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    # bool is an int subclass in Python; `rbln_batch_size=True` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{OPTION_PREFIX}{name} must be {expected}; got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{OPTION_PREFIX}{name} must be >= {minimum}; got {value}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{OPTION_PREFIX}{name} must be True or False; got {value!r} ({type(value).__name__})")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{OPTION_PREFIX}{name} must be one of {allowed}; got {value!r}")
+
+
+def _dtype_name(dtype: Any) -> str:
+    """'bfloat16' for 'bfloat16' or torch.bfloat16 (without importing torch here)."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def _normalize_graphs(graphs: Mapping[str, Any]) -> Mapping[str, tuple[InputInfo, ...]]:
+    """Graph input specs as read-only, hashable-inside data: {graph: ((name, shape, dtype), ...)}."""
+    if not isinstance(graphs, Mapping):
+        raise TypeError(f"graphs must be a mapping graph name -> input infos; got {type(graphs).__name__}")
+    normalized = {}
+    for graph_name, input_infos in graphs.items():
+        if not isinstance(graph_name, str):
+            raise TypeError(f"graph names must be str; got {graph_name!r}")
+        specs = []
+        for info in input_infos:
+            if len(info) != 3:
+                raise ValueError(f"graph {graph_name!r}: an input info is (name, shape, dtype); got {info!r}")
+            name, shape, dtype = info
+            if not isinstance(name, str):
+                raise TypeError(f"graph {graph_name!r}: input name must be str; got {name!r}")
+            specs.append((name, tuple(int(dim) for dim in shape), _dtype_name(dtype)))
+        normalized[graph_name] = tuple(specs)
+    return MappingProxyType(normalized)
+
+
+def _to_json(value: Any) -> Any:
+    """Tuples (how the frozen config stores sequences) become JSON lists."""
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class RBLNModelConfig:
+    """Options of one compiled model. Frozen: derive changed copies with the `with_*` methods."""
+
+    # --- compile-time options ---
+    npu: str = DEFAULT_NPU                 # hardware preset compiled for, see sim_device.specs
+    tensor_parallel_size: int = 1          # devices the model is split across
+    dtype: str = "bfloat16"                # device arithmetic: "bfloat16" | "float16"
+    numerics: str = "device"               # "device" (16-bit) | "exact" (fp32 on host, priced as dtype)
+    batch_size: int = 1
+
+    # --- runtime options ---
+    create_runtimes: bool = runtime_option(True)       # False: compile / load without devices
+    device: int | tuple[int, ...] | None = runtime_option(None)  # device id, or one id per TP rank
+    activate_profiler: bool = runtime_option(False)
+
+    # --- filled by the model after compiling; saved, not user options ---
+    cls_name: str | None = _internal_field(default=None)  # the RBLN model class, e.g. "RBLNLlamaForCausalLM"
+    graphs: Mapping[str, tuple[InputInfo, ...]] = _internal_field(
+        default_factory=dict, hash=False  # a mapping is not hashable; the other fields identify the config
+    )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        registered = CONFIG_REGISTRY.get(cls.__name__)
+        # Re-importing the module that defined it (e.g. importlib.reload) may register it again.
+        is_reimport = registered is not None and registered.__qualname__ == cls.__qualname__ and (
+            registered.__module__ == cls.__module__
+        )
+        if registered is not None and not is_reimport:
+            raise TypeError(
+                f"Config class name {cls.__name__!r} is already registered by {registered.__module__}; "
+                "config class names must be unique because rbln_config.json refers to them by name."
+            )
+        CONFIG_REGISTRY[cls.__name__] = cls
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # A frozen dataclass refuses setattr; validation uses this to store normalized values
+    # (lists -> tuples) exactly once, while the object is being built.
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _validate(self) -> None:
+        """Check and normalize every option. Subclasses extend it and call super() first."""
+        try:
+            spec = get_npu_spec(self.npu)
+        except ValueError as err:
+            raise ValueError(f"{OPTION_PREFIX}npu: {err}") from None
+        check_int("tensor_parallel_size", self.tensor_parallel_size)
+        max_tp = spec.devices_per_card * MAX_CARDS_PER_SERVER
+        if self.tensor_parallel_size > max_tp:
+            raise ValueError(
+                f"{OPTION_PREFIX}tensor_parallel_size must be <= {max_tp} on {spec.name} "
+                f"({spec.devices_per_card} device(s) per card x {MAX_CARDS_PER_SERVER} cards per server); "
+                f"got {self.tensor_parallel_size}"
+            )
+        # Note: tensor_parallel_size > 1 is valid here, but the compiler does not implement it yet
+        # and rejects it there (the config describes what the hardware allows, not the compiler).
+        self._set("dtype", _dtype_name(self.dtype))
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("numerics", self.numerics, NUMERICS)
+        check_int("batch_size", self.batch_size)
+
+        check_bool("create_runtimes", self.create_runtimes)
+        check_bool("activate_profiler", self.activate_profiler)
+        self._validate_device()
+
+        if self.cls_name is not None and not isinstance(self.cls_name, str):
+            raise TypeError(f"cls_name must be a str or None; got {self.cls_name!r}")
+        self._set("graphs", _normalize_graphs(self.graphs))
+
+    def _validate_device(self) -> None:
+        device = self.device
+        if device is None:
+            return
+        if isinstance(device, int) and not isinstance(device, bool):
+            check_int("device", device, minimum=0)
+            if self.tensor_parallel_size != 1:
+                raise ValueError(
+                    f"{OPTION_PREFIX}device must be a list of {self.tensor_parallel_size} device ids "
+                    f"(one per tensor-parallel rank); got {device}"
+                )
+            return
+        if not isinstance(device, (list, tuple)):
+            raise TypeError(f"{OPTION_PREFIX}device must be None, an int or a list of ints; got {device!r}")
+        for device_id in device:
+            check_int("device", device_id, minimum=0)
+        if len(device) != self.tensor_parallel_size or len(set(device)) != len(device):
+            raise ValueError(
+                f"{OPTION_PREFIX}device must list {self.tensor_parallel_size} distinct device id(s), "
+                f"one per tensor-parallel rank; got {list(device)}"
+            )
+        self._set("device", tuple(device))
+
+    # --- option names -------------------------------------------------------------------------
+
+    @classmethod
+    def _names_of_kind(cls, kind: str) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(_KIND, _COMPILE) == kind)
+
+    @classmethod
+    def compile_option_names(cls) -> tuple[str, ...]:
+        return cls._names_of_kind(_COMPILE)
+
+    @classmethod
+    def runtime_option_names(cls) -> tuple[str, ...]:
+        return cls._names_of_kind(_RUNTIME)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return cls.compile_option_names() + cls.runtime_option_names()
+
+    @classmethod
+    def _check_option_names(cls, names: Any, *, prefix: str, where: str) -> None:
+        """ValueError for the first unknown option, with the closest valid name and the full list."""
+        valid = cls.option_names()
+        for name in names:
+            if name in valid:
+                continue
+            close = difflib.get_close_matches(str(name), valid, n=1)
+            hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+            listing = ", ".join(prefix + v for v in valid)
+            where_text = f" {where}" if where else ""
+            raise ValueError(
+                f"Unknown option {prefix}{name}{where_text} for {cls.__name__}.{hint} Valid options: {listing}"
+            )
+
+    # --- building from from_pretrained kwargs --------------------------------------------------
+
+    def explicit_options(self) -> dict[str, Any]:
+        """The options whose value differs from the class default: what the user chose."""
+        chosen = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get(_KIND, _COMPILE) == _INTERNAL:
+                continue
+            value = getattr(self, f.name)
+            if f.default is dataclasses.MISSING or value != f.default:
+                chosen[f.name] = value
+        return chosen
+
+    @classmethod
+    def split_kwargs(cls, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Split `from_pretrained` kwargs into (options, other kwargs).
+
+        Options come from `rbln_config` (a dict, or a config object whose non-default values
+        count) overridden by `rbln_<option>` kwargs. Other kwargs are returned untouched: they
+        belong to the Hugging Face `from_pretrained`. `kwargs` itself is not modified.
+        """
+        remaining = dict(kwargs)
+        base = remaining.pop(CONFIG_KWARG, None)
+        rbln_keys = [key for key in remaining if key.startswith(OPTION_PREFIX)]
+        overrides = {key.removeprefix(OPTION_PREFIX): remaining.pop(key) for key in rbln_keys}
+        if base is None:
+            options = {}
+        elif isinstance(base, Mapping):
+            cls._check_option_names(base, prefix="", where=f"in {CONFIG_KWARG}")
+            options = dict(base)
+        elif isinstance(base, RBLNModelConfig):
+            # A parent-class object is fine (e.g. a generic decoder config for Llama); a sibling is not.
+            if not (isinstance(base, cls) or issubclass(cls, type(base))):
+                raise TypeError(f"{CONFIG_KWARG} is a {type(base).__name__}, but this model needs a {cls.__name__}")
+            options = base.explicit_options()
+        else:
+            raise TypeError(
+                f"{CONFIG_KWARG} must be a dict or a {cls.__name__}; got {type(base).__name__}"
+            )
+        cls._check_option_names(overrides, prefix=OPTION_PREFIX, where="in kwargs")
+        options.update(overrides)
+        return options, remaining
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> tuple[Self, dict[str, Any]]:
+        """The export path: (validated config, non-rbln kwargs) from `from_pretrained` kwargs."""
+        options, remaining = cls.split_kwargs(kwargs)
+        base = kwargs.get(CONFIG_KWARG)
+        # A config object keeps its own class (it may be a subclass of `cls`).
+        target = type(base) if isinstance(base, cls) else cls
+        return target(**options), remaining
+
+    @classmethod
+    def from_compiled(cls, folder: str | os.PathLike, kwargs: Mapping[str, Any]) -> tuple[Self, dict[str, Any]]:
+        """The load path: the saved config with the user's runtime options applied.
+
+        Compile-time options in `kwargs` are allowed only if they equal the compiled value.
+        """
+        config = cls.load(folder)
+        options, remaining = type(config).split_kwargs(kwargs)
+        return config.with_runtime_options(**options), remaining
+
+    # --- derived copies ---------------------------------------------------------------------------
+
+    def with_runtime_options(self, **options: Any) -> Self:
+        """A copy with runtime options changed. Compile-time options must keep their compiled value."""
+        self._check_option_names(options, prefix=OPTION_PREFIX, where="")
+        compile_names = self.compile_option_names()
+        for name, value in options.items():
+            if name not in compile_names or value is None:  # None means "not given" for compile options
+                continue
+            try:  # compare normalized values, e.g. a list against the stored tuple
+                same = getattr(dataclasses.replace(self, **{name: value}), name) == getattr(self, name)
+            except (TypeError, ValueError):
+                same = False  # invalid here, so certainly not what was compiled
+            if not same:
+                raise ValueError(
+                    f"{OPTION_PREFIX}{name} is fixed at compile time (compiled with {getattr(self, name)!r}, "
+                    f"requested {value!r}); recompile with export=True to change it."
+                )
+        runtime = {name: value for name, value in options.items() if name not in compile_names}
+        return dataclasses.replace(self, **runtime)
+
+    def with_compiled(self, *, cls_name: str, graphs: Mapping[str, Sequence[InputInfo]]) -> Self:
+        """A copy recording what was compiled: the model class name and each graph's input specs."""
+        return dataclasses.replace(self, cls_name=cls_name, graphs=graphs)
+
+    # --- JSON -----------------------------------------------------------------------------------
+
+    @property
+    def compile_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.compile_option_names()}
+
+    @property
+    def runtime_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.runtime_option_names()}
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "cls_name": self.cls_name,
+            "config_cls": type(self).__name__,
+            "optimum_npu_version": package_version(),
+            "compile_options": {k: _to_json(v) for k, v in self.compile_options.items()},
+            "runtime_options": {k: _to_json(v) for k, v in self.runtime_options.items()},
+            "graphs": {name: [[n, list(shape), dt] for n, shape, dt in infos] for name, infos in self.graphs.items()},
+        }
+
+    def save(self, folder: str | os.PathLike) -> str:
+        """Write `folder/rbln_config.json` atomically (a reader never sees half a file). Returns its path."""
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, CONFIG_NAME)
+        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_json_dict(), f, indent=2)
+                f.write("\n")
+            os.replace(tmp_path, path)
+        except BaseException:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Self:
+        """Read `folder/rbln_config.json` into the config class named in it.
+
+        Called on a subclass, the saved class must be that class or one of its subclasses.
+        """
+        path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {os.fspath(folder)!r}: not a compiled model folder. "
+                "To compile a Hugging Face checkpoint, pass export=True."
+            )
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        missing = {"config_cls", "compile_options", "runtime_options"} - set(data)
+        if missing:
+            raise ValueError(f"{path} is malformed: missing {sorted(missing)}")
+
+        config_cls = _lookup_config_class(data["config_cls"])
+        if not issubclass(config_cls, cls):
+            raise ValueError(
+                f"{path} holds a {config_cls.__name__} (for {data.get('cls_name')}), not a {cls.__name__}: "
+                "it was compiled for a different model class."
+            )
+        options = {**data["compile_options"], **data["runtime_options"]}
+        config_cls._check_option_names(options, prefix="", where=f"in {path}")
+        return config_cls(**options, cls_name=data.get("cls_name"), graphs=data.get("graphs", {}))
+
+
+# The base class is a valid config on its own (a model with no extra options).
+CONFIG_REGISTRY[RBLNModelConfig.__name__] = RBLNModelConfig
+
+
+def _lookup_config_class(name: Any) -> type[RBLNModelConfig]:
+    if not isinstance(name, str):
+        raise ValueError(f"config_cls in {CONFIG_NAME} must be a class name; got {name!r}")
+    if name not in CONFIG_REGISTRY:
+        # The package's public exports (if it lazily exports this name) import the defining module,
+        # which registers the class. Only names the package itself exports are imported: a JSON
+        # file never chooses which module gets imported.
+        try:
+            import optimum_npu
+
+            getattr(optimum_npu, name, None)
+        except ImportError:
+            pass
+    if name not in CONFIG_REGISTRY:
+        raise ValueError(
+            f"Unknown config class {name!r} in {CONFIG_NAME}. Import the module that defines it first. "
+            f"Known: {', '.join(sorted(CONFIG_REGISTRY))}"
+        )
+    return CONFIG_REGISTRY[name]
