@@ -1,0 +1,254 @@
+"""Options of a compiled decoder-only causal LM (Llama, Qwen2, Mistral, ...), as on optimum-rbln.
+
+The KV cache is paged: `kvcache_num_blocks` blocks of `kvcache_block_size` tokens, shared by
+the batch slots through a block table. Two attention implementations:
+
+- "eager": one block holds a whole sequence (block size == max_seq_len), so each batch slot
+  owns exactly one block. Simple, limited to max_seq_len <= 32768.
+- "flash_attn": attention runs over KV partitions of `kvcache_partition_len` tokens with an
+  online softmax; a block is one partition, and a slot uses max_seq_len / partition blocks.
+
+A user config leaves some options None ("pick for me"); `finalize(hf_config)` fills them from
+the Hugging Face config and checks the rules that tie options together:
+
+    config, hf_kwargs = RBLNLlamaForCausalLMConfig.from_kwargs(kwargs)
+    config = config.finalize(hf_model_config)     # every option set, every rule checked
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Self
+
+from optimum_npu.configuration import OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, check_int
+
+ATTN_IMPLS = ("eager", "flash_attn")
+
+# Limits of the real stack (optimum-rbln), kept so code that compiles here compiles there.
+MAX_EAGER_SEQ_LEN = 32_768          # eager attention materializes the whole sequence per block
+MIN_FLASH_MAX_SEQ_LEN = 8_192       # flash attention is for long contexts only
+MIN_PARTITION_LEN = 4_096
+MAX_PARTITION_LEN = 32_768
+DEFAULT_PARTITION_LEN = 4_096       # used when attn_impl="flash_attn" and no partition is given
+PREFILL_CHUNK_MULTIPLE = 64         # the prefill graph is tiled in 64-token steps
+
+_P = OPTION_PREFIX  # error messages name options as the user types them: rbln_max_seq_len
+
+
+@dataclass(frozen=True, kw_only=True)
+class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
+    """Compile-time options of a decoder-only LM (plus the base npu / dtype / batch_size / ... )."""
+
+    max_seq_len: int | None = None            # None: the HF config's max_position_embeddings
+    prefill_chunk_size: int = 128             # prompt tokens processed per prefill step
+    attn_impl: str | None = None              # None: "flash_attn" if kvcache_partition_len is set, else "eager"
+    kvcache_partition_len: int | None = None  # flash attention only
+    kvcache_block_size: int | None = None     # None: max_seq_len (eager) / kvcache_partition_len (flash)
+    kvcache_num_blocks: int | None = None     # None: enough for every slot at full length
+    decoder_batch_sizes: tuple[int, ...] | None = None  # decode graphs to compile; None: (batch_size,)
+    use_inputs_embeds: bool = False           # the prefill graph takes embeddings instead of token ids
+    use_attention_mask: bool = False          # pass an explicit attention mask (else derived from positions)
+
+    def _validate(self) -> None:
+        super()._validate()
+        # Each option on its own.
+        check_int("max_seq_len", self.max_seq_len, allow_none=True)
+        check_int("prefill_chunk_size", self.prefill_chunk_size)
+        if self.prefill_chunk_size % PREFILL_CHUNK_MULTIPLE:
+            raise ValueError(
+                f"{_P}prefill_chunk_size must be a multiple of {PREFILL_CHUNK_MULTIPLE}; got {self.prefill_chunk_size}"
+            )
+        check_choice("attn_impl", self.attn_impl, (None, *ATTN_IMPLS))
+        check_int("kvcache_partition_len", self.kvcache_partition_len, allow_none=True)
+        if self.kvcache_partition_len is not None and not (
+            MIN_PARTITION_LEN <= self.kvcache_partition_len <= MAX_PARTITION_LEN
+        ):
+            raise ValueError(
+                f"{_P}kvcache_partition_len must be between {MIN_PARTITION_LEN} and {MAX_PARTITION_LEN}; "
+                f"got {self.kvcache_partition_len}"
+            )
+        check_int("kvcache_block_size", self.kvcache_block_size, allow_none=True)
+        check_int("kvcache_num_blocks", self.kvcache_num_blocks, allow_none=True)
+        check_bool("use_inputs_embeds", self.use_inputs_embeds)
+        check_bool("use_attention_mask", self.use_attention_mask)
+        self._validate_decoder_batch_sizes()
+
+        # Rules between options that can be checked as soon as the options are given.
+        if self.attn_impl == "eager" and self.kvcache_partition_len is not None:
+            raise ValueError(
+                f"{_P}kvcache_partition_len={self.kvcache_partition_len} needs flash attention, but "
+                f"{_P}attn_impl='eager'; drop one of them (or set {_P}attn_impl='flash_attn')."
+            )
+        if self.is_resolved:
+            self._check_resolved_rules()
+
+    def _validate_decoder_batch_sizes(self) -> None:
+        sizes = self.decoder_batch_sizes
+        if sizes is None:
+            return
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (list, tuple)) or not sizes:
+            raise TypeError(f"{_P}decoder_batch_sizes must be a non-empty list of ints; got {sizes!r}")
+        for size in sizes:
+            check_int("decoder_batch_sizes", size)
+            if size > self.batch_size:
+                raise ValueError(
+                    f"{_P}decoder_batch_sizes entries must be <= {_P}batch_size ({self.batch_size}); got {size}"
+                )
+        # Buckets are exactly the user's sizes (as on optimum-rbln): largest first, no duplicates.
+        self._set("decoder_batch_sizes", tuple(sorted(set(sizes), reverse=True)))
+
+    @property
+    def is_resolved(self) -> bool:
+        """True when every "pick for me" option has a value (after `finalize`, or a loaded config)."""
+        needed = [self.max_seq_len, self.attn_impl, self.kvcache_block_size, self.kvcache_num_blocks,
+                  self.decoder_batch_sizes]
+        if self.attn_impl == "flash_attn":
+            needed.append(self.kvcache_partition_len)
+        return all(value is not None for value in needed)
+
+    def _check_resolved_rules(self) -> None:
+        """The rules of the real stack that tie the resolved options together."""
+        max_seq_len, block = self.max_seq_len, self.kvcache_block_size
+        if self.attn_impl == "eager":
+            if max_seq_len > MAX_EAGER_SEQ_LEN:
+                raise ValueError(
+                    f"{_P}max_seq_len={max_seq_len} is above {MAX_EAGER_SEQ_LEN}, the eager attention limit; "
+                    f"lower it, or use flash attention by setting {_P}kvcache_partition_len "
+                    f"(e.g. {DEFAULT_PARTITION_LEN})."
+                )
+            if block != max_seq_len:
+                raise ValueError(
+                    f"{_P}kvcache_block_size={block} must equal {_P}max_seq_len={max_seq_len} with eager "
+                    "attention (one block holds a whole sequence)."
+                )
+        else:
+            partition = self.kvcache_partition_len
+            # Checked before the 2x-partition rule, which (with partition >= 4096) implies it,
+            # so that a too-short context gets the more direct message.
+            if max_seq_len < MIN_FLASH_MAX_SEQ_LEN:
+                raise ValueError(
+                    f"{_P}max_seq_len={max_seq_len} is below {MIN_FLASH_MAX_SEQ_LEN}, the flash attention "
+                    "minimum; use eager attention (drop kvcache_partition_len) for shorter contexts."
+                )
+            if max_seq_len % partition:
+                raise ValueError(
+                    f"{_P}max_seq_len={max_seq_len} must be a multiple of {_P}kvcache_partition_len={partition}."
+                )
+            if max_seq_len < 2 * partition:
+                raise ValueError(
+                    f"{_P}max_seq_len={max_seq_len} must be at least 2 * {_P}kvcache_partition_len={partition} "
+                    "(flash attention needs two partitions or more)."
+                )
+            if block != partition:
+                raise ValueError(
+                    f"{_P}kvcache_block_size={block} must equal {_P}kvcache_partition_len={partition} with "
+                    "flash attention (a block is one partition)."
+                )
+        # Each batch slot needs at least one block to hold its first tokens (with eager, one block is all it needs).
+        if self.kvcache_num_blocks < self.batch_size:
+            raise ValueError(
+                f"{_P}kvcache_num_blocks={self.kvcache_num_blocks} is less than {_P}batch_size={self.batch_size}; "
+                "every batch slot needs at least one KV cache block."
+            )
+        if self.prefill_chunk_size > max_seq_len:
+            raise ValueError(
+                f"{_P}prefill_chunk_size={self.prefill_chunk_size} must be <= {_P}max_seq_len={max_seq_len}."
+            )
+
+    @property
+    def blocks_for_full_length(self) -> int:
+        """KV blocks needed for every batch slot to reach max_seq_len."""
+        return _blocks_for_full_length(self.batch_size, self.max_seq_len, self.kvcache_block_size)
+
+    def finalize(self, hf_config: Any) -> Self:
+        """A copy with every None option filled from `hf_config` (a transformers PretrainedConfig), validated.
+
+        Defaults: max_seq_len = max_position_embeddings; attn_impl = "flash_attn" if a partition
+        length is given, else "eager"; flash without a partition length uses kvcache_block_size
+        if given, else 4096; kvcache_block_size = max_seq_len (eager) / the partition (flash);
+        kvcache_num_blocks = enough for every slot at full length; decoder_batch_sizes = (batch_size,).
+        Idempotent: finalizing a resolved config only re-checks it.
+        """
+        max_positions = getattr(hf_config, "max_position_embeddings", None)
+        if max_positions is None:  # e.g. GPT-2 style configs
+            max_positions = getattr(hf_config, "n_positions", None)
+        max_seq_len = self.max_seq_len if self.max_seq_len is not None else max_positions
+        if max_seq_len is None:
+            raise ValueError(f"{_P}max_seq_len is not set and the model config has no max_position_embeddings; set it.")
+        if max_positions is not None and max_seq_len > max_positions:
+            raise ValueError(
+                f"{_P}max_seq_len={max_seq_len} is above the model's max_position_embeddings={max_positions}."
+            )
+
+        attn_impl = self.attn_impl
+        if attn_impl is None:
+            attn_impl = "flash_attn" if self.kvcache_partition_len is not None else "eager"
+        partition = self.kvcache_partition_len
+        if attn_impl == "flash_attn" and partition is None:
+            partition = self.kvcache_block_size if self.kvcache_block_size is not None else DEFAULT_PARTITION_LEN
+        block = self.kvcache_block_size
+        if block is None:
+            block = max_seq_len if attn_impl == "eager" else partition
+
+        num_blocks = self.kvcache_num_blocks
+        if num_blocks is None:
+            num_blocks = _blocks_for_full_length(self.batch_size, max_seq_len, block)
+        decoder_batch_sizes = self.decoder_batch_sizes if self.decoder_batch_sizes is not None else (self.batch_size,)
+        # replace() re-runs _validate(), which now checks every rule on the resolved values.
+        return dataclasses.replace(
+            self,
+            max_seq_len=max_seq_len,
+            attn_impl=attn_impl,
+            kvcache_partition_len=partition,
+            kvcache_block_size=block,
+            kvcache_num_blocks=num_blocks,
+            decoder_batch_sizes=decoder_batch_sizes,
+        )
+
+    def resolve_num_blocks(self, free_bytes_per_device: int, bytes_per_block: int) -> int:
+        """How many KV blocks to allocate when the user left kvcache_num_blocks unset.
+
+        The model calls it at compile time, once it knows the device memory left after the
+        weights (`free_bytes_per_device`) and the size of one block on one device
+        (`bytes_per_block`, all layers, K and V, this device's share under tensor parallelism).
+        Returns min(blocks for every slot at full length, blocks that fit). With flash attention
+        that may be fewer than the full-length need: slots then share a pool of blocks, as with
+        vLLM's paged attention. Raises ValueError if not even one block per batch slot fits.
+
+        A value the user set explicitly is kept as is (check `kvcache_num_blocks` on the config
+        from `from_kwargs`, before `finalize`); replace the result in with
+        `dataclasses.replace(config, kvcache_num_blocks=n)`.
+        """
+        if not self.is_resolved:
+            raise RuntimeError("resolve_num_blocks() needs a finalized config; call finalize(hf_config) first.")
+        if free_bytes_per_device < 0 or bytes_per_block <= 0:
+            raise ValueError(
+                "resolve_num_blocks needs free_bytes_per_device >= 0 and bytes_per_block > 0; "
+                f"got {free_bytes_per_device} and {bytes_per_block}"
+            )
+        fits = free_bytes_per_device // bytes_per_block
+        if fits < self.batch_size:
+            raise ValueError(
+                f"The KV cache does not fit: {free_bytes_per_device} bytes free per device hold {fits} block(s) "
+                f"of {bytes_per_block} bytes, but {_P}batch_size={self.batch_size} needs at least one block per "
+                f"slot. Lower {_P}batch_size or {_P}max_seq_len / {_P}kvcache_partition_len, or use a larger npu."
+            )
+        return min(self.blocks_for_full_length, fits)
+
+
+def _blocks_for_full_length(batch_size: int, max_seq_len: int, block_size: int) -> int:
+    return batch_size * math.ceil(max_seq_len / block_size)
+
+
+class RBLNLlamaForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNLlamaForCausalLM."""
+
+
+class RBLNQwen2ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNQwen2ForCausalLM."""
+
+
+class RBLNMistralForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNMistralForCausalLM. The sliding window comes from the HF config, not an option."""
