@@ -1,0 +1,29 @@
+"""optimum-npu: Hugging Face models on a simulated Rebellions-class NPU."""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it. Imported on first use so that `import optimum_npu`
+# stays cheap (no transformers / diffusers import until a model class is touched).
+_EXPORTS = {
+    "compile_from_torch": "optimum_npu.compile",
+    "CompiledModel": "optimum_npu.compile",
+    "Runtime": "optimum_npu.sim_device",
+    "RuntimeStats": "optimum_npu.sim_device",
+    "DeviceMemoryError": "optimum_npu.sim_device",
+    "ArtifactError": "optimum_npu.sim_device",
+    "devices": "optimum_npu.sim_device",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'optimum_npu' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

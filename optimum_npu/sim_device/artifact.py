@@ -1,0 +1,127 @@
+"""The `.rbln` file: one program plus its tensors, with no pickle anywhere.
+
+Layout (all integers little-endian):
+
+    8 bytes   magic  b"RBLNSIM\\0"
+    8 bytes   header length H
+    H bytes   header, UTF-8 JSON (sorted keys): format version, program, versions, sha256 of payload
+    rest      payload: a safetensors blob with the weights and initial buffer values
+
+Loading parses JSON and safetensors only, so a file from an untrusted place can never
+execute code. Writing is deterministic (same module -> byte-identical file) and atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .program import Program
+
+MAGIC = b"RBLNSIM\0"
+FORMAT_VERSION = 1
+_HEADER_LEN = struct.Struct("<Q")
+
+
+class ArtifactError(ValueError):
+    """A .rbln file that cannot be loaded: not one, corrupted, truncated or too new/old."""
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("optimum-npu")
+    except PackageNotFoundError:  # running from a source tree that was not pip-installed
+        return "0+unknown"
+
+
+def _json_sha256(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A compiled program and its tensors (weights, initial buffers), in memory."""
+
+    program: Program
+    tensors: dict[str, torch.Tensor] | None     # None when compiled on the meta device
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> str:
+        if self.tensors is None:
+            raise ValueError(
+                "This program was compiled on the meta device: it has sizes and costs but no weights, "
+                "so it cannot be saved or run. Compile a module with real weights to get a runnable .rbln."
+            )
+        payload = save_safetensors({k: v.contiguous() for k, v in sorted(self.tensors.items())})
+        versions = self.versions or {"optimum_npu": _package_version(), "torch": torch.__version__.split("+")[0]}
+        program_json = self.program.to_json()
+        header = {
+            "format": "rbln-sim",
+            "format_version": FORMAT_VERSION,
+            "program": program_json,
+            "program_sha256": _json_sha256(program_json),
+            "versions": versions,
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+            "payload_bytes": len(payload),
+        }
+        header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + _HEADER_LEN.pack(len(header_bytes)) + header_bytes + payload)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return str(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Artifact:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No compiled artifact at {path}")
+        data = path.read_bytes()
+        if data[: len(MAGIC)] != MAGIC:
+            raise ArtifactError(f"{path} is not a .rbln artifact (bad magic bytes)")
+        start = len(MAGIC) + _HEADER_LEN.size
+        if len(data) < start:
+            raise ArtifactError(f"{path} is truncated (no header)")
+        (header_len,) = _HEADER_LEN.unpack(data[len(MAGIC) : start])
+        if len(data) < start + header_len:
+            raise ArtifactError(f"{path} is truncated: header says {header_len} bytes, file has {len(data) - start}")
+        try:
+            header = json.loads(data[start : start + header_len])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{path} has a corrupted header: {e}") from None
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{path} has format version {version}, this optimum-npu reads version {FORMAT_VERSION}; "
+                "recompile the model with this version (export=True)"
+            )
+        payload = data[start + header_len :]
+        if len(payload) != header["payload_bytes"]:
+            raise ArtifactError(f"{path} is truncated: payload has {len(payload)} of {header['payload_bytes']} bytes")
+        if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+            raise ArtifactError(f"{path} is corrupted or was modified: payload checksum mismatch")
+        if _json_sha256(header.get("program")) != header.get("program_sha256"):
+            raise ArtifactError(f"{path} is corrupted or was modified: program checksum mismatch")
+        try:
+            program = Program.from_json(header["program"])
+            tensors = load_safetensors(payload)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path} has an invalid program: {e}") from None
+        return cls(program=program, tensors=tensors, versions=header["versions"])

@@ -1,0 +1,210 @@
+"""The device program: what the compiler produces and the runtime executes.
+
+A program is a flat schedule of steps. Each step is one thing the hardware does:
+
+- ``kernel``   a (possibly fused) device kernel: a few ops run together on the neural engines,
+- ``host``     a host-fallback segment (ops the device cannot run), computed on the CPU in fp32,
+- ``h2d`` / ``d2h``   an External HDMA copy between host memory and device DRAM.
+
+Values are referenced by name. Every op is an aten (or ``rbln``) operator named by its
+string form, e.g. ``"aten.linear.default"``; its arguments are JSON data where a tensor
+is ``{"ref": name}``. Nothing in a program is executable Python: the runtime resolves op
+names against torch's operator registry and refuses anything outside ``aten`` / ``rbln``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+# The 16-bit float type the device computes in, as a placeholder in op arguments: the
+# runtime maps it to the host dtype its numerics mode executes with (bf16 natively, or
+# fp32 for fp16 emulation and for exact mode).
+DEVICE_FLOAT = "@device"
+
+PROGRAM_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in PROGRAM_DTYPES.items()}
+DEVICE_DTYPES = ("bfloat16", "float16")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in DTYPE_NAMES:
+        raise TypeError(f"dtype {dtype} is not supported by the device; use one of {', '.join(PROGRAM_DTYPES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def dtype_size(name: str) -> int:
+    return PROGRAM_DTYPES[name].itemsize
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype}{list(self.shape)}"
+
+
+@dataclass
+class OpCall:
+    target: str                      # "aten.linear.default"
+    args: list[Any]
+    kwargs: dict[str, Any]
+    outputs: list[str]               # one name per output; "" where an output is unused
+
+
+@dataclass
+class Step:
+    kind: str                        # "kernel" | "host" | "h2d" | "d2h"
+    name: str
+    inputs: list[str]                # values read
+    outputs: list[str]               # values materialised (in DRAM for kernels / h2d, host memory otherwise)
+    ops: list[OpCall] = field(default_factory=list)
+    flops: float = 0.0               # matrix-engine FLOPs (matmul, conv, attention)
+    vector_flops: float = 0.0        # element-wise / reduction work on the vector units
+    bytes_read: int = 0
+    bytes_written: int = 0
+    # For copies into the device: cast floating data to the device float type on the way.
+    cast_to_device_float: bool = False
+    # Ops whose cost depends on runtime values (attention over the used KV length).
+    dynamic_cost: bool = False
+
+
+@dataclass
+class MemoryPlan:
+    """Device DRAM one program needs, per device (one entry per tensor-parallel rank)."""
+
+    weights_bytes: list[int]
+    buffers_bytes: list[int]         # persistent device state, e.g. a KV cache
+    activations_bytes: list[int]     # peak of the activation arena (inputs, kernel outputs)
+    offsets: dict[str, int]          # activation name -> offset in the arena (rank 0)
+
+    def total_bytes(self, rank: int = 0) -> int:
+        return self.weights_bytes[rank] + self.buffers_bytes[rank] + self.activations_bytes[rank]
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.weights_bytes)
+
+
+@dataclass
+class Program:
+    npu: str
+    device_dtype: str                # "bfloat16" | "float16": what the device computes in
+    numerics: str                    # "device" | "exact"
+    tensor_parallel_size: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    weights: list[TensorSpec]        # read-only device tensors (parameters, constants)
+    buffers: list[TensorSpec]        # device state kept across runs (may be mutated)
+    values: dict[str, TensorSpec]    # every intermediate value, as it lives on its side
+    steps: list[Step]
+    memory: MemoryPlan
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Program:
+        def spec(d):
+            return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
+
+        steps = []
+        for s in data["steps"]:
+            ops = [OpCall(**o) for o in s["ops"]]
+            steps.append(Step(**{**s, "ops": ops}))
+        return cls(
+            npu=data["npu"],
+            device_dtype=data["device_dtype"],
+            numerics=data["numerics"],
+            tensor_parallel_size=data["tensor_parallel_size"],
+            inputs=[spec(d) for d in data["inputs"]],
+            outputs=[spec(d) for d in data["outputs"]],
+            weights=[spec(d) for d in data["weights"]],
+            buffers=[spec(d) for d in data["buffers"]],
+            values={k: spec(v) for k, v in data["values"].items()},
+            steps=steps,
+            memory=MemoryPlan(**data["memory"]),
+        )
+
+    def kernel_summary(self) -> list[tuple[str, str, float, int]]:
+        """(kind, name, flops, bytes) per step, in schedule order."""
+        return [(s.kind, s.name, s.flops, s.bytes_read + s.bytes_written) for s in self.steps]
+
+
+# --- op arguments as JSON -----------------------------------------------------------
+# Tensors are {"ref": name}; torch enums and non-finite floats get a one-key object; all
+# else (None, bool, int, float, str, lists) is plain JSON. Compiler and runtime share
+# these two functions so the encoding has one definition.
+
+_LAYOUTS = {"strided": torch.strided}
+_MEMORY_FORMATS = {
+    "contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format,
+    "channels_last": torch.channels_last,
+}
+
+
+def encode_arg(value: Any, ref_name) -> Any:
+    """`ref_name(value)` returns the value name for a graph value, or None if it is not one."""
+    name = ref_name(value)
+    if name is not None:
+        return {"ref": name}
+    if isinstance(value, (list, tuple)):
+        return [encode_arg(v, ref_name) for v in value]
+    if isinstance(value, torch.dtype):
+        return {"dtype": dtype_name(value)}
+    if isinstance(value, torch.device):
+        return {"device": "cpu"}  # host and simulated device tensors both live in host memory
+    if isinstance(value, torch.layout):
+        return {"layout": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": str(value).removeprefix("torch.")}
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot encode op argument of type {type(value).__name__}: {value!r}")
+
+
+@dataclass(frozen=True)
+class Ref:
+    name: str
+
+
+def decode_arg(value: Any, device_float: torch.dtype) -> Any:
+    """JSON argument -> python/torch value, with `Ref` placeholders for tensors."""
+    if isinstance(value, list):
+        return [decode_arg(v, device_float) for v in value]
+    if isinstance(value, dict):
+        ((key, v),) = value.items()
+        if key == "ref":
+            return Ref(v)
+        if key == "dtype":
+            return device_float if v == DEVICE_FLOAT else PROGRAM_DTYPES[v]
+        if key == "device":
+            return torch.device("cpu")
+        if key == "layout":
+            return _LAYOUTS[v]
+        if key == "memory_format":
+            return _MEMORY_FORMATS[v]
+        if key == "float":
+            return float(v)
+        raise ValueError(f"unknown argument encoding {value!r}")
+    return value

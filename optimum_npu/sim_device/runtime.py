@@ -1,0 +1,452 @@
+"""Run a compiled program on simulated devices.
+
+The host executes every op for real, with the device's numerics:
+
+- ``numerics="device"`` + bf16: device kernels run natively in bf16 on the host;
+- ``numerics="device"`` + fp16: device kernels compute in fp32 and their outputs are
+  rounded to fp16 at kernel boundaries (fp16 matmuls are unusably slow on CPUs, and a
+  fused kernel keeps its intermediates in wide accumulators anyway);
+- ``numerics="exact"`` (simulator only): everything in fp32, to tell porting bugs from
+  16-bit rounding. Memory and time are still those of the 16-bit device program.
+
+Host-fallback segments always compute in fp32. Each step advances a simulated clock by
+what `CostModel` prices it at; with the profiler on, each step also becomes a trace slice.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import memory as device_memory
+from .artifact import Artifact
+from .cost_model import CostModel, KernelCost
+from .profiler import EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
+from .program import PROGRAM_DTYPES, Program, Ref, Step, decode_arg
+from .specs import get_npu_spec
+
+ALLOWED_OP_NAMESPACES = ("aten", "rbln")
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How the host emulates the device's float arithmetic."""
+
+    compute_dtype: torch.dtype          # host dtype of device float tensors
+    round_to: torch.dtype | None        # rounding applied at kernel boundaries
+
+    @classmethod
+    def for_program(cls, program: Program) -> Numerics:
+        if program.numerics == "exact":
+            return cls(torch.float32, None)
+        if program.device_dtype == "bfloat16":
+            return cls(torch.bfloat16, None)
+        return cls(torch.float32, torch.float16)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        if self.round_to is not None:
+            t = t.to(self.round_to)
+        return t.to(self.compute_dtype)
+
+    def round(self, t: torch.Tensor) -> torch.Tensor:
+        if self.round_to is None or not t.is_floating_point() or t.dtype != self.compute_dtype:
+            return t
+        return t.to(self.round_to).to(self.compute_dtype)
+
+
+@dataclass
+class DeviceMemoryUsage:
+    device: int
+    npu: str
+    weights_bytes: int
+    buffers_bytes: int
+    activations_bytes: int
+    capacity_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.buffers_bytes + self.activations_bytes
+
+
+@dataclass
+class RuntimeStats:
+    """Simulated device time, cumulated over runs, and device memory."""
+
+    runs: int = 0
+    last_run_s: float = 0.0
+    total_s: float = 0.0
+    device_kernels_s: float = 0.0        # kernels on the device (compute and Task DMA overlap inside)
+    neural_engine_busy_s: float = 0.0
+    task_dma_busy_s: float = 0.0
+    external_hdma_s: float = 0.0
+    host_fallback_s: float = 0.0
+    overhead_s: float = 0.0
+    memory: list[DeviceMemoryUsage] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        gib = device_memory.format_gib
+        lines = [
+            f"runs: {self.runs}   simulated device time: {self.total_s * 1e3:.3f} ms total, "
+            f"{self.last_run_s * 1e3:.3f} ms last run",
+            f"  device kernels {self.device_kernels_s * 1e3:.3f} ms (neural engines busy "
+            f"{self.neural_engine_busy_s * 1e3:.3f} ms, Task DMA busy {self.task_dma_busy_s * 1e3:.3f} ms)",
+            f"  External HDMA {self.external_hdma_s * 1e3:.3f} ms, host fallback {self.host_fallback_s * 1e3:.3f} ms, "
+            f"launch/sync overhead {self.overhead_s * 1e3:.3f} ms",
+        ]
+        for m in self.memory:
+            lines.append(
+                f"  npu{m.device} ({m.npu}): {gib(m.total_bytes)} of {gib(m.capacity_bytes)} "
+                f"(weights {gib(m.weights_bytes)}, buffers {gib(m.buffers_bytes)}, activations {gib(m.activations_bytes)})"
+            )
+        return "\n".join(lines)
+
+
+def _resolve_op(target: str) -> Callable:
+    namespace, name, overload = target.split(".")
+    if namespace not in ALLOWED_OP_NAMESPACES:
+        raise ValueError(f"program uses op {target!r} outside the allowed namespaces {ALLOWED_OP_NAMESPACES}")
+    if namespace == "rbln":
+        importlib.import_module(".kernels", __package__)  # registers the device's own kernels
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    except (AttributeError, RuntimeError):
+        raise ValueError(f"program uses op {target!r}, unknown to this torch {torch.__version__}") from None
+
+
+def _resolve(arg: Any, env: dict) -> Any:
+    if type(arg) is Ref:
+        return env[arg.name]
+    if type(arg) is list:
+        return [_resolve(a, env) for a in arg]
+    return arg
+
+
+class _BoundOp:
+    """One op call with its arguments decoded once, at load time."""
+
+    __slots__ = ("fn", "args", "kwargs", "outputs", "target")
+
+    def __init__(self, call, device_float: torch.dtype):
+        self.target = call.target
+        self.fn = _resolve_op(call.target)
+        self.args = decode_arg(call.args, device_float)
+        self.kwargs = {k: decode_arg(v, device_float) for k, v in call.kwargs.items()}
+        self.outputs = call.outputs
+
+    def __call__(self, env: dict) -> None:
+        result = self.fn(*[_resolve(a, env) for a in self.args], **{k: _resolve(v, env) for k, v in self.kwargs.items()})
+        if len(self.outputs) == 1:
+            if self.outputs[0]:
+                env[self.outputs[0]] = result
+        else:
+            for name, value in zip(self.outputs, result):
+                if name:
+                    env[name] = value
+
+
+class Runtime:
+    """Loads a `.rbln` program onto simulated devices and runs it.
+
+    `Runtime(path_or_compiled, tensor_type="pt", device=None, activate_profiler=False)`.
+    `share_state_with=other_runtime` makes this runtime use the other's weights and
+    buffers of the same names (e.g. a decoder and its prefill sharing weights and KV cache):
+    they are allocated once.
+    """
+
+    def __init__(
+        self,
+        compiled: str | os.PathLike | Artifact,
+        tensor_type: str = "pt",
+        device: int | list[int] | None = None,
+        activate_profiler: bool = False,
+        share_state_with: Runtime | None = None,
+        name: str | None = None,
+    ):
+        if tensor_type not in ("pt", "np"):
+            raise ValueError(f"tensor_type must be 'pt' or 'np', got {tensor_type!r}")
+        if isinstance(compiled, (str, os.PathLike)):
+            name = name or Path(compiled).name
+            compiled = Artifact.load(compiled)
+        if not isinstance(compiled, Artifact):
+            raise TypeError(f"Runtime needs a path to a .rbln file or a compiled model, got {type(compiled).__name__}")
+        if compiled.tensors is None:
+            raise ValueError(
+                "This program was compiled on the meta device (sizes and costs only, no weights): "
+                "it cannot run. Compile a module with real weights."
+            )
+        self.program = program = compiled.program
+        self.name = name or "compiled"
+        self.tensor_type = tensor_type
+        self.spec = get_npu_spec(program.npu)
+        self.cost_model = CostModel(self.spec)
+        self.numerics = Numerics.for_program(program)
+        self.devices = self._pick_devices(device, share_state_with)
+        self.profiler_active = activate_profiler
+        self.trace = Trace()
+        self.clock_s = 0.0
+        self.stats = RuntimeStats()
+
+        # Device state: weights and buffers in the host dtype the numerics mode computes in.
+        shared = share_state_with._state if share_state_with is not None else {}
+        self._state: dict[str, torch.Tensor] = {}
+        owned_weights = owned_buffers = 0
+        for spec in program.weights + program.buffers:
+            if spec.name in shared and tuple(shared[spec.name].shape) == spec.shape:
+                self._state[spec.name] = shared[spec.name]
+                continue
+            tensor = compiled.tensors[spec.name]
+            self._state[spec.name] = self.numerics.to_device(tensor) if tensor.is_floating_point() else tensor.clone()
+            if spec in program.buffers:
+                owned_buffers += spec.nbytes
+            else:
+                owned_weights += spec.nbytes
+
+        plan = program.memory
+        usage = [
+            DeviceMemoryUsage(
+                device=d, npu=self.spec.name,
+                weights_bytes=owned_weights if rank == 0 else plan.weights_bytes[rank],
+                buffers_bytes=owned_buffers if rank == 0 else plan.buffers_bytes[rank],
+                activations_bytes=plan.activations_bytes[rank],
+                capacity_bytes=self.spec.usable_dram_bytes,
+            )
+            for rank, d in enumerate(self.devices)
+        ]
+        self._allocation = device_memory.allocate(
+            f"Runtime({self.name})",
+            {m.device: m.total_bytes for m in usage},
+            advice="Compile with a larger tensor_parallel_size, a smaller batch or sequence length, "
+            "or for an NPU with more memory (npu='RBLN-CR03').",
+        )
+        self._finalizer = weakref.finalize(self, device_memory.release, self._allocation.id)
+        self.stats.memory = usage
+
+        self._prepare_steps()
+
+    # ---- set-up ----------------------------------------------------------------------
+
+    def _pick_devices(self, device, share_state_with) -> list[int]:
+        machine = device_memory.devices()
+        needed = self.program.tensor_parallel_size
+        if share_state_with is not None and device is None:
+            device = share_state_with.devices
+        if device is None:
+            matching = [d.index for d in machine if d.spec.name == self.spec.name]
+            if len(matching) < needed:
+                present = sorted({d.spec.name for d in machine})
+                raise ValueError(
+                    f"This program was compiled for {needed} x {self.spec.name}, but the simulated machine has "
+                    f"{len(matching)} such device(s) (it has: {', '.join(present)}). Set OPTIMUM_NPU_SYSTEM, "
+                    f"e.g. OPTIMUM_NPU_SYSTEM={self.spec.name}x{max(1, needed // self.spec.devices_per_card)}."
+                )
+            return matching[:needed]
+        indices = [device] if isinstance(device, int) else list(device)
+        if len(indices) != needed or not all(isinstance(i, int) for i in indices):
+            raise ValueError(f"device must be {needed} device index(es) for this program, got {device!r}")
+        for i in indices:
+            if not 0 <= i < len(machine):
+                raise ValueError(f"device {i} does not exist: the simulated machine has devices 0..{len(machine) - 1}")
+            if machine[i].spec.name != self.spec.name:
+                raise ValueError(f"device {i} is a {machine[i].spec.name}, this program was compiled for {self.spec.name}")
+        return indices
+
+    def _prepare_steps(self) -> None:
+        program, compute = self.program, self.numerics.compute_dtype
+        self._steps = []
+        self._static_cost: list[KernelCost | float | None] = []
+        last_use: dict[str, int] = {}
+        for i, step in enumerate(program.steps):
+            for name in step.inputs:
+                last_use[name] = i
+        keep = {s.name for s in program.outputs} | set(self._state)
+        frees: list[list[str]] = [[] for _ in program.steps]
+        for name, i in last_use.items():
+            if name not in keep:
+                frees[i].append(name)
+        for i, step in enumerate(program.steps):
+            ops = [_BoundOp(call, compute if step.kind == "kernel" else torch.float32) for call in step.ops]
+            self._steps.append((step, ops, frees[i]))
+            self._static_cost.append(None if step.dynamic_cost else self._price(step))
+        self._static_total = sum(
+            c.total_s if isinstance(c, KernelCost) else c for c in self._static_cost if c is not None
+        ) + self.cost_model.run_overhead()
+        self._has_dynamic = any(s.dynamic_cost for s in program.steps)
+
+    def _price(self, step: Step, flops=None, bytes_moved=None) -> KernelCost | float:
+        flops = step.flops if flops is None else flops
+        bytes_moved = step.bytes_read + step.bytes_written if bytes_moved is None else bytes_moved
+        if step.kind == "kernel":
+            return self.cost_model.kernel(flops, step.vector_flops, bytes_moved)
+        if step.kind == "host":
+            return self.cost_model.host(flops + step.vector_flops, bytes_moved)
+        return self.cost_model.hdma(bytes_moved)
+
+    # ---- running ---------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        return self.run(*args, **kwargs)
+
+    def run(self, *args, **kwargs):
+        env = dict(self._state)
+        for spec, value in zip(self.program.inputs, self._bind_inputs(args, kwargs)):
+            env[spec.name] = value
+        numerics = self.numerics
+        start = self.clock_s
+        t = start
+        trace_on = self.profiler_active
+        for (step, ops, frees), cost in zip(self._steps, self._static_cost):
+            kind = step.kind
+            if kind == "kernel":
+                for op in ops:
+                    op(env)
+                if numerics.round_to is not None:
+                    for name in step.outputs:
+                        env[name] = numerics.round(env[name])
+            elif kind == "h2d":
+                for src, dst in zip(step.inputs, step.outputs):
+                    env[dst] = numerics.to_device(env[src]) if step.cast_to_device_float else env[src]
+            elif kind == "d2h":
+                for src, dst in zip(step.inputs, step.outputs):
+                    env[dst] = env[src]
+            else:  # host fallback: fp32 on the CPU
+                for name in step.inputs:
+                    value = env[name]
+                    if value.is_floating_point() and value.dtype != torch.float32:
+                        env[name] = value.float()
+                for op in ops:
+                    op(env)
+            if cost is None:
+                cost = self._dynamic_cost(step, ops, env)
+            if cost is None or trace_on or self._has_dynamic:
+                t = self._account(step, cost, t)
+            for name in frees:
+                env.pop(name, None)
+        if trace_on or self._has_dynamic:
+            t += self.cost_model.run_overhead()
+            self.stats.overhead_s += self.cost_model.run_overhead()
+            elapsed = t - start
+        else:
+            elapsed = self._static_total
+            self._account_static()
+        self.clock_s = start + elapsed
+        self.stats.runs += 1
+        self.stats.last_run_s = elapsed
+        self.stats.total_s += elapsed
+        outputs = [env[spec.name] for spec in self.program.outputs]
+        if self.tensor_type == "np":
+            outputs = [o.float().numpy() if o.dtype == torch.bfloat16 else o.numpy() for o in outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _dynamic_cost(self, step: Step, ops: list[_BoundOp], env: dict) -> KernelCost:
+        """Attention reads only the KV that is in use: price it from this run's lengths."""
+        from .kernels import KERNEL_OPS, attention_cost
+
+        flops = bytes_moved = 0
+        for op in ops:
+            if op.target in KERNEL_OPS:
+                args = [_resolve(a, env) for a in op.args]
+                f, r, w = attention_cost(op.target, tuple(args))
+                flops, bytes_moved = flops + f, bytes_moved + r + w
+        return self._price(step, flops, bytes_moved)
+
+    def _account(self, step: Step, cost, t: float) -> float:
+        """Advance the clock over one step, adding its slices to the trace when profiling."""
+        stats, device = self.stats, self.devices[0]
+        trace_on = self.profiler_active
+        nbytes = step.bytes_read + step.bytes_written
+        if step.kind == "kernel":
+            stats.device_kernels_s += cost.total_s
+            stats.neural_engine_busy_s += cost.compute_s
+            stats.task_dma_busy_s += cost.dma_s
+            if trace_on:
+                self.trace.add(NEURAL_ENGINE, step.name, t, cost.compute_s, device, flops=step.flops + step.vector_flops)
+                self.trace.add(TASK_DMA, step.name, t, cost.dma_s, device, bytes=nbytes)
+            return t + cost.total_s
+        if step.kind == "host":
+            stats.host_fallback_s += cost
+            if trace_on:
+                self.trace.add(HOST, step.name, t, cost, None, flops=step.flops + step.vector_flops, bytes=nbytes)
+            return t + cost
+        stats.external_hdma_s += cost
+        if trace_on:
+            self.trace.add(EXTERNAL_HDMA, step.name, t, cost, device, bytes=nbytes, direction=step.kind)
+        return t + cost
+
+    def _account_static(self) -> None:
+        """The breakdown of a run with only static costs and no trace, summed once and reused."""
+        if not hasattr(self, "_static_breakdown"):
+            saved_stats, saved_trace = self.stats, self.profiler_active
+            self.stats, self.profiler_active = RuntimeStats(), False
+            t = 0.0
+            for step, cost in zip(self.program.steps, self._static_cost):
+                t = self._account(step, cost, t)
+            self._static_breakdown = self.stats
+            self.stats, self.profiler_active = saved_stats, saved_trace
+        b, s = self._static_breakdown, self.stats
+        s.device_kernels_s += b.device_kernels_s
+        s.neural_engine_busy_s += b.neural_engine_busy_s
+        s.task_dma_busy_s += b.task_dma_busy_s
+        s.external_hdma_s += b.external_hdma_s
+        s.host_fallback_s += b.host_fallback_s
+        s.overhead_s += self.cost_model.run_overhead()
+
+    def _bind_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        specs = self.program.inputs
+        expected = ", ".join(s.describe() for s in specs)
+        if len(args) > len(specs):
+            raise TypeError(f"run() takes {len(specs)} input(s) ({expected}), got {len(args)}")
+        values: dict[str, Any] = dict(zip([s.name for s in specs], args))
+        for key, value in kwargs.items():
+            if key not in {s.name for s in specs}:
+                raise TypeError(f"run() got an unknown input {key!r}; inputs are: {expected}")
+            if key in values:
+                raise TypeError(f"run() got input {key!r} twice (by position and by name)")
+            values[key] = value
+        missing = [s.name for s in specs if s.name not in values]
+        if missing:
+            raise TypeError(f"run() is missing input(s) {missing}; inputs are: {expected}")
+        bound = []
+        for spec in specs:
+            value = values[spec.name]
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"input {spec.name!r} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+            if tuple(value.shape) != spec.shape:
+                raise ValueError(
+                    f"input {spec.name!r} has shape {list(value.shape)}, but the program was compiled for "
+                    f"{list(spec.shape)} (shapes are static: recompile for other shapes)"
+                )
+            if value.dtype != PROGRAM_DTYPES[spec.dtype]:
+                raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the program expects {spec.dtype}")
+            bound.append(value)
+        return bound
+
+    # ---- profiling and lifetime ------------------------------------------------------
+
+    def save_trace(self, path: str | os.PathLike = "trace.json") -> str:
+        if not self.profiler_active:
+            raise ValueError("The profiler is off: create the runtime with activate_profiler=True")
+        return self.trace.save(path)
+
+    def close(self) -> None:
+        """Free the device memory this runtime holds."""
+        self._finalizer()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Runtime({self.name!r}, npu={self.spec.name}, devices={self.devices}, numerics={self.program.numerics})"

@@ -1,0 +1,111 @@
+"""Hardware presets of the simulated NPUs, as plain data.
+
+A preset describes one *device* (what `rbln-smi` lists as one NPU) and the card it sits on.
+Figures come from Rebellions' public product pages and briefs (rebellions.ai, ATOM /
+ATOM+ / ATOM-Max / REBEL-Quad), as collected in the project's DESIGN.md hardware table;
+figures the vendor has not published are marked "estimate" and are ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1024**3
+GB = 1000**3
+TB = 1000**4
+MB_BINARY = 1024**2
+TFLOPS = 1e12
+
+
+@dataclass(frozen=True)
+class NPUSpec:
+    name: str                      # the `npu=` value, e.g. "RBLN-CA25"
+    product: str                   # marketing name of the card
+    devices_per_card: int          # ATOM-Max packs 4 ATOM dies, each its own device
+    dram_bytes: int                # DRAM per device
+    usable_dram_bytes: int         # what the runtime may allocate (firmware keeps the rest)
+    dram_bandwidth: float          # bytes/s per device
+    peak_flops_16bit: float        # fp16/bf16 FLOP/s per device
+    peak_ops_int8: float           # int8 OP/s per device
+    sram_shared_bytes: int         # on-chip shared memory per device
+    sram_per_engine_bytes: int     # local memory per neural engine
+    num_neural_engines: int
+    pcie_bandwidth: float          # host <-> card, bytes/s per direction
+    device_link_bandwidth: float   # device <-> device on the same card, bytes/s
+    card_tdp_watts: float
+    estimated: tuple[str, ...] = ()  # names of the fields above that are our estimates
+
+    @property
+    def sram_bytes(self) -> int:
+        return self.sram_shared_bytes + self.num_neural_engines * self.sram_per_engine_bytes
+
+
+# ATOM die, the building block of CA12 / CA22 / CA25.
+# 16 GiB GDDR6 at 256 GB/s, 32 TFLOPS fp16/bf16, 128 TOPS int8, 8 neural engines with
+# 4 MB local memory each and 32 MB shared memory: ATOM product brief; DESIGN.md table.
+# 15.7 GiB usable of 16: what rbln-smi reports as total memory on an ATOM device.
+# PCIe Gen5 x16: 64 GB/s per direction (PCI-SIG Gen5 x16 figure, cited in the ATOM-Max brief).
+_ATOM_DIE = dict(
+    devices_per_card=1,
+    dram_bytes=16 * GiB,
+    usable_dram_bytes=int(15.7 * GiB),
+    dram_bandwidth=256 * GB,
+    peak_flops_16bit=32 * TFLOPS,
+    peak_ops_int8=128 * TFLOPS,
+    sram_shared_bytes=32 * MB_BINARY,
+    sram_per_engine_bytes=4 * MB_BINARY,
+    num_neural_engines=8,
+    pcie_bandwidth=64 * GB,
+    device_link_bandwidth=64 * GB,
+)
+
+NPU_PRESETS: dict[str, NPUSpec] = {
+    # ATOM card, single device, 130 W max (ATOM brief: 60-130 W configurable TDP).
+    "RBLN-CA12": NPUSpec(name="RBLN-CA12", product="ATOM (RBLN-CA12)", card_tdp_watts=130.0, **_ATOM_DIE),
+    # ATOM+ card, single device; same die figures per DESIGN.md. TDP: estimate, as CA12.
+    "RBLN-CA22": NPUSpec(
+        name="RBLN-CA22", product="ATOM+ (RBLN-CA22)", card_tdp_watts=130.0, estimated=("card_tdp_watts",), **_ATOM_DIE
+    ),
+    # ATOM-Max card: 4 ATOM dies = 4 devices, 64 GiB / 1 TB/s / 128 TFLOPS per card, 350 W,
+    # PCIe Gen5 x16 to the host (ATOM-Max brief). The dies talk through the card's PCIe
+    # switch; we price that link at the Gen5 x16 rate (estimate).
+    "RBLN-CA25": NPUSpec(
+        name="RBLN-CA25",
+        product="ATOM-Max (RBLN-CA25)",
+        card_tdp_watts=350.0,
+        estimated=("device_link_bandwidth",),
+        **{**_ATOM_DIE, "devices_per_card": 4},
+    ),
+    # REBEL-Quad: 4 chiplets presented as one device, 144 GB HBM3E (140 usable, DESIGN.md),
+    # 4.8 TB/s. Compute: vendor figure of ~2 PFLOPS FP8 dense, so ~1 PFLOPS fp16/bf16 and
+    # ~2 POPS int8 (estimates); SRAM, link and TDP are estimates too.
+    "RBLN-CR03": NPUSpec(
+        name="RBLN-CR03",
+        product="REBEL-Quad (RBLN-CR03)",
+        devices_per_card=1,
+        dram_bytes=144 * GB,
+        usable_dram_bytes=140 * GB,
+        dram_bandwidth=4.8 * TB,
+        peak_flops_16bit=1000 * TFLOPS,
+        peak_ops_int8=2000 * TFLOPS,
+        sram_shared_bytes=256 * MB_BINARY,
+        sram_per_engine_bytes=4 * MB_BINARY,
+        num_neural_engines=32,
+        pcie_bandwidth=64 * GB,
+        device_link_bandwidth=256 * GB,
+        card_tdp_watts=600.0,
+        estimated=(
+            "peak_flops_16bit", "peak_ops_int8", "sram_shared_bytes", "sram_per_engine_bytes",
+            "num_neural_engines", "device_link_bandwidth", "card_tdp_watts",
+        ),
+    ),
+}
+
+DEFAULT_NPU = "RBLN-CA25"
+
+
+def get_npu_spec(name: str) -> NPUSpec:
+    """The preset called `name`, or a ValueError listing the valid names."""
+    if not isinstance(name, str) or name not in NPU_PRESETS:
+        raise ValueError(f"Unknown npu {name!r}. Valid values: {', '.join(sorted(NPU_PRESETS))}.")
+    return NPU_PRESETS[name]
