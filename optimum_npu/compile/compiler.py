@@ -163,20 +163,20 @@ def compile_from_torch(
         example_inputs = _inputs_from_info(input_info, on_meta)
 
     with tqdm(total=5, desc="Compiling", unit="pass", delay=1.0, leave=False) as progress:
-        progress.set_postfix_str("export")
+        progress.set_postfix_str(refresh=False, s="export")
         input_names = [info[0] for info in input_info] if input_info is not None else None
         graph = export_graph(module, example_inputs, input_names)
         for node in graph.nodes:
             if node.category is Category.HOST and node.mutates:
                 raise ValueError(f"{node.target} writes device state in place but runs as a host fallback; not supported")
         progress.update()
-        progress.set_postfix_str("fusion")
+        progress.set_postfix_str(refresh=False, s="fusion")
         groups = fuse(graph.nodes)
         progress.update()
-        progress.set_postfix_str("schedule")
+        progress.set_postfix_str(refresh=False, s="schedule")
         steps, values, outputs = build_steps(graph, groups, device_dtype)
         progress.update()
-        progress.set_postfix_str("memory")
+        progress.set_postfix_str(refresh=False, s="memory")
 
         def on_device(spec: TensorSpec) -> TensorSpec:
             return TensorSpec(spec.name, spec.shape, device_dtype if spec.dtype in FLOAT_DTYPES else spec.dtype)
@@ -191,7 +191,7 @@ def compile_from_torch(
         )
         _check_fits(program, npu)
         progress.update()
-        progress.set_postfix_str("weights")
+        progress.set_postfix_str(refresh=False, s="weights")
         tensors = None
         if graph.tensors is not None:
             # The device stores floats in its 16-bit type; exact numerics keeps fp32 for the simulator.
