@@ -142,7 +142,7 @@ class Scheduler:
 
         flops = read = written = 0
         for node in nodes:
-            f, r, w = attention_cost(node.target, node.fake_args)
+            f, r, w = attention_cost(node.target, node.fake_args, float_bytes=dtype_size(self.device_dtype))
             flops, read, written = flops + f, read + r, written + w
         step.flops, step.bytes_read, step.bytes_written = flops, read, written
         step.vector_flops = 0.0

@@ -74,46 +74,74 @@ def _check_physical_blocks(block_tables: Tensor, num_blocks: int, what: str) -> 
         )
 
 
-def _gather_kv(cache: Tensor, block_tables: Tensor, length: int) -> Tensor:
-    """Contiguous KV [batch, kv_heads, length, head_dim] of the first `length` positions.
+def _gather_positions(cache: Tensor, block_tables: Tensor, key_pos: Tensor) -> Tensor:
+    """Contiguous KV [batch, kv_heads, L, head_dim] of positions key_pos [L] of each sequence.
 
-    Only the blocks covering `length` positions are gathered, not the whole table.
+    Exactly the L positions are read (not whole blocks, which may be much longer), in one
+    gather whose index layout [B, H, L] directly gives the layout the matmuls want.
     """
-    block_size = cache.shape[2]
-    num_needed = math.ceil(length / block_size)
-    blocks = cache[block_tables[:, :num_needed].long()]  # [B, n, H, bs, D]
-    batch, _, heads, _, head_dim = blocks.shape
-    kv = blocks.permute(0, 2, 1, 3, 4).reshape(batch, heads, num_needed * block_size, head_dim)
-    return kv[:, :, :length]
+    batch = block_tables.shape[0]
+    block_size, num_heads = cache.shape[2], cache.shape[1]
+    physical = block_tables.long().gather(1, (key_pos // block_size).expand(batch, -1))  # [B, L]
+    offset = key_pos % block_size
+    heads = torch.arange(num_heads, device=cache.device)
+    return cache[physical[:, None, :], heads[None, :, None], offset[None, None, :]]
 
 
-def _allowed_keys(query_pos: Tensor, key_pos: Tensor, sliding_window: int) -> Tensor:
-    """Boolean mask [B, 1, 1, T, L]: query at query_pos [B, T] may see key at key_pos [L]."""
-    q = query_pos[:, None, None, :, None]
-    k = key_pos[None, None, None, None, :]
-    allowed = k <= q
-    if sliding_window > 0:
-        allowed = allowed & (k > q - sliding_window)
-    return allowed
+def _query_rows(q: Tensor, num_kv_heads: int) -> Tensor:
+    """[B, Hq, T, D] -> [B, Hkv, group*T, D]: the q heads sharing a KV head, stacked as rows.
 
-
-def _zero_unwritten(v: Tensor, query_pos: Tensor, key_pos: Tensor) -> Tensor:
-    """Zero V at positions past each sequence's last query (never written, or stale).
-
-    Their attention weight is 0, but 0 * NaN is NaN: uninitialised cache memory must not
-    leak into the output through the PV matmul. v: [B, Hkv, L, D] or [B, Hkv, 1, L, D].
+    This is the [B, Hkv, group, T, D] GQA view with group and T merged, so QK^T and PV are
+    plain batched matmuls against the un-repeated KV (a broadcast matmul would copy KV
+    `group` times internally).
     """
-    unwritten = key_pos[None, :] > query_pos[:, -1:]  # [B, L]
-    shape = (v.shape[0],) + (1,) * (v.dim() - 3) + (key_pos.shape[0], 1)
-    return v.masked_fill(unwritten.reshape(shape), 0)
-
-
-def _group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
-    """[B, Hq, T, D] -> [B, Hkv, group, T, D]: GQA by broadcasting, never repeating KV."""
     batch, num_heads, num_tokens, head_dim = q.shape
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    return q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, num_tokens, head_dim)
+    return q.reshape(batch, num_kv_heads, num_heads // num_kv_heads * num_tokens, head_dim)
+
+
+def _masked_scores(
+    q_rows: Tensor, k: Tensor, query_pos: Tensor, key_pos: Tensor, scale: float, sliding_window: int
+) -> Tensor:
+    """fp32 scores [B, Hkv, group*T, L] of q_rows against k, -inf where a key is not visible.
+
+    The matmul runs in the input dtype (as on the device); scaling and masking in fp32.
+    """
+    scores = (q_rows @ k.transpose(-1, -2)).float().mul_(scale)
+    batch, num_kv_heads, rows, length = scores.shape
+    num_tokens = query_pos.shape[1]
+    q = query_pos[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    kp = key_pos[None, None, None, None, :]  # [1, 1, 1, 1, L]
+    allowed = kp <= q
+    if sliding_window > 0:
+        allowed &= kp > q - sliding_window
+    grouped = scores.view(batch, num_kv_heads, rows // num_tokens, num_tokens, length)
+    grouped.masked_fill_(~allowed, float("-inf"))
+    return scores
+
+
+def _zero_unwritten_(v: Tensor, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+    """Zero (in place) V [B, Hkv, L, D] at positions past each sequence's last query.
+
+    Those positions were never written (or hold a previous sequence's values). Their
+    attention weight is 0, but 0 * NaN is NaN: uninitialised cache memory must not leak
+    into the output through the PV matmul.
+    """
+    unwritten = key_pos[None, :] > query_pos[:, -1:]  # [B, L]
+    return v.masked_fill_(unwritten[:, None, :, None], 0)
+
+
+def _valid_rows(start_pos: Tensor) -> Tensor | None:
+    """Indices of the real sequences when some rows are padding (start_pos < 0), else None.
+
+    A decode graph compiled for batch 4 runs a batch of 3 with one padding row: it must
+    neither write the cache nor read it (its block table row points at someone's block).
+    """
+    valid = start_pos >= 0
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().flatten()
 
 
 # --------------------------------------------------------------------------- kv_cache_update
@@ -123,7 +151,13 @@ def _group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
 def kv_cache_update(
     k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, block_tables: Tensor, start_pos: Tensor
 ) -> None:
-    """Write k, v [batch, kv_heads, T, head_dim] at positions start_pos[b] + t of each sequence."""
+    """Write k, v [batch, kv_heads, T, head_dim] at positions start_pos[b] + t of each sequence.
+
+    Rows with start_pos < 0 are padding and write nothing.
+    """
+    rows = _valid_rows(start_pos)
+    if rows is not None:
+        k, v, block_tables, start_pos = k[rows], v[rows], block_tables[rows], start_pos[rows]
     block_size = k_cache.shape[2]
     positions = _chunk_positions(start_pos, k.shape[2])  # [B, T]
     _check_positions_fit(positions, block_tables, block_size, "kv_cache_update")
@@ -153,7 +187,16 @@ def paged_attention(
     scale: float,
     sliding_window: int,
 ) -> Tensor:
-    """Causal (optionally sliding-window) attention of q [B, Hq, T, D] over the paged cache."""
+    """Causal (optionally sliding-window) attention of q [B, Hq, T, D] over the paged cache.
+
+    Rows with start_pos < 0 are padding: they read nothing and output zeros.
+    """
+    rows = _valid_rows(start_pos)
+    if rows is not None:
+        out = torch.zeros_like(q)
+        if rows.numel():
+            out[rows] = paged_attention(q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale, sliding_window)
+        return out
     batch, _, num_tokens, head_dim = q.shape
     block_size = k_cache.shape[2]
     query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
@@ -162,16 +205,14 @@ def paged_attention(
     length = int(query_pos.max()) + 1
     _check_physical_blocks(block_tables[:, : math.ceil(length / block_size)], k_cache.shape[0], "paged_attention")
 
-    k = _gather_kv(k_cache, block_tables, length).to(q.dtype)  # [B, Hkv, L, D]
-    v = _gather_kv(v_cache, block_tables, length).to(q.dtype)
-    grouped_q = _group_queries(q, k.shape[1])  # [B, Hkv, G, T, D]
-
-    scores = (grouped_q @ k[:, :, None].transpose(-1, -2)).float() * scale  # [B, Hkv, G, T, L]
     key_pos = torch.arange(length, device=q.device)
-    v = _zero_unwritten(v, query_pos, key_pos)
-    scores = scores.masked_fill(~_allowed_keys(query_pos, key_pos, sliding_window), float("-inf"))
+    k = _gather_positions(k_cache, block_tables, key_pos).to(q.dtype)  # [B, Hkv, L, D]
+    v = _zero_unwritten_(_gather_positions(v_cache, block_tables, key_pos).to(q.dtype), query_pos, key_pos)
+    q_rows = _query_rows(q, k.shape[1])  # [B, Hkv, G*T, D]
+
+    scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = probs @ v[:, :, None]  # [B, Hkv, G, T, D]
+    out = probs @ v  # [B, Hkv, G*T, D]
     return out.reshape(batch, -1, num_tokens, head_dim)
 
 
@@ -208,8 +249,7 @@ def flash_attention(
         )
     query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
     _check_positions_fit(query_pos, block_tables, block_size, "flash_attention")
-    num_kv_heads = k_cache.shape[1]
-    grouped_q = _group_queries(q, num_kv_heads)  # [B, Hkv, G, T, D]
+    q_rows = _query_rows(q, k_cache.shape[1])  # [B, Hkv, G*T, D]
 
     # Partitions entirely after the longest query, or entirely before every sliding
     # window, contribute nothing: never read them.
@@ -218,24 +258,21 @@ def flash_attention(
     if sliding_window > 0:
         first_partition = max(0, int(query_pos.min()) - sliding_window + 1) // partition_len
 
-    stats_shape = (*grouped_q.shape[:-1], 1)  # [B, Hkv, G, T, 1]
+    stats_shape = (*q_rows.shape[:-1], 1)  # [B, Hkv, G*T, 1]
     running_max = torch.full(stats_shape, float("-inf"), device=q.device)
     running_sum = torch.zeros(stats_shape, device=q.device)
-    running_out = torch.zeros(grouped_q.shape, device=q.device)  # fp32 accumulator
+    running_out = torch.zeros(q_rows.shape, device=q.device)  # fp32 accumulator
 
     for partition in range(first_partition, last_partition + 1):
         physical = block_tables[:, partition].long()
         _check_physical_blocks(physical, k_cache.shape[0], "flash_attention")
-        k = k_cache[physical].to(q.dtype)[:, :, None]  # [B, Hkv, 1, bs, D]
-        v = v_cache[physical].to(q.dtype)[:, :, None]
-
-        scores = (grouped_q @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, T, bs]
         key_pos = torch.arange(partition * partition_len, (partition + 1) * partition_len, device=q.device)
-        v = _zero_unwritten(v, query_pos, key_pos)
-        scores = scores.masked_fill(~_allowed_keys(query_pos, key_pos, sliding_window), float("-inf"))
+        k = k_cache[physical].to(q.dtype)  # [B, Hkv, bs, D], a fresh copy
+        v = _zero_unwritten_(v_cache[physical].to(q.dtype), query_pos, key_pos)
 
+        scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window)  # [B, Hkv, G*T, bs]
         new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
-        # A row that has seen no allowed key yet keeps max -inf; subtract 0 instead so
+        # A row that has seen no visible key yet keeps max -inf; subtract 0 instead so
         # exp() gives 0 rather than nan (-inf - -inf).
         safe_max = torch.where(new_max == float("-inf"), 0.0, new_max)
         correction = torch.exp(running_max - safe_max)
@@ -268,7 +305,7 @@ def _kv_lengths_read(start_pos: Tensor, block_tables: Tensor, block_size: int, n
     tensors: worst case, every sequence at the full length the block table can address.
     """
     if _has_values(start_pos):
-        lengths = [int(p) + num_tokens for p in start_pos.tolist()]
+        lengths = [int(p) + num_tokens if p >= 0 else 0 for p in start_pos.tolist()]
     else:
         lengths = [block_tables.shape[1] * block_size] * block_tables.shape[0]
     if sliding_window > 0:
@@ -277,11 +314,7 @@ def _kv_lengths_read(start_pos: Tensor, block_tables: Tensor, block_size: int, n
     return lengths
 
 
-def _nbytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def attention_cost(op_name: str, args: tuple) -> tuple[float, int, int]:
+def attention_cost(op_name: str, args: tuple, float_bytes: int | None = None) -> tuple[float, int, int]:
     """(flops, bytes_read, bytes_written) of one call of a kernel op with these args.
 
     `op_name` is one of KERNEL_OPS (an OpOverload is accepted too, via str()); `args`
@@ -290,12 +323,22 @@ def attention_cost(op_name: str, args: tuple) -> tuple[float, int, int]:
     Attention FLOPs are those the kernel performs: the two matmuls (QK^T and PV) over
     the T x L rectangle of each sequence (masked entries are computed too), 4*Hq*T*L*D.
     Softmax work is not counted as FLOPs (it runs on the vector units alongside).
+
+    `float_bytes` prices float tensors at the device's width (2) when the host emulates
+    the device in fp32; by default each tensor's own element size is used.
     """
+
+    def _nbytes(tensor: Tensor) -> int:
+        return tensor.numel() * _element_size(tensor)
+
+    def _element_size(tensor: Tensor) -> int:
+        return float_bytes if float_bytes and tensor.is_floating_point() else tensor.element_size()
+
     name = str(op_name)
     if name == KV_CACHE_UPDATE:
         k_cache, v_cache, k, v, block_tables, start_pos = args[:6]
         bytes_read = _nbytes(k) + _nbytes(v) + _nbytes(block_tables) + _nbytes(start_pos)
-        bytes_written = (k.numel() * k_cache.element_size()) + (v.numel() * v_cache.element_size())
+        bytes_written = (k.numel() * _element_size(k_cache)) + (v.numel() * _element_size(v_cache))
         return 0.0, bytes_read, bytes_written
 
     if name in (PAGED_ATTENTION, FLASH_ATTENTION):
@@ -306,7 +349,7 @@ def attention_cost(op_name: str, args: tuple) -> tuple[float, int, int]:
         total_kv_positions = sum(lengths)
 
         flops = 4.0 * num_heads * num_tokens * head_dim * total_kv_positions
-        kv_bytes = total_kv_positions * num_kv_heads * head_dim * (k_cache.element_size() + v_cache.element_size())
+        kv_bytes = total_kv_positions * num_kv_heads * head_dim * (_element_size(k_cache) + _element_size(v_cache))
         bytes_read = _nbytes(q) + kv_bytes + _nbytes(block_tables) + _nbytes(start_pos)
         bytes_written = _nbytes(q)  # the output has q's shape and dtype
         return flops, bytes_read, bytes_written

@@ -189,6 +189,7 @@ class Runtime:
         self.spec = get_npu_spec(program.npu)
         self.cost_model = CostModel(self.spec)
         self.numerics = Numerics.for_program(program)
+        self._device_float_bytes = PROGRAM_DTYPES[program.device_dtype].itemsize
         self.devices = self._pick_devices(device, share_state_with)
         self.profiler_active = activate_profiler
         self.trace = Trace()
@@ -354,7 +355,7 @@ class Runtime:
         for op in ops:
             if op.target in KERNEL_OPS:
                 args = [_resolve(a, env) for a in op.args]
-                f, r, w = attention_cost(op.target, tuple(args))
+                f, r, w = attention_cost(op.target, tuple(args), float_bytes=self._device_float_bytes)
                 flops, bytes_moved = flops + f, bytes_moved + r + w
         return self._price(step, flops, bytes_moved)
 
