@@ -194,11 +194,14 @@ def compile_from_torch(
         progress.set_postfix_str(refresh=False, s="weights")
         tensors = None
         if graph.tensors is not None:
+            # Buffers that start as zeros (KV caches) are created on load instead of stored.
+            program.zero_init = sorted(b.name for b in graph.buffers if not graph.tensors[b.name].any())
             # The device stores floats in its 16-bit type; exact numerics keeps fp32 for the simulator.
             store = torch.float32 if numerics == "exact" else PROGRAM_DTYPES[device_dtype]
             tensors = {
                 name: (t.to(store) if t.is_floating_point() else t).contiguous().clone()
                 for name, t in graph.tensors.items()
+                if name not in program.zero_init
             }
         progress.update()
     return CompiledModel(program=program, tensors=tensors)

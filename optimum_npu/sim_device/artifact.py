@@ -13,6 +13,7 @@ execute code. Writing is deterministic (same module -> byte-identical file) and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -57,15 +58,23 @@ class Artifact:
     tensors: dict[str, torch.Tensor] | None     # None when compiled on the meta device
     versions: dict[str, str] = field(default_factory=dict)
 
-    def save(self, path: str | os.PathLike) -> str:
+    def save(self, path: str | os.PathLike, external: tuple[str, ...] | list[str] = ()) -> str:
+        """Write the .rbln file. Tensors named in `external` are left out: a runtime loading this
+        file gets them from the runtime it shares state with (see `Runtime(share_state_with=)`)."""
         if self.tensors is None:
             raise ValueError(
                 "This program was compiled on the meta device: it has sizes and costs but no weights, "
                 "so it cannot be saved or run. Compile a module with real weights to get a runnable .rbln."
             )
-        payload = save_safetensors({k: v.contiguous() for k, v in sorted(self.tensors.items())})
+        external = sorted(set(external))
+        unknown = set(external) - set(self.tensors) - set(self.program.zero_init)
+        if unknown:
+            raise ValueError(f"external tensors {sorted(unknown)} are not tensors of this program")
+        stored = {k: v.contiguous() for k, v in sorted(self.tensors.items()) if k not in external}
+        payload = save_safetensors(stored)
+        program = dataclasses.replace(self.program, external=external) if external else self.program
         versions = self.versions or {"optimum_npu": _package_version(), "torch": torch.__version__.split("+")[0]}
-        program_json = self.program.to_json()
+        program_json = program.to_json()
         header = {
             "format": "rbln-sim",
             "format_version": FORMAT_VERSION,

@@ -121,27 +121,18 @@ def _masked_scores(
     return scores
 
 
-def _zero_unwritten_(v: Tensor, query_pos: Tensor, key_pos: Tensor) -> Tensor:
-    """Zero (in place) V [B, Hkv, L, D] at positions past each sequence's last query.
+def _zero_unwritten_(v: Tensor, query_pos: Tensor, first_key_pos: int) -> Tensor:
+    """Zero (in place) V [B, Hkv, L, D], holding positions first_key_pos.., past each
+    sequence's last query.
 
     Those positions were never written (or hold a previous sequence's values). Their
     attention weight is 0, but 0 * NaN is NaN: uninitialised cache memory must not leak
-    into the output through the PV matmul.
+    into the output through the PV matmul. Only that tail of each sequence is touched.
     """
-    unwritten = key_pos[None, :] > query_pos[:, -1:]  # [B, L]
-    return v.masked_fill_(unwritten[:, None, :, None], 0)
-
-
-def _valid_rows(start_pos: Tensor) -> Tensor | None:
-    """Indices of the real sequences when some rows are padding (start_pos < 0), else None.
-
-    A decode graph compiled for batch 4 runs a batch of 3 with one padding row: it must
-    neither write the cache nor read it (its block table row points at someone's block).
-    """
-    valid = start_pos >= 0
-    if bool(valid.all()):
-        return None
-    return valid.nonzero().flatten()
+    for b, last_pos in enumerate(query_pos[:, -1].tolist()):
+        first_unwritten = max(0, last_pos + 1 - first_key_pos)
+        v[b, :, first_unwritten:] = 0
+    return v
 
 
 # --------------------------------------------------------------------------- kv_cache_update
@@ -207,7 +198,7 @@ def paged_attention(
 
     key_pos = torch.arange(length, device=q.device)
     k = _gather_positions(k_cache, block_tables, key_pos).to(q.dtype)  # [B, Hkv, L, D]
-    v = _zero_unwritten_(_gather_positions(v_cache, block_tables, key_pos).to(q.dtype), query_pos, key_pos)
+    v = _zero_unwritten_(_gather_positions(v_cache, block_tables, key_pos).to(q.dtype), query_pos, 0)
     q_rows = _query_rows(q, k.shape[1])  # [B, Hkv, G*T, D]
 
     scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window)
@@ -268,7 +259,7 @@ def flash_attention(
         _check_physical_blocks(physical, k_cache.shape[0], "flash_attention")
         key_pos = torch.arange(partition * partition_len, (partition + 1) * partition_len, device=q.device)
         k = k_cache[physical].to(q.dtype)  # [B, Hkv, bs, D], a fresh copy
-        v = _zero_unwritten_(v_cache[physical].to(q.dtype), query_pos, key_pos)
+        v = _zero_unwritten_(v_cache[physical].to(q.dtype), query_pos, partition * partition_len)
 
         scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window)  # [B, Hkv, G*T, bs]
         new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))

@@ -117,6 +117,11 @@ class Program:
     values: dict[str, TensorSpec]    # every intermediate value, as it lives on its side
     steps: list[Step]
     memory: MemoryPlan
+    # Buffers that start as zeros (e.g. a KV cache): created on load, not stored in the payload.
+    zero_init: list[str] = field(default_factory=list)
+    # Weights / buffers stored in a sibling artifact and provided by the runtime this one shares
+    # state with (e.g. a decode graph using its prefill graph's weights).
+    external: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -142,6 +147,8 @@ class Program:
             values={k: spec(v) for k, v in data["values"].items()},
             steps=steps,
             memory=MemoryPlan(**data["memory"]),
+            zero_init=list(data.get("zero_init", [])),
+            external=list(data.get("external", [])),
         )
 
     def kernel_summary(self) -> list[tuple[str, str, float, int]]:

@@ -33,6 +33,15 @@ from .program import PROGRAM_DTYPES, Program, Ref, Step, decode_arg
 from .specs import get_npu_spec
 
 ALLOWED_OP_NAMESPACES = ("aten", "rbln")
+DEVICE_FLOAT_NAMES = ("bfloat16", "float16")
+
+
+class Timeline:
+    """The simulated clock of a set of devices and, when profiling, the trace of what ran."""
+
+    def __init__(self) -> None:
+        self.clock_s = 0.0
+        self.trace = Trace()
 
 
 @dataclass(frozen=True)
@@ -192,21 +201,36 @@ class Runtime:
         self._device_float_bytes = PROGRAM_DTYPES[program.device_dtype].itemsize
         self.devices = self._pick_devices(device, share_state_with)
         self.profiler_active = activate_profiler
-        self.trace = Trace()
-        self.clock_s = 0.0
+        # Runtimes sharing state run on the same devices one after another: one clock, one trace.
+        self.timeline = share_state_with.timeline if share_state_with is not None else Timeline()
         self.stats = RuntimeStats()
 
         # Device state: weights and buffers in the host dtype the numerics mode computes in.
         shared = share_state_with._state if share_state_with is not None else {}
+        buffer_names = {b.name for b in program.buffers}
         self._state: dict[str, torch.Tensor] = {}
         owned_weights = owned_buffers = 0
         for spec in program.weights + program.buffers:
-            if spec.name in shared and tuple(shared[spec.name].shape) == spec.shape:
+            if spec.name in shared:
+                if tuple(shared[spec.name].shape) != spec.shape:
+                    raise ValueError(
+                        f"cannot share {spec.name!r}: shape {list(shared[spec.name].shape)} in the other runtime, "
+                        f"{list(spec.shape)} here (were the two programs compiled from the same model?)"
+                    )
                 self._state[spec.name] = shared[spec.name]
                 continue
-            tensor = compiled.tensors[spec.name]
-            self._state[spec.name] = self.numerics.to_device(tensor) if tensor.is_floating_point() else tensor.clone()
-            if spec in program.buffers:
+            if spec.name in program.zero_init:
+                dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_FLOAT_NAMES else PROGRAM_DTYPES[spec.dtype]
+                self._state[spec.name] = torch.zeros(spec.shape, dtype=dtype)
+            elif spec.name in compiled.tensors:
+                tensor = compiled.tensors[spec.name]
+                self._state[spec.name] = self.numerics.to_device(tensor) if tensor.is_floating_point() else tensor.clone()
+            else:
+                raise ValueError(
+                    f"{self.name} does not store {spec.name!r}: its weights live in a sibling artifact. "
+                    "Load that one first and pass its runtime as share_state_with="
+                )
+            if spec.name in buffer_names:
                 owned_buffers += spec.nbytes
             else:
                 owned_weights += spec.nbytes
@@ -301,7 +325,8 @@ class Runtime:
         for spec, value in zip(self.program.inputs, self._bind_inputs(args, kwargs)):
             env[spec.name] = value
         numerics = self.numerics
-        start = self.clock_s
+        timeline = self.timeline
+        start = timeline.clock_s
         t = start
         trace_on = self.profiler_active
         for (step, ops, frees), cost in zip(self._steps, self._static_cost):
@@ -338,7 +363,7 @@ class Runtime:
         else:
             elapsed = self._static_total
             self._account_static()
-        self.clock_s = start + elapsed
+        timeline.clock_s = start + elapsed
         self.stats.runs += 1
         self.stats.last_run_s = elapsed
         self.stats.total_s += elapsed
@@ -369,17 +394,17 @@ class Runtime:
             stats.neural_engine_busy_s += cost.compute_s
             stats.task_dma_busy_s += cost.dma_s
             if trace_on:
-                self.trace.add(NEURAL_ENGINE, step.name, t, cost.compute_s, device, flops=step.flops + step.vector_flops)
-                self.trace.add(TASK_DMA, step.name, t, cost.dma_s, device, bytes=nbytes)
+                self.timeline.trace.add(NEURAL_ENGINE, step.name, t, cost.compute_s, device, flops=step.flops + step.vector_flops)
+                self.timeline.trace.add(TASK_DMA, step.name, t, cost.dma_s, device, bytes=nbytes)
             return t + cost.total_s
         if step.kind == "host":
             stats.host_fallback_s += cost
             if trace_on:
-                self.trace.add(HOST, step.name, t, cost, None, flops=step.flops + step.vector_flops, bytes=nbytes)
+                self.timeline.trace.add(HOST, step.name, t, cost, None, flops=step.flops + step.vector_flops, bytes=nbytes)
             return t + cost
         stats.external_hdma_s += cost
         if trace_on:
-            self.trace.add(EXTERNAL_HDMA, step.name, t, cost, device, bytes=nbytes, direction=step.kind)
+            self.timeline.trace.add(EXTERNAL_HDMA, step.name, t, cost, device, bytes=nbytes, direction=step.kind)
         return t + cost
 
     def _account_static(self) -> None:
@@ -437,7 +462,7 @@ class Runtime:
     def save_trace(self, path: str | os.PathLike = "trace.json") -> str:
         if not self.profiler_active:
             raise ValueError("The profiler is off: create the runtime with activate_profiler=True")
-        return self.trace.save(path)
+        return self.timeline.trace.save(path)
 
     def close(self) -> None:
         """Free the device memory this runtime holds."""

@@ -1,0 +1,171 @@
+"""`optimum-npu smi`: what `rbln-smi` shows, for the simulated machine.
+
+`status()` gathers the devices of this machine (`OPTIMUM_NPU_SYSTEM`), their memory in
+use and the runtimes holding it (from the allocation registry shared by every process),
+as plain JSON-ready data; `format_status()` renders it as a table. `presets()` /
+`format_presets()` do the same for the hardware presets, marking estimated figures.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from . import memory
+from .specs import GB, MB_BINARY as MiB, GiB, NPU_PRESETS, NPUSpec
+
+ESTIMATE_MARK = "*"
+
+
+def format_bytes(nbytes: float) -> str:
+    """Binary units, three significant digits or so: '0 B', '12.0 KiB', '15.70 GiB'."""
+    if nbytes < 1024:
+        return f"{int(nbytes)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        nbytes /= 1024
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.2f} {unit}" if unit == "GiB" else f"{nbytes:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_capacity(nbytes: int) -> str:
+    """A capacity in the unit it was specified in: '16 GiB', '144 GB', '32 MiB', else as `format_bytes`."""
+    if nbytes and nbytes % GiB == 0:
+        return f"{nbytes // GiB} GiB"
+    if nbytes and nbytes % GB == 0:
+        return f"{nbytes // GB} GB"
+    if nbytes and nbytes % MiB == 0:
+        return f"{nbytes // MiB} MiB"
+    return format_bytes(nbytes)
+
+
+def status() -> dict:
+    """Devices, memory used / total per device, and the runtimes holding memory."""
+    machine = memory.devices()
+    live = memory.allocations()
+    processes = [
+        {"device": index, "pid": a.pid, "owner": a.owner, "bytes": nbytes, "allocation_id": a.id}
+        for a in live
+        for index, nbytes in sorted(a.bytes_per_device.items())
+    ]
+    processes.sort(key=lambda p: (p["device"], p["pid"], p["owner"]))
+    devices = []
+    for d in machine:
+        used = sum(p["bytes"] for p in processes if p["device"] == d.index)
+        devices.append({
+            "index": d.index,
+            "name": d.name,
+            "npu": d.spec.name,
+            "product": d.spec.product,
+            "card": d.card,
+            "numa_node": d.numa_node,
+            "memory_used_bytes": used,
+            "memory_total_bytes": d.spec.usable_dram_bytes,
+            "dram_bytes": d.spec.dram_bytes,
+            "runtimes": sum(1 for p in processes if p["device"] == d.index),
+        })
+    return {
+        "system": os.environ.get("OPTIMUM_NPU_SYSTEM", "RBLN-CA25"),
+        "state_dir": str(memory.state_dir()),
+        "devices": devices,
+        "processes": processes,
+    }
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int] | frozenset[int] = frozenset()) -> list[str]:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "| " + " | ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ) + " |"
+
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    return [rule, line(headers), rule] + [line(r) for r in rows] + [rule]
+
+
+def format_status(data: dict | None = None) -> str:
+    data = status() if data is None else data
+    out = [f"Simulated NPU machine: OPTIMUM_NPU_SYSTEM={data['system']}   state: {data['state_dir']}"]
+    out += _table(
+        ["NPU", "Name", "Product", "Card", "NUMA", "Memory used / total", "Runtimes"],
+        [
+            [
+                str(d["index"]), d["npu"], d["product"], str(d["card"]), str(d["numa_node"]),
+                f"{format_bytes(d['memory_used_bytes'])} / {format_bytes(d['memory_total_bytes'])}",
+                str(d["runtimes"]),
+            ]
+            for d in data["devices"]
+        ],
+        right={0, 3, 4, 5, 6},
+    )
+    known = {d["index"] for d in data["devices"]}
+    out.append("Processes:")
+    if not data["processes"]:
+        out.append("  No runtime holds device memory.")
+    else:
+        out += _table(
+            ["NPU", "PID", "Owner", "Memory"],
+            [
+                [str(p["device"]) + ("" if p["device"] in known else " (not in this system)"), str(p["pid"]),
+                 p["owner"], format_bytes(p["bytes"])]
+                for p in data["processes"]
+            ],
+            right={1, 3},
+        )
+    return "\n".join(out)
+
+
+# ---- hardware presets --------------------------------------------------------------
+
+# Column -> (NPUSpec fields it shows, how to render the spec).
+_PRESET_COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[NPUSpec], str]]] = {
+    "Devices/card": (("devices_per_card",), lambda s: str(s.devices_per_card)),
+    "DRAM (usable)": (
+        ("dram_bytes", "usable_dram_bytes"),
+        lambda s: f"{format_capacity(s.dram_bytes)} ({format_capacity(s.usable_dram_bytes)})",
+    ),
+    "DRAM BW": (("dram_bandwidth",), lambda s: f"{s.dram_bandwidth / 1e9:g} GB/s"),
+    "TFLOPS bf16": (("peak_flops_16bit",), lambda s: f"{s.peak_flops_16bit / 1e12:g}"),
+    "TOPS int8": (("peak_ops_int8",), lambda s: f"{s.peak_ops_int8 / 1e12:g}"),
+    "SRAM": (
+        ("sram_shared_bytes", "sram_per_engine_bytes", "num_neural_engines"),
+        lambda s: f"{format_capacity(s.sram_shared_bytes)} + {s.num_neural_engines}x{format_capacity(s.sram_per_engine_bytes)}",
+    ),
+    "PCIe": (("pcie_bandwidth",), lambda s: f"{s.pcie_bandwidth / 1e9:g} GB/s"),
+    "Dev link": (("device_link_bandwidth",), lambda s: f"{s.device_link_bandwidth / 1e9:g} GB/s"),
+    "Card TDP": (("card_tdp_watts",), lambda s: f"{s.card_tdp_watts:g} W"),
+}
+
+_PRESET_FIELDS = (
+    "product", "devices_per_card", "dram_bytes", "usable_dram_bytes", "dram_bandwidth", "peak_flops_16bit",
+    "peak_ops_int8", "sram_shared_bytes", "sram_per_engine_bytes", "num_neural_engines", "pcie_bandwidth",
+    "device_link_bandwidth", "card_tdp_watts",
+)
+
+
+def presets() -> list[dict]:
+    """Every hardware preset with its figures (per device; TDP per card) and which are estimates."""
+    return [
+        {"name": spec.name, **{f: getattr(spec, f) for f in _PRESET_FIELDS}, "estimated": list(spec.estimated)}
+        for spec in NPU_PRESETS.values()
+    ]
+
+
+def _preset_row(spec: NPUSpec) -> list[str]:
+    row = [spec.name, spec.product]
+    for fields, render in _PRESET_COLUMNS.values():
+        mark = ESTIMATE_MARK if any(f in spec.estimated for f in fields) else ""
+        row.append(render(spec) + mark)
+    return row
+
+
+def format_presets() -> str:
+    out = ["Hardware presets (figures per device; TDP per card):"]
+    out += _table(
+        ["Preset", "Product", *_PRESET_COLUMNS],
+        [_preset_row(spec) for spec in NPU_PRESETS.values()],
+        right=set(range(2, 2 + len(_PRESET_COLUMNS))),
+    )
+    out.append(f"{ESTIMATE_MARK} estimate (not published by the vendor); other figures from Rebellions' product briefs.")
+    return "\n".join(out)
