@@ -135,6 +135,18 @@ def _zero_unwritten_(v: Tensor, query_pos: Tensor, first_key_pos: int) -> Tensor
     return v
 
 
+def _valid_rows(start_pos: Tensor) -> Tensor | None:
+    """Indices of the real sequences when some rows are padding (start_pos < 0), else None.
+
+    A decode graph compiled for batch 4 runs a batch of 3 with one padding row: it must
+    neither write the cache nor read it (its block table row points at someone's block).
+    """
+    valid = start_pos >= 0
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().flatten()
+
+
 # --------------------------------------------------------------------------- kv_cache_update
 
 
@@ -231,7 +243,17 @@ def flash_attention(
     One KV partition is one cache block (block_size == partition_len). The running max,
     running sum and un-normalised output are kept in fp32 and rescaled as each new
     partition raises the max, so the whole KV never has to be resident at once.
+
+    Rows with start_pos < 0 are padding: they read nothing and output zeros.
     """
+    rows = _valid_rows(start_pos)
+    if rows is not None:
+        out = torch.zeros_like(q)
+        if rows.numel():
+            out[rows] = flash_attention(
+                q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale, sliding_window, partition_len
+            )
+        return out
     batch, _, num_tokens, head_dim = q.shape
     block_size = k_cache.shape[2]
     if block_size != partition_len:
