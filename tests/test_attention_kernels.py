@@ -168,6 +168,18 @@ def test_flash_skips_partitions_outside_every_window():
     torch.testing.assert_close(case.flash(sliding_window=10), reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["paged", "flash"])
+def test_padding_rows_read_nothing_and_output_zeros(kernel):
+    """start_pos < 0 marks a padding row of a larger compiled batch."""
+    case = Case([37, 5, 70], num_tokens=1)
+    reference = case.reference()
+    case.start_pos[0] = -1
+    case.block_tables[0] = 10_000  # would be out of bounds if the row were read at all
+    out = getattr(case, kernel)()
+    assert not out[0].any()
+    torch.testing.assert_close(out[1:], reference[1:], atol=1e-5, rtol=1e-5)
+
+
 def test_flash_requires_partition_equal_block_size():
     case = Case([0, 5], num_tokens=1)
     with pytest.raises(ValueError, match="partition_len"):
@@ -219,6 +231,16 @@ def test_kv_cache_update_refuses_out_of_bounds():
             k_cache, v_cache, k, k, torch.tensor([[0, 9]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
         )
     assert not k_cache.any()  # failed calls wrote nothing
+
+
+def test_kv_cache_update_skips_padding_rows():
+    k_cache = torch.zeros(4, 1, 4, 2)
+    v_cache = torch.zeros_like(k_cache)
+    block_tables = torch.tensor([[0, 1], [0, 1]], dtype=torch.int32)  # padding row points at row 1's blocks
+    k = torch.stack([torch.full((1, 1, 2), 9.0), torch.ones(1, 1, 2)])
+    torch.ops.rbln.kv_cache_update(k_cache, v_cache, k, k, block_tables, torch.tensor([-1, 2], dtype=torch.int32))
+    assert k_cache[0, 0, 2].tolist() == [1.0, 1.0]
+    assert not (k_cache == 9.0).any()
 
 
 def test_update_then_attend_prefill_chunks_and_decode():
@@ -279,6 +301,18 @@ def test_attention_cost_sliding_window_caps_kv_read():
     flops, _, _ = attention_cost(KERNEL_OPS[1], args)
     kv_positions = 12 + (32 + 2 - 1)  # the short sequence fits in its window
     assert flops == 4 * NUM_HEADS * 2 * HEAD_DIM * kv_positions
+
+
+def test_attention_cost_padding_rows_and_device_width():
+    q, k_cache, block_tables, start_pos = cost_args([-1, 30], num_tokens=1, dtype=torch.float32)
+    args = (q, k_cache, k_cache, block_tables, start_pos, 0.25, 0)
+    flops, read, written = attention_cost(KERNEL_OPS[1], args)
+    assert flops == 4 * NUM_HEADS * HEAD_DIM * 31  # the padding row reads no KV
+    # Host emulation in fp32, priced at the device's 16-bit width.
+    flops16, read16, written16 = attention_cost(KERNEL_OPS[1], args, float_bytes=2)
+    assert flops16 == flops and written16 == written // 2
+    index_bytes = block_tables.numel() * 4 + 2 * 4  # integer tensors keep their width
+    assert read16 - index_bytes == (read - index_bytes) // 2
 
 
 def test_attention_cost_fake_tensors_assume_full_length():
