@@ -14,6 +14,17 @@ _EXPORTS = {
     "DeviceMemoryError": "optimum_npu.sim_device",
     "ArtifactError": "optimum_npu.sim_device",
     "devices": "optimum_npu.sim_device",
+    "RBLNModel": "optimum_npu.modeling.base",
+    "RBLNModelConfig": "optimum_npu.configuration",
+    "RBLNAutoModelForCausalLM": "optimum_npu.modeling.decoderonly.families",
+    "RBLNDecoderOnlyModelForCausalLM": "optimum_npu.modeling.decoderonly.families",
+    "RBLNLlamaForCausalLM": "optimum_npu.modeling.decoderonly.families",
+    "RBLNQwen2ForCausalLM": "optimum_npu.modeling.decoderonly.families",
+    "RBLNMistralForCausalLM": "optimum_npu.modeling.decoderonly.families",
+    "RBLNDecoderOnlyModelForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    "RBLNLlamaForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    "RBLNQwen2ForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    "RBLNMistralForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
 }
 
 __all__ = sorted(_EXPORTS)

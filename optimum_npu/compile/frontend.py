@@ -92,10 +92,11 @@ def export_graph(module: torch.nn.Module, example_inputs: tuple, input_names: li
             inputs.append(_spec(name, value))
         else:
             name = in_spec.target
-            source = program.constants if in_spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ) else state
-            if in_spec.kind == InputKind.CUSTOM_OBJ or not isinstance(source.get(name), torch.Tensor):
+            # Non-persistent buffers and lifted constants are in `constants`, the rest in the state dict.
+            value_tensor = program.constants.get(name, state.get(name))
+            if in_spec.kind == InputKind.CUSTOM_OBJ or not isinstance(value_tensor, torch.Tensor):
                 raise ValueError(f"{type(module).__name__} holds a non-tensor constant {name!r}; only tensors can be compiled")
-            tensors[name] = source[name].detach()
+            tensors[name] = value_tensor.detach()
             (buffers if in_spec.kind == InputKind.BUFFER else weights).append(_spec(name, value))
         names[fx_node] = name
         values[name] = _spec(name, value)

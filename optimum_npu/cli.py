@@ -1,0 +1,275 @@
+"""The `optimum-npu` command.
+
+    optimum-npu smi [--json] [--presets]       devices, memory in use, runtimes holding it
+    optimum-npu presets [--json]               hardware presets and their figures
+    optimum-npu compile pkg.mod:factory --input x:1x16:float32 -o model.rbln
+    optimum-npu run model.rbln [--profile trace.json]
+
+A subcommand is a `Command` in `COMMANDS`: a name, a help line, a function adding its
+arguments and a function running it. User mistakes raise `CLIError`: one line on
+stderr, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+PROG = "optimum-npu"
+
+
+class CLIError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---- smi / presets -------------------------------------------------------------------
+
+
+def _smi_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--presets", action="store_true", help="list the hardware presets instead of the devices")
+
+
+def _smi(args: argparse.Namespace) -> int:
+    if args.presets:
+        return _presets(args)
+    from .sim_device import smi
+
+    try:
+        data = smi.status()
+    except ValueError as e:  # a malformed OPTIMUM_NPU_SYSTEM
+        raise CLIError(str(e)) from None
+    print(json.dumps(data, indent=2) if args.json else smi.format_status(data))
+    return 0
+
+
+def _presets_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .sim_device import smi
+
+    print(json.dumps(smi.presets(), indent=2) if args.json else smi.format_presets())
+    return 0
+
+
+# ---- compile -------------------------------------------------------------------------
+
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32",
+                 "long": "int64", "int": "int32"}
+
+
+def parse_input(text: str) -> tuple[str, tuple[int, ...], str]:
+    """'x:1x16:float32' or 'x:16,16:bf16' -> ('x', (1, 16), 'float32'); DTYPE defaults to float32."""
+    from .sim_device.program import PROGRAM_DTYPES
+
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise CLIError(f"--input {text!r}: expected NAME:SHAPE[:DTYPE], e.g. input_ids:1x128:int64")
+    name, shape_text, dtype = parts if len(parts) == 3 else (*parts, "float32")
+    if not name.isidentifier():
+        raise CLIError(f"--input {text!r}: the name {name!r} is not a valid identifier")
+    if not re.fullmatch(r"\d+([x,]\d+)*", shape_text.replace(" ", "")):
+        raise CLIError(f"--input {text!r}: the shape {shape_text!r} must be sizes separated by 'x' or ',', e.g. 1x16")
+    shape = tuple(int(s) for s in re.split(r"[x,]", shape_text.replace(" ", "")))
+    if any(s <= 0 for s in shape):
+        raise CLIError(f"--input {text!r}: sizes must be positive (shapes are static)")
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    if dtype not in PROGRAM_DTYPES:
+        raise CLIError(f"--input {text!r}: unknown dtype {dtype!r}; valid: {', '.join(PROGRAM_DTYPES)}")
+    return name, shape, dtype
+
+
+def load_module(spec: str):
+    """'pkg.module:factory' -> the torch.nn.Module the factory returns (called with no arguments)."""
+    import torch
+
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path or ":" in attr_path:
+        raise CLIError(f"module spec {spec!r} must look like 'package.module:factory'")
+    if not all(part.isidentifier() for part in module_name.split(".") + attr_path.split(".")):
+        raise CLIError(f"module spec {spec!r} must look like 'package.module:factory' (dotted Python names)")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `mymodels:build` from a project folder, as `python -m` does
+    importlib.invalidate_caches()  # the module file may be newer than the import system's directory caches
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise CLIError(f"cannot import module {module_name!r}: {e} (is it on PYTHONPATH or in this folder?)") from None
+        raise CLIError(f"importing module {module_name!r} failed: {type(e).__name__}: {e}") from None
+    except Exception as e:  # the user's module raised while being imported
+        raise CLIError(f"importing module {module_name!r} failed: {type(e).__name__}: {e}") from None
+    factory = module
+    for part in attr_path.split("."):
+        if not hasattr(factory, part):
+            raise CLIError(f"module {module_name!r} has no attribute {attr_path!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise CLIError(f"{spec} is not callable (it is of type {type(factory).__name__}); it must be a factory returning a torch.nn.Module")
+    try:
+        model = factory()
+    except Exception as e:
+        raise CLIError(f"calling {spec}() failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"{spec}() returned an object of type {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _compile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("module", metavar="MODULE_SPEC", help="'package.module:factory'; factory() returns a torch.nn.Module")
+    p.add_argument("--input", "-i", action="append", required=True, metavar="NAME:SHAPE[:DTYPE]",
+                   help="one per forward argument, in order, e.g. x:1x16:float32 (SHAPE also as 1,16; DTYPE default float32)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.rbln", help="where to write the compiled program")
+    p.add_argument("--npu", default=None, help="hardware preset (default RBLN-CA25; see `optimum-npu presets`)")
+    p.add_argument("--dtype", default="bfloat16", help="device compute dtype: bfloat16 (default) or float16")
+    p.add_argument("--numerics", default="device", help="device (default) or exact (fp32 on the host, simulator only)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="devices to split the model over")
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .compile import compile_from_torch
+    from .compile.compiler import NUMERICS
+    from .sim_device.memory import DeviceMemoryError
+    from .sim_device.program import DEVICE_DTYPES
+    from .sim_device.specs import DEFAULT_NPU, get_npu_spec
+
+    # Check the options before running the user's code.
+    input_info = [parse_input(text) for text in args.input]
+    npu = args.npu or DEFAULT_NPU
+    try:
+        get_npu_spec(npu)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    if dtype not in DEVICE_DTYPES:
+        raise CLIError(f"--dtype {args.dtype!r}: the device computes in {' or '.join(DEVICE_DTYPES)}")
+    if args.numerics not in NUMERICS:
+        raise CLIError(f"--numerics {args.numerics!r}: must be one of {', '.join(NUMERICS)}")
+    if not args.output.endswith(".rbln"):
+        raise CLIError(f"-o {args.output!r}: the compiled program's file name must end in .rbln")
+
+    model = load_module(args.module)
+    try:
+        compiled = compile_from_torch(
+            model, input_info=input_info, npu=npu, dtype=dtype, numerics=args.numerics,
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
+    except (ValueError, TypeError, DeviceMemoryError) as e:
+        raise CLIError(str(e)) from None
+    print(compiled.summary())
+    if compiled.tensors is None:
+        raise CLIError("the module is on the meta device: sizes and costs above, but no weights to save")
+    try:
+        path = compiled.save(args.output)
+    except OSError as e:
+        raise CLIError(f"cannot write {args.output}: {e.strerror or e}") from None
+    print(f"inputs: {', '.join(s.describe() for s in compiled.program.inputs)}")
+    print(f"outputs: {', '.join(s.describe() for s in compiled.program.outputs)}")
+    print(f"saved: {path}")
+    return 0
+
+
+# ---- run -----------------------------------------------------------------------------
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", metavar="MODEL.rbln")
+    p.add_argument("--runs", type=int, default=1, help="how many times to run (default 1)")
+    p.add_argument("--device", type=int, nargs="+", default=None, help="device index(es) to load onto")
+    p.add_argument("--profile", metavar="TRACE.json", default=None, help="write a Perfetto trace of the runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .sim_device import ArtifactError, DeviceMemoryError, Runtime
+    from .sim_device.program import PROGRAM_DTYPES
+
+    if args.runs < 1:
+        raise CLIError(f"--runs must be at least 1, got {args.runs}")
+    device = args.device[0] if args.device and len(args.device) == 1 else args.device
+    try:
+        runtime = Runtime(args.artifact, device=device, activate_profiler=args.profile is not None)
+    except (FileNotFoundError, ArtifactError, ValueError, TypeError, DeviceMemoryError) as e:
+        raise CLIError(str(e)) from None
+    with runtime:
+        generator = torch.Generator().manual_seed(args.seed)
+        inputs = {}
+        for spec in runtime.program.inputs:
+            dtype = PROGRAM_DTYPES[spec.dtype]
+            # Random floats; integers (ids, positions, tables) and masks are zeros: always in range.
+            if dtype.is_floating_point:
+                inputs[spec.name] = torch.randn(spec.shape, generator=generator).to(dtype)
+            else:
+                inputs[spec.name] = torch.zeros(spec.shape, dtype=dtype)
+        print(f"{runtime!r}")
+        print(f"inputs (random): {', '.join(s.describe() for s in runtime.program.inputs)}")
+        for _ in range(args.runs):
+            outputs = runtime.run(**inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        print(f"outputs: {', '.join(f'{s.name}: {s.dtype}{list(o.shape)}' for s, o in zip(runtime.program.outputs, outputs))}")
+        print(runtime.stats)
+        if args.profile:
+            print(f"trace: {runtime.save_trace(args.profile)}")
+    return 0
+
+
+# ---- entry point ---------------------------------------------------------------------
+
+COMMANDS = [
+    Command("smi", "show the simulated devices, their memory in use and the runtimes holding it", _smi_arguments, _smi),
+    Command("presets", "list the hardware presets and their figures", _presets_arguments, _presets),
+    Command("compile", "compile a torch module to a .rbln program", _compile_arguments, _compile),
+    Command("run", "run a .rbln program once on random inputs and print the simulated stats", _run_arguments, _run),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Hugging Face models on a simulated Rebellions-class NPU.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (argparse usage errors: 2, like CLIError)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.run(args)
+    except CLIError as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `optimum-npu smi --json | head`: the reader left, that is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

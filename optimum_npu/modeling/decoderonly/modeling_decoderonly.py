@@ -1,0 +1,391 @@
+"""`RBLNDecoderOnlyModelForCausalLM`: one implementation for every Llama-like family.
+
+Compiles a prefill graph and one decode graph per batch bucket (`decoder_batch_{b}.rbln`),
+all sharing weights and a device-resident paged KV cache; generates through transformers'
+`GenerationMixin` (greedy, sampling, repetition penalty, stop strings, streamers).
+
+During a `generate`, row b of the batch owns KV slot b. Prefill runs each prompt alone,
+chunk by chunk (left padding stripped); decode runs all rows together in the smallest
+compiled bucket that holds them, padding rows marked with start_pos = -1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from transformers import GenerationMixin
+from transformers.utils import ModelOutput
+
+from ...compile import CompiledModel, compile_from_torch
+from ...sim_device import Runtime
+from ...sim_device.memory import format_gib
+from ...sim_device.runtime import DeviceMemoryUsage
+from ...sim_device.specs import get_npu_spec
+from ..base import RBLNModel
+from .block_manager import BlockManager
+from .configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
+from .static_decoder import KVCacheLayout, StaticDecoder, make_kv_caches, rope_tables
+
+PREFILL = "prefill"
+DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def decoder_graph_name(batch: int) -> str:
+    return f"decoder_batch_{batch}"
+
+
+@dataclass
+class RBLNCausalLMOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    next_positions: list[int] | None = None
+
+
+@dataclass
+class GenerationStats:
+    """Simulated device performance of the last `generate` call."""
+
+    batch_size: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)
+    new_tokens: int = 0                  # tokens generated per row (decode steps + the prefill token)
+    decode_bucket: int = 0
+    prefill_s: float = 0.0               # all prompts, one after another
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    memory: list[DeviceMemoryUsage] = field(default_factory=list)
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token: the prefill of the whole batch."""
+        return self.prefill_s
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token after the first: one decode step."""
+        return self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Output tokens of all rows per simulated second."""
+        return self.batch_size * self.new_tokens / self.total_s if self.total_s else 0.0
+
+    def __str__(self) -> str:
+        memory = ", ".join(f"npu{m.device} {format_gib(m.total_bytes)}" for m in self.memory)
+        return (
+            f"batch {self.batch_size}, prompts {self.prompt_tokens} tokens, {self.new_tokens} new tokens per row "
+            f"(decode bucket {self.decode_bucket})\n"
+            f"TTFT {self.ttft_s * 1e3:.3f} ms | TPOT {self.tpot_s * 1e3:.3f} ms | "
+            f"{self.tokens_per_s:.1f} output tokens/s (simulated) | device memory: {memory}"
+        )
+
+
+class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
+    config_class: ClassVar[type] = RBLNDecoderOnlyModelForCausalLMConfig
+    main_input_name = "input_ids"
+    _is_stateful = False
+    _supports_cache_class = False
+
+    def __init__(self, hf_config, rbln_config, graphs, source_folder=None, generation_config=None):
+        super().__init__(hf_config, rbln_config, graphs, source_folder, generation_config)
+        c = rbln_config
+        self.block_manager = BlockManager(
+            num_blocks=c.kvcache_num_blocks, block_size=c.kvcache_block_size,
+            max_blocks_per_seq=c.max_seq_len // c.kvcache_block_size, num_slots=c.batch_size,
+        )
+        self.generation_stats = GenerationStats()
+        self._stats_in_progress: GenerationStats | None = None
+
+    # ---- compiling --------------------------------------------------------------------
+
+    @classmethod
+    def _compile(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig):
+        hf_config = hf_model.config
+        blocks_left_to_memory = config.kvcache_num_blocks is None
+        config = config.finalize(hf_config)
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        layout = KVCacheLayout(
+            hf_config.num_hidden_layers, config.kvcache_num_blocks, hf_config.num_key_value_heads,
+            config.kvcache_block_size, head_dim,
+        )
+        if blocks_left_to_memory and config.attn_impl == "flash_attn":
+            # Flash attention: size the block pool from the DRAM left after the weights, with a
+            # 10% margin for activations, as the real stack estimates it.
+            spec = get_npu_spec(config.npu)
+            weight_bytes = 2 * sum(p.numel() for p in hf_model.parameters()) // config.tensor_parallel_size
+            free = int(0.9 * spec.usable_dram_bytes) - weight_bytes
+            num_blocks = config.resolve_num_blocks(max(free, 0), layout.bytes_per_block() // config.tensor_parallel_size)
+            config = dataclasses.replace(config, kvcache_num_blocks=num_blocks)
+            layout = dataclasses.replace(layout, num_blocks=num_blocks)
+
+        kv_caches = make_kv_caches(layout, DEVICE_DTYPE[config.dtype])
+        rope = rope_tables(hf_model, config.max_seq_len)
+        max_blocks = config.max_seq_len // config.kvcache_block_size
+        hidden = hf_config.hidden_size
+
+        def inputs(batch: int, tokens: int) -> list[tuple[str, list[int], str]]:
+            first = ("inputs_embeds", [batch, tokens, hidden], "float32") if config.use_inputs_embeds else (
+                "input_ids", [batch, tokens], "int64")
+            return [first, ("start_pos", [batch], "int32"), ("block_tables", [batch, max_blocks], "int32")]
+
+        def build(phase: str, input_info) -> CompiledModel:
+            module = StaticDecoder(hf_model, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
+                                   config.use_inputs_embeds)
+            return compile_from_torch(module, input_info=input_info, npu=config.npu, dtype=config.dtype,
+                                      numerics=config.numerics, tensor_parallel_size=config.tensor_parallel_size)
+
+        graphs = {PREFILL: build(PREFILL, inputs(1, config.prefill_chunk_size) + [("query_position", [1], "int64")])}
+        for batch in config.decoder_batch_sizes:
+            graphs[decoder_graph_name(batch)] = build("decode", inputs(batch, 1))
+        return config, graphs
+
+    def _external_tensors(self, graph_name: str) -> tuple[str, ...]:
+        if graph_name == PREFILL:
+            return ()
+        prefill = self.graphs[PREFILL].program
+        return tuple(s.name for s in prefill.weights + prefill.buffers if s.name not in prefill.zero_init)
+
+    def _create_runtimes(self) -> dict[str, Runtime]:
+        c = self.rbln_config
+        prefill = Runtime(self.graphs[PREFILL], device=c.device, activate_profiler=c.activate_profiler,
+                          name=f"{type(self).__name__}.{PREFILL}")
+        runtimes = {PREFILL: prefill}
+        for name in self.graphs:
+            if name != PREFILL:
+                runtimes[name] = Runtime(self.graphs[name], activate_profiler=c.activate_profiler,
+                                         share_state_with=prefill, name=f"{type(self).__name__}.{name}")
+        return runtimes
+
+    # ---- running ----------------------------------------------------------------------
+
+    def _runtime(self, name: str) -> Runtime:
+        if not self.runtimes:
+            raise RuntimeError(
+                "This model has no runtimes (rbln_create_runtimes=False): it can be saved but not run. "
+                "Load it again with rbln_create_runtimes=True."
+            )
+        return self.runtimes[name]
+
+    def _bucket_for(self, batch: int) -> int:
+        fitting = [b for b in self.rbln_config.decoder_batch_sizes if b >= batch]
+        if not fitting:
+            raise ValueError(
+                f"batch of {batch} sequences is larger than the compiled decode batch sizes "
+                f"{sorted(self.rbln_config.decoder_batch_sizes)} (rbln_batch_size={self.rbln_config.batch_size}); "
+                "recompile with a larger rbln_batch_size"
+            )
+        return min(fitting)
+
+    def _prefill_one(self, slot: int, tokens: torch.Tensor, embeds: torch.Tensor | None) -> torch.Tensor:
+        """Run one prompt through the prefill graph, chunk by chunk; logits of its last token."""
+        c = self.rbln_config
+        chunk, length = c.prefill_chunk_size, tokens.shape[0] if embeds is None else embeds.shape[0]
+        # The last chunk is shifted back if it would run past the cache (its first tokens are
+        # recomputed, writing the same K/V again), so every write stays inside the sequence.
+        starts = [min(s, c.max_seq_len - chunk) for s in range(0, length, chunk)]
+        self.block_manager.allocate(slot, starts[-1] + chunk)
+        table = self.block_manager.block_tables([slot])
+        runtime = self._runtime(PREFILL)
+        for start in starts:
+            piece = (tokens if embeds is None else embeds)[start : start + chunk]
+            valid = piece.shape[0]
+            padded = torch.zeros((chunk, *piece.shape[1:]), dtype=piece.dtype)
+            padded[:valid] = piece
+            logits = runtime.run(padded[None], torch.tensor([start], dtype=torch.int32), table,
+                                 torch.tensor([valid - 1], dtype=torch.int64))
+        return logits
+
+    def _decode(self, last_tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        batch = last_tokens.shape[0]
+        bucket = self._bucket_for(batch)
+        for slot, position in enumerate(positions):
+            self.block_manager.allocate(slot, position + 1)
+        ids = torch.zeros((bucket, *last_tokens.shape[1:]), dtype=last_tokens.dtype)
+        ids[:batch] = last_tokens
+        start = torch.full((bucket,), -1, dtype=torch.int32)
+        start[:batch] = torch.tensor(positions, dtype=torch.int32)
+        tables = torch.zeros((bucket, self.block_manager.max_blocks_per_seq), dtype=torch.int32)
+        tables[:batch] = self.block_manager.block_tables(list(range(batch)))
+        return self._runtime(decoder_graph_name(bucket)).run(ids, start, tables)[:batch]
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, rbln_positions=None, **kwargs):
+        """One generation step: prefill of every prompt (rbln_positions None) or one decode step."""
+        stats = self._stats_in_progress
+        if rbln_positions is None:
+            return self._prefill_batch(input_ids, attention_mask, inputs_embeds, stats)
+        if any(p >= self.rbln_config.max_seq_len for p in rbln_positions):
+            raise ValueError(f"generation reached rbln_max_seq_len={self.rbln_config.max_seq_len}")
+        clock_before = self._clock()
+        if self.rbln_config.use_inputs_embeds:
+            step_input = self._embed(input_ids[:, -1:])
+        else:
+            step_input = input_ids[:, -1:]
+        logits = self._decode(step_input, rbln_positions)
+        if stats is not None:
+            stats.decode_s += self._clock() - clock_before
+            stats.decode_steps += 1
+            stats.new_tokens += 1
+        return RBLNCausalLMOutput(logits=logits, next_positions=[p + 1 for p in rbln_positions])
+
+    def _prefill_batch(self, input_ids, attention_mask, inputs_embeds, stats):
+        c = self.rbln_config
+        rows = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+        if rows > c.batch_size:
+            raise ValueError(
+                f"batch of {rows} sequences is larger than the compiled rbln_batch_size={c.batch_size}; "
+                "recompile with a larger rbln_batch_size or split the batch"
+            )
+        if inputs_embeds is not None and not c.use_inputs_embeds:
+            raise ValueError("inputs_embeds needs a model compiled with rbln_use_inputs_embeds=True")
+        for slot in range(c.batch_size):
+            self.block_manager.free(slot)
+        clock_before = self._clock()
+        logits, positions = [], []
+        for row in range(rows):
+            keep = attention_mask[row].bool() if attention_mask is not None else slice(None)
+            tokens = input_ids[row][keep] if input_ids is not None and input_ids.shape[1] else None
+            if inputs_embeds is not None:
+                embeds = inputs_embeds[row][keep].float()
+            elif c.use_inputs_embeds:
+                embeds = self._embed(tokens[None])[0]
+            else:
+                embeds = None
+            length = (tokens if embeds is None else embeds).shape[0]
+            if length == 0:
+                raise ValueError(f"prompt {row} is empty (its attention_mask is all zeros)")
+            if length > c.max_seq_len:
+                raise ValueError(f"prompt {row} has {length} tokens, more than rbln_max_seq_len={c.max_seq_len}")
+            logits.append(self._prefill_one(row, tokens, embeds))
+            positions.append(length)
+        if stats is not None:
+            stats.prefill_s += self._clock() - clock_before
+            stats.prompt_tokens = positions
+            stats.new_tokens += 1
+        return RBLNCausalLMOutput(logits=torch.cat(logits), next_positions=positions)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Host-side embedding lookup, for models compiled with rbln_use_inputs_embeds."""
+        weight = self._embedding_weight
+        return torch.nn.functional.embedding(input_ids, weight.float())
+
+    @property
+    def _embedding_weight(self) -> torch.Tensor:
+        prefill = self.runtimes.get(PREFILL) if self.runtimes else None
+        if prefill is None or "embed_tokens.weight" not in prefill._state:
+            raise ValueError("this model has no host embedding table; pass inputs_embeds to generate()")
+        return prefill._state["embed_tokens.weight"]
+
+    def _clock(self) -> float:
+        return self.runtimes[PREFILL].timeline.clock_s if self.runtimes else 0.0
+
+    # ---- transformers GenerationMixin hooks ---------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def _prepare_cache_for_generation(self, *args, **kwargs) -> None:
+        """The KV cache lives on the device; there is no HF cache object to prepare."""
+
+    def _supports_logits_to_keep(self) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def _optimize_model_for_decode(self):
+        """The compiled graphs are what runs; there is no eager model to tune for decode."""
+        yield
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None,
+                                      rbln_positions=None, **kwargs):
+        if rbln_positions is None:
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds}
+        return {"input_ids": input_ids[:, -1:], "rbln_positions": rbln_positions}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, **kwargs):
+        model_kwargs["rbln_positions"] = outputs.next_positions
+        model_kwargs.pop("inputs_embeds", None)
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None:
+            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        return model_kwargs
+
+    def _validate_model_kwargs(self, model_kwargs):
+        unknown = set(model_kwargs) - {"input_ids", "attention_mask", "inputs_embeds", "use_cache", "rbln_positions",
+                                       "output_attentions", "output_hidden_states", "return_dict"}
+        unknown = {k for k in unknown if model_kwargs[k] is not None}
+        if unknown:
+            raise ValueError(f"generate() got arguments this model does not use: {sorted(unknown)}")
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' `generate`, on the simulated NPU. Beam search is not supported."""
+        config = generation_config or self.generation_config
+        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) if config is not None else 1)
+        if num_beams and num_beams > 1:
+            raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling")
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        self._check_generation_length(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), config, kwargs)
+        rows = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
+        stats = GenerationStats(batch_size=rows, decode_bucket=self._bucket_for(rows))
+        self._stats_in_progress = stats
+        try:
+            return super().generate(inputs=inputs, generation_config=generation_config, **kwargs)
+        finally:
+            self._stats_in_progress = None
+            for slot in range(self.rbln_config.batch_size):
+                self.block_manager.free(slot)
+            stats.memory = self.device_memory()
+            self.generation_stats = stats
+
+    def _check_generation_length(self, ids, mask, embeds, config, kwargs) -> None:
+        """Refuse up front a generation that would run past max_seq_len, before any device work."""
+        source = ids if ids is not None else embeds
+        if source is None:
+            raise ValueError("generate() needs input_ids (or inputs_embeds)")
+        lengths = mask.sum(-1).tolist() if mask is not None else [source.shape[1]] * source.shape[0]
+        longest = int(max(lengths))
+        max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None) if config is not None else None)
+        if max_new is None:
+            max_length = kwargs.get("max_length", getattr(config, "max_length", 20) if config is not None else 20)
+            max_new = max_length - source.shape[1]
+        limit = self.rbln_config.max_seq_len
+        if longest > limit:
+            raise ValueError(f"a prompt has {longest} tokens, more than rbln_max_seq_len={limit}")
+        if longest + max_new > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens plus max_new_tokens={max_new} needs {longest + max_new} positions, "
+                f"more than rbln_max_seq_len={limit}; lower max_new_tokens or recompile with a larger rbln_max_seq_len"
+            )
+
+    # ---- reporting ----------------------------------------------------------------------
+
+    def device_memory(self) -> list[DeviceMemoryUsage]:
+        """Device memory per device, summed over this model's runtimes."""
+        per_device: dict[int, DeviceMemoryUsage] = {}
+        for runtime in self.runtimes.values():
+            for m in runtime.stats.memory:
+                total = per_device.setdefault(m.device, DeviceMemoryUsage(m.device, m.npu, 0, 0, 0, m.capacity_bytes))
+                total.weights_bytes += m.weights_bytes
+                total.buffers_bytes += m.buffers_bytes
+                total.activations_bytes += m.activations_bytes
+        return [per_device[d] for d in sorted(per_device)]
+
+    def save_trace(self, path: str = "generate_trace.json") -> str:
+        """The profiler trace of everything this model ran (needs rbln_activate_profiler=True)."""
+        return self._runtime(PREFILL).save_trace(path)

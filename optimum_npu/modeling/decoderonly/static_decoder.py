@@ -1,0 +1,153 @@
+"""The decoder in the device's static form: fixed shapes, a paged KV cache as device state.
+
+One `StaticDecoder` is one compiled graph. Prefill takes one sequence's chunk of
+`prefill_chunk_size` tokens; decode takes one token for each of `batch` sequences. Both
+reuse the Hugging Face model's own modules (embeddings, projections, norms, MLP, LM head),
+so a family whose layers look like Llama's (Llama, Qwen2, Mistral, ...) needs no code of
+its own. What changes is attention: K/V are written into the paged cache and attention
+runs over it with the device's kernels (`torch.ops.rbln.*`), and RoPE uses cos/sin
+tables precomputed by the HF model's rotary embedding (so every RoPE variant it
+implements - default, llama3, linear, dynamic, yarn - comes for free).
+
+Inputs of a graph:
+    input_ids    int64 [batch, T]     (or inputs_embeds [batch, T, hidden])
+    start_pos    int32 [batch]         position of the first token; < 0 marks a padding row
+    block_tables int32 [batch, max_blocks_per_seq]
+    query_position int64 [1]           prefill only: which token of the chunk to return logits for
+Output: logits [batch, 1, vocab].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...sim_device import kernels  # noqa: F401  (registers torch.ops.rbln.*)
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    num_layers: int
+    num_blocks: int
+    num_kv_heads: int
+    block_size: int
+    head_dim: int
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+
+    def bytes_per_block(self, dtype_bytes: int = 2) -> int:
+        """One block of every layer, K and V."""
+        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * dtype_bytes
+
+
+def make_kv_caches(layout: KVCacheLayout, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (K, V) pair per layer, zeros, shared by every graph of a model."""
+    return [
+        (torch.zeros(layout.block_shape, dtype=dtype), torch.zeros(layout.block_shape, dtype=dtype))
+        for _ in range(layout.num_layers)
+    ]
+
+
+def rope_tables(causal_lm: nn.Module, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq_len, head_dim] from the HF model's own rotary embedding, in fp32."""
+    rotary = causal_lm.model.rotary_emb
+    positions = torch.arange(max_seq_len)[None, :]
+    probe = torch.zeros(1, 1, dtype=torch.float32)  # only its dtype and device are read
+    with torch.no_grad():
+        cos, sin = rotary(probe, positions)
+    return cos[0].float(), sin[0].float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def layer_sliding_windows(config) -> list[int]:
+    """Per-layer sliding window (0 = full attention), from the HF config."""
+    window = getattr(config, "sliding_window", None) or 0
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return [window] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else 0 for kind in layer_types]
+
+
+class StaticDecoder(nn.Module):
+    def __init__(
+        self,
+        causal_lm: nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        phase: str,
+        attn_impl: str,
+        partition_len: int | None = None,
+        use_inputs_embeds: bool = False,
+    ):
+        super().__init__()
+        if phase not in ("prefill", "decode"):
+            raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+        config = causal_lm.config
+        decoder = causal_lm.model
+        self.phase = phase
+        self.attn_impl = attn_impl
+        self.partition_len = partition_len
+        self.use_inputs_embeds = use_inputs_embeds
+        self.embed_tokens = decoder.embed_tokens
+        self.layers = decoder.layers
+        self.norm = decoder.norm
+        self.lm_head = causal_lm.lm_head
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scale = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5))
+        self.sliding_windows = layer_sliding_windows(config)
+        # Registered under the same names in every graph, so graphs share them on the device.
+        self.register_buffer("rope_cos", rope[0], persistent=False)
+        self.register_buffer("rope_sin", rope[1], persistent=False)
+        for i, (k_cache, v_cache) in enumerate(kv_caches):
+            self.register_buffer(f"k_cache_{i}", k_cache, persistent=False)
+            self.register_buffer(f"v_cache_{i}", v_cache, persistent=False)
+
+    def _attention(self, layer_index: int, attn: nn.Module, hidden, cos, sin, start_pos, block_tables):
+        batch, tokens, _ = hidden.shape
+        q = attn.q_proj(hidden).view(batch, tokens, self.num_heads, self.head_dim)
+        k = attn.k_proj(hidden).view(batch, tokens, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(hidden).view(batch, tokens, self.num_kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k_cache = getattr(self, f"k_cache_{layer_index}")
+        v_cache = getattr(self, f"v_cache_{layer_index}")
+        torch.ops.rbln.kv_cache_update(k_cache, v_cache, k, v, block_tables, start_pos)
+        window = self.sliding_windows[layer_index]
+        if self.attn_impl == "flash_attn":
+            out = torch.ops.rbln.flash_attention(
+                q, k_cache, v_cache, block_tables, start_pos, self.scale, window, self.partition_len
+            )
+        else:
+            out = torch.ops.rbln.paged_attention(q, k_cache, v_cache, block_tables, start_pos, self.scale, window)
+        out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        return attn.o_proj(out)
+
+    def forward(self, inputs, start_pos, block_tables, query_position=None):
+        hidden = inputs if self.use_inputs_embeds else self.embed_tokens(inputs)
+        tokens = hidden.shape[1]
+        # Padding rows have start_pos < 0; any valid table index will do for them.
+        positions = (start_pos[:, None].long() + torch.arange(tokens)[None, :]).clamp(min=0)
+        cos = self.rope_cos[positions].unsqueeze(1).to(hidden.dtype)  # [batch, 1, T, head_dim]
+        sin = self.rope_sin[positions].unsqueeze(1).to(hidden.dtype)
+        for i, layer in enumerate(self.layers):
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            hidden = residual + self._attention(i, layer.self_attn, hidden, cos, sin, start_pos, block_tables)
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        if query_position is not None:  # prefill: only the last prompt token's logits are needed
+            hidden = hidden.index_select(1, query_position)
+        return self.lm_head(self.norm(hidden))
