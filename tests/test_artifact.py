@@ -252,8 +252,9 @@ def test_malformed_header_is_an_artifact_error(artifact, tmp_path, header_bytes)
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: Artifact.load does not check that the payload holds every weight the program names (with "
-    "its shape): a payload missing a tensor (checksums recomputed) fails later with a bare KeyError.",
+    reason="BUG: Artifact.load does not check that the payload holds every weight the program names and "
+    "does not declare `external` / `zero_init` (nor their shapes): a payload missing a tensor (checksums "
+    "recomputed) only fails in Runtime.__init__ with a ValueError blaming a 'sibling artifact'.",
 )
 def test_payload_missing_a_weight_is_an_artifact_error(artifact, tmp_path):
     def edit(header, payload):
