@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except CLIError as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `optimum-npu smi --json | head`: the reader left, that is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
