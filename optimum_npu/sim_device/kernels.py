@@ -12,7 +12,9 @@ KV cache layout, per layer:
     block_tables:     int32 [batch, max_blocks_per_seq]; logical block i of sequence b
                       lives in physical block block_tables[b, i]
     start_pos:        int32 [batch]; token t of the current chunk of sequence b sits at
-                      absolute position start_pos[b] + t
+                      absolute position start_pos[b] + t; start_pos[b] < 0 marks a padding
+                      row (a compiled batch larger than the live one): it neither writes
+                      nor reads the cache, and its attention output is zeros
 
 Position p of sequence b is stored at block block_tables[b, p // block_size], offset
 p % block_size.
