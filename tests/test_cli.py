@@ -86,12 +86,7 @@ def test_smi_default_machine_has_four_devices(capsys):
 @pytest.mark.parametrize(
     "system",
     [
-        pytest.param(
-            "RBLN-CA25x2",
-            # memory.devices() parses NAMExCOUNT with a greedy `[A-Za-z0-9-]+`, which swallows
-            # the "x2" (-> "Unknown npu 'RBLN-CA25x2'"); a lazy `+?` fixes it.
-            marks=pytest.mark.xfail(raises=AssertionError, strict=False, reason="NAMExCOUNT parsing bug in memory.py"),
-        ),
+        "RBLN-CA25x2",
         "RBLN-CA25,RBLN-CA25",
     ],
 )

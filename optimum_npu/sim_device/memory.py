@@ -51,7 +51,7 @@ def devices() -> list[Device]:
     """Every simulated device of this machine, in index order."""
     cards: list[NPUSpec] = []
     for item in _system_description().split(","):
-        match = re.fullmatch(r"\s*([A-Za-z0-9-]+)(?:x(\d+))?\s*", item)
+        match = re.fullmatch(r"\s*([A-Za-z0-9-]+?)(?:x(\d+))?\s*", item)
         if not match:
             raise ValueError(
                 f"OPTIMUM_NPU_SYSTEM={_system_description()!r}: each item must be NAME or NAMExCOUNT, e.g. 'RBLN-CA25x2'"
@@ -122,7 +122,11 @@ def _machine_lock():
 
 
 def format_gib(nbytes: float) -> str:
-    return f"{nbytes / GiB:.2f} GiB"
+    """Bytes in the largest binary unit that keeps them readable (GiB for model-sized figures)."""
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= size / 100 or unit == "KiB" and nbytes >= 1024:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} B"
 
 
 def allocate(owner: str, bytes_per_device: dict[int, int], advice: str = "") -> Allocation:
