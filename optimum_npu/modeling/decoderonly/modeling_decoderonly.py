@@ -107,6 +107,12 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
     @classmethod
     def _compile(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig):
         hf_config = hf_model.config
+        if config.use_attention_mask:
+            raise ValueError(
+                "rbln_use_attention_mask=True is not supported yet: the attention kernels derive the causal mask "
+                "from positions and left padding is stripped on the host, so no mask input is needed. "
+                "Leave rbln_use_attention_mask unset."
+            )
         blocks_left_to_memory = config.kvcache_num_blocks is None
         config = config.finalize(hf_config)
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
