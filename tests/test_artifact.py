@@ -218,11 +218,6 @@ def _rewrite(data: bytes, edit) -> bytes:
     return join(dump(header), payload)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sim_device/runtime.py _resolve_op splits the op name into exactly 3 parts; an op name "
-    "with 2 parts fails with 'not enough values to unpack' instead of naming the op.",
-)
 def test_malformed_op_name_is_named_in_the_error(artifact, tmp_path):
     def edit(header, payload):
         header["program"]["steps"][2]["ops"][0]["target"] = "os.system"
@@ -235,12 +230,6 @@ def test_malformed_op_name_is_named_in_the_error(artifact, tmp_path):
         Runtime(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sim_device/artifact.py Artifact.load reads header['payload_bytes'] / header.get(...) "
-    "without checking the header is a JSON object with those keys: KeyError / AttributeError escape "
-    "instead of ArtifactError.",
-)
 @pytest.mark.parametrize("header_bytes", [b'{"format_version":1}', b"[1]", b"null"], ids=["missing-keys", "list", "null"])
 def test_malformed_header_is_an_artifact_error(artifact, tmp_path, header_bytes):
     _, _, data = artifact
@@ -250,12 +239,6 @@ def test_malformed_header_is_an_artifact_error(artifact, tmp_path, header_bytes)
         Runtime(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Artifact.load does not check that the payload holds every weight the program names and "
-    "does not declare `external` / `zero_init` (nor their shapes): a payload missing a tensor (checksums "
-    "recomputed) only fails in Runtime.__init__ with a ValueError blaming a 'sibling artifact'.",
-)
 def test_payload_missing_a_weight_is_an_artifact_error(artifact, tmp_path):
     def edit(header, payload):
         tensors = st_load(payload)

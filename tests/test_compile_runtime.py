@@ -399,12 +399,6 @@ def test_multiple_outputs():
         assert_matches(got, want, 1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Runtime.run executes ops with autograd on: an input with requires_grad=True gives an output "
-    "that requires grad and carries a torch autograd graph (runtime.py, Runtime.run; fix: run under "
-    "torch.inference_mode() / torch.no_grad()).",
-)
 def test_output_does_not_track_gradients():
     module = nn.Linear(16, 16)
     runtime = Runtime(compile_from_torch(module, example_inputs=[torch.randn(4, 16)]))

@@ -46,6 +46,20 @@ def _package_version() -> str:
         return "0+unknown"
 
 
+def _check_payload(path, program: Program, tensors: dict[str, torch.Tensor]) -> None:
+    """Every weight / buffer is in the payload with its shape, or declared zero-init or external."""
+    for spec in program.weights + program.buffers:
+        if spec.name in program.zero_init or spec.name in program.external:
+            continue
+        if spec.name not in tensors:
+            raise ArtifactError(f"{path} is invalid: its payload lacks tensor {spec.name!r}")
+        if tuple(tensors[spec.name].shape) != spec.shape:
+            raise ArtifactError(
+                f"{path} is invalid: tensor {spec.name!r} has shape {list(tensors[spec.name].shape)}, "
+                f"the program says {list(spec.shape)}"
+            )
+
+
 def _json_sha256(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -115,22 +129,31 @@ class Artifact:
             header = json.loads(data[start : start + header_len])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{path} has a corrupted header: {e}") from None
+        if not isinstance(header, dict):
+            raise ArtifactError(f"{path} has a corrupted header: not a JSON object")
         version = header.get("format_version")
         if version != FORMAT_VERSION:
             raise ArtifactError(
                 f"{path} has format version {version}, this optimum-npu reads version {FORMAT_VERSION}; "
                 "recompile the model with this version (export=True)"
             )
+        missing = {"program", "program_sha256", "payload_sha256", "payload_bytes", "versions"} - set(header)
+        if missing:
+            raise ArtifactError(f"{path} has a corrupted header: missing {sorted(missing)}")
         payload = data[start + header_len :]
         if len(payload) != header["payload_bytes"]:
             raise ArtifactError(f"{path} is truncated: payload has {len(payload)} of {header['payload_bytes']} bytes")
         if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
             raise ArtifactError(f"{path} is corrupted or was modified: payload checksum mismatch")
-        if _json_sha256(header.get("program")) != header.get("program_sha256"):
+        if _json_sha256(header["program"]) != header["program_sha256"]:
             raise ArtifactError(f"{path} is corrupted or was modified: program checksum mismatch")
         try:
             program = Program.from_json(header["program"])
-            tensors = load_safetensors(payload)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{path} has an invalid program: {e}") from None
+        try:
+            tensors = load_safetensors(payload)
+        except Exception as e:  # safetensors raises its own error type for a malformed blob
+            raise ArtifactError(f"{path} has an invalid tensor payload: {e}") from None
+        _check_payload(path, program, tensors)
         return cls(program=program, tensors=tensors, versions=header["versions"])

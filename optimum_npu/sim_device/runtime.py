@@ -120,7 +120,10 @@ class RuntimeStats:
 
 
 def _resolve_op(target: str) -> Callable:
-    namespace, name, overload = target.split(".")
+    parts = target.split(".") if isinstance(target, str) else []
+    if len(parts) != 3:
+        raise ValueError(f"program uses a malformed op name {target!r} (expected 'namespace.op.overload')")
+    namespace, name, overload = parts
     if namespace not in ALLOWED_OP_NAMESPACES:
         raise ValueError(f"program uses op {target!r} outside the allowed namespaces {ALLOWED_OP_NAMESPACES}")
     if namespace == "rbln":
@@ -137,6 +140,23 @@ def _resolve(arg: Any, env: dict) -> Any:
     if type(arg) is list:
         return [_resolve(a, env) for a in arg]
     return arg
+
+
+class _SharedMemory:
+    """Device allocations of weights / buffers shared by several runtimes, freed with the last one."""
+
+    def __init__(self) -> None:
+        self.allocation_ids: list[str] = []
+        self.users = 0
+
+
+def _release(activations_id: str, shared: _SharedMemory) -> None:
+    device_memory.release(activations_id)
+    shared.users -= 1
+    if shared.users == 0:
+        for allocation_id in shared.allocation_ids:
+            device_memory.release(allocation_id)
+        shared.allocation_ids.clear()
 
 
 class _BoundOp:
@@ -246,13 +266,25 @@ class Runtime:
             )
             for rank, d in enumerate(self.devices)
         ]
-        self._allocation = device_memory.allocate(
-            f"Runtime({self.name})",
-            {m.device: m.total_bytes for m in usage},
-            advice="Compile with a larger tensor_parallel_size, a smaller batch or sequence length, "
-            "or for an NPU with more memory (npu='RBLN-CR03').",
-        )
-        self._finalizer = weakref.finalize(self, device_memory.release, self._allocation.id)
+        advice = ("Compile with a larger tensor_parallel_size, a smaller batch or sequence length, "
+                  "or for an NPU with more memory (npu='RBLN-CR03').")
+        # Weights and buffers stay allocated while any runtime sharing them is alive.
+        self._shared_memory = share_state_with._shared_memory if share_state_with is not None else _SharedMemory()
+        if owned_weights + owned_buffers:
+            state = device_memory.allocate(
+                f"Runtime({self.name}) weights", {m.device: m.weights_bytes + m.buffers_bytes for m in usage}, advice
+            )
+            self._shared_memory.allocation_ids.append(state.id)
+        try:
+            activations = device_memory.allocate(
+                f"Runtime({self.name})", {m.device: m.activations_bytes for m in usage}, advice
+            )
+        except device_memory.DeviceMemoryError:
+            if owned_weights + owned_buffers and share_state_with is None:
+                device_memory.release(state.id)
+            raise
+        self._shared_memory.users += 1
+        self._finalizer = weakref.finalize(self, _release, activations.id, self._shared_memory)
         self.stats.memory = usage
 
         self._prepare_steps()
@@ -321,6 +353,10 @@ class Runtime:
         return self.run(*args, **kwargs)
 
     def run(self, *args, **kwargs):
+        with torch.inference_mode():
+            return self._run(*args, **kwargs)
+
+    def _run(self, *args, **kwargs):
         env = dict(self._state)
         for spec, value in zip(self.program.inputs, self._bind_inputs(args, kwargs)):
             env[spec.name] = value
