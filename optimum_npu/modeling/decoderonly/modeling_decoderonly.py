@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationMixin
 from transformers.utils import ModelOutput
 
@@ -146,9 +147,12 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             return compile_from_torch(module, input_info=input_info, npu=config.npu, dtype=config.dtype,
                                       numerics=config.numerics, tensor_parallel_size=config.tensor_parallel_size)
 
-        graphs = {PREFILL: build(PREFILL, inputs(1, config.prefill_chunk_size) + [("query_position", [1], "int64")])}
+        plan = {PREFILL: (PREFILL, inputs(1, config.prefill_chunk_size) + [("query_position", [1], "int64")])}
         for batch in config.decoder_batch_sizes:
-            graphs[decoder_graph_name(batch)] = build("decode", inputs(batch, 1))
+            plan[decoder_graph_name(batch)] = ("decode", inputs(batch, 1))
+        graphs = {}
+        for name, (phase, input_info) in tqdm(plan.items(), desc=f"Compiling {cls.__name__}", unit="graph", delay=1.0):
+            graphs[name] = build(phase, input_info)
         return config, graphs
 
     def _external_tensors(self, graph_name: str) -> tuple[str, ...]:
