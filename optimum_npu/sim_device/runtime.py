@@ -101,6 +101,32 @@ class RuntimeStats:
     overhead_s: float = 0.0
     memory: list[DeviceMemoryUsage] = field(default_factory=list)
 
+    def add_step(self, kind: str, cost: KernelCost | float) -> float:
+        """Account one step; returns how long it took."""
+        if kind == "kernel":
+            self.device_kernels_s += cost.total_s
+            self.neural_engine_busy_s += cost.compute_s
+            self.task_dma_busy_s += cost.dma_s
+            return cost.total_s
+        if kind == "host":
+            self.host_fallback_s += cost
+        else:
+            self.external_hdma_s += cost
+        return cost
+
+    def add_breakdown(self, other: RuntimeStats) -> None:
+        self.device_kernels_s += other.device_kernels_s
+        self.neural_engine_busy_s += other.neural_engine_busy_s
+        self.task_dma_busy_s += other.task_dma_busy_s
+        self.external_hdma_s += other.external_hdma_s
+        self.host_fallback_s += other.host_fallback_s
+        self.overhead_s += other.overhead_s
+
+    @property
+    def total_time_s(self) -> float:
+        """Time of the steps and overheads accounted here."""
+        return self.device_kernels_s + self.external_hdma_s + self.host_fallback_s + self.overhead_s
+
     def __str__(self) -> str:
         gib = device_memory.format_gib
         lines = [
@@ -333,10 +359,12 @@ class Runtime:
             ops = [_BoundOp(call, compute if step.kind == "kernel" else torch.float32) for call in step.ops]
             self._steps.append((step, ops, frees[i]))
             self._static_cost.append(None if step.dynamic_cost else self._price(step))
-        self._static_total = sum(
-            c.total_s if isinstance(c, KernelCost) else c for c in self._static_cost if c is not None
-        ) + self.cost_model.run_overhead()
+        # A run whose steps all have static costs takes the same time every time: sum it once.
         self._has_dynamic = any(s.dynamic_cost for s in program.steps)
+        self._static_breakdown = RuntimeStats(overhead_s=self.cost_model.run_overhead())
+        for step, cost in zip(program.steps, self._static_cost):
+            if cost is not None:
+                self._static_breakdown.add_step(step.kind, cost)
 
     def _price(self, step: Step, flops=None, bytes_moved=None) -> KernelCost | float:
         flops = step.flops if flops is None else flops
@@ -365,6 +393,7 @@ class Runtime:
         start = timeline.clock_s
         t = start
         trace_on = self.profiler_active
+        slow_path = trace_on or self._has_dynamic  # else the run's time is known in advance
         for (step, ops, frees), cost in zip(self._steps, self._static_cost):
             kind = step.kind
             if kind == "kernel":
@@ -388,22 +417,27 @@ class Runtime:
                     op(env)
             if cost is None:
                 cost = self._dynamic_cost(step, ops, env)
-            if cost is None or trace_on or self._has_dynamic:
-                t = self._account(step, cost, t)
+            if slow_path:
+                t += self.stats.add_step(kind, cost)
+                if trace_on:
+                    self._trace_step(step, cost, t)
             for name in frees:
                 env.pop(name, None)
-        if trace_on or self._has_dynamic:
-            t += self.cost_model.run_overhead()
-            self.stats.overhead_s += self.cost_model.run_overhead()
-            elapsed = t - start
+        if slow_path:
+            overhead = self.cost_model.run_overhead()
+            self.stats.overhead_s += overhead
+            elapsed = t + overhead - start
         else:
-            elapsed = self._static_total
-            self._account_static()
+            self.stats.add_breakdown(self._static_breakdown)
+            elapsed = self._static_breakdown.total_time_s
         timeline.clock_s = start + elapsed
         self.stats.runs += 1
         self.stats.last_run_s = elapsed
         self.stats.total_s += elapsed
-        outputs = [env[spec.name] for spec in self.program.outputs]
+        outputs = []
+        for spec in self.program.outputs:  # in the dtype the module returned (exact mode computes in fp32)
+            value, dtype = env[spec.name], PROGRAM_DTYPES[spec.dtype]
+            outputs.append(value if value.dtype == dtype else value.to(dtype))
         if self.tensor_type == "np":
             outputs = [o.float().numpy() if o.dtype == torch.bfloat16 else o.numpy() for o in outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -420,46 +454,18 @@ class Runtime:
                 flops, bytes_moved = flops + f, bytes_moved + r + w
         return self._price(step, flops, bytes_moved)
 
-    def _account(self, step: Step, cost, t: float) -> float:
-        """Advance the clock over one step, adding its slices to the trace when profiling."""
-        stats, device = self.stats, self.devices[0]
-        trace_on = self.profiler_active
+    def _trace_step(self, step: Step, cost, end: float) -> None:
+        """Add the slices of one step that ended at `end` to the trace."""
+        trace, device = self.timeline.trace, self.devices[0]
         nbytes = step.bytes_read + step.bytes_written
         if step.kind == "kernel":
-            stats.device_kernels_s += cost.total_s
-            stats.neural_engine_busy_s += cost.compute_s
-            stats.task_dma_busy_s += cost.dma_s
-            if trace_on:
-                self.timeline.trace.add(NEURAL_ENGINE, step.name, t, cost.compute_s, device, flops=step.flops + step.vector_flops)
-                self.timeline.trace.add(TASK_DMA, step.name, t, cost.dma_s, device, bytes=nbytes)
-            return t + cost.total_s
-        if step.kind == "host":
-            stats.host_fallback_s += cost
-            if trace_on:
-                self.timeline.trace.add(HOST, step.name, t, cost, None, flops=step.flops + step.vector_flops, bytes=nbytes)
-            return t + cost
-        stats.external_hdma_s += cost
-        if trace_on:
-            self.timeline.trace.add(EXTERNAL_HDMA, step.name, t, cost, device, bytes=nbytes, direction=step.kind)
-        return t + cost
-
-    def _account_static(self) -> None:
-        """The breakdown of a run with only static costs and no trace, summed once and reused."""
-        if not hasattr(self, "_static_breakdown"):
-            saved_stats, saved_trace = self.stats, self.profiler_active
-            self.stats, self.profiler_active = RuntimeStats(), False
-            t = 0.0
-            for step, cost in zip(self.program.steps, self._static_cost):
-                t = self._account(step, cost, t)
-            self._static_breakdown = self.stats
-            self.stats, self.profiler_active = saved_stats, saved_trace
-        b, s = self._static_breakdown, self.stats
-        s.device_kernels_s += b.device_kernels_s
-        s.neural_engine_busy_s += b.neural_engine_busy_s
-        s.task_dma_busy_s += b.task_dma_busy_s
-        s.external_hdma_s += b.external_hdma_s
-        s.host_fallback_s += b.host_fallback_s
-        s.overhead_s += self.cost_model.run_overhead()
+            start = end - cost.total_s
+            trace.add(NEURAL_ENGINE, step.name, start, cost.compute_s, device, flops=step.flops + step.vector_flops)
+            trace.add(TASK_DMA, step.name, start, cost.dma_s, device, bytes=nbytes)
+        elif step.kind == "host":
+            trace.add(HOST, step.name, end - cost, cost, None, flops=step.flops + step.vector_flops, bytes=nbytes)
+        else:
+            trace.add(EXTERNAL_HDMA, step.name, end - cost, cost, device, bytes=nbytes, direction=step.kind)
 
     def _bind_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         specs = self.program.inputs
