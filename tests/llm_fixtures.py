@@ -1,0 +1,153 @@
+"""Shared helpers of the LLM tests (test_llm_parity.py, test_llm_api.py): tiny random
+Hugging Face checkpoints of each decoder-only family, a tiny tokenizer, left padding,
+and teacher-forced logits through the compiled model.
+
+The models are tiny (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 256) so that a
+compile takes about a second; `initializer_range=0.2` makes the random weights large
+enough that greedy decoding does not collapse into repeating one token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 256
+PAD = 0  # pad token id of every tiny model (and of the tiny tokenizer)
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+}
+MISTRAL_WINDOW = 16  # small, so that the test prompts are longer than the window and it matters
+
+_COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.2,
+    # No eos: greedy runs the full max_new_tokens, so rows are comparable token by token.
+    bos_token_id=1, eos_token_id=None, pad_token_id=PAD,
+)
+
+FAMILIES = {
+    # GQA (4 heads / 2 KV heads), llama3 rope scaling, tied embeddings
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)),
+    # q/k/v projections with bias (Qwen2's default)
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
+    # sliding-window attention on every layer
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=MISTRAL_WINDOW, tie_word_embeddings=False)),
+}
+
+
+def hf_config(family: str, **overrides):
+    config_cls, _, extra = FAMILIES[family]
+    return config_cls(**{**_COMMON, **extra, **overrides})
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A random fp32 HF model of `family`, the same for the same seed whatever ran before."""
+    _, model_cls, _ = FAMILIES[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(hf_config(family, **overrides))
+    return model.float().eval()
+
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3
+
+
+def token_chars(vocab_size: int = VOCAB) -> list[str]:
+    """One printable character per non-special token id: ASCII '!'..'~', then Latin-1 letters on."""
+    count = vocab_size - len(SPECIAL_TOKENS)
+    ascii_chars = [chr(c) for c in range(0x21, 0x7F)]
+    return (ascii_chars + [chr(0xC0 + i) for i in range(max(0, count - len(ascii_chars)))])[:count]
+
+
+def make_tokenizer(vocab_size: int = VOCAB):
+    """A character-level tokenizer: token id 4 + i is the i-th character of `token_chars`.
+
+    Text round-trips (so transformers' stop-string matching, which tokenizes a probe string,
+    works) and each generated token is one visible character.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({char: len(SPECIAL_TOKENS) + i for i, char in enumerate(token_chars(vocab_size))})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def save_source(folder: Path, family: str = "llama", tokenizer: bool = False, seed: int = 0, **overrides):
+    """Write a HF checkpoint folder (config, weights, generation config[, tokenizer]); returns (folder, model)."""
+    model = make_hf_model(family, seed=seed, **overrides)
+    model.save_pretrained(folder)
+    if tokenizer:
+        make_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return Path(folder), model
+
+
+def random_prompts(lengths, seed: int = 0, vocab: int = VOCAB) -> list[torch.Tensor]:
+    """Prompts of the given lengths, token ids in [4, vocab) (no pad / bos / unk)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g) for n in lengths]
+
+
+def left_pad(prompts: list[torch.Tensor], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a batch of 1-D prompts, left padded."""
+    width = max(p.shape[0] for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[0]:] = p
+        mask[row, width - p.shape[0]:] = 1
+    return ids, mask
+
+
+def hf_generate(hf_model, prompt: torch.Tensor, **kwargs) -> torch.Tensor:
+    """HF generate on one unpadded prompt: the new tokens only (1-D)."""
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None], **kwargs)
+    return out[0, prompt.shape[0]:]
+
+
+def hf_logits(hf_model, sequence: torch.Tensor) -> torch.Tensor:
+    """fp32 HF logits [len, vocab] of one unpadded sequence (position i predicts token i + 1)."""
+    with torch.no_grad():
+        return hf_model(input_ids=sequence[None]).logits[0].float()
+
+
+def rbln_teacher_forced(model, prompts: list[torch.Tensor], continuations: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits of the compiled model for each row, teacher forced through `model.forward`.
+
+    Prefill of the (left-padded) batch, then one decode step per continuation token, feeding
+    the given tokens instead of the model's own. Row r gets logits [len(continuation) + 1, vocab]:
+    row 0 predicts continuation[0] (from the prefill), row i + 1 predicts continuation[i + 1].
+    """
+    steps = continuations[0].shape[0]
+    assert all(c.shape[0] == steps for c in continuations)
+    ids, mask = left_pad(prompts)
+    try:
+        out = model.forward(input_ids=ids, attention_mask=mask)
+        logits, positions = [out.logits[:, -1].float()], out.next_positions
+        for i in range(steps):
+            step_ids = torch.stack([c[i] for c in continuations])[:, None]
+            out = model.forward(input_ids=step_ids, rbln_positions=positions)
+            logits.append(out.logits[:, -1].float())
+            positions = out.next_positions
+    finally:
+        for slot in range(model.rbln_config.batch_size):
+            model.block_manager.free(slot)
+    stacked = torch.stack(logits, dim=1)  # [batch, steps + 1, vocab]
+    return [stacked[r] for r in range(len(prompts))]
