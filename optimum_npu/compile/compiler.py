@@ -114,9 +114,10 @@ def _check_fits(program: Program, npu: str) -> None:
     raise DeviceMemoryError(
         f"The compiled program needs {format_gib(need)} per device (weights {format_gib(plan.weights_bytes[0])}, "
         f"buffers {format_gib(plan.buffers_bytes[0])}, activations {format_gib(plan.activations_bytes[0])}), "
-        f"but a {npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: split the weights over "
-        f"~{devices_needed} devices with tensor parallelism (tensor_parallel_size), reduce the batch size or "
-        f"sequence length" + (f", or target {' / '.join(bigger)}" if bigger else "") + "."
+        f"but a {npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: reduce the batch size or "
+        f"sequence length" + (f", target {' / '.join(bigger)}" if bigger else "")
+        + f", or split the weights over ~{devices_needed} devices with tensor parallelism "
+        "(tensor_parallel_size, which this version's compiler does not implement yet)."
     )
 
 
@@ -143,7 +144,7 @@ def compile_from_torch(
     device_dtype = _normalize_dtype(dtype)
     if numerics not in NUMERICS:
         raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
-    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
     if tensor_parallel_size > 1:
         raise ValueError(
