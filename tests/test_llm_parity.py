@@ -7,13 +7,15 @@
 - device numerics (bf16, fp16): teacher-forced logits of the prefill and of every decode
   step are within a stated tolerance of HF fp32, and the top-1 token agrees wherever HF's
   top-1 margin is above a stated 16-bit noise threshold.
-- Options that must not change results (exact mode): flash vs eager attention, chunked vs
-  unchunked prefill, each decode bucket.
+- Options that must not change results (exact mode): flash vs eager attention (also with a
+  sliding window, and across a 4096-token KV partition), chunked vs unchunked prefill (and a
+  last chunk shifted back at the end of the cache), each decode bucket.
 """
 
 import pytest
 import torch
 
+from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from llm_fixtures import (
     MISTRAL_WINDOW,
     hf_generate,
@@ -24,7 +26,7 @@ from llm_fixtures import (
     rbln_teacher_forced,
     save_source,
 )
-from optimum_npu import RBLNAutoModelForCausalLM, RBLNLlamaForCausalLM
+from optimum_npu import RBLNAutoModelForCausalLM
 
 # numerics="exact" runs fp32 on the host, with the same ops as transformers in another order
 # (paged KV gather, per-block softmax): logits differ by float32 rounding only, ~1e-6 x |logit| <= ~10.
@@ -122,30 +124,42 @@ def test_mistral_window_matters_for_these_prompts(sources):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_device_numerics_teacher_forced_logits_within_tolerance(sources, family, dtype):
     folder, hf = sources[family]
-    rtol = DEVICE_RTOL[dtype]
+    model = compile_model(folder, rbln_batch_size=2, rbln_numerics="device", rbln_dtype=dtype)
+    check_device_logits(model, hf, f"{family} {dtype}", DEVICE_RTOL[dtype])
+
+
+def test_device_numerics_with_flash_attention(long_context_sources):
+    """bf16 through the flash kernel (online softmax over KV partitions) is as close as eager."""
+    folder, hf = long_context_sources["llama"]
+    model = compile_model(folder, rbln_batch_size=2, rbln_max_seq_len=8192, rbln_kvcache_partition_len=4096,
+                          rbln_numerics="device", rbln_dtype="bfloat16")
+    check_device_logits(model, hf, "llama bf16 flash", BF16_LOGITS_RTOL)
+
+
+def check_device_logits(model, hf, what, rtol):
+    """Teacher-forced logits of `model` (closed afterwards) against fp32 HF, prefill and 11 decode steps."""
     prompts = random_prompts((70, 23), seed=2)
     # HF's greedy tokens are fed back at every step, so both sides see the same sequence.
     continuations = [hf_generate(hf, p, max_new_tokens=12, do_sample=False)[:-1] for p in prompts]
-    model = compile_model(folder, rbln_batch_size=2, rbln_numerics="device", rbln_dtype=dtype)
     try:
         outputs = rbln_teacher_forced(model, prompts, continuations)
     finally:
         model.close()
     checked = 0
     for prompt, cont, logits in zip(prompts, continuations, outputs):
-        what = f"{family} {dtype}, prompt of {prompt.shape[0]}"
+        row = f"{what}, prompt of {prompt.shape[0]}"
         expected = hf_logits(hf, torch.cat([prompt, cont]))[prompt.shape[0] - 1:]  # prefill + each decode step
         assert logits.shape == expected.shape == (cont.shape[0] + 1, hf.config.vocab_size)
         scale = expected.abs().amax(dim=-1, keepdim=True)
         error = (logits - expected).abs()
         worst = (error / scale).max().item()
-        assert worst <= rtol, f"{what}: max error {worst:.3g} x max|logit| > {rtol}"
+        assert worst <= rtol, f"{row}: max error {worst:.3g} x max|logit| > {rtol}"
         mean = (error.mean(dim=-1, keepdim=True) / scale).max().item()
-        assert mean <= MEAN_ERROR_FRACTION * rtol, f"{what}: mean error {mean:.3g} x max|logit|"
+        assert mean <= MEAN_ERROR_FRACTION * rtol, f"{row}: mean error {mean:.3g} x max|logit|"
         top2 = expected.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > TOP1_MARGIN_FRACTION * rtol * scale[:, 0]
         agree = logits.argmax(-1) == expected.argmax(-1)
-        assert agree[clear].all(), f"{what}: top-1 differs at steps {(clear & ~agree).nonzero().flatten().tolist()}"
+        assert agree[clear].all(), f"{row}: top-1 differs at steps {(clear & ~agree).nonzero().flatten().tolist()}"
         checked += int(clear.sum())
     assert checked >= 4, "too few steps with a clear top-1 margin: the top-1 check is vacuous"
 
@@ -192,7 +206,6 @@ def test_flash_attention_with_a_sliding_window(long_context_sources):
         assert new[row].tolist() == hf_generate(hf, prompt, max_new_tokens=5, do_sample=False).tolist(), row
 
 
-@pytest.mark.heavy
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_flash_attention_across_a_partition_boundary(long_context_sources, family):
     """Prompts past the first 4096-token partition: one crosses it inside a prefill chunk
@@ -247,7 +260,7 @@ def test_each_decode_bucket_gives_the_same_outputs(sources):
     folder, hf = sources["qwen2"]
     prompts = random_prompts((31, 12, 50), seed=6)
     expected = [hf_generate(hf, p, max_new_tokens=6, do_sample=False).tolist() for p in prompts]
-    model = compile_model(folder, cls=RBLNAutoModelForCausalLM, rbln_batch_size=4, rbln_decoder_batch_sizes=[4, 2, 1],
+    model = compile_model(folder, rbln_batch_size=4, rbln_decoder_batch_sizes=[4, 2, 1],
                           rbln_numerics="exact")
     try:
         assert sorted(name for name in model.runtimes) == ["decoder_batch_1", "decoder_batch_2", "decoder_batch_4",
