@@ -242,6 +242,20 @@ def test_runtime_options_may_change_at_load(saved, batch, baseline):
     finally:
         profiled.close()
 
+    # Another device of the card (RBLN-CA25: devices 0..3): memory is taken there, outputs are the same.
+    from optimum_npu.sim_device import memory
+
+    before = memory.used_bytes(1)
+    elsewhere = RBLNLlamaForCausalLM.from_pretrained(saved, rbln_device=1)
+    try:
+        assert {d for rt in elsewhere.runtimes.values() for d in rt.devices} == {1}
+        assert memory.used_bytes(1) > before
+        assert torch.equal(greedy(elsewhere, batch), baseline)
+        assert [u.device for u in elsewhere.generation_stats.memory] == [1]
+    finally:
+        elsewhere.close()
+    assert memory.used_bytes(1) == before
+
     offline = RBLNLlamaForCausalLM.from_pretrained(saved, rbln_create_runtimes=False)
     assert offline.runtimes == {}
     with pytest.raises(RuntimeError, match="rbln_create_runtimes"):
