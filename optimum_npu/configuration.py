@@ -335,6 +335,10 @@ class RBLNModelConfig:
         Compile-time options in `kwargs` are allowed only if they equal the compiled value.
         """
         config = cls.load(folder)
+        # Runtime options saved at export describe the export machine (e.g. a compile-only build
+        # with create_runtimes=False); a load starts from the defaults and applies the user's.
+        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in config.runtime_option_names()}
+        config = dataclasses.replace(config, **defaults)
         options, remaining = type(config).split_kwargs(kwargs)
         return config.with_runtime_options(**options), remaining
 

@@ -168,10 +168,6 @@ def test_loading_never_recompiles_and_generates_the_same(saved, batch, baseline,
             loaded.close()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG: a model loaded from a compiled folder cannot be saved (so not pushed to the Hub either): "
-    "_external_tensors() names the weights that a loaded decoder_batch_* artifact does not hold, and "
-    "Artifact.save refuses unknown external tensors"))
 def test_saving_a_loaded_model_writes_the_same_files(saved, tmp_path):
     loaded = RBLNLlamaForCausalLM.from_pretrained(saved, rbln_create_runtimes=False)
     again = Path(loaded.save_pretrained(tmp_path / "again"))
@@ -272,9 +268,6 @@ def test_compile_options_cannot_change_at_load(saved):
     assert same.rbln_config.batch_size == 3
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: runtime options given at export are saved in rbln_config.json and "
-                   "become the defaults at load: a compile-only export (rbln_create_runtimes=False) loads without "
-                   "runtimes, and a profiled export always profiles")
 def test_runtime_options_of_the_export_do_not_stick_to_the_folder(source, tmp_path):
     compile_only = RBLNLlamaForCausalLM.from_pretrained(
         source[0], export=True, rbln_batch_size=1, rbln_max_seq_len=MAX_SEQ_LEN, rbln_create_runtimes=False,
@@ -390,9 +383,6 @@ def test_load_by_repo_id_from_the_hub_cache_offline(saved, batch, baseline, tmp_
     assert AutoTokenizer.from_pretrained("org/tiny-llama-rbln").get_vocab() == make_tokenizer().get_vocab()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: exporting from a Hub id does not carry the tokenizer files: RBLNModel.from_pretrained(export=True) "
-    "sets source_folder only for a local directory, so save_pretrained copies nothing from the snapshot"))
 def test_export_from_a_hub_id_keeps_the_tokenizer(source, tmp_path, monkeypatch):
     import huggingface_hub.constants
 

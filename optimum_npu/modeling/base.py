@@ -93,8 +93,8 @@ class RBLNModel:
         if export:
             config, hf_kwargs = cls.config_class.from_kwargs(kwargs)
             hf_model = cls._load_hf_model(model_id, {**hub_kwargs, **hf_kwargs})
-            folder = Path(model_id) if Path(model_id).is_dir() else None
-            return cls._from_hf_model(hf_model, config, source_folder=folder)
+            # The checkpoint folder (local, or the Hub snapshot HF just used) has the tokenizer files.
+            return cls._from_hf_model(hf_model, config, source_folder=_resolve_folder(model_id, hub_kwargs))
         folder = _resolve_folder(model_id, hub_kwargs)
         if not is_compiled_folder(folder):
             raise ValueError(
@@ -201,10 +201,21 @@ class RBLNModel:
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, **kwargs)
 
     def close(self) -> None:
-        """Free the device memory the runtimes hold."""
+        """Free the device memory the runtimes hold; the model cannot run afterwards."""
         for runtime in self.runtimes.values():
             runtime.close()
         self.runtimes = {}
+        self._closed = True
+
+    def _runtime(self, name: str) -> Runtime:
+        if not self.runtimes:
+            if getattr(self, "_closed", False):
+                raise RuntimeError("This model was closed (its device memory was freed); load it again to run it.")
+            raise RuntimeError(
+                "This model has no runtimes (rbln_create_runtimes=False): it can be saved but not run. "
+                "Load it again with rbln_create_runtimes=True."
+            )
+        return self.runtimes[name]
 
     def __repr__(self) -> str:
         devices = sorted({d for r in self.runtimes.values() for d in r.devices})

@@ -81,7 +81,8 @@ class Artifact:
                 "so it cannot be saved or run. Compile a module with real weights to get a runnable .rbln."
             )
         external = sorted(set(external))
-        unknown = set(external) - set(self.tensors) - set(self.program.zero_init)
+        # A program loaded from disk may already lack its external tensors: they stay external.
+        unknown = set(external) - set(self.tensors) - set(self.program.zero_init) - set(self.program.external)
         if unknown:
             raise ValueError(f"external tensors {sorted(unknown)} are not tensors of this program")
         stored = {k: v.contiguous() for k, v in sorted(self.tensors.items()) if k not in external}

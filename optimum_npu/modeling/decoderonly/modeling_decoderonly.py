@@ -174,14 +174,6 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
 
     # ---- running ----------------------------------------------------------------------
 
-    def _runtime(self, name: str) -> Runtime:
-        if not self.runtimes:
-            raise RuntimeError(
-                "This model has no runtimes (rbln_create_runtimes=False): it can be saved but not run. "
-                "Load it again with rbln_create_runtimes=True."
-            )
-        return self.runtimes[name]
-
     def _bucket_for(self, batch: int) -> int:
         fitting = [b for b in self.rbln_config.decoder_batch_sizes if b >= batch]
         if not fitting:
