@@ -1,0 +1,33 @@
+"""`make demo`: the compiler on three tiny modules, then a Llama generating text on the simulated NPU.
+
+Run: `make demo` (or `python examples/demo.py` inside the venv). Part 1 is `quickstart.py`;
+part 2 is `llama/generate.py` (trains a tiny Llama the first time, ~1 min, then reuses it).
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_example(relative_path: str):
+    """Import an example script by its path (examples/ is not a package)."""
+    path = HERE / relative_path
+    name = f"example_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    print("=" * 30, "1. compile and run torch modules (examples/quickstart.py)", "=" * 30)
+    load_example("quickstart.py").main()
+    print("\n" + "=" * 30, "2. a Llama on the simulated NPU (examples/llama/generate.py)", "=" * 30)
+    load_example("llama/generate.py").main()
+
+
+if __name__ == "__main__":
+    main()
