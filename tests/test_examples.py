@@ -1,0 +1,150 @@
+"""The examples run as they are: quickstart, the Llama generation script and its notebook.
+
+The Llama is trained for fewer steps than the example's default (the test checks the flow and
+the exact-numerics parity, not the prose), once per module, in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NOTEBOOK = EXAMPLES / "llama" / "llama_on_npu.ipynb"
+TEST_TRAIN_STEPS = 60
+
+
+def load_example(relative_path: str):
+    path = EXAMPLES / relative_path
+    name = f"example_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: on a busy 2-core machine, 2 OpenMP threads make every parallel op wait a
+    scheduler slice for the other thread; one thread is faster and computes the same values."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    build_tiny_llama = load_example("llama/build_tiny_llama.py")
+    return build_tiny_llama.build(tmp_path_factory.mktemp("tiny-llama"), steps=TEST_TRAIN_STEPS)
+
+
+def _check_trace(path: Path) -> list[dict]:
+    data = json.loads(Path(path).read_text())
+    slices = [e for e in data["traceEvents"] if e.get("ph") == "X"]
+    assert slices, f"{path} has no slices"
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in slices)
+    return slices
+
+
+def test_quickstart(tmp_path, capsys):
+    load_example("quickstart.py").main(tmp_path)
+    printed = capsys.readouterr().out
+    for name in ("linear", "linear_relu", "linear_atan_linear"):
+        assert (tmp_path / f"{name}.rbln").is_file()
+        _check_trace(tmp_path / f"{name}_trace.json")
+        assert f"=== {name}:" in printed
+    # atan has no device kernel: it runs on the host, between two device segments.
+    host_slices = [e for e in _check_trace(tmp_path / "linear_atan_linear_trace.json") if e["cat"] == "Host"]
+    assert host_slices
+
+
+def test_build_tiny_llama_is_reused_and_readable(tiny_llama):
+    from transformers import AutoTokenizer
+
+    build_tiny_llama = load_example("llama/build_tiny_llama.py")
+    weights = tiny_llama / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert build_tiny_llama.build(tiny_llama, steps=TEST_TRAIN_STEPS) == tiny_llama
+    assert weights.stat().st_mtime_ns == mtime  # not retrained
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    assert tokenizer.padding_side == "left"
+    ids = tokenizer("It was the best of times,").input_ids
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "It was the best of times,"
+
+
+def test_llama_generate_example(tiny_llama, tmp_path, capsys):
+    generate = load_example("llama/generate.py")
+    new_tokens = 24
+    result = generate.main(model_dir=tiny_llama, out_dir=tmp_path, train_steps=TEST_TRAIN_STEPS,
+                           max_new_tokens=new_tokens)
+    printed = capsys.readouterr().out
+
+    # exact numerics: token for token what transformers generates in fp32
+    assert result.exact_tokens.shape == result.hf_tokens.shape == (len(generate.PROMPTS), new_tokens)
+    assert result.exact_matches_hf, (result.exact_tokens, result.hf_tokens)
+    assert "MATCH token for token" in printed
+
+    assert len(result.texts) == len(generate.PROMPTS)
+    assert all(text.strip() for text in result.texts)
+    for prompt, text in zip(generate.PROMPTS, result.texts):
+        assert f"> {prompt}" in printed and text in printed
+
+    stats = result.stats
+    assert stats.batch_size == 4 and stats.decode_bucket == 4
+    assert stats.new_tokens == new_tokens and stats.decode_steps == new_tokens - 1
+    assert 0 < stats.ttft_s and 0 < stats.tpot_s and stats.tokens_per_s > 0
+    assert stats.memory and stats.memory[0].total_bytes > 0
+
+    compiled = tmp_path / "compiled_llama"
+    names = {p.name for p in compiled.iterdir()}
+    assert {"prefill.rbln", "decoder_batch_4.rbln", "decoder_batch_1.rbln", "rbln_config.json",
+            "tokenizer.json", "config.json"} <= names
+    slices = _check_trace(result.trace_path)
+    tracks = {e["cat"] for e in slices}
+    assert {"Neural Engine Clusters", "Task DMA"} <= tracks
+
+
+def test_demo_runs_both_examples():
+    demo = load_example("demo.py")
+    assert callable(demo.load_example("quickstart.py").main)
+    assert callable(demo.load_example("llama/generate.py").main)
+
+
+def test_notebook_is_committed_without_outputs():
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_notebook_runs(tiny_llama, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    # Read by the notebook (and its kernel process) to use the test's model and folders.
+    monkeypatch.setenv("TINY_LLAMA_DIR", str(tiny_llama))
+    monkeypatch.setenv("TINY_LLAMA_OUT", str(tmp_path))
+    monkeypatch.setenv("TINY_LLAMA_STEPS", str(TEST_TRAIN_STEPS))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel is another process: same reason as above
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+
+    outputs = "".join(
+        o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "exact numerics == transformers fp32: True" in outputs
+    assert "Runtime(RBLNLlamaForCausalLM.prefill)" in outputs  # `optimum-npu smi` saw the loaded model
+    assert "No runtime holds device memory" in outputs          # ... and nothing once it was closed
+    _check_trace(tmp_path / "trace.json")
+    assert (tmp_path / "compiled_llama" / "prefill.rbln").is_file()
