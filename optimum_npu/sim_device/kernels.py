@@ -149,6 +149,47 @@ def _valid_rows(start_pos: Tensor) -> Tensor | None:
     return valid.nonzero().flatten()
 
 
+def _check_block_indices(blocks: list[int], num_blocks: int, what: str) -> None:
+    if blocks and (min(blocks) < 0 or max(blocks) >= num_blocks):
+        raise ValueError(f"{what}: block_tables holds indices outside [0, {num_blocks}) (min {min(blocks)}, max {max(blocks)})")
+
+
+def _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, starts, scale, sliding_window):
+    """paged_attention when every row reads only its first block (eager attention, short sequences).
+
+    K/V are contiguous slices of one block, so no gather is needed; the math is torch's
+    SDPA with GQA (16-bit matmuls, fp32 softmax statistics, as the device does).
+    """
+    batch, _, num_tokens, _ = q.shape
+    length = max(starts) + num_tokens
+    blocks = block_tables[:, 0].tolist()
+    _check_block_indices(blocks, k_cache.shape[0], "paged_attention")
+    if batch == 1:
+        k = k_cache[blocks[0] : blocks[0] + 1, :, :length]
+        v = v_cache[blocks[0] : blocks[0] + 1, :, :length]
+    else:
+        index = block_tables[:, 0].long()
+        k = k_cache[:, :, :length].index_select(0, index)
+        v = v_cache[:, :, :length].index_select(0, index)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    mask = None
+    same_start = min(starts) == max(starts)
+    if num_tokens > 1 or not same_start or sliding_window > 0:
+        query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
+        key_pos = torch.arange(length)
+        allowed = key_pos[None, None, :] <= query_pos[:, :, None]
+        if sliding_window > 0:
+            allowed &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
+        mask = allowed[:, None]  # [B, 1, T, L]
+        if not same_start:  # keys past a shorter row's end must not leak NaN through 0 * NaN
+            v = _zero_unwritten_(v.clone() if batch == 1 else v, query_pos, 0)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+# The Python implementations behind the custom ops. The runtime calls these directly: the
+# custom-op wrapper (needed for torch.export) costs tens of microseconds per call.
 # --------------------------------------------------------------------------- kv_cache_update
 
 
@@ -164,6 +205,17 @@ def kv_cache_update(
     if rows is not None:
         k, v, block_tables, start_pos = k[rows], v[rows], block_tables[rows], start_pos[rows]
     block_size = k_cache.shape[2]
+    starts = start_pos.tolist()
+    if starts and max(starts) + k.shape[2] <= block_size:
+        # Every row writes inside its first block (always so with eager attention, where a
+        # block is a whole sequence): plain slice copies, no index tensors.
+        blocks = block_tables[:, 0].tolist()
+        _check_block_indices(blocks, k_cache.shape[0], "kv_cache_update")
+        tokens = k.shape[2]
+        for row, (block, start) in enumerate(zip(blocks, starts)):
+            k_cache[block, :, start : start + tokens] = k[row]
+            v_cache[block, :, start : start + tokens] = v[row]
+        return
     positions = _chunk_positions(start_pos, k.shape[2])  # [B, T]
     _check_positions_fit(positions, block_tables, block_size, "kv_cache_update")
     physical = block_tables.long().gather(1, positions // block_size)  # [B, T]
@@ -204,6 +256,9 @@ def paged_attention(
         return out
     batch, _, num_tokens, head_dim = q.shape
     block_size = k_cache.shape[2]
+    starts = start_pos.tolist()
+    if starts and max(starts) + num_tokens <= block_size:
+        return _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, starts, scale, sliding_window)
     query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
     _check_positions_fit(query_pos, block_tables, block_size, "paged_attention")
     # Every sequence is read up to the longest one in the batch; shorter ones are masked.
@@ -303,6 +358,13 @@ def flash_attention(
 @flash_attention.register_fake
 def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, partition_len):
     return torch.empty_like(q)
+
+
+IMPLEMENTATIONS = {
+    KV_CACHE_UPDATE: kv_cache_update._init_fn,
+    PAGED_ATTENTION: paged_attention._init_fn,
+    FLASH_ATTENTION: flash_attention._init_fn,
+}
 
 
 # --------------------------------------------------------------------------- cost
