@@ -149,6 +149,10 @@ def _valid_rows(start_pos: Tensor) -> Tensor | None:
     return valid.nonzero().flatten()
 
 
+def _consecutive(blocks: list[int]) -> bool:
+    return blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+
+
 def _check_block_indices(blocks: list[int], num_blocks: int, what: str) -> None:
     if blocks and (min(blocks) < 0 or max(blocks) >= num_blocks):
         raise ValueError(f"{what}: block_tables holds indices outside [0, {num_blocks}) (min {min(blocks)}, max {max(blocks)})")
@@ -164,9 +168,9 @@ def _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, 
     length = max(starts) + num_tokens
     blocks = block_tables[:, 0].tolist()
     _check_block_indices(blocks, k_cache.shape[0], "paged_attention")
-    if batch == 1:
-        k = k_cache[blocks[0] : blocks[0] + 1, :, :length]
-        v = v_cache[blocks[0] : blocks[0] + 1, :, :length]
+    if _consecutive(blocks):  # the batch's blocks are one slice of the cache: a view, no copy
+        k = k_cache[blocks[0] : blocks[0] + batch, :, :length]
+        v = v_cache[blocks[0] : blocks[0] + batch, :, :length]
     else:
         index = block_tables[:, 0].long()
         k = k_cache[:, :, :length].index_select(0, index)
@@ -182,7 +186,7 @@ def _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, 
             allowed &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
         mask = allowed[:, None]  # [B, 1, T, L]
         if not same_start:  # keys past a shorter row's end must not leak NaN through 0 * NaN
-            v = _zero_unwritten_(v.clone() if batch == 1 else v, query_pos, 0)
+            v = _zero_unwritten_(v.clone(), query_pos, 0)  # v may be a view of the cache
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
@@ -212,6 +216,11 @@ def kv_cache_update(
         blocks = block_tables[:, 0].tolist()
         _check_block_indices(blocks, k_cache.shape[0], "kv_cache_update")
         tokens = k.shape[2]
+        if _consecutive(blocks) and min(starts) == max(starts):  # one copy for the whole batch
+            first, start = blocks[0], starts[0]
+            k_cache[first : first + len(blocks), :, start : start + tokens] = k
+            v_cache[first : first + len(blocks), :, start : start + tokens] = v
+            return
         for row, (block, start) in enumerate(zip(blocks, starts)):
             k_cache[block, :, start : start + tokens] = k[row]
             v_cache[block, :, start : start + tokens] = v[row]

@@ -29,7 +29,8 @@ from . import memory as device_memory
 from .artifact import Artifact
 from .cost_model import CostModel, KernelCost
 from .profiler import EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
-from .program import PROGRAM_DTYPES, Program, Ref, Step, decode_arg
+from .executor import BoundOp, generate
+from .program import PROGRAM_DTYPES, Program, Step, decode_arg
 from .specs import get_npu_spec
 
 ALLOWED_OP_NAMESPACES = ("aten", "rbln")
@@ -162,12 +163,8 @@ def _resolve_op(target: str) -> Callable:
         raise ValueError(f"program uses op {target!r}, unknown to this torch {torch.__version__}") from None
 
 
-def _resolve(arg: Any, env: dict) -> Any:
-    if type(arg) is Ref:
-        return env[arg.name]
-    if type(arg) is list:
-        return [_resolve(a, env) for a in arg]
-    return arg
+def _to_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
 
 
 class _SharedMemory:
@@ -185,52 +182,6 @@ def _release(activations_id: str, shared: _SharedMemory) -> None:
         for allocation_id in shared.allocation_ids:
             device_memory.release(allocation_id)
         shared.allocation_ids.clear()
-
-
-def _has_ref(arg: Any) -> bool:
-    return type(arg) is Ref or (type(arg) is list and any(_has_ref(a) for a in arg))
-
-
-class _BoundOp:
-    """One op call with its arguments decoded once, at load time.
-
-    Most ops take tensors as plain positional arguments: those slots are filled from the
-    environment by index, the cheap path the interpreter spends its time on.
-    """
-
-    __slots__ = ("fn", "args", "kwargs", "outputs", "target", "ref_slots", "simple")
-
-    def __init__(self, call, device_float: torch.dtype):
-        self.target = call.target
-        self.fn = _resolve_op(call.target)
-        self.args = decode_arg(call.args, device_float)
-        self.kwargs = {k: decode_arg(v, device_float) for k, v in call.kwargs.items()}
-        self.outputs = call.outputs
-        self.ref_slots = [(i, a.name) for i, a in enumerate(self.args) if type(a) is Ref]
-        self.simple = not any(type(a) is list and _has_ref(a) for a in self.args) and not any(
-            _has_ref(v) for v in self.kwargs.values()
-        )
-
-    def resolved_args(self, env: dict) -> list:
-        if self.simple:
-            args = list(self.args)
-            for i, name in self.ref_slots:
-                args[i] = env[name]
-            return args
-        return [_resolve(a, env) for a in self.args]
-
-    def __call__(self, env: dict) -> None:
-        if self.simple:
-            result = self.fn(*self.resolved_args(env), **self.kwargs)
-        else:
-            result = self.fn(*self.resolved_args(env), **{k: _resolve(v, env) for k, v in self.kwargs.items()})
-        if len(self.outputs) == 1:
-            if self.outputs[0]:
-                env[self.outputs[0]] = result
-        else:
-            for name, value in zip(self.outputs, result):
-                if name:
-                    env[name] = value
 
 
 class Runtime:
@@ -368,9 +319,9 @@ class Runtime:
         return indices
 
     def _prepare_steps(self) -> None:
+        from .kernels import KERNEL_OPS
+
         program, compute = self.program, self.numerics.compute_dtype
-        self._steps = []
-        self._static_cost: list[KernelCost | float | None] = []
         last_use: dict[str, int] = {}
         for i, step in enumerate(program.steps):
             for name in step.inputs:
@@ -380,12 +331,25 @@ class Runtime:
         for name, i in last_use.items():
             if name not in keep:
                 frees[i].append(name)
-        for i, step in enumerate(program.steps):
-            ops = [_BoundOp(call, compute if step.kind == "kernel" else torch.float32) for call in step.ops]
-            self._steps.append((step, ops, frees[i]))
-            self._static_cost.append(None if step.dynamic_cost else self._price(step))
-        # A run whose steps all have static costs takes the same time every time: sum it once.
-        self._has_dynamic = any(s.dynamic_cost for s in program.steps)
+        bound = []
+        for step, to_free in zip(program.steps, frees):
+            float_dtype = compute if step.kind == "kernel" else torch.float32
+            ops = [
+                BoundOp(_resolve_op(call.target), call.target, decode_arg(call.args, float_dtype),
+                        {k: decode_arg(v, float_dtype) for k, v in call.kwargs.items()}, call.outputs)
+                for call in step.ops
+            ]
+            bound.append((step, ops, to_free))
+        self._executable = generate(bound, set(KERNEL_OPS), rounding=self.numerics.round_to is not None)
+        slots = self._executable.slots
+        self._env_template = [None] * len(slots)
+        for name, tensor in self._state.items():
+            if name in slots:
+                self._env_template[slots[name]] = tensor
+        self._input_slots = [slots.get(spec.name) for spec in program.inputs]
+
+        # Steps with static costs take the same time every run: price and sum them once.
+        self._static_cost = [None if s.dynamic_cost else self._price(s) for s in program.steps]
         self._static_breakdown = RuntimeStats(overhead_s=self.cost_model.run_overhead())
         for step, cost in zip(program.steps, self._static_cost):
             if cost is not None:
@@ -410,83 +374,66 @@ class Runtime:
             return self._run(*args, **kwargs)
 
     def _run(self, *args, **kwargs):
+        inputs = dict(zip((s.name for s in self.program.inputs), self._bind_inputs(args, kwargs)))
+        env = list(self._env_template)
+        for slot, value in zip(self._input_slots, inputs.values()):
+            if slot is not None:
+                env[slot] = value
+        dynamic: dict[int, list] = {}   # step index -> [flops, bytes] of its attention ops
         self._run_costs: dict = {}
-        env = dict(self._state)
-        for spec, value in zip(self.program.inputs, self._bind_inputs(args, kwargs)):
-            env[spec.name] = value
-        numerics = self.numerics
-        timeline = self.timeline
-        start = timeline.clock_s
-        t = start
-        trace_on = self.profiler_active
-        slow_path = trace_on or self._has_dynamic  # else the run's time is known in advance
-        for (step, ops, frees), cost in zip(self._steps, self._static_cost):
-            kind = step.kind
-            if kind == "kernel":
-                for op in ops:
-                    op(env)
-                if numerics.round_to is not None:
-                    for name in step.outputs:
-                        env[name] = numerics.round(env[name])
-            elif kind == "h2d":
-                for src, dst in zip(step.inputs, step.outputs):
-                    env[dst] = numerics.to_device(env[src]) if step.cast_to_device_float else env[src]
-            elif kind == "d2h":
-                for src, dst in zip(step.inputs, step.outputs):
-                    env[dst] = env[src]
-            else:  # host fallback: fp32 on the CPU
-                for name in step.inputs:
-                    value = env[name]
-                    if value.is_floating_point() and value.dtype != torch.float32:
-                        env[name] = value.float()
-                for op in ops:
-                    op(env)
-            if cost is None:
-                cost = self._dynamic_cost(step, ops, env)
-            if slow_path:
-                t += self.stats.add_step(kind, cost)
-                if trace_on:
-                    self._trace_step(step, cost, t)
-            for name in frees:
-                env.pop(name, None)
-        if slow_path:
-            overhead = self.cost_model.run_overhead()
-            self.stats.overhead_s += overhead
-            elapsed = t + overhead - start
-        else:
-            self.stats.add_breakdown(self._static_breakdown)
-            elapsed = self._static_breakdown.total_time_s
-        timeline.clock_s = start + elapsed
-        self.stats.runs += 1
-        self.stats.last_run_s = elapsed
-        self.stats.total_s += elapsed
+        executable, numerics = self._executable, self.numerics
+        executable.function(
+            env, executable.ops, executable.constants, executable.kwargs, numerics.to_device, numerics.round,
+            _to_fp32, lambda index, op, op_args: self._record_dynamic(dynamic, index, op, op_args),
+        )
+        self._account_run(dynamic)
         outputs = []
         for spec in self.program.outputs:  # in the dtype the module returned (exact mode computes in fp32)
-            value, dtype = env[spec.name], PROGRAM_DTYPES[spec.dtype]
+            value = env[executable.slots[spec.name]] if spec.name in executable.slots else inputs[spec.name]
+            dtype = PROGRAM_DTYPES[spec.dtype]
             outputs.append(value if value.dtype == dtype else value.to(dtype))
         if self.tensor_type == "np":
             outputs = [o.float().numpy() if o.dtype == torch.bfloat16 else o.numpy() for o in outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def _dynamic_cost(self, step: Step, ops: list[_BoundOp], env: dict) -> KernelCost:
-        """Attention reads only the KV that is in use: price it from this run's lengths."""
-        from .kernels import KERNEL_OPS, attention_cost
+    def _record_dynamic(self, dynamic: dict, step_index: int, op: BoundOp, args: tuple) -> None:
+        """Attention reads only the KV in use: price it from this run's positions."""
+        from .kernels import attention_cost
 
-        flops = bytes_moved = 0
-        for op in ops:
-            if op.target in KERNEL_OPS:
-                args = op.resolved_args(env)
-                # Every layer of a run reads the same position inputs: price each distinct call once
-                # per run (index tensors by identity, data tensors by shape, scalars by value).
-                key = (op.target, *(
-                    (id(a) if not a.is_floating_point() else tuple(a.shape)) if isinstance(a, torch.Tensor) else a
-                    for a in args
-                ))
-                if key not in self._run_costs:
-                    self._run_costs[key] = attention_cost(op.target, tuple(args), float_bytes=self._device_float_bytes)
-                f, r, w = self._run_costs[key]
-                flops, bytes_moved = flops + f, bytes_moved + r + w
-        return self._price(step, flops, bytes_moved)
+        # Every layer of a run reads the same position inputs: price each distinct call once per
+        # run (index tensors by identity, data tensors by shape, scalars by value).
+        key = (op.target, *(
+            (id(a) if not a.is_floating_point() else tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args
+        ))
+        if key not in self._run_costs:
+            self._run_costs[key] = attention_cost(op.target, args, float_bytes=self._device_float_bytes)
+        flops, read, written = self._run_costs[key]
+        entry = dynamic.setdefault(step_index, [0.0, 0])
+        entry[0] += flops
+        entry[1] += read + written
+
+    def _account_run(self, dynamic: dict[int, list]) -> None:
+        """Advance the simulated clock over one run; trace each step when profiling."""
+        timeline, stats, steps = self.timeline, self.stats, self.program.steps
+        start = timeline.clock_s
+        if self.profiler_active:
+            t = start
+            for i, (step, cost) in enumerate(zip(steps, self._static_cost)):
+                if cost is None:
+                    cost = self._price(step, *dynamic.get(i, (0.0, 0)))
+                t += stats.add_step(step.kind, cost)
+                self._trace_step(step, cost, t)
+            stats.overhead_s += self.cost_model.run_overhead()
+            elapsed = t + self.cost_model.run_overhead() - start
+        else:
+            stats.add_breakdown(self._static_breakdown)
+            elapsed = self._static_breakdown.total_time_s
+            for i, (flops, nbytes) in dynamic.items():
+                elapsed += stats.add_step("kernel", self._price(steps[i], flops, nbytes))
+        timeline.clock_s = start + elapsed
+        stats.runs += 1
+        stats.last_run_s = elapsed
+        stats.total_s += elapsed
 
     def _trace_step(self, step: Step, cost, end: float) -> None:
         """Add the slices of one step that ended at `end` to the trace."""

@@ -10,7 +10,7 @@ caching).
 from __future__ import annotations
 
 import math
-from collections import deque
+import heapq
 
 import torch
 
@@ -37,7 +37,9 @@ class BlockManager:
         # because the kernels gather whole rows. They are masked out (never attended), and
         # callers never write past what they allocated, so the filler is never touched.
         self.pad_block = pad_block
-        self._free_blocks: deque[int] = deque(range(num_blocks))
+        # A min-heap: the lowest free block first, so a batch that starts from an empty cache gets
+        # consecutive blocks, which the kernels read as one contiguous slice.
+        self._free_blocks: list[int] = list(range(num_blocks))
         self._slot_blocks: list[list[int]] = [[] for _ in range(num_slots)]
 
     @property
@@ -71,12 +73,13 @@ class BlockManager:
                 f"but only {len(self._free_blocks)} of {self.num_blocks} blocks are free. "
                 "Increase rbln_kvcache_num_blocks or reduce rbln_batch_size (fewer concurrent sequences)."
             )
-        owned.extend(self._free_blocks.popleft() for _ in range(missing))
+        owned.extend(heapq.heappop(self._free_blocks) for _ in range(missing))
 
     def free(self, slot: int) -> None:
         """Return all blocks of `slot` to the pool."""
         self._check_slot(slot)
-        self._free_blocks.extend(self._slot_blocks[slot])
+        for block in self._slot_blocks[slot]:
+            heapq.heappush(self._free_blocks, block)
         self._slot_blocks[slot] = []
 
     def block_table(self, slot: int) -> list[int]:
