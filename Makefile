@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(PY) examples/quickstart.py
+	$(PY) examples/demo.py
 
 test: setup
 	$(PY) -m pytest -q -m "not heavy"
@@ -31,6 +31,7 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/runtime_overhead.py
+	$(PY) benchmarks/llm_generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
