@@ -29,7 +29,7 @@ from ...sim_device.specs import get_npu_spec
 from ..base import RBLNModel
 from .block_manager import BlockManager
 from .configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
-from .static_decoder import KVCacheLayout, StaticDecoder, make_kv_caches, rope_tables
+from .static_decoder import KVCacheLayout, StaticDecoder, make_kv_caches, merge_layers, rope_tables
 
 PREFILL = "prefill"
 DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,6 +133,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
 
         kv_caches = make_kv_caches(layout, DEVICE_DTYPE[config.dtype])
         rope = rope_tables(hf_model, config.max_seq_len)
+        layers = merge_layers(hf_model)
         max_blocks = config.max_seq_len // config.kvcache_block_size
         hidden = hf_config.hidden_size
 
@@ -142,7 +143,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             return [first, ("start_pos", [batch], "int32"), ("block_tables", [batch, max_blocks], "int32")]
 
         def build(phase: str, input_info) -> CompiledModel:
-            module = StaticDecoder(hf_model, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
+            module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
                                    config.use_inputs_embeds)
             return compile_from_torch(module, input_info=input_info, npu=config.npu, dtype=config.dtype,
                                       numerics=config.numerics, tensor_parallel_size=config.tensor_parallel_size)

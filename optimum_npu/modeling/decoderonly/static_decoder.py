@@ -2,9 +2,9 @@
 
 One `StaticDecoder` is one compiled graph. Prefill takes one sequence's chunk of
 `prefill_chunk_size` tokens; decode takes one token for each of `batch` sequences. Both
-reuse the Hugging Face model's own modules (embeddings, projections, norms, MLP, LM head),
-so a family whose layers look like Llama's (Llama, Qwen2, Mistral, ...) needs no code of
-its own. What changes is attention: K/V are written into the paged cache and attention
+reuse the Hugging Face model's own modules (embeddings, norms, projections, LM head; Q/K/V
+and gate/up merged into one matmul each), so a family whose layers look like Llama's
+(Llama, Qwen2, Mistral, ...) needs no code of its own. What changes is attention: K/V are written into the paged cache and attention
 runs over it with the device's kernels (`torch.ops.rbln.*`), and RoPE uses cos/sin
 tables precomputed by the HF model's rotary embedding (so every RoPE variant it
 implements - default, llama3, linear, dynamic, yarn - comes for free).
@@ -76,10 +76,57 @@ def layer_sliding_windows(config) -> list[int]:
     return [window if kind == "sliding_attention" else 0 for kind in layer_types]
 
 
+def _merge_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear computing the given ones side by side (outputs concatenated)."""
+    merged = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears),
+                       bias=any(lin.bias is not None for lin in linears))
+    merged = merged.to(dtype=linears[0].weight.dtype)
+    with torch.no_grad():
+        merged.weight.copy_(torch.cat([lin.weight for lin in linears]))
+        if merged.bias is not None:
+            merged.bias.copy_(torch.cat([
+                lin.bias if lin.bias is not None else torch.zeros(lin.out_features, dtype=merged.bias.dtype)
+                for lin in linears
+            ]))
+    return merged.requires_grad_(False)
+
+
+class DecoderLayer(nn.Module):
+    """A Llama-style HF decoder layer with Q/K/V and gate/up projections merged into one matmul each.
+
+    The same math with fewer, larger matmuls, as vLLM and NPU compilers lay it out. The norms,
+    output projection and activation are the HF modules themselves.
+    """
+
+    def __init__(self, hf_layer: nn.Module):
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.input_layernorm = hf_layer.input_layernorm
+        self.post_attention_layernorm = hf_layer.post_attention_layernorm
+        self.qkv_proj = _merge_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        self.o_proj = attn.o_proj
+        self.q_norm = getattr(attn, "q_norm", None)  # Qwen3-style per-head norms
+        self.k_norm = getattr(attn, "k_norm", None)
+        self.gate_up_proj = _merge_linears(mlp.gate_proj, mlp.up_proj)
+        self.down_proj = mlp.down_proj
+        self.act_fn = mlp.act_fn
+
+    def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def merge_layers(causal_lm: nn.Module) -> nn.ModuleList:
+    """The model's layers in device form, built once and shared by every graph of a model."""
+    return nn.ModuleList(DecoderLayer(layer) for layer in causal_lm.model.layers)
+
+
 class StaticDecoder(nn.Module):
     def __init__(
         self,
         causal_lm: nn.Module,
+        layers: nn.ModuleList,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         rope: tuple[torch.Tensor, torch.Tensor],
         phase: str,
@@ -97,13 +144,13 @@ class StaticDecoder(nn.Module):
         self.partition_len = partition_len
         self.use_inputs_embeds = use_inputs_embeds
         self.embed_tokens = decoder.embed_tokens
-        self.layers = decoder.layers
+        self.layers = layers
         self.norm = decoder.norm
         self.lm_head = causal_lm.lm_head
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.scale = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5))
+        self.scale = float(getattr(decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5))
         self.sliding_windows = layer_sliding_windows(config)
         # Registered under the same names in every graph, so graphs share them on the device.
         self.register_buffer("rope_cos", rope[0], persistent=False)
@@ -112,13 +159,14 @@ class StaticDecoder(nn.Module):
             self.register_buffer(f"k_cache_{i}", k_cache, persistent=False)
             self.register_buffer(f"v_cache_{i}", v_cache, persistent=False)
 
-    def _attention(self, layer_index: int, attn: nn.Module, hidden, cos, sin, start_pos, block_tables):
+    def _attention(self, layer_index: int, layer: DecoderLayer, hidden, cos, sin, start_pos, block_tables):
         batch, tokens, _ = hidden.shape
-        q = attn.q_proj(hidden).view(batch, tokens, self.num_heads, self.head_dim)
-        k = attn.k_proj(hidden).view(batch, tokens, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(hidden).view(batch, tokens, self.num_kv_heads, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = layer.qkv_proj(hidden).split(layer.qkv_sizes, dim=-1)
+        q = q.reshape(batch, tokens, self.num_heads, self.head_dim)
+        k = k.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
+        if layer.q_norm is not None:  # before RoPE
+            q, k = layer.q_norm(q), layer.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -133,7 +181,7 @@ class StaticDecoder(nn.Module):
         else:
             out = torch.ops.rbln.paged_attention(q, k_cache, v_cache, block_tables, start_pos, self.scale, window)
         out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-        return attn.o_proj(out)
+        return layer.o_proj(out)
 
     def forward(self, inputs, start_pos, block_tables, query_position=None):
         hidden = inputs if self.use_inputs_embeds else self.embed_tokens(inputs)
@@ -145,7 +193,7 @@ class StaticDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(i, layer.self_attn, hidden, cos, sin, start_pos, block_tables)
+            hidden = residual + self._attention(i, layer, hidden, cos, sin, start_pos, block_tables)
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         if query_position is not None:  # prefill: only the last prompt token's logits are needed
