@@ -14,7 +14,7 @@ NUM_HEADS, NUM_KV_HEADS = 8, 2  # GQA: 4 query heads per KV head
 # --------------------------------------------------------------------------- reference
 
 
-def reference_attention(q, k, v, start_pos, scale, sliding_window=0):
+def reference_attention(q, k, v, start_pos, scale, sliding_window=0, key_mask=None):
     """Naive fp32 attention: repeated KV, explicit causal/sliding mask, torch.softmax.
 
     q [B, Hq, T, D]; k, v: contiguous [B, Hkv, S, D] (position p of sequence b at [b, :, p]).
@@ -31,6 +31,8 @@ def reference_attention(q, k, v, start_pos, scale, sliding_window=0):
         allowed = key_pos[None, :] <= query_pos[:, None]
         if sliding_window > 0:
             allowed &= key_pos[None, :] > query_pos[:, None] - sliding_window
+        if key_mask is not None:
+            allowed &= key_mask[b, :length].bool()[None, :]
         scores = q[b].float() @ k[b, :, :length].transpose(-1, -2) * scale
         scores = scores.masked_fill(~allowed, float("-inf"))
         out[b] = torch.softmax(scores, dim=-1) @ v[b, :, :length]
@@ -392,3 +394,40 @@ def test_export_keeps_kernels_and_in_place_cache_update(flash):
     torch.testing.assert_close(exported(*args), expected, rtol=0, atol=0)
     torch.testing.assert_close(exported.k_cache, eager_layer.k_cache, rtol=0, atol=0)
     assert exported.k_cache.any()
+
+
+# --------------------------------------------------------------------------- explicit attention mask
+
+
+@pytest.mark.parametrize("kernel", ["paged", "flash"])
+@pytest.mark.parametrize("start_pos, num_tokens", [([0, 37, 70], 5), ([3, 50, 90], 1)])
+def test_attention_mask_hides_the_keys_it_zeroes(kernel, start_pos, num_tokens):
+    """An explicit mask [B, positions] (graphs compiled with rbln_use_attention_mask) is ANDed
+    with causality: hide a few keys per row (never the query's own position)."""
+    case = Case(start_pos, num_tokens)
+    g = torch.Generator().manual_seed(11)
+    positions = case.block_tables.shape[1] * case.block_size
+    mask = (torch.rand(case.batch, positions, generator=g) > 0.3).to(torch.int32)
+    for b, start in enumerate(start_pos):
+        mask[b, start : start + num_tokens] = 1
+    if kernel == "paged":
+        out = torch.ops.rbln.paged_attention(case.q, case.k_cache, case.v_cache, case.block_tables, case.start_pos,
+                                             case.scale, 0, mask)
+    else:
+        out = torch.ops.rbln.flash_attention(case.q, case.k_cache, case.v_cache, case.block_tables, case.start_pos,
+                                             case.scale, 0, case.block_size, mask)
+    expected = reference_attention(case.q, case.k, case.v, case.start_pos, case.scale, key_mask=mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # and the mask matters: without it the result differs
+    assert not torch.allclose(out, reference_attention(case.q, case.k, case.v, case.start_pos, case.scale), atol=1e-3)
+
+
+def test_attention_mask_on_the_single_block_fast_path():
+    """Eager layout (block = whole sequence): the slice + SDPA path honours the mask too."""
+    case = Case([10, 20], 1, block_size=96, max_blocks=1)
+    mask = torch.ones(2, 96, dtype=torch.int32)
+    mask[:, 2:6] = 0
+    out = torch.ops.rbln.paged_attention(case.q, case.k_cache, case.v_cache, case.block_tables, case.start_pos,
+                                         case.scale, 0, mask)
+    expected = reference_attention(case.q, case.k, case.v, case.start_pos, case.scale, key_mask=mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -280,3 +280,27 @@ def test_each_decode_bucket_gives_the_same_outputs(sources):
         model.close()
     for batch in (2, 3):
         assert_close(first_row_logits[batch], first_row_logits[1], VARIANT_LOGITS_ATOL, f"row 0, batch {batch} vs 1")
+
+
+@pytest.mark.parametrize("attention", ["eager", "flash"])
+def test_explicit_attention_mask_graphs_give_the_same_tokens(sources, long_context_sources, attention):
+    """rbln_use_attention_mask: every graph takes attention_mask [batch, max_seq_len] (built on the
+    host from positions); exact-mode tokens stay those of HF, including a padding row in the bucket."""
+    if attention == "eager":
+        folder, hf = sources["llama"]
+        options = {}
+    else:
+        folder, hf = long_context_sources["llama"]
+        options = dict(rbln_max_seq_len=8192, rbln_kvcache_partition_len=4096)
+    prompts = random_prompts((70, 23, 9), seed=8)
+    model = compile_model(folder, rbln_batch_size=4, rbln_use_attention_mask=True, rbln_numerics="exact", **options)
+    try:
+        for graph in model.graphs.values():
+            names = [spec.name for spec in graph.program.inputs]
+            assert names[-1] == "attention_mask", names
+        new, _ = rbln_generate(model, prompts, max_new_tokens=8, do_sample=False)
+        assert model.generation_stats.decode_bucket == 4  # 3 rows + 1 padding row
+    finally:
+        model.close()
+    for row, prompt in enumerate(prompts):
+        assert new[row].tolist() == hf_generate(hf, prompt, max_new_tokens=8, do_sample=False).tolist(), row

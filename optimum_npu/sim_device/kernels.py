@@ -104,7 +104,8 @@ def _query_rows(q: Tensor, num_kv_heads: int) -> Tensor:
 
 
 def _masked_scores(
-    q_rows: Tensor, k: Tensor, query_pos: Tensor, key_pos: Tensor, scale: float, sliding_window: int
+    q_rows: Tensor, k: Tensor, query_pos: Tensor, key_pos: Tensor, scale: float, sliding_window: int,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """fp32 scores [B, Hkv, group*T, L] of q_rows against k, -inf where a key is not visible.
 
@@ -118,6 +119,8 @@ def _masked_scores(
     allowed = kp <= q
     if sliding_window > 0:
         allowed &= kp > q - sliding_window
+    if key_mask is not None:  # [B, L]: an explicit attention mask over key positions
+        allowed = allowed & key_mask[:, None, None, None, :]
     grouped = scores.view(batch, num_kv_heads, rows // num_tokens, num_tokens, length)
     grouped.masked_fill_(~allowed, float("-inf"))
     return scores
@@ -158,7 +161,8 @@ def _check_block_indices(blocks: list[int], num_blocks: int, what: str) -> None:
         raise ValueError(f"{what}: block_tables holds indices outside [0, {num_blocks}) (min {min(blocks)}, max {max(blocks)})")
 
 
-def _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, starts, scale, sliding_window):
+def _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, starts, scale, sliding_window,
+                                   attention_mask=None):
     """paged_attention when every row reads only its first block (eager attention, short sequences).
 
     K/V are contiguous slices of one block, so no gather is needed; the math is torch's
@@ -178,12 +182,14 @@ def _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, 
     k, v = k.to(q.dtype), v.to(q.dtype)
     mask = None
     same_start = min(starts) == max(starts)
-    if num_tokens > 1 or not same_start or sliding_window > 0:
+    if num_tokens > 1 or not same_start or sliding_window > 0 or attention_mask is not None:
         query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
         key_pos = torch.arange(length)
         allowed = key_pos[None, None, :] <= query_pos[:, :, None]
         if sliding_window > 0:
             allowed &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
+        if attention_mask is not None:
+            allowed &= attention_mask[:, None, :length].bool()
         mask = allowed[:, None]  # [B, 1, T, L]
         if not same_start:  # keys past a shorter row's end must not leak NaN through 0 * NaN
             v = _zero_unwritten_(v.clone(), query_pos, 0)  # v may be a view of the cache
@@ -252,22 +258,27 @@ def paged_attention(
     start_pos: Tensor,
     scale: float,
     sliding_window: int,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Causal (optionally sliding-window) attention of q [B, Hq, T, D] over the paged cache.
 
+    `attention_mask` [B, max positions], if given, additionally hides the keys where it is 0
+    (graphs compiled with rbln_use_attention_mask take it as an input).
     Rows with start_pos < 0 are padding: they read nothing and output zeros.
     """
     rows = _valid_rows(start_pos)
     if rows is not None:
         out = torch.zeros_like(q)
         if rows.numel():
-            out[rows] = paged_attention(q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale, sliding_window)
+            out[rows] = paged_attention(q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale,
+                                        sliding_window, None if attention_mask is None else attention_mask[rows])
         return out
     batch, _, num_tokens, head_dim = q.shape
     block_size = k_cache.shape[2]
     starts = start_pos.tolist()
     if starts and max(starts) + num_tokens <= block_size:
-        return _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, starts, scale, sliding_window)
+        return _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, starts, scale, sliding_window,
+                                             attention_mask)
     query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
     _check_positions_fit(query_pos, block_tables, block_size, "paged_attention")
     # Every sequence is read up to the longest one in the batch; shorter ones are masked.
@@ -279,14 +290,15 @@ def paged_attention(
     v = _zero_unwritten_(_gather_positions(v_cache, block_tables, key_pos).to(q.dtype), query_pos, 0)
     q_rows = _query_rows(q, k.shape[1])  # [B, Hkv, G*T, D]
 
-    scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window)
+    key_mask = None if attention_mask is None else attention_mask[:, :length].bool()
+    scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window, key_mask)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = probs @ v  # [B, Hkv, G*T, D]
     return out.reshape(batch, -1, num_tokens, head_dim)
 
 
 @paged_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window):
+def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask=None):
     return torch.empty_like(q)
 
 
@@ -303,6 +315,7 @@ def flash_attention(
     scale: float,
     sliding_window: int,
     partition_len: int,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """paged_attention computed partition by partition with an online softmax.
 
@@ -317,7 +330,8 @@ def flash_attention(
         out = torch.zeros_like(q)
         if rows.numel():
             out[rows] = flash_attention(
-                q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale, sliding_window, partition_len
+                q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale, sliding_window, partition_len,
+                None if attention_mask is None else attention_mask[rows],
             )
         return out
     batch, _, num_tokens, head_dim = q.shape
@@ -349,7 +363,10 @@ def flash_attention(
         k = k_cache[physical].to(q.dtype)  # [B, Hkv, bs, D], a fresh copy
         v = _zero_unwritten_(v_cache[physical].to(q.dtype), query_pos, partition * partition_len)
 
-        scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window)  # [B, Hkv, G*T, bs]
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = attention_mask[:, partition * partition_len : (partition + 1) * partition_len].bool()
+        scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window, key_mask)  # [B, Hkv, G*T, bs]
         new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
         # A row that has seen no visible key yet keeps max -inf; subtract 0 instead so
         # exp() gives 0 rather than nan (-inf - -inf).
@@ -365,7 +382,7 @@ def flash_attention(
 
 
 @flash_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, partition_len):
+def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, partition_len, attention_mask=None):
     return torch.empty_like(q)
 
 

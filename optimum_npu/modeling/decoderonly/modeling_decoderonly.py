@@ -108,12 +108,6 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
     @classmethod
     def _compile(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig):
         hf_config = hf_model.config
-        if config.use_attention_mask:
-            raise ValueError(
-                "rbln_use_attention_mask=True is not supported yet: the attention kernels derive the causal mask "
-                "from positions and left padding is stripped on the host, so no mask input is needed. "
-                "Leave rbln_use_attention_mask unset."
-            )
         blocks_left_to_memory = config.kvcache_num_blocks is None
         config = config.finalize(hf_config)
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -144,13 +138,16 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
 
         def build(phase: str, input_info) -> CompiledModel:
             module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
-                                   config.use_inputs_embeds)
+                                   config.use_inputs_embeds, config.use_attention_mask)
             return compile_from_torch(module, input_info=input_info, npu=config.npu, dtype=config.dtype,
                                       numerics=config.numerics, tensor_parallel_size=config.tensor_parallel_size)
 
-        plan = {PREFILL: (PREFILL, inputs(1, config.prefill_chunk_size) + [("query_position", [1], "int64")])}
+        def mask(batch: int) -> list:
+            return [("attention_mask", [batch, config.max_seq_len], "int32")] if config.use_attention_mask else []
+
+        plan = {PREFILL: (PREFILL, inputs(1, config.prefill_chunk_size) + [("query_position", [1], "int64")] + mask(1))}
         for batch in config.decoder_batch_sizes:
-            plan[decoder_graph_name(batch)] = ("decode", inputs(batch, 1))
+            plan[decoder_graph_name(batch)] = ("decode", inputs(batch, 1) + mask(batch))
         graphs = {}
         for name, (phase, input_info) in tqdm(plan.items(), desc=f"Compiling {cls.__name__}", unit="graph", delay=1.0):
             graphs[name] = build(phase, input_info)
@@ -200,8 +197,9 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             valid = piece.shape[0]
             padded = torch.zeros((chunk, *piece.shape[1:]), dtype=piece.dtype)
             padded[:valid] = piece
+            extra = [self._visible_keys([start + valid])] if c.use_attention_mask else []
             logits = runtime.run(padded[None], torch.tensor([start], dtype=torch.int32), table,
-                                 torch.tensor([valid - 1], dtype=torch.int64))
+                                 torch.tensor([valid - 1], dtype=torch.int64), *extra)
         return logits
 
     def _decode(self, last_tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -215,7 +213,15 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         start[:batch] = torch.tensor(positions, dtype=torch.int32)
         tables = torch.zeros((bucket, self.block_manager.max_blocks_per_seq), dtype=torch.int32)
         tables[:batch] = self.block_manager.block_tables(list(range(batch)))
-        return self._runtime(decoder_graph_name(bucket)).run(ids, start, tables)[:batch]
+        extra = []
+        if self.rbln_config.use_attention_mask:
+            extra = [self._visible_keys([p + 1 for p in positions] + [0] * (bucket - batch))]
+        return self._runtime(decoder_graph_name(bucket)).run(ids, start, tables, *extra)[:batch]
+
+    def _visible_keys(self, lengths: list[int]) -> torch.Tensor:
+        """The attention_mask input: row b sees key positions 0 .. lengths[b]-1."""
+        positions = torch.arange(self.rbln_config.max_seq_len)
+        return (positions[None, :] < torch.tensor(lengths)[:, None]).to(torch.int32)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, rbln_positions=None, **kwargs):
         """One generation step: prefill of every prompt (rbln_positions None) or one decode step."""

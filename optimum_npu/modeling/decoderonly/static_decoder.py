@@ -14,6 +14,7 @@ Inputs of a graph:
     start_pos    int32 [batch]         position of the first token; < 0 marks a padding row
     block_tables int32 [batch, max_blocks_per_seq]
     query_position int64 [1]           prefill only: which token of the chunk to return logits for
+    attention_mask int32 [batch, max_seq_len]   with use_attention_mask only: 1 = key position visible
 Output: logits [batch, 1, vocab].
 """
 
@@ -133,6 +134,7 @@ class StaticDecoder(nn.Module):
         attn_impl: str,
         partition_len: int | None = None,
         use_inputs_embeds: bool = False,
+        use_attention_mask: bool = False,
     ):
         super().__init__()
         if phase not in ("prefill", "decode"):
@@ -143,6 +145,7 @@ class StaticDecoder(nn.Module):
         self.attn_impl = attn_impl
         self.partition_len = partition_len
         self.use_inputs_embeds = use_inputs_embeds
+        self.use_attention_mask = use_attention_mask
         self.embed_tokens = decoder.embed_tokens
         self.layers = layers
         self.norm = decoder.norm
@@ -159,7 +162,7 @@ class StaticDecoder(nn.Module):
             self.register_buffer(f"k_cache_{i}", k_cache, persistent=False)
             self.register_buffer(f"v_cache_{i}", v_cache, persistent=False)
 
-    def _attention(self, layer_index: int, layer: DecoderLayer, hidden, cos, sin, start_pos, block_tables):
+    def _attention(self, layer_index: int, layer: DecoderLayer, hidden, cos, sin, start_pos, block_tables, mask):
         batch, tokens, _ = hidden.shape
         q, k, v = layer.qkv_proj(hidden).split(layer.qkv_sizes, dim=-1)
         q = q.reshape(batch, tokens, self.num_heads, self.head_dim)
@@ -176,14 +179,18 @@ class StaticDecoder(nn.Module):
         window = self.sliding_windows[layer_index]
         if self.attn_impl == "flash_attn":
             out = torch.ops.rbln.flash_attention(
-                q, k_cache, v_cache, block_tables, start_pos, self.scale, window, self.partition_len
+                q, k_cache, v_cache, block_tables, start_pos, self.scale, window, self.partition_len, mask
             )
         else:
-            out = torch.ops.rbln.paged_attention(q, k_cache, v_cache, block_tables, start_pos, self.scale, window)
+            out = torch.ops.rbln.paged_attention(q, k_cache, v_cache, block_tables, start_pos, self.scale, window, mask)
         out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         return layer.o_proj(out)
 
-    def forward(self, inputs, start_pos, block_tables, query_position=None):
+    def forward(self, inputs, start_pos, block_tables, *extra_inputs):
+        # The graph's inputs are positional: prefill adds query_position, then the mask if used.
+        extra = list(extra_inputs)
+        query_position = extra.pop(0) if self.phase == "prefill" else None
+        attention_mask = extra.pop(0) if self.use_attention_mask else None
         hidden = inputs if self.use_inputs_embeds else self.embed_tokens(inputs)
         tokens = hidden.shape[1]
         # Padding rows have start_pos < 0; any valid table index will do for them.
@@ -193,7 +200,7 @@ class StaticDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(i, layer, hidden, cos, sin, start_pos, block_tables)
+            hidden = residual + self._attention(i, layer, hidden, cos, sin, start_pos, block_tables, attention_mask)
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         if query_position is not None:  # prefill: only the last prompt token's logits are needed
