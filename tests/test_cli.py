@@ -156,6 +156,8 @@ def test_smi_shows_a_live_runtime_across_processes(project, capsys):
         assert {p["owner"] for p in processes} == {"Runtime(mlp.rbln) weights", "Runtime(mlp.rbln)"}
         assert {(p["device"], p["pid"]) for p in processes} == {(2, os.getpid())}
         assert sum(p["bytes"] for p in processes) == used[2]
+        # ...but it is one runtime
+        assert [d["runtimes"] for d in data["devices"]] == [0, 0, 1, 0]
         assert main(["smi"]) == 0
         text = capsys.readouterr().out
         assert "Runtime(mlp.rbln)" in text and str(os.getpid()) in text

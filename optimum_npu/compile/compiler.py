@@ -46,16 +46,11 @@ class CompiledModel(Artifact):
     @property
     def estimated_latency_s(self) -> float:
         """Simulated time of one run (attention priced at full KV length)."""
-        cost = CostModel(get_npu_spec(self.program.npu))
-        total = cost.run_overhead()
+        cost_model = CostModel(get_npu_spec(self.program.npu))
+        total = cost_model.run_overhead()
         for step in self.program.steps:
-            nbytes = step.bytes_read + step.bytes_written
-            if step.kind == "kernel":
-                total += cost.kernel(step.flops, step.vector_flops, nbytes).total_s
-            elif step.kind == "host":
-                total += cost.host(step.flops + step.vector_flops, nbytes)
-            else:
-                total += cost.hdma(nbytes)
+            cost = cost_model.step(step.kind, step.flops, step.vector_flops, step.bytes_read + step.bytes_written)
+            total += cost.total_s if step.kind == "kernel" else cost
         return total
 
     def summary(self) -> str:

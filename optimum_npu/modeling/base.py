@@ -32,6 +32,14 @@ TOKENIZER_FILES = (
 )
 
 
+# from_pretrained kwargs that say where on the Hub to look, not how to build the model.
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
+
+
+def hub_kwargs_of(kwargs: dict, pop: bool = False) -> dict:
+    return {k: (kwargs.pop(k) if pop else kwargs[k]) for k in HUB_KWARGS if k in kwargs}
+
+
 def _resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict) -> Path:
     """A local folder as is; a Hub id through the standard cache (works offline from the cache)."""
     path = Path(model_id)
@@ -89,7 +97,7 @@ class RBLNModel:
 
     @classmethod
     def from_pretrained(cls, model_id: str | os.PathLike, export: bool = False, **kwargs: Any):
-        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        hub_kwargs = hub_kwargs_of(kwargs, pop=True)
         if export:
             config, hf_kwargs = cls.config_class.from_kwargs(kwargs)
             hf_model = cls._load_hf_model(model_id, {**hub_kwargs, **hf_kwargs})

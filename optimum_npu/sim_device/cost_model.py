@@ -76,3 +76,11 @@ class CostModel:
 
     def run_overhead(self) -> float:
         return self.cal.run_overhead_s
+
+    def step(self, kind: str, flops: float, vector_flops: float, bytes_moved: int) -> KernelCost | float:
+        """Price one program step: a device kernel, a host-fallback segment or an HDMA copy."""
+        if kind == "kernel":
+            return self.kernel(flops, vector_flops, bytes_moved)
+        if kind == "host":
+            return self.host(flops + vector_flops, bytes_moved)
+        return self.hdma(bytes_moved)

@@ -90,6 +90,7 @@ class Allocation:
     pid: int
     owner: str                   # e.g. "Runtime(prefill.rbln)"
     bytes_per_device: dict[int, int]
+    kind: str = "activations"    # "weights": weights / buffers, possibly shared by several runtimes
 
 
 def allocations() -> list[Allocation]:
@@ -103,7 +104,8 @@ def allocations() -> list[Allocation]:
         if not _pid_alive(data["pid"]):
             path.unlink(missing_ok=True)
             continue
-        out.append(Allocation(data["id"], data["pid"], data["owner"], {int(k): v for k, v in data["bytes"].items()}))
+        out.append(Allocation(data["id"], data["pid"], data["owner"], {int(k): v for k, v in data["bytes"].items()},
+                              data.get("kind", "activations")))
     return out
 
 
@@ -129,7 +131,7 @@ def format_gib(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
-def allocate(owner: str, bytes_per_device: dict[int, int], advice: str = "") -> Allocation:
+def allocate(owner: str, bytes_per_device: dict[int, int], advice: str = "", kind: str = "activations") -> Allocation:
     """Reserve DRAM on devices, or raise DeviceMemoryError saying what is missing and what to do."""
     all_devices = devices()
     with _machine_lock():
@@ -150,11 +152,12 @@ def allocate(owner: str, bytes_per_device: dict[int, int], advice: str = "") -> 
                     + ". "
                     + (advice or "Release other runtimes on this device or pick another device.")
                 )
-        allocation = Allocation(f"{os.getpid()}-{uuid.uuid4().hex[:8]}", os.getpid(), owner, dict(bytes_per_device))
+        allocation = Allocation(f"{os.getpid()}-{uuid.uuid4().hex[:8]}", os.getpid(), owner, dict(bytes_per_device), kind)
         path = state_dir() / f"alloc-{allocation.id}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(
-            json.dumps({"id": allocation.id, "pid": allocation.pid, "owner": owner, "bytes": bytes_per_device})
+            json.dumps({"id": allocation.id, "pid": allocation.pid, "owner": owner, "bytes": bytes_per_device,
+                        "kind": kind})
         )
         os.replace(tmp, path)
     return allocation

@@ -274,7 +274,8 @@ class Runtime:
         self._shared_memory = share_state_with._shared_memory if share_state_with is not None else _SharedMemory()
         if owned_weights + owned_buffers:
             state = device_memory.allocate(
-                f"Runtime({self.name}) weights", {m.device: m.weights_bytes + m.buffers_bytes for m in usage}, advice
+                f"Runtime({self.name}) weights", {m.device: m.weights_bytes + m.buffers_bytes for m in usage}, advice,
+                kind="weights",
             )
             self._shared_memory.allocation_ids.append(state.id)
         try:
@@ -358,11 +359,7 @@ class Runtime:
     def _price(self, step: Step, flops=None, bytes_moved=None) -> KernelCost | float:
         flops = step.flops if flops is None else flops
         bytes_moved = step.bytes_read + step.bytes_written if bytes_moved is None else bytes_moved
-        if step.kind == "kernel":
-            return self.cost_model.kernel(flops, step.vector_flops, bytes_moved)
-        if step.kind == "host":
-            return self.cost_model.host(flops + step.vector_flops, bytes_moved)
-        return self.cost_model.hdma(bytes_moved)
+        return self.cost_model.step(step.kind, flops, step.vector_flops, bytes_moved)
 
     # ---- running ---------------------------------------------------------------------
 

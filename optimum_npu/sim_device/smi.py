@@ -44,7 +44,7 @@ def status() -> dict:
     machine = memory.devices()
     live = memory.allocations()
     processes = [
-        {"device": index, "pid": a.pid, "owner": a.owner, "bytes": nbytes, "allocation_id": a.id}
+        {"device": index, "pid": a.pid, "owner": a.owner, "bytes": nbytes, "allocation_id": a.id, "kind": a.kind}
         for a in live
         for index, nbytes in sorted(a.bytes_per_device.items())
     ]
@@ -62,7 +62,8 @@ def status() -> dict:
             "memory_used_bytes": used,
             "memory_total_bytes": d.spec.usable_dram_bytes,
             "dram_bytes": d.spec.dram_bytes,
-            "runtimes": sum(1 for p in processes if p["device"] == d.index),
+            # Every runtime holds one activations allocation; weights may be shared by several.
+            "runtimes": sum(1 for p in processes if p["device"] == d.index and p["kind"] == "activations"),
         })
     return {
         "system": os.environ.get("OPTIMUM_NPU_SYSTEM", "RBLN-CA25"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from transformers import AutoConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 from ...configuration import CONFIG_NAME, RBLNModelConfig
-from ..base import MODEL_REGISTRY, _resolve_folder, is_compiled_folder
+from ..base import MODEL_REGISTRY, _resolve_folder, hub_kwargs_of, is_compiled_folder
 from .configuration_decoderonly import (
     RBLNDecoderOnlyModelForCausalLMConfig,
     RBLNLlamaForCausalLMConfig,
@@ -63,7 +63,7 @@ class RBLNAutoModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, model_id, export: bool = False, **kwargs):
-        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        hub_kwargs = hub_kwargs_of(kwargs)
         return cls.class_for(model_id, export, **hub_kwargs).from_pretrained(model_id, export=export, **kwargs)
 
     @classmethod
