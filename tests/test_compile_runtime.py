@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import optimum_npu
 from optimum_npu import Runtime, compile_from_torch
+from shared_modules import PreNormBlock
 
 TOLERANCE = {("bfloat16", "device"): 2e-2, ("float16", "device"): 2e-3, ("bfloat16", "exact"): 1e-6,
              ("float16", "exact"): 1e-6}
@@ -79,25 +80,6 @@ class ConvNet(nn.Module):
     def forward(self, x):
         x = self.pool(F.relu(self.bn(self.conv(x))))
         return self.fc(torch.flatten(x, 1))
-
-
-class PreNormBlock(nn.Module):
-    """A GPT-style block: pre-norm causal MHA via scaled_dot_product_attention, GELU MLP."""
-
-    def __init__(self, d=64, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        batch, seq, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (t.view(batch, seq, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attn.transpose(1, 2).reshape(batch, seq, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
 def kernel_ops(compiled):

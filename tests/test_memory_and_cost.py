@@ -15,12 +15,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import optimum_npu
 from optimum_npu import DeviceMemoryError, Runtime, compile_from_torch
 from optimum_npu.sim_device import memory as device_memory
 from optimum_npu.sim_device.cost_model import Calibration
+from shared_modules import PreNormBlock
 
 GiB = 1024**3
 ATOM_DRAM_BW = 256e9          # bytes/s per device
@@ -49,21 +49,6 @@ def load_trace(path):
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
     slices = [{**e, "track": threads[(e["pid"], e["tid"])]} for e in events if e["ph"] == "X"]
     return sorted(slices, key=lambda s: s["ts"])
-
-
-class Block(nn.Module):
-    def __init__(self, d=64, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(self.ln1(x)).split(d, dim=-1))
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
 class WithHostOp(nn.Module):
@@ -344,7 +329,7 @@ def test_large_batch_matmul_is_compute_bound(tmp_path):
         assert copy["dur"] * US == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("build,shape", [(WithHostOp, (8, 64)), (Block, (2, 8, 64))], ids=["host-op", "block"])
+@pytest.mark.parametrize("build,shape", [(WithHostOp, (8, 64)), (PreNormBlock, (2, 8, 64))], ids=["host-op", "block"])
 def test_run_time_is_the_critical_path_of_the_trace(build, shape, tmp_path):
     module = build().eval()
     x = torch.randn(shape)
@@ -383,7 +368,7 @@ def test_run_time_is_the_critical_path_of_the_trace(build, shape, tmp_path):
 
 
 def test_profiler_does_not_change_the_clock():
-    module = Block().eval()
+    module = PreNormBlock().eval()
     x = torch.randn(2, 8, 64)
     compiled = compile_from_torch(module, example_inputs=[x])
     plain, profiled = Runtime(compiled), Runtime(compiled, activate_profiler=True)
@@ -396,7 +381,7 @@ def test_profiler_does_not_change_the_clock():
 
 
 def test_fp16_bf16_and_exact_programs_cost_the_same():
-    module = Block().eval()
+    module = PreNormBlock().eval()
     x = torch.randn(2, 8, 64)
     runs = {}
     for dtype, numerics in (("bfloat16", "device"), ("float16", "device"), ("bfloat16", "exact"), ("float16", "exact")):
