@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..sim_device.artifact import Artifact
 from ..sim_device.cost_model import CostModel
 from ..sim_device.memory import DeviceMemoryError, format_gib
-from ..sim_device.program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, TensorSpec, dtype_name
+from ..sim_device.program import DEVICE_DTYPES, DTYPE_NAMES, PROGRAM_DTYPES, Program, TensorSpec, dtype_name
 from ..sim_device.specs import NPU_PRESETS, DEFAULT_NPU, get_npu_spec
 from .frontend import export_graph
 from .fusion import fuse
@@ -67,13 +67,10 @@ class CompiledModel(Artifact):
 
 def _normalize_dtype(dtype) -> str:
     if isinstance(dtype, torch.dtype):
-        dtype = DTYPE_ALIASES.get(dtype, str(dtype))
+        dtype = DTYPE_NAMES.get(dtype, str(dtype))
     if dtype not in DEVICE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(repr, DEVICE_DTYPES))} (the device computes in 16 bits); got {dtype!r}")
     return dtype
-
-
-DTYPE_ALIASES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _inputs_from_info(input_info, on_meta: bool) -> tuple:

@@ -41,7 +41,6 @@ class Graph:
     values: dict[str, TensorSpec]     # every tensor value, original dtypes
     nodes: list[Node]
     tensors: dict[str, torch.Tensor] | None   # weights and buffers by name; None on meta
-    alias_root: dict[str, str]        # view value -> the value whose memory it shares
 
 
 def _spec(name: str, value) -> TensorSpec:
@@ -107,7 +106,7 @@ def export_graph(module: torch.nn.Module, example_inputs: tuple, input_names: li
     clashes = user_inputs & {n.name for n in program.graph.nodes if n.op == "call_function"}
     if clashes:
         raise ValueError(f"input names {sorted(clashes)} clash with names of values in the traced graph; rename them")
-    alias_root: dict[str, str] = {}
+    alias_root: dict[str, str] = {}  # view value -> the value whose memory it shares
     nodes: list[Node] = []
     getitems: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for fx_node in program.graph.nodes:
@@ -173,7 +172,7 @@ def export_graph(module: torch.nn.Module, example_inputs: tuple, input_names: li
             raise ValueError(f"{type(module).__name__} returns a non-tensor value ({out!r}); return tensors only")
         outputs.append(names[out])
     on_meta = any(t.is_meta for t in tensors.values())
-    return Graph(inputs, outputs, weights, buffers, values, nodes, None if on_meta else tensors, alias_root)
+    return Graph(inputs, outputs, weights, buffers, values, nodes, None if on_meta else tensors)
 
 
 def _flat_nodes(fx_node) -> list:

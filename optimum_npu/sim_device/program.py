@@ -151,9 +151,6 @@ class Program:
             external=list(data.get("external", [])),
         )
 
-    def kernel_summary(self) -> list[tuple[str, str, float, int]]:
-        """(kind, name, flops, bytes) per step, in schedule order."""
-        return [(s.kind, s.name, s.flops, s.bytes_read + s.bytes_written) for s in self.steps]
 
 
 # --- op arguments as JSON -----------------------------------------------------------

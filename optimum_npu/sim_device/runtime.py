@@ -30,11 +30,10 @@ from .artifact import Artifact
 from .cost_model import CostModel, KernelCost
 from .profiler import EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
 from .executor import BoundOp, generate
-from .program import PROGRAM_DTYPES, Program, Step, decode_arg
+from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Step, decode_arg
 from .specs import get_npu_spec
 
 ALLOWED_OP_NAMESPACES = ("aten", "rbln")
-DEVICE_FLOAT_NAMES = ("bfloat16", "float16")
 
 
 class Timeline:
@@ -242,7 +241,7 @@ class Runtime:
                 self._state[spec.name] = shared[spec.name]
                 continue
             if spec.name in program.zero_init:
-                dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_FLOAT_NAMES else PROGRAM_DTYPES[spec.dtype]
+                dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
                 self._state[spec.name] = torch.zeros(spec.shape, dtype=dtype)
             elif spec.name in compiled.tensors:
                 tensor = compiled.tensors[spec.name]
@@ -268,24 +267,27 @@ class Runtime:
             )
             for rank, d in enumerate(self.devices)
         ]
-        advice = ("Compile with a larger tensor_parallel_size, a smaller batch or sequence length, "
-                  "or for an NPU with more memory (npu='RBLN-CR03').")
+        advice = ("Close other runtimes on the device, pick another device, or recompile with a smaller batch or "
+                  "sequence length, for an NPU with more memory (npu='RBLN-CR03'), or split over devices with "
+                  "tensor_parallel_size (which this version's compiler does not implement yet).")
         # Weights and buffers stay allocated while any runtime sharing them is alive.
         self._shared_memory = share_state_with._shared_memory if share_state_with is not None else _SharedMemory()
+        state = None
         if owned_weights + owned_buffers:
             state = device_memory.allocate(
                 f"Runtime({self.name}) weights", {m.device: m.weights_bytes + m.buffers_bytes for m in usage}, advice,
                 kind="weights",
             )
-            self._shared_memory.allocation_ids.append(state.id)
         try:
             activations = device_memory.allocate(
                 f"Runtime({self.name})", {m.device: m.activations_bytes for m in usage}, advice
             )
         except device_memory.DeviceMemoryError:
-            if owned_weights + owned_buffers and share_state_with is None:
+            if state is not None:
                 device_memory.release(state.id)
             raise
+        if state is not None:
+            self._shared_memory.allocation_ids.append(state.id)
         self._shared_memory.users += 1
         self._finalizer = weakref.finalize(self, _release, activations.id, self._shared_memory)
         self.stats.memory = usage
