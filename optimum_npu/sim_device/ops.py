@@ -73,7 +73,7 @@ HOST_FALLBACK_OP_PACKETS = frozenset(f"aten.{name}" for name in """
     special_i1 special_i1e special_ndtr special_ndtri special_log_ndtr special_entr special_xlog1py
     special_bessel_j0 special_bessel_j1 special_zeta
     frac sgn signbit fix nan_to_num fmax fmin lerp clip
-    celu selu glu log_sigmoid prelu hardshrink softshrink threshold tanhshrink softsign logsigmoid
+    celu selu glu log_sigmoid prelu hardshrink softshrink threshold
     cumprod cummax cummin logcumsumexp sort argsort topk kthvalue median nanmedian mode var_mean std_mean norm
     nansum nanmean aminmax cross linalg_cross diag diagonal diag_embed trace cdist dist renorm
     scatter_add scatter_reduce index_add index_fill take take_along_dim bucketize searchsorted
