@@ -247,6 +247,8 @@ BAD_ARGUMENTS = {
         dtype={"dtype": "object"}),
     "float-encoding-not-a-float": _edit_linear(lambda op: op["args"].__setitem__(2, {"float": "1e999"})),
     "huge-int-arg": _edit_atan(lambda op: op.update(target="aten.cumprod.default", args=[op["args"][0], 2**70])),
+    "size-beyond-any-tensor": _edit_atan(lambda op: op.update(target="aten.full.default",
+                                                             args=[[2**20, 2**20], 0.0], kwargs={})),
     "bool-for-a-ScalarType": _edit_atan(lambda op: op.update(target="aten.cumprod.default",
                                                             args=[op["args"][0], 1], kwargs={"dtype": True})),
     "args-as-object": _edit_linear(lambda op: op.__setitem__("args", {"0": op["args"][0]})),

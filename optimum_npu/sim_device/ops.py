@@ -200,8 +200,9 @@ def _matches(value, jit_type) -> bool:
     return False  # Generator, Storage, Dimname, ...: never in a compiled program
 
 
-def check_op_arguments(target: str, args: Any, kwargs: Any) -> None:
-    """ArtifactError unless `args` / `kwargs` (JSON-encoded) fit the schema of op `target`."""
+def check_op_arguments(target: str, args: Any, kwargs: Any) -> list[tuple[str, Any]]:
+    """ArtifactError unless `args` / `kwargs` (JSON-encoded) fit the schema of op `target`;
+    returns (schema argument name, value) for each argument passed."""
     schema = resolve_op(target)._schema
     if type(args) is not list or type(kwargs) is not dict:
         raise ArtifactError(f"op {target}: args must be a list and kwargs an object")
@@ -213,7 +214,8 @@ def check_op_arguments(target: str, args: Any, kwargs: Any) -> None:
     for key in kwargs:
         if key not in by_name or key in given:
             raise ArtifactError(f"op {target}: unexpected or repeated argument {key!r} (schema: {schema})")
-    for argument, value in [*zip(positional, args), *((by_name[k], v) for k, v in kwargs.items())]:
+    bound = [*zip(positional, args), *((by_name[k], v) for k, v in kwargs.items())]
+    for argument, value in bound:
         if not _matches(value, argument.real_type):
             raise ArtifactError(
                 f"op {target}: argument {argument.name!r} must be {argument.real_type}, the program passes "
@@ -223,6 +225,7 @@ def check_op_arguments(target: str, args: Any, kwargs: Any) -> None:
                and not a.has_default_value()]
     if missing:
         raise ArtifactError(f"op {target}: missing argument(s) {missing}")
+    return [(argument.name, value) for argument, value in bound]
 
 
 def check_op_outputs(target: str, outputs: list[str]) -> None:

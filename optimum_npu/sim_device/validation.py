@@ -17,6 +17,7 @@ New step kinds add a rule to `_STEP_RULES`; new program fields add a key to `_PR
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 from .ops import check_op_arguments, check_op_outputs
@@ -101,8 +102,10 @@ def _object(required: dict[str, Check], optional: dict[str, Check] | None = None
         _json_object(value, where)
         missing = set(required) - set(value)
         unknown = set(value) - set(required) - set(optional)
-        if missing or unknown:
-            _fail(where, f"has missing keys {sorted(missing)} / unknown keys {sorted(unknown)[:5]}")
+        if missing:
+            _fail(where, f"lacks keys {sorted(missing)}")
+        if unknown:
+            _fail(where, f"has unknown keys {sorted(unknown)[:5]}")
         for key, v in value.items():
             (required.get(key) or optional[key])(v, f"{where}.{key}")
     return check
@@ -180,28 +183,44 @@ def _check_tensors(program: Program) -> None:
         _fail("external", f"names {sorted(set(program.external) - stored)[:5]}, which are not weights or buffers")
 
 
-def _copy_rule(step: Step, defined: set[str], where: str) -> None:
+@dataclass
+class _Scope:
+    """What the steps checked so far leave behind."""
+
+    defined: set[str]             # values a later step may read
+    max_numel: int                # elements of the largest tensor the program declares
+
+
+# Op arguments that give the shape of a tensor the op creates or views: their product can
+# never exceed the largest tensor of the program (else `full(size=[2**40])` would allocate it).
+_SHAPE_ARGUMENTS = ("size", "shape", "repeats", "sizes")
+
+
+def _copy_rule(step: Step, scope: _Scope, where: str) -> None:
     if step.ops or len(step.inputs) != len(step.outputs):
         _fail(where, "is a copy: it has no ops and one output per input")
-    _require_defined(step.inputs, defined, where)
-    defined.update(step.outputs)
+    _require_defined(step.inputs, scope.defined, where)
+    scope.defined.update(step.outputs)
 
 
-def _ops_rule(step: Step, defined: set[str], where: str) -> None:
-    _require_defined(step.inputs, defined, where)
+def _ops_rule(step: Step, scope: _Scope, where: str) -> None:
+    _require_defined(step.inputs, scope.defined, where)
     produced: set[str] = set()
     for i, call in enumerate(step.ops):
-        check_op_arguments(call.target, call.args, call.kwargs)
+        for name, value in check_op_arguments(call.target, call.args, call.kwargs):
+            if name in _SHAPE_ARGUMENTS and type(value) is list:
+                if math.prod(abs(v) for v in value if type(v) is int) > scope.max_numel:
+                    _fail(f"{where} op {i}", f"({call.target}) has {name}={value}, larger than any tensor of the program")
         check_op_outputs(call.target, call.outputs)
-        _require_defined(_refs((call.args, list(call.kwargs.values()))), defined | produced, f"{where} op {i}")
+        _require_defined(_refs((call.args, list(call.kwargs.values()))), scope.defined, f"{where} op {i}", produced)
         produced.update(name for name in call.outputs if name)
     if not set(step.outputs) <= produced:
         _fail(where, f"lists outputs {sorted(set(step.outputs) - produced)[:5]} that none of its ops produce")
-    defined.update(produced)
+    scope.defined.update(produced)
 
 
-# How each step kind is checked, given the names defined before it (which it extends).
-_STEP_RULES: dict[str, Callable[[Step, set[str], str], None]] = {
+# How each step kind is checked, given what the steps before it defined (which it extends).
+_STEP_RULES: dict[str, Callable[[Step, _Scope, str], None]] = {
     "kernel": _ops_rule, "host": _ops_rule, "h2d": _copy_rule, "d2h": _copy_rule,
 }
 assert set(_STEP_RULES) == set(STEP_KINDS)
@@ -216,20 +235,24 @@ def _refs(args) -> list[str]:
     return []
 
 
-def _require_defined(names, defined: set[str], where: str) -> None:
-    undefined = [n for n in names if n not in defined]
+def _require_defined(names, defined: set[str], where: str, also_defined: set[str] = frozenset()) -> None:
+    undefined = [n for n in names if n not in defined and n not in also_defined]
     if undefined:
         _fail(where, f"reads {undefined[:5]} before any step defines them")
 
 
 def _check_steps(program: Program) -> None:
-    defined = {s.name for s in program.inputs + program.weights + program.buffers}
+    specs = program.inputs + program.outputs + program.weights + program.buffers + list(program.values.values())
+    scope = _Scope(
+        defined={s.name for s in program.inputs + program.weights + program.buffers},
+        max_numel=max((s.numel for s in specs), default=0),
+    )
     for index, step in enumerate(program.steps):
         where = f"step {index} ({step.name!r})"
         if step.kind not in _STEP_RULES:
             _fail(where, f"has kind {step.kind!r}; known kinds: {', '.join(STEP_KINDS)}")
-        _STEP_RULES[step.kind](step, defined, where)
-    _require_defined([s.name for s in program.outputs], defined, "outputs")
+        _STEP_RULES[step.kind](step, scope, where)
+    _require_defined([s.name for s in program.outputs], scope.defined, "outputs")
 
 
 def _check_memory_plan(program: Program) -> None:
