@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from optimum_npu import ArtifactError, DeviceMemoryError, Runtime, compile_from_torch
 from optimum_npu.sim_device import Artifact
@@ -406,6 +407,15 @@ def test_wrong_header_field_types_are_an_artifact_error(host_file, tmp_path, sta
     head, payload = split(evil)
     head[field] = value
     assert_refused(tmp_path, state_dir, signed_raw(dumps(head), payload))
+
+
+def test_payload_tensor_of_another_dtype_is_refused(host_file, tmp_path, state_dir):
+    """A weight the program declares as a float, stored as int64 of the right shape."""
+    _, header, payload = host_file
+    tensors = load_safetensors(payload)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.zeros(tensors[name].shape, dtype=torch.int64)
+    assert_refused(tmp_path, state_dir, signed(header, save_safetensors(tensors)), match=f"{name}.*dtype")
 
 
 def test_in_memory_program_is_validated_by_the_runtime(host_file, state_dir):
