@@ -9,13 +9,7 @@ neighbour (the classic greedy-by-size planner); the arena's size is the peak.
 
 from __future__ import annotations
 
-from ..sim_device.program import MemoryPlan, Step, TensorSpec
-
-ALIGNMENT = 64
-
-
-def _align(n: int) -> int:
-    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+from ..sim_device.program import MemoryPlan, Step, TensorSpec, aligned
 
 
 def plan_memory(
@@ -37,7 +31,7 @@ def plan_memory(
     placed: list[tuple[int, int, int, int]] = []   # (offset, size, first, last)
     offsets: dict[str, int] = {}
     for name in sorted(first, key=lambda n: (-values[n].nbytes, first[n], n)):
-        size, lo, hi = _align(values[name].nbytes), first[name], last[name]
+        size, lo, hi = aligned(values[name].nbytes), first[name], last[name]
         offset = 0
         for other_offset, other_size, other_lo, other_hi in sorted(placed):
             if other_hi < lo or other_lo > hi:

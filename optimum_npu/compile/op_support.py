@@ -1,7 +1,9 @@
 """Which ops the NPU runs, what kind of kernel each is, and how much work it does.
 
-An op missing from `DEVICE_OPS` is a host fallback: it runs on the CPU between device
-segments, with the copies that implies. The category drives fusion:
+The lists live in `sim_device/ops.py`, the runtime's allowlist: the compiler emits exactly
+what the runtime accepts. An op of `ops.DEVICE_OP_PACKETS` runs on the device; one of
+`ops.HOST_FALLBACK_OP_PACKETS` runs on the CPU between device segments, with the copies
+that implies; any other op is refused at compile time. The category drives fusion:
 
 - MATMUL   matrix-engine ops (linear, matmul, conv): a kernel of their own, with an epilogue
 - NORM     normalisations and softmax: one kernel each
@@ -19,6 +21,9 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from ..sim_device import ops as device_ops
+from ..sim_device.ops import op_packet
+
 
 class Category(Enum):
     MATMUL = "matmul"
@@ -33,39 +38,7 @@ class Category(Enum):
 
 FUSABLE_INTO_PRODUCER = (Category.POINTWISE, Category.REDUCTION, Category.LAYOUT)
 
-_POINTWISE = """
-abs add addcmul addcdiv bitwise_and bitwise_not bitwise_or bitwise_xor ceil clamp clamp_max clamp_min clone
-contiguous cos detach div elu eq erf exp expm1 fill floor floor_divide fmod ge gelu gt hardsigmoid hardswish
-hardtanh isinf isnan le leaky_relu lift_fresh_copy log log1p log2 logical_and logical_not logical_or lt
-masked_fill maximum minimum mish mul ne neg pow reciprocal relu relu6 remainder round rsqrt rsub sigmoid sign
-silu sin softplus sqrt square sub tanh to _to_copy trunc type_as where dropout alias zeros_like ones_like
-full_like bitwise_left_shift bitwise_right_shift
-"""
-_REDUCTION = "all amax amin any argmax argmin cumsum linalg_vector_norm logsumexp max mean min prod std sum var"
-_LAYOUT = """
-view reshape _unsafe_view permute transpose t unsqueeze squeeze expand expand_as slice select flatten unflatten
-split split_with_sizes chunk unbind cat stack narrow repeat flip roll constant_pad_nd pad movedim
-"""
-_NORM = """
-layer_norm group_norm batch_norm rms_norm instance_norm softmax _softmax log_softmax
-_native_batch_norm_legit_no_training native_layer_norm native_group_norm
-"""
-_MATMUL = "linear matmul mm bmm addmm baddbmm conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d " \
-    "scaled_dot_product_attention outer einsum"
-_OTHER = """
-embedding index index_select gather scatter index_put copy copy_ arange zeros ones full empty new_zeros
-new_ones new_full new_empty scalar_tensor tril triu max_pool1d max_pool2d avg_pool1d avg_pool2d
-adaptive_avg_pool1d adaptive_avg_pool2d upsample_nearest2d upsample_bilinear2d slice_scatter select_scatter
-masked_fill_ index_copy
-"""
-
-DEVICE_OPS: dict[str, Category] = {}
-for _names, _cat in (
-    (_POINTWISE, Category.POINTWISE), (_REDUCTION, Category.REDUCTION), (_LAYOUT, Category.LAYOUT),
-    (_NORM, Category.NORM), (_MATMUL, Category.MATMUL), (_OTHER, Category.OTHER),
-):
-    for _name in _names.split():
-        DEVICE_OPS[f"aten.{_name}"] = _cat
+DEVICE_OPS: dict[str, Category] = {packet: Category(category) for packet, category in device_ops.DEVICE_OPS.items()}
 
 # Graph bookkeeping that does no work on any device.
 IGNORED_OPS = {
@@ -74,15 +47,20 @@ IGNORED_OPS = {
 }
 
 
-def op_packet(target: str) -> str:
-    """'aten.linear.default' -> 'aten.linear'."""
-    return target.rsplit(".", 1)[0]
-
-
 def categorize(target: str) -> Category:
-    if target.startswith("rbln."):
+    """The category of op `target`; ValueError for an op the runtime would refuse to run."""
+    if target in device_ops.kernel_ops():
         return Category.ATTENTION
-    return DEVICE_OPS.get(op_packet(target), Category.HOST)
+    packet = op_packet(target)
+    if packet in DEVICE_OPS:
+        return DEVICE_OPS[packet]
+    if packet in device_ops.HOST_FALLBACK_OP_PACKETS:
+        return Category.HOST
+    raise ValueError(
+        f"cannot compile a call to {target}: it is neither an op the device runs nor an allowed host fallback "
+        "(pure math ops; see HOST_FALLBACK_OP_PACKETS in optimum_npu/sim_device/ops.py). Rewrite the module "
+        "without it, or compute it outside the compiled module."
+    )
 
 
 @dataclass(frozen=True)

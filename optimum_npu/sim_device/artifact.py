@@ -7,8 +7,12 @@ Layout (all integers little-endian):
     H bytes   header, UTF-8 JSON (sorted keys): format version, program, versions, sha256 of payload
     rest      payload: a safetensors blob with the weights and initial buffer values
 
-Loading parses JSON and safetensors only, so a file from an untrusted place can never
-execute code. Writing is deterministic (same module -> byte-identical file) and atomic.
+Loading parses JSON and safetensors only (no pickle). A file may come from anywhere, so
+its program is checked before anything runs (`Program.from_json`, `validation.py`): the
+runtime will only call allowlisted operators (`ops.py`) with arguments typed by their
+schemas, and device memory is accounted from sizes recomputed from the tensor specs. The
+checksums catch accidents (a truncated download, a flipped bit), not attackers: anyone
+can recompute them. Writing is deterministic (same module -> byte-identical file) and atomic.
 """
 
 from __future__ import annotations
@@ -26,15 +30,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .program import Program
+from .program import PROGRAM_DTYPES, ArtifactError, Program
 
 MAGIC = b"RBLNSIM\0"
 FORMAT_VERSION = 1
 _HEADER_LEN = struct.Struct("<Q")
-
-
-class ArtifactError(ValueError):
-    """A .rbln file that cannot be loaded: not one, corrupted, truncated or too new/old."""
 
 
 def _package_version() -> str:
@@ -53,10 +53,17 @@ def _check_payload(path, program: Program, tensors: dict[str, torch.Tensor]) -> 
             continue
         if spec.name not in tensors:
             raise ArtifactError(f"{path} is invalid: its payload lacks tensor {spec.name!r}")
-        if tuple(tensors[spec.name].shape) != spec.shape:
+        tensor = tensors[spec.name]
+        if tuple(tensor.shape) != spec.shape:
             raise ArtifactError(
-                f"{path} is invalid: tensor {spec.name!r} has shape {list(tensors[spec.name].shape)}, "
+                f"{path} is invalid: tensor {spec.name!r} has shape {list(tensor.shape)}, "
                 f"the program says {list(spec.shape)}"
+            )
+        # Floats may be stored wider than the device type (exact numerics keeps fp32); others exactly.
+        expected = PROGRAM_DTYPES[spec.dtype]
+        if tensor.dtype != expected and not (tensor.is_floating_point() and expected.is_floating_point):
+            raise ArtifactError(
+                f"{path} is invalid: tensor {spec.name!r} has dtype {tensor.dtype}, the program says {spec.dtype}"
             )
 
 
@@ -128,29 +135,37 @@ class Artifact:
             raise ArtifactError(f"{path} is truncated: header says {header_len} bytes, file has {len(data) - start}")
         try:
             header = json.loads(data[start : start + header_len])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{path} has a corrupted header: {e}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, ints > 4300 digits
+            raise ArtifactError(f"{path} has a corrupted header: {type(e).__name__}: {str(e)[:200]}") from None
         if not isinstance(header, dict):
             raise ArtifactError(f"{path} has a corrupted header: not a JSON object")
         version = header.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise ArtifactError(
-                f"{path} has format version {version}, this optimum-npu reads version {FORMAT_VERSION}; "
+                f"{path} has format version {str(version)[:20]}, this optimum-npu reads version {FORMAT_VERSION}; "
                 "recompile the model with this version (export=True)"
             )
-        missing = {"program", "program_sha256", "payload_sha256", "payload_bytes", "versions"} - set(header)
+        fields = {"program": dict, "program_sha256": str, "payload_sha256": str, "payload_bytes": int, "versions": dict}
+        missing = set(fields) - set(header)
         if missing:
             raise ArtifactError(f"{path} has a corrupted header: missing {sorted(missing)}")
+        wrong = [key for key, kind in fields.items() if type(header[key]) is not kind]
+        if wrong or not all(type(k) is str and type(v) is str for k, v in header["versions"].items()):
+            raise ArtifactError(f"{path} has a corrupted header: wrong types for {wrong or ['versions']}")
         payload = data[start + header_len :]
         if len(payload) != header["payload_bytes"]:
             raise ArtifactError(f"{path} is truncated: payload has {len(payload)} of {header['payload_bytes']} bytes")
         if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
             raise ArtifactError(f"{path} is corrupted or was modified: payload checksum mismatch")
-        if _json_sha256(header["program"]) != header["program_sha256"]:
+        try:
+            program_sha256 = _json_sha256(header["program"])
+        except RecursionError:
+            raise ArtifactError(f"{path} has a corrupted header: its program is nested too deeply") from None
+        if program_sha256 != header["program_sha256"]:
             raise ArtifactError(f"{path} is corrupted or was modified: program checksum mismatch")
         try:
             program = Program.from_json(header["program"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except ArtifactError as e:
             raise ArtifactError(f"{path} has an invalid program: {e}") from None
         try:
             tensors = load_safetensors(payload)

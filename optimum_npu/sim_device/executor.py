@@ -10,7 +10,10 @@ the schedule out as plain statements and compile them:
 
 The generated text contains only integer indices and the fixed helper names above,
 never a name, string or number read from the artifact (those stay in the `c` / `k`
-lists), so loading an untrusted program still cannot inject code.
+lists), so a program's text cannot inject code. What the `o` callables are is decided
+before this point: the runtime binds only allowlisted operators (`ops.resolve_op`) to
+programs that passed `validation.validate_program` (arguments typed by each op's
+schema, every value defined before it is read).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ A program is a flat schedule of steps. Each step is one thing the hardware does:
 
 Values are referenced by name. Every op is an aten (or ``rbln``) operator named by its
 string form, e.g. ``"aten.linear.default"``; its arguments are JSON data where a tensor
-is ``{"ref": name}``. Nothing in a program is executable Python: the runtime resolves op
-names against torch's operator registry and refuses anything outside ``aten`` / ``rbln``.
+is ``{"ref": name}``. Nothing in a program is executable Python. A program read from a
+file is untrusted: `Program.from_json` checks it (`validation.py`) before it exists, so
+the runtime only sees allowlisted ops (`ops.py`) with schema-typed arguments, values
+defined before they are read, and sizes that add up.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ PROGRAM_DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in PROGRAM_DTYPES.items()}
 DEVICE_DTYPES = ("bfloat16", "float16")
+STEP_KINDS = ("kernel", "host", "h2d", "d2h")
+NUMERICS = ("device", "exact")
+# Activations are placed in the arena at multiples of this many bytes.
+ARENA_ALIGNMENT = 64
+
+
+def aligned(nbytes: int) -> int:
+    """Bytes a value of `nbytes` takes in the activation arena."""
+    return (nbytes + ARENA_ALIGNMENT - 1) // ARENA_ALIGNMENT * ARENA_ALIGNMENT
+
+
+class ArtifactError(ValueError):
+    """A .rbln file or program that cannot be loaded: not one, corrupted, truncated, too new/old,
+    or not a program this compiler could have produced (unknown ops, ill-typed arguments, sizes
+    that do not add up)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -72,7 +89,7 @@ class OpCall:
 
 @dataclass
 class Step:
-    kind: str                        # "kernel" | "host" | "h2d" | "d2h"
+    kind: str                        # one of STEP_KINDS
     name: str
     inputs: list[str]                # values read
     outputs: list[str]               # values materialised (in DRAM for kernels / h2d, host memory otherwise)
@@ -108,7 +125,7 @@ class MemoryPlan:
 class Program:
     npu: str
     device_dtype: str                # "bfloat16" | "float16": what the device computes in
-    numerics: str                    # "device" | "exact"
+    numerics: str                    # one of NUMERICS
     tensor_parallel_size: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -127,15 +144,17 @@ class Program:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> Program:
+    def from_json(cls, data) -> Program:
+        """Build a program from untrusted JSON: ArtifactError unless it passes `validation`."""
+        from .validation import validate_program, validate_program_json
+
+        validate_program_json(data)
+
         def spec(d):
             return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
 
-        steps = []
-        for s in data["steps"]:
-            ops = [OpCall(**o) for o in s["ops"]]
-            steps.append(Step(**{**s, "ops": ops}))
-        return cls(
+        steps = [Step(**{**s, "ops": [OpCall(**o) for o in s["ops"]]}) for s in data["steps"]]
+        program = cls(
             npu=data["npu"],
             device_dtype=data["device_dtype"],
             numerics=data["numerics"],
@@ -150,7 +169,8 @@ class Program:
             zero_init=list(data.get("zero_init", [])),
             external=list(data.get("external", [])),
         )
-
+        validate_program(program)
+        return program
 
 
 # --- op arguments as JSON -----------------------------------------------------------
@@ -158,8 +178,8 @@ class Program:
 # else (None, bool, int, float, str, lists) is plain JSON. Compiler and runtime share
 # these two functions so the encoding has one definition.
 
-_LAYOUTS = {"strided": torch.strided}
-_MEMORY_FORMATS = {
+LAYOUTS = {"strided": torch.strided}
+MEMORY_FORMATS = {
     "contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format,
     "channels_last": torch.channels_last,
 }
@@ -193,7 +213,8 @@ class Ref:
 
 
 def decode_arg(value: Any, device_float: torch.dtype) -> Any:
-    """JSON argument -> python/torch value, with `Ref` placeholders for tensors."""
+    """JSON argument (checked by `ops.check_op_arguments`) -> python/torch value, with `Ref`
+    placeholders for tensors."""
     if isinstance(value, list):
         return [decode_arg(v, device_float) for v in value]
     if isinstance(value, dict):
@@ -205,9 +226,9 @@ def decode_arg(value: Any, device_float: torch.dtype) -> Any:
         if key == "device":
             return torch.device("cpu")
         if key == "layout":
-            return _LAYOUTS[v]
+            return LAYOUTS[v]
         if key == "memory_format":
-            return _MEMORY_FORMATS[v]
+            return MEMORY_FORMATS[v]
         if key == "float":
             return float(v)
         raise ValueError(f"unknown argument encoding {value!r}")

@@ -11,12 +11,18 @@ The host executes every op for real, with the device's numerics:
 
 Host-fallback segments always compute in fp32. Each step advances a simulated clock by
 what `CostModel` prices it at; with the profiler on, each step also becomes a trace slice.
+
+A runtime executes only programs that pass `validation.validate_program` (allowlisted ops,
+typed arguments, consistent sizes), whether loaded from a file or handed over in memory.
+Device memory is reserved, from sizes recomputed from the program, before any host tensor
+is created. `run` is thread-safe: runtimes that share a timeline (and so device state, like
+a KV cache) run one at a time, under the timeline's lock.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,18 +36,23 @@ from .artifact import Artifact
 from .cost_model import CostModel, KernelCost
 from .profiler import EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
 from .executor import BoundOp, generate
+from .ops import resolve_op
 from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Step, decode_arg
 from .specs import get_npu_spec
-
-ALLOWED_OP_NAMESPACES = ("aten", "rbln")
+from .validation import validate_program
 
 
 class Timeline:
-    """The simulated clock of a set of devices and, when profiling, the trace of what ran."""
+    """The simulated clock of a set of devices and, when profiling, the trace of what ran.
+
+    Runtimes sharing a timeline share device state too (weights, KV cache): `lock`
+    serialises their runs, so two threads never interleave on that state or on the clock.
+    """
 
     def __init__(self) -> None:
         self.clock_s = 0.0
         self.trace = Trace()
+        self.lock = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -145,21 +156,15 @@ class RuntimeStats:
         return "\n".join(lines)
 
 
-def _resolve_op(target: str) -> Callable:
-    parts = target.split(".") if isinstance(target, str) else []
-    if len(parts) != 3:
-        raise ValueError(f"program uses a malformed op name {target!r} (expected 'namespace.op.overload')")
-    namespace, name, overload = parts
-    if namespace not in ALLOWED_OP_NAMESPACES:
-        raise ValueError(f"program uses op {target!r} outside the allowed namespaces {ALLOWED_OP_NAMESPACES}")
-    if namespace == "rbln":
-        kernels = importlib.import_module(".kernels", __package__)  # registers the device's own kernels
-        if target in kernels.IMPLEMENTATIONS:
-            return kernels.IMPLEMENTATIONS[target]
-    try:
-        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
-    except (AttributeError, RuntimeError):
-        raise ValueError(f"program uses op {target!r}, unknown to this torch {torch.__version__}") from None
+def _op_callable(target: str) -> Callable:
+    """The function that executes allowlisted op `target` (the device kernels run their Python
+    implementation directly, skipping the dispatcher)."""
+    op = resolve_op(target)
+    if target.startswith("rbln."):
+        from .kernels import IMPLEMENTATIONS
+
+        return IMPLEMENTATIONS[target]
+    return op
 
 
 def _to_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -214,6 +219,7 @@ class Runtime:
                 "it cannot run. Compile a module with real weights."
             )
         self.program = program = compiled.program
+        validate_program(program)  # also for in-memory programs: this is what executes
         self.name = name or "compiled"
         self.tensor_type = tensor_type
         self.spec = get_npu_spec(program.npu)
@@ -226,36 +232,19 @@ class Runtime:
         self.timeline = share_state_with.timeline if share_state_with is not None else Timeline()
         self.stats = RuntimeStats()
 
-        # Device state: weights and buffers in the host dtype the numerics mode computes in.
         shared = share_state_with._state if share_state_with is not None else {}
-        buffer_names = {b.name for b in program.buffers}
-        self._state: dict[str, torch.Tensor] = {}
-        owned_weights = owned_buffers = 0
-        for spec in program.weights + program.buffers:
-            if spec.name in shared:
-                if tuple(shared[spec.name].shape) != spec.shape:
-                    raise ValueError(
-                        f"cannot share {spec.name!r}: shape {list(shared[spec.name].shape)} in the other runtime, "
-                        f"{list(spec.shape)} here (were the two programs compiled from the same model?)"
-                    )
-                self._state[spec.name] = shared[spec.name]
-                continue
-            if spec.name in program.zero_init:
-                dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
-                self._state[spec.name] = torch.zeros(spec.shape, dtype=dtype)
-            elif spec.name in compiled.tensors:
-                tensor = compiled.tensors[spec.name]
-                self._state[spec.name] = self.numerics.to_device(tensor) if tensor.is_floating_point() else tensor.clone()
-            else:
+        owned = [spec for spec in program.weights + program.buffers if spec.name not in shared]
+        for spec in owned:
+            if spec.name not in program.zero_init and spec.name not in compiled.tensors:
                 raise ValueError(
                     f"{self.name} does not store {spec.name!r}: its weights live in a sibling artifact. "
                     "Load that one first and pass its runtime as share_state_with="
                 )
-            if spec.name in buffer_names:
-                owned_buffers += spec.nbytes
-            else:
-                owned_weights += spec.nbytes
-
+        # Reserve device memory first, from sizes recomputed from the tensor specs, so a program
+        # that does not fit fails with DeviceMemoryError before any host tensor is created.
+        buffer_names = {b.name for b in program.buffers}
+        owned_buffers = sum(spec.nbytes for spec in owned if spec.name in buffer_names)
+        owned_weights = sum(spec.nbytes for spec in owned) - owned_buffers
         plan = program.memory
         usage = [
             DeviceMemoryUsage(
@@ -270,24 +259,25 @@ class Runtime:
         advice = ("Close other runtimes on the device, pick another device, or recompile with a smaller batch or "
                   "sequence length, for an NPU with more memory (npu='RBLN-CR03'), or split over devices with "
                   "tensor_parallel_size (which this version's compiler does not implement yet).")
+        allocations = []
+        try:
+            if owned_weights + owned_buffers:
+                allocations.append(device_memory.allocate(
+                    f"Runtime({self.name}) weights", {m.device: m.weights_bytes + m.buffers_bytes for m in usage},
+                    advice, kind="weights",
+                ))
+            allocations.append(device_memory.allocate(
+                f"Runtime({self.name})", {m.device: m.activations_bytes for m in usage}, advice
+            ))
+            self._state = self._load_state(compiled, shared)
+        except BaseException:
+            for allocation in allocations:
+                device_memory.release(allocation.id)
+            raise
+        *state, activations = allocations
         # Weights and buffers stay allocated while any runtime sharing them is alive.
         self._shared_memory = share_state_with._shared_memory if share_state_with is not None else _SharedMemory()
-        state = None
-        if owned_weights + owned_buffers:
-            state = device_memory.allocate(
-                f"Runtime({self.name}) weights", {m.device: m.weights_bytes + m.buffers_bytes for m in usage}, advice,
-                kind="weights",
-            )
-        try:
-            activations = device_memory.allocate(
-                f"Runtime({self.name})", {m.device: m.activations_bytes for m in usage}, advice
-            )
-        except device_memory.DeviceMemoryError:
-            if state is not None:
-                device_memory.release(state.id)
-            raise
-        if state is not None:
-            self._shared_memory.allocation_ids.append(state.id)
+        self._shared_memory.allocation_ids.extend(a.id for a in state)
         self._shared_memory.users += 1
         self._finalizer = weakref.finalize(self, _release, activations.id, self._shared_memory)
         self.stats.memory = usage
@@ -295,6 +285,25 @@ class Runtime:
         self._prepare_steps()
 
     # ---- set-up ----------------------------------------------------------------------
+
+    def _load_state(self, compiled: Artifact, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Device state: weights and buffers in the host dtype the numerics mode computes in."""
+        state: dict[str, torch.Tensor] = {}
+        for spec in self.program.weights + self.program.buffers:
+            if spec.name in shared:
+                if tuple(shared[spec.name].shape) != spec.shape:
+                    raise ValueError(
+                        f"cannot share {spec.name!r}: shape {list(shared[spec.name].shape)} in the other runtime, "
+                        f"{list(spec.shape)} here (were the two programs compiled from the same model?)"
+                    )
+                state[spec.name] = shared[spec.name]
+            elif spec.name in self.program.zero_init:
+                dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
+                state[spec.name] = torch.zeros(spec.shape, dtype=dtype)
+            else:
+                tensor = compiled.tensors[spec.name]
+                state[spec.name] = self.numerics.to_device(tensor) if tensor.is_floating_point() else tensor.clone()
+        return state
 
     def _pick_devices(self, device, share_state_with) -> list[int]:
         machine = device_memory.devices()
@@ -338,7 +347,7 @@ class Runtime:
         for step, to_free in zip(program.steps, frees):
             float_dtype = compute if step.kind == "kernel" else torch.float32
             ops = [
-                BoundOp(_resolve_op(call.target), call.target, decode_arg(call.args, float_dtype),
+                BoundOp(_op_callable(call.target), call.target, decode_arg(call.args, float_dtype),
                         {k: decode_arg(v, float_dtype) for k, v in call.kwargs.items()}, call.outputs)
                 for call in step.ops
             ]
@@ -369,8 +378,14 @@ class Runtime:
         return self.run(*args, **kwargs)
 
     def run(self, *args, **kwargs):
-        with torch.inference_mode():
-            return self._run(*args, **kwargs)
+        """Run the program on inputs (by position or name). Safe to call from several threads:
+        runs on one timeline are serialised (see `Timeline`)."""
+        with self.timeline.lock:
+            if not self._finalizer.alive:
+                raise RuntimeError(f"Runtime({self.name!r}) was closed: its device memory is released. "
+                                   "Create a new Runtime to run the program again.")
+            with torch.inference_mode():
+                return self._run(*args, **kwargs)
 
     def _run(self, *args, **kwargs):
         inputs = dict(zip((s.name for s in self.program.inputs), self._bind_inputs(args, kwargs)))
@@ -487,8 +502,9 @@ class Runtime:
         return self.timeline.trace.save(path)
 
     def close(self) -> None:
-        """Free the device memory this runtime holds."""
-        self._finalizer()
+        """Free the device memory this runtime holds; `run` refuses afterwards. Waits for a run in flight."""
+        with self.timeline.lock:
+            self._finalizer()
 
     def __enter__(self) -> Runtime:
         return self
