@@ -88,6 +88,18 @@ def test_llama_checkpoint_through_the_qwen2_class_is_refused(llama):
         RBLNQwen2ForCausalLM.from_pretrained(llama[0], export=True, **OPTIONS)
 
 
+def test_checkpoint_missing_a_weight_is_refused(tmp_path):
+    """transformers would initialise the missing lm_head at random (with a warning only)."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = save_source(tmp_path / "no-head", "llama", tie_word_embeddings=False)
+    weights = load_file(folder / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing.*lm_head.weight"):
+        RBLNLlamaForCausalLM.from_pretrained(folder, export=True, **OPTIONS)
+
+
 def test_qwen3_model_through_the_llama_class_is_refused():
     with pytest.raises(ValueError, match="Qwen3ForCausalLM|qwen3"):
         RBLNLlamaForCausalLM.from_model(make_hf_model("qwen3"), **OPTIONS)

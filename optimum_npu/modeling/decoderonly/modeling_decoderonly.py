@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -144,13 +145,20 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
 
         transformers loads e.g. a Qwen3 checkpoint into LlamaForCausalLM with only a warning,
         dropping q_norm / k_norm (or a BERT one, with random weights): wrong tokens, no error.
+        The weights of layers a user override left out (num_hidden_layers=1) may be dropped.
         """
         if cls.hf_class is None:
             raise TypeError(f"{cls.__name__} cannot export: it has no hf_class")
         hf_model, info = cls.hf_class.from_pretrained(model_id, output_loading_info=True, **hf_kwargs)
+        layers_kept = hf_model.config.num_hidden_layers
+
+        def unexpected(key: str) -> bool:
+            layer = re.match(r"(?:model\.)?layers\.(\d+)\.", key)
+            return layer is None or int(layer[1]) < layers_kept
+
         mismatched = [entry[0] if isinstance(entry, (list, tuple)) else entry for entry in info.get("mismatched_keys", [])]
         problems = {
-            "weights the model would drop": sorted(info.get("unexpected_keys", [])),
+            "weights the model would drop": sorted(filter(unexpected, info.get("unexpected_keys", []))),
             "weights missing from the checkpoint (they would be random)": sorted(info.get("missing_keys", [])),
             "weights of another shape": sorted(mismatched),
         }
