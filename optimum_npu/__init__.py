@@ -20,10 +20,12 @@ _EXPORTS = {
     "RBLNDecoderOnlyModelForCausalLM": "optimum_npu.modeling.decoderonly.families",
     "RBLNLlamaForCausalLM": "optimum_npu.modeling.decoderonly.families",
     "RBLNQwen2ForCausalLM": "optimum_npu.modeling.decoderonly.families",
+    "RBLNQwen3ForCausalLM": "optimum_npu.modeling.decoderonly.families",
     "RBLNMistralForCausalLM": "optimum_npu.modeling.decoderonly.families",
     "RBLNDecoderOnlyModelForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNLlamaForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNQwen2ForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    "RBLNQwen3ForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNMistralForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
 }
 

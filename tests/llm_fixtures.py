@@ -20,6 +20,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,6 +57,8 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)),
     # q/k/v projections with bias (Qwen2's default)
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
+    # per-head RMSNorm of Q and K (q_norm / k_norm), no q/k/v bias, head_dim 32 != hidden / heads
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=False)),
     # sliding-window attention on every layer
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=MISTRAL_WINDOW, tie_word_embeddings=False)),
 }
@@ -71,6 +75,12 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(hf_config(family, **overrides))
+        if family == "qwen3":
+            # q_norm / k_norm weights start at ones; random ones make a dropped or swapped norm weight visible.
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith(("q_norm.weight", "k_norm.weight")):
+                        param.uniform_(0.5, 1.5)
     return model.float().eval()
 
 

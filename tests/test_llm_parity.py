@@ -2,8 +2,8 @@
 
 - numerics="exact": greedy generate is token-identical to HF for a left-padded batch of
   prompts of different lengths (each row compared to HF on its own unpadded prompt), for
-  Llama (GQA, llama3 rope scaling, tied embeddings), Qwen2 (q/k/v bias) and Mistral
-  (sliding window shorter than the prompts).
+  Llama (GQA, llama3 rope scaling, tied embeddings), Qwen2 (q/k/v bias), Qwen3 (q_norm /
+  k_norm, head_dim != hidden / heads) and Mistral (sliding window shorter than the prompts).
 - device numerics (bf16, fp16): teacher-forced logits of the prefill and of every decode
   step are within a stated tolerance of HF fp32, and the top-1 token agrees wherever HF's
   top-1 margin is above a stated 16-bit noise threshold.
@@ -49,7 +49,7 @@ MEAN_ERROR_FRACTION = 0.25
 TOP1_MARGIN_FRACTION = 0.5
 
 DEVICE_RTOL = {"bfloat16": BF16_LOGITS_RTOL, "float16": FP16_LOGITS_RTOL}
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 NEW_TOKENS = 10
 # 70 > prefill chunk (64): two chunks; 9 < Mistral's window, 23 and 70 > it.
 PROMPT_LENGTHS = (70, 23, 9)
@@ -115,6 +115,19 @@ def test_mistral_window_matters_for_these_prompts(sources):
     windowed = hf_generate(hf, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
     full = hf_generate(unwindowed, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert windowed.tolist() != full.tolist()
+
+
+def test_qwen3_head_norms_matter_for_these_prompts(sources):
+    """Guards the Qwen3 parity test: with q_norm / k_norm dropped, HF generates other tokens."""
+    _, hf = sources["qwen3"]
+    unnormed = make_hf_model("qwen3")
+    for layer in unnormed.model.layers:
+        layer.self_attn.q_norm = torch.nn.Identity()
+        layer.self_attn.k_norm = torch.nn.Identity()
+    prompt = random_prompts(PROMPT_LENGTHS, seed=1)[0]
+    normed = hf_generate(hf, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    dropped = hf_generate(unnormed, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert normed.tolist() != dropped.tolist()
 
 
 # --------------------------------------------------------------------------- device numerics

@@ -1,4 +1,4 @@
-"""Options of a compiled decoder-only causal LM (Llama, Qwen2, Mistral, ...), as on optimum-rbln.
+"""Options of a compiled decoder-only causal LM (Llama, Qwen2, Qwen3, Mistral, ...), as on optimum-rbln.
 
 The KV cache is paged: `kvcache_num_blocks` blocks of `kvcache_block_size` tokens, shared by
 the batch slots through a block table. Two attention implementations:
@@ -248,6 +248,10 @@ class RBLNLlamaForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
 
 class RBLNQwen2ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
     """Options of RBLNQwen2ForCausalLM."""
+
+
+class RBLNQwen3ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNQwen3ForCausalLM."""
 
 
 class RBLNMistralForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):

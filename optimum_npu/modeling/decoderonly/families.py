@@ -6,7 +6,7 @@ A new Llama-like family is three lines here plus its config class; the model cod
 
 from __future__ import annotations
 
-from transformers import AutoConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import AutoConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 from ...configuration import CONFIG_NAME, RBLNModelConfig
 from ..base import MODEL_REGISTRY, _resolve_folder, hub_kwargs_of, is_compiled_folder
@@ -15,6 +15,7 @@ from .configuration_decoderonly import (
     RBLNLlamaForCausalLMConfig,
     RBLNMistralForCausalLMConfig,
     RBLNQwen2ForCausalLMConfig,
+    RBLNQwen3ForCausalLMConfig,
 )
 from .modeling_decoderonly import RBLNDecoderOnlyModelForCausalLM
 
@@ -29,6 +30,14 @@ class RBLNQwen2ForCausalLM(RBLNDecoderOnlyModelForCausalLM):
     config_class = RBLNQwen2ForCausalLMConfig
 
 
+class RBLNQwen3ForCausalLM(RBLNDecoderOnlyModelForCausalLM):
+    """Qwen3: Qwen2's layout without q/k/v bias, plus an RMSNorm over each head of Q and K
+    (q_norm / k_norm, applied before RoPE), which the shared decoder layer runs."""
+
+    hf_class = Qwen3ForCausalLM
+    config_class = RBLNQwen3ForCausalLMConfig
+
+
 class RBLNMistralForCausalLM(RBLNDecoderOnlyModelForCausalLM):
     hf_class = MistralForCausalLM
     config_class = RBLNMistralForCausalLMConfig
@@ -38,6 +47,7 @@ class RBLNMistralForCausalLM(RBLNDecoderOnlyModelForCausalLM):
 CAUSAL_LM_BY_MODEL_TYPE: dict[str, type[RBLNDecoderOnlyModelForCausalLM]] = {
     "llama": RBLNLlamaForCausalLM,
     "qwen2": RBLNQwen2ForCausalLM,
+    "qwen3": RBLNQwen3ForCausalLM,
     "mistral": RBLNMistralForCausalLM,
 }
 
@@ -76,5 +86,6 @@ class RBLNAutoModelForCausalLM:
 
 __all__ = [
     "RBLNAutoModelForCausalLM", "RBLNDecoderOnlyModelForCausalLM", "RBLNDecoderOnlyModelForCausalLMConfig",
-    "RBLNLlamaForCausalLM", "RBLNMistralForCausalLM", "RBLNQwen2ForCausalLM", "CONFIG_NAME",
+    "RBLNLlamaForCausalLM", "RBLNMistralForCausalLM", "RBLNQwen2ForCausalLM", "RBLNQwen3ForCausalLM",
+    "CONFIG_NAME",
 ]

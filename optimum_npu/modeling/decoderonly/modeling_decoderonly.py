@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
+import threading
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -23,7 +25,7 @@ from transformers.utils import ModelOutput
 
 from ...compile import CompiledModel, compile_from_torch
 from ...sim_device import Runtime
-from ...sim_device.memory import format_gib
+from ...sim_device.memory import DeviceMemoryError, format_gib
 from ...sim_device.runtime import DeviceMemoryUsage
 from ...sim_device.specs import get_npu_spec
 from ..base import RBLNModel
@@ -87,7 +89,37 @@ class GenerationStats:
         )
 
 
+def _check_program_facts(graph: str, program, facts) -> None:
+    """Each fact (what rbln_config.json says, tensor, axis, size) must hold in `program`'s inputs or
+    buffers; axis None: the tensor exists, "absent": it does not."""
+    shapes = {s.name: tuple(s.shape) for s in [*program.inputs, *program.buffers]}
+    for said, tensor, axis, size in facts:
+        shape = shapes.get(tensor)
+        if axis == "absent":
+            ok, wanted = shape is None, "no input"
+        elif axis is None:
+            ok, wanted = shape is not None, "an input"
+        else:
+            ok, wanted = shape is not None and len(shape) > axis and shape[axis] == size, f"size {size} on axis {axis} of"
+        if not ok:
+            has = "none" if shape is None else f"shape {list(shape)}"
+            raise ValueError(
+                f"rbln_config.json says {said}, so {graph}.rbln should have {wanted} {tensor}, but it has {has}: "
+                "the folder's files do not belong together; recompile with export=True"
+            )
+
+
 class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
+    """A compiled decoder-only LM; `generate()` as in transformers.
+
+    Thread safety: one model has one KV cache and one block manager, so calls on it are
+    serialised by a lock: two threads calling `generate()` (or `forward()`) on the same model
+    run one after the other, each getting the tokens it would get alone. For parallel
+    generation, load one model per thread, or pass the prompts as one batch. A hand-written
+    loop of `forward()` steps holds the lock one step at a time only: do not interleave
+    such loops from several threads.
+    """
+
     config_class: ClassVar[type] = RBLNDecoderOnlyModelForCausalLMConfig
     main_input_name = "input_ids"
     _is_stateful = False
@@ -102,11 +134,51 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         )
         self.generation_stats = GenerationStats()
         self._stats_in_progress: GenerationStats | None = None
+        # Reentrant: generate() holds it while transformers calls forward() on the same thread.
+        self._lock = threading.RLock()
 
     # ---- compiling --------------------------------------------------------------------
 
     @classmethod
+    def _load_hf_model(cls, model_id, hf_kwargs: dict):
+        """The HF model, refused if the checkpoint's weights do not match its architecture.
+
+        transformers loads e.g. a Qwen3 checkpoint into LlamaForCausalLM with only a warning,
+        dropping q_norm / k_norm (or a BERT one, with random weights): wrong tokens, no error.
+        The weights of layers a user override left out (num_hidden_layers=1) may be dropped.
+        """
+        if cls.hf_class is None:
+            raise TypeError(f"{cls.__name__} cannot export: it has no hf_class")
+        hf_model, info = cls.hf_class.from_pretrained(model_id, output_loading_info=True, **hf_kwargs)
+        layers_kept = hf_model.config.num_hidden_layers
+
+        def unexpected(key: str) -> bool:
+            layer = re.match(r"(?:model\.)?layers\.(\d+)\.", key)
+            return layer is None or int(layer[1]) < layers_kept
+
+        mismatched = [entry[0] if isinstance(entry, (list, tuple)) else entry for entry in info.get("mismatched_keys", [])]
+        problems = {
+            "weights the model would drop": sorted(filter(unexpected, info.get("unexpected_keys", []))),
+            "weights missing from the checkpoint (they would be random)": sorted(info.get("missing_keys", [])),
+            "weights of another shape": sorted(mismatched),
+        }
+        found = "; ".join(f"{what}: {', '.join(keys[:6])}" + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+                          for what, keys in problems.items() if keys)
+        if found:
+            model_type = getattr(hf_model.config, "model_type", None)
+            raise ValueError(
+                f"{model_id} (model_type {model_type!r}) is not a {cls.hf_class.__name__} checkpoint: {found}. "
+                "Load it with the RBLN class of its family, or RBLNAutoModelForCausalLM."
+            )
+        return hf_model
+
+    @classmethod
     def _compile(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig):
+        if cls.hf_class is not None and not isinstance(hf_model, cls.hf_class):
+            raise ValueError(
+                f"{cls.__name__} compiles {cls.hf_class.__name__} models, got a {type(hf_model).__name__}; "
+                "use the RBLN class of its family, or RBLNAutoModelForCausalLM.from_model."
+            )
         hf_config = hf_model.config
         blocks_left_to_memory = config.kvcache_num_blocks is None
         config = config.finalize(hf_config)
@@ -115,16 +187,18 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             hf_config.num_hidden_layers, config.kvcache_num_blocks, hf_config.num_key_value_heads,
             config.kvcache_block_size, head_dim,
         )
+        dtype_bytes = DEVICE_DTYPE[config.dtype].itemsize
+        weight_bytes = dtype_bytes * sum(p.numel() for p in hf_model.parameters()) // config.tensor_parallel_size
         if blocks_left_to_memory and config.attn_impl == "flash_attn":
             # Flash attention: size the block pool from the DRAM left after the weights, with a
             # 10% margin for activations, as the real stack estimates it.
             spec = get_npu_spec(config.npu)
-            weight_bytes = 2 * sum(p.numel() for p in hf_model.parameters()) // config.tensor_parallel_size
             free = int(0.9 * spec.usable_dram_bytes) - weight_bytes
             num_blocks = config.resolve_num_blocks(max(free, 0), layout.bytes_per_block() // config.tensor_parallel_size)
             config = dataclasses.replace(config, kvcache_num_blocks=num_blocks)
             layout = dataclasses.replace(layout, num_blocks=num_blocks)
 
+        cls._check_device_capacity(config, layout, weight_bytes)  # before the host tensors below exist
         kv_caches = make_kv_caches(layout, DEVICE_DTYPE[config.dtype])
         rope = rope_tables(hf_model, config.max_seq_len)
         layers = merge_layers(hf_model)
@@ -152,6 +226,73 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         for name, (phase, input_info) in tqdm(plan.items(), desc=f"Compiling {cls.__name__}", unit="graph", delay=1.0):
             graphs[name] = build(phase, input_info)
         return config, graphs
+
+    @staticmethod
+    def _check_device_capacity(config, layout: KVCacheLayout, weight_bytes: int) -> None:
+        """Raise DeviceMemoryError if the weights, KV cache and RoPE tables cannot fit one device.
+
+        The compiler checks the whole program (with activations) too, but only after the KV
+        cache and RoPE tables exist as host tensors: an absurd rbln_kvcache_num_blocks or
+        rbln_max_seq_len would first be allocated on the host (an allocator error or an OOM kill).
+        """
+        spec = get_npu_spec(config.npu)
+        dtype_bytes = DEVICE_DTYPE[config.dtype].itemsize
+        block_bytes = layout.bytes_per_block(dtype_bytes) // config.tensor_parallel_size
+        cache_bytes = layout.num_blocks * block_bytes
+        rope_bytes = 2 * config.max_seq_len * layout.head_dim * dtype_bytes  # cos and sin, one row per position
+        need = weight_bytes + cache_bytes + rope_bytes
+        if need <= spec.usable_dram_bytes:
+            return
+        blocks_that_fit = max(0, (spec.usable_dram_bytes - weight_bytes - rope_bytes) // block_bytes)
+        raise DeviceMemoryError(
+            f"The model needs {format_gib(need)} per device before activations: weights {format_gib(weight_bytes)}, "
+            f"KV cache {format_gib(cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
+            f"{format_gib(block_bytes)}), RoPE tables {format_gib(rope_bytes)} (rbln_max_seq_len={config.max_seq_len}); "
+            f"a {config.npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: lower "
+            f"rbln_kvcache_num_blocks (at most {blocks_that_fit} fit), rbln_batch_size or rbln_max_seq_len, "
+            "or target an npu with more memory."
+        )
+
+    # ---- loading ----------------------------------------------------------------------
+
+    @classmethod
+    def _check_graphs_against_config(cls, config, graphs: dict) -> None:
+        """Refuse a folder whose rbln_config.json contradicts its .rbln programs (an edited or
+        mixed-up folder): the host side (block tables, prefill chunks, decode buckets) would drive
+        the graphs with shapes they were not compiled for."""
+        base_check = getattr(super(), "_check_graphs_against_config", None)
+        if base_check is not None:
+            base_check(config, graphs)
+        expected = sorted([PREFILL, *(decoder_graph_name(b) for b in config.decoder_batch_sizes)])
+        if sorted(graphs) != expected:
+            raise ValueError(
+                f"rbln_config.json says decoder_batch_sizes={list(config.decoder_batch_sizes)}, so the graphs "
+                f"{expected}, but the folder has {sorted(graphs)}; recompile with export=True"
+            )
+        first = "inputs_embeds" if config.use_inputs_embeds else "input_ids"
+        for name, artifact in graphs.items():
+            batch = 1 if name == PREFILL else int(name.removeprefix("decoder_batch_"))
+            # (what rbln_config.json says, tensor of the program, axis, the size that implies)
+            facts = [
+                (f"use_inputs_embeds={config.use_inputs_embeds}", first, 0, batch),
+                (f"the graph {name} (decoder_batch_sizes={list(config.decoder_batch_sizes)})", first, 0, batch),
+                (f"use_attention_mask={config.use_attention_mask}", "attention_mask",
+                 None if config.use_attention_mask else "absent", None),
+                (f"max_seq_len={config.max_seq_len} / kvcache_block_size={config.kvcache_block_size}", "block_tables",
+                 1, config.max_seq_len // config.kvcache_block_size),
+                (f"max_seq_len={config.max_seq_len}", "rope_cos", 0, config.max_seq_len),
+            ]
+            if name == PREFILL:
+                facts.append((f"prefill_chunk_size={config.prefill_chunk_size}", first, 1, config.prefill_chunk_size))
+            if config.use_attention_mask:
+                facts.append((f"max_seq_len={config.max_seq_len}", "attention_mask", 1, config.max_seq_len))
+            caches = [s.name for s in artifact.program.buffers if s.name.startswith(("k_cache_", "v_cache_"))]
+            if not caches:
+                raise ValueError(f"{name}.rbln has no KV cache buffers: it is not a decoder graph; recompile with export=True")
+            for cache in caches:
+                facts.append((f"kvcache_num_blocks={config.kvcache_num_blocks}", cache, 0, config.kvcache_num_blocks))
+                facts.append((f"kvcache_block_size={config.kvcache_block_size}", cache, 2, config.kvcache_block_size))
+            _check_program_facts(name, artifact.program, facts)
 
     def _external_tensors(self, graph_name: str) -> tuple[str, ...]:
         if graph_name == PREFILL:
@@ -225,6 +366,11 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, rbln_positions=None, **kwargs):
         """One generation step: prefill of every prompt (rbln_positions None) or one decode step."""
+        input_ids = self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        with self._lock:
+            return self._step(input_ids, attention_mask, inputs_embeds, rbln_positions)
+
+    def _step(self, input_ids, attention_mask, inputs_embeds, rbln_positions):
         stats = self._stats_in_progress
         if rbln_positions is None:
             return self._prefill_batch(input_ids, attention_mask, inputs_embeds, stats)
@@ -349,18 +495,55 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         if num_beams and num_beams > 1:
             raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling")
         ids = inputs if inputs is not None else kwargs.get("input_ids")
+        self._check_inputs(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"))
         self._check_generation_length(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), config, kwargs)
         rows = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
         stats = GenerationStats(batch_size=rows, decode_bucket=self._bucket_for(rows))
-        self._stats_in_progress = stats
-        try:
-            return super().generate(inputs=inputs, generation_config=generation_config, **kwargs)
-        finally:
-            self._stats_in_progress = None
-            for slot in range(self.rbln_config.batch_size):
-                self.block_manager.free(slot)
-            stats.memory = self.device_memory()
-            self.generation_stats = stats
+        with self._lock:  # the KV cache, the block manager and the stats belong to one generation at a time
+            self._stats_in_progress = stats
+            try:
+                return super().generate(inputs=inputs, generation_config=generation_config, **kwargs)
+            finally:
+                self._stats_in_progress = None
+                for slot in range(self.rbln_config.batch_size):
+                    self.block_manager.free(slot)
+                stats.memory = self.device_memory()
+                self.generation_stats = stats
+
+    def _check_inputs(self, input_ids, attention_mask, inputs_embeds) -> torch.Tensor | None:
+        """Refuse malformed inputs up front, naming the problem (instead of an IndexError deep in
+        the embedding lookup). Returns input_ids as int64, the graphs' input type."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("generate() / forward() needs input_ids (or inputs_embeds)")
+        if inputs_embeds is not None:
+            hidden = self.config.hidden_size
+            if not (isinstance(inputs_embeds, torch.Tensor) and inputs_embeds.is_floating_point()
+                    and inputs_embeds.dim() == 3 and inputs_embeds.shape[-1] == hidden):
+                got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds)
+                raise ValueError(f"inputs_embeds must be a float tensor [batch, tokens, {hidden}]; got {got}")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+                got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+                raise ValueError(f"input_ids must be a 2-D tensor [batch, tokens]; got {got}")
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
+            vocab = self.config.vocab_size
+            outside = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+            if outside.numel():
+                raise ValueError(
+                    f"input_ids holds token id {int(outside[0])}, outside this model's vocabulary [0, {vocab}) "
+                    f"({outside.numel()} such id(s)); check the tokenizer matches the model"
+                )
+            input_ids = input_ids.long()
+        prompt = inputs_embeds if inputs_embeds is not None else input_ids
+        if prompt.shape[0] == 0 or prompt.shape[1] == 0:
+            raise ValueError(f"the prompt is empty (shape {tuple(prompt.shape)}): give at least one token per row")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(prompt.shape[:2]):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, the prompt {tuple(prompt.shape[:2])}; "
+                "they must match"
+            )
+        return input_ids
 
     def _check_generation_length(self, ids, mask, embeds, config, kwargs) -> None:
         """Refuse up front a generation that would run past max_seq_len, before any device work."""

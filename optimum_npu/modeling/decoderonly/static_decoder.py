@@ -112,6 +112,9 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = _merge_linears(mlp.gate_proj, mlp.up_proj)
         self.down_proj = mlp.down_proj
         self.act_fn = mlp.act_fn
+        # The HF parameters copied into the merged matmuls (ids only: no second reference to them).
+        merged = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+        self.merged_parameter_ids = frozenset(id(p) for linear in merged for p in linear.parameters())
 
     def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
@@ -119,8 +122,28 @@ class DecoderLayer(nn.Module):
 
 
 def merge_layers(causal_lm: nn.Module) -> nn.ModuleList:
-    """The model's layers in device form, built once and shared by every graph of a model."""
-    return nn.ModuleList(DecoderLayer(layer) for layer in causal_lm.model.layers)
+    """The model's layers in device form, built once and shared by every graph of a model.
+
+    Raises ValueError if the HF model has a parameter the static decoder would not use (a
+    family with a module the decoder layer does not know would otherwise compile without it
+    and silently give wrong tokens).
+    """
+    layers = nn.ModuleList(DecoderLayer(layer) for layer in causal_lm.model.layers)
+    decoder = causal_lm.model
+    # Exactly the modules StaticDecoder holds, plus what the merged matmuls were built from.
+    used = {id(p) for module in (decoder.embed_tokens, decoder.norm, causal_lm.lm_head, layers)
+            for p in module.parameters()}
+    for layer in layers:
+        used |= layer.merged_parameter_ids
+    unused = [name for name, p in causal_lm.named_parameters() if id(p) not in used]
+    if unused:
+        shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+        raise ValueError(
+            f"{type(causal_lm).__name__} has parameters the NPU decoder would not use: {shown}. "
+            "Its architecture is not the Llama-style layout this decoder compiles; compiling it would drop "
+            "these weights and give wrong tokens."
+        )
+    return layers
 
 
 class StaticDecoder(nn.Module):
