@@ -173,6 +173,15 @@ def test_files_of_the_previous_save_that_are_no_longer_written_are_removed_and_o
     assert load(target).rbln_config == model.rbln_config
 
 
+def test_saving_over_a_folder_without_a_manifest_or_with_a_damaged_one(model, saved):
+    edit_rbln_config(saved, lambda data: data.pop("files"))  # as saved by an older optimum-npu
+    model.save_pretrained(saved)
+    assert load(saved).rbln_config == model.rbln_config
+    (saved / CONFIG_NAME).write_text("{ not json")
+    model.save_pretrained(saved)
+    assert load(saved).rbln_config == model.rbln_config
+
+
 def test_saved_files_get_the_usual_permissions(model, tmp_path):
     old = os.umask(0o027)
     try:

@@ -169,7 +169,10 @@ def _make_staging_folder(parent: Path, target: Path) -> Path:
 
 def _move_into(staging: Path, target: Path) -> None:
     """Replace the files of `target` by those of `staging`, one rename each, the manifest last."""
-    previous = _read_manifest(target) if is_compiled_folder(target) else {}
+    try:  # what the previous save wrote; nothing for a folder saved before manifests, or a damaged one
+        previous = _read_manifest(target) if is_compiled_folder(target) else {}
+    except (ValueError, TypeError):
+        previous = {}
     names = sorted(p.name for p in staging.iterdir())
     blocked = [n for n in names if (target / n).is_dir() and not (target / n).is_symlink()]
     if blocked:
