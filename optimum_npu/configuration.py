@@ -31,7 +31,8 @@ import dataclasses
 import difflib
 import json
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -51,6 +52,10 @@ NUMERICS = ("device", "exact")   # "exact": simulator-only fp32 host math, to te
 
 # One graph input as the compiler sees it: (name, shape, dtype), e.g. ("input_ids", (1, 128), "int64").
 InputInfo = tuple[str, tuple[int, ...], str]
+
+# Names of graphs and files in a compiled folder: one plain file name each (no "/", no "..", no
+# leading dot, not absolute), so that nothing read from rbln_config.json can reach outside it.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 # Field kinds, kept in each dataclass field's metadata. A field without a kind is a compile-time option.
 _KIND = "optimum_npu_kind"
@@ -112,27 +117,66 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"{OPTION_PREFIX}{name} must be one of {allowed}; got {value!r}")
 
 
+def check_plain_name(what: str, name: Any) -> str:
+    """`name` if it is a plain file name (see PLAIN_NAME), else a ValueError naming `what`."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise ValueError(
+            f"{what} must be a plain name of letters, digits, '_', '.' and '-' (not starting with '.'); got {name!r}"
+        )
+    return name
+
+
+def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write `path` so that a reader sees the old file or the new one, never half of one.
+
+    The temporary file is created like any other file (mode 0o666 filtered by the umask), not
+    0o600 as `tempfile.mkstemp` would make it, because it becomes the final file.
+    """
+    path = os.fspath(path)
+    tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
 def _dtype_name(dtype: Any) -> str:
     """'bfloat16' for 'bfloat16' or torch.bfloat16 (without importing torch here)."""
     return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 def _normalize_graphs(graphs: Mapping[str, Any]) -> Mapping[str, tuple[InputInfo, ...]]:
-    """Graph input specs as read-only, hashable-inside data: {graph: ((name, shape, dtype), ...)}."""
+    """Graph input specs as read-only, hashable-inside data: {graph: ((name, shape, dtype), ...)}.
+
+    They may come from an untrusted rbln_config.json: every part is type-checked, and graph names
+    are plain file names (each graph is the file `<name>.rbln` of the folder).
+    """
     if not isinstance(graphs, Mapping):
         raise TypeError(f"graphs must be a mapping graph name -> input infos; got {type(graphs).__name__}")
     normalized = {}
     for graph_name, input_infos in graphs.items():
-        if not isinstance(graph_name, str):
-            raise TypeError(f"graph names must be str; got {graph_name!r}")
+        check_plain_name("a graph name", graph_name)
+        if not isinstance(input_infos, (list, tuple)):
+            raise TypeError(f"graph {graph_name!r}: input infos must be a list; got {input_infos!r}")
         specs = []
         for info in input_infos:
-            if len(info) != 3:
+            if not isinstance(info, (list, tuple)) or len(info) != 3:
                 raise ValueError(f"graph {graph_name!r}: an input info is (name, shape, dtype); got {info!r}")
             name, shape, dtype = info
             if not isinstance(name, str):
                 raise TypeError(f"graph {graph_name!r}: input name must be str; got {name!r}")
-            specs.append((name, tuple(int(dim) for dim in shape), _dtype_name(dtype)))
+            if not isinstance(shape, (list, tuple)) or not all(
+                isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
+            ):
+                raise TypeError(f"graph {graph_name!r}: input {name!r} shape must be a list of ints >= 0; got {shape!r}")
+            if not isinstance(dtype, str):
+                raise TypeError(f"graph {graph_name!r}: input {name!r} dtype must be a str; got {dtype!r}")
+            specs.append((name, tuple(shape), dtype))
         normalized[graph_name] = tuple(specs)
     return MappingProxyType(normalized)
 
@@ -387,21 +431,51 @@ class RBLNModelConfig:
             "graphs": {name: [[n, list(shape), dt] for n, shape, dt in infos] for name, infos in self.graphs.items()},
         }
 
-    def save(self, folder: str | os.PathLike) -> str:
-        """Write `folder/rbln_config.json` atomically (a reader never sees half a file). Returns its path."""
+    def save(self, folder: str | os.PathLike, files: Mapping[str, Any] | None = None) -> str:
+        """Write `folder/rbln_config.json` atomically (a reader never sees half a file). Returns its path.
+
+        `files`, if given, is the manifest of the other files of the compiled folder (see
+        `modeling.base`), stored under "files"; this file is written last, so it also marks a
+        save as complete.
+        """
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, CONFIG_NAME)
-        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
+        data = self.to_json_dict()
+        if files is not None:
+            data["files"] = dict(files)
+        write_file_atomically(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
         return path
+
+    @staticmethod
+    def read_json(folder: str | os.PathLike) -> dict[str, Any]:
+        """The content of `folder/rbln_config.json`, checked to have the expected keys and types.
+
+        The file is untrusted: any malformed content is a ValueError naming the file.
+        """
+        path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {os.fspath(folder)!r}: not a compiled model folder. "
+                "To compile a Hugging Face checkpoint, pass export=True."
+            )
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise ValueError(f"{path} is malformed: not valid JSON ({type(err).__name__}: {err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is malformed: expected a JSON object, got {type(data).__name__}")
+        missing = {"config_cls", "compile_options", "runtime_options"} - set(data)
+        if missing:
+            raise ValueError(f"{path} is malformed: missing {sorted(missing)}")
+        unknown = set(data) - set(_JSON_KEY_TYPES)
+        if unknown:
+            raise ValueError(f"{path} is malformed: unknown keys {sorted(unknown)}; expected {sorted(_JSON_KEY_TYPES)}")
+        for key, types in _JSON_KEY_TYPES.items():
+            if key in data and not isinstance(data[key], types):
+                expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise ValueError(f"{path} is malformed: {key!r} must be {expected}; got {data[key]!r}")
+        return data
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Self:
@@ -410,17 +484,7 @@ class RBLNModelConfig:
         Called on a subclass, the saved class must be that class or one of its subclasses.
         """
         path = os.path.join(folder, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"No {CONFIG_NAME} in {os.fspath(folder)!r}: not a compiled model folder. "
-                "To compile a Hugging Face checkpoint, pass export=True."
-            )
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        missing = {"config_cls", "compile_options", "runtime_options"} - set(data)
-        if missing:
-            raise ValueError(f"{path} is malformed: missing {sorted(missing)}")
-
+        data = cls.read_json(folder)
         config_cls = _lookup_config_class(data["config_cls"])
         if not issubclass(config_cls, cls):
             raise ValueError(
@@ -429,7 +493,49 @@ class RBLNModelConfig:
             )
         options = {**data["compile_options"], **data["runtime_options"]}
         config_cls._check_option_names(options, prefix="", where=f"in {path}")
-        return config_cls(**options, cls_name=data.get("cls_name"), graphs=data.get("graphs", {}))
+        try:
+            return config_cls(**options, cls_name=data.get("cls_name"), graphs=data.get("graphs", {}))
+        except (TypeError, ValueError) as err:
+            error_type = ValueError if isinstance(err, ValueError) else TypeError
+            raise error_type(f"{path}: {err}") from None
+
+    # --- the machine ----------------------------------------------------------------------------
+
+    def check_devices_exist(self) -> None:
+        """ValueError if `device` names a device this (simulated) machine lacks, or one of another NPU.
+
+        Not part of validation: a config describes a model and may be built on a machine without
+        the devices (e.g. compile-only). The model calls it before compiling or loading anything
+        when it is about to create runtimes.
+        """
+        if self.device is None:
+            return  # the runtime picks free devices of the right kind (and says so if there are none)
+        from optimum_npu.sim_device.memory import devices
+
+        machine = devices()
+        for device_id in (self.device,) if isinstance(self.device, int) else self.device:
+            if device_id >= len(machine):
+                raise ValueError(
+                    f"{OPTION_PREFIX}device={device_id} does not exist: this machine has devices 0..{len(machine) - 1} "
+                    "(see `optimum-npu smi`; the simulated machine is set by OPTIMUM_NPU_SYSTEM)"
+                )
+            if machine[device_id].spec.name != self.npu:
+                raise ValueError(
+                    f"{OPTION_PREFIX}device={device_id} is a {machine[device_id].spec.name}, but the model is for "
+                    f"{OPTION_PREFIX}npu={self.npu!r}; pick a device of that kind or compile for its NPU"
+                )
+
+
+# The top-level keys of rbln_config.json and their JSON types ("files": the folder's manifest).
+_JSON_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "cls_name": (str, type(None)),
+    "config_cls": (str,),
+    "optimum_npu_version": (str,),
+    "compile_options": (dict,),
+    "runtime_options": (dict,),
+    "graphs": (dict,),
+    "files": (dict,),
+}
 
 
 # The base class is a valid config on its own (a model with no extra options).

@@ -156,6 +156,48 @@ def test_device_list_one_id_per_tensor_parallel_rank():
         Cfg(tensor_parallel_size=2, device=0)
 
 
+def test_devices_are_checked_against_the_machine_only_when_asked(monkeypatch):
+    monkeypatch.delenv("OPTIMUM_NPU_SYSTEM", raising=False)  # one RBLN-CA25 card: devices 0..3
+    compile_only = Cfg(device=7, create_runtimes=False)  # a config may name a device of another machine
+    with pytest.raises(ValueError, match="rbln_device=7 does not exist: this machine has devices 0..3"):
+        compile_only.check_devices_exist()
+    Cfg(device=3).check_devices_exist()
+    Cfg().check_devices_exist()  # no device: the runtime picks one
+    monkeypatch.setenv("OPTIMUM_NPU_SYSTEM", "RBLN-CA25,RBLN-CR03")
+    # RBLN-CA25 has 4 devices per card, RBLN-CR03 one: devices 0..3 and 4.
+    with pytest.raises(ValueError, match="rbln_device=4 is a RBLN-CR03.*rbln_npu='RBLN-CA25'"):
+        Cfg(tensor_parallel_size=2, device=[3, 4]).check_devices_exist()
+    Cfg(npu="RBLN-CR03", device=4).check_devices_exist()
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "..", ".hidden", "", 3])
+def test_graph_names_are_plain_file_names(name):
+    with pytest.raises((ValueError, TypeError), match="plain name"):
+        Cfg().with_compiled(cls_name="RBLNLlamaForCausalLM", graphs={name: []})
+
+
+@pytest.mark.parametrize("infos, error", [
+    ("input_ids", "must be a list"),
+    ([["input_ids", [1, 8]]], "is \\(name, shape, dtype\\)"),
+    ([["input_ids", [1, -8], "int64"]], "shape must be a list of ints >= 0"),
+    ([["input_ids", [1, True], "int64"]], "shape must be a list of ints >= 0"),
+    ([["input_ids", "1x8", "int64"]], "shape must be a list of ints >= 0"),
+    ([["input_ids", [1, 8], 64]], "dtype must be a str"),
+])
+def test_graph_input_infos_are_type_checked(infos, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        Cfg().with_compiled(cls_name="RBLNLlamaForCausalLM", graphs={"prefill": infos})
+
+
+def test_saved_config_has_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = Cfg().save(tmp_path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
 # --- frozen, runtime vs compile-time options ----------------------------------------------------------
 
 

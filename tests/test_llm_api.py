@@ -217,12 +217,11 @@ def test_a_failed_save_keeps_the_previous_folder(model, tmp_path, monkeypatch, f
     assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
 
 
-def test_saving_over_a_folder_replaces_it(model, tmp_path):
-    target = tmp_path / "tiny"
-    target.mkdir()
-    (target / "stale.txt").write_text("from an older save")
+def test_saving_over_a_compiled_folder_replaces_its_files_and_keeps_the_others(model, tmp_path):
+    target = Path(model.save_pretrained(tmp_path / "tiny"))
+    (target / "notes.txt").write_text("the user's own file")
     model.save_pretrained(target)
-    assert not (target / "stale.txt").exists() and (target / "prefill.rbln").is_file()
+    assert (target / "notes.txt").read_text() == "the user's own file" and (target / "prefill.rbln").is_file()
     assert os.listdir(tmp_path) == ["tiny"]
 
 

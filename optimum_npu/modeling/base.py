@@ -4,7 +4,14 @@
   `from_pretrained(compiled_folder)` loads a compiled folder without recompiling;
   `from_model(hf_model, rbln_*=...)` compiles a model already in memory.
 - `save_pretrained(folder)` writes the `.rbln` graphs, `rbln_config.json`, the HF config,
-  generation config and tokenizer files, atomically; `push_to_hub` uploads that folder.
+  generation config and tokenizer files; `push_to_hub` uploads that folder.
+
+Saving touches only the files of the compiled model, never anything else in the folder. All
+files are first written into a staging folder; a new target folder then appears whole with
+one rename, and an existing one gets each file replaced by a rename, `rbln_config.json` last.
+`rbln_config.json` lists every other file with its size and sha256 (the manifest), and loading
+checks it, so a load never runs a half-written or mixed folder. An interrupted save leaves a
+staging folder named `.<target>.tmp-<pid>-<hex>`, removed by the next save once that process is gone.
 
 A subclass says which HF class it wraps (`hf_class`), which config class holds its options
 (`config_class`), how to compile (`_compile(hf_model, rbln_config)` -> named graphs) and
@@ -13,14 +20,17 @@ how to run (`_create_runtimes`). Nothing here assumes a decoder.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..compile import CompiledModel
-from ..configuration import CONFIG_NAME, RBLNModelConfig
+from ..configuration import CONFIG_NAME, RBLNModelConfig, check_plain_name
 from ..sim_device import Artifact, Runtime
 
 MODEL_REGISTRY: dict[str, type[RBLNModel]] = {}
@@ -45,13 +55,178 @@ def _resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict) -> Path:
     path = Path(model_id)
     if path.is_dir():
         return path
+    if path.exists():
+        raise ValueError(f"{model_id} is a file, not a model folder")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    return Path(snapshot_download(str(model_id), **hub_kwargs))
+    interrupted = _staging_folders(path)
+    hint = f" An interrupted save left {interrupted[0]}; save the model again." if interrupted else ""
+    try:
+        validate_repo_id(str(model_id))
+    except HFValidationError:
+        raise ValueError(f"{model_id}: no such folder, and not a Hugging Face Hub model id either.{hint}") from None
+    try:
+        return Path(snapshot_download(str(model_id), **hub_kwargs))
+    except Exception as err:  # whatever the Hub said, add that we looked for a folder first
+        err.add_note(f"There is no local folder {model_id!r} either.{hint}")
+        raise
 
 
 def is_compiled_folder(folder: str | os.PathLike) -> bool:
     return (Path(folder) / CONFIG_NAME).is_file()
+
+
+# ---- the folder on disk ---------------------------------------------------------------------
+
+# A checkpoint's weight files (transformers, diffusers, torch, GGUF...): a folder holding one is
+# a checkpoint, and saving a compiled model into it needs `exist_ok=True`.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+
+def _is_ours_to_replace(name: str) -> bool:
+    """A file name that a save writes, so a later save may delete it when it no longer writes it."""
+    return name.endswith(".rbln") or name in ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
+
+def _staging_pattern(target: Path) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-[0-9a-f]{{8}}")
+
+
+def _staging_folders(target: Path) -> list[Path]:
+    """Staging folders of saves into `target` (next to it for a new folder, inside it otherwise)."""
+    pattern = _staging_pattern(target)
+    found = []
+    for place in (target.parent, target):
+        if place.is_dir():
+            found += [p for p in place.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(found)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or not a pid we can ask about: assume alive
+    return True
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders of saves into `target` whose process is gone (killed mid-save)."""
+    pattern = _staging_pattern(target)
+    for folder in _staging_folders(target):
+        pid = int(pattern.fullmatch(folder.name).group(1))
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256_of(path)}
+
+
+def _check_save_target(target: Path, exist_ok: bool) -> None:
+    """Refuse a target whose content we could damage: a file, a checkpoint, a foreign folder."""
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"Cannot save into {target}: it is a file, not a folder. Nothing was written.")
+    if not target.exists() or exist_ok:
+        return
+    # An interrupted save of ours into this folder leaves its staging folder inside: the folder is ours.
+    staging = [p for p in _staging_folders(target) if p.parent == target]
+    contents = [p for p in target.iterdir() if p not in staging]
+    weights = sorted(p.name for p in contents if p.name.endswith(WEIGHT_SUFFIXES))
+    if weights:
+        raise ValueError(
+            f"Cannot save into {target}: it holds a checkpoint's weights ({', '.join(weights[:3])}). Saving there "
+            "would replace its config.json, generation_config.json and tokenizer files with the compiled model's. "
+            "Save into another folder, or pass save_pretrained(..., exist_ok=True) to add the compiled files "
+            "(the weights and other files are kept)."
+        )
+    if contents and not is_compiled_folder(target) and not staging:
+        raise ValueError(
+            f"Cannot save into {target}: it is not empty and is not a compiled model folder (no {CONFIG_NAME}). "
+            "Save into a new or empty folder, or pass save_pretrained(..., exist_ok=True) to add the compiled "
+            "files there (other files are kept)."
+        )
+
+
+def _make_staging_folder(parent: Path, target: Path) -> Path:
+    """A new folder for the files of one save. Created like any folder (0o777 minus the umask),
+    unlike `tempfile.mkdtemp` (0o700), because a new target folder is this very folder renamed."""
+    staging = parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir(mode=0o777)
+    return staging
+
+
+def _move_into(staging: Path, target: Path) -> None:
+    """Replace the files of `target` by those of `staging`, one rename each, the manifest last."""
+    try:  # what the previous save wrote; nothing for a folder saved before manifests, or a damaged one
+        previous = _read_manifest(target) if is_compiled_folder(target) else {}
+    except (ValueError, TypeError):
+        previous = {}
+    names = sorted(p.name for p in staging.iterdir())
+    blocked = [n for n in names if (target / n).is_dir() and not (target / n).is_symlink()]
+    if blocked:
+        raise ValueError(f"Cannot save into {target}: {blocked} would replace folder(s) of the same name")
+    for name in names:
+        if name != CONFIG_NAME:
+            os.replace(staging / name, target / name)
+    os.replace(staging / CONFIG_NAME, target / CONFIG_NAME)  # the save is complete from here on
+    # Files a previous save wrote and this one did not (e.g. a graph no longer compiled), if unchanged.
+    for name, entry in previous.items():
+        path = target / name
+        if name not in names and _is_ours_to_replace(name) and path.is_file() and not path.is_symlink():
+            if _manifest_entry(path) == entry:
+                path.unlink()
+
+
+def _read_manifest(folder: Path) -> dict[str, dict]:
+    """The manifest of a compiled folder ({file name: {"bytes", "sha256"}}), checked for types."""
+    data = RBLNModelConfig.read_json(folder)
+    if "files" not in data:
+        raise ValueError(
+            f"{folder / CONFIG_NAME} has no file list ('files'): it was written by an older optimum-npu or "
+            "edited by hand. Compile the model again (export=True) and save it."
+        )
+    manifest = {}
+    for name, entry in data["files"].items():
+        check_plain_name(f"a file name in {folder / CONFIG_NAME}", name)
+        if not (isinstance(entry, dict) and set(entry) == {"bytes", "sha256"} and isinstance(entry["bytes"], int)
+                and isinstance(entry["sha256"], str)):
+            raise ValueError(f"{folder / CONFIG_NAME} is malformed: files[{name!r}] must be {{'bytes': int, 'sha256': str}}")
+        manifest[name] = entry
+    return manifest
+
+
+def _check_manifest(folder: Path, needed: list[str]) -> None:
+    """ValueError unless every file of the manifest is there as saved, and it lists `needed`."""
+    manifest = _read_manifest(folder)
+    unlisted = [name for name in needed if name not in manifest]
+    if unlisted:
+        raise ValueError(f"{folder / CONFIG_NAME} does not list {unlisted} in its files; the folder is inconsistent.")
+    for name, entry in manifest.items():
+        path = folder / name
+        problem = None
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != entry["bytes"]:
+            problem = f"has {path.stat().st_size} bytes, {entry['bytes']} were saved"
+        elif _sha256_of(path) != entry["sha256"]:
+            problem = "differs from the file that was saved (sha256)"
+        if problem:
+            raise ValueError(
+                f"{folder} holds an incomplete or mixed save: {name} {problem}. A save was interrupted, or files "
+                "were changed or copied in afterwards. Save the model again."
+            )
 
 
 class RBLNModel:
@@ -98,18 +273,27 @@ class RBLNModel:
     @classmethod
     def from_pretrained(cls, model_id: str | os.PathLike, export: bool = False, **kwargs: Any):
         hub_kwargs = hub_kwargs_of(kwargs, pop=True)
+        # The folder first (local, or the Hub snapshot): a clear error for a bad path, and for an
+        # export the checkpoint folder the tokenizer files come from.
+        folder = _resolve_folder(model_id, hub_kwargs)
         if export:
             config, hf_kwargs = cls.config_class.from_kwargs(kwargs)
-            hf_model = cls._load_hf_model(model_id, {**hub_kwargs, **hf_kwargs})
-            # The checkpoint folder (local, or the Hub snapshot HF just used) has the tokenizer files.
-            return cls._from_hf_model(hf_model, config, source_folder=_resolve_folder(model_id, hub_kwargs))
-        folder = _resolve_folder(model_id, hub_kwargs)
+            hf_model = cls._load_hf_model(model_id, {**hub_kwargs, **hf_kwargs}, config)
+            return cls._from_hf_model(hf_model, config, source_folder=folder)
         if not is_compiled_folder(folder):
-            raise ValueError(
-                f"{model_id} is not a compiled model folder (no {CONFIG_NAME}). "
-                f"To compile a Hugging Face checkpoint, call {cls.__name__}.from_pretrained(..., export=True)."
-            )
+            raise ValueError(cls._not_compiled_message(folder, model_id))
         return cls._from_compiled(folder, kwargs)
+
+    @classmethod
+    def _not_compiled_message(cls, folder: Path, model_id) -> str:
+        if any(p.parent == folder for p in _staging_folders(folder)):
+            return (f"{model_id} holds no complete compiled model: a save into it was interrupted (no {CONFIG_NAME} "
+                    "yet). Save the model again.")
+        if (folder / "config.json").is_file():
+            return (f"{model_id} is a Hugging Face checkpoint, not a compiled model (no {CONFIG_NAME}). To compile "
+                    f"it, call {cls.__name__}.from_pretrained(..., export=True).")
+        return (f"{model_id} is not a compiled model folder (no {CONFIG_NAME}). To compile a Hugging Face "
+                f"checkpoint, call {cls.__name__}.from_pretrained(..., export=True).")
 
     @classmethod
     def from_model(cls, hf_model, **kwargs: Any):
@@ -120,13 +304,47 @@ class RBLNModel:
         return cls._from_hf_model(hf_model, config, source_folder=None)
 
     @classmethod
-    def _load_hf_model(cls, model_id, hf_kwargs: dict):
+    def _load_hf_model(cls, model_id, hf_kwargs: dict, config: RBLNModelConfig):
         if cls.hf_class is None:
             raise TypeError(f"{cls.__name__} cannot export: it has no hf_class")
+        from transformers import AutoConfig
+
+        # Checks that need no weights come before loading them (which may take minutes).
+        cls._check_model_type(AutoConfig.from_pretrained(model_id, **hub_kwargs_of(hf_kwargs)))
+        if config.create_runtimes:
+            config.check_devices_exist()
         return cls.hf_class.from_pretrained(model_id, **hf_kwargs)
 
     @classmethod
+    def _model_types(cls) -> dict[str, type[RBLNModel]]:
+        """HF model_type -> class, for the checkpoints this class compiles: its hf_class's, or for a
+        generic class without one (e.g. the decoder-only base), those of its registered subclasses."""
+        classes = [cls] if cls.hf_class is not None else [
+            c for c in MODEL_REGISTRY.values() if issubclass(c, cls) and c.hf_class is not None
+        ]
+        return {c.hf_class.config_class.model_type: c for c in classes}
+
+    @classmethod
+    def _check_model_type(cls, hf_config) -> None:
+        """ValueError unless `hf_config` is of this class's family (another family's weights would be
+        silently dropped or left random)."""
+        model_type = getattr(hf_config, "model_type", None)
+        accepted = cls._model_types()
+        if model_type in accepted:
+            return
+        serving = sorted(c.__name__ for c in MODEL_REGISTRY.values()
+                         if c.hf_class is not None and c.hf_class.config_class.model_type == model_type)
+        advice = f"use {' or '.join(serving)}" if serving else "no RBLN class supports it yet"
+        raise ValueError(
+            f"{cls.__name__} compiles model_type {' / '.join(sorted(accepted)) or '(none)'}, but this checkpoint "
+            f"has model_type {model_type!r}: {advice}."
+        )
+
+    @classmethod
     def _from_hf_model(cls, hf_model, config: RBLNModelConfig, source_folder: Path | None):
+        cls._check_model_type(hf_model.config)
+        if config.create_runtimes:
+            config.check_devices_exist()
         hf_model.eval()
         config, graphs = cls._compile(hf_model, config)
         config = config.with_compiled(
@@ -146,11 +364,43 @@ class RBLNModel:
                 f"{folder} was compiled for {config.cls_name}, not {cls.__name__}: load it with {config.cls_name} "
                 "(or an RBLNAuto class), or recompile with export=True."
             )
-        graphs = {}
-        for name in config.graphs:
-            graphs[name] = Artifact.load(folder / f"{name}.rbln")
+        if config.create_runtimes:
+            config.check_devices_exist()
+        graph_files = {name: f"{name}.rbln" for name in config.graphs}  # plain names: checked by the config
+        _check_manifest(folder, needed=[*graph_files.values(), "config.json"])
         hf_config, generation_config = cls._load_hf_configs(folder)
+        MODEL_REGISTRY.get(config.cls_name, cls)._check_model_type(hf_config)
+        graphs = {name: Artifact.load(folder / filename) for name, filename in graph_files.items()}
+        cls._check_graphs_against_config(config, graphs)
         return cls(hf_config, config, graphs, source_folder=folder, generation_config=generation_config)
+
+    @classmethod
+    def _check_graphs_against_config(cls, config: RBLNModelConfig, graphs: dict[str, Artifact]) -> None:
+        """ValueError if rbln_config.json says something the `.rbln` programs contradict.
+
+        Generic checks: each graph's recorded inputs (names, shapes, dtypes) and the compile
+        options every program records (npu, dtype, numerics, tensor parallelism). A model family
+        overrides this to check its own options too, calling super() first.
+        """
+        for name, artifact in graphs.items():
+            program = artifact.program
+            recorded = {
+                "inputs": list(config.graphs[name]),
+                "npu": config.npu, "dtype": config.dtype, "numerics": config.numerics,
+                "tensor_parallel_size": config.tensor_parallel_size,
+            }
+            actual = {
+                "inputs": [(s.name, tuple(s.shape), s.dtype) for s in program.inputs],
+                "npu": program.npu, "dtype": program.device_dtype, "numerics": program.numerics,
+                "tensor_parallel_size": program.tensor_parallel_size,
+            }
+            for key in recorded:
+                if recorded[key] != actual[key]:
+                    raise ValueError(
+                        f"{CONFIG_NAME} contradicts {name}.rbln: {key} is {recorded[key]!r} in {CONFIG_NAME} but "
+                        f"{actual[key]!r} in the program. The folder was edited or mixed from two models; "
+                        "compile the model again (export=True)."
+                    )
 
     @classmethod
     def _accepts(cls, compiled_cls_name: str | None) -> bool:
@@ -169,33 +419,56 @@ class RBLNModel:
 
     # ---- saving ---------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write the compiled model; the folder appears whole or not at all."""
+    def save_pretrained(self, save_directory: str | os.PathLike, *, exist_ok: bool = False) -> str:
+        """Write the compiled model into `save_directory`; returns its path.
+
+        Only the files of the compiled model are written (graphs, rbln_config.json, config.json,
+        generation_config.json, tokenizer files); other files in the folder are left alone. A new
+        folder appears whole or not at all; in an existing one, a load sees the previous model
+        until the last rename, and an error (never a mix) if the save is cut short in between.
+
+        A compiled model folder is updated in place. A folder holding a checkpoint's weights or
+        other files is refused unless `exist_ok=True` (its other files are kept either way);
+        a file is always refused.
+        """
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        _check_save_target(target, exist_ok)
+        _remove_stale_staging(target)
+        existing = target.is_dir()
+        parent = target if existing else target.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = _make_staging_folder(parent, target)
         try:
-            for name, graph in self.graphs.items():
-                graph.save(staging / f"{name}.rbln", external=self._external_tensors(name))
-            self.rbln_config.save(staging)
-            self.config.save_pretrained(staging)
-            if self.generation_config is not None:
-                self.generation_config.save_pretrained(staging)
-            if self._source_folder is not None:
-                for filename in TOKENIZER_FILES:
-                    if (self._source_folder / filename).is_file():
-                        shutil.copy2(self._source_folder / filename, staging / filename)
-            if target.exists():
-                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, backup)
-                os.replace(staging, target)
-                shutil.rmtree(backup, ignore_errors=True)
+            self._write_files(staging)
+            if existing:
+                _move_into(staging, target)
             else:
                 os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
         return str(target)
+
+    def _write_files(self, folder: Path) -> None:
+        """Every file of the compiled model into the (empty, new) `folder`, the manifest last."""
+        for name, graph in self.graphs.items():
+            check_plain_name("a graph name", name)
+            graph.save(folder / f"{name}.rbln", external=self._external_tensors(name))
+        self.config.save_pretrained(folder)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(folder)
+        if self._source_folder is not None:
+            for filename in TOKENIZER_FILES:
+                if (self._source_folder / filename).is_file():
+                    shutil.copyfile(self._source_folder / filename, folder / filename)
+        # The usual permissions (0o666 minus the umask, as for the folder itself): some writers
+        # create files 0o600 (tempfile.mkstemp) or copy the source's mode.
+        mode = folder.stat().st_mode & 0o666
+        manifest = {}
+        for path in sorted(folder.iterdir()):
+            check_plain_name("a saved file name", path.name)
+            os.chmod(path, mode)
+            manifest[path.name] = _manifest_entry(path)
+        self.rbln_config.save(folder, files=manifest)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload compiled model", **kwargs) -> str:
