@@ -305,15 +305,19 @@ class RBLNModel:
 
     @classmethod
     def _load_hf_model(cls, model_id, hf_kwargs: dict, config: RBLNModelConfig):
+        cls._check_before_loading(model_id, hf_kwargs, config)
+        return cls.hf_class.from_pretrained(model_id, **hf_kwargs)
+
+    @classmethod
+    def _check_before_loading(cls, model_id, hf_kwargs: dict, config: RBLNModelConfig) -> None:
+        """Checks that need no weights, run before loading them (which may take minutes)."""
         if cls.hf_class is None:
             raise TypeError(f"{cls.__name__} cannot export: it has no hf_class")
         from transformers import AutoConfig
 
-        # Checks that need no weights come before loading them (which may take minutes).
         cls._check_model_type(AutoConfig.from_pretrained(model_id, **hub_kwargs_of(hf_kwargs)))
         if config.create_runtimes:
             config.check_devices_exist()
-        return cls.hf_class.from_pretrained(model_id, **hf_kwargs)
 
     @classmethod
     def _model_types(cls) -> dict[str, type[RBLNModel]]:

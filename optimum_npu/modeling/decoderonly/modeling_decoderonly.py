@@ -140,15 +140,14 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
     # ---- compiling --------------------------------------------------------------------
 
     @classmethod
-    def _load_hf_model(cls, model_id, hf_kwargs: dict):
+    def _load_hf_model(cls, model_id, hf_kwargs: dict, config):
         """The HF model, refused if the checkpoint's weights do not match its architecture.
 
         transformers loads e.g. a Qwen3 checkpoint into LlamaForCausalLM with only a warning,
         dropping q_norm / k_norm (or a BERT one, with random weights): wrong tokens, no error.
         The weights of layers a user override left out (num_hidden_layers=1) may be dropped.
         """
-        if cls.hf_class is None:
-            raise TypeError(f"{cls.__name__} cannot export: it has no hf_class")
+        cls._check_before_loading(model_id, hf_kwargs, config)
         hf_model, info = cls.hf_class.from_pretrained(model_id, output_loading_info=True, **hf_kwargs)
         layers_kept = hf_model.config.num_hidden_layers
 
