@@ -191,8 +191,8 @@ def _is_int(value, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high  # not bool, not float
 
 
-def _read_record_text(path: Path) -> str:
-    """The text of a record file, read without trusting it: no symlinks, no FIFOs, bounded size."""
+def _read_untrusted(path: Path) -> bytes:
+    """A record file's bytes, read without trusting it: no symlinks, no FIFOs, bounded size."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -202,7 +202,7 @@ def _read_record_text(path: Path) -> str:
         os.close(fd)
     if len(data) > MAX_RECORD_CHARS:
         raise ValueError(f"larger than {MAX_RECORD_CHARS} bytes")
-    return data.decode("utf-8")
+    return data
 
 
 def parse_record(path: Path) -> Allocation:
@@ -212,19 +212,19 @@ def parse_record(path: Path) -> Allocation:
     an allowlist of keys, each with its type and range.
     """
     try:
-        data = json.loads(_read_record_text(path))
+        raw = _read_untrusted(path)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise ValueError("a symbolic link") from None
-        raise ValueError(f"unreadable: {e.strerror}") from None
+        raise ValueError("a symbolic link" if e.errno == errno.ELOOP else f"unreadable: {e.strerror}") from None
+    try:
+        data = json.loads(raw)
     except RecursionError:
         raise ValueError("not JSON: nested too deeply") from None
     except ValueError as e:  # JSON, UTF-8, integers of too many digits
-        raise ValueError(f"not JSON: {str(e).splitlines()[0][:100]}") from None
+        raise ValueError(f"not JSON: {(str(e).splitlines() or [''])[0][:100]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"a JSON {type(data).__name__}, not an object")
     missing = sorted({"id", "pid", "owner", "bytes"} - data.keys())
-    unknown = sorted(str(k)[:40] for k in data.keys() - _RECORD_KEYS)
+    unknown = sorted(repr(k[:40]) for k in data.keys() - _RECORD_KEYS)
     if missing or unknown:
         raise ValueError("; ".join(filter(None, [missing and f"missing {', '.join(missing)}",
                                                  unknown and f"unknown key(s) {', '.join(unknown)}"])))
@@ -327,7 +327,7 @@ def lock_timeout() -> float:
 def _lock_holder(path: Path) -> str:
     """Who holds the lock, from what the holder wrote into the lock file (untrusted, like records)."""
     try:
-        holder = json.loads(_read_record_text(path))
+        holder = json.loads(_read_untrusted(path))
         pid, purpose, since = holder["pid"], holder["purpose"], holder["since"]
     except (OSError, ValueError, RecursionError, TypeError, KeyError):
         return "a process that did not say who it is"

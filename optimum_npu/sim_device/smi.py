@@ -50,7 +50,9 @@ def _per_device(allocation: memory.Allocation) -> list[dict]:
 
 
 def _malformed(records: list[memory.MalformedRecord]) -> list[dict]:
-    return [{"file": r.path.name, "reason": r.reason, "removed_by_reset": r.ours} for r in records]
+    # A file name may hold control characters: shown as a Python literal then, never raw.
+    return [{"file": r.path.name if r.path.name.isprintable() else repr(r.path.name), "reason": r.reason,
+             "removed_by_reset": r.ours} for r in records]
 
 
 def status() -> dict:
@@ -144,7 +146,8 @@ def _malformed_line(verb: str, records: list[dict], suggest_reset: bool = False)
     if ours and suggest_reset:
         line += f". `optimum-npu smi --reset` removes {', '.join(r['file'] for r in ours)}"
     if foreign:
-        line += f". optimum-npu did not write {', '.join(r['file'] for r in foreign)}: remove it by hand if it is not yours"
+        line += (f". optimum-npu did not write {', '.join(r['file'] for r in foreign)}: "
+                 "remove by hand what is not yours")
     return line + "."
 
 
@@ -154,7 +157,8 @@ def reset(dry_run: bool = False) -> dict:
     return {
         "dry_run": dry_run,
         "state_dir": str(memory.state_dir()),
-        "freed": [{**p, "why": d.why} for d in scan.dead for p in _per_device(d.allocation)],
+        "freed": sorted(({**p, "why": d.why} for d in scan.dead for p in _per_device(d.allocation)),
+                        key=lambda p: (p["device"], p["pid"], p["owner"])),
         "malformed_removed": _malformed([r for r in scan.malformed if r.ours]),
         "malformed_left": _malformed([r for r in scan.malformed if not r.ours]),
         "half_written_removed": [path.name for path in scan.stale_tmp],
