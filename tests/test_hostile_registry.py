@@ -261,13 +261,18 @@ HOLD_THE_LOCK = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def lock_holder(state):
-    """Another process holding the registry lock until the test ends."""
+def hold_the_lock() -> subprocess.Popen:
+    """Another process, holding the registry lock until it reads a line (or is killed)."""
     holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.fixture
+def lock_holder(state):
+    holder = hold_the_lock()
     try:
-        assert holder.stdout.readline().strip() == "locked"
         yield holder
     finally:
         holder.stdin.write("\n")
@@ -282,6 +287,10 @@ def test_the_lock_times_out_naming_its_holder(lock_holder, monkeypatch, capsys):
     message = str(error.value)
     assert f"held by pid {lock_holder.pid} (compiling something very slowly)" in message
     assert "OPTIMUM_NPU_LOCK_TIMEOUT" in message and "Waited 0.3 s" in message
+    compiled = compile_from_torch(nn.Linear(8, 8), example_inputs=[torch.randn(1, 8)])
+    with pytest.raises(TimeoutError, match=f"held by pid {lock_holder.pid}"):
+        Runtime(compiled)
+    assert memory.allocations() == []
     # The CLI says the same in one line.
     assert main(["smi", "--reset"]) == 2
     err = capsys.readouterr().err
@@ -298,9 +307,7 @@ def test_the_lock_is_free_again_once_released(state, monkeypatch):
 def test_a_killed_holder_does_not_block(state, monkeypatch):
     """The kernel drops the lock of a process that dies holding it."""
     monkeypatch.setenv("OPTIMUM_NPU_LOCK_TIMEOUT", "5")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert holder.stdout.readline().strip() == "locked"
+    holder = hold_the_lock()
     holder.kill()
     holder.wait(timeout=60)
     memory.release(memory.allocate("Runtime(after)", {0: 1}).id)
