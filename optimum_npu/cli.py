@@ -1,13 +1,17 @@
 """The `optimum-npu` command.
 
     optimum-npu smi [--json] [--presets]       devices, memory in use, runtimes holding it
+    optimum-npu smi --reset [--dry-run]        free the records of processes that are gone
     optimum-npu presets [--json]               hardware presets and their figures
     optimum-npu compile pkg.mod:factory --input x:1x16:float32 -o model.rbln
     optimum-npu run model.rbln [--profile trace.json]
 
 A subcommand is a `Command` in `COMMANDS`: a name, a help line, a function adding its
 arguments and a function running it. User mistakes raise `CLIError`: one line on
-stderr, exit code 2, no traceback.
+stderr, exit code 2, no traceback. So does every other failure, including the user's
+code (a factory) raising or calling `sys.exit`; its exception type is named, and
+OPTIMUM_NPU_TRACEBACK=1 shows the traceback. Ctrl-C exits with 130 (128 + SIGINT, as
+shells report it), also in one line.
 """
 
 from __future__ import annotations
@@ -42,18 +46,27 @@ class Command:
 def _smi_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--presets", action="store_true", help="list the hardware presets instead of the devices")
+    p.add_argument("--reset", action="store_true",
+                   help="remove the records of processes that are gone (exited, or whose pid was reused) and "
+                        "malformed records optimum-npu wrote; print what was freed. Live processes keep theirs.")
+    p.add_argument("--dry-run", action="store_true", help="with --reset: print what it would free, remove nothing")
 
 
 def _smi(args: argparse.Namespace) -> int:
+    if args.presets and (args.reset or args.dry_run):
+        raise CLIError("--presets lists the hardware presets; it does not go with --reset or --dry-run")
     if args.presets:
         return _presets(args)
+    if args.dry_run and not args.reset:
+        raise CLIError("--dry-run goes with --reset: `optimum-npu smi --reset --dry-run`")
     from .sim_device import smi
 
     try:
-        data = smi.status()
-    except ValueError as e:  # a malformed OPTIMUM_NPU_SYSTEM
+        data = smi.reset(dry_run=args.dry_run) if args.reset else smi.status()
+    except ValueError as e:  # a malformed OPTIMUM_NPU_SYSTEM or OPTIMUM_NPU_LOCK_TIMEOUT
         raise CLIError(str(e)) from None
-    print(json.dumps(data, indent=2) if args.json else smi.format_status(data))
+    render = smi.format_reset if args.reset else smi.format_status
+    print(json.dumps(data, indent=2) if args.json else render(data))
     return 0
 
 
@@ -113,6 +126,8 @@ def load_module(spec: str):
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise CLIError(f"cannot import module {module_name!r}: {e} (is it on PYTHONPATH or in this folder?)") from None
         raise CLIError(f"importing module {module_name!r} failed: {type(e).__name__}: {e}") from None
+    except SystemExit as e:
+        raise CLIError(f"importing module {module_name!r} failed: it called sys.exit({e.code!r})") from None
     except Exception as e:  # the user's module raised while being imported
         raise CLIError(f"importing module {module_name!r} failed: {type(e).__name__}: {e}") from None
     factory = module
@@ -124,6 +139,8 @@ def load_module(spec: str):
         raise CLIError(f"{spec} is not callable (it is of type {type(factory).__name__}); it must be a factory returning a torch.nn.Module")
     try:
         model = factory()
+    except SystemExit as e:
+        raise CLIError(f"calling {spec}() failed: the factory called sys.exit({e.code!r})") from None
     except Exception as e:
         raise CLIError(f"calling {spec}() failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, torch.nn.Module):
@@ -264,12 +281,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except CLIError as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _report(args.command, str(e))
     except BrokenPipeError:  # `optimum-npu smi --json | head`: the reader left, that is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        return _report(args.command, "interrupted", exit_code=130)
+    except SystemExit as e:  # only the user's code (a module's forward while tracing) calls it
+        return _report(args.command, f"stopped by a call to sys.exit({e.code!r})")
+    except Exception as e:
+        if os.environ.get("OPTIMUM_NPU_TRACEBACK") == "1":
+            raise
+        return _report(args.command, _describe(e))
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, OSError):  # a file or folder we could not read or write; the registry lock timing out
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}" if error.strerror else str(error)
+    return f"{type(error).__name__}: {error} (OPTIMUM_NPU_TRACEBACK=1 shows where)"
+
+
+def _report(command: str, message: str, exit_code: int = 2) -> int:
+    """One line on stderr, whatever the message: the command's failure, for people and scripts."""
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
+    return exit_code
 
 
 if __name__ == "__main__":

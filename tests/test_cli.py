@@ -14,6 +14,8 @@ from optimum_npu.sim_device import Runtime
 
 MODELS = textwrap.dedent(
     """
+    import sys
+
     import torch
 
     class MLP(torch.nn.Module):
@@ -39,6 +41,28 @@ MODELS = textwrap.dedent(
 
     def too_big():
         return torch.nn.Linear(100_000, 100_000, bias=False, device="meta")
+
+    def exits():
+        sys.exit(3)
+
+    def exits_with_a_message():
+        sys.exit("no GPU found")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def returns_the_class():
+        return MLP
+
+    def raises_multiline():
+        raise ValueError("first line\\n  second line")
+
+    class ExitsWhenTraced(torch.nn.Module):
+        def forward(self, x):
+            sys.exit(5)
+
+    def exits_when_traced():
+        return ExitsWhenTraced()
     """
 )
 
@@ -56,9 +80,10 @@ def project(tmp_path, monkeypatch):
     sys.path is restored afterwards: the CLI adds the cwd to it."""
     (tmp_path / "mymods.py").write_text(MODELS)
     (tmp_path / "brokenmod.py").write_text("raise ImportError('missing dependency foo')\n")
+    (tmp_path / "exitmod.py").write_text("import sys\nsys.exit(4)\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    for name in ("mymods", "brokenmod"):
+    for name in ("mymods", "brokenmod", "exitmod"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     return tmp_path
 
@@ -220,6 +245,50 @@ def test_bad_input_exits_2_with_one_line(project, capsys, argv, message):
     assert last.startswith(f"optimum-npu {argv[0]}: error: ") and message in last, err
     assert "Traceback" not in err
     assert not (project / "o.rbln").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message, exit_code",
+    [
+        # The user's code stopping the process is reported, not obeyed.
+        (["compile", "mymods:exits", "-i", "x:2x16", "-o", "o.rbln"], "the factory called sys.exit(3)", 2),
+        (["compile", "mymods:exits_with_a_message", "-i", "x:2x16", "-o", "o.rbln"],
+         "the factory called sys.exit('no GPU found')", 2),
+        (["compile", "exitmod:build", "-i", "x:2x16", "-o", "o.rbln"], "importing module 'exitmod' failed: it called sys.exit(4)", 2),
+        (["compile", "mymods:exits_when_traced", "-i", "x:2x16", "-o", "o.rbln"], "sys.exit(5)", 2),
+        (["compile", "mymods:interrupted", "-i", "x:2x16", "-o", "o.rbln"], "interrupted", 130),
+        (["compile", "mymods:returns_the_class", "-i", "x:2x16", "-o", "o.rbln"], "returned an object of type type, not a torch.nn.Module", 2),
+        (["compile", "mymods:raises_multiline", "-i", "x:2x16", "-o", "o.rbln"], "ValueError: first line second line", 2),
+        # Files that are not what they should be.
+        (["compile", "mymods:build", "-i", "x:2x16", "-o", "mymods.py/o.rbln"], "mymods.py", 2),
+        (["run", "garbage.rbln"], "garbage.rbln", 2),
+        (["run", "folder.rbln"], "folder.rbln", 2),
+    ],
+)
+def test_every_failure_is_one_line(project, capsys, argv, message, exit_code):
+    (project / "garbage.rbln").write_bytes(b"RBLN" + bytes(range(256)) * 4)
+    (project / "folder.rbln").mkdir()
+    assert main(argv) == exit_code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "it/s]" not in line]  # tqdm progress from tracing
+    assert len(lines) == 1 and lines[0].startswith(f"optimum-npu {argv[0]}: error: ") and message in lines[0], err
+    assert "Traceback" not in err
+    assert not (project / "o.rbln").exists()
+
+
+def test_unexpected_errors_name_their_type_and_can_show_the_traceback(project, capsys, monkeypatch):
+    from optimum_npu.sim_device import smi
+
+    def broken():
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(smi, "format_presets", broken)
+    assert main(["presets"]) == 2
+    err = capsys.readouterr().err
+    assert err == "optimum-npu presets: error: KeyError: 'surprise' (OPTIMUM_NPU_TRACEBACK=1 shows where)\n"
+    monkeypatch.setenv("OPTIMUM_NPU_TRACEBACK", "1")
+    with pytest.raises(KeyError, match="surprise"):
+        main(["presets"])
 
 
 def test_usage_errors_exit_2(capsys):

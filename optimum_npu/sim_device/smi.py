@@ -2,8 +2,10 @@
 
 `status()` gathers the devices of this machine (`OPTIMUM_NPU_SYSTEM`), their memory in
 use and the runtimes holding it (from the allocation registry shared by every process),
-as plain JSON-ready data; `format_status()` renders it as a table. `presets()` /
-`format_presets()` do the same for the hardware presets, marking estimated figures.
+as plain JSON-ready data, with the registry's records it ignored (of exited processes,
+malformed); `format_status()` renders it as a table. `reset()` / `format_reset()` remove
+the records no live process holds and say what was freed. `presets()` /
+`format_presets()` list the hardware presets, marking estimated figures.
 """
 
 from __future__ import annotations
@@ -39,15 +41,28 @@ def format_capacity(nbytes: int) -> str:
     return format_bytes(nbytes)
 
 
-def status() -> dict:
-    """Devices, memory used / total per device, and the runtimes holding memory."""
-    machine = memory.devices()
-    live = memory.allocations()
-    processes = [
+def _per_device(allocation: memory.Allocation) -> list[dict]:
+    a = allocation
+    return [
         {"device": index, "pid": a.pid, "owner": a.owner, "bytes": nbytes, "allocation_id": a.id, "kind": a.kind}
-        for a in live
         for index, nbytes in sorted(a.bytes_per_device.items())
     ]
+
+
+def _malformed(records: list[memory.MalformedRecord]) -> list[dict]:
+    # A file name may hold control characters: shown as a Python literal then, never raw.
+    return [{"file": r.path.name if r.path.name.isprintable() else repr(r.path.name), "reason": r.reason,
+             "removed_by_reset": r.ours} for r in records]
+
+
+def status() -> dict:
+    """Devices, memory used / total per device, and the runtimes holding memory.
+
+    Read-only: records of exited processes and malformed records are counted, not removed
+    (`reset()` removes them)."""
+    machine = memory.devices()
+    scan = memory.scan_registry()
+    processes = [p for a in scan.live for p in _per_device(a)]
     processes.sort(key=lambda p: (p["device"], p["pid"], p["owner"]))
     devices = []
     for d in machine:
@@ -70,6 +85,8 @@ def status() -> dict:
         "state_dir": str(memory.state_dir()),
         "devices": devices,
         "processes": processes,
+        "exited_records": len(scan.dead),
+        "malformed_records": _malformed(scan.malformed),
     }
 
 
@@ -114,6 +131,61 @@ def format_status(data: dict | None = None) -> str:
             ],
             right={1, 3},
         )
+    if data["exited_records"]:
+        out.append(f"{data['exited_records']} record(s) of exited processes hold nothing; "
+                   "`optimum-npu smi --reset` removes them.")
+    if data["malformed_records"]:
+        out.append(_malformed_line("Ignored", data["malformed_records"], suggest_reset=True))
+    return "\n".join(out)
+
+
+def _malformed_line(verb: str, records: list[dict], suggest_reset: bool = False) -> str:
+    ours = [r for r in records if r["removed_by_reset"]]
+    foreign = [r for r in records if not r["removed_by_reset"]]
+    line = f"{verb} {len(records)} malformed record(s): " + "; ".join(f"{r['file']} ({r['reason']})" for r in records)
+    if ours and suggest_reset:
+        line += f". `optimum-npu smi --reset` removes {', '.join(r['file'] for r in ours)}"
+    if foreign:
+        line += (f". optimum-npu did not write {', '.join(r['file'] for r in foreign)}: "
+                 "remove by hand what is not yours")
+    return line + "."
+
+
+def reset(dry_run: bool = False) -> dict:
+    """Remove the records no live process holds (see `memory.reset_registry`); what was freed."""
+    scan = memory.reset_registry(dry_run=dry_run)
+    return {
+        "dry_run": dry_run,
+        "state_dir": str(memory.state_dir()),
+        "freed": sorted(({**p, "why": d.why} for d in scan.dead for p in _per_device(d.allocation)),
+                        key=lambda p: (p["device"], p["pid"], p["owner"])),
+        "malformed_removed": _malformed([r for r in scan.malformed if r.ours]),
+        "malformed_left": _malformed([r for r in scan.malformed if not r.ours]),
+        "half_written_removed": [path.name for path in scan.stale_tmp],
+        "live_kept": len(scan.live),
+    }
+
+
+def format_reset(data: dict) -> str:
+    free, remove = ("Would free", "Would remove") if data["dry_run"] else ("Freed", "Removed")
+    out = [f"Device registry: {data['state_dir']}" + ("   (dry run: nothing removed)" if data["dry_run"] else "")]
+    if data["freed"]:
+        out.append(f"{free} the memory of processes that are gone:")
+        out += _table(
+            ["NPU", "Memory", "Owner", "PID"],
+            [[str(p["device"]), format_bytes(p["bytes"]), p["owner"], f"{p['pid']} ({p['why']})"] for p in data["freed"]],
+            right={0, 1},
+        )
+    if data["malformed_removed"]:
+        out.append(_malformed_line(remove, data["malformed_removed"]))
+    if data["half_written_removed"]:
+        out.append(f"{remove} {len(data['half_written_removed'])} half-written record(s) of exited processes: "
+                   + ", ".join(data["half_written_removed"]) + ".")
+    if data["malformed_left"]:
+        out.append(_malformed_line("Left", data["malformed_left"]))
+    if not (data["freed"] or data["malformed_removed"] or data["half_written_removed"]):
+        out.append("Nothing to free.")
+    out.append(f"Kept {data['live_kept']} allocation(s) of live processes.")
     return "\n".join(out)
 
 
