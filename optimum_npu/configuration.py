@@ -32,12 +32,12 @@ import difflib
 import json
 import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Self
 
+from optimum_npu.sim_device.files import write_file_atomically
 from optimum_npu.sim_device.specs import DEFAULT_NPU, get_npu_spec
 
 CONFIG_NAME = "rbln_config.json"
@@ -124,25 +124,6 @@ def check_plain_name(what: str, name: Any) -> str:
             f"{what} must be a plain name of letters, digits, '_', '.' and '-' (not starting with '.'); got {name!r}"
         )
     return name
-
-
-def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write `path` so that a reader sees the old file or the new one, never half of one.
-
-    The temporary file is created like any other file (mode 0o666 filtered by the umask), not
-    0o600 as `tempfile.mkstemp` would make it, because it becomes the final file.
-    """
-    path = os.fspath(path)
-    tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -9,7 +9,9 @@ layout only, not with the package's own reader.
 import gc
 import hashlib
 import json
+import os
 import pickle
+import stat
 import struct
 
 import pytest
@@ -100,6 +102,18 @@ def test_file_layout_and_checksums(artifact):
     for name, tensor in tensors.items():
         assert tensor.dtype == torch.bfloat16
         torch.testing.assert_close(tensor.float(), params[name].detach().to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_saved_file_gets_umask_permissions_and_leaves_no_temporary(tmp_path):
+    """A .rbln is an ordinary file (0o666 minus the umask), not 0o600 like a mkstemp file."""
+    compiled = compile_from_torch(mlp(), example_inputs=[torch.randn(4, 16)])
+    old_umask = os.umask(0o022)
+    try:
+        path = compiled.save(tmp_path / "out" / "mlp.rbln")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mlp.rbln"]
 
 
 def test_load_and_run_without_pickle(artifact, monkeypatch):

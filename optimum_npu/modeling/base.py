@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 from ..compile import CompiledModel
 from ..configuration import CONFIG_NAME, RBLNModelConfig, check_plain_name
 from ..sim_device import Artifact, Runtime
+from ..sim_device.files import pid_alive
 
 MODEL_REGISTRY: dict[str, type[RBLNModel]] = {}
 
@@ -103,22 +104,12 @@ def _staging_folders(target: Path) -> list[Path]:
     return sorted(found)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's process, or not a pid we can ask about: assume alive
-    return True
-
-
 def _remove_stale_staging(target: Path) -> None:
     """Remove the staging folders of saves into `target` whose process is gone (killed mid-save)."""
     pattern = _staging_pattern(target)
     for folder in _staging_folders(target):
         pid = int(pattern.fullmatch(folder.name).group(1))
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
 
 

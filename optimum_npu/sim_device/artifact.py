@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .files import write_file_atomically
 from .program import PROGRAM_DTYPES, ArtifactError, Program
 
 MAGIC = b"RBLNSIM\0"
@@ -109,14 +109,7 @@ class Artifact:
         header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + _HEADER_LEN.pack(len(header_bytes)) + header_bytes + payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file_atomically(path, MAGIC + _HEADER_LEN.pack(len(header_bytes)) + header_bytes + payload)
         return str(path)
 
     @classmethod

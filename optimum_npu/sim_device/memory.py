@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import pid_alive
 from .specs import NPUSpec, get_npu_spec
 
 GiB = 1024**3
@@ -91,16 +92,6 @@ def state_dir() -> Path:
 # ---- processes ----------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, owned by another user
-    return True
-
-
 def process_start_time(pid: int) -> int | None:
     """When process `pid` started, in clock ticks since boot (Linux); None where it cannot be read.
 
@@ -123,7 +114,7 @@ def process_start_time(pid: int) -> int | None:
 
 def _process_state(pid: int, start_time: int | None) -> str:
     """'alive', 'exited', or 'pid reused' (the pid now belongs to a process started later)."""
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return "exited"
     if start_time is not None:
         now = process_start_time(pid)
@@ -274,7 +265,7 @@ def scan_registry() -> RegistryScan:
             scan.dead.append(DeadAllocation(allocation, path, why))
     for path in sorted(folder.glob("alloc-*.tmp")):
         match = TMP_NAME.fullmatch(path.name)
-        if match and path.is_file() and not path.is_symlink() and not _pid_alive(int(match["pid"])):
+        if match and path.is_file() and not path.is_symlink() and not pid_alive(int(match["pid"])):
             scan.stale_tmp.append(path)
     return scan
 
