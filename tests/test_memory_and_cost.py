@@ -1,6 +1,6 @@
 """Device memory (compile-time sizing on the meta device, runtime allocation accounting)
 and the cost model, checked against figures computed here from the hardware's published
-numbers (DESIGN.md: an ATOM die has 256 GB/s DRAM bandwidth, 32 TFLOPS bf16/fp16, 15.7 GiB
+numbers (docs/hardware.md: an ATOM die has 256 GB/s DRAM bandwidth, 32 TFLOPS bf16/fp16, 15.7 GiB
 usable DRAM; an ATOM-Max card talks to the host over PCIe Gen5 x16 at 64 GB/s) and the
 calibration constants of `optimum_npu.sim_device.cost_model.Calibration`.
 """

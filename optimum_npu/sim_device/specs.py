@@ -2,7 +2,7 @@
 
 A preset describes one *device* (what `rbln-smi` lists as one NPU) and the card it sits on.
 Figures come from Rebellions' public product pages and briefs (rebellions.ai, ATOM /
-ATOM+ / ATOM-Max / REBEL-Quad), as collected in the project's DESIGN.md hardware table;
+ATOM+ / ATOM-Max / REBEL-Quad), as collected in docs/hardware.md;
 figures the vendor has not published are marked "estimate" and are ours.
 """
 
@@ -42,7 +42,7 @@ class NPUSpec:
 
 # ATOM die, the building block of CA12 / CA22 / CA25.
 # 16 GiB GDDR6 at 256 GB/s, 32 TFLOPS fp16/bf16, 128 TOPS int8, 8 neural engines with
-# 4 MB local memory each and 32 MB shared memory: ATOM product brief; DESIGN.md table.
+# 4 MB local memory each and 32 MB shared memory: ATOM product brief (docs/hardware.md).
 # 15.7 GiB usable of 16: what rbln-smi reports as total memory on an ATOM device.
 # PCIe Gen5 x16: 64 GB/s per direction (PCI-SIG Gen5 x16 figure, cited in the ATOM-Max brief).
 _ATOM_DIE = dict(
@@ -62,7 +62,7 @@ _ATOM_DIE = dict(
 NPU_PRESETS: dict[str, NPUSpec] = {
     # ATOM card, single device, 130 W max (ATOM brief: 60-130 W configurable TDP).
     "RBLN-CA12": NPUSpec(name="RBLN-CA12", product="ATOM (RBLN-CA12)", card_tdp_watts=130.0, **_ATOM_DIE),
-    # ATOM+ card, single device; same die figures per DESIGN.md. TDP: estimate, as CA12.
+    # ATOM+ card, single device; same die figures (docs/hardware.md). TDP: estimate, as CA12.
     "RBLN-CA22": NPUSpec(
         name="RBLN-CA22", product="ATOM+ (RBLN-CA22)", card_tdp_watts=130.0, estimated=("card_tdp_watts",), **_ATOM_DIE
     ),
@@ -76,7 +76,7 @@ NPU_PRESETS: dict[str, NPUSpec] = {
         estimated=("device_link_bandwidth",),
         **{**_ATOM_DIE, "devices_per_card": 4},
     ),
-    # REBEL-Quad: 4 chiplets presented as one device, 144 GB HBM3E (140 usable, DESIGN.md),
+    # REBEL-Quad: 4 chiplets presented as one device, 144 GB HBM3E (140 usable, docs/hardware.md),
     # 4.8 TB/s. Compute: vendor figure of ~2 PFLOPS FP8 dense, so ~1 PFLOPS fp16/bf16 and
     # ~2 POPS int8 (estimates); SRAM, link and TDP are estimates too.
     "RBLN-CR03": NPUSpec(
