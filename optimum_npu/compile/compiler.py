@@ -110,6 +110,16 @@ def _inputs_from_info(input_info, on_meta: bool) -> tuple:
 TENSOR_PARALLEL_CANDIDATES = (1, 2, 4, 8, 16, 32)
 
 
+class ProgramTooLargeError(DeviceMemoryError):
+    """The compiled program does not fit one device of its NPU. Carries the `program` (its
+    memory plan says what needs what) and the smallest tensor-parallel size that would fit."""
+
+    def __init__(self, message: str, program: Program, smallest_tensor_parallel_size: int | None):
+        super().__init__(message)
+        self.program = program
+        self.smallest_tensor_parallel_size = smallest_tensor_parallel_size
+
+
 @dataclass
 class Compilation:
     """What the passes share: the request, then what each pass produces for the next."""
@@ -190,12 +200,13 @@ def _check_fits(c: Compilation) -> None:
     tp = _smallest_fitting_tensor_parallel_size(c, spec.usable_dram_bytes)
     split = (f"compile for tensor_parallel_size={tp} (the smallest that fits: each device then holds 1/{tp} of "
              "the split weights and KV cache)" if tp else "no tensor_parallel_size up to 32 fits either")
-    raise DeviceMemoryError(
+    raise ProgramTooLargeError(
         f"The compiled program needs {format_gib(need)} per device (weights {format_gib(plan.weights_bytes[rank])}, "
         f"buffers {format_gib(plan.buffers_bytes[rank])}, activations {format_gib(plan.activations_bytes[rank])}) "
         f"at tensor_parallel_size={program.tensor_parallel_size}, but a {npu} device has "
         f"{format_gib(spec.usable_dram_bytes)} usable. To fit: {split}; or reduce the batch size or sequence length"
-        + (f", or target {' / '.join(bigger)}" if bigger else "") + "."
+        + (f", or target {' / '.join(bigger)}" if bigger else "") + ".",
+        program, tp,
     )
 
 

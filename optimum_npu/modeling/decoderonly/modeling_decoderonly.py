@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationMixin
 from transformers.utils import ModelOutput
 
-from ...compile import CompiledModel, compile_from_torch
+from ...compile import CompiledModel, ProgramTooLargeError, compile_from_torch
 from ...sim_device import Runtime
 from ...sim_device.memory import DeviceMemoryError, format_gib
 from ...sim_device.runtime import DeviceMemoryUsage
@@ -45,6 +45,30 @@ def decoder_graph_name(batch: int) -> str:
 class RBLNCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     next_positions: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """One device's memory (the largest rank) in a compiled prefill program, with the KV cache apart."""
+
+    weights_bytes: int
+    cache_bytes: int
+    block_bytes: int           # one KV block of every layer, K and V, on one device
+    fixed_bytes: int           # everything but the KV cache: weights, other buffers, activations
+    activations_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.cache_bytes
+
+    @classmethod
+    def of(cls, program, num_blocks: int) -> MemoryProbe:
+        plan = program.memory
+        rank = max(range(plan.num_devices), key=plan.total_bytes)
+        cache = sum(program.local_spec(spec, rank).nbytes for spec in program.buffers
+                    if spec.name.startswith(("k_cache_", "v_cache_")))
+        return cls(weights_bytes=plan.weights_bytes[rank], cache_bytes=cache, block_bytes=max(1, cache // num_blocks),
+                   fixed_bytes=plan.total_bytes(rank) - cache, activations_bytes=plan.activations_bytes[rank])
 
 
 @dataclass
@@ -186,28 +210,19 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             hf_config.num_hidden_layers, config.kvcache_num_blocks, hf_config.num_key_value_heads,
             config.kvcache_block_size, head_dim,
         )
-        dtype_bytes = DEVICE_DTYPE[config.dtype].itemsize
-        weight_bytes = dtype_bytes * sum(p.numel() for p in hf_model.parameters()) // config.tensor_parallel_size
+        layers = merge_layers(hf_model)  # refuses a model with parameters the decoder would not use
+        usable = get_npu_spec(config.npu).usable_dram_bytes
         if blocks_left_to_memory and config.attn_impl == "flash_attn":
-            # Flash attention: size the block pool from the DRAM left after the weights, with a
-            # 10% margin for activations, as the real stack estimates it.
-            spec = get_npu_spec(config.npu)
-            free = int(0.9 * spec.usable_dram_bytes) - weight_bytes
-            num_blocks = config.resolve_num_blocks(max(free, 0), layout.bytes_per_block() // config.tensor_parallel_size)
+            # Flash attention: as many KV blocks as the DRAM left after weights, other buffers and
+            # activations holds, read from the memory plan of the prefill graph (a probe of one block
+            # per slot), as the real stack sizes its pool.
+            probe = cls._memory_probe(hf_model, config, dataclasses.replace(layout, num_blocks=config.batch_size))
+            num_blocks = config.resolve_num_blocks(max(usable - probe.fixed_bytes, 0), probe.block_bytes)
             config = dataclasses.replace(config, kvcache_num_blocks=num_blocks)
             layout = dataclasses.replace(layout, num_blocks=num_blocks)
-
-        cls._check_device_capacity(config, layout, weight_bytes)  # before the host tensors below exist
+        cls._memory_probe(hf_model, config, layout)  # DeviceMemoryError before the host tensors below exist
         kv_caches = make_kv_caches(layout, DEVICE_DTYPE[config.dtype])
         rope = rope_tables(hf_model, config.max_seq_len)
-        layers = merge_layers(hf_model)
-        max_blocks = config.max_seq_len // config.kvcache_block_size
-        hidden = hf_config.hidden_size
-
-        def inputs(batch: int, tokens: int) -> list[tuple[str, list[int], str]]:
-            first = ("inputs_embeds", [batch, tokens, hidden], "float32") if config.use_inputs_embeds else (
-                "input_ids", [batch, tokens], "int64")
-            return [first, ("start_pos", [batch], "int32"), ("block_tables", [batch, max_blocks], "int32")]
 
         def build(phase: str, input_info) -> CompiledModel:
             module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
@@ -215,42 +230,66 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             return compile_from_torch(module, input_info=input_info, npu=config.npu, dtype=config.dtype,
                                       numerics=config.numerics, tensor_parallel_size=config.tensor_parallel_size)
 
-        def mask(batch: int) -> list:
-            return [("attention_mask", [batch, config.max_seq_len], "int32")] if config.use_attention_mask else []
-
-        plan = {PREFILL: (PREFILL, inputs(1, config.prefill_chunk_size) + [("query_position", [1], "int64")] + mask(1))}
+        plan = {PREFILL: (PREFILL, cls._graph_inputs(config, hf_config, PREFILL, 1))}
         for batch in config.decoder_batch_sizes:
-            plan[decoder_graph_name(batch)] = ("decode", inputs(batch, 1) + mask(batch))
+            plan[decoder_graph_name(batch)] = ("decode", cls._graph_inputs(config, hf_config, "decode", batch))
         graphs = {}
         for name, (phase, input_info) in tqdm(plan.items(), desc=f"Compiling {cls.__name__}", unit="graph", delay=1.0):
             graphs[name] = build(phase, input_info)
         return config, graphs
 
-    @staticmethod
-    def _check_device_capacity(config, layout: KVCacheLayout, weight_bytes: int) -> None:
-        """Raise DeviceMemoryError if the weights, KV cache and RoPE tables cannot fit one device.
-
-        The compiler checks the whole program (with activations) too, but only after the KV
-        cache and RoPE tables exist as host tensors: an absurd rbln_kvcache_num_blocks or
-        rbln_max_seq_len would first be allocated on the host (an allocator error or an OOM kill).
-        """
+    @classmethod
+    def _memory_probe(cls, hf_model, config, layout: KVCacheLayout) -> MemoryProbe:
+        """What one device needs for `layout`, from the compiler's memory plan of the prefill graph
+        compiled on the meta device (no host tensor is created, whatever the sizes). Raises
+        DeviceMemoryError naming the options to change (and the smallest tensor-parallel size
+        that fits) if the program does not fit."""
+        with torch.device("meta"):
+            meta_model = type(hf_model)(hf_model.config)
+            caches = [(torch.empty(layout.block_shape, dtype=DEVICE_DTYPE[config.dtype]),) * 2
+                      for _ in range(layout.num_layers)]
+            rope = (torch.empty(config.max_seq_len, layout.head_dim),) * 2
+            module = StaticDecoder(meta_model, merge_layers(meta_model), caches, rope, PREFILL, config.attn_impl,
+                                   config.kvcache_partition_len, config.use_inputs_embeds, config.use_attention_mask)
+        try:
+            program = compile_from_torch(module, input_info=cls._graph_inputs(config, hf_model.config, PREFILL, 1), npu=config.npu,
+                                         dtype=config.dtype, numerics=config.numerics,
+                                         tensor_parallel_size=config.tensor_parallel_size).program
+            too_large = None
+        except ProgramTooLargeError as error:
+            program, too_large = error.program, error
+        probe = MemoryProbe.of(program, layout.num_blocks)
+        if too_large is None:
+            return probe
         spec = get_npu_spec(config.npu)
-        dtype_bytes = DEVICE_DTYPE[config.dtype].itemsize
-        block_bytes = layout.bytes_per_block(dtype_bytes) // config.tensor_parallel_size
-        cache_bytes = layout.num_blocks * block_bytes
-        rope_bytes = 2 * config.max_seq_len * layout.head_dim * dtype_bytes  # cos and sin, one row per position
-        need = weight_bytes + cache_bytes + rope_bytes
-        if need <= spec.usable_dram_bytes:
-            return
-        blocks_that_fit = max(0, (spec.usable_dram_bytes - weight_bytes - rope_bytes) // block_bytes)
+        rope_bytes = probe.fixed_bytes - probe.weights_bytes - probe.activations_bytes
+        blocks_that_fit = max(0, (spec.usable_dram_bytes - probe.fixed_bytes) // probe.block_bytes)
+        tp = too_large.smallest_tensor_parallel_size
         raise DeviceMemoryError(
-            f"The model needs {format_gib(need)} per device before activations: weights {format_gib(weight_bytes)}, "
-            f"KV cache {format_gib(cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
-            f"{format_gib(block_bytes)}), RoPE tables {format_gib(rope_bytes)} (rbln_max_seq_len={config.max_seq_len}); "
-            f"a {config.npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: lower "
-            f"rbln_kvcache_num_blocks (at most {blocks_that_fit} fit), rbln_batch_size or rbln_max_seq_len, "
+            f"The model needs {format_gib(probe.total_bytes)} per device at rbln_tensor_parallel_size="
+            f"{config.tensor_parallel_size}: weights {format_gib(probe.weights_bytes)}, KV cache "
+            f"{format_gib(probe.cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
+            f"{format_gib(probe.block_bytes)}), RoPE tables and other buffers {format_gib(rope_bytes)} "
+            f"(rbln_max_seq_len={config.max_seq_len}), activations {format_gib(probe.activations_bytes)}; a "
+            f"{config.npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: "
+            + (f"split over rbln_tensor_parallel_size={tp} devices (the smallest that fits), or " if tp else "")
+            + f"lower rbln_kvcache_num_blocks (at most {blocks_that_fit} fit), rbln_batch_size or rbln_max_seq_len, "
             "or target an npu with more memory."
-        )
+        ) from None
+
+    @staticmethod
+    def _graph_inputs(config, hf_config, phase: str, batch: int) -> list[tuple[str, list[int], str]]:
+        """The input_info of a prefill (one sequence, a chunk of tokens) or decode (one token per row) graph."""
+        tokens = config.prefill_chunk_size if phase == PREFILL else 1
+        max_blocks = config.max_seq_len // config.kvcache_block_size
+        first = ("inputs_embeds", [batch, tokens, hf_config.hidden_size], "float32") if config.use_inputs_embeds \
+            else ("input_ids", [batch, tokens], "int64")
+        info = [first, ("start_pos", [batch], "int32"), ("block_tables", [batch, max_blocks], "int32")]
+        if phase == PREFILL:
+            info.append(("query_position", [1], "int64"))
+        if config.use_attention_mask:
+            info.append(("attention_mask", [batch, config.max_seq_len], "int32"))
+        return info
 
     # ---- loading ----------------------------------------------------------------------
 
