@@ -24,7 +24,7 @@ from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from llm_fixtures import make_hf_model, save_source
 from optimum_npu import RBLNDecoderOnlyModelForCausalLM, RBLNLlamaForCausalLM, RBLNQwen2ForCausalLM
 from optimum_npu.configuration import CONFIG_NAME
-from optimum_npu.modeling.decoderonly import modeling_decoderonly
+from optimum_npu.modeling import base
 from optimum_npu.sim_device import Artifact
 
 OPTIONS = dict(rbln_max_seq_len=128, rbln_create_runtimes=False)
@@ -416,7 +416,7 @@ def refuse_compiling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("compile_from_torch must not be called")
 
-    monkeypatch.setattr(modeling_decoderonly, "compile_from_torch", refuse)
+    monkeypatch.setattr(base, "compile_from_torch", refuse)
 
 
 def test_a_checkpoint_of_another_family_is_refused_at_export(tmp_path, monkeypatch):

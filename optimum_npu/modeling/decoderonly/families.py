@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-from ...configuration import CONFIG_NAME, RBLNModelConfig
+from ...configuration import RBLNModelConfig
 from ..base import MODEL_REGISTRY, _resolve_folder, hub_kwargs_of, is_compiled_folder
 from .configuration_decoderonly import (
     RBLNDecoderOnlyModelForCausalLMConfig,
@@ -83,9 +83,3 @@ class RBLNAutoModelForCausalLM:
             raise ValueError(f"model_type {model_type!r} is not supported yet")
         return CAUSAL_LM_BY_MODEL_TYPE[model_type].from_model(hf_model, **kwargs)
 
-
-__all__ = [
-    "RBLNAutoModelForCausalLM", "RBLNDecoderOnlyModelForCausalLM", "RBLNDecoderOnlyModelForCausalLMConfig",
-    "RBLNLlamaForCausalLM", "RBLNMistralForCausalLM", "RBLNQwen2ForCausalLM", "RBLNQwen3ForCausalLM",
-    "CONFIG_NAME",
-]
