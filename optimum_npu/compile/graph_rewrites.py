@@ -5,7 +5,7 @@
 - `functionalize_inplace`: in-place math on intermediate values (`x += residual`, `relu_`,
   `dropout_`), which torch.export's training IR keeps, becomes its functional form; later
   readers of the value read the result. In-place writes to buffers (device state such as a
-  KV cache) and to views are left alone.
+  KV cache) and to values read elsewhere through a view are left alone.
 - `fold_batch_norms`: an inference batch norm right after a convolution is folded into the
   convolution's weight and bias (w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps)
   + beta), so a conv + BN + activation block is one fused kernel, as vendor compilers do.
@@ -66,8 +66,14 @@ def functionalize_inplace(graph: Graph) -> None:
         written = node.args[0] if node.args else None
         if functional is None or name[1] not in functional.overloads() or not isinstance(written, Node):
             continue
-        # Device state (a placeholder) and views (whose base would see the write) keep the write.
-        if written.op == "placeholder" or _returns_view(written):
+        # `written` may be a view: the write then reaches its bases too. Functional only if no base
+        # is device state (a placeholder: a KV cache) and none is read after the write.
+        chain = [written]
+        while _returns_view(chain[-1]) and isinstance(chain[-1].args[0], Node):
+            chain.append(chain[-1].args[0])
+        if chain[-1].op == "placeholder":
+            continue
+        if any(order[user] > order[node] for base in chain[1:] for user in base.users):
             continue
         if any(_returns_view(user) and order[user] < order[node] for user in written.users):
             continue  # a view taken before the write would see it
