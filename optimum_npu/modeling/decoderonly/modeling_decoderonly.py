@@ -19,16 +19,15 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationMixin
 from transformers.utils import ModelOutput
 
-from ...compile import CompiledModel, ProgramTooLargeError, compile_from_torch
+from ...compile import ProgramTooLargeError, compile_from_torch
 from ...sim_device import Runtime
 from ...sim_device.memory import DeviceMemoryError, format_gib
 from ...sim_device.runtime import DeviceMemoryUsage
 from ...sim_device.specs import get_npu_spec
-from ..base import RBLNModel
+from ..base import GraphSpec, RBLNModel
 from .block_manager import BlockManager
 from .configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
 from .static_decoder import KVCacheLayout, StaticDecoder, make_kv_caches, merge_layers, rope_tables
@@ -196,21 +195,15 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         return hf_model
 
     @classmethod
-    def _compile(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig):
-        if cls.hf_class is not None and not isinstance(hf_model, cls.hf_class):
-            raise ValueError(
-                f"{cls.__name__} compiles {cls.hf_class.__name__} models, got a {type(hf_model).__name__}; "
-                "use the RBLN class of its family, or RBLNAutoModelForCausalLM.from_model."
-            )
+    def _resolve_config(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig, source_folder=None):
+        """Every option decided from the HF config; with flash attention and no block count given,
+        the KV block pool sized from the device memory left after the weights. Checks that the
+        weights, KV cache and RoPE tables fit a device before any of them exists on the host."""
         hf_config = hf_model.config
         blocks_left_to_memory = config.kvcache_num_blocks is None
         config = config.finalize(hf_config)
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        layout = KVCacheLayout(
-            hf_config.num_hidden_layers, config.kvcache_num_blocks, hf_config.num_key_value_heads,
-            config.kvcache_block_size, head_dim,
-        )
-        layers = merge_layers(hf_model)  # refuses a model with parameters the decoder would not use
+        layout = cls._kv_layout(hf_config, config)
+        merge_layers(hf_model)  # refuses a model with parameters the decoder would not use, before compiling
         usable = get_npu_spec(config.npu).usable_dram_bytes
         if blocks_left_to_memory and config.attn_impl == "flash_attn":
             # Flash attention: as many KV blocks as the DRAM left after weights, other buffers and
@@ -220,23 +213,45 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             num_blocks = config.resolve_num_blocks(max(usable - probe.fixed_bytes, 0), probe.block_bytes)
             config = dataclasses.replace(config, kvcache_num_blocks=num_blocks)
             layout = dataclasses.replace(layout, num_blocks=num_blocks)
-        cls._memory_probe(hf_model, config, layout)  # DeviceMemoryError before the host tensors below exist
-        kv_caches = make_kv_caches(layout, DEVICE_DTYPE[config.dtype])
-        rope = rope_tables(hf_model, config.max_seq_len)
+        cls._memory_probe(hf_model, config, layout)  # DeviceMemoryError before any host KV cache / RoPE table exists
+        return config
 
-        def build(phase: str, input_info) -> CompiledModel:
+    @staticmethod
+    def _kv_layout(hf_config, config) -> KVCacheLayout:
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        return KVCacheLayout(
+            hf_config.num_hidden_layers, config.kvcache_num_blocks, hf_config.num_key_value_heads,
+            config.kvcache_block_size, head_dim,
+        )
+
+    @classmethod
+    def _graph_specs(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig) -> list[GraphSpec]:
+        """The prefill graph and one decode graph per batch bucket, sharing weights and KV caches."""
+        kv_caches = make_kv_caches(cls._kv_layout(hf_model.config, config), DEVICE_DTYPE[config.dtype])
+        rope = rope_tables(hf_model, config.max_seq_len)
+        return cls._decoder_graphs(hf_model, config, merge_layers(hf_model), kv_caches, rope)
+
+    @classmethod
+    def _decoder_graphs(cls, hf_model, config, layers, kv_caches, rope) -> list[GraphSpec]:
+        max_blocks = config.max_seq_len // config.kvcache_block_size
+        hidden = hf_model.config.hidden_size
+
+        def inputs(batch: int, tokens: int, prefill: bool) -> list[tuple[str, tuple[int, ...], str]]:
+            first = ("inputs_embeds", (batch, tokens, hidden), "float32") if config.use_inputs_embeds else (
+                "input_ids", (batch, tokens), "int64")
+            mask = [("attention_mask", (batch, config.max_seq_len), "int32")] if config.use_attention_mask else []
+            position = [("query_position", (1,), "int64")] if prefill else []
+            return [first, ("start_pos", (batch,), "int32"), ("block_tables", (batch, max_blocks), "int32"),
+                    *position, *mask]
+
+        def graph(name: str, phase: str, input_info) -> GraphSpec:
             module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
                                    config.use_inputs_embeds, config.use_attention_mask)
-            return compile_from_torch(module, input_info=input_info, npu=config.npu, dtype=config.dtype,
-                                      numerics=config.numerics, tensor_parallel_size=config.tensor_parallel_size)
+            return GraphSpec(name, tuple(input_info), module)
 
-        plan = {PREFILL: (PREFILL, cls._graph_inputs(config, hf_config, PREFILL, 1))}
-        for batch in config.decoder_batch_sizes:
-            plan[decoder_graph_name(batch)] = ("decode", cls._graph_inputs(config, hf_config, "decode", batch))
-        graphs = {}
-        for name, (phase, input_info) in tqdm(plan.items(), desc=f"Compiling {cls.__name__}", unit="graph", delay=1.0):
-            graphs[name] = build(phase, input_info)
-        return config, graphs
+        specs = [graph(PREFILL, PREFILL, inputs(1, config.prefill_chunk_size, prefill=True))]
+        specs += [graph(decoder_graph_name(batch), "decode", inputs(batch, 1, prefill=False)) for batch in config.decoder_batch_sizes]
+        return specs
 
     @classmethod
     def _memory_probe(cls, hf_model, config, layout: KVCacheLayout) -> MemoryProbe:
@@ -249,10 +264,9 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             caches = [(torch.empty(layout.block_shape, dtype=DEVICE_DTYPE[config.dtype]),) * 2
                       for _ in range(layout.num_layers)]
             rope = (torch.empty(config.max_seq_len, layout.head_dim),) * 2
-            module = StaticDecoder(meta_model, merge_layers(meta_model), caches, rope, PREFILL, config.attn_impl,
-                                   config.kvcache_partition_len, config.use_inputs_embeds, config.use_attention_mask)
+            prefill = cls._decoder_graphs(meta_model, config, merge_layers(meta_model), caches, rope)[0]
         try:
-            program = compile_from_torch(module, input_info=cls._graph_inputs(config, hf_model.config, PREFILL, 1), npu=config.npu,
+            program = compile_from_torch(prefill.module, input_info=list(prefill.input_info), npu=config.npu,
                                          dtype=config.dtype, numerics=config.numerics,
                                          tensor_parallel_size=config.tensor_parallel_size).program
             too_large = None
@@ -277,30 +291,14 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             "or target an npu with more memory."
         ) from None
 
-    @staticmethod
-    def _graph_inputs(config, hf_config, phase: str, batch: int) -> list[tuple[str, list[int], str]]:
-        """The input_info of a prefill (one sequence, a chunk of tokens) or decode (one token per row) graph."""
-        tokens = config.prefill_chunk_size if phase == PREFILL else 1
-        max_blocks = config.max_seq_len // config.kvcache_block_size
-        first = ("inputs_embeds", [batch, tokens, hf_config.hidden_size], "float32") if config.use_inputs_embeds \
-            else ("input_ids", [batch, tokens], "int64")
-        info = [first, ("start_pos", [batch], "int32"), ("block_tables", [batch, max_blocks], "int32")]
-        if phase == PREFILL:
-            info.append(("query_position", [1], "int64"))
-        if config.use_attention_mask:
-            info.append(("attention_mask", [batch, config.max_seq_len], "int32"))
-        return info
-
     # ---- loading ----------------------------------------------------------------------
 
     @classmethod
-    def _check_graphs_against_config(cls, config, graphs: dict) -> None:
+    def _check_graphs_against_config(cls, config, graphs: dict, hf_config=None) -> None:
         """Refuse a folder whose rbln_config.json contradicts its .rbln programs (an edited or
         mixed-up folder): the host side (block tables, prefill chunks, decode buckets) would drive
         the graphs with shapes they were not compiled for."""
-        base_check = getattr(super(), "_check_graphs_against_config", None)
-        if base_check is not None:
-            base_check(config, graphs)
+        super()._check_graphs_against_config(config, graphs, hf_config)
         expected = sorted([PREFILL, *(decoder_graph_name(b) for b in config.decoder_batch_sizes)])
         if sorted(graphs) != expected:
             raise ValueError(
@@ -479,20 +477,9 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
 
     # ---- transformers GenerationMixin hooks ---------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
     @classmethod
     def can_generate(cls) -> bool:
         return True
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, *args, **kwargs) -> None:
         """The KV cache lives on the device; there is no HF cache object to prepare."""
@@ -603,19 +590,3 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
                 f"more than rbln_max_seq_len={limit}; lower max_new_tokens or recompile with a larger rbln_max_seq_len"
             )
 
-    # ---- reporting ----------------------------------------------------------------------
-
-    def device_memory(self) -> list[DeviceMemoryUsage]:
-        """Device memory per device, summed over this model's runtimes."""
-        per_device: dict[int, DeviceMemoryUsage] = {}
-        for runtime in self.runtimes.values():
-            for m in runtime.stats.memory:
-                total = per_device.setdefault(m.device, DeviceMemoryUsage(m.device, m.npu, 0, 0, 0, m.capacity_bytes))
-                total.weights_bytes += m.weights_bytes
-                total.buffers_bytes += m.buffers_bytes
-                total.activations_bytes += m.activations_bytes
-        return [per_device[d] for d in sorted(per_device)]
-
-    def save_trace(self, path: str = "generate_trace.json") -> str:
-        """The profiler trace of everything this model ran (needs rbln_activate_profiler=True)."""
-        return self._runtime(PREFILL).save_trace(path)
