@@ -218,7 +218,8 @@ class _Splitter:
     # ---- helpers ----------------------------------------------------------------------
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.graph.values[name].shape)   # the full (unsplit) shape
+        """The full (unsplit) shape of a value (values the pass adds are whole)."""
+        return tuple((self.graph.values.get(name) or self.values[name]).shape)
 
     def shard_resident(self, name: str, dim: int, ranges: Ranges, style: str, **plan) -> bool:
         """Split weight / buffer `name` (False if it is read unsplit elsewhere, or split otherwise)."""
