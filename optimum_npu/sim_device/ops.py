@@ -40,7 +40,7 @@ DEVICE_OP_PACKETS: dict[str, str] = {
         hardtanh isinf isnan le leaky_relu lift_fresh_copy log log1p log2 logical_and logical_not logical_or lt
         masked_fill maximum minimum mish mul ne neg pow reciprocal relu relu6 remainder round rsqrt rsub sigmoid sign
         silu sin softplus sqrt square sub tanh to _to_copy trunc type_as where dropout alias zeros_like ones_like
-        full_like bitwise_left_shift bitwise_right_shift __and__ __or__
+        full_like bitwise_left_shift bitwise_right_shift
     """,
     "reduction": "all amax amin any argmax argmin cumsum linalg_vector_norm logsumexp max mean min prod std sum var",
     "layout": """
