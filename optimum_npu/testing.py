@@ -174,21 +174,18 @@ def build_tiny_stable_diffusion(folder: str | os.PathLike, *, seed: int = 0, sam
     return str(folder)
 
 
-def _word_level_t5_tokenizer():
-    """A T5 fast tokenizer over a word-level vocabulary (PROMPT_WORDS, the rest <unk>)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+def _tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer whose pieces are the words of PROMPT_WORDS ("▁word"), the rest <unk>."""
     from transformers import T5TokenizerFast
 
-    words = ["<pad>", "</s>", "<unk>", *PROMPT_WORDS, ",", "."]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=512)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + word, -1.0) for word in PROMPT_WORDS] + [(",", -1.0), (".", -1.0)]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_cosmos(folder: str | os.PathLike, *, seed: int = 0) -> str:
-    """Write a tiny Cosmos-Predict1-shaped text/video-to-world pipeline (random weights) to `folder`.
+def build_tiny_cosmos(folder: str | os.PathLike, *, video_to_world: bool = False, seed: int = 0) -> str:
+    """Write a tiny Cosmos-Predict1-shaped text-to-world (or, with `video_to_world=True`,
+    video-to-world: its transformer takes a condition-mask channel) pipeline to `folder`.
 
     The Cosmos VAE compresses 4x in space and time (patch 2 + one down layer); the transformer
     has 2 blocks of 2 heads. No safety checker is saved: pass one at load (see
@@ -198,13 +195,13 @@ def build_tiny_cosmos(folder: str | os.PathLike, *, seed: int = 0) -> str:
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tokenizer = _word_level_t5_tokenizer()
+    tokenizer = _tiny_t5_tokenizer()
     text_encoder = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     ))
     transformer = CosmosTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2.0,
+        in_channels=4 + (1 if video_to_world else 0), out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2.0,
         text_embed_dim=32, adaln_lora_dim=4, max_size=(4, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0),
         concat_padding_mask=True, extra_pos_embed_type="learnable",
     )
@@ -223,7 +220,8 @@ def build_tiny_cosmos(folder: str | os.PathLike, *, seed: int = 0) -> str:
                        ("tokenizer", tokenizer), ("scheduler", scheduler)):
         part.save_pretrained(folder / name)
     index = {
-        "_class_name": "CosmosTextToWorldPipeline", "_diffusers_version": _diffusers_version(),
+        "_class_name": "CosmosVideoToWorldPipeline" if video_to_world else "CosmosTextToWorldPipeline",
+        "_diffusers_version": _diffusers_version(),
         "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "CosmosTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLCosmos"],
         "scheduler": ["diffusers", "EDMEulerScheduler"], "safety_checker": [None, None],

@@ -108,6 +108,10 @@ class RBLNCosmosTransformer3DModel(RBLNDiffusersModel):
         if (condition_mask is not None) != self.rbln_config.uses_condition_mask:
             raise ValueError("condition_mask is given but the transformer was compiled without it (or the reverse): "
                              "video-to-world pipelines compile it with rbln_uses_condition_mask=True")
+        if encoder_hidden_states.shape[1] != self.rbln_config.max_seq_len:
+            raise ValueError(f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens, the transformer was "
+                             f"compiled for rbln_max_seq_len={self.rbln_config.max_seq_len}: call the pipeline with "
+                             f"max_sequence_length={self.rbln_config.max_seq_len}")
         rows, _, frames, height, width = hidden_states.shape
         # The host part of diffusers' forward (step 1): mask channels concatenated to the latents.
         channels = [hidden_states] + ([condition_mask] if condition_mask is not None else [])

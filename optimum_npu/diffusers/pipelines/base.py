@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
+import logging
 import os
 import secrets
 import shutil
@@ -33,8 +35,11 @@ from typing import Any, ClassVar
 
 from ...configuration import CONFIG_NAME, read_json_object
 from ...modeling.base import RBLNModel, _resolve_folder, hub_kwargs_of
+from ...sim_device.files import write_file_atomically
 from ...sim_device.memory import format_gib
 from ..configuration import RBLNDiffusionPipelineConfig
+
+logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
 # Libraries a model_index.json may name for a host component, and the module holding their
@@ -50,7 +55,7 @@ HOST_LIBRARIES = {
 class ComponentStats:
     """Simulated device time of one component over one pipeline call."""
 
-    calls: int = 0
+    calls: int | None = 0          # None: a compound part (the guardrail) reports time only
     device_s: float = 0.0
 
     @property
@@ -82,19 +87,23 @@ class PipelineStats:
                  f"({self.denoising_steps} denoising steps, {self.per_step_s * 1e3:.3f} ms per step); "
                  f"host wall time {self.host_s:.2f} s"]
         for name, c in self.components.items():
-            lines.append(f"  {name:<15} {c.calls:>4} call(s) x {c.per_call_s * 1e3:10.3f} ms = {c.device_s * 1e3:10.3f} ms")
+            calls = f"{c.calls:>4} call(s) x {c.per_call_s * 1e3:10.3f} ms" if c.calls is not None else " " * 28
+            lines.append(f"  {name:<15} {calls} = {c.device_s * 1e3:10.3f} ms")
         return "\n".join(lines)
 
 
-def _device_clock(component) -> tuple[int, float]:
-    """(runs, simulated seconds) so far of a component's runtimes (a compiled model, or an object
-    with `runtimes` like the compiled guardrail); (0, 0) for host-only parts."""
+def _device_clock(component) -> tuple[int | None, float]:
+    """(runs, simulated seconds) so far: of a compiled model's runtimes, or of a compound part
+    that reports its own `simulated_time_s` per sub-model (the guardrail; runs unknown: None);
+    (0, 0.0) for host-only parts (tokenizer, scheduler)."""
     runtimes = getattr(component, "runtimes", None)
-    if not isinstance(runtimes, dict):
-        all_runtimes = getattr(component, "all_runtimes", None)
-        runtimes = all_runtimes() if callable(all_runtimes) else {}
-    stats = [r.stats for r in runtimes.values()]
-    return sum(s.runs for s in stats), sum(s.total_s for s in stats)
+    if isinstance(runtimes, dict):
+        stats = [r.stats for r in runtimes.values()]
+        return sum(s.runs for s in stats), sum(s.total_s for s in stats)
+    per_part = getattr(component, "simulated_time_s", None)
+    if isinstance(per_part, dict):
+        return None, float(sum(per_part.values()))
+    return 0, 0.0
 
 
 class RBLNDiffusionPipelineMixin:
@@ -194,6 +203,7 @@ class RBLNDiffusionPipelineMixin:
                                  f"{rbln_class.hf_class.__name__} there")
             models[name] = rbln_class.hf_class.from_pretrained(folder / name)
         parts = cls._load_parts(folder, components, given, compiled=False)
+        cls._check_parts({**parts, **given})  # before compiling anything
         config = config.resolved({**models, **parts, **given})
         compiled = {}
         for name, rbln_class in cls.rbln_classes.items():
@@ -207,6 +217,8 @@ class RBLNDiffusionPipelineMixin:
         if not (folder / CONFIG_NAME).is_file():
             raise ValueError(f"{folder} is a diffusers pipeline, not a compiled one (no {CONFIG_NAME}); compile it "
                              f"with {cls.__name__}.from_pretrained(..., export=True)")
+        parts = cls._load_parts(folder, components, given, compiled=True)
+        cls._check_parts({**parts, **given})
         compiled = {}
         for name, rbln_class in cls.rbln_classes.items():
             if name in given:
@@ -221,8 +233,11 @@ class RBLNDiffusionPipelineMixin:
         runtime = {k: getattr(requested, k) for k in ("create_runtimes", "activate_profiler")}
         config = cls.config_class.load(folder, {n: m.rbln_config for n, m in compiled.items()}, runtime)
         config.check_load_options(requested)
-        parts = cls._load_parts(folder, components, given, compiled=True)
         return cls._assemble({**parts, **given, **compiled}, config, cls._init_options(index))
+
+    @classmethod
+    def _check_parts(cls, parts: dict[str, Any]) -> None:
+        """Refuse host parts the pipeline cannot run with (before any compiling or device loading)."""
 
     @classmethod
     def _assemble(cls, parts: dict[str, Any], config: RBLNDiffusionPipelineConfig, init_options: dict):
@@ -264,6 +279,7 @@ class RBLNDiffusionPipelineMixin:
         return str(target)
 
     def _write_pipeline(self, folder: Path, in_place: bool) -> None:
+        unsaved = []
         for name, component in self.components.items():
             if component is None:
                 continue
@@ -272,9 +288,14 @@ class RBLNDiffusionPipelineMixin:
             elif hasattr(component, "save_pretrained"):
                 component.save_pretrained(folder / name)
             else:
-                raise ValueError(f"Cannot save component {name!r}: a {type(component).__name__} has no "
-                                 "save_pretrained; pass it again at load instead")
+                unsaved.append(name)
         self.save_config(folder)          # model_index.json, naming our classes
+        if unsaved:  # e.g. a user's own safety checker: recorded as absent, to be passed again at load
+            index = read_json_object(folder / MODEL_INDEX)
+            index.update({name: [None, None] for name in unsaved})
+            write_file_atomically(folder / MODEL_INDEX, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+            logger.warning("%s not saved (no save_pretrained): pass it again when loading the pipeline",
+                           ", ".join(unsaved))
         self.rbln_config.save(folder)     # last: marks the save complete
 
     # ---- running ------------------------------------------------------------------------
@@ -287,8 +308,12 @@ class RBLNDiffusionPipelineMixin:
                               denoising_steps=getattr(self, "_num_timesteps", 0) or 0)
         for name, component in self.components.items():
             runs, seconds = _device_clock(component)
-            if runs or clocks[name][0]:
-                stats.components[name] = ComponentStats(runs - clocks[name][0], seconds - clocks[name][1])
+            (runs_before, seconds_before) = clocks[name]
+            if runs is None:
+                if seconds > seconds_before:
+                    stats.components[name] = ComponentStats(None, seconds - seconds_before)
+            elif runs > runs_before:
+                stats.components[name] = ComponentStats(runs - runs_before, seconds - seconds_before)
         self.generation_stats = stats
         return output
 
