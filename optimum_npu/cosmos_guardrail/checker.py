@@ -156,7 +156,7 @@ class RBLNCosmosSafetyChecker:
         self.last_report = ""     # what the last check found, naming the guardrail that fired
         off = [part for part in PART_SUBMODELS if not getattr(config, part)]
         if off:
-            logger.warning("Cosmos guardrail: %s switched off by the user", ", ".join(off))
+            logger.warning("Cosmos guardrail: %s switched off: not checked", ", ".join(off))
 
     # ---- building -------------------------------------------------------------------------
 
@@ -166,6 +166,8 @@ class RBLNCosmosSafetyChecker:
         """Compile a guardrail checkpoint (export=True) or load a compiled checker folder."""
         hub_kwargs = hub_kwargs_of(kwargs, pop=True)
         own, per_model = _split_submodel_options(kwargs.pop(CONFIG_KWARG, None))
+        given = own.explicit_options() if isinstance(own, RBLNModelConfig) else dict(own or {})
+        asked = {**given, **{k.removeprefix(OPTION_PREFIX): v for k, v in kwargs.items() if k.startswith(OPTION_PREFIX)}}
         kwargs[CONFIG_KWARG] = own
         folder = _resolve_folder(model_id, hub_kwargs)
         if export:
@@ -177,7 +179,7 @@ class RBLNCosmosSafetyChecker:
             config, leftover = RBLNCosmosSafetyCheckerConfig.from_compiled(folder, kwargs)
             if config.cls_name != cls.__name__:
                 raise ValueError(f"{folder} holds a compiled {config.cls_name}, not a {cls.__name__}")
-            config = cls._without_parts_not_compiled(folder, config, asked=config.explicit_options())
+            config = cls._without_parts_not_compiled(folder, config, asked)
         if leftover:
             raise TypeError(f"unexpected arguments {sorted(leftover)}; options are rbln_* or {CONFIG_KWARG}={{...}}, "
                             f"hub arguments {', '.join(HUB_KWARGS)}")
