@@ -105,7 +105,7 @@ class RBLNLlamaGuard3:
         or load a compiled guard folder. `rbln_config` holds the decoder's options."""
         from transformers import AutoConfig, AutoTokenizer
 
-        from ..modeling.decoderonly.families import RBLNAutoModelForCausalLM
+        from ..modeling.auto import RBLNAutoModelForCausalLM
 
         options = dict(rbln_config or {})
         if export and "max_seq_len" not in options:
