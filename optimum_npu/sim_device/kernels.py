@@ -28,7 +28,6 @@ nothing of the rest of the package).
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
