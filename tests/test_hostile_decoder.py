@@ -31,6 +31,7 @@ from optimum_npu import (
 )
 from optimum_npu.configuration import CONFIG_NAME
 from optimum_npu.modeling.base import RBLNModel
+from optimum_npu.modeling import base
 from optimum_npu.modeling.decoderonly import modeling_decoderonly
 from optimum_npu.modeling.decoderonly.configuration_decoderonly import RBLNLlamaForCausalLMConfig
 from optimum_npu.sim_device import Artifact
@@ -120,7 +121,7 @@ def test_a_parameter_the_decoder_does_not_use_is_refused(monkeypatch):
     hf = make_hf_model("llama")
     hf.model.layers[1].self_attn.gate_scale = torch.nn.Parameter(torch.ones(4))
     compiled = []
-    monkeypatch.setattr(modeling_decoderonly, "compile_from_torch", lambda *a, **k: compiled.append(1))
+    monkeypatch.setattr(base, "compile_from_torch", lambda *a, **k: compiled.append(1))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.gate_scale"):
         RBLNLlamaForCausalLM.from_model(hf, **OPTIONS)
     assert not compiled

@@ -24,7 +24,7 @@ from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from llm_fixtures import make_hf_model, save_source
 from optimum_npu import RBLNDecoderOnlyModelForCausalLM, RBLNLlamaForCausalLM, RBLNQwen2ForCausalLM
 from optimum_npu.configuration import CONFIG_NAME
-from optimum_npu.modeling.decoderonly import modeling_decoderonly
+from optimum_npu.modeling import base
 from optimum_npu.sim_device import Artifact
 
 OPTIONS = dict(rbln_max_seq_len=128, rbln_create_runtimes=False)
@@ -416,7 +416,7 @@ def refuse_compiling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("compile_from_torch must not be called")
 
-    monkeypatch.setattr(modeling_decoderonly, "compile_from_torch", refuse)
+    monkeypatch.setattr(base, "compile_from_torch", refuse)
 
 
 def test_a_checkpoint_of_another_family_is_refused_at_export(tmp_path, monkeypatch):
@@ -429,12 +429,16 @@ def test_a_checkpoint_of_another_family_is_refused_at_export(tmp_path, monkeypat
     with pytest.raises(ValueError, match="model_type 'llama'.*RBLNLlamaForCausalLM"):
         RBLNQwen2ForCausalLM.from_model(make_hf_model("llama"), **OPTIONS)
 
-    from transformers import BertConfig
+    from transformers import BertConfig, GPT2Config
 
     bert = tmp_path / "bert"
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(bert)
-    with pytest.raises(ValueError, match="model_type 'bert': no RBLN class supports it"):
+    with pytest.raises(ValueError, match="model_type 'bert': use RBLNBertModel"):
         RBLNLlamaForCausalLM.from_pretrained(bert, export=True, **OPTIONS)
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(gpt2)
+    with pytest.raises(ValueError, match="model_type 'gpt2': no RBLN class supports it"):
+        RBLNLlamaForCausalLM.from_pretrained(gpt2, export=True, **OPTIONS)
 
 
 def test_a_generic_class_compiles_its_subclasses_families_and_no_other(monkeypatch):

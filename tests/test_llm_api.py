@@ -24,7 +24,7 @@ from optimum_npu import (
     RBLNQwen2ForCausalLM,
 )
 from optimum_npu.configuration import CONFIG_NAME
-from optimum_npu.modeling.decoderonly import modeling_decoderonly
+from optimum_npu.modeling import base
 from optimum_npu.modeling.decoderonly.block_manager import KVCacheExhaustedError
 from optimum_npu.modeling.decoderonly.configuration_decoderonly import RBLNLlamaForCausalLMConfig
 from optimum_npu.sim_device import Artifact
@@ -158,7 +158,7 @@ def test_loading_never_recompiles_and_generates_the_same(saved, batch, baseline,
     def refuse(*args, **kwargs):
         raise AssertionError("compile_from_torch was called while loading a compiled folder")
 
-    monkeypatch.setattr(modeling_decoderonly, "compile_from_torch", refuse)
+    monkeypatch.setattr(base, "compile_from_torch", refuse)
     for cls in (RBLNLlamaForCausalLM, RBLNAutoModelForCausalLM):
         loaded = cls.from_pretrained(saved)
         try:

@@ -3,17 +3,20 @@
 The graph is torch.export's training IR, without decompositions: high-level ops
 (`linear`, `conv2d`, `layer_norm`) stay whole, which is what fusion wants, and in-place
 updates of buffers (a KV cache write) stay in place, which is what device state wants.
+`graph_rewrites` then makes in-place math on intermediates functional and folds batch norms
+into the convolutions before them.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.export.graph_signature import InputKind
 
-from ..sim_device.program import TensorSpec, dtype_name, encode_arg
+from ..sim_device.program import TensorShard, TensorSpec, dtype_name, encode_arg
+from .graph_rewrites import canonical_ops, fold_batch_norms, functionalize_inplace
 from .op_support import IGNORED_OPS, Category, Work, categorize, count_work
 
 InputInfo = list[tuple[str, tuple[int, ...], str]]
@@ -36,11 +39,13 @@ class Node:
 class Graph:
     inputs: list[TensorSpec]          # user inputs
     outputs: list[str]                # value names returned, in order
-    weights: list[TensorSpec]         # parameters and constants
-    buffers: list[TensorSpec]         # module buffers: device state
-    values: dict[str, TensorSpec]     # every tensor value, original dtypes
+    weights: list[TensorSpec]         # parameters and constants (full shapes)
+    buffers: list[TensorSpec]         # module buffers: device state (full shapes)
+    values: dict[str, TensorSpec]     # every tensor value, original dtypes, as one device sees it
     nodes: list[Node]
     tensors: dict[str, torch.Tensor] | None   # weights and buffers by name; None on meta
+    # Weights / buffers split across tensor-parallel ranks (set by the tensor-parallel pass).
+    tensor_shards: dict[str, TensorShard] = field(default_factory=dict)
 
 
 def _spec(name: str, value) -> TensorSpec:
@@ -65,7 +70,9 @@ def _written_args(fx_node) -> list:
 
 def export_graph(module: torch.nn.Module, example_inputs: tuple, input_names: list[str] | None = None) -> Graph:
     """Trace `module`; user inputs are named `input_names` if given, else after forward's arguments."""
-    was_training = module.training
+    # Traced in eval mode; each submodule's own mode is restored after (a wrapper created in train
+    # mode must not switch the model it wraps back to training).
+    was_training = {m: m.training for m in module.modules()}
     module.eval()
     try:
         program = torch.export.export(module, example_inputs, strict=False)
@@ -75,7 +82,8 @@ def export_graph(module: torch.nn.Module, example_inputs: tuple, input_names: li
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
     finally:
-        module.train(was_training)
+        for m, training in was_training.items():
+            m.training = training
 
     signature = program.graph_signature
     state = program.state_dict
@@ -84,18 +92,30 @@ def export_graph(module: torch.nn.Module, example_inputs: tuple, input_names: li
     inputs, weights, buffers = [], [], []
     tensors: dict[str, torch.Tensor] = {}
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    held: dict[torch.fx.Node, torch.Tensor] = {}  # parameters, buffers and constants by placeholder
+    for fx_node, in_spec in zip(placeholders, signature.input_specs):
+        if in_spec.kind != InputKind.USER_INPUT:
+            # Non-persistent buffers and lifted constants are in `constants`, the rest in the state dict.
+            value_tensor = program.constants.get(in_spec.target, state.get(in_spec.target))
+            if in_spec.kind == InputKind.CUSTOM_OBJ or not isinstance(value_tensor, torch.Tensor):
+                raise ValueError(
+                    f"{type(module).__name__} holds a non-tensor constant {in_spec.target!r}; only tensors can be compiled"
+                )
+            held[fx_node] = value_tensor.detach()
+    read_before = {n for n in placeholders if n.users}
+    canonical_ops(program.graph)
+    functionalize_inplace(program.graph)
+    fold_batch_norms(program.graph, held)
     for fx_node, in_spec in zip(placeholders, signature.input_specs):
         value = fx_node.meta["val"]
         if in_spec.kind == InputKind.USER_INPUT:
             name = input_names[len(inputs)] if input_names else fx_node.name
             inputs.append(_spec(name, value))
         else:
+            if fx_node in read_before and not fx_node.users:
+                continue  # folded away (a batch norm's statistics)
             name = in_spec.target
-            # Non-persistent buffers and lifted constants are in `constants`, the rest in the state dict.
-            value_tensor = program.constants.get(name, state.get(name))
-            if in_spec.kind == InputKind.CUSTOM_OBJ or not isinstance(value_tensor, torch.Tensor):
-                raise ValueError(f"{type(module).__name__} holds a non-tensor constant {name!r}; only tensors can be compiled")
-            tensors[name] = value_tensor.detach()
+            tensors[name] = held[fx_node]
             (buffers if in_spec.kind == InputKind.BUFFER else weights).append(_spec(name, value))
         names[fx_node] = name
         values[name] = _spec(name, value)

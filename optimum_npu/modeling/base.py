@@ -13,9 +13,13 @@ one rename, and an existing one gets each file replaced by a rename, `rbln_confi
 checks it, so a load never runs a half-written or mixed folder. An interrupted save leaves a
 staging folder named `.<target>.tmp-<pid>-<hex>`, removed by the next save once that process is gone.
 
-A subclass says which HF class it wraps (`hf_class`), which config class holds its options
-(`config_class`), how to compile (`_compile(hf_model, rbln_config)` -> named graphs) and
-how to run (`_create_runtimes`). Nothing here assumes a decoder.
+A model family says which HF class it wraps (`hf_class`), which config class holds its options
+(`config_class`), its graphs as data (`_graph_specs` -> `GraphSpec`s: name, input specs, the
+module to export) and how to turn graph outputs back into the HF output class (`forward`).
+A single-graph family only gives `_input_info` and `_export_module`; the base compiles,
+saves, loads, creates runtimes, runs (padding a smaller batch, splitting a larger one:
+`_run_graph`), and keeps the simulated stats of the last call (`inference_stats`).
+Nothing here assumes a decoder, or transformers beyond its config and output classes.
 """
 
 from __future__ import annotations
@@ -26,21 +30,73 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..compile import CompiledModel
-from ..configuration import CONFIG_NAME, RBLNModelConfig, check_plain_name
+import torch
+from tqdm.auto import tqdm
+
+from ..compile import CompiledModel, compile_from_torch
+from ..configuration import CONFIG_NAME, InputInfo, RBLNModelConfig, check_plain_name
 from ..sim_device import Artifact, Runtime
 from ..sim_device.files import pid_alive
+from ..sim_device.memory import format_gib
+from ..sim_device.runtime import DeviceMemoryUsage
 
 MODEL_REGISTRY: dict[str, type[RBLNModel]] = {}
 
-# Files from the source checkpoint that travel with the compiled model.
-TOKENIZER_FILES = (
+# Files from the source checkpoint that travel with the compiled model: tokenizer, image
+# processor, feature extractor and processor files, so that `AutoTokenizer` / `AutoImageProcessor`
+# / `pipeline(...)` load from a compiled folder as from the checkpoint.
+SOURCE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "vocab.txt", "merges.txt", "added_tokens.json", "spiece.model", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
+    "feature_extractor_config.json",
 )
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph of a model, as data: its name (the file `<name>.rbln`), its inputs as
+    (name, shape, dtype) triples in the order `module.forward` takes them, and the torch module
+    that torch.export traces."""
+
+    name: str
+    input_info: tuple[InputInfo, ...]
+    module: torch.nn.Module
+
+
+@dataclass
+class InferenceStats:
+    """Simulated device performance of the last call of a model (all its compiled-size runs)."""
+
+    samples: int = 0                 # rows of the call (images, sequences)
+    compiled_batch_size: int = 0
+    runs: int = 0                    # graph runs: padded or split batches
+    device_s: float = 0.0            # simulated time of all runs
+    host_s: float = 0.0              # wall time on this host, for comparison only
+    unit: str = "samples"
+    memory: list[DeviceMemoryUsage] = field(default_factory=list)
+
+    @property
+    def latency_s(self) -> float:
+        """Simulated time of one compiled-size batch."""
+        return self.device_s / self.runs if self.runs else 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.device_s if self.device_s else 0.0
+
+    def __str__(self) -> str:
+        memory = ", ".join(f"npu{m.device} {format_gib(m.total_bytes)}" for m in self.memory)
+        return (
+            f"{self.samples} {self.unit} in {self.runs} run(s) of batch {self.compiled_batch_size}: "
+            f"{self.latency_s * 1e3:.3f} ms per batch, {self.samples_per_s:.1f} {self.unit}/s (simulated) | "
+            f"device memory: {memory} | host wall time {self.host_s * 1e3:.1f} ms"
+        )
 
 
 # from_pretrained kwargs that say where on the Hub to look, not how to build the model.
@@ -87,7 +143,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 
 def _is_ours_to_replace(name: str) -> bool:
     """A file name that a save writes, so a later save may delete it when it no longer writes it."""
-    return name.endswith(".rbln") or name in ("config.json", "generation_config.json", *TOKENIZER_FILES)
+    return name.endswith(".rbln") or name in ("config.json", "generation_config.json", *SOURCE_FILES)
 
 
 def _staging_pattern(target: Path) -> re.Pattern:
@@ -223,7 +279,9 @@ def _check_manifest(folder: Path, needed: list[str]) -> None:
 class RBLNModel:
     hf_class: ClassVar[type | None] = None
     config_class: ClassVar[type[RBLNModelConfig]] = RBLNModelConfig
-    graph_names: ClassVar[tuple[str, ...]] = ()
+    graph_name: ClassVar[str] = "model"            # the graph of a single-graph model
+    main_input_name: ClassVar[str] = "input_ids"   # what transformers pipelines feed
+    stats_unit: ClassVar[str] = "samples"          # what a row of the batch is, in the stats
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -236,6 +294,7 @@ class RBLNModel:
         self.graphs = graphs
         self.generation_config = generation_config
         self._source_folder = source_folder
+        self.inference_stats = InferenceStats(unit=self.stats_unit)
         self.runtimes: dict[str, Runtime] = {}
         if rbln_config.create_runtimes:
             self.runtimes = self._create_runtimes()
@@ -243,9 +302,30 @@ class RBLNModel:
     # ---- to be provided by a model family -------------------------------------------
 
     @classmethod
-    def _compile(cls, hf_model, rbln_config: RBLNModelConfig) -> tuple[RBLNModelConfig, dict[str, CompiledModel]]:
-        """Compile the graphs of `hf_model`; returns the final config and the graphs by name."""
-        raise NotImplementedError
+    def _resolve_config(cls, hf_model, rbln_config: RBLNModelConfig, source_folder: Path | None) -> RBLNModelConfig:
+        """The config with every option the user left open decided (from the HF model, or the
+        checkpoint folder's files), checked against the model. Default: as given."""
+        return rbln_config
+
+    @classmethod
+    def _graph_specs(cls, hf_model, rbln_config: RBLNModelConfig) -> list[GraphSpec]:
+        """The graphs to compile. Default: one graph, `graph_name`, from the two hooks below."""
+        module = cls._export_module(hf_model, rbln_config)
+        return [GraphSpec(cls.graph_name, tuple(cls._input_info(hf_model.config, rbln_config)), module)]
+
+    @classmethod
+    def _input_info(cls, hf_config, rbln_config: RBLNModelConfig) -> list[InputInfo]:
+        """(name, shape, dtype) of each input of the single graph, from the options."""
+        raise NotImplementedError(f"{cls.__name__} gives neither _graph_specs nor _input_info")
+
+    @classmethod
+    def _export_module(cls, hf_model, rbln_config: RBLNModelConfig) -> torch.nn.Module:
+        """The module torch.export traces for the single graph: takes the inputs of `_input_info`
+        positionally, returns tensors."""
+        raise NotImplementedError(f"{cls.__name__} gives neither _graph_specs nor _export_module")
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward")
 
     def _create_runtimes(self) -> dict[str, Runtime]:
         """Default: one runtime per graph, each on its own; models with shared state override."""
@@ -259,6 +339,82 @@ class RBLNModel:
         """Tensors of `graph_name` stored in another graph's file (weights are written once)."""
         return ()
 
+    # ---- compiling ------------------------------------------------------------------
+
+    @classmethod
+    def _compile(cls, hf_model, rbln_config: RBLNModelConfig, source_folder: Path | None = None,
+                 ) -> tuple[RBLNModelConfig, dict[str, CompiledModel]]:
+        """Compile the graphs of `hf_model`; returns the final config and the graphs by name."""
+        rbln_config = cls._resolve_config(hf_model, rbln_config, source_folder)
+        specs = cls._graph_specs(hf_model, rbln_config)
+        graphs = {}
+        for spec in tqdm(specs, desc=f"Compiling {cls.__name__}", unit="graph", delay=1.0):
+            check_plain_name("a graph name", spec.name)
+            graphs[spec.name] = compile_from_torch(
+                spec.module, input_info=list(spec.input_info), npu=rbln_config.npu, dtype=rbln_config.dtype,
+                numerics=rbln_config.numerics, tensor_parallel_size=rbln_config.tensor_parallel_size,
+            )
+        return rbln_config, graphs
+
+    # ---- running --------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go and outputs come from, for HF code: the host (the device is simulated)."""
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of float outputs (fp32, cast back from the device's 16-bit type)."""
+        return torch.float32
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return False
+
+    def _run_graph(self, name: str, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Run graph `name` on `inputs` (batch first) of any number of rows: a smaller batch than
+        compiled is padded (with copies of its last row) and sliced back, a larger one split into
+        compiled-size runs. Records the call in `inference_stats`."""
+        runtime = self._runtime(name)
+        compiled = runtime.program.inputs[0].shape[0]
+        rows = inputs[0].shape[0]
+        if rows == 0 or any(t.shape[0] != rows for t in inputs):
+            raise ValueError(f"the inputs must have the same number of rows (>= 1); got {[tuple(t.shape) for t in inputs]}")
+        started, device_s, pieces = time.perf_counter(), 0.0, []
+        for start in range(0, rows, compiled):
+            chunk = [t[start : start + compiled] for t in inputs]
+            valid = chunk[0].shape[0]
+            if valid < compiled:
+                chunk = [torch.cat([t, t[-1:].expand(compiled - valid, *t.shape[1:])]) for t in chunk]
+            out = runtime.run(*chunk)
+            device_s += runtime.stats.last_run_s
+            pieces.append([o[:valid] for o in (out if isinstance(out, tuple) else (out,))])
+        outputs = tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*pieces))
+        self.inference_stats = InferenceStats(
+            samples=rows, compiled_batch_size=compiled, runs=len(pieces), device_s=device_s,
+            host_s=time.perf_counter() - started, unit=self.stats_unit, memory=self.device_memory(),
+        )
+        return outputs
+
+    def device_memory(self) -> list[DeviceMemoryUsage]:
+        """Device memory per device, summed over this model's runtimes."""
+        per_device: dict[int, DeviceMemoryUsage] = {}
+        for runtime in self.runtimes.values():
+            for m in runtime.stats.memory:
+                total = per_device.setdefault(m.device, DeviceMemoryUsage(m.device, m.npu, 0, 0, 0, m.capacity_bytes))
+                total.weights_bytes += m.weights_bytes
+                total.buffers_bytes += m.buffers_bytes
+                total.activations_bytes += m.activations_bytes
+        return [per_device[d] for d in sorted(per_device)]
+
+    def save_trace(self, path: str | os.PathLike = "trace.json") -> str:
+        """The profiler trace of everything this model ran (needs rbln_activate_profiler=True)."""
+        return self._runtime(next(iter(self.graphs))).save_trace(path)
+
     # ---- loading and exporting ------------------------------------------------------
 
     @classmethod
@@ -268,6 +424,9 @@ class RBLNModel:
         # export the checkpoint folder the tokenizer files come from.
         folder = _resolve_folder(model_id, hub_kwargs)
         if export:
+            if cls.hf_class is None:  # a generic class: the family class of the checkpoint's model_type
+                family = cls._family_for(cls._read_hf_config(model_id, hub_kwargs))
+                return family.from_pretrained(model_id, export=True, **hub_kwargs, **kwargs)
             config, hf_kwargs = cls.config_class.from_kwargs(kwargs)
             hf_model = cls._load_hf_model(model_id, {**hub_kwargs, **hf_kwargs}, config)
             return cls._from_hf_model(hf_model, config, source_folder=folder)
@@ -289,6 +448,8 @@ class RBLNModel:
     @classmethod
     def from_model(cls, hf_model, **kwargs: Any):
         """Compile a transformers / diffusers model that is already in memory."""
+        if cls.hf_class is None and getattr(hf_model, "config", None) is not None:
+            return cls._family_for(hf_model.config).from_model(hf_model, **kwargs)
         config, leftover = cls.config_class.from_kwargs(kwargs)
         if leftover:
             raise TypeError(f"from_model() got unexpected arguments {sorted(leftover)}; options are rbln_*")
@@ -304,11 +465,22 @@ class RBLNModel:
         """Checks that need no weights, run before loading them (which may take minutes)."""
         if cls.hf_class is None:
             raise TypeError(f"{cls.__name__} cannot export: it has no hf_class")
-        from transformers import AutoConfig
-
-        cls._check_model_type(AutoConfig.from_pretrained(model_id, **hub_kwargs_of(hf_kwargs)))
+        cls._check_model_type(cls._read_hf_config(model_id, hub_kwargs_of(hf_kwargs)))
         if config.create_runtimes:
             config.check_devices_exist()
+
+    @classmethod
+    def _read_hf_config(cls, model_id, hub_kwargs: dict):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_id, **hub_kwargs)
+
+    @classmethod
+    def _family_for(cls, hf_config) -> type[RBLNModel]:
+        """The class that compiles `hf_config`: `cls` itself, or for a generic class (no hf_class)
+        its registered subclass of that model_type; ValueError naming the supported ones."""
+        cls._check_model_type(hf_config)
+        return cls if cls.hf_class is not None else cls._model_types()[hf_config.model_type]
 
     @classmethod
     def _model_types(cls) -> dict[str, type[RBLNModel]]:
@@ -317,7 +489,12 @@ class RBLNModel:
         classes = [cls] if cls.hf_class is not None else [
             c for c in MODEL_REGISTRY.values() if issubclass(c, cls) and c.hf_class is not None
         ]
-        return {c.hf_class.config_class.model_type: c for c in classes}
+        # The first registered class of a model_type serves it (e.g. CLIPTextModel before its
+        # WithProjection variant): registration order is definition order.
+        found: dict[str, type[RBLNModel]] = {}
+        for c in classes:
+            found.setdefault(c.hf_class.config_class.model_type, c)
+        return found
 
     @classmethod
     def _check_model_type(cls, hf_config) -> None:
@@ -338,10 +515,15 @@ class RBLNModel:
     @classmethod
     def _from_hf_model(cls, hf_model, config: RBLNModelConfig, source_folder: Path | None):
         cls._check_model_type(hf_model.config)
+        if cls.hf_class is not None and not isinstance(hf_model, cls.hf_class):
+            raise ValueError(
+                f"{cls.__name__} compiles {cls.hf_class.__name__} models, got a {type(hf_model).__name__}; "
+                "use the RBLN class of its family, or an RBLNAuto class."
+            )
         if config.create_runtimes:
             config.check_devices_exist()
         hf_model.eval()
-        config, graphs = cls._compile(hf_model, config)
+        config, graphs = cls._compile(hf_model, config, source_folder)
         config = config.with_compiled(
             cls_name=cls.__name__,
             graphs={name: [(s.name, list(s.shape), s.dtype) for s in g.program.inputs] for name, g in graphs.items()},
@@ -354,7 +536,9 @@ class RBLNModel:
         config, leftover = cls.config_class.from_compiled(folder, kwargs)
         if leftover:
             raise TypeError(f"unexpected arguments {sorted(leftover)} when loading a compiled model; options are rbln_*")
-        if config.cls_name != cls.__name__ and not cls._accepts(config.cls_name):
+        # The class it was compiled for, or one of its subclasses when loaded by a generic class.
+        target = MODEL_REGISTRY.get(config.cls_name)
+        if target is None or not issubclass(target, cls):
             raise ValueError(
                 f"{folder} was compiled for {config.cls_name}, not {cls.__name__}: load it with {config.cls_name} "
                 "(or an RBLNAuto class), or recompile with export=True."
@@ -363,20 +547,29 @@ class RBLNModel:
             config.check_devices_exist()
         graph_files = {name: f"{name}.rbln" for name in config.graphs}  # plain names: checked by the config
         _check_manifest(folder, needed=[*graph_files.values(), "config.json"])
-        hf_config, generation_config = cls._load_hf_configs(folder)
-        MODEL_REGISTRY.get(config.cls_name, cls)._check_model_type(hf_config)
+        hf_config, generation_config = target._load_hf_configs(folder)
+        target._check_model_type(hf_config)
         graphs = {name: Artifact.load(folder / filename) for name, filename in graph_files.items()}
-        cls._check_graphs_against_config(config, graphs)
-        return cls(hf_config, config, graphs, source_folder=folder, generation_config=generation_config)
+        target._check_graphs_against_config(config, graphs, hf_config)
+        return target(hf_config, config, graphs, source_folder=folder, generation_config=generation_config)
 
     @classmethod
-    def _check_graphs_against_config(cls, config: RBLNModelConfig, graphs: dict[str, Artifact]) -> None:
+    def _check_graphs_against_config(cls, config: RBLNModelConfig, graphs: dict[str, Artifact], hf_config=None) -> None:
         """ValueError if rbln_config.json says something the `.rbln` programs contradict.
 
         Generic checks: each graph's recorded inputs (names, shapes, dtypes) and the compile
-        options every program records (npu, dtype, numerics, tensor parallelism). A model family
-        overrides this to check its own options too, calling super() first.
+        options every program records (npu, dtype, numerics, tensor parallelism); for a
+        single-graph model, that its graph takes the inputs its options imply (`_input_info`).
+        A multi-graph family overrides this to check its own options too, calling super() first.
         """
+        if hf_config is not None and cls._graph_specs.__func__ is RBLNModel._graph_specs.__func__:
+            expected = {cls.graph_name: [tuple(i) for i in cls._input_info(hf_config, config)]}
+            actual = {name: [(s.name, tuple(s.shape), s.dtype) for s in a.program.inputs] for name, a in graphs.items()}
+            if actual != expected:
+                raise ValueError(
+                    f"{CONFIG_NAME} implies the graph {expected} from its options, but the folder holds {actual}. "
+                    "The folder was edited or mixed from two models; compile the model again (export=True)."
+                )
         for name, artifact in graphs.items():
             program = artifact.program
             recorded = {
@@ -398,17 +591,14 @@ class RBLNModel:
                     )
 
     @classmethod
-    def _accepts(cls, compiled_cls_name: str | None) -> bool:
-        return False
-
-    @classmethod
     def _load_hf_configs(cls, folder: Path):
         from transformers import AutoConfig, GenerationConfig
 
         hf_config = AutoConfig.from_pretrained(folder)
-        try:
+        generation_config = None
+        if (folder / "generation_config.json").is_file():
             generation_config = GenerationConfig.from_pretrained(folder)
-        except OSError:
+        elif cls.can_generate():
             generation_config = GenerationConfig.from_model_config(hf_config)
         return hf_config, generation_config
 
@@ -418,7 +608,7 @@ class RBLNModel:
         """Write the compiled model into `save_directory`; returns its path.
 
         Only the files of the compiled model are written (graphs, rbln_config.json, config.json,
-        generation_config.json, tokenizer files); other files in the folder are left alone. A new
+        generation_config.json, tokenizer / image processor files); other files in the folder are left alone. A new
         folder appears whole or not at all; in an existing one, a load sees the previous model
         until the last rename, and an error (never a mix) if the save is cut short in between.
 
@@ -452,7 +642,7 @@ class RBLNModel:
         if self.generation_config is not None:
             self.generation_config.save_pretrained(folder)
         if self._source_folder is not None:
-            for filename in TOKENIZER_FILES:
+            for filename in SOURCE_FILES:
                 if (self._source_folder / filename).is_file():
                     shutil.copyfile(self._source_folder / filename, folder / filename)
         # The usual permissions (0o666 minus the umask, as for the folder itself): some writers

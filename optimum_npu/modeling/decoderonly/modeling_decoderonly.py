@@ -19,16 +19,15 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationMixin
 from transformers.utils import ModelOutput
 
-from ...compile import CompiledModel, compile_from_torch
+from ...compile import ProgramTooLargeError, compile_from_torch
 from ...sim_device import Runtime
 from ...sim_device.memory import DeviceMemoryError, format_gib
 from ...sim_device.runtime import DeviceMemoryUsage
 from ...sim_device.specs import get_npu_spec
-from ..base import RBLNModel
+from ..base import GraphSpec, RBLNModel
 from .block_manager import BlockManager
 from .configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
 from .static_decoder import KVCacheLayout, StaticDecoder, make_kv_caches, merge_layers, rope_tables
@@ -45,6 +44,30 @@ def decoder_graph_name(batch: int) -> str:
 class RBLNCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     next_positions: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """One device's memory (the largest rank) in a compiled prefill program, with the KV cache apart."""
+
+    weights_bytes: int
+    cache_bytes: int
+    block_bytes: int           # one KV block of every layer, K and V, on one device
+    fixed_bytes: int           # everything but the KV cache: weights, other buffers, activations
+    activations_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.cache_bytes
+
+    @classmethod
+    def of(cls, program, num_blocks: int) -> MemoryProbe:
+        plan = program.memory
+        rank = max(range(plan.num_devices), key=plan.total_bytes)
+        cache = sum(program.local_spec(spec, rank).nbytes for spec in program.buffers
+                    if spec.name.startswith(("k_cache_", "v_cache_")))
+        return cls(weights_bytes=plan.weights_bytes[rank], cache_bytes=cache, block_bytes=max(1, cache // num_blocks),
+                   fixed_bytes=plan.total_bytes(rank) - cache, activations_bytes=plan.activations_bytes[rank])
 
 
 @dataclass
@@ -172,96 +195,110 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         return hf_model
 
     @classmethod
-    def _compile(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig):
-        if cls.hf_class is not None and not isinstance(hf_model, cls.hf_class):
-            raise ValueError(
-                f"{cls.__name__} compiles {cls.hf_class.__name__} models, got a {type(hf_model).__name__}; "
-                "use the RBLN class of its family, or RBLNAutoModelForCausalLM.from_model."
-            )
+    def _resolve_config(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig, source_folder=None):
+        """Every option decided from the HF config; with flash attention and no block count given,
+        the KV block pool sized from the device memory left after the weights. Checks that the
+        weights, KV cache and RoPE tables fit a device before any of them exists on the host."""
         hf_config = hf_model.config
         blocks_left_to_memory = config.kvcache_num_blocks is None
         config = config.finalize(hf_config)
+        layout = cls._kv_layout(hf_config, config)
+        merge_layers(hf_model)  # refuses a model with parameters the decoder would not use, before compiling
+        usable = get_npu_spec(config.npu).usable_dram_bytes
+        if blocks_left_to_memory and config.attn_impl == "flash_attn":
+            # Flash attention: as many KV blocks as the DRAM left after weights, other buffers and
+            # activations holds, read from the memory plan of the prefill graph (a probe of one block
+            # per slot), as the real stack sizes its pool.
+            probe = cls._memory_probe(hf_model, config, dataclasses.replace(layout, num_blocks=config.batch_size))
+            num_blocks = config.resolve_num_blocks(max(usable - probe.fixed_bytes, 0), probe.block_bytes)
+            config = dataclasses.replace(config, kvcache_num_blocks=num_blocks)
+            layout = dataclasses.replace(layout, num_blocks=num_blocks)
+        cls._memory_probe(hf_model, config, layout)  # DeviceMemoryError before any host KV cache / RoPE table exists
+        return config
+
+    @staticmethod
+    def _kv_layout(hf_config, config) -> KVCacheLayout:
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        layout = KVCacheLayout(
+        return KVCacheLayout(
             hf_config.num_hidden_layers, config.kvcache_num_blocks, hf_config.num_key_value_heads,
             config.kvcache_block_size, head_dim,
         )
-        dtype_bytes = DEVICE_DTYPE[config.dtype].itemsize
-        weight_bytes = dtype_bytes * sum(p.numel() for p in hf_model.parameters()) // config.tensor_parallel_size
-        if blocks_left_to_memory and config.attn_impl == "flash_attn":
-            # Flash attention: size the block pool from the DRAM left after the weights, with a
-            # 10% margin for activations, as the real stack estimates it.
-            spec = get_npu_spec(config.npu)
-            free = int(0.9 * spec.usable_dram_bytes) - weight_bytes
-            num_blocks = config.resolve_num_blocks(max(free, 0), layout.bytes_per_block() // config.tensor_parallel_size)
-            config = dataclasses.replace(config, kvcache_num_blocks=num_blocks)
-            layout = dataclasses.replace(layout, num_blocks=num_blocks)
 
-        cls._check_device_capacity(config, layout, weight_bytes)  # before the host tensors below exist
-        kv_caches = make_kv_caches(layout, DEVICE_DTYPE[config.dtype])
+    @classmethod
+    def _graph_specs(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig) -> list[GraphSpec]:
+        """The prefill graph and one decode graph per batch bucket, sharing weights and KV caches."""
+        kv_caches = make_kv_caches(cls._kv_layout(hf_model.config, config), DEVICE_DTYPE[config.dtype])
         rope = rope_tables(hf_model, config.max_seq_len)
-        layers = merge_layers(hf_model)
+        return cls._decoder_graphs(hf_model, config, merge_layers(hf_model), kv_caches, rope)
+
+    @classmethod
+    def _decoder_graphs(cls, hf_model, config, layers, kv_caches, rope) -> list[GraphSpec]:
         max_blocks = config.max_seq_len // config.kvcache_block_size
-        hidden = hf_config.hidden_size
+        hidden = hf_model.config.hidden_size
 
-        def inputs(batch: int, tokens: int) -> list[tuple[str, list[int], str]]:
-            first = ("inputs_embeds", [batch, tokens, hidden], "float32") if config.use_inputs_embeds else (
-                "input_ids", [batch, tokens], "int64")
-            return [first, ("start_pos", [batch], "int32"), ("block_tables", [batch, max_blocks], "int32")]
+        def inputs(batch: int, tokens: int, prefill: bool) -> list[tuple[str, tuple[int, ...], str]]:
+            first = ("inputs_embeds", (batch, tokens, hidden), "float32") if config.use_inputs_embeds else (
+                "input_ids", (batch, tokens), "int64")
+            mask = [("attention_mask", (batch, config.max_seq_len), "int32")] if config.use_attention_mask else []
+            position = [("query_position", (1,), "int64")] if prefill else []
+            return [first, ("start_pos", (batch,), "int32"), ("block_tables", (batch, max_blocks), "int32"),
+                    *position, *mask]
 
-        def build(phase: str, input_info) -> CompiledModel:
+        def graph(name: str, phase: str, input_info) -> GraphSpec:
             module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
                                    config.use_inputs_embeds, config.use_attention_mask)
-            return compile_from_torch(module, input_info=input_info, npu=config.npu, dtype=config.dtype,
-                                      numerics=config.numerics, tensor_parallel_size=config.tensor_parallel_size)
+            return GraphSpec(name, tuple(input_info), module)
 
-        def mask(batch: int) -> list:
-            return [("attention_mask", [batch, config.max_seq_len], "int32")] if config.use_attention_mask else []
+        specs = [graph(PREFILL, PREFILL, inputs(1, config.prefill_chunk_size, prefill=True))]
+        specs += [graph(decoder_graph_name(batch), "decode", inputs(batch, 1, prefill=False)) for batch in config.decoder_batch_sizes]
+        return specs
 
-        plan = {PREFILL: (PREFILL, inputs(1, config.prefill_chunk_size) + [("query_position", [1], "int64")] + mask(1))}
-        for batch in config.decoder_batch_sizes:
-            plan[decoder_graph_name(batch)] = ("decode", inputs(batch, 1) + mask(batch))
-        graphs = {}
-        for name, (phase, input_info) in tqdm(plan.items(), desc=f"Compiling {cls.__name__}", unit="graph", delay=1.0):
-            graphs[name] = build(phase, input_info)
-        return config, graphs
-
-    @staticmethod
-    def _check_device_capacity(config, layout: KVCacheLayout, weight_bytes: int) -> None:
-        """Raise DeviceMemoryError if the weights, KV cache and RoPE tables cannot fit one device.
-
-        The compiler checks the whole program (with activations) too, but only after the KV
-        cache and RoPE tables exist as host tensors: an absurd rbln_kvcache_num_blocks or
-        rbln_max_seq_len would first be allocated on the host (an allocator error or an OOM kill).
-        """
+    @classmethod
+    def _memory_probe(cls, hf_model, config, layout: KVCacheLayout) -> MemoryProbe:
+        """What one device needs for `layout`, from the compiler's memory plan of the prefill graph
+        compiled on the meta device (no host tensor is created, whatever the sizes). Raises
+        DeviceMemoryError naming the options to change (and the smallest tensor-parallel size
+        that fits) if the program does not fit."""
+        with torch.device("meta"):
+            meta_model = type(hf_model)(hf_model.config)
+            caches = [(torch.empty(layout.block_shape, dtype=DEVICE_DTYPE[config.dtype]),) * 2
+                      for _ in range(layout.num_layers)]
+            rope = (torch.empty(config.max_seq_len, layout.head_dim),) * 2
+            prefill = cls._decoder_graphs(meta_model, config, merge_layers(meta_model), caches, rope)[0]
+        try:
+            program = compile_from_torch(prefill.module, input_info=list(prefill.input_info), npu=config.npu,
+                                         dtype=config.dtype, numerics=config.numerics,
+                                         tensor_parallel_size=config.tensor_parallel_size).program
+            too_large = None
+        except ProgramTooLargeError as error:
+            program, too_large = error.program, error
+        probe = MemoryProbe.of(program, layout.num_blocks)
+        if too_large is None:
+            return probe
         spec = get_npu_spec(config.npu)
-        dtype_bytes = DEVICE_DTYPE[config.dtype].itemsize
-        block_bytes = layout.bytes_per_block(dtype_bytes) // config.tensor_parallel_size
-        cache_bytes = layout.num_blocks * block_bytes
-        rope_bytes = 2 * config.max_seq_len * layout.head_dim * dtype_bytes  # cos and sin, one row per position
-        need = weight_bytes + cache_bytes + rope_bytes
-        if need <= spec.usable_dram_bytes:
-            return
-        blocks_that_fit = max(0, (spec.usable_dram_bytes - weight_bytes - rope_bytes) // block_bytes)
+        rope_bytes = probe.fixed_bytes - probe.weights_bytes - probe.activations_bytes
+        blocks_that_fit = max(0, (spec.usable_dram_bytes - probe.fixed_bytes) // probe.block_bytes)
+        tp = too_large.smallest_tensor_parallel_size
         raise DeviceMemoryError(
-            f"The model needs {format_gib(need)} per device before activations: weights {format_gib(weight_bytes)}, "
-            f"KV cache {format_gib(cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
-            f"{format_gib(block_bytes)}), RoPE tables {format_gib(rope_bytes)} (rbln_max_seq_len={config.max_seq_len}); "
-            f"a {config.npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: lower "
-            f"rbln_kvcache_num_blocks (at most {blocks_that_fit} fit), rbln_batch_size or rbln_max_seq_len, "
+            f"The model needs {format_gib(probe.total_bytes)} per device at rbln_tensor_parallel_size="
+            f"{config.tensor_parallel_size}: weights {format_gib(probe.weights_bytes)}, KV cache "
+            f"{format_gib(probe.cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
+            f"{format_gib(probe.block_bytes)}), RoPE tables and other buffers {format_gib(rope_bytes)} "
+            f"(rbln_max_seq_len={config.max_seq_len}), activations {format_gib(probe.activations_bytes)}; a "
+            f"{config.npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: "
+            + (f"split over rbln_tensor_parallel_size={tp} devices (the smallest that fits), or " if tp else "")
+            + f"lower rbln_kvcache_num_blocks (at most {blocks_that_fit} fit), rbln_batch_size or rbln_max_seq_len, "
             "or target an npu with more memory."
-        )
+        ) from None
 
     # ---- loading ----------------------------------------------------------------------
 
     @classmethod
-    def _check_graphs_against_config(cls, config, graphs: dict) -> None:
+    def _check_graphs_against_config(cls, config, graphs: dict, hf_config=None) -> None:
         """Refuse a folder whose rbln_config.json contradicts its .rbln programs (an edited or
         mixed-up folder): the host side (block tables, prefill chunks, decode buckets) would drive
         the graphs with shapes they were not compiled for."""
-        base_check = getattr(super(), "_check_graphs_against_config", None)
-        if base_check is not None:
-            base_check(config, graphs)
+        super()._check_graphs_against_config(config, graphs, hf_config)
         expected = sorted([PREFILL, *(decoder_graph_name(b) for b in config.decoder_batch_sizes)])
         if sorted(graphs) != expected:
             raise ValueError(
@@ -440,20 +477,9 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
 
     # ---- transformers GenerationMixin hooks ---------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
     @classmethod
     def can_generate(cls) -> bool:
         return True
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, *args, **kwargs) -> None:
         """The KV cache lives on the device; there is no HF cache object to prepare."""
@@ -564,19 +590,3 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
                 f"more than rbln_max_seq_len={limit}; lower max_new_tokens or recompile with a larger rbln_max_seq_len"
             )
 
-    # ---- reporting ----------------------------------------------------------------------
-
-    def device_memory(self) -> list[DeviceMemoryUsage]:
-        """Device memory per device, summed over this model's runtimes."""
-        per_device: dict[int, DeviceMemoryUsage] = {}
-        for runtime in self.runtimes.values():
-            for m in runtime.stats.memory:
-                total = per_device.setdefault(m.device, DeviceMemoryUsage(m.device, m.npu, 0, 0, 0, m.capacity_bytes))
-                total.weights_bytes += m.weights_bytes
-                total.buffers_bytes += m.buffers_bytes
-                total.activations_bytes += m.activations_bytes
-        return [per_device[d] for d in sorted(per_device)]
-
-    def save_trace(self, path: str = "generate_trace.json") -> str:
-        """The profiler trace of everything this model ran (needs rbln_activate_profiler=True)."""
-        return self._runtime(PREFILL).save_trace(path)

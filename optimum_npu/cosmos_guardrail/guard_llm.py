@@ -1,0 +1,145 @@
+"""The guard LLM: the second text guardrail, a causal LM asked whether a prompt is safe.
+
+Llama-Guard-3-style (the upstream Cosmos guardrail runs meta-llama/Llama-Guard-3-8B): the user's
+prompt is wrapped in a moderation prompt that lists the policy's hazard categories, and the
+model answers "safe", or "unsafe" and a line of violated category codes ("unsafe\\nS1,S10").
+The model is compiled with our decoder classes (`RBLNAutoModelForCausalLM`: prefill and decode
+graphs on the simulated NPU) and runs greedy `generate()`.
+
+The prompt layout and the categories are Llama Guard 3's published prompt format (model card,
+https://huggingface.co/meta-llama/Llama-Guard-3-8B, "Prompt format" and "Hazard Taxonomy"):
+the model was trained on exactly that text, so it is reproduced here, not paraphrased.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "meta-llama/Llama-Guard-3-8B"
+DEFAULT_MAX_SEQ_LEN = 2048       # the policy prompt is ~400 tokens; Cosmos prompts are up to a few hundred words
+DEFAULT_MAX_NEW_TOKENS = 16      # "unsafe\nS1,S2,..." is a handful of tokens
+
+# Llama Guard 3's hazard taxonomy (MLCommons), by the codes the model answers with.
+LLAMA_GUARD_3_CATEGORIES: dict[str, str] = {
+    "S1": "Violent Crimes", "S2": "Non-Violent Crimes", "S3": "Sex Crimes", "S4": "Child Exploitation",
+    "S5": "Defamation", "S6": "Specialized Advice", "S7": "Privacy", "S8": "Intellectual Property",
+    "S9": "Indiscriminate Weapons", "S10": "Hate", "S11": "Self-Harm", "S12": "Sexual Content",
+    "S13": "Elections", "S14": "Code Interpreter Abuse",
+}
+
+# Special tokens of the Llama 3 tokenizer that frame the conversation.
+BEGIN_OF_TEXT, END_OF_TURN = "<|begin_of_text|>", "<|eot_id|>"
+START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
+SPECIAL_TOKENS = (BEGIN_OF_TEXT, END_OF_TURN, START_HEADER, END_HEADER)
+
+
+def moderation_prompt(user_prompt: str, categories: dict[str, str] = LLAMA_GUARD_3_CATEGORIES) -> str:
+    """The text the guard model reads: the policy, the user's message, and the question."""
+    policy = "\n".join(f"{code}: {name}." for code, name in categories.items())
+    return (
+        f"{BEGIN_OF_TEXT}{START_HEADER}user{END_HEADER}\n\n"
+        "Task: Check if there is unsafe content in 'User' messages in conversations according our safety "
+        "policy with the below categories.\n\n"
+        f"<BEGIN UNSAFE CONTENT CATEGORIES>\n{policy}\n<END UNSAFE CONTENT CATEGORIES>\n\n"
+        f"<BEGIN CONVERSATION>\n\nUser: {user_prompt}\n\n<END CONVERSATION>\n\n"
+        "Provide your safety assessment for ONLY THE LAST User message in the above conversation:\n"
+        " - First line must read 'safe' or 'unsafe'.\n"
+        " - If unsafe, a second line must include a comma-separated list of violated categories."
+        f"{END_OF_TURN}{START_HEADER}assistant{END_HEADER}\n\n"
+    )
+
+
+@dataclass(frozen=True)
+class GuardVerdict:
+    safe: bool
+    categories: tuple[str, ...]   # violated category codes ("S1", ...), when unsafe
+    answer: str                   # what the model wrote
+
+    def describe(self, categories: dict[str, str] = LLAMA_GUARD_3_CATEGORIES) -> str:
+        if self.safe:
+            return "the guard model answered 'safe'"
+        if not self.categories:
+            return f"the guard model answered {self.answer.strip()!r}"
+        named = ", ".join(f"{code} ({categories.get(code, 'unknown category')})" for code in self.categories)
+        return f"the guard model found the prompt unsafe: {named}"
+
+
+def parse_moderation_output(answer: str) -> GuardVerdict:
+    """"safe" -> safe; "unsafe" plus category codes -> unsafe. Anything else fails closed (unsafe):
+    a guard that cannot be read has not said the prompt is safe."""
+    words = answer.split()
+    first = words[0].lower().strip(".,:") if words else ""
+    if first == "safe":
+        return GuardVerdict(True, (), answer)
+    codes = tuple(dict.fromkeys(re.findall(r"\bS\d{1,2}\b", answer)))  # in order, without repeats
+    if first != "unsafe":
+        logger.warning("the guard model's answer %r is neither 'safe' nor 'unsafe': treated as unsafe", answer)
+    return GuardVerdict(False, codes, answer)
+
+
+class RBLNLlamaGuard3:
+    """A Llama-Guard-3-style classifier compiled to the NPU. `is_safe(prompt)` -> (safe, message)."""
+
+    name = "LlamaGuard3"
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 categories: dict[str, str] = LLAMA_GUARD_3_CATEGORIES):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.categories = categories
+        self.simulated_s = 0.0   # simulated device time of every check so far
+        self.calls = 0
+
+    @classmethod
+    def from_pretrained(cls, model_id: str | os.PathLike = DEFAULT_MODEL_ID, export: bool = False,
+                        rbln_config: dict | None = None, **hub_kwargs) -> RBLNLlamaGuard3:
+        """Compile a causal-LM checkpoint (export=True; a local folder or a Hub id, tokenizer included)
+        or load a compiled guard folder. `rbln_config` holds the decoder's options."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        from ..modeling.auto import RBLNAutoModelForCausalLM
+
+        options = dict(rbln_config or {})
+        if export and "max_seq_len" not in options:
+            positions = getattr(AutoConfig.from_pretrained(model_id, **hub_kwargs), "max_position_embeddings", None)
+            options["max_seq_len"] = min(DEFAULT_MAX_SEQ_LEN, positions or DEFAULT_MAX_SEQ_LEN)
+        model = RBLNAutoModelForCausalLM.from_pretrained(model_id, export=export, rbln_config=options, **hub_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **hub_kwargs)
+        return cls(model, tokenizer)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """The compiled decoder folder; it carries the tokenizer files of the checkpoint it came from."""
+        self.model.save_pretrained(folder)
+
+    def classify(self, prompt: str) -> GuardVerdict:
+        text = moderation_prompt(prompt, self.categories)
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        limit = self.model.rbln_config.max_seq_len
+        if ids.shape[1] + self.max_new_tokens > limit:
+            # Fail closed: a prompt the guard cannot read whole is not known to be safe.
+            return GuardVerdict(False, (), f"(not run: the moderation prompt has {ids.shape[1]} tokens, more than the "
+                                           f"compiled rbln_max_seq_len={limit} allows with {self.max_new_tokens} "
+                                           "new tokens; recompile the guard with a larger max_seq_len)")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+        self.simulated_s += self.model.generation_stats.total_s
+        self.calls += 1
+        answer = self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+        return parse_moderation_output(answer)
+
+    def is_safe(self, prompt: str) -> tuple[bool, str]:
+        verdict = self.classify(prompt)
+        return verdict.safe, verdict.describe(self.categories)
+
+    def close(self) -> None:
+        self.model.close()
+

@@ -1,0 +1,189 @@
+"""Tiny random checkpoints for trying optimum-npu offline (examples, tests, a first look).
+
+Every builder writes a folder in the layout the real loading code reads, from configs built
+here with small random weights, so what runs on them is the real path: nothing is stubbed.
+The results are meaningless as models; their shapes, file layouts and code paths are real.
+
+- `build_tiny_guard_llm(folder, answer="safe")`: a tiny Llama + word-level tokenizer whose
+  weights make greedy decoding answer `answer` to any moderation prompt (Llama-Guard-style).
+- `build_tiny_cosmos_guardrail(folder, blocklist=[...])`: every part of the Cosmos guardrail
+  checkpoint (blocklist, guard LLM answering "safe", SigLIP + safety MLP, RetinaFace).
+
+(Tiny Stable Diffusion and Cosmos pipeline builders belong here too, beside these, when the
+diffusers pipelines land.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+GUARD_WORDS = (  # words of prompts used in examples and tests, so that they are not all <unk>
+    "a robot arm lifts red cube two walk by the on table in of and with blue green sky car street city "
+    "person people face video"
+).split()
+GUARD_PAD, GUARD_UNK = "<pad>", "<unk>"
+# Pieces the word-level tokenizer splits text into: newlines, words, single punctuation marks.
+_GUARD_PIECES = r"\n|\w+|[^\w\s]"
+
+
+def _tiny_guard_tokenizer(extra_words: list[str]):
+    """A word-level tokenizer that knows every word of the moderation prompt (others are <unk>),
+    with the Llama 3 special tokens as single tokens."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .cosmos_guardrail.guard_llm import SPECIAL_TOKENS, moderation_prompt
+
+    template = moderation_prompt(" ".join(GUARD_WORDS + extra_words))
+    for token in SPECIAL_TOKENS:
+        template = template.replace(token, " ")
+    words = [GUARD_PAD, GUARD_UNK] + sorted(set(re.findall(_GUARD_PIECES, template)))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=GUARD_UNK))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+        pre_tokenizers.Split(Regex(_GUARD_PIECES), behavior="isolated"),
+    ])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=GUARD_PAD, unk_token=GUARD_UNK)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    tokenizer.eos_token = SPECIAL_TOKENS[1]  # <|eot_id|> ends the assistant's turn
+    return tokenizer
+
+
+def force_greedy_answer(model, tokenizer, answer: str, strength: float = 8.0) -> None:
+    """Set the weights of a Llama-like `model` so that greedy decoding answers `answer` then EOS,
+    whatever the prompt (as long as it does not end with a word of the answer).
+
+    Each token's embedding gets a large component on one "state" axis: axis 0 for every token
+    outside the answer, axis i + 1 for the i-th answer word. The layers keep their small random
+    weights, so the last position's hidden state stays on its token's axis; the LM head maps
+    axis i to the (i + 1)-th answer token, and the last one to EOS. A bigram machine, in a real
+    checkpoint.
+    """
+    chain = [tokenizer.convert_tokens_to_ids(w) for w in answer.split()]
+    if len(set(chain)) != len(chain) or tokenizer.unk_token_id in chain:
+        raise ValueError(f"the answer {answer!r} must be distinct words of the tokenizer's vocabulary")
+    hidden = model.config.hidden_size
+    if len(chain) + 1 > hidden:
+        raise ValueError(f"an answer of {len(chain)} words needs hidden_size > {len(chain)}")
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        embed[:, : len(chain) + 1] = 0.0
+        embed[:, 0] = strength
+        for axis, token in enumerate(chain, start=1):
+            embed[token, 0] = 0.0
+            embed[token, axis] = strength
+        head[:, : len(chain) + 1] = 0.0
+        for axis, token in enumerate(chain + [tokenizer.eos_token_id]):
+            head[token, axis] = strength
+
+
+def build_tiny_guard_llm(folder: str | os.PathLike, answer: str = "safe", seed: int = 0,
+                         vocab_words: list[str] = ()) -> Path:
+    """A tiny Llama guard checkpoint (weights, config, tokenizer) that answers `answer`
+    ("safe", or e.g. "unsafe S1") to every moderation prompt. `vocab_words`: extra known words."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tiny_guard_tokenizer(list(vocab_words) + answer.split())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        initializer_range=0.02, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).float().eval()
+    force_greedy_answer(model, tokenizer, answer)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+# ---- the Cosmos guardrail ------------------------------------------------------------------
+
+TINY_RETINAFACE = dict(backbone_depths=(1, 1, 1, 1), backbone_width=4, fpn_channels=16)
+TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=32, patch_size=8)
+
+
+def _randomize_batch_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Random running statistics and affine parameters: with the defaults (mean 0, var 1, identity)
+    a network would hide a batch norm that is dropped or applied twice."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+def build_tiny_retinaface(folder: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """A tiny random RetinaFace (config.json + model.safetensors), the detector's own layout."""
+    from .cosmos_guardrail.face_blur import RetinaFaceConfig, RetinaFaceModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RetinaFaceModel(RetinaFaceConfig(**{**TINY_RETINAFACE, **overrides})).eval()
+        _randomize_batch_norms(model, torch.Generator().manual_seed(seed))
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_video_safety_model(folder: str | os.PathLike, input_size: int, seed: int = 0,
+                                  safe_bias: float = 0.0) -> Path:
+    """A tiny random frame classifier. `safe_bias` is added to the "Safe" logit: a large positive
+    value makes every frame safe, a large negative one every frame unsafe."""
+    from .cosmos_guardrail.video_filter import VideoSafetyConfig, VideoSafetyModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VideoSafetyModel(VideoSafetyConfig(input_size=input_size, hidden_sizes=(32, 16))).eval()
+        _randomize_batch_norms(model, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            model.network.layers[-1].bias[0] += safe_bias
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_siglip(folder: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """A tiny random SigLIP checkpoint (text and vision towers, as the real one) with its image processor."""
+    from transformers import SiglipConfig, SiglipModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    vision = {**TINY_SIGLIP, **overrides}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    model.save_pretrained(folder)
+    size = vision["image_size"]
+    SiglipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_cosmos_guardrail(folder: str | os.PathLike, blocklist: list[str] = (), guard_answer: str = "safe",
+                                video_safe: bool = True, seed: int = 0) -> Path:
+    """A tiny Cosmos guardrail checkpoint in the layout `RBLNCosmosSafetyChecker.from_pretrained(...,
+    export=True)` reads: the keyword `blocklist`, a guard LLM answering `guard_answer`, SigLIP and a
+    frame classifier (every frame safe if `video_safe`, else every frame unsafe), and a RetinaFace.
+    Returns the folder."""
+    from .cosmos_guardrail.blocklist import Blocklist
+    from .cosmos_guardrail.checker import BLOCKLIST_FOLDER, SUBMODEL_FOLDERS
+
+    root = Path(folder)
+    Blocklist(custom=list(blocklist)).save(root / BLOCKLIST_FOLDER)
+    build_tiny_guard_llm(root / SUBMODEL_FOLDERS["llamaguard3"], answer=guard_answer, seed=seed)
+    build_tiny_siglip(root / SUBMODEL_FOLDERS["siglip_encoder"], seed=seed)
+    build_tiny_video_safety_model(root / SUBMODEL_FOLDERS["video_safety_model"], input_size=TINY_SIGLIP["hidden_size"],
+                                  seed=seed, safe_bias=100.0 if video_safe else -100.0)
+    build_tiny_retinaface(root / SUBMODEL_FOLDERS["face_blur_filter"], seed=seed)
+    return root
