@@ -183,7 +183,7 @@ from optimum_npu.cosmos_guardrail.face_blur import (  # noqa: E402
     pixelate,
     select_faces,
 )
-from optimum_npu.testing import TINY_RETINAFACE, build_tiny_retinaface  # noqa: E402
+from optimum_npu.testing.cosmos_guardrail import TINY_RETINAFACE, build_tiny_retinaface  # noqa: E402
 
 FRAME_SIZE = (64, 96)   # (height, width) of the tiny videos
 
@@ -361,7 +361,7 @@ from optimum_npu.cosmos_guardrail.video_filter import (  # noqa: E402
     load_video_safety_model,
     sampled_frames,
 )
-from optimum_npu.testing import TINY_SIGLIP, build_tiny_siglip, build_tiny_video_safety_model  # noqa: E402
+from optimum_npu.testing.cosmos_guardrail import TINY_SIGLIP, build_tiny_siglip, build_tiny_video_safety_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,9 @@
-"""Tiny random checkpoints for trying optimum-npu offline (examples, tests, a first look).
-
-Every builder writes a folder in the layout the real loading code reads, from configs built
-here with small random weights, so what runs on them is the real path: nothing is stubbed.
-The results are meaningless as models; their shapes, file layouts and code paths are real.
+"""Tiny random Cosmos guardrail checkpoints, in the layout the real loading code reads.
 
 - `build_tiny_guard_llm(folder, answer="safe")`: a tiny Llama + word-level tokenizer whose
   weights make greedy decoding answer `answer` to any moderation prompt (Llama-Guard-style).
 - `build_tiny_cosmos_guardrail(folder, blocklist=[...])`: every part of the Cosmos guardrail
   checkpoint (blocklist, guard LLM answering "safe", SigLIP + safety MLP, RetinaFace).
-
-(Tiny Stable Diffusion and Cosmos pipeline builders belong here too, beside these, when the
-diffusers pipelines land.)
 """
 
 from __future__ import annotations
@@ -36,7 +29,7 @@ def _tiny_guard_tokenizer(extra_words: list[str]):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from .cosmos_guardrail.guard_llm import SPECIAL_TOKENS, moderation_prompt
+    from ..cosmos_guardrail.guard_llm import SPECIAL_TOKENS, moderation_prompt
 
     template = moderation_prompt(" ".join(GUARD_WORDS + extra_words))
     for token in SPECIAL_TOKENS:
@@ -128,7 +121,7 @@ def _randomize_batch_norms(model: torch.nn.Module, generator: torch.Generator) -
 
 def build_tiny_retinaface(folder: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """A tiny random RetinaFace (config.json + model.safetensors), the detector's own layout."""
-    from .cosmos_guardrail.face_blur import RetinaFaceConfig, RetinaFaceModel
+    from ..cosmos_guardrail.face_blur import RetinaFaceConfig, RetinaFaceModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -142,7 +135,7 @@ def build_tiny_video_safety_model(folder: str | os.PathLike, input_size: int, se
                                   safe_bias: float = 0.0) -> Path:
     """A tiny random frame classifier. `safe_bias` is added to the "Safe" logit: a large positive
     value makes every frame safe, a large negative one every frame unsafe."""
-    from .cosmos_guardrail.video_filter import VideoSafetyConfig, VideoSafetyModel
+    from ..cosmos_guardrail.video_filter import VideoSafetyConfig, VideoSafetyModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -176,8 +169,8 @@ def build_tiny_cosmos_guardrail(folder: str | os.PathLike, blocklist: list[str] 
     export=True)` reads: the keyword `blocklist`, a guard LLM answering `guard_answer`, SigLIP and a
     frame classifier (every frame safe if `video_safe`, else every frame unsafe), and a RetinaFace.
     Returns the folder."""
-    from .cosmos_guardrail.blocklist import Blocklist
-    from .cosmos_guardrail.checker import BLOCKLIST_FOLDER, SUBMODEL_FOLDERS
+    from ..cosmos_guardrail.blocklist import Blocklist
+    from ..cosmos_guardrail.checker import BLOCKLIST_FOLDER, SUBMODEL_FOLDERS
 
     root = Path(folder)
     Blocklist(custom=list(blocklist)).save(root / BLOCKLIST_FOLDER)
