@@ -9,9 +9,7 @@ paths are real. One module per family:
 - `cosmos_guardrail.py`  `build_tiny_cosmos_guardrail(folder, blocklist=[...])` and its parts
                          (`build_tiny_guard_llm`, `build_tiny_siglip`, `build_tiny_video_safety_model`,
                          `build_tiny_retinaface`)
-
-(Tiny diffusers components and pipelines, Stable Diffusion and Cosmos, go in their own module
-beside these, exported here too.)
+- `diffusers.py`         `build_tiny_stable_diffusion(folder)`, `build_tiny_cosmos(folder)`: pipeline folders
 """
 
 from .cosmos_guardrail import (
@@ -21,9 +19,10 @@ from .cosmos_guardrail import (
     build_tiny_siglip,
     build_tiny_video_safety_model,
 )
+from .diffusers import build_tiny_cosmos, build_tiny_stable_diffusion
 from .llama import build_tiny_llama
 
 __all__ = [
-    "build_tiny_cosmos_guardrail", "build_tiny_guard_llm", "build_tiny_llama", "build_tiny_retinaface",
-    "build_tiny_siglip", "build_tiny_video_safety_model",
+    "build_tiny_cosmos", "build_tiny_cosmos_guardrail", "build_tiny_guard_llm", "build_tiny_llama",
+    "build_tiny_retinaface", "build_tiny_siglip", "build_tiny_stable_diffusion", "build_tiny_video_safety_model",
 ]
