@@ -493,8 +493,14 @@ class RBLNModel:
         # WithProjection variant): registration order is definition order.
         found: dict[str, type[RBLNModel]] = {}
         for c in classes:
-            found.setdefault(c.hf_class.config_class.model_type, c)
+            if c.hf_model_type() is not None:
+                found.setdefault(c.hf_model_type(), c)
         return found
+
+    @classmethod
+    def hf_model_type(cls) -> str | None:
+        """The transformers model_type of `hf_class` (None for a class without one, e.g. diffusers models)."""
+        return getattr(getattr(cls.hf_class, "config_class", None), "model_type", None)
 
     @classmethod
     def _check_model_type(cls, hf_config) -> None:
@@ -505,7 +511,7 @@ class RBLNModel:
         if model_type in accepted:
             return
         serving = sorted(c.__name__ for c in MODEL_REGISTRY.values()
-                         if c.hf_class is not None and c.hf_class.config_class.model_type == model_type)
+                         if c.hf_class is not None and c.hf_model_type() == model_type)
         advice = f"use {' or '.join(serving)}" if serving else "no RBLN class supports it yet"
         raise ValueError(
             f"{cls.__name__} compiles model_type {' / '.join(sorted(accepted)) or '(none)'}, but this checkpoint "
@@ -638,9 +644,7 @@ class RBLNModel:
         for name, graph in self.graphs.items():
             check_plain_name("a graph name", name)
             graph.save(folder / f"{name}.rbln", external=self._external_tensors(name))
-        self.config.save_pretrained(folder)
-        if self.generation_config is not None:
-            self.generation_config.save_pretrained(folder)
+        self._save_hf_configs(folder)
         if self._source_folder is not None:
             for filename in SOURCE_FILES:
                 if (self._source_folder / filename).is_file():
@@ -654,6 +658,13 @@ class RBLNModel:
             os.chmod(path, mode)
             manifest[path.name] = _manifest_entry(path)
         self.rbln_config.save(folder, files=manifest)
+
+    def _save_hf_configs(self, folder: Path) -> None:
+        """The source model's config files: config.json (and generation_config.json) as transformers
+        writes them; a diffusers model writes its own config.json."""
+        self.config.save_pretrained(folder)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(folder)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload compiled model", **kwargs) -> str:
