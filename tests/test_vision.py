@@ -216,6 +216,8 @@ def test_a_plain_cnn_folds_batch_norms_and_fuses_conv_activation_and_residual(tm
     kernels = [s.name for s in compiled.program.steps if s.kind == "kernel" and not s.name.startswith(("input", "output"))]
     assert kernels == ["conv2d+relu", "conv2d+add+relu", "max_pool2d"]
     assert not any("running" in w.name for w in compiled.program.weights)  # statistics folded away
+    (pool,) = [s for s in compiled.program.steps if s.name == "max_pool2d"]
+    assert pool.vector_flops == (2 * 8 * 8 * 8) * (2 * 2)  # a compare per element of each 2x2 window
     with compiled.create_runtime(activate_profiler=True) as runtime:
         torch.testing.assert_close(runtime.run(x), module(x), atol=1e-5, rtol=1e-5)
         trace = json.loads(open(runtime.save_trace(tmp_path / "trace.json")).read())
