@@ -264,3 +264,22 @@ def test_inplace_math_on_intermediates_compiles_and_device_state_writes_stay():
     with compiled.create_runtime() as runtime:
         torch.testing.assert_close(runtime.run(x), expected)
         torch.testing.assert_close(runtime.run(x), expected)
+
+
+def test_dtype_npu_and_runtime_options(tmp_path):
+    hf = make("resnet")
+    x = images(2)
+    with torch.no_grad():
+        ref = hf(pixel_values=x).logits
+    fp16 = RBLNResNetForImageClassification.from_model(hf, rbln_dtype="float16", rbln_device=1, **OPTIONS)
+    assert (fp16(x).logits - ref).abs().max().item() <= 0.01 * ref.abs().max().item()  # 11-bit mantissa
+    assert [m.device for m in fp16.inference_stats.memory] == [1]
+    assert fp16.graphs["model"].program.device_dtype == "float16"
+    fp16.close()
+    offline = RBLNResNetForImageClassification.from_model(hf, rbln_create_runtimes=False, rbln_npu="RBLN-CR03", **OPTIONS)
+    assert offline.graphs["model"].program.npu == "RBLN-CR03"
+    with pytest.raises(RuntimeError, match="rbln_create_runtimes=False"):
+        offline(x)
+    folder = offline.save_pretrained(tmp_path / "cr03")
+    with pytest.raises(ValueError, match="RBLN-CR03"):  # this machine has only RBLN-CA25 devices
+        RBLNResNetForImageClassification.from_pretrained(folder, rbln_device=0)
