@@ -24,6 +24,7 @@ from safetensors.torch import save as st_save
 import optimum_npu
 from optimum_npu import ArtifactError, Runtime, compile_from_torch
 from optimum_npu.sim_device import memory as device_memory
+from optimum_npu.sim_device.artifact import FORMAT_VERSION
 
 MAGIC = b"RBLNSIM\0"
 
@@ -90,7 +91,7 @@ def artifact(tmp_path_factory):
 def test_file_layout_and_checksums(artifact):
     module, _, data = artifact
     header, _, payload = split(data)
-    assert header["format_version"] == 1
+    assert header["format_version"] == FORMAT_VERSION == 2
     assert header["payload_bytes"] == len(payload)
     assert header["payload_sha256"] == hashlib.sha256(payload).hexdigest()
     assert header["program_sha256"] == sha_json(header["program"])
@@ -173,6 +174,8 @@ def _tampered(data: bytes, how: str) -> bytes:
         return b"PK\x03\x04\0\0\0\0" + data[8:]
     if how == "version-999":
         return join(dump({**header, "format_version": 999}), payload)
+    if how == "version-1":  # single-device programs of optimum-npu before tensor parallelism
+        return join(dump({**header, "format_version": 1}), payload)
     if how == "extra-bytes":
         return data + b"\0"
     raise AssertionError(how)
@@ -190,6 +193,7 @@ TAMPERING = {
     "empty": "not a .rbln",
     "wrong-magic": "not a .rbln",
     "version-999": "format version 999.*recompile",
+    "version-1": "format version 1, this optimum-npu reads version 2; recompile",
     "extra-bytes": "payload has",
 }
 

@@ -1,5 +1,5 @@
 """The compiler: torch module -> device program (`.rbln`)."""
 
-from .compiler import CompiledModel, compile_from_torch
+from .compiler import CompiledModel, ProgramTooLargeError, compile_from_torch
 
-__all__ = ["CompiledModel", "compile_from_torch"]
+__all__ = ["CompiledModel", "ProgramTooLargeError", "compile_from_torch"]

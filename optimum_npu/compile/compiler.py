@@ -1,15 +1,16 @@
 """`compile_from_torch`: a torch module -> a device program (`CompiledModel`), ready to
 save as `.rbln` or to run.
 
-Passes, in order: export (torch.export), op support (device or host fallback),
-fusion, scheduling with dtype lowering and host<->device copies, memory planning, and
-the memory check against the target NPU. Costs are priced by the device's cost model.
+The compiler is the list `PASSES`, run in order over one `Compilation`: export
+(torch.export), tensor-parallel splitting (when compiling for several devices), fusion,
+scheduling with dtype lowering and host<->device copies, memory planning, the memory check
+against the target NPU, and storing the weights. Costs are priced by the device's cost model.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -17,16 +18,19 @@ from tqdm.auto import tqdm
 from ..sim_device.artifact import Artifact
 from ..sim_device.cost_model import CostModel
 from ..sim_device.memory import DeviceMemoryError, format_gib
-from ..sim_device.program import DEVICE_DTYPES, DTYPE_NAMES, PROGRAM_DTYPES, Program, TensorSpec, dtype_name
+from ..sim_device.program import (
+    DEVICE_DTYPES, DTYPE_NAMES, PROGRAM_DTYPES, Program, Step, StepKind, TensorSpec, dtype_name,
+)
 from ..sim_device.specs import NPU_PRESETS, DEFAULT_NPU, get_npu_spec
-from .frontend import export_graph
-from .fusion import fuse
+from ..sim_device.topology import Ring, default_group
+from .frontend import Graph, export_graph
+from .fusion import Group, fuse
 from .memory_planner import plan_memory
 from .op_support import Category
 from .schedule import FLOAT_DTYPES, build_steps
+from .tensor_parallel import ShardingPlan, resident_bytes_per_rank, split_graph
 
 NUMERICS = ("device", "exact")
-
 
 class CompiledModel(Artifact):
     """A compiled program and its weights. `save(path)` writes the `.rbln` file,
@@ -43,25 +47,34 @@ class CompiledModel(Artifact):
         plan = self.program.memory
         return max(plan.total_bytes(r) for r in range(plan.num_devices))
 
+    def cost_model(self) -> CostModel:
+        """The cost model of one device of this program, its ranks placed as `topology.default_group` guesses."""
+        spec = get_npu_spec(self.program.npu)
+        return CostModel(spec, ring=Ring.over(default_group(spec, self.program.tensor_parallel_size)))
+
+    def estimated_costs(self) -> dict[StepKind, float]:
+        """Simulated seconds of one run per step kind (attention priced at full KV length)."""
+        cost_model = self.cost_model()
+        totals = {kind: 0.0 for kind in StepKind}
+        for step in self.program.steps:
+            totals[step.kind] += cost_model.price(step).total_s
+        return totals
+
     @property
     def estimated_latency_s(self) -> float:
         """Simulated time of one run (attention priced at full KV length)."""
-        cost_model = CostModel(get_npu_spec(self.program.npu))
-        total = cost_model.run_overhead()
-        for step in self.program.steps:
-            cost = cost_model.step(step.kind, step.flops, step.vector_flops, step.bytes_read + step.bytes_written)
-            total += cost.total_s if step.kind == "kernel" else cost
-        return total
+        return self.cost_model().run_overhead() + sum(self.estimated_costs().values())
 
     def summary(self) -> str:
         p, plan = self.program, self.program.memory
-        kinds = [s.kind for s in p.steps]
+        count = {kind: sum(s.kind == kind for s in p.steps) for kind in StepKind}
+        per_rank = lambda values: " / ".join(format_gib(v) for v in values)  # noqa: E731
         return (
             f"{p.npu} x{p.tensor_parallel_size}, {p.device_dtype}, numerics={p.numerics}: "
-            f"{kinds.count('kernel')} device kernels, {kinds.count('host')} host segments, "
-            f"{kinds.count('h2d') + kinds.count('d2h')} HDMA copies; per device: weights {format_gib(plan.weights_bytes[0])}, "
-            f"buffers {format_gib(plan.buffers_bytes[0])}, activations {format_gib(plan.activations_bytes[0])}; "
-            f"estimated {self.estimated_latency_s * 1e3:.3f} ms per run"
+            f"{count[StepKind.KERNEL]} device kernels, {count[StepKind.HOST]} host segments, "
+            f"{count[StepKind.H2D] + count[StepKind.D2H]} HDMA copies, {count[StepKind.COLLECTIVE]} collectives; "
+            f"per device: weights {per_rank(plan.weights_bytes)}, buffers {per_rank(plan.buffers_bytes)}, "
+            f"activations {per_rank(plan.activations_bytes)}; estimated {self.estimated_latency_s * 1e3:.3f} ms per run"
         )
 
 
@@ -94,23 +107,134 @@ def _inputs_from_info(input_info, on_meta: bool) -> tuple:
     return tuple(tensors)
 
 
-def _check_fits(program: Program, npu: str) -> None:
+TENSOR_PARALLEL_CANDIDATES = (1, 2, 4, 8, 16, 32)
+
+
+class ProgramTooLargeError(DeviceMemoryError):
+    """The compiled program does not fit one device of its NPU. Carries the `program` (its
+    memory plan says what needs what) and the smallest tensor-parallel size that would fit."""
+
+    def __init__(self, message: str, program: Program, smallest_tensor_parallel_size: int | None):
+        super().__init__(message)
+        self.program = program
+        self.smallest_tensor_parallel_size = smallest_tensor_parallel_size
+
+
+@dataclass
+class Compilation:
+    """What the passes share: the request, then what each pass produces for the next."""
+
+    module: torch.nn.Module
+    example_inputs: tuple
+    input_names: list[str] | None
+    npu: str
+    device_dtype: str
+    numerics: str
+    tensor_parallel_size: int
+    graph: Graph | None = None
+    sharding: ShardingPlan | None = None
+    groups: list[Group] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    values: dict[str, TensorSpec] = field(default_factory=dict)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    program: Program | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+
+
+def _export(c: Compilation) -> None:
+    c.graph = export_graph(c.module, c.example_inputs, c.input_names)
+    for node in c.graph.nodes:
+        if node.category is Category.HOST and node.mutates:
+            raise ValueError(f"{node.target} writes device state in place but runs as a host fallback; not supported")
+
+
+def _split_tensor_parallel(c: Compilation) -> None:
+    if c.tensor_parallel_size > 1:
+        c.graph, c.sharding = split_graph(c.graph, c.tensor_parallel_size)
+
+
+def _fuse(c: Compilation) -> None:
+    c.groups = fuse(c.graph.nodes)
+
+
+def _schedule(c: Compilation) -> None:
+    c.steps, c.values, c.outputs = build_steps(c.graph, c.groups, c.device_dtype)
+
+
+def _plan_memory(c: Compilation) -> None:
+    def on_device(spec: TensorSpec) -> TensorSpec:
+        return TensorSpec(spec.name, spec.shape, c.device_dtype if spec.dtype in FLOAT_DTYPES else spec.dtype)
+
+    graph = c.graph
+    weights = [on_device(s) for s in graph.weights]
+    buffers = [on_device(s) for s in graph.buffers]
+    plan = plan_memory(c.steps, c.values, weights, buffers, graph.tensor_shards, c.tensor_parallel_size)
+    c.program = Program(
+        npu=c.npu, device_dtype=c.device_dtype, numerics=c.numerics, tensor_parallel_size=c.tensor_parallel_size,
+        inputs=graph.inputs, outputs=c.outputs, weights=weights, buffers=buffers,
+        values=dict(sorted(c.values.items())), steps=c.steps, memory=plan,
+        tensor_shards=dict(sorted(graph.tensor_shards.items())),
+    )
+
+
+def _smallest_fitting_tensor_parallel_size(c: Compilation, usable: int) -> int | None:
+    """The smallest tensor-parallel size whose weights, buffers and (this size's) activations
+    fit one device, from the sharding plan of each candidate size; None if none does."""
+    activations = max(c.program.memory.activations_bytes)
+    for size in TENSOR_PARALLEL_CANDIDATES:
+        if size > c.tensor_parallel_size and max(resident_bytes_per_rank(c.graph, size, c.device_dtype)) \
+                + activations <= usable:
+            return size
+    return None
+
+
+def _check_fits(c: Compilation) -> None:
+    program, npu = c.program, c.npu
     spec = get_npu_spec(npu)
     plan = program.memory
     need = max(plan.total_bytes(r) for r in range(plan.num_devices))
     if need <= spec.usable_dram_bytes:
         return
-    per_device_fixed = plan.weights_bytes[0] + plan.buffers_bytes[0]
-    devices_needed = math.ceil(per_device_fixed * plan.num_devices / max(1, spec.usable_dram_bytes - plan.activations_bytes[0]))
+    rank = max(range(plan.num_devices), key=plan.total_bytes)
     bigger = [n for n, s in sorted(NPU_PRESETS.items()) if s.usable_dram_bytes >= need]
-    raise DeviceMemoryError(
-        f"The compiled program needs {format_gib(need)} per device (weights {format_gib(plan.weights_bytes[0])}, "
-        f"buffers {format_gib(plan.buffers_bytes[0])}, activations {format_gib(plan.activations_bytes[0])}), "
-        f"but a {npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: reduce the batch size or "
-        f"sequence length" + (f", target {' / '.join(bigger)}" if bigger else "")
-        + f", or split the weights over ~{devices_needed} devices with tensor parallelism "
-        "(tensor_parallel_size, which this version's compiler does not implement yet)."
+    tp = _smallest_fitting_tensor_parallel_size(c, spec.usable_dram_bytes)
+    split = (f"compile for tensor_parallel_size={tp} (the smallest that fits: each device then holds 1/{tp} of "
+             "the split weights and KV cache)" if tp else "no tensor_parallel_size up to 32 fits either")
+    raise ProgramTooLargeError(
+        f"The compiled program needs {format_gib(need)} per device (weights {format_gib(plan.weights_bytes[rank])}, "
+        f"buffers {format_gib(plan.buffers_bytes[rank])}, activations {format_gib(plan.activations_bytes[rank])}) "
+        f"at tensor_parallel_size={program.tensor_parallel_size}, but a {npu} device has "
+        f"{format_gib(spec.usable_dram_bytes)} usable. To fit: {split}; or reduce the batch size or sequence length"
+        + (f", or target {' / '.join(bigger)}" if bigger else "") + ".",
+        program, tp,
     )
+
+
+def _store_weights(c: Compilation) -> None:
+    graph, program = c.graph, c.program
+    if graph.tensors is None:
+        return
+    # Buffers that start as zeros (KV caches) are created on load instead of stored.
+    program.zero_init = sorted(b.name for b in graph.buffers if not graph.tensors[b.name].any())
+    # The device stores floats in its 16-bit type; exact numerics keeps fp32 for the simulator.
+    # Tensors are stored whole: each rank cuts its shard at load (`Program.tensor_shards`).
+    store = torch.float32 if c.numerics == "exact" else PROGRAM_DTYPES[c.device_dtype]
+    c.tensors = {
+        name: (t.to(store) if t.is_floating_point() else t).contiguous().clone()
+        for name, t in graph.tensors.items()
+        if name not in program.zero_init
+    }
+
+
+PASSES: list[tuple[str, Callable[[Compilation], None]]] = [
+    ("export", _export),
+    ("tensor parallel", _split_tensor_parallel),
+    ("fusion", _fuse),
+    ("schedule", _schedule),
+    ("memory", _plan_memory),
+    ("fit", _check_fits),
+    ("weights", _store_weights),
+]
 
 
 def compile_from_torch(
@@ -127,8 +251,9 @@ def compile_from_torch(
     Inputs are declared by `example_inputs` (tensors) or `input_info=[(name, shape,
     dtype), ...]`; shapes are static. `dtype` is the device's 16-bit compute type.
     `numerics="exact"` keeps fp32 weights so the simulator can run in fp32 (sizes and
-    costs stay those of `dtype`). A module on the meta device compiles too: the result
-    tells sizes and costs (and raises if they don't fit) but cannot be saved or run.
+    costs stay those of `dtype`). `tensor_parallel_size=N` splits the model over N devices
+    (`tensor_parallel.py`). A module on the meta device compiles too: the result tells
+    sizes and costs (and raises if they don't fit) but cannot be saved or run.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -138,11 +263,6 @@ def compile_from_torch(
         raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
     if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
-    if tensor_parallel_size > 1:
-        raise ValueError(
-            "tensor_parallel_size > 1 needs the compiler's tensor-parallel pass, which is not implemented yet; "
-            "use tensor_parallel_size=1"
-        )
     if (example_inputs is None) == (input_info is None):
         raise ValueError("pass exactly one of example_inputs (tensors) or input_info ([(name, shape, dtype), ...])")
     on_meta = any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers())
@@ -155,46 +275,14 @@ def compile_from_torch(
     else:
         example_inputs = _inputs_from_info(input_info, on_meta)
 
-    with tqdm(total=5, desc="Compiling", unit="pass", delay=1.0, leave=False) as progress:
-        progress.set_postfix_str(refresh=False, s="export")
-        input_names = [info[0] for info in input_info] if input_info is not None else None
-        graph = export_graph(module, example_inputs, input_names)
-        for node in graph.nodes:
-            if node.category is Category.HOST and node.mutates:
-                raise ValueError(f"{node.target} writes device state in place but runs as a host fallback; not supported")
-        progress.update()
-        progress.set_postfix_str(refresh=False, s="fusion")
-        groups = fuse(graph.nodes)
-        progress.update()
-        progress.set_postfix_str(refresh=False, s="schedule")
-        steps, values, outputs = build_steps(graph, groups, device_dtype)
-        progress.update()
-        progress.set_postfix_str(refresh=False, s="memory")
-
-        def on_device(spec: TensorSpec) -> TensorSpec:
-            return TensorSpec(spec.name, spec.shape, device_dtype if spec.dtype in FLOAT_DTYPES else spec.dtype)
-
-        weights = [on_device(s) for s in graph.weights]
-        buffers = [on_device(s) for s in graph.buffers]
-        plan = plan_memory(steps, values, weights, buffers)
-        program = Program(
-            npu=npu, device_dtype=device_dtype, numerics=numerics, tensor_parallel_size=tensor_parallel_size,
-            inputs=graph.inputs, outputs=outputs, weights=weights, buffers=buffers,
-            values=dict(sorted(values.items())), steps=steps, memory=plan,
-        )
-        _check_fits(program, npu)
-        progress.update()
-        progress.set_postfix_str(refresh=False, s="weights")
-        tensors = None
-        if graph.tensors is not None:
-            # Buffers that start as zeros (KV caches) are created on load instead of stored.
-            program.zero_init = sorted(b.name for b in graph.buffers if not graph.tensors[b.name].any())
-            # The device stores floats in its 16-bit type; exact numerics keeps fp32 for the simulator.
-            store = torch.float32 if numerics == "exact" else PROGRAM_DTYPES[device_dtype]
-            tensors = {
-                name: (t.to(store) if t.is_floating_point() else t).contiguous().clone()
-                for name, t in graph.tensors.items()
-                if name not in program.zero_init
-            }
-        progress.update()
-    return CompiledModel(program=program, tensors=tensors)
+    c = Compilation(
+        module=module, example_inputs=example_inputs,
+        input_names=[info[0] for info in input_info] if input_info is not None else None,
+        npu=npu, device_dtype=device_dtype, numerics=numerics, tensor_parallel_size=tensor_parallel_size,
+    )
+    with tqdm(total=len(PASSES), desc="Compiling", unit="pass", delay=1.0, leave=False) as progress:
+        for name, run_pass in PASSES:
+            progress.set_postfix_str(refresh=False, s=name)
+            run_pass(c)
+            progress.update()
+    return CompiledModel(program=c.program, tensors=c.tensors)

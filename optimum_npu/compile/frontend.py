@@ -10,12 +10,12 @@ into the convolutions before them.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.export.graph_signature import InputKind
 
-from ..sim_device.program import TensorSpec, dtype_name, encode_arg
+from ..sim_device.program import TensorShard, TensorSpec, dtype_name, encode_arg
 from .graph_rewrites import canonical_ops, fold_batch_norms, functionalize_inplace
 from .op_support import IGNORED_OPS, Category, Work, categorize, count_work
 
@@ -39,11 +39,13 @@ class Node:
 class Graph:
     inputs: list[TensorSpec]          # user inputs
     outputs: list[str]                # value names returned, in order
-    weights: list[TensorSpec]         # parameters and constants
-    buffers: list[TensorSpec]         # module buffers: device state
-    values: dict[str, TensorSpec]     # every tensor value, original dtypes
+    weights: list[TensorSpec]         # parameters and constants (full shapes)
+    buffers: list[TensorSpec]         # module buffers: device state (full shapes)
+    values: dict[str, TensorSpec]     # every tensor value, original dtypes, as one device sees it
     nodes: list[Node]
     tensors: dict[str, torch.Tensor] | None   # weights and buffers by name; None on meta
+    # Weights / buffers split across tensor-parallel ranks (set by the tensor-parallel pass).
+    tensor_shards: dict[str, TensorShard] = field(default_factory=dict)
 
 
 def _spec(name: str, value) -> TensorSpec:

@@ -5,7 +5,8 @@ data work on that kernel's result: a pointwise epilogue (ReLU, GELU, SiLU, bias 
 residual add, a cast), a reduction, or a view. Everything heavier (matmul, conv, a
 normalisation, an attention kernel, a gather) starts a kernel of its own, except that a
 kernel made only of views is absorbed by the heavy op consuming them. Host-fallback ops
-never fuse with device ops; consecutive ones form one host segment.
+never fuse with device ops; consecutive ones form one host segment. A collective (inserted by
+the tensor-parallel pass) is a step of its own.
 
 Groups are contiguous runs of the program order, so the schedule stays valid as is.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..sim_device.program import StepKind
 from .frontend import Node
 from .op_support import FUSABLE_INTO_PRODUCER, Category
 
@@ -27,6 +29,14 @@ class Group:
     def add(self, node: Node) -> None:
         self.nodes.append(node)
         self.produced.update(o for o in node.outputs if o)
+
+    @property
+    def kind(self) -> StepKind:
+        if self.on_host:
+            return StepKind.HOST
+        if any(n.category is Category.COLLECTIVE for n in self.nodes):
+            return StepKind.COLLECTIVE
+        return StepKind.KERNEL
 
     @property
     def only_views(self) -> bool:
@@ -49,7 +59,8 @@ def _joins(group: Group | None, node: Node) -> bool:
     on_host = node.category is Category.HOST
     if on_host or group.on_host:
         return on_host and group.on_host
-    if node.category is Category.ATTENTION or any(n.category is Category.ATTENTION for n in group.nodes):
+    alone = (Category.ATTENTION, Category.COLLECTIVE)
+    if node.category in alone or any(n.category in alone for n in group.nodes):
         return False
     if not group.consumes_own(node):
         return False

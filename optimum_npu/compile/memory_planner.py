@@ -1,6 +1,7 @@
 """Memory planning: where each activation lives in the device's DRAM arena.
 
-Weights and buffers are allocated once for the program's life. Activations (inputs
+Weights and buffers are allocated once for the program's life; under tensor parallelism
+each rank holds its shard of the split ones (`tensor_shards`) and all of the others. Activations (inputs
 copied in, kernel outputs) live from the step that writes them to the last step that
 reads them; values inside a fused kernel stay in SRAM and take no DRAM. Offsets are
 assigned greedily, largest first, at the lowest offset that does not overlap a live
@@ -9,22 +10,36 @@ neighbour (the classic greedy-by-size planner); the arena's size is the peak.
 
 from __future__ import annotations
 
-from ..sim_device.program import MemoryPlan, Step, TensorSpec, aligned
+from ..sim_device.program import MemoryPlan, Step, StepKind, TensorShard, TensorSpec, aligned
+
+WRITES_DRAM = (StepKind.KERNEL, StepKind.COLLECTIVE, StepKind.H2D)
+READS_DRAM = (StepKind.KERNEL, StepKind.COLLECTIVE, StepKind.D2H)
+
+
+def _local_bytes(specs: list[TensorSpec], shards: dict[str, TensorShard], rank: int) -> int:
+    total = 0
+    for spec in specs:
+        shard = shards.get(spec.name)
+        total += spec.nbytes if shard is None else spec.nbytes // spec.shape[shard.dim] * shard.local_size(rank)
+    return total
 
 
 def plan_memory(
-    steps: list[Step], values: dict[str, TensorSpec], weights: list[TensorSpec], buffers: list[TensorSpec]
+    steps: list[Step], values: dict[str, TensorSpec], weights: list[TensorSpec], buffers: list[TensorSpec],
+    shards: dict[str, TensorShard] | None = None, tensor_parallel_size: int = 1,
 ) -> MemoryPlan:
+    """`weights` / `buffers` in full shapes; `values` as one device sees them."""
+    shards = shards or {}
     resident = {s.name for s in weights + buffers}
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for i, step in enumerate(steps):
-        if step.kind in ("kernel", "h2d"):
+        if step.kind in WRITES_DRAM:
             for name in step.outputs:
                 if name not in resident:
                     first.setdefault(name, i)
                     last[name] = max(last.get(name, i), i)
-        if step.kind in ("kernel", "d2h"):
+        if step.kind in READS_DRAM:
             for name in step.inputs:
                 if name in first:
                     last[name] = i
@@ -42,9 +57,10 @@ def plan_memory(
         placed.append((offset, size, lo, hi))
         offsets[name] = offset
     arena = max((o + s for o, s, _, _ in placed), default=0)
+    ranks = range(tensor_parallel_size)
     return MemoryPlan(
-        weights_bytes=[sum(s.nbytes for s in weights)],
-        buffers_bytes=[sum(s.nbytes for s in buffers)],
-        activations_bytes=[arena],
+        weights_bytes=[_local_bytes(weights, shards, rank) for rank in ranks],
+        buffers_bytes=[_local_bytes(buffers, shards, rank) for rank in ranks],
+        activations_bytes=[arena] * tensor_parallel_size,  # every rank runs the same steps on same-size values
         offsets=dict(sorted(offsets.items())),
     )

@@ -13,6 +13,8 @@ that implies; any other op is refused at compile time. The category drives fusio
 - OTHER    everything else the device runs (embedding, gather, pooling, tensor creation, copies)
 - ATTENTION the device's attention kernels (`rbln::*`): always a kernel of their own, priced
            from the KV length in use at run time
+- COLLECTIVE communication between tensor-parallel devices (`rbln::all_reduce`, `all_gather`):
+           a step of its own, inserted by the tensor-parallel pass
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Category(Enum):
     LAYOUT = "layout"
     OTHER = "other"
     ATTENTION = "attention"
+    COLLECTIVE = "collective"
     HOST = "host"
 
 
@@ -49,6 +52,8 @@ IGNORED_OPS = {
 
 def categorize(target: str) -> Category:
     """The category of op `target`; ValueError for an op the runtime would refuse to run."""
+    if target in device_ops.collective_ops():
+        return Category.COLLECTIVE
     if target in device_ops.kernel_ops():
         return Category.ATTENTION
     packet = op_packet(target)

@@ -10,7 +10,7 @@ back in (cast to 16-bit on the host first, halving the transfer).
 
 from __future__ import annotations
 
-from ..sim_device.program import DEVICE_FLOAT, OpCall, Step, TensorSpec, dtype_size
+from ..sim_device.program import DEVICE_FLOAT, OpCall, Step, StepKind, TensorSpec, dtype_size
 from .frontend import Graph, Node
 from .fusion import Group
 from .op_support import Category
@@ -40,7 +40,7 @@ class Scheduler:
         self.on_host: dict[str, str] = {}                   # value -> name of its host copy
         for spec in graph.weights + graph.buffers:
             self.on_device[spec.name] = spec.name
-            self.values[spec.name] = self._device_spec(spec)
+            self.values[spec.name] = self._device_spec(graph.values[spec.name])  # one device's shard
         for spec in graph.inputs:
             self.on_host[spec.name] = spec.name
             self.values[spec.name] = spec
@@ -65,7 +65,7 @@ class Scheduler:
         copied = TensorSpec(copy_name, spec.shape, spec.dtype if needs_cast_kernel else self._device_spec(spec).dtype)
         self.values[copy_name] = copied
         self.steps.append(Step(
-            kind="h2d", name=f"{name} to device", inputs=[host_name], outputs=[copy_name],
+            kind=StepKind.H2D, name=f"{name} to device", inputs=[host_name], outputs=[copy_name],
             bytes_read=copied.nbytes, cast_to_device_float=is_float and not needs_cast_kernel,
         ))
         device_name = copy_name
@@ -74,7 +74,7 @@ class Scheduler:
             cast = self._device_spec(spec, device_name)
             self.values[device_name] = cast
             self.steps.append(Step(
-                kind="kernel", name=f"input cast {name}", inputs=[copy_name], outputs=[device_name],
+                kind=StepKind.KERNEL, name=f"input cast {name}", inputs=[copy_name], outputs=[device_name],
                 ops=[OpCall("aten._to_copy.default", [{"ref": copy_name}], {"dtype": {"dtype": DEVICE_FLOAT}}, [device_name])],
                 vector_flops=float(cast.numel), bytes_read=copied.nbytes, bytes_written=cast.nbytes,
             ))
@@ -88,7 +88,7 @@ class Scheduler:
         host_name = f"{name}@host"
         self.values[host_name] = TensorSpec(host_name, self.values[device_name].shape, self.values[device_name].dtype)
         self.steps.append(Step(
-            kind="d2h", name=f"{name} to host", inputs=[device_name], outputs=[host_name],
+            kind=StepKind.D2H, name=f"{name} to host", inputs=[device_name], outputs=[host_name],
             bytes_written=self.values[device_name].nbytes,
         ))
         self.on_host[name] = host_name
@@ -120,7 +120,7 @@ class Scheduler:
             (self.on_host if group.on_host else self.on_device)[name] = name
         outputs = [o for n in group.nodes for o in n.outputs if o and o in used_later]
         step = Step(
-            kind="host" if group.on_host else "kernel",
+            kind=group.kind,
             name=group.name,
             inputs=[rename[name] for name in external],
             outputs=outputs,
@@ -158,7 +158,7 @@ class Scheduler:
                     self.values[upcast] = TensorSpec(upcast, original.shape, original.dtype)
                     device_spec = self.values[device_name]
                     self.steps.append(Step(
-                        kind="kernel", name=f"output upcast {name}", inputs=[device_name], outputs=[upcast],
+                        kind=StepKind.KERNEL, name=f"output upcast {name}", inputs=[device_name], outputs=[upcast],
                         ops=[OpCall("aten._to_copy.default", [{"ref": device_name}],
                                     {"dtype": {"dtype": original.dtype}}, [upcast])],
                         vector_flops=float(original.numel), bytes_read=device_spec.nbytes,

@@ -33,7 +33,8 @@ from .files import write_file_atomically
 from .program import PROGRAM_DTYPES, ArtifactError, Program
 
 MAGIC = b"RBLNSIM\0"
-FORMAT_VERSION = 1
+# 2: multi-device programs (step kinds incl. collectives, tensor_shards, per-rank memory plan).
+FORMAT_VERSION = 2
 _HEADER_LEN = struct.Struct("<Q")
 
 

@@ -4,7 +4,8 @@ The runtime's simulated clock, the profiler and compile-time cost annotation all
 `CostModel`. A device kernel streams its operands between DRAM and on-chip SRAM (Task
 DMA) while the neural engines compute, so it takes the larger of its compute time and its
 memory time, plus a fixed launch overhead. Copies between host and device (External
-HDMA) go at the PCIe rate; host-fallback ops run at the host CPU's rate.
+HDMA) go at the PCIe rate; host-fallback ops run at the host CPU's rate; collectives
+between the devices of a tensor-parallel group go around a ring priced by `topology.py`.
 
 All calibration constants live in `Calibration`, each with where its value comes from.
 The reference measurements (DESIGN.md) are real RBLN-CA25 runs of Qwen3-4B bf16 at
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .program import Step, StepKind
 from .specs import NPUSpec
 
 
@@ -51,36 +53,68 @@ DEFAULT_CALIBRATION = Calibration()
 
 
 @dataclass(frozen=True)
-class KernelCost:
+class StepCost:
+    """What one step of a program costs on one device. `total_s` is its time on the device's
+    timeline; the others say which unit was busy for how long (kernels overlap compute and
+    Task DMA; a collective keeps the device-to-device link busy)."""
+
     total_s: float
-    compute_s: float      # neural engines busy
-    dma_s: float          # Task DMA busy (DRAM <-> SRAM)
+    compute_s: float = 0.0      # neural engines busy
+    dma_s: float = 0.0          # Task DMA busy (DRAM <-> SRAM)
+    comm_s: float = 0.0         # device-to-device link busy (collectives)
+    flops: float = 0.0
+    bytes: int = 0
 
 
 class CostModel:
-    def __init__(self, spec: NPUSpec, calibration: Calibration = DEFAULT_CALIBRATION):
+    """Prices steps on one device of `spec`; `ring` is the device group a collective runs over
+    (None: a single device)."""
+
+    def __init__(self, spec: NPUSpec, calibration: Calibration = DEFAULT_CALIBRATION, ring=None):
         self.spec = spec
         self.cal = calibration
+        self.ring = ring
 
-    def kernel(self, flops: float, vector_flops: float, bytes_moved: int) -> KernelCost:
+    def kernel(self, flops: float, vector_flops: float, bytes_moved: int) -> StepCost:
         peak = self.spec.peak_flops_16bit
         compute = flops / (peak * self.cal.matmul_efficiency) + vector_flops / (peak * self.cal.vector_fraction_of_peak)
         dma = bytes_moved / (self.spec.dram_bandwidth * self.cal.dram_efficiency)
-        return KernelCost(total_s=max(compute, dma) + self.cal.kernel_launch_s, compute_s=compute, dma_s=dma)
+        return StepCost(max(compute, dma) + self.cal.kernel_launch_s, compute_s=compute, dma_s=dma,
+                        flops=flops + vector_flops, bytes=bytes_moved)
 
-    def hdma(self, bytes_moved: int) -> float:
-        return bytes_moved / (self.spec.pcie_bandwidth * self.cal.pcie_efficiency) + self.cal.hdma_latency_s
+    def hdma(self, bytes_moved: int) -> StepCost:
+        return StepCost(bytes_moved / (self.spec.pcie_bandwidth * self.cal.pcie_efficiency) + self.cal.hdma_latency_s,
+                        bytes=bytes_moved)
 
-    def host(self, flops: float, bytes_moved: int) -> float:
-        return flops / self.cal.host_flops + bytes_moved / self.cal.host_bandwidth + self.cal.host_op_overhead_s
+    def host(self, flops: float, bytes_moved: int) -> StepCost:
+        seconds = flops / self.cal.host_flops + bytes_moved / self.cal.host_bandwidth + self.cal.host_op_overhead_s
+        return StepCost(seconds, flops=flops, bytes=bytes_moved)
+
+    def collective(self, op: str, bytes_per_device: int, vector_flops: float) -> StepCost:
+        """A ring collective over this model's device group (see `topology.Ring`); a reduction's
+        additions (and a fused residual add) run on the vector units while the ring streams."""
+        ring = self.ring
+        if ring is None or ring.size == 1:
+            return StepCost(self.cal.kernel_launch_s, flops=vector_flops, bytes=bytes_per_device)
+        comm = ring.time(op, bytes_per_device)
+        compute = vector_flops / (self.spec.peak_flops_16bit * self.cal.vector_fraction_of_peak)
+        return StepCost(max(comm, compute) + self.cal.kernel_launch_s, compute_s=compute, comm_s=comm,
+                        flops=vector_flops, bytes=bytes_per_device)
 
     def run_overhead(self) -> float:
         return self.cal.run_overhead_s
 
-    def step(self, kind: str, flops: float, vector_flops: float, bytes_moved: int) -> KernelCost | float:
-        """Price one program step: a device kernel, a host-fallback segment or an HDMA copy."""
-        if kind == "kernel":
-            return self.kernel(flops, vector_flops, bytes_moved)
-        if kind == "host":
-            return self.host(flops + vector_flops, bytes_moved)
+    def price(self, step: Step, flops: float | None = None, bytes_moved: int | None = None) -> StepCost:
+        """Price one program step on one device: a device kernel, a host-fallback segment, an
+        HDMA copy or a collective. `flops` / `bytes_moved` override the step's compile-time
+        figures (attention priced from the KV length of a run)."""
+        flops = step.flops if flops is None else flops
+        bytes_moved = step.bytes_read + step.bytes_written if bytes_moved is None else bytes_moved
+        if step.kind == StepKind.KERNEL:
+            return self.kernel(flops, step.vector_flops, bytes_moved)
+        if step.kind == StepKind.HOST:
+            return self.host(flops + step.vector_flops, bytes_moved)
+        if step.kind == StepKind.COLLECTIVE:
+            # ops[0].target: "rbln.all_reduce.default"; the size is that of the result on one device
+            return self.collective(step.ops[0].target.split(".")[1], step.bytes_written, step.vector_flops)
         return self.hdma(bytes_moved)

@@ -7,6 +7,7 @@ the schedule out as plain statements and compile them:
     e[12] = o[3](e[5], e[7], c[2])        # an op: callables, values and constants by index
     e[13] = rnd(e[12])                    # fp16 emulation: round a kernel output
     e[5] = None                           # free a value after its last use
+    e[20] = reduce([e[14], e[17]], e[9])  # a collective over every rank's value (+ residual)
 
 The generated text contains only integer indices and the fixed helper names above,
 never a name, string or number read from the artifact (those stay in the `c` / `k`
@@ -21,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .program import Ref, Step
+from .collectives import ALL_REDUCE
+from .program import Ref, Step, StepKind
 
 
 def _has_ref(arg: Any) -> bool:
@@ -41,78 +43,129 @@ class BoundOp:
 
 @dataclass
 class Executable:
-    function: Callable            # run(e, o, c, k, dev, rnd, up, dyn) -> e
-    slots: dict[str, int]         # value name -> index in the environment list
+    function: Callable            # run(e, o, c, k, dev, rnd, up, dyn, reduce, gather) -> e
+    slots: dict[tuple[str, int], int]   # (value name, rank) -> index in the environment list; rank 0
+                                        # for a value all ranks share
     ops: list[Callable] = field(default_factory=list)
     constants: list = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
 
 
 class _Writer:
-    def __init__(self) -> None:
-        self.slots: dict[str, int] = {}
+    def __init__(self, num_ranks: int, split_state: set[str]) -> None:
+        self.num_ranks = num_ranks
+        self.split = set(split_state)   # values that differ per rank (one slot each)
+        self.slots: dict[tuple[str, int], int] = {}
         self.ops: list[Callable] = []
         self.constants: list = []
         self.kwargs: list[dict] = []
-        self.lines = ["def run(e, o, c, k, dev, rnd, up, dyn):"]
+        self.lines = ["def run(e, o, c, k, dev, rnd, up, dyn, reduce, gather):"]
 
-    def slot(self, name: str) -> str:
-        return f"e[{self.slots.setdefault(name, len(self.slots))}]"
+    def slot(self, name: str, rank: int = 0) -> str:
+        key = (name, rank if name in self.split else 0)
+        return f"e[{self.slots.setdefault(key, len(self.slots))}]"
 
-    def expr(self, arg: Any) -> str:
+    def expr(self, arg: Any, rank: int = 0) -> str:
         if type(arg) is Ref:
-            return self.slot(arg.name)
+            return self.slot(arg.name, rank)
         if type(arg) is list and _has_ref(arg):
-            return "[" + "".join(f"{self.expr(a)}, " for a in arg) + "]"
-        self.constants.append(arg)
+            return "[" + "".join(f"{self.expr(a, rank)}, " for a in arg) + "]"
+        return self.constant(arg)
+
+    def constant(self, value: Any) -> str:
+        self.constants.append(value)
         return f"c[{len(self.constants) - 1}]"
 
     def emit(self, line: str) -> None:
         self.lines.append("    " + line)
 
-    def call(self, op: BoundOp) -> str:
+    def call(self, op: BoundOp, rank: int) -> str:
         self.ops.append(op.fn)
-        parts = [self.expr(a) for a in op.args]
+        parts = [self.expr(a, rank) for a in op.args]
         if any(_has_ref(v) for v in op.kwargs.values()):
-            parts.append("**{" + ", ".join(f"{self.expr(key)}: {self.expr(v)}" for key, v in op.kwargs.items()) + "}")
+            parts.append("**{" + ", ".join(f"{self.expr(key)}: {self.expr(v, rank)}" for key, v in op.kwargs.items()) + "}")
         elif op.kwargs:
             self.kwargs.append(op.kwargs)
             parts.append(f"**k[{len(self.kwargs) - 1}]")
         return f"o[{len(self.ops) - 1}](" + ", ".join(parts) + ")"
 
+    def ranks_of(self, names: list[str]) -> range:
+        """Ranks to emit an op for: all when it reads a per-rank value, else one (shared by all)."""
+        return range(self.num_ranks) if any(n in self.split for n in names) else range(1)
 
-def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: set[str], rounding: bool) -> Executable:
+    def op(self, op: BoundOp, index: int, dynamic: bool) -> None:
+        ranks = self.ranks_of(_ref_names((op.args, list(op.kwargs.values()))))
+        if len(ranks) > 1:
+            self.split.update(name for name in op.outputs if name)
+        for rank in ranks:
+            call = self.call(op, rank)
+            if len(op.outputs) == 1:
+                self.emit(f"{self.slot(op.outputs[0], rank)} = {call}" if op.outputs[0] else call)
+            else:
+                self.emit(f"t = {call}")
+                for position, name in enumerate(op.outputs):
+                    if name:
+                        self.emit(f"{self.slot(name, rank)} = t[{position}]")
+            if dynamic and rank == 0:  # priced once: every rank does the same work
+                self.ops.append(op)  # the BoundOp itself, so `dyn` knows which op it prices
+                self.emit(f"dyn({index}, o[{len(self.ops) - 1}], ({''.join(self.expr(a) + ', ' for a in op.args)}))")
+
+    def collective(self, op: BoundOp) -> None:
+        """Every rank's operand in one list; the result is the same on every rank (one slot)."""
+        x, *rest = op.args
+        parts = "[" + "".join(f"{self.slot(x.name, rank)}, " for rank in range(self.num_ranks)) + "]"
+        (out,) = op.outputs
+        if op.target == ALL_REDUCE:
+            residual = rest[0] if rest else op.kwargs.get("residual")
+            self.emit(f"{self.slot(out)} = reduce({parts}, {self.expr(residual)})")
+        else:
+            dim, sources = rest
+            self.emit(f"{self.slot(out)} = gather({parts}, {self.constant(dim)}, {self.constant(sources)})")
+        self.split.discard(out)
+
+
+def _ref_names(arg: Any) -> list[str]:
+    if type(arg) is Ref:
+        return [arg.name]
+    if type(arg) in (list, tuple):
+        return [n for a in arg for n in _ref_names(a)]
+    return []
+
+
+def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: set[str], rounding: bool,
+             num_ranks: int = 1, split_state: set[str] = frozenset()) -> Executable:
     """`steps`: (step, its bound ops, values to free after it). Ops named in `dynamic_ops`
-    report their arguments to `dyn(step_index, op, args)` after running (for pricing)."""
-    w = _Writer()
+    report their arguments to `dyn(step_index, op, args)` after running (for pricing).
+
+    `num_ranks` tensor-parallel ranks run in this process; `split_state` names the weights /
+    buffers that differ per rank. An op reading a per-rank value is emitted once per rank; an
+    op reading only values every rank shares (the residual stream after an all-reduce, norms,
+    position tables) runs once and its result is shared, as each device would compute the same."""
+    w = _Writer(num_ranks, split_state)
     for index, (step, ops, frees) in enumerate(steps):
-        if step.kind == "h2d":
+        if step.kind == StepKind.H2D:
             for src, dst in zip(step.inputs, step.outputs):
                 w.emit(f"{w.slot(dst)} = " + (f"dev({w.slot(src)})" if step.cast_to_device_float else w.slot(src)))
-        elif step.kind == "d2h":
+        elif step.kind == StepKind.D2H:
             for src, dst in zip(step.inputs, step.outputs):
                 w.emit(f"{w.slot(dst)} = {w.slot(src)}")
-        else:
-            if step.kind == "host":  # host fallback computes in fp32
-                for name in step.inputs:
-                    w.emit(f"{w.slot(name)} = up({w.slot(name)})")
+        elif step.kind == StepKind.COLLECTIVE:
             for op in ops:
-                call = w.call(op)
-                if len(op.outputs) == 1:
-                    w.emit(f"{w.slot(op.outputs[0])} = {call}" if op.outputs[0] else call)
-                else:
-                    w.emit(f"t = {call}")
-                    for position, name in enumerate(op.outputs):
-                        if name:
-                            w.emit(f"{w.slot(name)} = t[{position}]")
-                if op.target in dynamic_ops:
-                    w.ops.append(op)  # the BoundOp itself, so `dyn` knows which op it prices
-                    w.emit(f"dyn({index}, o[{len(w.ops) - 1}], ({''.join(w.expr(a) + ', ' for a in op.args)}))")
-            if step.kind == "kernel" and rounding:
+                w.collective(op)
+        else:
+            if step.kind == StepKind.HOST:  # host fallback computes in fp32
+                for name in step.inputs:
+                    for rank in w.ranks_of([name]):
+                        w.emit(f"{w.slot(name, rank)} = up({w.slot(name, rank)})")
+            for op in ops:
+                w.op(op, index, op.target in dynamic_ops)
+            if step.kind == StepKind.KERNEL and rounding:
                 for name in step.outputs:
-                    w.emit(f"{w.slot(name)} = rnd({w.slot(name)})")
+                    for rank in w.ranks_of([name]):
+                        w.emit(f"{w.slot(name, rank)} = rnd({w.slot(name, rank)})")
         for name in frees:
-            w.emit(f"{w.slot(name)} = None")
+            for rank in w.ranks_of([name]):
+                w.emit(f"{w.slot(name, rank)} = None")
     w.emit("return e")
     namespace: dict = {}
     exec(compile("\n".join(w.lines), "<rbln program>", "exec"), {"__builtins__": {}}, namespace)

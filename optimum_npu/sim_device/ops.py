@@ -8,7 +8,8 @@ look up. The runtime executes only:
 - the aten op packets the compiler may leave on the host (`HOST_FALLBACK_OP_PACKETS`):
   pure math on tensors, nothing that reads or writes files, allocates from a size it
   does not check, or draws random numbers,
-- the device's own kernels (`kernels.KERNEL_OPS`, the `rbln` namespace).
+- the device's own kernels (`kernels.KERNEL_OPS`, the `rbln` namespace) and the collectives
+  between devices (`collectives.COLLECTIVE_OPS`, `rbln` too).
 
 `resolve_op` turns a name into a `torch._ops.OpOverload` only through this list: the
 packet name must be on it, the overload must be one torch lists for that packet, and
@@ -94,10 +95,18 @@ def op_packet(target: str) -> str:
 
 
 def kernel_ops() -> tuple[str, ...]:
-    """The device's own kernels ('rbln.*'); importing `kernels` registers them with torch."""
+    """The device's own ops ('rbln.*'): attention kernels and collectives; importing their
+    modules registers them with torch."""
+    from .collectives import COLLECTIVE_OPS
     from .kernels import KERNEL_OPS
 
-    return KERNEL_OPS
+    return KERNEL_OPS + COLLECTIVE_OPS
+
+
+def collective_ops() -> tuple[str, ...]:
+    from .collectives import COLLECTIVE_OPS
+
+    return COLLECTIVE_OPS
 
 
 def is_allowed_packet(packet: str) -> bool:

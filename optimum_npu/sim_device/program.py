@@ -1,10 +1,17 @@
 """The device program: what the compiler produces and the runtime executes.
 
-A program is a flat schedule of steps. Each step is one thing the hardware does:
+A program is a flat schedule of steps, the same on every device of a tensor-parallel
+group (each device runs it on its own shard of the weights). Each step is one thing the
+hardware does (`StepKind`):
 
-- ``kernel``   a (possibly fused) device kernel: a few ops run together on the neural engines,
-- ``host``     a host-fallback segment (ops the device cannot run), computed on the CPU in fp32,
-- ``h2d`` / ``d2h``   an External HDMA copy between host memory and device DRAM.
+- ``kernel``     a (possibly fused) device kernel: a few ops run together on the neural engines,
+- ``host``       a host-fallback segment (ops the device cannot run), computed on the CPU in fp32,
+- ``h2d`` / ``d2h``   an External HDMA copy between host memory and device DRAM,
+- ``collective`` communication between the devices of the group (all-reduce, all-gather).
+
+Values have the shapes one device sees (its shard). `tensor_shards` says, for each weight
+or buffer split across devices, which slices of the full tensor each rank holds; the
+others are replicated. `memory` gives the DRAM each rank needs.
 
 Values are referenced by name. Every op is an aten (or ``rbln``) operator named by its
 string form, e.g. ``"aten.linear.default"``; its arguments are JSON data where a tensor
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -34,7 +42,17 @@ PROGRAM_DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in PROGRAM_DTYPES.items()}
 DEVICE_DTYPES = ("bfloat16", "float16")
-STEP_KINDS = ("kernel", "host", "h2d", "d2h")
+
+
+class StepKind(StrEnum):
+    KERNEL = "kernel"
+    HOST = "host"
+    H2D = "h2d"
+    D2H = "d2h"
+    COLLECTIVE = "collective"
+
+
+STEP_KINDS = tuple(kind.value for kind in StepKind)
 NUMERICS = ("device", "exact")
 # Activations are placed in the arena at multiples of this many bytes.
 ARENA_ALIGNMENT = 64
@@ -89,7 +107,7 @@ class OpCall:
 
 @dataclass
 class Step:
-    kind: str                        # one of STEP_KINDS
+    kind: StepKind
     name: str
     inputs: list[str]                # values read
     outputs: list[str]               # values materialised (in DRAM for kernels / h2d, host memory otherwise)
@@ -105,13 +123,33 @@ class Step:
 
 
 @dataclass
+class TensorShard:
+    """Which part of a full weight / buffer one rank holds: along `dim`, rank r holds the
+    concatenation of the index ranges `ranges[r]` ([start, length] pairs). A fused projection
+    (Q/K/V in one matrix) gives each rank one range per part; a KV head shared by several ranks
+    (fewer KV heads than devices) appears in the ranges of each of them."""
+
+    dim: int
+    ranges: list[list[list[int]]]    # per rank: [[start, length], ...]
+
+    def local_size(self, rank: int) -> int:
+        return sum(length for _, length in self.ranges[rank])
+
+    def local_shape(self, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        return tuple(self.local_size(rank) if d == self.dim else s for d, s in enumerate(shape))
+
+    def indices(self, rank: int) -> list[int]:
+        return [i for start, length in self.ranges[rank] for i in range(start, start + length)]
+
+
+@dataclass
 class MemoryPlan:
     """Device DRAM one program needs, per device (one entry per tensor-parallel rank)."""
 
     weights_bytes: list[int]
     buffers_bytes: list[int]         # persistent device state, e.g. a KV cache
     activations_bytes: list[int]     # peak of the activation arena (inputs, kernel outputs)
-    offsets: dict[str, int]          # activation name -> offset in the arena (rank 0)
+    offsets: dict[str, int]          # activation name -> offset in the arena (the same on every rank)
 
     def total_bytes(self, rank: int = 0) -> int:
         return self.weights_bytes[rank] + self.buffers_bytes[rank] + self.activations_bytes[rank]
@@ -129,8 +167,8 @@ class Program:
     tensor_parallel_size: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    weights: list[TensorSpec]        # read-only device tensors (parameters, constants)
-    buffers: list[TensorSpec]        # device state kept across runs (may be mutated)
+    weights: list[TensorSpec]        # read-only device tensors (parameters, constants), full shapes
+    buffers: list[TensorSpec]        # device state kept across runs (may be mutated), full shapes
     values: dict[str, TensorSpec]    # every intermediate value, as it lives on its side
     steps: list[Step]
     memory: MemoryPlan
@@ -139,6 +177,13 @@ class Program:
     # Weights / buffers stored in a sibling artifact and provided by the runtime this one shares
     # state with (e.g. a decode graph using its prefill graph's weights).
     external: list[str] = field(default_factory=list)
+    # Weights / buffers split across the tensor-parallel ranks (the others are replicated).
+    tensor_shards: dict[str, TensorShard] = field(default_factory=dict)
+
+    def local_spec(self, spec: TensorSpec, rank: int = 0) -> TensorSpec:
+        """The part of weight / buffer `spec` that rank `rank` holds."""
+        shard = self.tensor_shards.get(spec.name)
+        return spec if shard is None else TensorSpec(spec.name, shard.local_shape(spec.shape, rank), spec.dtype)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -153,7 +198,7 @@ class Program:
         def spec(d):
             return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
 
-        steps = [Step(**{**s, "ops": [OpCall(**o) for o in s["ops"]]}) for s in data["steps"]]
+        steps = [Step(**{**s, "kind": StepKind(s["kind"]), "ops": [OpCall(**o) for o in s["ops"]]}) for s in data["steps"]]
         program = cls(
             npu=data["npu"],
             device_dtype=data["device_dtype"],
@@ -168,6 +213,7 @@ class Program:
             memory=MemoryPlan(**data["memory"]),
             zero_init=list(data.get("zero_init", [])),
             external=list(data.get("external", [])),
+            tensor_shards={name: TensorShard(**shard) for name, shard in data.get("tensor_shards", {}).items()},
         )
         validate_program(program)
         return program

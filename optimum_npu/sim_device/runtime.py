@@ -10,7 +10,15 @@ The host executes every op for real, with the device's numerics:
   16-bit rounding. Memory and time are still those of the 16-bit device program.
 
 Host-fallback segments always compute in fp32. Each step advances a simulated clock by
-what `CostModel` prices it at; with the profiler on, each step also becomes a trace slice.
+what `CostModel` prices it at; with the profiler on, each step also becomes a trace slice
+on every device that runs it.
+
+A program compiled for N devices (tensor parallelism) runs, by default, all N ranks in
+this process: each rank holds its shard of the split weights and KV cache and computes its
+part in the device numerics, and collectives combine the ranks' results in the device's
+precision (`collectives.py`); ops on values every rank shares run once. Under `torchrun`
+with a process group of N processes, each process runs one rank on one device and the
+collectives go through `torch.distributed`: the same artifact, the same outputs.
 
 A runtime executes only programs that pass `validation.validate_program` (allowlisted ops,
 typed arguments, consistent sizes), whether loaded from a file or handed over in memory.
@@ -33,12 +41,14 @@ import torch
 
 from . import memory as device_memory
 from .artifact import Artifact
-from .cost_model import CostModel, KernelCost
-from .profiler import EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
+from .collectives import InProcessCollectives, ProcessGroupCollectives
+from .cost_model import CostModel, StepCost
 from .executor import BoundOp, generate
-from .ops import resolve_op
-from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Step, decode_arg
+from .ops import collective_ops, resolve_op
+from .profiler import DEVICE_SYNC, EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
+from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Step, StepKind, TensorShard, decode_arg
 from .specs import get_npu_spec
+from .topology import Ring
 from .validation import validate_program
 
 
@@ -109,21 +119,23 @@ class RuntimeStats:
     task_dma_busy_s: float = 0.0
     external_hdma_s: float = 0.0
     host_fallback_s: float = 0.0
+    collectives_s: float = 0.0           # Device Sync: all-reduce / all-gather between the devices
     overhead_s: float = 0.0
     memory: list[DeviceMemoryUsage] = field(default_factory=list)
 
-    def add_step(self, kind: str, cost: KernelCost | float) -> float:
+    def add_step(self, kind: StepKind, cost: StepCost) -> float:
         """Account one step; returns how long it took."""
-        if kind == "kernel":
+        if kind == StepKind.KERNEL:
             self.device_kernels_s += cost.total_s
             self.neural_engine_busy_s += cost.compute_s
             self.task_dma_busy_s += cost.dma_s
-            return cost.total_s
-        if kind == "host":
-            self.host_fallback_s += cost
+        elif kind == StepKind.HOST:
+            self.host_fallback_s += cost.total_s
+        elif kind == StepKind.COLLECTIVE:
+            self.collectives_s += cost.total_s
         else:
-            self.external_hdma_s += cost
-        return cost
+            self.external_hdma_s += cost.total_s
+        return cost.total_s
 
     def add_breakdown(self, other: RuntimeStats) -> None:
         self.device_kernels_s += other.device_kernels_s
@@ -131,12 +143,14 @@ class RuntimeStats:
         self.task_dma_busy_s += other.task_dma_busy_s
         self.external_hdma_s += other.external_hdma_s
         self.host_fallback_s += other.host_fallback_s
+        self.collectives_s += other.collectives_s
         self.overhead_s += other.overhead_s
 
     @property
     def total_time_s(self) -> float:
         """Time of the steps and overheads accounted here."""
-        return self.device_kernels_s + self.external_hdma_s + self.host_fallback_s + self.overhead_s
+        return (self.device_kernels_s + self.external_hdma_s + self.host_fallback_s + self.collectives_s
+                + self.overhead_s)
 
     def __str__(self) -> str:
         gib = device_memory.format_gib
@@ -146,7 +160,7 @@ class RuntimeStats:
             f"  device kernels {self.device_kernels_s * 1e3:.3f} ms (neural engines busy "
             f"{self.neural_engine_busy_s * 1e3:.3f} ms, Task DMA busy {self.task_dma_busy_s * 1e3:.3f} ms)",
             f"  External HDMA {self.external_hdma_s * 1e3:.3f} ms, host fallback {self.host_fallback_s * 1e3:.3f} ms, "
-            f"launch/sync overhead {self.overhead_s * 1e3:.3f} ms",
+            f"collectives {self.collectives_s * 1e3:.3f} ms, launch/sync overhead {self.overhead_s * 1e3:.3f} ms",
         ]
         for m in self.memory:
             lines.append(
@@ -160,6 +174,8 @@ def _op_callable(target: str) -> Callable:
     """The function that executes allowlisted op `target` (the device kernels run their Python
     implementation directly, skipping the dispatcher)."""
     op = resolve_op(target)
+    if target in collective_ops():
+        return op  # collective steps are emitted as calls to the runtime's collectives, not this
     if target.startswith("rbln."):
         from .kernels import IMPLEMENTATIONS
 
@@ -169,6 +185,30 @@ def _op_callable(target: str) -> Callable:
 
 def _to_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
+
+
+def cut_shard(tensor: torch.Tensor, shard: TensorShard, rank: int) -> torch.Tensor:
+    """The part of a full weight / buffer that `rank` holds (its own copy)."""
+    ranges = shard.ranges[rank]
+    if len(ranges) == 1:
+        start, length = ranges[0]
+        return tensor.narrow(shard.dim, start, length).clone()
+    return tensor.index_select(shard.dim, torch.tensor(shard.indices(rank), dtype=torch.long))
+
+
+def distributed_rank(tensor_parallel_size: int) -> int | None:
+    """This process's rank when it is one of `tensor_parallel_size` processes of an initialised
+    torch.distributed group (torchrun); None when all ranks run here."""
+    if tensor_parallel_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    world = torch.distributed.get_world_size()
+    if world != tensor_parallel_size:
+        raise ValueError(
+            f"This program was compiled for tensor_parallel_size={tensor_parallel_size}, but torch.distributed "
+            f"runs {world} processes: start torchrun with --nproc-per-node {tensor_parallel_size} (one process per "
+            "device), or run without torchrun to run every device in this process."
+        )
+    return torch.distributed.get_rank()
 
 
 class _SharedMemory:
@@ -223,45 +263,47 @@ class Runtime:
         self.name = name or "compiled"
         self.tensor_type = tensor_type
         self.spec = get_npu_spec(program.npu)
-        self.cost_model = CostModel(self.spec)
         self.numerics = Numerics.for_program(program)
         self._device_float_bytes = PROGRAM_DTYPES[program.device_dtype].itemsize
-        self.devices = self._pick_devices(device, share_state_with)
+        group = self._pick_devices(device, share_state_with)   # one device per rank
+        # The ranks this process runs: all of them, or its own under torchrun.
+        own_rank = distributed_rank(program.tensor_parallel_size)
+        self.ranks = list(range(program.tensor_parallel_size)) if own_rank is None else [own_rank]
+        self.device_group = group
+        self.devices = [group[rank] for rank in self.ranks]
+        machine = device_memory.devices()
+        self.cost_model = CostModel(self.spec, ring=Ring.over([machine[d] for d in group]))
         self.profiler_active = activate_profiler
         # Runtimes sharing state run on the same devices one after another: one clock, one trace.
         self.timeline = share_state_with.timeline if share_state_with is not None else Timeline()
         self.stats = RuntimeStats()
 
-        shared = share_state_with._state if share_state_with is not None else {}
-        owned = [spec for spec in program.weights + program.buffers if spec.name not in shared]
+        shared = share_state_with._rank_state if share_state_with is not None else [{} for _ in self.ranks]
+        owned = [spec for spec in program.weights + program.buffers if spec.name not in shared[0]]
         for spec in owned:
             if spec.name not in program.zero_init and spec.name not in compiled.tensors:
                 raise ValueError(
                     f"{self.name} does not store {spec.name!r}: its weights live in a sibling artifact. "
                     "Load that one first and pass its runtime as share_state_with="
                 )
-        # Reserve device memory first, from sizes recomputed from the tensor specs, so a program
-        # that does not fit fails with DeviceMemoryError before any host tensor is created.
+        # Reserve device memory first, from sizes recomputed from the tensor specs (each rank's
+        # shard), so a program that does not fit fails with DeviceMemoryError before any host
+        # tensor is created.
         buffer_names = {b.name for b in program.buffers}
-        owned_buffers = sum(spec.nbytes for spec in owned if spec.name in buffer_names)
-        owned_weights = sum(spec.nbytes for spec in owned) - owned_buffers
-        plan = program.memory
-        usage = [
-            DeviceMemoryUsage(
-                device=d, npu=self.spec.name,
-                weights_bytes=owned_weights if rank == 0 else plan.weights_bytes[rank],
-                buffers_bytes=owned_buffers if rank == 0 else plan.buffers_bytes[rank],
-                activations_bytes=plan.activations_bytes[rank],
-                capacity_bytes=self.spec.usable_dram_bytes,
-            )
-            for rank, d in enumerate(self.devices)
-        ]
+        usage = []
+        for rank, d in zip(self.ranks, self.devices):
+            local = [program.local_spec(spec, rank).nbytes for spec in owned]
+            buffers = sum(n for spec, n in zip(owned, local) if spec.name in buffer_names)
+            usage.append(DeviceMemoryUsage(
+                device=d, npu=self.spec.name, weights_bytes=sum(local) - buffers, buffers_bytes=buffers,
+                activations_bytes=program.memory.activations_bytes[rank], capacity_bytes=self.spec.usable_dram_bytes,
+            ))
         advice = ("Close other runtimes on the device, pick another device, or recompile with a smaller batch or "
-                  "sequence length, for an NPU with more memory (npu='RBLN-CR03'), or split over devices with "
-                  "tensor_parallel_size (which this version's compiler does not implement yet).")
+                  "sequence length, for an NPU with more memory (npu='RBLN-CR03'), or split over more devices with "
+                  "tensor_parallel_size.")
         allocations = []
         try:
-            if owned_weights + owned_buffers:
+            if any(m.weights_bytes + m.buffers_bytes for m in usage):
                 allocations.append(device_memory.allocate(
                     f"Runtime({self.name}) weights", {m.device: m.weights_bytes + m.buffers_bytes for m in usage},
                     advice, kind="weights",
@@ -269,11 +311,12 @@ class Runtime:
             allocations.append(device_memory.allocate(
                 f"Runtime({self.name})", {m.device: m.activations_bytes for m in usage}, advice
             ))
-            self._state = self._load_state(compiled, shared)
+            self._rank_state = self._load_state(compiled, shared)
         except BaseException:
             for allocation in allocations:
                 device_memory.release(allocation.id)
             raise
+        self._state = self._rank_state[0]  # the first rank's (replicated tensors are the same on all)
         *state, activations = allocations
         # Weights and buffers stay allocated while any runtime sharing them is alive.
         self._shared_memory = share_state_with._shared_memory if share_state_with is not None else _SharedMemory()
@@ -286,30 +329,41 @@ class Runtime:
 
     # ---- set-up ----------------------------------------------------------------------
 
-    def _load_state(self, compiled: Artifact, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Device state: weights and buffers in the host dtype the numerics mode computes in."""
-        state: dict[str, torch.Tensor] = {}
-        for spec in self.program.weights + self.program.buffers:
-            if spec.name in shared:
-                if tuple(shared[spec.name].shape) != spec.shape:
-                    raise ValueError(
-                        f"cannot share {spec.name!r}: shape {list(shared[spec.name].shape)} in the other runtime, "
-                        f"{list(spec.shape)} here (were the two programs compiled from the same model?)"
-                    )
-                state[spec.name] = shared[spec.name]
-            elif spec.name in self.program.zero_init:
-                dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
-                state[spec.name] = torch.zeros(spec.shape, dtype=dtype)
-            else:
-                tensor = compiled.tensors[spec.name]
-                state[spec.name] = self.numerics.to_device(tensor) if tensor.is_floating_point() else tensor.clone()
-        return state
+    def _load_state(self, compiled: Artifact, shared: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Device state of each rank this process runs: weights and buffers (its shard of the split
+        ones) in the host dtype the numerics mode computes in. Replicated tensors are one tensor
+        shared by the ranks."""
+        program = self.program
+        states: list[dict[str, torch.Tensor]] = [{} for _ in self.ranks]
+        for spec in program.weights + program.buffers:
+            shard = program.tensor_shards.get(spec.name)
+            for i, rank in enumerate(self.ranks):
+                local = program.local_spec(spec, rank)
+                if spec.name in shared[i]:
+                    if tuple(shared[i][spec.name].shape) != local.shape:
+                        raise ValueError(
+                            f"cannot share {spec.name!r}: shape {list(shared[i][spec.name].shape)} in the other "
+                            f"runtime, {list(local.shape)} here (were the two programs compiled from the same model?)"
+                        )
+                    states[i][spec.name] = shared[i][spec.name]
+                elif shard is None and i > 0:
+                    states[i][spec.name] = states[0][spec.name]
+                elif spec.name in program.zero_init:
+                    dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
+                    states[i][spec.name] = torch.zeros(local.shape, dtype=dtype)
+                else:
+                    tensor = compiled.tensors[spec.name]
+                    if shard is not None:
+                        tensor = cut_shard(tensor, shard, rank)
+                    states[i][spec.name] = self.numerics.to_device(tensor) if tensor.is_floating_point() else (
+                        tensor.clone())
+        return states
 
     def _pick_devices(self, device, share_state_with) -> list[int]:
         machine = device_memory.devices()
         needed = self.program.tensor_parallel_size
         if share_state_with is not None and device is None:
-            device = share_state_with.devices
+            device = share_state_with.device_group
         if device is None:
             matching = [d.index for d in machine if d.spec.name == self.spec.name]
             if len(matching) < needed:
@@ -345,32 +399,36 @@ class Runtime:
                 frees[i].append(name)
         bound = []
         for step, to_free in zip(program.steps, frees):
-            float_dtype = compute if step.kind == "kernel" else torch.float32
+            float_dtype = compute if step.kind == StepKind.KERNEL else torch.float32
             ops = [
                 BoundOp(_op_callable(call.target), call.target, decode_arg(call.args, float_dtype),
                         {k: decode_arg(v, float_dtype) for k, v in call.kwargs.items()}, call.outputs)
                 for call in step.ops
             ]
             bound.append((step, ops, to_free))
-        self._executable = generate(bound, set(KERNEL_OPS), rounding=self.numerics.round_to is not None)
+        rank_count = len(self.ranks)
+        split = {name for name, tensor in self._state.items()
+                 if any(states[name] is not tensor for states in self._rank_state[1:])}
+        self._executable = generate(bound, set(KERNEL_OPS), rounding=self.numerics.round_to is not None,
+                                    num_ranks=rank_count, split_state=split)
+        if rank_count == program.tensor_parallel_size:
+            self._collectives = InProcessCollectives(self.numerics.round)
+        else:
+            self._collectives = ProcessGroupCollectives(self.numerics.round)
         slots = self._executable.slots
         self._env_template = [None] * len(slots)
-        for name, tensor in self._state.items():
-            if name in slots:
-                self._env_template[slots[name]] = tensor
-        self._input_slots = [slots.get(spec.name) for spec in program.inputs]
+        for i, states in enumerate(self._rank_state):
+            for name, tensor in states.items():
+                if (name, i) in slots:
+                    self._env_template[slots[name, i]] = tensor
+        self._input_slots = [slots.get((spec.name, 0)) for spec in program.inputs]
 
         # Steps with static costs take the same time every run: price and sum them once.
-        self._static_cost = [None if s.dynamic_cost else self._price(s) for s in program.steps]
+        self._static_cost = [None if s.dynamic_cost else self.cost_model.price(s) for s in program.steps]
         self._static_breakdown = RuntimeStats(overhead_s=self.cost_model.run_overhead())
         for step, cost in zip(program.steps, self._static_cost):
             if cost is not None:
                 self._static_breakdown.add_step(step.kind, cost)
-
-    def _price(self, step: Step, flops=None, bytes_moved=None) -> KernelCost | float:
-        flops = step.flops if flops is None else flops
-        bytes_moved = step.bytes_read + step.bytes_written if bytes_moved is None else bytes_moved
-        return self.cost_model.step(step.kind, flops, step.vector_flops, bytes_moved)
 
     # ---- running ---------------------------------------------------------------------
 
@@ -399,11 +457,13 @@ class Runtime:
         executable.function(
             env, executable.ops, executable.constants, executable.kwargs, numerics.to_device, numerics.round,
             _to_fp32, lambda index, op, op_args: self._record_dynamic(dynamic, index, op, op_args),
+            self._collectives.all_reduce, self._collectives.all_gather,
         )
         self._account_run(dynamic)
         outputs = []
         for spec in self.program.outputs:  # in the dtype the module returned (exact mode computes in fp32)
-            value = env[executable.slots[spec.name]] if spec.name in executable.slots else inputs[spec.name]
+            slot = executable.slots.get((spec.name, 0))
+            value = env[slot] if slot is not None else inputs[spec.name]
             dtype = PROGRAM_DTYPES[spec.dtype]
             outputs.append(value if value.dtype == dtype else value.to(dtype))
         if self.tensor_type == "np":
@@ -434,7 +494,7 @@ class Runtime:
             t = start
             for i, (step, cost) in enumerate(zip(steps, self._static_cost)):
                 if cost is None:
-                    cost = self._price(step, *dynamic.get(i, (0.0, 0)))
+                    cost = self.cost_model.price(step, *dynamic.get(i, (0.0, 0)))
                 t += stats.add_step(step.kind, cost)
                 self._trace_step(step, cost, t)
             stats.overhead_s += self.cost_model.run_overhead()
@@ -443,24 +503,29 @@ class Runtime:
             stats.add_breakdown(self._static_breakdown)
             elapsed = self._static_breakdown.total_time_s
             for i, (flops, nbytes) in dynamic.items():
-                elapsed += stats.add_step("kernel", self._price(steps[i], flops, nbytes))
+                elapsed += stats.add_step(StepKind.KERNEL, self.cost_model.price(steps[i], flops, nbytes))
         timeline.clock_s = start + elapsed
         stats.runs += 1
         stats.last_run_s = elapsed
         stats.total_s += elapsed
 
-    def _trace_step(self, step: Step, cost, end: float) -> None:
-        """Add the slices of one step that ended at `end` to the trace."""
-        trace, device = self.timeline.trace, self.devices[0]
-        nbytes = step.bytes_read + step.bytes_written
-        if step.kind == "kernel":
-            start = end - cost.total_s
-            trace.add(NEURAL_ENGINE, step.name, start, cost.compute_s, device, flops=step.flops + step.vector_flops)
-            trace.add(TASK_DMA, step.name, start, cost.dma_s, device, bytes=nbytes)
-        elif step.kind == "host":
-            trace.add(HOST, step.name, end - cost, cost, None, flops=step.flops + step.vector_flops, bytes=nbytes)
-        else:
-            trace.add(EXTERNAL_HDMA, step.name, end - cost, cost, device, bytes=nbytes, direction=step.kind)
+    def _trace_step(self, step: Step, cost: StepCost, end: float) -> None:
+        """Add the slices of one step that ended at `end` to the trace, on every device running it
+        (the ranks run the same step on same-size shards at the same time)."""
+        trace, start = self.timeline.trace, end - cost.total_s
+        if step.kind == StepKind.HOST:
+            trace.add(HOST, step.name, start, cost.total_s, None, flops=cost.flops, bytes=cost.bytes)
+            return
+        for device in self.devices:
+            if step.kind == StepKind.KERNEL:
+                trace.add(NEURAL_ENGINE, step.name, start, cost.compute_s, device, flops=cost.flops)
+                trace.add(TASK_DMA, step.name, start, cost.dma_s, device, bytes=cost.bytes)
+            elif step.kind == StepKind.COLLECTIVE:
+                trace.add(DEVICE_SYNC, step.name, start, cost.total_s, device, bytes=cost.bytes,
+                          ring=self.cost_model.ring.spans, devices=self.cost_model.ring.size)
+            else:
+                trace.add(EXTERNAL_HDMA, step.name, start, cost.total_s, device, bytes=cost.bytes,
+                          direction=step.kind.value)
 
     def _bind_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         specs = self.program.inputs

@@ -20,9 +20,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .ops import check_op_arguments, check_op_outputs
+from .ops import check_op_arguments, check_op_outputs, collective_ops
 from .program import (
-    DEVICE_DTYPES, NUMERICS, PROGRAM_DTYPES, STEP_KINDS, ArtifactError, Program, Step, TensorSpec, aligned,
+    DEVICE_DTYPES, NUMERICS, PROGRAM_DTYPES, STEP_KINDS, ArtifactError, Program, Step, StepKind, TensorSpec, aligned,
 )
 from .specs import NPU_PRESETS
 
@@ -66,6 +66,11 @@ def _amount(value, where: str) -> None:
 def _flag(value, where: str) -> None:
     if type(value) is not bool:
         _fail(where, f"must be true or false, got {_short(value)}")
+
+
+def _step_kind(value, where: str) -> None:
+    if value not in STEP_KINDS or type(value) is not str:
+        _fail(where, f"is {_short(value)}; known step kinds: {', '.join(STEP_KINDS)}")
 
 
 def _json_list(value, where: str) -> None:
@@ -114,7 +119,7 @@ def _object(required: dict[str, Check], optional: dict[str, Check] | None = None
 _TENSOR_SPEC = _object({"name": _string, "shape": _list_of(_count), "dtype": _string})
 _OP = _object({"target": _string, "args": _json_list, "kwargs": _json_object, "outputs": _list_of(_optional_name)})
 _STEP = _object({
-    "kind": _string, "name": _string, "inputs": _list_of(_string), "outputs": _list_of(_string),
+    "kind": _step_kind, "name": _string, "inputs": _list_of(_string), "outputs": _list_of(_string),
     "ops": _list_of(_OP), "flops": _amount, "vector_flops": _amount, "bytes_read": _count,
     "bytes_written": _count, "cast_to_device_float": _flag, "dynamic_cost": _flag,
 })
@@ -129,7 +134,10 @@ _PROGRAM = _object(
         "buffers": _list_of(_TENSOR_SPEC), "values": _map_of(_TENSOR_SPEC), "steps": _list_of(_STEP),
         "memory": _MEMORY,
     },
-    optional={"zero_init": _list_of(_string), "external": _list_of(_string)},
+    optional={
+        "zero_init": _list_of(_string), "external": _list_of(_string),
+        "tensor_shards": _map_of(_object({"dim": _count, "ranges": _list_of(_list_of(_list_of(_count)))})),
+    },
 )
 
 
@@ -181,6 +189,28 @@ def _check_tensors(program: Program) -> None:
     stored = buffers | {s.name for s in program.weights}
     if not set(program.external) <= stored:
         _fail("external", f"names {sorted(set(program.external) - stored)[:5]}, which are not weights or buffers")
+    _check_tensor_shards(program)
+
+
+def _check_tensor_shards(program: Program) -> None:
+    """Each shard names a weight / buffer, a dimension it has, one list of in-bounds ranges per
+    rank, and the same local size on every rank (every device runs the same program)."""
+    specs = {s.name: s for s in program.weights + program.buffers}
+    tp = program.tensor_parallel_size
+    for name, shard in program.tensor_shards.items():
+        where = f"tensor_shards[{name!r}]"
+        if name not in specs:
+            _fail(where, "names no weight or buffer of the program")
+        shape = specs[name].shape
+        if not shard.dim < len(shape):
+            _fail(where, f"splits dimension {shard.dim} of a {len(shape)}-d tensor")
+        if len(shard.ranges) != tp:
+            _fail(where, f"has {len(shard.ranges)} rank(s) of ranges for {tp} device(s)")
+        for rank, ranges in enumerate(shard.ranges):
+            if not ranges or any(len(r) != 2 or r[1] == 0 or r[0] + r[1] > shape[shard.dim] for r in ranges):
+                _fail(where, f"rank {rank} has ranges {_short(ranges)} outside [0, {shape[shard.dim]})")
+        if len({shard.local_size(rank) for rank in range(tp)}) != 1:
+            _fail(where, "gives the ranks slices of different sizes")
 
 
 @dataclass
@@ -204,6 +234,18 @@ def _copy_rule(step: Step, scope: _Scope, where: str) -> None:
 
 
 def _ops_rule(step: Step, scope: _Scope, where: str) -> None:
+    if any(call.target in collective_ops() for call in step.ops):
+        _fail(where, "runs a collective inside a kernel or host segment (collectives are steps of their own)")
+    _run_ops(step, scope, where)
+
+
+def _collective_rule(step: Step, scope: _Scope, where: str) -> None:
+    if len(step.ops) != 1 or step.ops[0].target not in collective_ops():
+        _fail(where, f"is a collective: exactly one op of {collective_ops()}")
+    _run_ops(step, scope, where)
+
+
+def _run_ops(step: Step, scope: _Scope, where: str) -> None:
     _require_defined(step.inputs, scope.defined, where)
     produced: set[str] = set()
     for i, call in enumerate(step.ops):
@@ -221,7 +263,8 @@ def _ops_rule(step: Step, scope: _Scope, where: str) -> None:
 
 # How each step kind is checked, given what the steps before it defined (which it extends).
 _STEP_RULES: dict[str, Callable[[Step, _Scope, str], None]] = {
-    "kernel": _ops_rule, "host": _ops_rule, "h2d": _copy_rule, "d2h": _copy_rule,
+    StepKind.KERNEL: _ops_rule, StepKind.HOST: _ops_rule, StepKind.H2D: _copy_rule, StepKind.D2H: _copy_rule,
+    StepKind.COLLECTIVE: _collective_rule,
 }
 assert set(_STEP_RULES) == set(STEP_KINDS)
 
@@ -262,11 +305,12 @@ def _check_memory_plan(program: Program) -> None:
     for field in ("weights_bytes", "buffers_bytes", "activations_bytes"):
         if len(getattr(plan, field)) != tp:
             _fail(f"memory.{field}", f"has {len(getattr(plan, field))} entries for {tp} device(s)")
-    # Each rank holds its shard of every tensor; replicated tensors count once per rank.
+    # Each rank holds its shard of every split tensor and all of every replicated one.
     for field, specs in (("weights_bytes", program.weights), ("buffers_bytes", program.buffers)):
-        total = sum(s.nbytes for s in specs)
-        if not total <= sum(getattr(plan, field)) <= tp * total:
-            _fail(f"memory.{field}", f"{getattr(plan, field)} does not match the {total} bytes of the tensors")
+        local = [sum(program.local_spec(s, rank).nbytes for s in specs) for rank in range(tp)]
+        if getattr(plan, field) != local:
+            _fail(f"memory.{field}", f"{getattr(plan, field)} does not match the {local} bytes of the tensors "
+                                     "each rank holds")
     placed = 0
     arena = plan.activations_bytes[0]
     for name, offset in plan.offsets.items():

@@ -22,6 +22,7 @@ import torch
 from transformers import GenerationMixin
 from transformers.utils import ModelOutput
 
+from ...compile import ProgramTooLargeError, compile_from_torch
 from ...sim_device import Runtime
 from ...sim_device.memory import DeviceMemoryError, format_gib
 from ...sim_device.runtime import DeviceMemoryUsage
@@ -43,6 +44,30 @@ def decoder_graph_name(batch: int) -> str:
 class RBLNCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     next_positions: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """One device's memory (the largest rank) in a compiled prefill program, with the KV cache apart."""
+
+    weights_bytes: int
+    cache_bytes: int
+    block_bytes: int           # one KV block of every layer, K and V, on one device
+    fixed_bytes: int           # everything but the KV cache: weights, other buffers, activations
+    activations_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.cache_bytes
+
+    @classmethod
+    def of(cls, program, num_blocks: int) -> MemoryProbe:
+        plan = program.memory
+        rank = max(range(plan.num_devices), key=plan.total_bytes)
+        cache = sum(program.local_spec(spec, rank).nbytes for spec in program.buffers
+                    if spec.name.startswith(("k_cache_", "v_cache_")))
+        return cls(weights_bytes=plan.weights_bytes[rank], cache_bytes=cache, block_bytes=max(1, cache // num_blocks),
+                   fixed_bytes=plan.total_bytes(rank) - cache, activations_bytes=plan.activations_bytes[rank])
 
 
 @dataclass
@@ -178,16 +203,17 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         blocks_left_to_memory = config.kvcache_num_blocks is None
         config = config.finalize(hf_config)
         layout = cls._kv_layout(hf_config, config)
-        weight_bytes = cls._weight_bytes(hf_model, config)
+        merge_layers(hf_model)  # refuses a model with parameters the decoder would not use, before compiling
+        usable = get_npu_spec(config.npu).usable_dram_bytes
         if blocks_left_to_memory and config.attn_impl == "flash_attn":
-            # Flash attention: size the block pool from the DRAM left after the weights, with a
-            # 10% margin for activations, as the real stack estimates it.
-            spec = get_npu_spec(config.npu)
-            free = int(0.9 * spec.usable_dram_bytes) - weight_bytes
-            num_blocks = config.resolve_num_blocks(max(free, 0), layout.bytes_per_block() // config.tensor_parallel_size)
+            # Flash attention: as many KV blocks as the DRAM left after weights, other buffers and
+            # activations holds, read from the memory plan of the prefill graph (a probe of one block
+            # per slot), as the real stack sizes its pool.
+            probe = cls._memory_probe(hf_model, config, dataclasses.replace(layout, num_blocks=config.batch_size))
+            num_blocks = config.resolve_num_blocks(max(usable - probe.fixed_bytes, 0), probe.block_bytes)
             config = dataclasses.replace(config, kvcache_num_blocks=num_blocks)
             layout = dataclasses.replace(layout, num_blocks=num_blocks)
-        cls._check_device_capacity(config, layout, weight_bytes)
+        cls._memory_probe(hf_model, config, layout)  # DeviceMemoryError before any host KV cache / RoPE table exists
         return config
 
     @staticmethod
@@ -198,21 +224,17 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             config.kvcache_block_size, head_dim,
         )
 
-    @staticmethod
-    def _weight_bytes(hf_model, config) -> int:
-        """Weight bytes per device in the device dtype."""
-        dtype_bytes = DEVICE_DTYPE[config.dtype].itemsize
-        return dtype_bytes * sum(p.numel() for p in hf_model.parameters()) // config.tensor_parallel_size
-
     @classmethod
     def _graph_specs(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig) -> list[GraphSpec]:
         """The prefill graph and one decode graph per batch bucket, sharing weights and KV caches."""
-        hf_config = hf_model.config
-        kv_caches = make_kv_caches(cls._kv_layout(hf_config, config), DEVICE_DTYPE[config.dtype])
+        kv_caches = make_kv_caches(cls._kv_layout(hf_model.config, config), DEVICE_DTYPE[config.dtype])
         rope = rope_tables(hf_model, config.max_seq_len)
-        layers = merge_layers(hf_model)
+        return cls._decoder_graphs(hf_model, config, merge_layers(hf_model), kv_caches, rope)
+
+    @classmethod
+    def _decoder_graphs(cls, hf_model, config, layers, kv_caches, rope) -> list[GraphSpec]:
         max_blocks = config.max_seq_len // config.kvcache_block_size
-        hidden = hf_config.hidden_size
+        hidden = hf_model.config.hidden_size
 
         def inputs(batch: int, tokens: int, prefill: bool) -> list[tuple[str, tuple[int, ...], str]]:
             first = ("inputs_embeds", (batch, tokens, hidden), "float32") if config.use_inputs_embeds else (
@@ -231,31 +253,43 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         specs += [graph(decoder_graph_name(batch), "decode", inputs(batch, 1, prefill=False)) for batch in config.decoder_batch_sizes]
         return specs
 
-    @staticmethod
-    def _check_device_capacity(config, layout: KVCacheLayout, weight_bytes: int) -> None:
-        """Raise DeviceMemoryError if the weights, KV cache and RoPE tables cannot fit one device.
-
-        The compiler checks the whole program (with activations) too, but only after the KV
-        cache and RoPE tables exist as host tensors: an absurd rbln_kvcache_num_blocks or
-        rbln_max_seq_len would first be allocated on the host (an allocator error or an OOM kill).
-        """
+    @classmethod
+    def _memory_probe(cls, hf_model, config, layout: KVCacheLayout) -> MemoryProbe:
+        """What one device needs for `layout`, from the compiler's memory plan of the prefill graph
+        compiled on the meta device (no host tensor is created, whatever the sizes). Raises
+        DeviceMemoryError naming the options to change (and the smallest tensor-parallel size
+        that fits) if the program does not fit."""
+        with torch.device("meta"):
+            meta_model = type(hf_model)(hf_model.config)
+            caches = [(torch.empty(layout.block_shape, dtype=DEVICE_DTYPE[config.dtype]),) * 2
+                      for _ in range(layout.num_layers)]
+            rope = (torch.empty(config.max_seq_len, layout.head_dim),) * 2
+            prefill = cls._decoder_graphs(meta_model, config, merge_layers(meta_model), caches, rope)[0]
+        try:
+            program = compile_from_torch(prefill.module, input_info=list(prefill.input_info), npu=config.npu,
+                                         dtype=config.dtype, numerics=config.numerics,
+                                         tensor_parallel_size=config.tensor_parallel_size).program
+            too_large = None
+        except ProgramTooLargeError as error:
+            program, too_large = error.program, error
+        probe = MemoryProbe.of(program, layout.num_blocks)
+        if too_large is None:
+            return probe
         spec = get_npu_spec(config.npu)
-        dtype_bytes = DEVICE_DTYPE[config.dtype].itemsize
-        block_bytes = layout.bytes_per_block(dtype_bytes) // config.tensor_parallel_size
-        cache_bytes = layout.num_blocks * block_bytes
-        rope_bytes = 2 * config.max_seq_len * layout.head_dim * dtype_bytes  # cos and sin, one row per position
-        need = weight_bytes + cache_bytes + rope_bytes
-        if need <= spec.usable_dram_bytes:
-            return
-        blocks_that_fit = max(0, (spec.usable_dram_bytes - weight_bytes - rope_bytes) // block_bytes)
+        rope_bytes = probe.fixed_bytes - probe.weights_bytes - probe.activations_bytes
+        blocks_that_fit = max(0, (spec.usable_dram_bytes - probe.fixed_bytes) // probe.block_bytes)
+        tp = too_large.smallest_tensor_parallel_size
         raise DeviceMemoryError(
-            f"The model needs {format_gib(need)} per device before activations: weights {format_gib(weight_bytes)}, "
-            f"KV cache {format_gib(cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
-            f"{format_gib(block_bytes)}), RoPE tables {format_gib(rope_bytes)} (rbln_max_seq_len={config.max_seq_len}); "
-            f"a {config.npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: lower "
-            f"rbln_kvcache_num_blocks (at most {blocks_that_fit} fit), rbln_batch_size or rbln_max_seq_len, "
+            f"The model needs {format_gib(probe.total_bytes)} per device at rbln_tensor_parallel_size="
+            f"{config.tensor_parallel_size}: weights {format_gib(probe.weights_bytes)}, KV cache "
+            f"{format_gib(probe.cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
+            f"{format_gib(probe.block_bytes)}), RoPE tables and other buffers {format_gib(rope_bytes)} "
+            f"(rbln_max_seq_len={config.max_seq_len}), activations {format_gib(probe.activations_bytes)}; a "
+            f"{config.npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: "
+            + (f"split over rbln_tensor_parallel_size={tp} devices (the smallest that fits), or " if tp else "")
+            + f"lower rbln_kvcache_num_blocks (at most {blocks_that_fit} fit), rbln_batch_size or rbln_max_seq_len, "
             "or target an npu with more memory."
-        )
+        ) from None
 
     # ---- loading ----------------------------------------------------------------------
 

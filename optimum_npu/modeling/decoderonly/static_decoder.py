@@ -217,7 +217,7 @@ class StaticDecoder(nn.Module):
         hidden = inputs if self.use_inputs_embeds else self.embed_tokens(inputs)
         tokens = hidden.shape[1]
         # Padding rows have start_pos < 0; any valid table index will do for them.
-        positions = (start_pos[:, None].long() + torch.arange(tokens)[None, :]).clamp(min=0)
+        positions = (start_pos[:, None].long() + torch.arange(tokens, device=start_pos.device)[None, :]).clamp(min=0)
         cos = self.rope_cos[positions].unsqueeze(1).to(hidden.dtype)  # [batch, 1, T, head_dim]
         sin = self.rope_sin[positions].unsqueeze(1).to(hidden.dtype)
         for i, layer in enumerate(self.layers):
