@@ -1,10 +1,10 @@
 """Image classification: simulated device figures of a ResNet-50, and host overhead vs HF eager.
 
 1. A ResNet-50-shaped classifier (transformers' default ResNetConfig: bottleneck blocks
-   [3, 4, 6, 3], 25.6 M parameters) built on the meta device (no weights, nothing
-   downloaded), compiled for RBLN-CA25 at 224x224 and batch 1, 8 and 32: device memory and
-   the simulated time of one batch, beside the time the same FLOPs would take at the
-   device's 16-bit peak (the roofline; ratio = how far the cost model is from it).
+   [3, 4, 6, 3]; 1000 classes: 25.6 M parameters) built on the meta device (no weights,
+   nothing downloaded), compiled for RBLN-CA25 at 224x224 and batch 1, 8 and 32: device
+   memory and the simulated time of one batch, beside the time the same FLOPs would take at
+   the device's 16-bit peak (the roofline; ratio = how far the cost model is from it).
 2. Host wall time of a small ResNet (ResNet-18 layout, 112x112, batch 8) through our model
    class (device numerics, bf16) vs the HF model in eager bf16 on the same CPU, interleaved
    repeats (goal: ours <= 1.15x eager); eager fp32 beside it for scale. Ours runs batch norms
@@ -34,7 +34,7 @@ def resnet50_device_figures(batches=(1, 8, 32)) -> list[tuple]:
     from optimum_npu.sim_device.specs import get_npu_spec
 
     with torch.device("meta"):
-        hf = ResNetForImageClassification(ResNetConfig())
+        hf = ResNetForImageClassification(ResNetConfig(num_labels=1000))  # ImageNet's 1000 classes
     spec = get_npu_spec("RBLN-CA25")
     rows = []
     for batch in batches:
@@ -91,7 +91,7 @@ def main() -> None:
     os.environ.setdefault("OPTIMUM_NPU_STATE_DIR", tempfile.mkdtemp(prefix="npu_bench_state_"))
     gib = 1024**3
 
-    print("\nResNet-50 (transformers ResNetConfig defaults), 224x224, RBLN-CA25 bf16, built on the meta device\n")
+    print("\nResNet-50 (transformers ResNetConfig defaults, 1000 classes), 224x224, RBLN-CA25 bf16, built on the meta device\n")
     header = (f"{'batch':>5} {'kernels':>7} {'GFLOP/img':>9} {'weights':>9} {'activations':>11} {'device mem':>10} "
               f"{'simulated/batch':>15} {'images/s':>9} {'roofline':>9} {'ratio':>6}")
     print(header)

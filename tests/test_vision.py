@@ -283,3 +283,22 @@ def test_dtype_npu_and_runtime_options(tmp_path):
     folder = offline.save_pretrained(tmp_path / "cr03")
     with pytest.raises(ValueError, match="RBLN-CR03"):  # this machine has only RBLN-CA25 devices
         RBLNResNetForImageClassification.from_pretrained(folder, rbln_device=0)
+
+
+@pytest.mark.heavy
+def test_resnet50_on_meta_runs_each_conv_block_as_one_kernel():
+    """A ResNet-50 (no weights: meta device): every convolution carries its folded batch norm and
+    its activation (or residual add + activation); the device stores conv weights and one bias
+    per conv output channel, nothing of the batch norms' statistics."""
+    with torch.device("meta"):
+        hf = ResNetForImageClassification(ResNetConfig(num_labels=1000))
+    model = RBLNResNetForImageClassification.from_model(hf, rbln_image_size=224, rbln_batch_size=8,
+                                                        rbln_create_runtimes=False)
+    program = model.graphs["model"].program
+    kernels = [s.name for s in program.steps if s.kind == "kernel"]
+    convs = [m for m in hf.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(name.startswith("conv2d") for name in kernels) == len(convs) == 53
+    assert kernels.count("conv2d+add+relu") == 16  # one per bottleneck block
+    assert not any("batch_norm" in name for name in kernels)
+    stored = sum(c.weight.numel() + c.out_channels for c in convs) + sum(p.numel() for p in hf.classifier.parameters())
+    assert sum(w.nbytes for w in program.weights) == 2 * stored  # bf16
