@@ -48,6 +48,16 @@ _EXPORTS = {
     "RBLNQwen2ForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNQwen3ForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNMistralForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    # The Cosmos guardrail and its sub-models.
+    "RBLNCosmosSafetyChecker": "optimum_npu.cosmos_guardrail",
+    "RBLNCosmosSafetyCheckerConfig": "optimum_npu.cosmos_guardrail",
+    "RBLNLlamaGuard3": "optimum_npu.cosmos_guardrail",
+    "RBLNRetinaFace": "optimum_npu.cosmos_guardrail",
+    "RBLNRetinaFaceConfig": "optimum_npu.cosmos_guardrail",
+    "RBLNSiglipVisionModel": "optimum_npu.cosmos_guardrail",
+    "RBLNSiglipVisionModelConfig": "optimum_npu.cosmos_guardrail",
+    "RBLNVideoSafetyModel": "optimum_npu.cosmos_guardrail",
+    "RBLNVideoSafetyModelConfig": "optimum_npu.cosmos_guardrail",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -104,3 +104,86 @@ def build_tiny_guard_llm(folder: str | os.PathLike, answer: str = "safe", seed: 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+# ---- the Cosmos guardrail ------------------------------------------------------------------
+
+TINY_RETINAFACE = dict(backbone_depths=(1, 1, 1, 1), backbone_width=4, fpn_channels=16)
+TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=32, patch_size=8)
+
+
+def _randomize_batch_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Random running statistics and affine parameters: with the defaults (mean 0, var 1, identity)
+    a network would hide a batch norm that is dropped or applied twice."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+def build_tiny_retinaface(folder: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """A tiny random RetinaFace (config.json + model.safetensors), the detector's own layout."""
+    from .cosmos_guardrail.face_blur import RetinaFaceConfig, RetinaFaceModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RetinaFaceModel(RetinaFaceConfig(**{**TINY_RETINAFACE, **overrides})).eval()
+        _randomize_batch_norms(model, torch.Generator().manual_seed(seed))
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_video_safety_model(folder: str | os.PathLike, input_size: int, seed: int = 0,
+                                  safe_bias: float = 0.0) -> Path:
+    """A tiny random frame classifier. `safe_bias` is added to the "Safe" logit: a large positive
+    value makes every frame safe, a large negative one every frame unsafe."""
+    from .cosmos_guardrail.video_filter import VideoSafetyConfig, VideoSafetyModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VideoSafetyModel(VideoSafetyConfig(input_size=input_size, hidden_sizes=(32, 16))).eval()
+        _randomize_batch_norms(model, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            model.network.layers[-1].bias[0] += safe_bias
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_siglip(folder: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """A tiny random SigLIP checkpoint (text and vision towers, as the real one) with its image processor."""
+    from transformers import SiglipConfig, SiglipModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    vision = {**TINY_SIGLIP, **overrides}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    model.save_pretrained(folder)
+    size = vision["image_size"]
+    SiglipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_cosmos_guardrail(folder: str | os.PathLike, blocklist: list[str] = (), guard_answer: str = "safe",
+                                video_safe: bool = True, seed: int = 0) -> Path:
+    """A tiny Cosmos guardrail checkpoint in the layout `RBLNCosmosSafetyChecker.from_pretrained(...,
+    export=True)` reads: the keyword `blocklist`, a guard LLM answering `guard_answer`, SigLIP and a
+    frame classifier (every frame safe if `video_safe`, else every frame unsafe), and a RetinaFace.
+    Returns the folder."""
+    from .cosmos_guardrail.blocklist import Blocklist
+    from .cosmos_guardrail.checker import BLOCKLIST_FOLDER, SUBMODEL_FOLDERS
+
+    root = Path(folder)
+    Blocklist(custom=list(blocklist)).save(root / BLOCKLIST_FOLDER)
+    build_tiny_guard_llm(root / SUBMODEL_FOLDERS["llamaguard3"], answer=guard_answer, seed=seed)
+    build_tiny_siglip(root / SUBMODEL_FOLDERS["siglip_encoder"], seed=seed)
+    build_tiny_video_safety_model(root / SUBMODEL_FOLDERS["video_safety_model"], input_size=TINY_SIGLIP["hidden_size"],
+                                  seed=seed, safe_bias=100.0 if video_safe else -100.0)
+    build_tiny_retinaface(root / SUBMODEL_FOLDERS["face_blur_filter"], seed=seed)
+    return root

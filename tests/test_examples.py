@@ -152,6 +152,18 @@ def test_notebook_runs(tiny_llama, tmp_path, monkeypatch):
     assert (tmp_path / "compiled_llama" / "prefill.rbln").is_file()
 
 
+def test_cosmos_guardrail_example(tmp_path):
+    result = load_example("cosmos/guardrail.py").main(tmp_path)
+    assert result.verdicts == {"a robot arm lifts a red cube": True, "Two Zorblaxes walk by": False,
+                               "a z-o-r-b-l-a-x on the table": False, "a green car in a city street at night": True}
+    assert result.reloaded_verdicts == result.verdicts     # the reloaded (not recompiled) checker agrees
+    assert "refused by the Blocklist guardrail" in result.reports["Two Zorblaxes walk by"]
+    assert result.video_out.shape == result.video_in.shape and result.video_out.dtype == result.video_in.dtype
+    assert result.video_report.startswith("the video passed: 3 sampled frame(s) classified safe")
+    assert all(seconds > 0 for seconds in result.simulated_time_s.values())
+    assert (result.compiled_folder / "rbln_config.json").is_file() and (tmp_path / "video.gif").is_file()
+
+
 # ---- image classification ----------------------------------------------------------------
 
 IMAGE_NOTEBOOK = EXAMPLES / "image-classification" / "image_classification_on_npu.ipynb"

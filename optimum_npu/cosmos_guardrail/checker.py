@@ -1,0 +1,393 @@
+"""`RBLNCosmosSafetyChecker`: the Cosmos guardrail with its networks compiled to the NPU.
+
+The object diffusers' Cosmos pipelines call (`check_text_safety(prompt) -> bool`,
+`check_video_safety(frames) -> frames`, `to()`, `device`, `dtype`), made of four guardrails run
+in the upstream order:
+
+    text:  Blocklist -> LlamaGuard3 (guard LLM)          a prompt is refused by the first that fires
+    video: VideoContentSafetyFilter (SigLIP + MLP)       an unsafe video is replaced by black frames
+           RetinaFaceFilter                              faces are blurred in every frame
+
+Each network is a compiled model of its own, with its own options and devices:
+
+    checker = RBLNCosmosSafetyChecker.from_pretrained(
+        "guardrail-checkpoint", export=True,
+        rbln_config={"npu": "RBLN-CA25",                          # broadcast to every sub-model
+                     "llamaguard3": {"device": 0, "max_seq_len": 2048},
+                     "siglip_encoder": {"device": 1}, "video_safety_model": {"device": 1},
+                     "face_blur_filter": {"device": 2, "image_size": (704, 1280), "batch_size": 4}})
+    checker.save_pretrained("compiled-guardrail")
+    checker = RBLNCosmosSafetyChecker.from_pretrained("compiled-guardrail")   # no recompilation
+
+Folder layout (the upstream checkpoint's, so an upstream checkpoint compiles as is, and the
+compiled folder mirrors it):
+
+    blocklist/{custom,exact_match,whitelist}/*     keyword lists (data, copied as is)
+    llamaGuard3/                                   guard LLM (HF checkpoint | compiled decoder)
+    video_content_safety_filter/siglip_encoder/    SigLIP (HF checkpoint | compiled)
+    video_content_safety_filter/safety_filter/     frame classifier (ours | compiled); upstream: safety_filter.pt
+    face_blur_filter/                              RetinaFace (ours | compiled); upstream: Resnet50_Final.pth
+    rbln_config.json                               (compiled folder only) the checker's options
+
+A part can be switched off (`blocklist=False`, `guard_llm=False`, `video_filter=False`,
+`face_blur=False`, as `rbln_*` kwargs or `rbln_config` keys); that is logged as a warning, and
+a part left out at export is not compiled (it cannot be switched on at load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..configuration import CONFIG_KWARG, CONFIG_NAME, OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, \
+    check_int, runtime_option
+from ..modeling.base import HUB_KWARGS, _resolve_folder, hub_kwargs_of
+from .blocklist import Blocklist
+from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, RBLNRetinaFace, RetinaFaceFilter
+from .guard_llm import DEFAULT_MODEL_ID as GUARD_MODEL_ID
+from .guard_llm import RBLNLlamaGuard3
+from .video_filter import DEFAULT_FRAME_STRIDE, DEFAULT_SIGLIP_ID, UPSTREAM_SAFETY_FILTER, RBLNSiglipVisionModel, RBLNVideoSafetyModel, \
+    VideoContentSafetyFilter, check_video_frames
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = "nvidia/Cosmos-Guardrail1"
+# Sub-model (its rbln_config key) -> its folder, in the source checkpoint and the compiled folder alike.
+SUBMODEL_FOLDERS = {
+    "llamaguard3": "llamaGuard3",
+    "siglip_encoder": "video_content_safety_filter/siglip_encoder",
+    "video_safety_model": "video_content_safety_filter/safety_filter",
+    "face_blur_filter": "face_blur_filter",
+}
+# Sub-models whose upstream checkpoint is a single PyTorch file elsewhere than our folder for them.
+UPSTREAM_FILES = {"video_safety_model": f"video_content_safety_filter/{UPSTREAM_SAFETY_FILTER}"}
+BLOCKLIST_FOLDER = "blocklist"
+# Guardrail (its on/off option) -> the sub-models it needs.
+PART_SUBMODELS = {"blocklist": (), "guard_llm": ("llamaguard3",), "video_filter": ("siglip_encoder", "video_safety_model"),
+                  "face_blur": ("face_blur_filter",)}
+# Checker options passed on to every sub-model unless its own sub-config sets them.
+BROADCAST_OPTIONS = ("npu", "dtype", "numerics", "create_runtimes", "activate_profiler", "device")
+VIDEO_SUBMODELS = ("siglip_encoder", "video_safety_model", "face_blur_filter")   # batch_size goes to these
+UNSAFE_VIDEO_ACTIONS = ("black", "raise")
+
+
+class UnsafePromptError(ValueError):
+    """A prompt refused by a text guardrail; the message names it."""
+
+
+class UnsafeVideoError(ValueError):
+    """A video refused by the video guardrail (with on_unsafe_video="raise")."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RBLNCosmosSafetyCheckerConfig(RBLNModelConfig):
+    """The checker's own options. npu / dtype / numerics / create_runtimes / activate_profiler /
+    device are passed on to every sub-model, batch_size to the video ones (frames per run); each
+    sub-model's `rbln_config[<name>]` sets its own (see `SUBMODEL_FOLDERS` for the names)."""
+
+    blocklist: bool = runtime_option(True)          # the keyword guardrail
+    guard_llm: bool = runtime_option(True)          # the guard LLM (LlamaGuard3)
+    video_filter: bool = runtime_option(True)       # SigLIP + safety classifier on sampled frames
+    face_blur: bool = runtime_option(True)          # RetinaFace + blur in every frame
+    blur_method: str = runtime_option("pixelate")   # "pixelate" (upstream) | "gaussian"
+    frame_stride: int = runtime_option(DEFAULT_FRAME_STRIDE)   # check every n-th frame (and the last)
+    face_confidence: float = runtime_option(CONFIDENCE_THRESHOLD)
+    on_unsafe_video: str = runtime_option("black")  # "black": replace every frame; "raise": UnsafeVideoError
+    raise_on_unsafe_prompt: bool = runtime_option(False)   # check_text_safety raises UnsafePromptError
+
+    def _validate(self) -> None:
+        super()._validate()
+        for part in PART_SUBMODELS:
+            check_bool(part, getattr(self, part))
+        check_bool("raise_on_unsafe_prompt", self.raise_on_unsafe_prompt)
+        check_choice("blur_method", self.blur_method, BLUR_METHODS)
+        check_choice("on_unsafe_video", self.on_unsafe_video, UNSAFE_VIDEO_ACTIONS)
+        check_int("frame_stride", self.frame_stride)
+        if isinstance(self.face_confidence, bool) or not isinstance(self.face_confidence, (int, float)) or not (
+                0.0 <= self.face_confidence < 1.0):
+            raise ValueError(f"{OPTION_PREFIX}face_confidence must be a number in [0, 1); got {self.face_confidence!r}")
+
+    def enabled_submodels(self) -> list[str]:
+        return [name for part, names in PART_SUBMODELS.items() if getattr(self, part) for name in names]
+
+
+def _split_submodel_options(rbln_config: Any) -> tuple[Any, dict[str, dict]]:
+    """(the checker's own rbln_config, {sub-model: its options}) from a user's rbln_config dict."""
+    if not isinstance(rbln_config, dict):
+        return rbln_config, {}
+    own, per_model = {}, {}
+    valid = RBLNCosmosSafetyCheckerConfig.option_names()
+    for key, value in rbln_config.items():
+        if key in SUBMODEL_FOLDERS:
+            if not isinstance(value, dict):
+                raise TypeError(f"{CONFIG_KWARG}[{key!r}] must be a dict of that sub-model's options; got {value!r}")
+            per_model[key] = dict(value)
+        elif key in valid:
+            own[key] = value
+        else:
+            close = difflib.get_close_matches(str(key), [*SUBMODEL_FOLDERS, *valid], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"Unknown key {key!r} in {CONFIG_KWARG} of RBLNCosmosSafetyChecker.{hint} Sub-models: "
+                             f"{', '.join(SUBMODEL_FOLDERS)}; options: {', '.join(valid)}")
+    return own, per_model
+
+
+class RBLNCosmosSafetyChecker:
+    """The Cosmos guardrail on the simulated NPU (see the module docstring)."""
+
+    def __init__(self, config: RBLNCosmosSafetyCheckerConfig, blocklist: Blocklist | None,
+                 guard_llm: RBLNLlamaGuard3 | None, video_filter: VideoContentSafetyFilter | None,
+                 face_filter: RetinaFaceFilter | None):
+        self.rbln_config = config
+        self.blocklist = blocklist
+        self.guard_llm = guard_llm
+        self.video_filter = video_filter
+        self.face_filter = face_filter
+        self.last_report = ""     # what the last check found, naming the guardrail that fired
+        off = [part for part in PART_SUBMODELS if not getattr(config, part)]
+        if off:
+            logger.warning("Cosmos guardrail: %s switched off: not checked", ", ".join(off))
+
+    # ---- building -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model_id: str | os.PathLike = DEFAULT_CHECKPOINT, export: bool = False,
+                        **kwargs: Any) -> RBLNCosmosSafetyChecker:
+        """Compile a guardrail checkpoint (export=True) or load a compiled checker folder."""
+        hub_kwargs = hub_kwargs_of(kwargs, pop=True)
+        own, per_model = _split_submodel_options(kwargs.pop(CONFIG_KWARG, None))
+        given = own.explicit_options() if isinstance(own, RBLNModelConfig) else dict(own or {})
+        asked = {**given, **{k.removeprefix(OPTION_PREFIX): v for k, v in kwargs.items() if k.startswith(OPTION_PREFIX)}}
+        kwargs[CONFIG_KWARG] = own
+        folder = _resolve_folder(model_id, hub_kwargs)
+        if export:
+            config, leftover = RBLNCosmosSafetyCheckerConfig.from_kwargs(kwargs)
+        else:
+            if not (folder / CONFIG_NAME).is_file():
+                raise ValueError(f"{model_id} is not a compiled Cosmos guardrail folder (no {CONFIG_NAME}); to compile "
+                                 "a guardrail checkpoint, pass export=True")
+            config, leftover = RBLNCosmosSafetyCheckerConfig.from_compiled(folder, kwargs)
+            if config.cls_name != cls.__name__:
+                raise ValueError(f"{folder} holds a compiled {config.cls_name}, not a {cls.__name__}")
+            config = cls._without_parts_not_compiled(folder, config, asked)
+        if leftover:
+            raise TypeError(f"unexpected arguments {sorted(leftover)}; options are rbln_* or {CONFIG_KWARG}={{...}}, "
+                            f"hub arguments {', '.join(HUB_KWARGS)}")
+        options = cls._submodel_options(config, per_model)
+        if config.create_runtimes:
+            config.check_devices_exist()
+        parts = cls._load_parts(folder, config, options, export, hub_kwargs)
+        if export:
+            config = config.with_compiled(cls_name=cls.__name__, graphs={})
+        return cls(config, *parts)
+
+    @staticmethod
+    def _without_parts_not_compiled(folder: Path, config, asked: dict) -> RBLNCosmosSafetyCheckerConfig:
+        """A compiled folder holds the guardrails switched on at export: the others are off (logged),
+        and asking for one of them is an error."""
+        missing = {}
+        for part, names in PART_SUBMODELS.items():
+            folders = [SUBMODEL_FOLDERS[n] for n in names] or [BLOCKLIST_FOLDER]
+            if getattr(config, part) and not all((folder / f).is_dir() for f in folders):
+                if asked.get(part) is True:
+                    raise ValueError(f"{folder} was saved without the {part} guardrail ({', '.join(folders)}/ missing): "
+                                     f"it cannot be switched on at load; export the checker again with it.")
+                missing[part] = False
+        if missing:
+            logger.warning("Cosmos guardrail: %s not in the compiled folder %s (switched off at export)",
+                           ", ".join(missing), folder)
+        return dataclasses.replace(config, **missing)
+
+    @staticmethod
+    def _submodel_options(config: RBLNCosmosSafetyCheckerConfig, per_model: dict[str, dict]) -> dict[str, dict]:
+        """Each sub-model's rbln_config: its own options over the checker's broadcast ones."""
+        chosen = config.explicit_options()
+        options = {}
+        for name in SUBMODEL_FOLDERS:
+            inherited = {k: chosen[k] for k in BROADCAST_OPTIONS if k in chosen}
+            if name in VIDEO_SUBMODELS and "batch_size" in chosen:
+                inherited["batch_size"] = chosen["batch_size"]
+            options[name] = {**inherited, **per_model.get(name, {})}
+        return options
+
+    @classmethod
+    def _load_parts(cls, folder: Path, config, options: dict[str, dict], export: bool, hub_kwargs: dict):
+        """The four guardrails (None where switched off), compiled from `folder` or loaded from it."""
+
+        def locate(name: str, hub_id: str | None) -> tuple[str | Path, dict]:
+            """Where a sub-model comes from: its folder, or (export only) its Hub id, cached in the folder."""
+            path = folder / SUBMODEL_FOLDERS[name]
+            if path.is_dir():
+                return path, {}
+            if export and name in UPSTREAM_FILES and (folder / UPSTREAM_FILES[name]).is_file():
+                return (folder / UPSTREAM_FILES[name]).parent, {}
+            if not export:
+                raise ValueError(f"{folder} has no compiled {name} ({SUBMODEL_FOLDERS[name]}/): it was switched off at "
+                                 "export. Switch its guardrail off here too, or export again with it.")
+            if hub_id is None:
+                raise ValueError(f"{folder} has no {SUBMODEL_FOLDERS[name]}/ for the {name} sub-model")
+            return hub_id, {**hub_kwargs, "cache_dir": hub_kwargs.get("cache_dir", path.parent)}
+
+        def submodel(model_class, name: str, hub_id: str | None = None):
+            source, extra = locate(name, hub_id)
+            return model_class.from_pretrained(source, export=export, rbln_config=options[name], **extra)
+
+        blocklist = guard = video = faces = None
+        if config.blocklist:
+            blocklist = Blocklist.from_path(folder / BLOCKLIST_FOLDER)
+        if config.guard_llm:
+            guard = submodel(RBLNLlamaGuard3, "llamaguard3", GUARD_MODEL_ID)
+        if config.video_filter:
+            from transformers import AutoImageProcessor
+
+            encoder = submodel(RBLNSiglipVisionModel, "siglip_encoder", DEFAULT_SIGLIP_ID)
+            source, extra = locate("siglip_encoder", DEFAULT_SIGLIP_ID)
+            processor = AutoImageProcessor.from_pretrained(source, **extra)
+            classifier = submodel(RBLNVideoSafetyModel, "video_safety_model")
+            video = VideoContentSafetyFilter(encoder, classifier, processor, config.frame_stride)
+        if config.face_blur:
+            faces = RetinaFaceFilter(submodel(RBLNRetinaFace, "face_blur_filter"), config.face_confidence,
+                                     config.blur_method)
+        return blocklist, guard, video, faces
+
+    def _submodels(self) -> dict[str, Any]:
+        """The compiled sub-models by name (those of the guardrails switched on)."""
+        found = {}
+        if self.guard_llm is not None:
+            found["llamaguard3"] = self.guard_llm
+        if self.video_filter is not None:
+            found["siglip_encoder"] = self.video_filter.encoder
+            found["video_safety_model"] = self.video_filter.classifier
+        if self.face_filter is not None:
+            found["face_blur_filter"] = self.face_filter.detector
+        return found
+
+    # ---- saving ---------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write the compiled checker (the layout in the module docstring). A new folder appears whole
+        (written aside, then renamed); a previously saved checker folder is updated in place, each
+        sub-model atomically, rbln_config.json last. Any other non-empty folder is refused."""
+        target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"Cannot save into {target}: it is a file, not a folder. Nothing was written.")
+        if target.is_dir() and any(target.iterdir()):
+            try:
+                ours = RBLNModelConfig.read_json(target).get("cls_name") == type(self).__name__
+            except (OSError, ValueError):
+                ours = False
+            if not ours:
+                raise ValueError(f"Cannot save into {target}: it is not empty and holds no saved {type(self).__name__}. "
+                                 "Save into a new or empty folder.")
+            self._write(target)
+            return str(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self._write(staging)
+            if target.is_dir():
+                target.rmdir()   # empty (checked above)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return str(target)
+
+    def _write(self, folder: Path) -> None:
+        for name, model in self._submodels().items():
+            model.save_pretrained(folder / SUBMODEL_FOLDERS[name])
+        if self.blocklist is not None:
+            self.blocklist.save(folder / BLOCKLIST_FOLDER)
+        self.rbln_config.save(folder)
+
+    # ---- what diffusers' Cosmos pipelines call --------------------------------------------
+
+    def check_text_safety(self, prompt: str) -> bool:
+        """True if the prompt passes every text guardrail switched on; else False (or UnsafePromptError
+        with rbln_raise_on_unsafe_prompt=True), the guardrail that fired named in `last_report` and the log."""
+        guards = [g for g in (self.blocklist, self.guard_llm) if g is not None]
+        if not guards:
+            logger.warning("Cosmos guardrail: every text guardrail is switched off; the prompt is not checked")
+        for guard in guards:
+            safe, message = guard.is_safe(prompt)
+            if not safe:
+                self.last_report = f"the prompt was refused by the {guard.name} guardrail: {message}"
+                logger.critical("GUARDRAIL BLOCKED: %s", self.last_report)
+                if self.rbln_config.raise_on_unsafe_prompt:
+                    raise UnsafePromptError(f"Cosmos guardrail: {self.last_report}")
+                return False
+        self.last_report = f"the prompt passed {', '.join(g.name for g in guards) or 'no guardrail'}"
+        return True
+
+    def check_video_safety(self, frames: np.ndarray) -> np.ndarray:
+        """The video (RGB uint8 [T, H, W, 3]) to keep: with faces blurred; all black frames if the
+        content filter finds it unsafe (or UnsafeVideoError with rbln_on_unsafe_video="raise")."""
+        frames = check_video_frames(frames)
+        report = []
+        if self.video_filter is not None:
+            safe, message = self.video_filter.is_safe(frames)
+            if not safe:
+                self.last_report = f"the video was refused by the {self.video_filter.name} guardrail: {message}"
+                logger.critical("GUARDRAIL BLOCKED: %s; %s", self.last_report,
+                                "raising" if self.rbln_config.on_unsafe_video == "raise" else "every frame replaced by black")
+                if self.rbln_config.on_unsafe_video == "raise":
+                    raise UnsafeVideoError(f"Cosmos guardrail: {self.last_report}")
+                return np.zeros_like(frames)
+            report.append(message)
+        if self.face_filter is not None:
+            before = self.face_filter.faces_found
+            frames = self.face_filter.postprocess(frames)
+            report.append(f"{self.face_filter.faces_found - before} face(s) blurred")
+        self.last_report = "the video passed: " + ("; ".join(report) or "no video guardrail switched on")
+        return frames
+
+    def to(self, *args, **kwargs) -> RBLNCosmosSafetyChecker:
+        """The networks live on simulated NPU devices (set at compile / load with `device`); the pipeline's
+        device and dtype moves do not apply to them."""
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the checker takes and returns data: the host."""
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    @property
+    def simulated_time_s(self) -> dict[str, float]:
+        """Simulated device time of every check so far, per sub-model."""
+        times = {}
+        if self.guard_llm is not None:
+            times["llamaguard3"] = self.guard_llm.simulated_s
+        if self.video_filter is not None:
+            times.update(self.video_filter.simulated_s)
+        if self.face_filter is not None:
+            times["face_blur_filter"] = self.face_filter.simulated_s
+        return times
+
+    def device_memory(self) -> dict[str, list]:
+        """Device memory per sub-model (each on its own devices)."""
+        return {name: (model.model if name == "llamaguard3" else model).device_memory()
+                for name, model in self._submodels().items()}
+
+    def close(self) -> None:
+        """Free the device memory of every sub-model."""
+        for model in self._submodels().values():
+            model.close()
+
+    def __repr__(self) -> str:
+        parts = [part for part in PART_SUBMODELS if getattr(self.rbln_config, part)]
+        return f"{type(self).__name__}(guardrails={parts}, npu={self.rbln_config.npu})"
