@@ -145,6 +145,17 @@ def test_bf16_inputs_against_fp32_reference(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["paged", "flash"])
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, BF16_ATOL)])
+def test_prompt_chunk_after_a_cached_prefix(kernel, dtype, atol):
+    """Rows at the same position with several queries (a prompt chunk after earlier chunks, here
+    straddling blocks): the prefix and the chunk are attended apart and combined by log-sum-exp."""
+    case = Case([37, 37], num_tokens=9, dtype=dtype, seed=3)
+    out = getattr(case, kernel)()
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), case.reference(), atol=atol, rtol=1e-5 if dtype == torch.float32 else 0)
+
+
+@pytest.mark.parametrize("kernel", ["paged", "flash"])
 def test_unwritten_cache_memory_does_not_leak(kernel):
     """Positions past a sequence's last query hold garbage (here NaN); weight 0 must mean 0."""
     case = Case([3, 37, 70], num_tokens=4)

@@ -28,7 +28,6 @@ nothing of the rest of the package).
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -76,63 +75,13 @@ def _check_physical_blocks(block_tables: Tensor, num_blocks: int, what: str) -> 
         )
 
 
-def _gather_positions(cache: Tensor, block_tables: Tensor, key_pos: Tensor) -> Tensor:
-    """Contiguous KV [batch, kv_heads, L, head_dim] of positions key_pos [L] of each sequence.
-
-    Exactly the L positions are read (not whole blocks, which may be much longer), in one
-    gather whose index layout [B, H, L] directly gives the layout the matmuls want.
-    """
-    batch = block_tables.shape[0]
-    block_size, num_heads = cache.shape[2], cache.shape[1]
-    physical = block_tables.long().gather(1, (key_pos // block_size).expand(batch, -1))  # [B, L]
-    offset = key_pos % block_size
-    heads = torch.arange(num_heads, device=cache.device)
-    return cache[physical[:, None, :], heads[None, :, None], offset[None, None, :]]
-
-
-def _query_rows(q: Tensor, num_kv_heads: int) -> Tensor:
-    """[B, Hq, T, D] -> [B, Hkv, group*T, D]: the q heads sharing a KV head, stacked as rows.
-
-    This is the [B, Hkv, group, T, D] GQA view with group and T merged, so QK^T and PV are
-    plain batched matmuls against the un-repeated KV (a broadcast matmul would copy KV
-    `group` times internally).
-    """
-    batch, num_heads, num_tokens, head_dim = q.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    return q.reshape(batch, num_kv_heads, num_heads // num_kv_heads * num_tokens, head_dim)
-
-
-def _masked_scores(
-    q_rows: Tensor, k: Tensor, query_pos: Tensor, key_pos: Tensor, scale: float, sliding_window: int,
-    key_mask: Tensor | None = None,
-) -> Tensor:
-    """fp32 scores [B, Hkv, group*T, L] of q_rows against k, -inf where a key is not visible.
-
-    The matmul runs in the input dtype (as on the device); scaling and masking in fp32.
-    """
-    scores = (q_rows @ k.transpose(-1, -2)).float().mul_(scale)
-    batch, num_kv_heads, rows, length = scores.shape
-    num_tokens = query_pos.shape[1]
-    q = query_pos[:, None, None, :, None]  # [B, 1, 1, T, 1]
-    kp = key_pos[None, None, None, None, :]  # [1, 1, 1, 1, L]
-    allowed = kp <= q
-    if sliding_window > 0:
-        allowed &= kp > q - sliding_window
-    if key_mask is not None:  # [B, L]: an explicit attention mask over key positions
-        allowed = allowed & key_mask[:, None, None, None, :]
-    grouped = scores.view(batch, num_kv_heads, rows // num_tokens, num_tokens, length)
-    grouped.masked_fill_(~allowed, float("-inf"))
-    return scores
-
-
 def _zero_unwritten_(v: Tensor, query_pos: Tensor, first_key_pos: int) -> Tensor:
-    """Zero (in place) V [B, Hkv, L, D], holding positions first_key_pos.., past each
+    """Zero (in place) K or V [B, Hkv, L, D], holding positions first_key_pos.., past each
     sequence's last query.
 
     Those positions were never written (or hold a previous sequence's values). Their
     attention weight is 0, but 0 * NaN is NaN: uninitialised cache memory must not leak
-    into the output through the PV matmul. Only that tail of each sequence is touched.
+    into the output. Only that tail of each sequence is touched.
     """
     for b, last_pos in enumerate(query_pos[:, -1].tolist()):
         first_unwritten = max(0, last_pos + 1 - first_key_pos)
@@ -161,41 +110,128 @@ def _check_block_indices(blocks: list[int], num_blocks: int, what: str) -> None:
         raise ValueError(f"{what}: block_tables holds indices outside [0, {num_blocks}) (min {min(blocks)}, max {max(blocks)})")
 
 
-def _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, starts, scale, sliding_window,
-                                   attention_mask=None):
-    """paged_attention when every row reads only its first block (eager attention, short sequences).
+def _read_positions(cache: Tensor, block_tables: Tensor, first: int, end: int) -> Tensor:
+    """K or V [batch, kv_heads, end - first, head_dim]: positions first..end-1 of each sequence.
 
-    K/V are contiguous slices of one block, so no gather is needed; the math is torch's
-    SDPA with GQA (16-bit matmuls, fp32 softmax statistics, as the device does).
+    Read block by block, exactly the positions asked for (not whole blocks, which may be much
+    longer than what is in use). A block that the batch holds in consecutive physical blocks
+    is a view of the cache (no copy: the eager layout, and any batch started on an empty
+    cache); otherwise its slice of each row's block is gathered.
+    """
+    batch, block_size = block_tables.shape[0], cache.shape[2]
+    pieces = []
+    for logical in range(first // block_size, (end - 1) // block_size + 1):
+        lo = max(first - logical * block_size, 0)
+        hi = min(end - logical * block_size, block_size)
+        blocks = block_tables[:, logical].tolist()
+        _check_block_indices(blocks, cache.shape[0], "attention")
+        if _consecutive(blocks):
+            pieces.append(cache[blocks[0] : blocks[0] + batch, :, lo:hi])
+        else:
+            pieces.append(cache[:, :, lo:hi].index_select(0, block_tables[:, logical].long()))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, start_pos: Tensor, first_key: int, scale: float, sliding_window: int,
+            attention_mask: Tensor | None) -> Tensor:
+    """Attention of q [B, Hq, T, D] over k, v [B, Hkv, L, D] holding key positions first_key..first_key+L-1.
+
+    The math is torch's scaled_dot_product_attention with GQA: on CPU it is itself a flash
+    attention (online softmax over blocks of keys, statistics in fp32, matmuls in the input
+    dtype), i.e. the numerics the device's kernels produce, at the host's best speed. The
+    mask (causality, sliding window, explicit attention mask) is built only when some key is
+    hidden from some query; the first chunk of a prompt is plain causal.
     """
     batch, _, num_tokens, _ = q.shape
-    length = max(starts) + num_tokens
-    blocks = block_tables[:, 0].tolist()
-    _check_block_indices(blocks, k_cache.shape[0], "paged_attention")
-    if _consecutive(blocks):  # the batch's blocks are one slice of the cache: a view, no copy
-        k = k_cache[blocks[0] : blocks[0] + batch, :, :length]
-        v = v_cache[blocks[0] : blocks[0] + batch, :, :length]
-    else:
-        index = block_tables[:, 0].long()
-        k = k_cache[:, :, :length].index_select(0, index)
-        v = v_cache[:, :, :length].index_select(0, index)
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    mask = None
+    length = k.shape[2]
+    starts = start_pos.tolist()
     same_start = min(starts) == max(starts)
-    if num_tokens > 1 or not same_start or sliding_window > 0 or attention_mask is not None:
-        query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
-        key_pos = torch.arange(length)
-        allowed = key_pos[None, None, :] <= query_pos[:, :, None]
-        if sliding_window > 0:
-            allowed &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
-        if attention_mask is not None:
-            allowed &= attention_mask[:, None, :length].bool()
-        mask = allowed[:, None]  # [B, 1, T, L]
-        if not same_start:  # keys past a shorter row's end must not leak NaN through 0 * NaN
-            v = _zero_unwritten_(v.clone(), query_pos, 0)  # v may be a view of the cache
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if (num_tokens > 1 and same_start and first_key < starts[0] and first_key + length == starts[0] + num_tokens
+            and sliding_window == 0 and attention_mask is None):
+        return _attend_prefix_then_chunk(q, k, v, starts[0] - first_key, scale)
+    mask, causal = None, False
+    every_key_visible = same_start and first_key + length == starts[0] + 1 and num_tokens == 1
+    if sliding_window > 0 or attention_mask is not None or not every_key_visible:
+        if same_start and first_key == starts[0] and length == num_tokens and sliding_window == 0 and attention_mask is None:
+            causal = True  # the chunk attends to itself only: the plain causal triangle
+        else:
+            query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
+            key_pos = torch.arange(first_key, first_key + length)
+            allowed = key_pos[None, None, :] <= query_pos[:, :, None]
+            if sliding_window > 0:
+                allowed &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
+            if attention_mask is not None:
+                allowed &= attention_mask[:, None, first_key : first_key + length].bool()
+            mask = allowed[:, None]  # [B, 1, T, L]
+            if not same_start:  # keys past a shorter row's end may hold garbage (even NaN): a hidden
+                # key must weigh exactly 0, and an additive -inf mask or a 0 weight does not
+                # cancel a NaN, so zero them (k and v may be views of the cache: copies)
+                k = _zero_unwritten_(k.clone(), query_pos, first_key)
+                v = _zero_unwritten_(v.clone(), query_pos, first_key)
     return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def _attend_prefix_then_chunk(q: Tensor, k: Tensor, v: Tensor, prefix: int, scale: float) -> Tensor:
+    """A prompt chunk after `prefix` cached positions: every query sees the whole prefix and the
+    chunk causally. Attending to the two parts apart needs no mask (the fast path of the host's
+    flash attention) and skips the chunk's upper triangle; the parts are combined by their
+    log-sum-exp, as a flash kernel combines KV partitions.
+    """
+    batch, num_heads, num_tokens, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    # The prefix hides nothing, so the queries sharing a KV head can be stacked as rows (no KV copy).
+    q_rows = q.reshape(batch, num_kv_heads, group * num_tokens, head_dim)
+    out_prefix, lse_prefix = _flash_with_lse(q_rows, k[:, :, :prefix], v[:, :, :prefix], False, scale)
+    chunk_k = k[:, :, prefix:].repeat_interleave(group, dim=1)  # the chunk's own keys: a small copy
+    chunk_v = v[:, :, prefix:].repeat_interleave(group, dim=1)
+    out_chunk, lse_chunk = _flash_with_lse(q, chunk_k, chunk_v, True, scale)
+    lse_prefix = lse_prefix.reshape(batch, num_heads, num_tokens, 1)
+    lse_chunk = lse_chunk.reshape(batch, num_heads, num_tokens, 1)
+    top = torch.maximum(lse_prefix, lse_chunk)
+    w_prefix, w_chunk = (lse_prefix - top).exp_(), (lse_chunk - top).exp_()
+    out = out_prefix.reshape(q.shape).float() * w_prefix + out_chunk.float() * w_chunk
+    return out.div_(w_prefix + w_chunk).to(q.dtype)
+
+
+def _flash_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """torch's CPU flash attention (the kernel behind scaled_dot_product_attention on CPU), which
+    also returns each query's log-sum-exp of scores (fp32)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _first_visible_key(start_pos: Tensor, sliding_window: int) -> int:
+    """The lowest key position any query of the chunk can see (0 without a sliding window)."""
+    if sliding_window <= 0:
+        return 0
+    return max(0, int(start_pos.min()) - sliding_window + 1)
+
+
+def _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask,
+                          what: str) -> Tensor:
+    """Both attention kernels: read the KV positions the chunk can see, then `_attend`.
+
+    Every sequence is read up to the longest one in the batch (shorter ones are masked), so
+    the host's work follows the tokens in the cache, never the cache's capacity.
+    """
+    rows = _valid_rows(start_pos)
+    if rows is not None:
+        out = torch.zeros_like(q)
+        if rows.numel():
+            out[rows] = _attention_over_cache(q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale,
+                                              sliding_window, None if attention_mask is None else attention_mask[rows],
+                                              what)
+        return out
+    num_tokens = q.shape[2]
+    query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
+    _check_positions_fit(query_pos, block_tables, k_cache.shape[2], what)
+    first, end = _first_visible_key(start_pos, sliding_window), int(query_pos.max()) + 1
+    k = _read_positions(k_cache, block_tables, first, end)
+    v = _read_positions(v_cache, block_tables, first, end)
+    return _attend(q, k, v, start_pos, first, scale, sliding_window, attention_mask)
 
 
 # The Python implementations behind the custom ops. The runtime calls these directly: the
@@ -214,22 +250,23 @@ def kv_cache_update(
     rows = _valid_rows(start_pos)
     if rows is not None:
         k, v, block_tables, start_pos = k[rows], v[rows], block_tables[rows], start_pos[rows]
-    block_size = k_cache.shape[2]
+    block_size, tokens = k_cache.shape[2], k.shape[2]
     starts = start_pos.tolist()
-    if starts and max(starts) + k.shape[2] <= block_size:
-        # Every row writes inside its first block (always so with eager attention, where a
-        # block is a whole sequence): plain slice copies, no index tensors.
-        blocks = block_tables[:, 0].tolist()
+    if starts and all(s // block_size == (s + tokens - 1) // block_size < block_tables.shape[1] for s in starts):
+        # Every row writes inside one block (always so with eager attention, where a block is a
+        # whole sequence, and for flash chunks that do not straddle a partition): plain slice
+        # copies, no index tensors.
+        blocks = [int(block_tables[row, s // block_size]) for row, s in enumerate(starts)]
+        offsets = [s % block_size for s in starts]
         _check_block_indices(blocks, k_cache.shape[0], "kv_cache_update")
-        tokens = k.shape[2]
-        if _consecutive(blocks) and min(starts) == max(starts):  # one copy for the whole batch
-            first, start = blocks[0], starts[0]
-            k_cache[first : first + len(blocks), :, start : start + tokens] = k
-            v_cache[first : first + len(blocks), :, start : start + tokens] = v
+        if _consecutive(blocks) and min(offsets) == max(offsets):  # one copy for the whole batch
+            first, offset = blocks[0], offsets[0]
+            k_cache[first : first + len(blocks), :, offset : offset + tokens] = k
+            v_cache[first : first + len(blocks), :, offset : offset + tokens] = v
             return
-        for row, (block, start) in enumerate(zip(blocks, starts)):
-            k_cache[block, :, start : start + tokens] = k[row]
-            v_cache[block, :, start : start + tokens] = v[row]
+        for row, (block, offset) in enumerate(zip(blocks, offsets)):
+            k_cache[block, :, offset : offset + tokens] = k[row]
+            v_cache[block, :, offset : offset + tokens] = v[row]
         return
     positions = _chunk_positions(start_pos, k.shape[2])  # [B, T]
     _check_positions_fit(positions, block_tables, block_size, "kv_cache_update")
@@ -266,35 +303,8 @@ def paged_attention(
     (graphs compiled with rbln_use_attention_mask take it as an input).
     Rows with start_pos < 0 are padding: they read nothing and output zeros.
     """
-    rows = _valid_rows(start_pos)
-    if rows is not None:
-        out = torch.zeros_like(q)
-        if rows.numel():
-            out[rows] = paged_attention(q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale,
-                                        sliding_window, None if attention_mask is None else attention_mask[rows])
-        return out
-    batch, _, num_tokens, head_dim = q.shape
-    block_size = k_cache.shape[2]
-    starts = start_pos.tolist()
-    if starts and max(starts) + num_tokens <= block_size:
-        return _attention_within_first_block(q, k_cache, v_cache, block_tables, start_pos, starts, scale, sliding_window,
-                                             attention_mask)
-    query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
-    _check_positions_fit(query_pos, block_tables, block_size, "paged_attention")
-    # Every sequence is read up to the longest one in the batch; shorter ones are masked.
-    length = int(query_pos.max()) + 1
-    _check_physical_blocks(block_tables[:, : math.ceil(length / block_size)], k_cache.shape[0], "paged_attention")
-
-    key_pos = torch.arange(length, device=q.device)
-    k = _gather_positions(k_cache, block_tables, key_pos).to(q.dtype)  # [B, Hkv, L, D]
-    v = _zero_unwritten_(_gather_positions(v_cache, block_tables, key_pos).to(q.dtype), query_pos, 0)
-    q_rows = _query_rows(q, k.shape[1])  # [B, Hkv, G*T, D]
-
-    key_mask = None if attention_mask is None else attention_mask[:, :length].bool()
-    scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window, key_mask)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = probs @ v  # [B, Hkv, G*T, D]
-    return out.reshape(batch, -1, num_tokens, head_dim)
+    return _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask,
+                                 "paged_attention")
 
 
 @paged_attention.register_fake
@@ -317,68 +327,20 @@ def flash_attention(
     partition_len: int,
     attention_mask: Tensor | None = None,
 ) -> Tensor:
-    """paged_attention computed partition by partition with an online softmax.
+    """paged_attention over KV partitions: one partition is one cache block (block_size ==
+    partition_len), and the softmax is combined across partitions online (running max and
+    sum in fp32), so the whole KV never has to be resident at once on the device.
 
-    One KV partition is one cache block (block_size == partition_len). The running max,
-    running sum and un-normalised output are kept in fp32 and rescaled as each new
-    partition raises the max, so the whole KV never has to be resident at once.
-
-    Rows with start_pos < 0 are padding: they read nothing and output zeros.
+    The host computes the same math with one flash-attention call over the positions in use
+    (`_attend`): partitions after the longest query, or before every sliding window, are
+    never read. Rows with start_pos < 0 are padding: they read nothing and output zeros.
     """
-    rows = _valid_rows(start_pos)
-    if rows is not None:
-        out = torch.zeros_like(q)
-        if rows.numel():
-            out[rows] = flash_attention(
-                q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale, sliding_window, partition_len,
-                None if attention_mask is None else attention_mask[rows],
-            )
-        return out
-    batch, _, num_tokens, head_dim = q.shape
-    block_size = k_cache.shape[2]
-    if block_size != partition_len:
+    if k_cache.shape[2] != partition_len:
         raise ValueError(
-            f"flash_attention: partition_len ({partition_len}) must equal the KV cache block size ({block_size})"
+            f"flash_attention: partition_len ({partition_len}) must equal the KV cache block size ({k_cache.shape[2]})"
         )
-    query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
-    _check_positions_fit(query_pos, block_tables, block_size, "flash_attention")
-    q_rows = _query_rows(q, k_cache.shape[1])  # [B, Hkv, G*T, D]
-
-    # Partitions entirely after the longest query, or entirely before every sliding
-    # window, contribute nothing: never read them.
-    last_partition = int(query_pos.max()) // partition_len
-    first_partition = 0
-    if sliding_window > 0:
-        first_partition = max(0, int(query_pos.min()) - sliding_window + 1) // partition_len
-
-    stats_shape = (*q_rows.shape[:-1], 1)  # [B, Hkv, G*T, 1]
-    running_max = torch.full(stats_shape, float("-inf"), device=q.device)
-    running_sum = torch.zeros(stats_shape, device=q.device)
-    running_out = torch.zeros(q_rows.shape, device=q.device)  # fp32 accumulator
-
-    for partition in range(first_partition, last_partition + 1):
-        physical = block_tables[:, partition].long()
-        _check_physical_blocks(physical, k_cache.shape[0], "flash_attention")
-        key_pos = torch.arange(partition * partition_len, (partition + 1) * partition_len, device=q.device)
-        k = k_cache[physical].to(q.dtype)  # [B, Hkv, bs, D], a fresh copy
-        v = _zero_unwritten_(v_cache[physical].to(q.dtype), query_pos, partition * partition_len)
-
-        key_mask = None
-        if attention_mask is not None:
-            key_mask = attention_mask[:, partition * partition_len : (partition + 1) * partition_len].bool()
-        scores = _masked_scores(q_rows, k, query_pos, key_pos, scale, sliding_window, key_mask)  # [B, Hkv, G*T, bs]
-        new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
-        # A row that has seen no visible key yet keeps max -inf; subtract 0 instead so
-        # exp() gives 0 rather than nan (-inf - -inf).
-        safe_max = torch.where(new_max == float("-inf"), 0.0, new_max)
-        correction = torch.exp(running_max - safe_max)
-        weights = torch.exp(scores - safe_max)
-        running_sum = running_sum * correction + weights.sum(dim=-1, keepdim=True)
-        running_out = running_out * correction + (weights.to(q.dtype) @ v).float()
-        running_max = new_max
-
-    out = (running_out / running_sum).to(q.dtype)
-    return out.reshape(batch, -1, num_tokens, head_dim)
+    return _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask,
+                                 "flash_attention")
 
 
 @flash_attention.register_fake
