@@ -117,6 +117,18 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"{OPTION_PREFIX}{name} must be one of {allowed}; got {value!r}")
 
 
+def check_option_names(owner: str, names: Any, valid: Sequence[str], *, prefix: str, where: str) -> None:
+    """ValueError for the first of `names` not in `valid`, with the closest valid name and the full list."""
+    for name in names:
+        if name in valid:
+            continue
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+        listing = ", ".join(prefix + v for v in valid)
+        where_text = f" {where}" if where else ""
+        raise ValueError(f"Unknown option {prefix}{name}{where_text} for {owner}.{hint} Valid options: {listing}")
+
+
 def check_plain_name(what: str, name: Any) -> str:
     """`name` if it is a plain file name (see PLAIN_NAME), else a ValueError naming `what`."""
     if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
@@ -289,17 +301,7 @@ class RBLNModelConfig:
     @classmethod
     def _check_option_names(cls, names: Any, *, prefix: str, where: str) -> None:
         """ValueError for the first unknown option, with the closest valid name and the full list."""
-        valid = cls.option_names()
-        for name in names:
-            if name in valid:
-                continue
-            close = difflib.get_close_matches(str(name), valid, n=1)
-            hint = f" Did you mean {prefix}{close[0]}?" if close else ""
-            listing = ", ".join(prefix + v for v in valid)
-            where_text = f" {where}" if where else ""
-            raise ValueError(
-                f"Unknown option {prefix}{name}{where_text} for {cls.__name__}.{hint} Valid options: {listing}"
-            )
+        check_option_names(cls.__name__, names, cls.option_names(), prefix=prefix, where=where)
 
     # --- building from from_pretrained kwargs --------------------------------------------------
 
@@ -439,13 +441,7 @@ class RBLNModelConfig:
                 f"No {CONFIG_NAME} in {os.fspath(folder)!r}: not a compiled model folder. "
                 "To compile a Hugging Face checkpoint, pass export=True."
             )
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise ValueError(f"{path} is malformed: not valid JSON ({type(err).__name__}: {err})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} is malformed: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(path)
         missing = {"config_cls", "compile_options", "runtime_options"} - set(data)
         if missing:
             raise ValueError(f"{path} is malformed: missing {sorted(missing)}")
@@ -505,6 +501,18 @@ class RBLNModelConfig:
                     f"{OPTION_PREFIX}device={device_id} is a {machine[device_id].spec.name}, but the model is for "
                     f"{OPTION_PREFIX}npu={self.npu!r}; pick a device of that kind or compile for its NPU"
                 )
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in the (untrusted) file `path`; any malformed content is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path} is malformed: not valid JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is malformed: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 # The top-level keys of rbln_config.json and their JSON types ("files": the folder's manifest).

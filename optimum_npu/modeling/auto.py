@@ -49,10 +49,10 @@ class _RBLNAutoClass:
         base_class = cls._base_for(task)
         model_type = getattr(hf_config, "model_type", None)
         candidates = [c for c in MODEL_REGISTRY.values() if issubclass(c, base_class) and c.hf_class is not None
-                      and c.hf_class.config_class.model_type == model_type]
+                      and c.hf_model_type() == model_type]
         if not candidates:
-            supported = sorted({c.hf_class.config_class.model_type for c in MODEL_REGISTRY.values()
-                                if issubclass(c, base_class) and c.hf_class is not None})
+            supported = sorted({c.hf_model_type() for c in MODEL_REGISTRY.values()
+                                if issubclass(c, base_class) and c.hf_model_type() is not None})
             raise ValueError(
                 f"model_type {model_type!r} is not supported by {cls.__name__} yet; supported: {', '.join(supported)}"
             )

@@ -496,8 +496,14 @@ class RBLNModel:
         # WithProjection variant): registration order is definition order.
         found: dict[str, type[RBLNModel]] = {}
         for c in classes:
-            found.setdefault(c.hf_class.config_class.model_type, c)
+            if c.hf_model_type() is not None:
+                found.setdefault(c.hf_model_type(), c)
         return found
+
+    @classmethod
+    def hf_model_type(cls) -> str | None:
+        """The transformers model_type of `hf_class` (None for a class without one, e.g. diffusers models)."""
+        return getattr(getattr(cls.hf_class, "config_class", None), "model_type", None)
 
     @classmethod
     def _check_model_type(cls, hf_config) -> None:
@@ -508,7 +514,7 @@ class RBLNModel:
         if model_type in accepted:
             return
         serving = sorted(c.__name__ for c in MODEL_REGISTRY.values()
-                         if c.hf_class is not None and c.hf_class.config_class.model_type == model_type)
+                         if c.hf_class is not None and c.hf_model_type() == model_type)
         advice = f"use {' or '.join(serving)}" if serving else "no RBLN class supports it yet"
         raise ValueError(
             f"{cls.__name__} compiles model_type {' / '.join(sorted(accepted)) or '(none)'}, but this checkpoint "
@@ -660,7 +666,8 @@ class RBLNModel:
         self.rbln_config.save(folder, files=manifest)
 
     def _save_hf_configs(self, folder: Path) -> None:
-        """The HF side of the folder: config.json (and generation_config.json), as `_load_hf_configs` reads them."""
+        """The source model's config files: config.json (and generation_config.json) as transformers
+        writes them, and `_load_hf_configs` reads them; a diffusers model writes its own config.json."""
         self.config.save_pretrained(folder)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(folder)

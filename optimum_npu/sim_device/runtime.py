@@ -442,7 +442,9 @@ class Runtime:
             if not self._finalizer.alive:
                 raise RuntimeError(f"Runtime({self.name!r}) was closed: its device memory is released. "
                                    "Create a new Runtime to run the program again.")
-            with torch.inference_mode():
+            # no_grad, not inference_mode: outputs are ordinary tensors that HF code may edit in place
+            # (diffusers' Cosmos pipeline zeroes the padding of the text embeddings it gets back).
+            with torch.no_grad():
                 return self._run(*args, **kwargs)
 
     def _run(self, *args, **kwargs):

@@ -1,0 +1,1 @@
+"""Compiled diffusers models: one file per model."""

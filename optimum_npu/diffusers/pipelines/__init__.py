@@ -1,0 +1,1 @@
+"""Compiled diffusers pipelines: diffusers' pipeline classes with compiled components."""

@@ -1,0 +1,329 @@
+"""`RBLNDiffusionPipelineMixin`: a diffusers pipeline whose models are compiled components.
+
+A pipeline class is the diffusers pipeline class plus this mixin and three pieces of data:
+its config class (one sub-config per compiled component), which RBLN class compiles each
+component, and which pipeline-wide options each component receives. diffusers' own
+`__call__` runs unchanged on the compiled components, which expose what it touches.
+
+- `from_pretrained(folder_or_id, export=True, rbln_config=...)` loads each part of a diffusers
+  folder (allowlisted libraries only: the folder is data), compiles the models, keeps tokenizers,
+  schedulers and feature extractors on the host;
+- `save_pretrained(folder)` writes a diffusers folder: one subfolder per component (a compiled one
+  with its config.json, rbln_config.json and .rbln files), `model_index.json` naming our classes,
+  and `rbln_config.json` with the pipeline options and every component's config nested;
+- `from_pretrained(compiled_folder)` loads it back without compiling; keyword arguments named
+  after a component replace it (`safety_checker=my_checker`), as in diffusers.
+
+After each call, `generation_stats` holds the simulated device time of each component (calls,
+time per call) and of the whole generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ...configuration import CONFIG_NAME, read_json_object
+from ...modeling.base import RBLNModel, _resolve_folder, hub_kwargs_of
+from ...sim_device.files import write_file_atomically
+from ...sim_device.memory import format_gib
+from ..configuration import RBLNDiffusionPipelineConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+# Libraries a model_index.json may name for a host component, and the module holding their
+# classes: a folder from anywhere never chooses which module gets imported.
+HOST_LIBRARIES = {
+    "diffusers": "diffusers",
+    "transformers": "transformers",
+    "stable_diffusion": "diffusers.pipelines.stable_diffusion",
+}
+
+
+@dataclass
+class ComponentStats:
+    """Simulated device time of one component over one pipeline call."""
+
+    calls: int | None = 0          # None: a compound part (the guardrail) reports time only
+    device_s: float = 0.0
+
+    @property
+    def per_call_s(self) -> float:
+        return self.device_s / self.calls if self.calls else 0.0
+
+
+@dataclass
+class PipelineStats:
+    """Simulated time of one generation, per component, and the host wall time for comparison."""
+
+    components: dict[str, ComponentStats] = field(default_factory=dict)
+    denoising_steps: int = 0
+    denoiser: str = ""
+    host_s: float = 0.0
+
+    @property
+    def device_s(self) -> float:
+        return sum(c.device_s for c in self.components.values())
+
+    @property
+    def per_step_s(self) -> float:
+        """Simulated denoiser time of one denoising step (all its calls: CFG may call it twice)."""
+        denoiser = self.components.get(self.denoiser)
+        return denoiser.device_s / self.denoising_steps if denoiser and self.denoising_steps else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"simulated generation: {self.device_s * 1e3:.3f} ms on the device "
+                 f"({self.denoising_steps} denoising steps, {self.per_step_s * 1e3:.3f} ms per step); "
+                 f"host wall time {self.host_s:.2f} s"]
+        for name, c in self.components.items():
+            calls = f"{c.calls:>4} call(s) x {c.per_call_s * 1e3:10.3f} ms" if c.calls is not None else " " * 28
+            lines.append(f"  {name:<15} {calls} = {c.device_s * 1e3:10.3f} ms")
+        return "\n".join(lines)
+
+
+def _device_clock(component) -> tuple[int | None, float]:
+    """(runs, simulated seconds) so far: of a compiled model's runtimes, or of a compound part
+    that reports its own `simulated_time_s` per sub-model (the guardrail; runs unknown: None);
+    (0, 0.0) for host-only parts (tokenizer, scheduler)."""
+    runtimes = getattr(component, "runtimes", None)
+    if isinstance(runtimes, dict):
+        stats = [r.stats for r in runtimes.values()]
+        return sum(s.runs for s in stats), sum(s.total_s for s in stats)
+    per_part = getattr(component, "simulated_time_s", None)
+    if isinstance(per_part, dict):
+        return None, float(sum(per_part.values()))
+    return 0, 0.0
+
+
+class RBLNDiffusionPipelineMixin:
+    """Mixed in before the diffusers pipeline class: `class P(RBLNDiffusionPipelineMixin, SDPipeline)`."""
+
+    config_class: ClassVar[type[RBLNDiffusionPipelineConfig]]
+    rbln_classes: ClassVar[dict[str, type[RBLNModel]]]   # compiled component -> its RBLN class
+    denoiser: ClassVar[str]                              # the component the steps call
+
+    # ---- loading ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model_id: str | os.PathLike, export: bool = False, **kwargs: Any):
+        hub_kwargs = hub_kwargs_of(kwargs, pop=True)
+        folder = _resolve_folder(model_id, hub_kwargs)
+        init_names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        given = {name: kwargs.pop(name) for name in list(kwargs) if name in init_names}  # e.g. safety_checker=
+        config, leftover = cls.config_class.from_kwargs(kwargs)
+        if leftover:
+            raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected arguments {sorted(leftover)}; "
+                            f"components are {sorted(init_names)}, options are rbln_* or rbln_config")
+        index = cls._read_model_index(folder)
+        if export:
+            return cls._export(folder, index, config, given)
+        return cls._load_compiled(folder, index, config, given)
+
+    @classmethod
+    def _read_model_index(cls, folder: Path) -> dict[str, Any]:
+        path = folder / MODEL_INDEX
+        if not path.is_file():
+            raise ValueError(f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX})")
+        return read_json_object(path)
+
+    @classmethod
+    def _components_in(cls, index: dict[str, Any]) -> dict[str, tuple[str | None, str | None]]:
+        """{component: (library, class name)} of a model_index.json, checked for shape."""
+        init_names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        components = {}
+        for name, value in index.items():
+            if name.startswith("_") or not isinstance(value, list):
+                continue
+            if name not in init_names:
+                raise ValueError(f"{MODEL_INDEX} names a component {name!r} that {cls.__name__} does not take "
+                                 f"({sorted(init_names)})")
+            if len(value) != 2 or not all(v is None or isinstance(v, str) for v in value):
+                raise ValueError(f"{MODEL_INDEX}: component {name!r} must be [library, class name]; got {value!r}")
+            components[name] = (value[0], value[1])
+        missing = [name for name in cls.rbln_classes if name not in components]
+        if missing:
+            raise ValueError(f"{MODEL_INDEX} lacks the component(s) {missing} that {cls.__name__} compiles")
+        return components
+
+    @classmethod
+    def _init_options(cls, index: dict[str, Any]) -> dict[str, Any]:
+        """Plain options of the pipeline's __init__ saved in model_index.json (requires_safety_checker)."""
+        init_names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        return {k: v for k, v in index.items() if k in init_names and isinstance(v, bool)}
+
+    @staticmethod
+    def _load_host_component(folder: Path, name: str, library: str, class_name: str):
+        """A tokenizer / scheduler / feature extractor / host model, from an allowlisted library."""
+        module_name = HOST_LIBRARIES.get(library)
+        if module_name is None:
+            raise ValueError(f"{MODEL_INDEX}: component {name!r} comes from library {library!r}; loadable host "
+                             f"components come from {sorted(HOST_LIBRARIES)}")
+        component_class = getattr(importlib.import_module(module_name), class_name, None)
+        if not isinstance(component_class, type) or not hasattr(component_class, "from_pretrained"):
+            raise ValueError(f"{MODEL_INDEX}: {library}.{class_name} (component {name!r}) is not a loadable class")
+        return component_class.from_pretrained(folder / name)
+
+    @classmethod
+    def _load_parts(cls, folder: Path, components: dict, given: dict, compiled: bool) -> dict[str, Any]:
+        """Every host component (compiled ones are the caller's), the user's ones replacing them."""
+        parts = {}
+        for name, (library, class_name) in components.items():
+            if name in given or name in cls.rbln_classes:
+                continue
+            if library is None or class_name is None:
+                parts[name] = None
+            elif name == "safety_checker" and hasattr(cls, "_load_safety_checker"):
+                parts[name] = cls._load_safety_checker(folder / name, class_name, compiled=compiled)
+            else:
+                parts[name] = cls._load_host_component(folder, name, library, class_name)
+        return parts
+
+    @classmethod
+    def _export(cls, folder: Path, index: dict, config: RBLNDiffusionPipelineConfig, given: dict):
+        components = cls._components_in(index)
+        models = {}
+        for name, rbln_class in cls.rbln_classes.items():
+            if name in given:
+                raise ValueError(f"{name}= cannot replace a component that export=True compiles; compile it with "
+                                 f"{rbln_class.__name__} and load the compiled pipeline with it instead")
+            _, class_name = components[name]
+            if class_name != rbln_class.hf_class.__name__:
+                raise ValueError(f"{MODEL_INDEX}: {name} is a {class_name}; {cls.__name__} compiles a "
+                                 f"{rbln_class.hf_class.__name__} there")
+            models[name] = rbln_class.hf_class.from_pretrained(folder / name)
+        parts = cls._load_parts(folder, components, given, compiled=False)
+        cls._check_parts({**parts, **given})  # before compiling anything
+        config = config.resolved({**models, **parts, **given})
+        compiled = {}
+        for name, rbln_class in cls.rbln_classes.items():
+            compiled[name] = rbln_class.from_model(models.pop(name), rbln_config=getattr(config, name))
+        config = dataclasses.replace(config, **{name: model.rbln_config for name, model in compiled.items()})
+        return cls._assemble({**parts, **given, **compiled}, config, cls._init_options(index))
+
+    @classmethod
+    def _load_compiled(cls, folder: Path, index: dict, requested: RBLNDiffusionPipelineConfig, given: dict):
+        components = cls._components_in(index)
+        if not (folder / CONFIG_NAME).is_file():
+            raise ValueError(f"{folder} is a diffusers pipeline, not a compiled one (no {CONFIG_NAME}); compile it "
+                             f"with {cls.__name__}.from_pretrained(..., export=True)")
+        parts = cls._load_parts(folder, components, given, compiled=True)
+        cls._check_parts({**parts, **given})
+        compiled = {}
+        for name, rbln_class in cls.rbln_classes.items():
+            if name in given:
+                compiled[name] = given.pop(name)
+                continue
+            _, class_name = components[name]
+            if class_name != rbln_class.__name__:
+                raise ValueError(f"{MODEL_INDEX}: {name} is a {class_name}, not the {rbln_class.__name__} that "
+                                 f"{cls.__name__} loads; recompile with export=True")
+            options = requested.load_options_for(name)
+            compiled[name] = rbln_class.from_pretrained(folder / name, rbln_config=options)
+        runtime = {k: getattr(requested, k) for k in ("create_runtimes", "activate_profiler")}
+        config = cls.config_class.load(folder, {n: m.rbln_config for n, m in compiled.items()}, runtime)
+        config.check_load_options(requested)
+        return cls._assemble({**parts, **given, **compiled}, config, cls._init_options(index))
+
+    @classmethod
+    def _check_parts(cls, parts: dict[str, Any]) -> None:
+        """Refuse host parts the pipeline cannot run with (before any compiling or device loading)."""
+
+    @classmethod
+    def _assemble(cls, parts: dict[str, Any], config: RBLNDiffusionPipelineConfig, init_options: dict):
+        pipe = cls(**parts, **init_options)
+        pipe.rbln_config = config
+        pipe.generation_stats = PipelineStats(denoiser=cls.denoiser)
+        return pipe
+
+    # ---- saving -------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> str:
+        """Write the compiled pipeline as a diffusers folder; returns its path.
+
+        A new (or empty) folder appears whole or not at all (written aside, then renamed).
+        An existing compiled pipeline folder is updated component by component (each compiled
+        component's save is atomic), `model_index.json` and `rbln_config.json` last. Any other
+        existing folder is refused: nothing of it is touched.
+        """
+        target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"Cannot save into {target}: it is a file, not a folder. Nothing was written.")
+        existing = target.is_dir() and any(target.iterdir())
+        if existing and not (target / MODEL_INDEX).is_file() or existing and not (target / CONFIG_NAME).is_file():
+            raise ValueError(f"Cannot save into {target}: it is not empty and not a compiled pipeline folder. "
+                             "Save into a new or empty folder.")
+        if existing:
+            self._write_pipeline(target, in_place=True)
+            return str(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+            self._write_pipeline(staging, in_place=False)
+            if target.is_dir():
+                target.rmdir()  # empty, checked above
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return str(target)
+
+    def _write_pipeline(self, folder: Path, in_place: bool) -> None:
+        unsaved = []
+        for name, component in self.components.items():
+            if component is None:
+                continue
+            if name in self.rbln_classes:
+                component.save_pretrained(folder / name, **({"exist_ok": True} if in_place else {}))
+            elif hasattr(component, "save_pretrained"):
+                component.save_pretrained(folder / name)
+            else:
+                unsaved.append(name)
+        self.save_config(folder)          # model_index.json, naming our classes
+        if unsaved:  # e.g. a user's own safety checker: recorded as absent, to be passed again at load
+            index = read_json_object(folder / MODEL_INDEX)
+            index.update({name: [None, None] for name in unsaved})
+            write_file_atomically(folder / MODEL_INDEX, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+            logger.warning("%s not saved (no save_pretrained): pass it again when loading the pipeline",
+                           ", ".join(unsaved))
+        self.rbln_config.save(folder)     # last: marks the save complete
+
+    # ---- running ------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        clocks = {name: _device_clock(c) for name, c in self.components.items()}
+        started = time.perf_counter()
+        output = super().__call__(*args, **kwargs)
+        stats = PipelineStats(denoiser=self.denoiser, host_s=time.perf_counter() - started,
+                              denoising_steps=getattr(self, "_num_timesteps", 0) or 0)
+        for name, component in self.components.items():
+            runs, seconds = _device_clock(component)
+            (runs_before, seconds_before) = clocks[name]
+            if runs is None:
+                if seconds > seconds_before:
+                    stats.components[name] = ComponentStats(None, seconds - seconds_before)
+            elif runs > runs_before:
+                stats.components[name] = ComponentStats(runs - runs_before, seconds - seconds_before)
+        self.generation_stats = stats
+        return output
+
+    def device_memory(self) -> dict[str, list]:
+        """Device memory each compiled component holds, per device (`DeviceMemoryUsage`)."""
+        return {name: self.components[name].device_memory() for name in self.rbln_classes}
+
+    def memory_summary(self) -> str:
+        lines = []
+        for name, usages in self.device_memory().items():
+            where = ", ".join(f"npu{m.device} {format_gib(m.total_bytes)}" for m in usages) or "no runtimes"
+            lines.append(f"  {name:<15} {where}")
+        return "device memory per component:\n" + "\n".join(lines)

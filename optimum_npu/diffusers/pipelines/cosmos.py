@@ -1,0 +1,120 @@
+"""Cosmos world-model pipelines (Cosmos-Predict1 text-to-world and video-to-world) with the T5
+text encoder, the Cosmos transformer and the video VAE compiled, and the guardrail required.
+
+    checker = RBLNCosmosSafetyChecker.from_pretrained("guardrail-folder", export=True)
+    pipe = RBLNCosmosTextToWorldPipeline.from_pretrained(
+        "cosmos-folder", export=True, safety_checker=checker,
+        rbln_config={"height": 704, "width": 1280, "num_frames": 121,
+                     "transformer": {"tensor_parallel_size": 4}})
+    video = pipe(prompt="a robot arm lifts a red cube").frames[0]
+
+diffusers' Cosmos loop calls the transformer once for the prompt and once for the negative
+prompt (classifier-free guidance), each at the pipeline's batch: its compiled batch is not
+doubled, unlike Stable Diffusion's UNet. The pipelines refuse to run without a safety checker,
+as diffusers' do: there is no unguarded mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from diffusers import CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline
+
+from ...modeling.encoders import RBLNT5EncoderModel, RBLNT5EncoderModelConfig
+from ..configuration import RBLNDiffusionPipelineConfig, component
+from ..models.autoencoder_kl_cosmos import RBLNAutoencoderKLCosmos, RBLNAutoencoderKLCosmosConfig, latent_size
+from ..models.transformer_cosmos import RBLNCosmosTransformer3DModel, RBLNCosmosTransformer3DModelConfig
+from .base import RBLNDiffusionPipelineMixin
+
+# diffusers' CosmosTextToWorldPipeline.__call__ defaults (Cosmos-Predict1: 704 x 1280, 121 frames).
+COSMOS_DEFAULTS = {"height": 704, "width": 1280, "num_frames": 121, "fps": 30, "max_seq_len": 512,
+                   "guidance_scale": 7.0}
+CHECKER_CLASS = "RBLNCosmosSafetyChecker"
+HOW_TO_GUARD = (
+    "Pass one: safety_checker=RBLNCosmosSafetyChecker.from_pretrained(<guardrail checkpoint or compiled folder>, "
+    "export=...) (from optimum_npu.cosmos_guardrail; optimum_npu.testing.build_tiny_cosmos_guardrail(folder) "
+    "writes a tiny one for trying it offline), or any object with check_text_safety(prompt) -> bool and "
+    "check_video_safety(frames) -> frames."
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RBLNCosmosTextToWorldPipelineConfig(RBLNDiffusionPipelineConfig):
+    text_encoder: RBLNT5EncoderModelConfig | None = component(RBLNT5EncoderModelConfig)
+    transformer: RBLNCosmosTransformer3DModelConfig | None = component(RBLNCosmosTransformer3DModelConfig)
+    vae: RBLNAutoencoderKLCosmosConfig | None = component(RBLNAutoencoderKLCosmosConfig)
+
+    pipeline_name: ClassVar[str] = "RBLNCosmosTextToWorldPipeline"
+    conditions_on_video: ClassVar[bool] = False   # video-to-world: VAE encoder and condition mask
+
+    def _pipeline_defaults(self, models: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(COSMOS_DEFAULTS)
+
+    def _component_options(self, models: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        vae = models["vae"].config
+        video = (self.num_frames, self.height, self.width)
+        if (self.num_frames - 1) % vae.temporal_compression_ratio or self.height % vae.spatial_compression_ratio or (
+                self.width % vae.spatial_compression_ratio):
+            raise ValueError(
+                f"rbln_num_frames - 1 must be a multiple of {vae.temporal_compression_ratio} and rbln_height / "
+                f"rbln_width multiples of {vae.spatial_compression_ratio} (the video VAE's compression); got "
+                f"{self.num_frames} frames of {self.height} x {self.width}")
+        return {
+            "text_encoder": {"batch_size": self.batch_size, "max_seq_len": self.max_seq_len},
+            "transformer": {"batch_size": self.batch_size, "sample_size": latent_size(vae, *video),
+                            "max_seq_len": self.max_seq_len, "fps": self.fps,
+                            "uses_condition_mask": self.conditions_on_video},
+            "vae": {"batch_size": self.batch_size, "sample_size": video, "uses_encoder": self.conditions_on_video},
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RBLNCosmosVideoToWorldPipelineConfig(RBLNCosmosTextToWorldPipelineConfig):
+    pipeline_name: ClassVar[str] = "RBLNCosmosVideoToWorldPipeline"
+    conditions_on_video: ClassVar[bool] = True
+
+
+class RBLNCosmosPipelineMixin(RBLNDiffusionPipelineMixin):
+    """What the Cosmos pipelines add: the safety checker is required, compiled or the user's."""
+
+    rbln_classes = {"text_encoder": RBLNT5EncoderModel, "transformer": RBLNCosmosTransformer3DModel,
+                    "vae": RBLNAutoencoderKLCosmos}
+    denoiser = "transformer"
+
+    @classmethod
+    def _load_safety_checker(cls, folder: Path, class_name: str, compiled: bool):
+        """The checker saved with a compiled pipeline; a source checkpoint's upstream checker
+        (cosmos_guardrail, which needs torchvision) cannot be loaded here."""
+        if not compiled or class_name != CHECKER_CLASS:
+            raise ValueError(f"{cls.__name__}: the folder's safety checker ({class_name}) cannot be loaded here. "
+                             + HOW_TO_GUARD)
+        try:
+            from ...cosmos_guardrail import RBLNCosmosSafetyChecker
+        except ImportError as err:
+            raise ValueError(f"{cls.__name__}: this folder's {CHECKER_CLASS} needs optimum_npu.cosmos_guardrail "
+                             f"({err}). {HOW_TO_GUARD}") from None
+        return RBLNCosmosSafetyChecker.from_pretrained(folder)
+
+    @classmethod
+    def _check_parts(cls, parts: dict[str, Any]) -> None:
+        checker = parts.get("safety_checker")
+        if checker is None:
+            raise ValueError(f"{cls.__name__} needs a safety checker (the Cosmos license requires the guardrail; "
+                             f"the pipeline never runs unguarded) and none was found in the folder. {HOW_TO_GUARD}")
+        missing = [m for m in ("check_text_safety", "check_video_safety", "to") if not callable(getattr(checker, m, None))]
+        if missing:
+            raise TypeError(f"safety_checker={type(checker).__name__} lacks {missing}. {HOW_TO_GUARD}")
+
+
+class RBLNCosmosTextToWorldPipeline(RBLNCosmosPipelineMixin, CosmosTextToWorldPipeline):
+    """diffusers' CosmosTextToWorldPipeline with the T5 encoder, transformer and video VAE compiled."""
+
+    config_class = RBLNCosmosTextToWorldPipelineConfig
+
+
+class RBLNCosmosVideoToWorldPipeline(RBLNCosmosPipelineMixin, CosmosVideoToWorldPipeline):
+    """diffusers' CosmosVideoToWorldPipeline with the T5 encoder, transformer and video VAE (encoder too) compiled."""
+
+    config_class = RBLNCosmosVideoToWorldPipelineConfig

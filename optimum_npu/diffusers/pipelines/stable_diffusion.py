@@ -1,0 +1,79 @@
+"""Stable Diffusion (text-to-image, image-to-image) with the CLIP text encoder, UNet and VAE compiled.
+
+    pipe = RBLNStableDiffusionPipeline.from_pretrained("sd-folder", export=True,
+                                                       rbln_config={"height": 512, "width": 512})
+    image = pipe("a photo of an astronaut riding a horse").images[0]
+    print(pipe.generation_stats)
+
+The UNet is called once per step on the latents of the prompt and of the negative prompt
+concatenated (classifier-free guidance), so its compiled batch is twice the pipeline's batch
+when guidance_scale > 1, unless `rbln_config={"unet": {"batch_size": ...}}` says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+from ...modeling.encoders import RBLNCLIPTextModel, RBLNCLIPTextModelConfig
+from ..configuration import RBLNDiffusionPipelineConfig, component
+from .base import RBLNDiffusionPipelineMixin
+from ..models.autoencoder_kl import RBLNAutoencoderKL, RBLNAutoencoderKLConfig
+from ..models.unet_2d_condition import RBLNUNet2DConditionModel, RBLNUNet2DConditionModelConfig
+
+# diffusers' StableDiffusionPipeline.__call__ default.
+DEFAULT_GUIDANCE_SCALE = 7.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class RBLNStableDiffusionPipelineConfig(RBLNDiffusionPipelineConfig):
+    text_encoder: RBLNCLIPTextModelConfig | None = component(RBLNCLIPTextModelConfig)
+    unet: RBLNUNet2DConditionModelConfig | None = component(RBLNUNet2DConditionModelConfig)
+    vae: RBLNAutoencoderKLConfig | None = component(RBLNAutoencoderKLConfig)
+
+    pipeline_name: ClassVar[str] = "RBLNStableDiffusionPipeline"
+    uses_vae_encoder: ClassVar[bool] = False
+
+    def _pipeline_defaults(self, models: Mapping[str, Any]) -> dict[str, Any]:
+        # As the diffusers pipeline: the image is the UNet's sample size times the VAE's scale.
+        side = models["unet"].config.sample_size * RBLNAutoencoderKL.scale_factor(models["vae"].config)
+        return {"height": side, "width": side, "max_seq_len": models["tokenizer"].model_max_length,
+                "guidance_scale": DEFAULT_GUIDANCE_SCALE}
+
+    def _component_options(self, models: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        scale = RBLNAutoencoderKL.scale_factor(models["vae"].config)
+        if self.height % scale or self.width % scale:
+            raise ValueError(f"rbln_height / rbln_width must be multiples of {scale} (the VAE's scale factor); "
+                             f"got {self.height} x {self.width}")
+        cfg_factor = 2 if self.guidance_scale > 1 else 1  # prompt and negative prompt in one UNet call
+        return {
+            "text_encoder": {"batch_size": self.batch_size, "max_seq_len": self.max_seq_len},
+            "unet": {"batch_size": self.batch_size * cfg_factor, "max_seq_len": self.max_seq_len,
+                     "sample_size": (self.height // scale, self.width // scale)},
+            "vae": {"batch_size": self.batch_size, "sample_size": (self.height, self.width),
+                    "uses_encoder": self.uses_vae_encoder},
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RBLNStableDiffusionImg2ImgPipelineConfig(RBLNStableDiffusionPipelineConfig):
+    pipeline_name: ClassVar[str] = "RBLNStableDiffusionImg2ImgPipeline"
+    uses_vae_encoder: ClassVar[bool] = True
+
+
+class RBLNStableDiffusionPipeline(RBLNDiffusionPipelineMixin, StableDiffusionPipeline):
+    """diffusers' StableDiffusionPipeline with the text encoder, UNet and VAE compiled."""
+
+    config_class = RBLNStableDiffusionPipelineConfig
+    rbln_classes = {"text_encoder": RBLNCLIPTextModel, "unet": RBLNUNet2DConditionModel, "vae": RBLNAutoencoderKL}
+    denoiser = "unet"
+
+
+class RBLNStableDiffusionImg2ImgPipeline(RBLNDiffusionPipelineMixin, StableDiffusionImg2ImgPipeline):
+    """diffusers' StableDiffusionImg2ImgPipeline with the text encoder, UNet and VAE (encoder too) compiled."""
+
+    config_class = RBLNStableDiffusionImg2ImgPipelineConfig
+    rbln_classes = RBLNStableDiffusionPipeline.rbln_classes
+    denoiser = "unet"

@@ -1,0 +1,105 @@
+"""Cosmos text-to-world and video-to-world on the simulated NPU vs diffusers on the same tiny
+components and seed, and the safety checker they require."""
+
+import json
+import types
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline
+
+from optimum_npu.diffusers.pipelines.cosmos import RBLNCosmosTextToWorldPipeline, RBLNCosmosVideoToWorldPipeline
+from optimum_npu.testing import build_tiny_cosmos
+
+SHAPE = {"height": 16, "width": 16, "num_frames": 9, "fps": 24, "max_seq_len": 16}
+CALL = dict(prompt="a robot arm lifts a red cube", height=16, width=16, num_frames=9, fps=24, max_sequence_length=16,
+            num_inference_steps=3, output_type="np")
+# bf16 device numerics through 3 EDM steps (2 transformer calls each) and the video VAE of random
+# tiny weights: pixels in [0, 1] move by ~1e-2 at most (measured 0.016); a porting bug moves them by ~1.
+BF16_PIXEL_ATOL = 0.05
+
+
+class PassingChecker:
+    """A stand-in guardrail that refuses prompts with a blocklisted word and passes every video."""
+
+    def check_text_safety(self, prompt):
+        return "zorblax" not in prompt
+
+    def check_video_safety(self, frames):
+        return frames
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+@pytest.fixture(autouse=True)
+def reference_resize_without_torchvision(monkeypatch):
+    """The *reference* diffusers transformer resizes its padding mask with torchvision (absent here);
+    give it torchvision's NEAREST tensor resize, which is F.interpolate(mode="nearest"). Ours needs none."""
+    import diffusers.models.transformers.transformer_cosmos as upstream
+
+    resize = lambda x, size, interpolation: F.interpolate(x, size=size, mode=interpolation)  # noqa: E731
+    monkeypatch.setattr(upstream, "transforms", types.SimpleNamespace(
+        InterpolationMode=types.SimpleNamespace(NEAREST="nearest"), functional=types.SimpleNamespace(resize=resize)),
+        raising=False)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-cosmos")
+    return build_tiny_cosmos(root / "t2w"), build_tiny_cosmos(root / "v2w", video_to_world=True)
+
+
+def _frames(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**CALL, **kwargs, generator=torch.Generator().manual_seed(0)).frames
+
+
+def test_text_to_world_matches_diffusers_exactly(folders):
+    checker = PassingChecker()
+    reference = _frames(CosmosTextToWorldPipeline.from_pretrained(folders[0], safety_checker=checker))
+    pipe = RBLNCosmosTextToWorldPipeline.from_pretrained(folders[0], export=True, safety_checker=checker,
+                                                         rbln_config={**SHAPE, "numerics": "exact"})
+    ours = _frames(pipe)
+    assert ours.shape == reference.shape == (1, 9, 16, 16, 3)
+    np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
+    assert pipe.transformer.rbln_config.batch_size == 1  # CFG calls the transformer twice: no doubled batch
+    assert pipe.transformer.rbln_config.sample_size == (3, 4, 4)  # 9 frames, 16 px -> 4x compression
+    assert pipe.generation_stats.components["transformer"].calls == 6  # 3 steps x (prompt, negative prompt)
+    with pytest.raises(ValueError, match="unsafe text"):
+        pipe(**{**CALL, "prompt": "two zorblax walk by"})
+    with pytest.raises(ValueError, match="compiled for rbln_fps=24"):
+        pipe(**{**CALL, "fps": 30})
+
+
+def test_video_to_world_matches_diffusers_and_round_trips(folders, tmp_path):
+    checker = PassingChecker()
+    image = PIL.Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8))
+    reference = _frames(CosmosVideoToWorldPipeline.from_pretrained(folders[1], safety_checker=checker), image=image)
+    pipe = RBLNCosmosVideoToWorldPipeline.from_pretrained(folders[1], export=True, safety_checker=checker,
+                                                          rbln_config=SHAPE)
+    ours = _frames(pipe, image=image)
+    np.testing.assert_allclose(ours, reference, atol=BF16_PIXEL_ATOL, rtol=0)
+    assert pipe.generation_stats.components["vae"].calls == 2  # encode the conditioning video, decode
+    target = pipe.save_pretrained(tmp_path / "compiled")
+    index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
+    assert index["transformer"][1] == "RBLNCosmosTransformer3DModel" and index["vae"][1] == "RBLNAutoencoderKLCosmos"
+    assert index["text_encoder"][1] == "RBLNT5EncoderModel"
+    assert index["safety_checker"] == [None, None]  # a checker without save_pretrained is not saved...
+    with pytest.raises(ValueError, match="needs a safety checker.*safety_checker=RBLNCosmosSafetyChecker"):
+        RBLNCosmosVideoToWorldPipeline.from_pretrained(target)  # ...so loading without one is refused
+    loaded = RBLNCosmosVideoToWorldPipeline.from_pretrained(target, safety_checker=checker)
+    np.testing.assert_array_equal(_frames(loaded, image=image), ours)
+
+
+def test_no_safety_checker_is_a_clear_error(folders):
+    with pytest.raises(ValueError, match="needs a safety checker.*build_tiny_cosmos_guardrail"):
+        RBLNCosmosTextToWorldPipeline.from_pretrained(folders[0], export=True, rbln_config=SHAPE)
+    with pytest.raises(TypeError, match="lacks"):
+        RBLNCosmosTextToWorldPipeline.from_pretrained(folders[0], export=True, rbln_config=SHAPE, safety_checker=object())
+    with pytest.raises(ValueError, match="rbln_num_frames - 1 must be a multiple of 4"):
+        RBLNCosmosTextToWorldPipeline.from_pretrained(folders[0], export=True, safety_checker=PassingChecker(),
+                                                      rbln_config={**SHAPE, "num_frames": 8})

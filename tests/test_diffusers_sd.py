@@ -1,0 +1,79 @@
+"""Stable Diffusion pipelines on the simulated NPU vs diffusers on the same tiny components and seed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+from optimum_npu.diffusers.pipelines.stable_diffusion import (
+    RBLNStableDiffusionImg2ImgPipeline, RBLNStableDiffusionPipeline,
+)
+from optimum_npu.testing import build_tiny_stable_diffusion
+
+PROMPT = "a red cube on a mat"
+# bf16 device numerics through 3 UNet steps and the VAE of random tiny weights: pixels in [0, 1]
+# move by ~1e-2 at most (measured 0.017); a porting bug moves them by ~1.
+BF16_PIXEL_ATOL = 0.05
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "sd")
+
+
+def _images(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+@pytest.mark.parametrize("numerics, atol", [("exact", 1e-5), ("device", BF16_PIXEL_ATOL)])
+def test_text_to_image_matches_diffusers(sd_folder, numerics, atol):
+    reference = _images(StableDiffusionPipeline.from_pretrained(sd_folder), prompt=PROMPT, num_inference_steps=3)
+    pipe = RBLNStableDiffusionPipeline.from_pretrained(sd_folder, export=True, rbln_numerics=numerics)
+    ours = _images(pipe, prompt=PROMPT, num_inference_steps=3)
+    assert ours.shape == reference.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(ours, reference, atol=atol, rtol=0)
+    stats = pipe.generation_stats
+    assert stats.denoising_steps == 4  # PNDM without PRK steps adds one
+    assert stats.components["unet"].calls == 4 and stats.components["text_encoder"].calls == 2  # prompt, negative
+    assert stats.components["vae"].calls == 1 and stats.device_s > stats.components["unet"].device_s > 0
+
+
+def test_image_to_image_matches_diffusers(sd_folder):
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(prompt=PROMPT, image=image, strength=0.7, num_inference_steps=4)
+    reference = _images(StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder), **kwargs)
+    pipe = RBLNStableDiffusionImg2ImgPipeline.from_pretrained(sd_folder, export=True, rbln_numerics="exact")
+    np.testing.assert_allclose(_images(pipe, **kwargs), reference, atol=1e-5, rtol=0)
+    assert pipe.generation_stats.components["vae"].calls == 2  # encode the image, decode the result
+
+
+def test_save_load_round_trip(sd_folder, tmp_path):
+    pipe = RBLNStableDiffusionPipeline.from_pretrained(sd_folder, export=True, rbln_guidance_scale=1.0)
+    assert pipe.unet.rbln_config.batch_size == 1  # no CFG: no doubled UNet batch
+    before = _images(pipe, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0)
+    target = pipe.save_pretrained(tmp_path / "compiled")
+    index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
+    assert index["_class_name"] == "RBLNStableDiffusionPipeline"
+    assert index["unet"][1] == "RBLNUNet2DConditionModel" and index["vae"][1] == "RBLNAutoencoderKL"
+    assert index["text_encoder"][1] == "RBLNCLIPTextModel"
+    for name in ("unet", "vae", "text_encoder"):
+        assert {"config.json", "rbln_config.json"} <= {p.name for p in (tmp_path / "compiled" / name).iterdir()}
+    loaded = RBLNStableDiffusionPipeline.from_pretrained(target, rbln_config={"unet": {"device": 1}})
+    assert loaded.unet.runtimes["model"].devices == [1]
+    np.testing.assert_array_equal(_images(loaded, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0), before)
+    with pytest.raises(ValueError, match="rbln_height is fixed at compile time"):
+        RBLNStableDiffusionPipeline.from_pretrained(target, rbln_height=32)
+    with pytest.raises(ValueError, match="rbln_batch_size is fixed at compile time"):
+        RBLNStableDiffusionPipeline.from_pretrained(target, rbln_config={"unet": {"batch_size": 2}})
+    with pytest.raises(ValueError, match="not a compiled pipeline folder"):
+        pipe.save_pretrained(sd_folder)  # the source checkpoint is never overwritten
+    pipe.save_pretrained(target)  # saving over our own compiled folder updates it in place
+    assert RBLNStableDiffusionPipeline.from_pretrained(target, rbln_create_runtimes=False).unet.runtimes == {}
+
+
+def test_export_refuses_a_checkpoint_folder_given_as_compiled(sd_folder):
+    with pytest.raises(ValueError, match="export=True"):
+        RBLNStableDiffusionPipeline.from_pretrained(sd_folder)
