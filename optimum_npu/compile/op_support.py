@@ -72,6 +72,13 @@ def categorize(target: str) -> Category:
 class Work:
     flops: float = 0.0          # matrix-engine FLOPs
     vector_flops: float = 0.0   # element-wise / reduction work
+    # A gather (embedding lookup, indexing) reads only this many elements of its first
+    # argument, the table, not the whole table: the rows it picks (0: not a gather).
+    gathered_elements: int = 0
+
+
+# Ops that read rows of their first argument picked by an index tensor, one output element each.
+GATHER_OPS = ("embedding", "index", "index_select", "gather")
 
 
 def _numel(t) -> int:
@@ -115,4 +122,6 @@ def count_work(target: str, category: Category, args: tuple, out) -> Work:
         return Work(0.0, float(sum(_numel(a) for a in args if hasattr(a, "shape"))))
     if category in (Category.POINTWISE, Category.HOST):
         return Work(0.0, float(out_numel))
+    if name in GATHER_OPS:
+        return Work(gathered_elements=out_numel)
     return Work()
