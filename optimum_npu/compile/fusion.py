@@ -8,6 +8,10 @@ kernel made only of views is absorbed by the heavy op consuming them. Host-fallb
 never fuse with device ops; consecutive ones form one host segment. A collective (inserted by
 the tensor-parallel pass) is a step of its own.
 
+With batch norms folded into the convolutions before them (graph_rewrites.py), a CNN block
+conv + BN + ReLU becomes one `conv2d+relu` kernel and a residual block's last conv + BN + add +
+ReLU one `conv2d+add+relu` kernel.
+
 Groups are contiguous runs of the program order, so the schedule stays valid as is.
 """
 
