@@ -370,3 +370,48 @@ def test_crafted_tensor_parallel_program_is_refused(case, tp2_file, tmp_path):
         from optimum_npu import Runtime
 
         Runtime(path)
+
+
+# --------------------------------------------------------------------------- torchrun: one rank per process
+
+
+@pytest.mark.heavy  # two fresh Python processes importing torch and transformers: ~30 s
+@pytest.mark.parametrize("numerics", ["exact", "device"])
+def test_torchrun_two_processes_give_the_in_process_outputs(numerics, tmp_path):
+    """The same compiled folder under `torchrun --nproc-per-node 2`: each process runs one rank
+    on one device, the all-reduces go through torch.distributed (gloo), and the tokens and
+    logits are those of the in-process run (which, in exact numerics, are transformers')."""
+    hf = make_hf_model("qwen2")
+    model = RBLNAutoModelForCausalLM.from_model(hf, **OPTIONS, rbln_tensor_parallel_size=2, rbln_numerics=numerics)
+    prompts = random_prompts((23, 9), seed=7)
+    ids, mask = left_pad(prompts)
+    try:
+        with torch.no_grad():
+            local = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                   output_scores=True, return_dict_in_generate=True)
+        model.save_pretrained(tmp_path / "compiled")
+        memory = model.generation_stats.memory
+    finally:
+        model.close()
+    request = {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "max_new_tokens": NEW_TOKENS}
+    (tmp_path / "prompts.json").write_text(json.dumps(request))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    worker = Path(__file__).with_name("tp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path / "compiled"),
+         str(tmp_path / "prompts.json"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    expected_tokens = local.sequences[:, ids.shape[1]:].tolist()
+    for rank, result in enumerate(ranks):
+        assert result["tokens"] == expected_tokens
+        assert torch.equal(torch.tensor(result["scores"]), torch.stack(local.scores))  # the same bits
+        assert result["devices"] == [rank]  # each process holds one device: its own shard
+        assert result["weights_bytes"] == [memory[rank].weights_bytes]
+    if numerics == "exact":
+        for row, prompt in enumerate(prompts):
+            assert expected_tokens[row] == hf_generate(hf, prompt, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
