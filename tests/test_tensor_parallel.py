@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
-from llm_fixtures import hf_generate, hf_logits, left_pad, make_hf_model, random_prompts, rbln_teacher_forced, save_source
+from llm_fixtures import hf_generate, left_pad, make_hf_model, random_prompts, rbln_teacher_forced, save_source
 from optimum_npu import ArtifactError, DeviceMemoryError, RBLNAutoModelForCausalLM, RBLNLlamaForCausalLM, compile_from_torch
 from optimum_npu.compile.compiler import ProgramTooLargeError
 from optimum_npu.compile.frontend import export_graph
@@ -259,7 +260,7 @@ def test_decoder_out_of_memory_names_the_smallest_tensor_parallel_size():
     rbln_config = RBLNLlamaForCausalLM.config_class(**options)
     with pytest.raises(DeviceMemoryError, match=r"rbln_tensor_parallel_size=(\d+) devices \(the smallest") as info:
         RBLNLlamaForCausalLM._resolve_config(hf, rbln_config)
-    tp = int(__import__("re").search(r"rbln_tensor_parallel_size=(\d+) devices", str(info.value)).group(1))
+    tp = int(re.search(r"rbln_tensor_parallel_size=(\d+) devices", str(info.value)).group(1))
     assert tp == 2  # 20 GiB of KV cache + 0.8 GiB of weights: half of it fits 15.7 GiB
     RBLNLlamaForCausalLM._resolve_config(hf, RBLNLlamaForCausalLM.config_class(**options, tensor_parallel_size=tp))
 
@@ -415,3 +416,11 @@ def test_torchrun_two_processes_give_the_in_process_outputs(numerics, tmp_path):
     if numerics == "exact":
         for row, prompt in enumerate(prompts):
             assert expected_tokens[row] == hf_generate(hf, prompt, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+
+
+def test_compiled_model_carries_its_printable_plan():
+    torch.manual_seed(0)
+    compiled = compile_from_torch(Block(), example_inputs=[torch.randn(1, 4, 64)], tensor_parallel_size=2)
+    text = str(compiled.sharding_plan)
+    assert "qkv.weight" in text and "column" in text and "fc2.weight" in text and "row" in text
+    assert compile_from_torch(Block(), example_inputs=[torch.randn(1, 4, 64)]).sharding_plan is None

@@ -288,4 +288,6 @@ def compile_from_torch(
             progress.set_postfix_str(refresh=False, s=name)
             run_pass(c)
             progress.update()
-    return CompiledModel(program=c.program, tensors=c.tensors)
+    compiled = CompiledModel(program=c.program, tensors=c.tensors)
+    compiled.sharding_plan = c.sharding  # how the model was split (None for one device); not saved
+    return compiled

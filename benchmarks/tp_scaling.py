@@ -1,0 +1,162 @@
+"""Tensor-parallel scaling: simulated device time and memory of a Llama-3-8B-shaped model at TP 1..16,
+and the host wall time of running TP 4 in one process against TP 1.
+
+    python benchmarks/tp_scaling.py [--tp 1 2 4 8 16] [--skip-host]
+
+Table 1 (simulated, RBLN-CA25 devices, ranks filling ATOM-Max cards in order, bf16): the model is
+built on the meta device (no weights are materialised) with Llama-3-8B's shapes (32 layers, hidden
+4096, 32 query / 8 KV heads, MLP 14336, vocab 128256), compiled at batch 1, max_seq_len 4096
+(eager attention), prefill chunks of 256. Per TP size:
+- decode step at a KV length of 2048, and prefill of a 2048-token prompt (8 chunks of 256);
+- each split into neural-engine compute and Task DMA busy time (summed over kernels; a kernel
+  takes the larger of the two) and communication (all-reduce / all-gather between devices);
+- scaling efficiency = (time at the smallest TP that fits x that TP) / (time here x TP here);
+- GiB per device: weights + KV cache + activations of the decode graph (the largest rank).
+
+Table 2 (host): a ~125M Llama (12 layers, hidden 768, 12 / 4 heads) generating 32 tokens after a
+32-token prompt at batch 1, compiled at TP 1 and at TP 4 (all four ranks in this process, each on
+its shard, in bf16): host wall time, best of 3 after a warm-up, and the ratio TP 4 / TP 1 (the
+issue's goal: <= 1.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from optimum_npu import RBLNLlamaForCausalLM, compile_from_torch
+from optimum_npu.compile import ProgramTooLargeError
+from optimum_npu.modeling.decoderonly.static_decoder import merge_layers
+from optimum_npu.sim_device.cost_model import attention_work
+from optimum_npu.sim_device.program import StepKind
+
+GiB = 1024**3
+MAX_SEQ_LEN, CHUNK, KV_LEN = 4096, 256, 2048
+
+
+def llama3_8b_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
+
+
+def compile_graphs(hf_config: LlamaConfig, tp: int):
+    """(prefill, decode) compiled on the meta device, or None if TP does not fit one device."""
+    config = RBLNLlamaForCausalLM.config_class(
+        batch_size=1, max_seq_len=MAX_SEQ_LEN, prefill_chunk_size=CHUNK, tensor_parallel_size=tp,
+    ).finalize(hf_config)
+    layout = RBLNLlamaForCausalLM._kv_layout(hf_config, config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_config)
+        caches = [tuple(torch.empty(layout.block_shape, dtype=torch.bfloat16) for _ in "kv")
+                  for _ in range(layout.num_layers)]
+        rope = tuple(torch.empty(MAX_SEQ_LEN, layout.head_dim) for _ in "cs")
+        specs = RBLNLlamaForCausalLM._decoder_graphs(model, config, merge_layers(model), caches, rope)
+    try:
+        return [compile_from_torch(spec.module, input_info=list(spec.input_info), tensor_parallel_size=tp)
+                for spec in specs]
+    except ProgramTooLargeError:
+        return None
+
+
+def run_time(compiled, kv_len: int) -> dict[str, float]:
+    """One run priced as the runtime prices it, with attention at `kv_len`: total and busy times."""
+    cost_model, program = compiled.cost_model(), compiled.program
+    out = dict(total=cost_model.run_overhead(), compute=0.0, dma=0.0, comm=0.0)
+    for step in program.steps:
+        work = attention_work(program, step, kv_len) if step.dynamic_cost else (None, None)
+        cost = cost_model.price(step, *work)
+        out["total"] += cost.total_s
+        if step.kind == StepKind.KERNEL:
+            out["compute"] += cost.compute_s
+            out["dma"] += cost.dma_s
+        elif step.kind == StepKind.COLLECTIVE:
+            out["comm"] += cost.total_s
+    return out
+
+
+def simulated_table(sizes: list[int]) -> None:
+    hf_config = llama3_8b_config()
+    rows = []
+    for tp in sizes:
+        started = time.perf_counter()
+        graphs = compile_graphs(hf_config, tp)
+        if graphs is None:
+            rows.append((tp, None, None, None))
+            print(f"  TP {tp}: does not fit one device ({time.perf_counter() - started:.0f} s)", flush=True)
+            continue
+        prefill, decode = graphs
+        step = run_time(decode, KV_LEN)
+        fill = {key: 0.0 for key in step}
+        for chunk in range(KV_LEN // CHUNK):
+            for key, value in run_time(prefill, (chunk + 1) * CHUNK).items():
+                fill[key] += value
+        plan = decode.program.memory
+        gib = max(plan.total_bytes(r) for r in range(plan.num_devices)) / GiB
+        rows.append((tp, step, fill, gib))
+        print(f"  TP {tp}: compiled in {time.perf_counter() - started:.0f} s", flush=True)
+    base = next(((tp, s, f) for tp, s, f, _ in rows if s is not None), None)
+    print(f"\nLlama-3-8B-shaped, RBLN-CA25, bf16, batch 1: decode step at KV {KV_LEN}, prefill of {KV_LEN} tokens "
+          f"(chunks of {CHUNK}); times in ms, efficiency vs TP {base[0] if base else '-'}")
+    header = (f"{'TP':>3} | {'decode':>7} {'compute':>7} {'DMA':>7} {'comm':>6} {'eff':>5} | "
+              f"{'prefill':>8} {'compute':>8} {'DMA':>7} {'comm':>6} {'eff':>5} | {'GiB/device':>10}")
+    print(header)
+    print("-" * len(header))
+    for tp, step, fill, gib in rows:
+        if step is None:
+            print(f"{tp:>3} | does not fit one device")
+            continue
+        eff_d = base[1]["total"] * base[0] / (step["total"] * tp)
+        eff_p = base[2]["total"] * base[0] / (fill["total"] * tp)
+        print(f"{tp:>3} | {step['total'] * 1e3:7.2f} {step['compute'] * 1e3:7.2f} {step['dma'] * 1e3:7.2f} "
+              f"{step['comm'] * 1e3:6.2f} {eff_d:5.2f} | {fill['total'] * 1e3:8.1f} {fill['compute'] * 1e3:8.1f} "
+              f"{fill['dma'] * 1e3:7.1f} {fill['comm'] * 1e3:6.2f} {eff_p:5.2f} | {gib:10.2f}")
+
+
+def host_table(repeats: int = 3) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    hf = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, config.vocab_size, (1, 32))
+    options = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    seconds = {}
+    for tp in (1, 4):
+        model = RBLNLlamaForCausalLM.from_model(hf, rbln_batch_size=1, rbln_max_seq_len=256, rbln_prefill_chunk_size=64,
+                                                rbln_tensor_parallel_size=tp)
+        model.generate(ids, **options)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model.generate(ids, **options)
+            best = min(best, time.perf_counter() - started)
+        seconds[tp] = (best, model.generation_stats.tpot_s)
+        model.close()
+    print("\nhost wall time of generate (125M Llama, batch 1, 32 + 32 tokens, bf16, best of "
+          f"{repeats}; simulated TPOT alongside)")
+    print(f"{'TP':>3} | {'host s':>7} | {'simulated TPOT ms':>17}")
+    for tp, (best, tpot) in seconds.items():
+        print(f"{tp:>3} | {best:7.3f} | {tpot * 1e3:17.3f}")
+    print(f"TP 4 / TP 1 host time: {seconds[4][0] / seconds[1][0]:.2f}x (goal <= 1.3x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--skip-host", action="store_true", help="only the simulated table")
+    args = parser.parse_args()
+    simulated_table(args.tp)
+    if not args.skip_host:
+        host_table()
+
+
+if __name__ == "__main__":
+    main()
