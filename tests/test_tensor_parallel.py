@@ -38,6 +38,7 @@ from optimum_npu.compile.compiler import ProgramTooLargeError
 from optimum_npu.compile.frontend import export_graph
 from optimum_npu.compile.tensor_parallel import plan_tensor_parallel
 from optimum_npu.sim_device import memory as device_memory
+from optimum_npu.sim_device import smi
 from test_hostile_artifact import signed, split
 from test_llm_parity import BF16_LOGITS_RTOL, FP16_LOGITS_RTOL, check_device_logits
 
@@ -309,6 +310,8 @@ def test_num_devices_is_an_alias_and_a_wrong_device_list_is_refused_at_load(tmp_
     try:
         generate(loaded, random_prompts((9,), seed=6))
         assert [m.device for m in loaded.generation_stats.memory] == [3, 4]
+        used = {d["index"]: d["memory_used_bytes"] for d in smi.status()["devices"]}  # `optimum-npu smi`
+        assert used[3] == used[4] > 0 and sum(used.values()) == 2 * used[3]
         assert "npu3" in str(loaded.generation_stats) and "npu4" in str(loaded.generation_stats)
         trace = json.loads(Path(loaded.save_trace(tmp_path / "trace.json")).read_text())["traceEvents"]
         devices = {e["pid"] - 1 for e in trace if e.get("ph") == "X" and e["pid"] > 0}
