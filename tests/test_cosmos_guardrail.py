@@ -601,3 +601,37 @@ def test_checker_compiles_the_upstream_layout(tmp_path):
     reference.close()
     with pytest.raises(ValueError, match="has no llamaguard3 checkpoint|Llama-Guard-3-8B"):
         RBLNCosmosSafetyChecker.from_pretrained(upstream, export=True, local_files_only=True)
+
+
+# ---- inside the Cosmos pipeline ------------------------------------------------------------
+
+
+def test_checker_guards_the_cosmos_pipeline(guardrail_source, tmp_path):
+    """The issue's check: with the checker, a blocklisted prompt is refused (naming the guardrail), a
+    clean one produces a video; the checker's time is in the pipeline's stats; it saves and loads
+    with the pipeline."""
+    from optimum_npu.diffusers.pipelines.cosmos import RBLNCosmosTextToWorldPipeline
+    from optimum_npu.testing import build_tiny_cosmos
+
+    checker = RBLNCosmosSafetyChecker.from_pretrained(
+        guardrail_source, export=True, rbln_raise_on_unsafe_prompt=True,
+        rbln_config={"face_blur_filter": {"image_size": (16, 16)}})
+    pipe = RBLNCosmosTextToWorldPipeline.from_pretrained(
+        build_tiny_cosmos(tmp_path / "cosmos"), export=True, safety_checker=checker,
+        rbln_config={"height": 16, "width": 16, "num_frames": 9, "fps": 24, "max_seq_len": 16})
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(height=16, width=16, num_frames=9, fps=24, max_sequence_length=16, num_inference_steps=2,
+                output_type="np")
+    with pytest.raises(UnsafePromptError, match="refused by the Blocklist guardrail.*'zorblax'"):
+        pipe(prompt="Two Zorblaxes walk by", **call)
+    frames = pipe(prompt="a robot arm lifts a red cube", generator=torch.Generator().manual_seed(0), **call).frames
+    assert frames.shape == (1, 9, 16, 16, 3) and checker.last_report.startswith("the video passed")
+    assert pipe.generation_stats.components["safety_checker"].device_s > 0
+
+    pipe.save_pretrained(tmp_path / "compiled")
+    assert (tmp_path / "compiled" / "safety_checker" / "rbln_config.json").is_file()
+    loaded = RBLNCosmosTextToWorldPipeline.from_pretrained(tmp_path / "compiled")
+    assert isinstance(loaded.safety_checker, RBLNCosmosSafetyChecker)
+    assert not loaded.safety_checker.check_text_safety("Two Zorblaxes walk by")
+    checker.close()
+    loaded.safety_checker.close()
