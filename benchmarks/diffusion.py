@@ -103,7 +103,8 @@ def _compile_meta(rbln_class, module, **options):
         program = CompiledModel(program=err.program, tensors=None)
         need = max(err.program.memory.total_bytes(r) for r in range(err.program.memory.num_devices))
         tp = err.smallest_tensor_parallel_size
-        return program.estimated_latency_s, format_gib(need), f"too large for 1 device (TP {tp or '>32'} would fit)"
+        fits = f"TP {tp} would fit" if tp else "needs tensor parallelism, not in this compiler yet"
+        return program.estimated_latency_s, format_gib(need), f"too large for 1 device ({fits})"
 
 
 def device_rows() -> list[tuple[str, str, int, float, str, str]]:
