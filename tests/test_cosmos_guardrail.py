@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -183,7 +185,7 @@ from optimum_npu.cosmos_guardrail.face_blur import (  # noqa: E402
     pixelate,
     select_faces,
 )
-from optimum_npu.testing import TINY_RETINAFACE, build_tiny_retinaface  # noqa: E402
+from optimum_npu.testing.cosmos_guardrail import TINY_RETINAFACE, build_tiny_retinaface  # noqa: E402
 
 FRAME_SIZE = (64, 96)   # (height, width) of the tiny videos
 
@@ -361,7 +363,7 @@ from optimum_npu.cosmos_guardrail.video_filter import (  # noqa: E402
     load_video_safety_model,
     sampled_frames,
 )
-from optimum_npu.testing import TINY_SIGLIP, build_tiny_siglip, build_tiny_video_safety_model  # noqa: E402
+from optimum_npu.testing.cosmos_guardrail import TINY_SIGLIP, build_tiny_siglip, build_tiny_video_safety_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -569,3 +571,33 @@ def test_checker_bad_options_and_folders(guardrail_source, tmp_path):
     with pytest.raises(ValueError, match="not empty and holds no saved RBLNCosmosSafetyChecker"):
         checker.save_pretrained(tmp_path / "other")
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
+def test_checker_compiles_the_upstream_layout(tmp_path):
+    """The upstream checkpoint's files: the detector as Resnet50_Final.pth, the frame classifier as
+    video_content_safety_filter/safety_filter.pt (each with a config.json for the tiny shapes)."""
+    ours = build_tiny_cosmos_guardrail(tmp_path / "ours", blocklist=["zorblax"])
+    upstream = tmp_path / "upstream"
+    shutil.copytree(ours / "blocklist", upstream / "blocklist")
+    shutil.copytree(ours / "video_content_safety_filter" / "siglip_encoder",
+                    upstream / "video_content_safety_filter" / "siglip_encoder")
+    detector = load_retinaface(ours / "face_blur_filter")
+    (upstream / "face_blur_filter").mkdir()
+    torch.save({f"module.{k}": v for k, v in detector.state_dict().items()},
+               upstream / "face_blur_filter" / "Resnet50_Final.pth")
+    detector.config.save_pretrained(upstream / "face_blur_filter")
+    classifier = load_video_safety_model(ours / "video_content_safety_filter" / "safety_filter")
+    torch.save({"model": classifier.state_dict()}, upstream / "video_content_safety_filter" / "safety_filter.pt")
+    classifier.config.save_pretrained(upstream / "video_content_safety_filter")
+
+    checker = RBLNCosmosSafetyChecker.from_pretrained(upstream, export=True, rbln_guard_llm=False,
+                                                      rbln_config=SMALL_FRAMES)
+    reference = RBLNCosmosSafetyChecker.from_pretrained(ours, export=True, rbln_guard_llm=False,
+                                                        rbln_config=SMALL_FRAMES)
+    video = _video(13)
+    np.testing.assert_array_equal(checker.check_video_safety(video), reference.check_video_safety(video))
+    assert not checker.check_text_safety("Two Zorblaxes walk by")
+    checker.close()
+    reference.close()
+    with pytest.raises(ValueError, match="has no llamaguard3 checkpoint|Llama-Guard-3-8B"):
+        RBLNCosmosSafetyChecker.from_pretrained(upstream, export=True, local_files_only=True)

@@ -22,12 +22,18 @@ Each network is a compiled model of its own, with its own options and devices:
 Folder layout (the upstream checkpoint's, so an upstream checkpoint compiles as is, and the
 compiled folder mirrors it):
 
-    blocklist/{custom,exact_match,whitelist}/*     keyword lists (data, copied as is)
-    llamaGuard3/                                   guard LLM (HF checkpoint | compiled decoder)
-    video_content_safety_filter/siglip_encoder/    SigLIP (HF checkpoint | compiled)
-    video_content_safety_filter/safety_filter/     frame classifier (ours | compiled); upstream: safety_filter.pt
-    face_blur_filter/                              RetinaFace (ours | compiled); upstream: Resnet50_Final.pth
+    blocklist/{custom,exact_match,whitelist}/*     keyword lists (data)
+    llamaGuard3/                                   guard LLM: HF checkpoint | compiled decoder
+    video_content_safety_filter/siglip_encoder/    SigLIP: HF checkpoint | compiled
+    video_content_safety_filter/safety_filter/     frame classifier: ours | compiled
+    face_blur_filter/                              RetinaFace: ours | compiled
     rbln_config.json                               (compiled folder only) the checker's options
+
+Upstream, the frame classifier is `video_content_safety_filter/safety_filter.pt`, the detector
+`face_blur_filter/Resnet50_Final.pth` (both read with `torch.load(weights_only=True)`), and the
+guard LLM and SigLIP are downloaded from the Hub (meta-llama/Llama-Guard-3-8B,
+google/siglip-so400m-patch14-384) into `llamaGuard3/` and `video_content_safety_filter/` as
+Hub caches: an export reads that layout too.
 
 A part can be switched off (`blocklist=False`, `guard_llm=False`, `video_filter=False`,
 `face_blur=False`, as `rbln_*` kwargs or `rbln_config` keys); that is logged as a warning, and
@@ -53,7 +59,7 @@ from ..configuration import CONFIG_KWARG, CONFIG_NAME, OPTION_PREFIX, RBLNModelC
     check_int, runtime_option
 from ..modeling.base import HUB_KWARGS, _resolve_folder, hub_kwargs_of
 from .blocklist import Blocklist
-from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, RBLNRetinaFace, RetinaFaceFilter
+from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, UPSTREAM_CHECKPOINT, RBLNRetinaFace, RetinaFaceFilter
 from .guard_llm import DEFAULT_MODEL_ID as GUARD_MODEL_ID
 from .guard_llm import RBLNLlamaGuard3
 from .video_filter import DEFAULT_FRAME_STRIDE, DEFAULT_SIGLIP_ID, UPSTREAM_SAFETY_FILTER, RBLNSiglipVisionModel, RBLNVideoSafetyModel, \
@@ -69,8 +75,12 @@ SUBMODEL_FOLDERS = {
     "video_safety_model": "video_content_safety_filter/safety_filter",
     "face_blur_filter": "face_blur_filter",
 }
-# Sub-models whose upstream checkpoint is a single PyTorch file elsewhere than our folder for them.
-UPSTREAM_FILES = {"video_safety_model": f"video_content_safety_filter/{UPSTREAM_SAFETY_FILTER}"}
+# Sub-models whose upstream checkpoint is a single PyTorch file (read with weights_only=True).
+UPSTREAM_FILES = {"video_safety_model": f"video_content_safety_filter/{UPSTREAM_SAFETY_FILTER}",
+                  "face_blur_filter": f"face_blur_filter/{UPSTREAM_CHECKPOINT}"}
+# Sub-models the upstream guardrail downloads from the Hub: (model id, cache folder in the checkpoint).
+HUB_MODELS = {"llamaguard3": (GUARD_MODEL_ID, "llamaGuard3"),
+              "siglip_encoder": (DEFAULT_SIGLIP_ID, "video_content_safety_filter")}
 BLOCKLIST_FOLDER = "blocklist"
 # Guardrail (its on/off option) -> the sub-models it needs.
 PART_SUBMODELS = {"blocklist": (), "guard_llm": ("llamaguard3",), "video_filter": ("siglip_encoder", "video_safety_model"),
@@ -224,40 +234,57 @@ class RBLNCosmosSafetyChecker:
     def _load_parts(cls, folder: Path, config, options: dict[str, dict], export: bool, hub_kwargs: dict):
         """The four guardrails (None where switched off), compiled from `folder` or loaded from it."""
 
-        def locate(name: str, hub_id: str | None) -> tuple[str | Path, dict]:
-            """Where a sub-model comes from: its folder, or (export only) its Hub id, cached in the folder."""
+        def locate(name: str) -> tuple[str | Path, dict]:
+            """Where a sub-model comes from: its folder (a checkpoint, a compiled model or the upstream
+            PyTorch file); at export, else its Hub id, cached where the upstream guardrail caches it."""
             path = folder / SUBMODEL_FOLDERS[name]
-            if path.is_dir():
+            if any((path / f).is_file() for f in ("config.json", CONFIG_NAME)):
                 return path, {}
             if export and name in UPSTREAM_FILES and (folder / UPSTREAM_FILES[name]).is_file():
                 return (folder / UPSTREAM_FILES[name]).parent, {}
             if not export:
                 raise ValueError(f"{folder} has no compiled {name} ({SUBMODEL_FOLDERS[name]}/): it was switched off at "
                                  "export. Switch its guardrail off here too, or export again with it.")
-            if hub_id is None:
-                raise ValueError(f"{folder} has no {SUBMODEL_FOLDERS[name]}/ for the {name} sub-model")
-            return hub_id, {**hub_kwargs, "cache_dir": hub_kwargs.get("cache_dir", path.parent)}
+            if name not in HUB_MODELS:
+                raise ValueError(f"{folder} has no {name} checkpoint: expected {SUBMODEL_FOLDERS[name]}/ (config.json "
+                                 f"+ weights){f' or {UPSTREAM_FILES[name]}' if name in UPSTREAM_FILES else ''}")
+            hub_id, cache = HUB_MODELS[name]
+            return hub_id, {**hub_kwargs, "cache_dir": hub_kwargs.get("cache_dir", folder / cache)}
 
-        def submodel(model_class, name: str, hub_id: str | None = None):
-            source, extra = locate(name, hub_id)
-            return model_class.from_pretrained(source, export=export, rbln_config=options[name], **extra)
+        def submodel(model_class, name: str):
+            source, extra = locate(name)
+            try:
+                model = model_class.from_pretrained(source, export=export, rbln_config=options[name], **extra)
+            except OSError as err:
+                if not extra:
+                    raise
+                raise ValueError(f"{folder} has no {name} checkpoint ({SUBMODEL_FOLDERS[name]}/), and {source} could "
+                                 f"not be loaded from the Hub (cache {extra['cache_dir']}): {err}") from None
+            built.append(model)
+            return model
 
-        blocklist = guard = video = faces = None
-        if config.blocklist:
-            blocklist = Blocklist.from_path(folder / BLOCKLIST_FOLDER)
-        if config.guard_llm:
-            guard = submodel(RBLNLlamaGuard3, "llamaguard3", GUARD_MODEL_ID)
-        if config.video_filter:
-            from transformers import AutoImageProcessor
+        built = []   # closed (their device memory freed) if a later part fails
+        try:
+            blocklist = guard = video = faces = None
+            if config.blocklist:
+                blocklist = Blocklist.from_path(folder / BLOCKLIST_FOLDER)
+            if config.guard_llm:
+                guard = submodel(RBLNLlamaGuard3, "llamaguard3")
+            if config.video_filter:
+                from transformers import AutoImageProcessor
 
-            encoder = submodel(RBLNSiglipVisionModel, "siglip_encoder", DEFAULT_SIGLIP_ID)
-            source, extra = locate("siglip_encoder", DEFAULT_SIGLIP_ID)
-            processor = AutoImageProcessor.from_pretrained(source, **extra)
-            classifier = submodel(RBLNVideoSafetyModel, "video_safety_model")
-            video = VideoContentSafetyFilter(encoder, classifier, processor, config.frame_stride)
-        if config.face_blur:
-            faces = RetinaFaceFilter(submodel(RBLNRetinaFace, "face_blur_filter"), config.face_confidence,
-                                     config.blur_method)
+                encoder = submodel(RBLNSiglipVisionModel, "siglip_encoder")
+                source, extra = locate("siglip_encoder")
+                processor = AutoImageProcessor.from_pretrained(source, **extra)
+                classifier = submodel(RBLNVideoSafetyModel, "video_safety_model")
+                video = VideoContentSafetyFilter(encoder, classifier, processor, config.frame_stride)
+            if config.face_blur:
+                faces = RetinaFaceFilter(submodel(RBLNRetinaFace, "face_blur_filter"), config.face_confidence,
+                                         config.blur_method)
+        except BaseException:
+            for model in built:
+                model.close()
+            raise
         return blocklist, guard, video, faces
 
     def _submodels(self) -> dict[str, Any]:

@@ -1,0 +1,140 @@
+"""Tiny random diffusers pipelines, as their `save_pretrained` writes them.
+
+- `build_tiny_stable_diffusion(folder)`: a Stable Diffusion pipeline folder (CLIP text encoder
+  and tokenizer, UNet, VAE, PNDM scheduler), as `StableDiffusionPipeline.save_pretrained` writes it.
+- `build_tiny_cosmos(folder)`: a Cosmos text/video-to-world pipeline folder (T5 encoder and
+  tokenizer, Cosmos transformer, Cosmos video VAE, EDM scheduler), without a safety checker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Words of the prompts used in examples and tests: the tiny tokenizers know them (others are <unk>).
+PROMPT_WORDS = (
+    "a an the of on in and with by to robot arm lifts red green blue cube ball two walk cat dog sits mat "
+    "sky car street city person people face video photo painting astronaut horse riding mountain lake"
+).split()
+
+
+def _tiny_clip_tokenizer(model_max_length: int):
+    """A CLIP BPE tokenizer whose vocabulary is every byte-level character plus the words of
+    PROMPT_WORDS (merged letter by letter, so each is one token)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    characters = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *characters, *(c + "</w>" for c in characters)]
+    merges = []
+    for word in PROMPT_WORDS:
+        piece = word[0]
+        for i, letter in enumerate(word[1:], start=1):
+            letter = letter + "</w>" if i == len(word) - 1 else letter
+            merges.append((piece, letter))
+            piece += letter
+            tokens.append(piece)
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=model_max_length)
+
+
+def build_tiny_stable_diffusion(folder: str | os.PathLike, *, seed: int = 0, sample_size: int = 16,
+                                max_seq_len: int = 16) -> str:
+    """Write a tiny Stable Diffusion pipeline (random weights) to `folder`; returns its path.
+
+    Images are `sample_size` pixels square by default; the VAE downsamples by 2 (two blocks),
+    prompts are padded to `max_seq_len` tokens (the tokenizer's model_max_length).
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_clip_tokenizer(max_seq_len)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=max_seq_len, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        sample_size=sample_size, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+    )
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def _tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer whose pieces are the words of PROMPT_WORDS ("▁word"), the rest <unk>."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + word, -1.0) for word in PROMPT_WORDS] + [(",", -1.0), (".", -1.0)]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_cosmos(folder: str | os.PathLike, *, video_to_world: bool = False, seed: int = 0) -> str:
+    """Write a tiny Cosmos-Predict1-shaped text-to-world (or, with `video_to_world=True`,
+    video-to-world: its transformer takes a condition-mask channel) pipeline to `folder`.
+
+    The Cosmos VAE compresses 4x in space and time (patch 2 + one down layer); the transformer
+    has 2 blocks of 2 heads. No safety checker is saved: pass one at load (see
+    `optimum_npu.testing.build_tiny_cosmos_guardrail` when the guardrail is installed).
+    """
+    from diffusers import AutoencoderKLCosmos, CosmosTransformer3DModel, EDMEulerScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    transformer = CosmosTransformer3DModel(
+        in_channels=4 + (1 if video_to_world else 0), out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2.0,
+        text_embed_dim=32, adaln_lora_dim=4, max_size=(4, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0),
+        concat_padding_mask=True, extra_pos_embed_type="learnable",
+    )
+    vae = AutoencoderKLCosmos(
+        in_channels=3, out_channels=3, latent_channels=4, encoder_block_out_channels=(8, 8, 16, 16),
+        decode_block_out_channels=(8, 8, 16, 16), attention_resolutions=(8,), resolution=32, num_layers=1, patch_size=2,
+        patch_type="haar", spatial_compression_ratio=4, temporal_compression_ratio=4, latents_mean=None,
+        latents_std=None,
+    )
+    scheduler = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras",
+                                  num_train_timesteps=1000, prediction_type="epsilon", rho=7.0,
+                                  final_sigmas_type="sigma_min")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("text_encoder", text_encoder), ("transformer", transformer), ("vae", vae),
+                       ("tokenizer", tokenizer), ("scheduler", scheduler)):
+        part.save_pretrained(folder / name)
+    index = {
+        "_class_name": "CosmosVideoToWorldPipeline" if video_to_world else "CosmosTextToWorldPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "CosmosTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLCosmos"],
+        "scheduler": ["diffusers", "EDMEulerScheduler"], "safety_checker": [None, None],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return str(folder)
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
