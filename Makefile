@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/runtime_overhead.py
 	$(PY) benchmarks/llm_generate.py
 	$(PY) benchmarks/diffusion.py
+	$(PY) benchmarks/vision.py
 	$(PY) benchmarks/guardrail.py
 
 clean:

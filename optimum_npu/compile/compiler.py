@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..sim_device.artifact import Artifact
-from ..sim_device.cost_model import CostModel
+from ..sim_device.cost_model import CostModel, RunEstimate, estimate_run
 from ..sim_device.memory import DeviceMemoryError, format_gib
 from ..sim_device.program import (
     DEVICE_DTYPES, DTYPE_NAMES, PROGRAM_DTYPES, Program, Step, StepKind, TensorSpec, dtype_name,
@@ -52,29 +52,32 @@ class CompiledModel(Artifact):
         spec = get_npu_spec(self.program.npu)
         return CostModel(spec, ring=Ring.over(default_group(spec, self.program.tensor_parallel_size)))
 
-    def estimated_costs(self) -> dict[StepKind, float]:
-        """Simulated seconds of one run per step kind (attention priced at full KV length)."""
-        cost_model = self.cost_model()
-        totals = {kind: 0.0 for kind in StepKind}
-        for step in self.program.steps:
-            totals[step.kind] += cost_model.price(step).total_s
-        return totals
+    def estimate(self, kv_len: int | None = None) -> RunEstimate:
+        """Simulated time of one run, priced as the runtime's clock prices it, with attention at
+        `kv_len` KV positions per sequence (its context including this run's tokens; None: the
+        full capacity of the KV cache, the worst case). The estimate says which (`kv_label`)."""
+        if kv_len is not None and (isinstance(kv_len, bool) or not isinstance(kv_len, int) or kv_len < 1):
+            raise ValueError(f"kv_len must be a positive int (KV positions per sequence) or None, got {kv_len!r}")
+        return estimate_run(self.program, self.cost_model(), kv_len)
 
     @property
     def estimated_latency_s(self) -> float:
-        """Simulated time of one run (attention priced at full KV length)."""
-        return self.cost_model().run_overhead() + sum(self.estimated_costs().values())
+        """Simulated time of one run with attention at the full KV capacity (see `estimate`)."""
+        return self.estimate().total_s
 
     def summary(self) -> str:
         p, plan = self.program, self.program.memory
         count = {kind: sum(s.kind == kind for s in p.steps) for kind in StepKind}
-        per_rank = lambda values: " / ".join(format_gib(v) for v in values)  # noqa: E731
+        def per_rank(values: list[int]) -> str:
+            return format_gib(values[0]) if len(set(values)) == 1 else " / ".join(format_gib(v) for v in values)
+
         return (
             f"{p.npu} x{p.tensor_parallel_size}, {p.device_dtype}, numerics={p.numerics}: "
             f"{count[StepKind.KERNEL]} device kernels, {count[StepKind.HOST]} host segments, "
             f"{count[StepKind.H2D] + count[StepKind.D2H]} HDMA copies, {count[StepKind.COLLECTIVE]} collectives; "
             f"per device: weights {per_rank(plan.weights_bytes)}, buffers {per_rank(plan.buffers_bytes)}, "
-            f"activations {per_rank(plan.activations_bytes)}; estimated {self.estimated_latency_s * 1e3:.3f} ms per run"
+            f"activations {per_rank(plan.activations_bytes)}; estimated {self.estimated_latency_s * 1e3:.3f} ms per run "
+            f"({self.estimate().kv_label})"
         )
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.export.graph_signature import InputKind
 
 from ..sim_device.program import TensorShard, TensorSpec, dtype_name, encode_arg
-from .graph_rewrites import canonical_ops, fold_batch_norms, functionalize_inplace
+from .graph_rewrites import share_tied_tensors, canonical_ops, fold_batch_norms, functionalize_inplace
 from .op_support import IGNORED_OPS, Category, Work, categorize, count_work
 
 InputInfo = list[tuple[str, tuple[int, ...], str]]
@@ -103,6 +103,8 @@ def export_graph(module: torch.nn.Module, example_inputs: tuple, input_names: li
                 )
             held[fx_node] = value_tensor.detach()
     read_before = {n for n in placeholders if n.users}
+    share_tied_tensors(module, {spec.target: n for n, spec in zip(placeholders, signature.input_specs)
+                                if spec.kind != InputKind.USER_INPUT})
     canonical_ops(program.graph)
     functionalize_inplace(program.graph)
     fold_batch_norms(program.graph, held)

@@ -10,6 +10,10 @@
   convolution's weight and bias (w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps)
   + beta), so a conv + BN + activation block is one fused kernel, as vendor compilers do.
 
+- `share_tied_tensors`: a tensor the module holds under two names (tied input embedding and
+  LM head) is exported as two placeholders; every reader is pointed at the first, so the device
+  stores it once, as the checkpoint does.
+
 The rewrites change the fx graph in place and, for folding, the tensors of the parameter
 placeholders (`tensors`, a placeholder -> tensor dict; the module's own parameters are never
 modified). A placeholder left without readers is dropped by the frontend.
@@ -113,3 +117,16 @@ def fold_batch_norms(graph: Graph, tensors: dict[Node, torch.Tensor]) -> int:
         graph.erase_node(bn)
         folded += 1
     return folded
+
+
+def share_tied_tensors(module: torch.nn.Module, placeholders: dict[str, Node]) -> None:
+    """Point readers of a tied parameter / buffer's second placeholder at the first one's.
+
+    `placeholders`: the state placeholders by the module attribute path they stand for.
+    """
+    first_name: dict[int, str] = {}
+    held = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in held:
+        first = first_name.setdefault(id(tensor), name)
+        if first != name and first in placeholders and name in placeholders:
+            placeholders[name].replace_all_uses_with(placeholders[first])

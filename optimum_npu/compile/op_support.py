@@ -72,6 +72,13 @@ def categorize(target: str) -> Category:
 class Work:
     flops: float = 0.0          # matrix-engine FLOPs
     vector_flops: float = 0.0   # element-wise / reduction work
+    # A gather (embedding lookup, indexing) reads only this many elements of its first
+    # argument, the table, not the whole table: the rows it picks (0: not a gather).
+    gathered_elements: int = 0
+
+
+# Ops that read rows of their first argument picked by an index tensor, one output element each.
+GATHER_OPS = ("embedding", "index", "index_select", "gather")
 
 
 def _numel(t) -> int:
@@ -101,10 +108,20 @@ def count_work(target: str, category: Category, args: tuple, out) -> Work:
             q, k = args[0], args[1]
             return Work(4.0 * _numel(q) * k.shape[-2], 5.0 * _numel(q) / q.shape[-1] * k.shape[-2])
         return Work(2.0 * out_numel)  # outer, einsum: lower bound
+    if name.startswith(("max_pool", "avg_pool")):
+        # Pooling runs on the vector units: one compare / add per window element of each output.
+        kernel = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        dims = int(name[-2])  # max_pool2d -> 2; a single size stands for every dimension
+        window = math.prod(kernel) if len(kernel) == dims else kernel[0] ** dims
+        return Work(0.0, float(out_numel * window))
+    if name.startswith("adaptive_avg_pool"):
+        return Work(0.0, float(_numel(args[0])))  # every input element is summed once
     if category is Category.NORM:
         return Work(0.0, 5.0 * out_numel)
     if category is Category.REDUCTION:
         return Work(0.0, float(sum(_numel(a) for a in args if hasattr(a, "shape"))))
     if category in (Category.POINTWISE, Category.HOST):
         return Work(0.0, float(out_numel))
+    if name in GATHER_OPS:
+        return Work(gathered_elements=out_numel)
     return Work()

@@ -127,7 +127,7 @@ class Scheduler:
             ops=ops,
             flops=sum(n.work.flops for n in group.nodes),
             vector_flops=sum(n.work.vector_flops for n in group.nodes),
-            bytes_read=sum(self.values[rename[name]].nbytes for name in external),
+            bytes_read=sum(self._bytes_read(name, rename[name], group) for name in external),
             bytes_written=sum(self.values[o].nbytes for o in outputs)
             + sum(self.values[n.outputs[0]].nbytes for n in group.nodes if n.mutates and n.outputs[0]),
             dynamic_cost=any(n.category is Category.ATTENTION for n in group.nodes),
@@ -135,6 +135,15 @@ class Scheduler:
         if step.dynamic_cost:
             self._price_attention(step, group.nodes)
         self.steps.append(step)
+
+    def _bytes_read(self, name: str, device_name: str, group: Group) -> int:
+        """Bytes a kernel reads of input `name`: all of it, or only the rows its gathers pick
+        when gathers (an embedding lookup) are all that read it."""
+        spec = self.values[device_name]
+        readers = [n for n in group.nodes if name in n.inputs]
+        if readers and all(n.work.gathered_elements and n.inputs[0] == name for n in readers):
+            return min(spec.nbytes, sum(n.work.gathered_elements for n in readers) * dtype_size(spec.dtype))
+        return spec.nbytes
 
     def _price_attention(self, step: Step, nodes: list[Node]) -> None:
         """Worst case (every sequence at full length) for the compile-time estimate."""

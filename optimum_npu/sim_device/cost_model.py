@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .program import Step, StepKind
+import torch
+
+from .program import PROGRAM_DTYPES, Program, Ref, Step, StepKind, decode_arg
 from .specs import NPUSpec
 
 
@@ -118,3 +120,56 @@ class CostModel:
             # ops[0].target: "rbln.all_reduce.default"; the size is that of the result on one device
             return self.collective(step.ops[0].target.split(".")[1], step.bytes_written, step.vector_flops)
         return self.hdma(bytes_moved)
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """Simulated time of one run of a program, priced without running it."""
+
+    kv_len: int | None                  # KV positions per sequence attention was priced at; None: full capacity
+    per_kind_s: dict[StepKind, float]   # step time by step kind
+    overhead_s: float                   # per-run submission and sync
+
+    @property
+    def total_s(self) -> float:
+        return self.overhead_s + sum(self.per_kind_s.values())
+
+    @property
+    def kv_label(self) -> str:
+        return "attention at full KV capacity" if self.kv_len is None else f"attention at KV length {self.kv_len}"
+
+
+def attention_work(program: Program, step: Step, kv_len: int) -> tuple[float, int]:
+    """(flops, bytes moved) of an attention step (`Step.dynamic_cost`) when every sequence of
+    the batch has `kv_len` KV positions (its context, this run's tokens included): the
+    pricing the runtime applies to a real run (`kernels.attention_cost`), on shapes only."""
+    from .kernels import KERNEL_OPS, attention_cost
+
+    def meta(arg):
+        if isinstance(arg, Ref):
+            spec = program.values[arg.name]
+            return torch.empty(spec.shape, dtype=PROGRAM_DTYPES[spec.dtype], device="meta")
+        return [meta(a) for a in arg] if isinstance(arg, list) else arg
+
+    float_bytes = PROGRAM_DTYPES[program.device_dtype].itemsize
+    flops, nbytes = 0.0, 0
+    for op in step.ops:
+        if op.target in KERNEL_OPS:
+            args = tuple(meta(decode_arg(a, torch.bfloat16)) for a in op.args)
+            batch = args[4].shape[0]  # block_tables [batch, blocks] of every kernel op
+            f, read, written = attention_cost(op.target, args, float_bytes=float_bytes, kv_lengths=[kv_len] * batch)
+            flops, nbytes = flops + f, nbytes + read + written
+    return flops, nbytes
+
+
+def estimate_run(program: Program, cost_model: CostModel, kv_len: int | None = None) -> RunEstimate:
+    """Price one run of `program` step by step with `cost_model`, as the runtime's clock does;
+    attention at `kv_len` positions per sequence (None: the full capacity, the compile-time worst case)."""
+    per_kind = {kind: 0.0 for kind in StepKind}
+    for step in program.steps:
+        if step.dynamic_cost and kv_len is not None:
+            cost = cost_model.price(step, *attention_work(program, step, kv_len))
+        else:
+            cost = cost_model.price(step)
+        per_kind[step.kind] += cost.total_s
+    return RunEstimate(kv_len, per_kind, cost_model.run_overhead())

@@ -363,13 +363,18 @@ def _has_values(tensor: Tensor) -> bool:
     return not (tensor.is_meta or isinstance(tensor, FakeTensor))
 
 
-def _kv_lengths_read(start_pos: Tensor, block_tables: Tensor, block_size: int, num_tokens: int, sliding_window: int) -> list[int]:
+def _kv_lengths_read(start_pos: Tensor, block_tables: Tensor, block_size: int, num_tokens: int, sliding_window: int,
+                     kv_lengths: list[int] | None) -> list[int]:
     """KV positions each sequence reads for a chunk of num_tokens queries.
 
-    Real tensors: positions 0..start_pos+T-1 (only the window when sliding). Fake/meta
-    tensors: worst case, every sequence at the full length the block table can address.
+    `kv_lengths` given (the planner, the compile-time estimate): those, each the context of a
+    sequence including this chunk. Else from the tensors: real ones give positions
+    0..start_pos+T-1; fake/meta ones the worst case, every sequence at the full length its
+    block table can address.
     """
-    if _has_values(start_pos):
+    if kv_lengths is not None:
+        lengths = list(kv_lengths)
+    elif _has_values(start_pos):
         lengths = [int(p) + num_tokens if p >= 0 else 0 for p in start_pos.tolist()]
     else:
         lengths = [block_tables.shape[1] * block_size] * block_tables.shape[0]
@@ -379,7 +384,8 @@ def _kv_lengths_read(start_pos: Tensor, block_tables: Tensor, block_size: int, n
     return lengths
 
 
-def attention_cost(op_name: str, args: tuple, float_bytes: int | None = None) -> tuple[float, int, int]:
+def attention_cost(op_name: str, args: tuple, float_bytes: int | None = None,
+                   kv_lengths: list[int] | None = None) -> tuple[float, int, int]:
     """(flops, bytes_read, bytes_written) of one call of a kernel op with these args.
 
     `op_name` is one of KERNEL_OPS (an OpOverload is accepted too, via str()); `args`
@@ -390,7 +396,8 @@ def attention_cost(op_name: str, args: tuple, float_bytes: int | None = None) ->
     Softmax work is not counted as FLOPs (it runs on the vector units alongside).
 
     `float_bytes` prices float tensors at the device's width (2) when the host emulates
-    the device in fp32; by default each tensor's own element size is used.
+    the device in fp32; by default each tensor's own element size is used. `kv_lengths`
+    (one per sequence) replaces the lengths read from `start_pos`.
     """
 
     def _nbytes(tensor: Tensor) -> int:
@@ -410,7 +417,7 @@ def attention_cost(op_name: str, args: tuple, float_bytes: int | None = None) ->
         q, k_cache, v_cache, block_tables, start_pos, _scale, sliding_window = args[:7]
         _, num_heads, num_tokens, head_dim = q.shape
         _, num_kv_heads, block_size, _ = k_cache.shape
-        lengths = _kv_lengths_read(start_pos, block_tables, block_size, num_tokens, int(sliding_window))
+        lengths = _kv_lengths_read(start_pos, block_tables, block_size, num_tokens, int(sliding_window), kv_lengths)
         total_kv_positions = sum(lengths)
 
         flops = 4.0 * num_heads * num_tokens * head_dim * total_kv_positions
