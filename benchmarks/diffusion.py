@@ -14,9 +14,9 @@ plan and cost model), each component on one RBLN-CA25 device:
   attention 768, batch 2 for classifier-free guidance), VAE decoder, 512 x 512;
 - Cosmos-Predict1-7B-shaped: T5-XXL encoder (512 tokens), the 7B transformer (28 blocks, hidden
   4096; two calls per step for guidance), the 8x8x8 video VAE decoder, 121 frames of 704 x 1280.
-A component that does not fit one device is marked with the smallest tensor-parallel size that
-would fit, its time as if it ran on one device (this compiler's tensor-parallel pass is not
-available yet, so no split time is given).
+A component that does not fit one device is marked so, with its time as if it ran on one; the
+Cosmos transformer is also compiled at tensor_parallel_size=4 (one ATOM-Max card). The fitting
+components of each pipeline are then placed on an RBLN-CA25 server (32 devices).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from optimum_npu.compile import CompiledModel
 from optimum_npu.compile.compiler import ProgramTooLargeError
+from optimum_npu.diffusers.placement import CA25_SERVER_DEVICES, component_memory, place_components
 from optimum_npu.sim_device.memory import format_gib
 
 PROMPT = "a robot arm lifts a red cube"
@@ -96,18 +97,18 @@ def _compile_meta(rbln_class, module, **options):
     the tensor-parallel size that would fit."""
     try:
         model = rbln_class.from_model(module, rbln_create_runtimes=False, **options)
-        memory = sum(max(g.program.memory.total_bytes(r) for r in range(g.program.memory.num_devices))
-                     for g in model.graphs.values())
-        return sum(g.estimated_latency_s for g in model.graphs.values()), format_gib(memory), ""
     except ProgramTooLargeError as err:
         program = CompiledModel(program=err.program, tensors=None)
         need = max(err.program.memory.total_bytes(r) for r in range(err.program.memory.num_devices))
         tp = err.smallest_tensor_parallel_size
-        fits = f"TP {tp} would fit" if tp else "needs tensor parallelism, not in this compiler yet"
-        return program.estimated_latency_s, format_gib(need), f"too large for 1 device ({fits})"
+        fits = f"TP {tp} would fit" if tp else "no tensor-parallel size fits"
+        return None, program.estimated_latency_s, format_gib(need), f"too large for 1 device ({fits})"
+    memory = component_memory({"model": model})["model"]
+    tp = model.rbln_config.tensor_parallel_size
+    return model, sum(g.estimated_latency_s for g in model.graphs.values()), str(memory), f"TP {tp}" if tp > 1 else ""
 
 
-def device_rows() -> list[tuple[str, str, int, float, str, str]]:
+def device_rows():
     from diffusers import AutoencoderKL, AutoencoderKLCosmos, CosmosTransformer3DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -136,12 +137,20 @@ def device_rows() -> list[tuple[str, str, int, float, str, str]]:
     cosmos = [("text encoder", RBLNT5EncoderModel, t5, 2, {"rbln_max_seq_len": 512}),
               ("transformer (x2 per step)", RBLNCosmosTransformer3DModel, transformer, 2 * 36,
                {"rbln_max_seq_len": 512, "rbln_sample_size": (16, 88, 160), "rbln_fps": 30}),
+              ("transformer TP 4 (x2)", RBLNCosmosTransformer3DModel, transformer, 2 * 36,
+               {"rbln_max_seq_len": 512, "rbln_sample_size": (16, 88, 160), "rbln_fps": 30,
+                "rbln_tensor_parallel_size": 4}),
               ("VAE decoder", RBLNAutoencoderKLCosmos, cosmos_vae, 1, {"rbln_sample_size": (121, 704, 1280)})]
+    placements = {}
     for pipeline, parts in (("SD-1.5 512x512, 50 steps", sd), ("Cosmos-7B 121x704x1280, 36 steps", cosmos)):
+        compiled = {}
         for name, rbln_class, module, calls, options in parts:
-            seconds, memory, note = _compile_meta(rbln_class, module, **options)
-            rows.append((pipeline, name, calls, seconds, memory, note))
-    return rows
+            model, seconds, memory, note = _compile_meta(rbln_class, module, **options)
+            rows.append((pipeline, name, calls, seconds, memory, note, model is not None))
+            if model is not None:
+                compiled[name.split(" (")[0].split(" TP")[0]] = model  # the TP 4 transformer replaces the TP 1 one
+        placements[pipeline] = place_components(component_memory(compiled), "RBLN-CA25", CA25_SERVER_DEVICES)
+    return rows, placements
 
 
 def main() -> None:
@@ -161,16 +170,19 @@ def main() -> None:
             print(f"{name:<32} {ours_s:>8.2f}s {theirs_s:>9.2f}s {ours_s / theirs_s:>14.2f}x {compile_s:>8.1f}s "
                   f"{device_s * 1e3:>14.3f} ms")
     if "device" in args.parts:
-        rows = device_rows()
+        rows, placements = device_rows()
         print(f"\n{'simulated device time (meta, RBLN-CA25, bf16)':<34} {'component':<26} {'per call':>10} "
               f"{'calls':>6} {'total':>10} {'memory':>10}  note")
         totals: dict[str, float] = {}
-        for pipeline, name, calls, seconds, memory, note in rows:
-            totals[pipeline] = totals.get(pipeline, 0.0) + calls * seconds
+        for pipeline, name, calls, seconds, memory, note, fits in rows:
+            totals[pipeline] = totals.get(pipeline, 0.0) + (calls * seconds if fits else 0.0)
             print(f"{pipeline:<34} {name:<26} {seconds * 1e3:>8.2f}ms {calls:>6} {calls * seconds:>9.3f}s "
                   f"{memory:>10}  {note}")
-        for pipeline, total in totals.items():
+        for pipeline, total in totals.items():  # the components that fit (too-large rows are left out)
             print(f"{pipeline:<34} {'whole generation':<26} {'':>10} {'':>6} {total:>9.3f}s")
+        for pipeline, placement in placements.items():
+            print(f"placement on an RBLN-CA25 server ({CA25_SERVER_DEVICES} devices), {pipeline}: "
+                  + ", ".join(f"{name} -> {list(devices)}" for name, devices in placement.items()))
 
 
 if __name__ == "__main__":

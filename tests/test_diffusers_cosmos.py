@@ -69,6 +69,12 @@ def test_text_to_world_matches_diffusers_exactly(folders):
     assert pipe.transformer.rbln_config.batch_size == 1  # CFG calls the transformer twice: no doubled batch
     assert pipe.transformer.rbln_config.sample_size == (3, 4, 4)  # 9 frames, 16 px -> 4x compression
     assert pipe.generation_stats.components["transformer"].calls == 6  # 3 steps x (prompt, negative prompt)
+    # The transformer split over 2 devices (tensor parallelism) gives the same video.
+    split = RBLNCosmosTextToWorldPipeline.from_pretrained(
+        folders[0], export=True, safety_checker=checker,
+        rbln_config={**SHAPE, "numerics": "exact", "transformer": {"tensor_parallel_size": 2, "device": [2, 3]}})
+    assert split.transformer.runtimes["model"].devices == [2, 3]
+    np.testing.assert_allclose(_frames(split), reference, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="unsafe text"):
         pipe(**{**CALL, "prompt": "two zorblax walk by"})
     with pytest.raises(ValueError, match="compiled for rbln_fps=24"):
