@@ -1,7 +1,9 @@
-"""`make demo`: the compiler on three tiny modules, then a Llama generating text on the simulated NPU.
+"""`make demo`: the compiler on three tiny modules, a Llama generating text, then a ResNet
+classifying images, all on the simulated NPU.
 
 Run: `make demo` (or `python examples/demo.py` inside the venv). Part 1 is `quickstart.py`;
-part 2 is `llama/generate.py` (trains a tiny Llama the first time, ~1 min, then reuses it).
+part 2 is `llama/generate.py` (trains a tiny Llama the first time, ~1 min, then reuses it);
+part 3 is `image-classification/classify.py` (trains a tiny ResNet for a few seconds).
 """
 
 import importlib.util
@@ -27,6 +29,8 @@ def main() -> None:
     load_example("quickstart.py").main()
     print("\n" + "=" * 30, "2. a Llama on the simulated NPU (examples/llama/generate.py)", "=" * 30)
     load_example("llama/generate.py").main()
+    print("\n" + "=" * 30, "3. image classification (examples/image-classification/classify.py)", "=" * 30)
+    load_example("image-classification/classify.py").main()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ CONFIG_NAME = "rbln_config.json"
 OPTION_PREFIX = "rbln_"          # `from_pretrained(rbln_batch_size=4)` sets option `batch_size`
 CONFIG_KWARG = "rbln_config"     # `from_pretrained(rbln_config={...} or a config object)`
 
+# Other names of options: newer optimum-rbln calls the tensor-parallel size `num_devices`.
+OPTION_ALIASES = {"num_devices": "tensor_parallel_size"}
+
 # An ATOM-Max server holds 8 cards; tensor parallelism may span at most one server.
 MAX_CARDS_PER_SERVER = 8
 
@@ -172,6 +175,19 @@ def _normalize_graphs(graphs: Mapping[str, Any]) -> Mapping[str, tuple[InputInfo
             specs.append((name, tuple(shape), dtype))
         normalized[graph_name] = tuple(specs)
     return MappingProxyType(normalized)
+
+
+def _resolve_aliases(options: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """`options` with alias names replaced by the option they name (both given: they must agree)."""
+    resolved = dict(options)
+    for alias, name in OPTION_ALIASES.items():
+        if alias in resolved:
+            value = resolved.pop(alias)
+            if name in resolved and resolved[name] != value:
+                raise ValueError(f"{prefix}{alias}={value!r} and {prefix}{name}={resolved[name]!r} disagree: "
+                                 f"{prefix}{alias} is another name for {prefix}{name}; give one of them")
+            resolved[name] = value
+    return resolved
 
 
 def _to_json(value: Any) -> Any:
@@ -327,10 +343,12 @@ class RBLNModelConfig:
         remaining = dict(kwargs)
         base = remaining.pop(CONFIG_KWARG, None)
         rbln_keys = [key for key in remaining if key.startswith(OPTION_PREFIX)]
-        overrides = {key.removeprefix(OPTION_PREFIX): remaining.pop(key) for key in rbln_keys}
+        overrides = _resolve_aliases({key.removeprefix(OPTION_PREFIX): remaining.pop(key) for key in rbln_keys},
+                                     OPTION_PREFIX)
         if base is None:
             options = {}
         elif isinstance(base, Mapping):
+            base = _resolve_aliases(base, "")
             cls._check_option_names(base, prefix="", where=f"in {CONFIG_KWARG}")
             options = dict(base)
         elif isinstance(base, RBLNModelConfig):

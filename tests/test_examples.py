@@ -1,4 +1,5 @@
-"""The examples run as they are: quickstart, the Llama generation script and its notebook.
+"""The examples run as they are: quickstart, the Llama generation script and its notebook, the
+image classification script and its notebook.
 
 The Llama is trained for fewer steps than the example's default (the test checks the flow and
 the exact-numerics parity, not the prose), once per module, in a temporary folder.
@@ -112,10 +113,11 @@ def test_llama_generate_example(tiny_llama, tmp_path, capsys):
     assert {"Neural Engine Clusters", "Task DMA"} <= tracks
 
 
-def test_demo_runs_both_examples():
+def test_demo_runs_the_examples():
     demo = load_example("demo.py")
     assert callable(demo.load_example("quickstart.py").main)
     assert callable(demo.load_example("llama/generate.py").main)
+    assert callable(demo.load_example("image-classification/classify.py").main)
 
 
 def test_notebook_is_committed_without_outputs():
@@ -160,3 +162,48 @@ def test_cosmos_guardrail_example(tmp_path):
     assert result.video_report.startswith("the video passed: 3 sampled frame(s) classified safe")
     assert all(seconds > 0 for seconds in result.simulated_time_s.values())
     assert (result.compiled_folder / "rbln_config.json").is_file() and (tmp_path / "video.gif").is_file()
+
+
+# ---- image classification ----------------------------------------------------------------
+
+IMAGE_NOTEBOOK = EXAMPLES / "image-classification" / "image_classification_on_npu.ipynb"
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet(tmp_path_factory) -> Path:
+    return load_example("image-classification/classify.py").build(tmp_path_factory.mktemp("tiny-resnet"))
+
+
+def test_image_classification_example(tiny_resnet, tmp_path, capsys):
+    result = load_example("image-classification/classify.py").main(model_dir=tiny_resnet, out_dir=tmp_path)
+    printed = capsys.readouterr().out
+    assert result.predicted == result.hf_predicted  # the compiled model names what the HF model names
+    assert "top-1 equal to the HF model's: True" in printed and "is not supported" not in printed
+    stats = result.stats
+    assert (stats.samples, stats.compiled_batch_size, stats.runs) == (6, 4, 2) and stats.samples_per_s > 0
+    assert {p.name for p in (tmp_path / "compiled").iterdir()} == {
+        "model.rbln", "rbln_config.json", "config.json", "preprocessor_config.json"}
+    _check_trace(result.trace_path)
+    assert result.kernels["conv2d+relu"] and result.kernels["conv2d+add+relu"]  # fused, batch norms folded
+    assert not any("batch_norm" in name for name in result.kernels)
+
+
+def test_image_notebook_is_committed_without_outputs_and_runs(tiny_resnet, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(IMAGE_NOTEBOOK, as_version=4)
+    assert all(not c.outputs and c.execution_count is None for c in nb.cells if c.cell_type == "code")
+    monkeypatch.setenv("IMAGE_CLASSIFICATION_MODEL_DIR", str(tiny_resnet))
+    monkeypatch.setenv("IMAGE_CLASSIFICATION_OUT", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(IMAGE_NOTEBOOK.parent)}}).execute()
+    outputs = "".join(
+        o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "RBLNResNetForImageClassification(graphs=['model']" in outputs
+    assert "compiled for 3-channel images of 32x32" in outputs
+    assert "conv2d+add+relu" in outputs
+    _check_trace(tmp_path / "trace.json")

@@ -216,6 +216,8 @@ def test_a_plain_cnn_folds_batch_norms_and_fuses_conv_activation_and_residual(tm
     kernels = [s.name for s in compiled.program.steps if s.kind == "kernel" and not s.name.startswith(("input", "output"))]
     assert kernels == ["conv2d+relu", "conv2d+add+relu", "max_pool2d"]
     assert not any("running" in w.name for w in compiled.program.weights)  # statistics folded away
+    (pool,) = [s for s in compiled.program.steps if s.name == "max_pool2d"]
+    assert pool.vector_flops == (2 * 8 * 8 * 8) * (2 * 2)  # a compare per element of each 2x2 window
     with compiled.create_runtime(activate_profiler=True) as runtime:
         torch.testing.assert_close(runtime.run(x), module(x), atol=1e-5, rtol=1e-5)
         trace = json.loads(open(runtime.save_trace(tmp_path / "trace.json")).read())
@@ -262,3 +264,41 @@ def test_inplace_math_on_intermediates_compiles_and_device_state_writes_stay():
     with compiled.create_runtime() as runtime:
         torch.testing.assert_close(runtime.run(x), expected)
         torch.testing.assert_close(runtime.run(x), expected)
+
+
+def test_dtype_npu_and_runtime_options(tmp_path):
+    hf = make("resnet")
+    x = images(2)
+    with torch.no_grad():
+        ref = hf(pixel_values=x).logits
+    fp16 = RBLNResNetForImageClassification.from_model(hf, rbln_dtype="float16", rbln_device=1, **OPTIONS)
+    assert (fp16(x).logits - ref).abs().max().item() <= 0.01 * ref.abs().max().item()  # 11-bit mantissa
+    assert [m.device for m in fp16.inference_stats.memory] == [1]
+    assert fp16.graphs["model"].program.device_dtype == "float16"
+    fp16.close()
+    offline = RBLNResNetForImageClassification.from_model(hf, rbln_create_runtimes=False, rbln_npu="RBLN-CR03", **OPTIONS)
+    assert offline.graphs["model"].program.npu == "RBLN-CR03"
+    with pytest.raises(RuntimeError, match="rbln_create_runtimes=False"):
+        offline(x)
+    folder = offline.save_pretrained(tmp_path / "cr03")
+    with pytest.raises(ValueError, match="RBLN-CR03"):  # this machine has only RBLN-CA25 devices
+        RBLNResNetForImageClassification.from_pretrained(folder, rbln_device=0)
+
+
+@pytest.mark.heavy
+def test_resnet50_on_meta_runs_each_conv_block_as_one_kernel():
+    """A ResNet-50 (no weights: meta device): every convolution carries its folded batch norm and
+    its activation (or residual add + activation); the device stores conv weights and one bias
+    per conv output channel, nothing of the batch norms' statistics."""
+    with torch.device("meta"):
+        hf = ResNetForImageClassification(ResNetConfig(num_labels=1000))
+    model = RBLNResNetForImageClassification.from_model(hf, rbln_image_size=224, rbln_batch_size=8,
+                                                        rbln_create_runtimes=False)
+    program = model.graphs["model"].program
+    kernels = [s.name for s in program.steps if s.kind == "kernel"]
+    convs = [m for m in hf.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(name.startswith("conv2d") for name in kernels) == len(convs) == 53
+    assert kernels.count("conv2d+add+relu") == 16  # one per bottleneck block
+    assert not any("batch_norm" in name for name in kernels)
+    stored = sum(c.weight.numel() + c.out_channels for c in convs) + sum(p.numel() for p in hf.classifier.parameters())
+    assert sum(w.nbytes for w in program.weights) == 2 * stored  # bf16

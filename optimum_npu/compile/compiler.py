@@ -68,7 +68,9 @@ class CompiledModel(Artifact):
     def summary(self) -> str:
         p, plan = self.program, self.program.memory
         count = {kind: sum(s.kind == kind for s in p.steps) for kind in StepKind}
-        per_rank = lambda values: " / ".join(format_gib(v) for v in values)  # noqa: E731
+        def per_rank(values: list[int]) -> str:
+            return format_gib(values[0]) if len(set(values)) == 1 else " / ".join(format_gib(v) for v in values)
+
         return (
             f"{p.npu} x{p.tensor_parallel_size}, {p.device_dtype}, numerics={p.numerics}: "
             f"{count[StepKind.KERNEL]} device kernels, {count[StepKind.HOST]} host segments, "

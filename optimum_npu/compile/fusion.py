@@ -8,6 +8,10 @@ kernel made only of views is absorbed by the heavy op consuming them. Host-fallb
 never fuse with device ops; consecutive ones form one host segment. A collective (inserted by
 the tensor-parallel pass) is a step of its own.
 
+With batch norms folded into the convolutions before them (graph_rewrites.py), a CNN block
+conv + BN + ReLU becomes one `conv2d+relu` kernel and a residual block's last conv + BN + add +
+ReLU one `conv2d+add+relu` kernel.
+
 Groups are contiguous runs of the program order, so the schedule stays valid as is.
 """
 
@@ -47,10 +51,14 @@ class Group:
 
     @property
     def name(self) -> str:
-        ops = [n.target.split(".")[1] for n in self.nodes if n.category is not Category.LAYOUT] or [
-            n.target.split(".")[1] for n in self.nodes
-        ]
+        ops = [_label(n) for n in self.nodes if n.category is not Category.LAYOUT] or [_label(n) for n in self.nodes]
         return "+".join(ops) if len(ops) <= 4 else "+".join(ops[:3]) + f"+...({len(ops)} ops)"
+
+
+def _label(node: Node) -> str:
+    """'linear' for aten.linear.default; an all-reduce fused with the residual add is 'all_reduce+add'."""
+    name = node.target.split(".")[1]
+    return name + "+add" if node.category is Category.COLLECTIVE and len(node.args) == 2 and name == "all_reduce" else name
 
 
 def _joins(group: Group | None, node: Node) -> bool:

@@ -110,6 +110,14 @@ def count_work(target: str, category: Category, args: tuple, out) -> Work:
             q, k = args[0], args[1]
             return Work(4.0 * _numel(q) * k.shape[-2], 5.0 * _numel(q) / q.shape[-1] * k.shape[-2], rows=q.shape[-2])
         return Work(2.0 * out_numel)  # outer, einsum: lower bound
+    if name.startswith(("max_pool", "avg_pool")):
+        # Pooling runs on the vector units: one compare / add per window element of each output.
+        kernel = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        dims = int(name[-2])  # max_pool2d -> 2; a single size stands for every dimension
+        window = math.prod(kernel) if len(kernel) == dims else kernel[0] ** dims
+        return Work(0.0, float(out_numel * window))
+    if name.startswith("adaptive_avg_pool"):
+        return Work(0.0, float(_numel(args[0])))  # every input element is summed once
     if category is Category.NORM:
         return Work(0.0, 5.0 * out_numel)
     if category is Category.REDUCTION:

@@ -261,9 +261,9 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         that fits) if the program does not fit."""
         with torch.device("meta"):
             meta_model = type(hf_model)(hf_model.config)
-            caches = [(torch.empty(layout.block_shape, dtype=DEVICE_DTYPE[config.dtype]),) * 2
+            caches = [tuple(torch.empty(layout.block_shape, dtype=DEVICE_DTYPE[config.dtype]) for _ in "kv")
                       for _ in range(layout.num_layers)]
-            rope = (torch.empty(config.max_seq_len, layout.head_dim),) * 2
+            rope = tuple(torch.empty(config.max_seq_len, layout.head_dim) for _ in ("cos", "sin"))
             prefill = cls._decoder_graphs(meta_model, config, merge_layers(meta_model), caches, rope)[0]
         try:
             program = compile_from_torch(prefill.module, input_info=list(prefill.input_info), npu=config.npu,

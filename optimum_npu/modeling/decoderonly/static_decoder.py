@@ -80,7 +80,7 @@ def layer_sliding_windows(config) -> list[int]:
 def _merge_linears(*linears: nn.Linear) -> nn.Linear:
     """One Linear computing the given ones side by side (outputs concatenated)."""
     merged = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears),
-                       bias=any(lin.bias is not None for lin in linears))
+                       bias=any(lin.bias is not None for lin in linears), device=linears[0].weight.device)
     merged = merged.to(dtype=linears[0].weight.dtype)
     with torch.no_grad():
         merged.weight.copy_(torch.cat([lin.weight for lin in linears]))
