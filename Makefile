@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/llm_generate.py
 	$(PY) benchmarks/vision.py
 	$(PY) benchmarks/guardrail.py
+	$(PY) benchmarks/calibration.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

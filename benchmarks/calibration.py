@@ -53,7 +53,7 @@ def qwen3_4b_config() -> Qwen3Config:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensor-parallel-size", type=int, default=4)
-    parser.add_argument("--decode-context", type=int, default=2048,
+    parser.add_argument("--decode-context", type=int, default=1088,
                         help="KV positions per sequence at which decode steps are priced")
     args = parser.parse_args()
 

@@ -33,7 +33,7 @@ class Calibration:
     # pays a pipeline fill / drain worth `matmul_fill_rows` rows. Large products sustain
     # `matmul_peak_utilisation` of the spec-sheet peak. Utilisation at M rows:
     #     u(M) = matmul_peak_utilisation * M / (ceil(M / tile) * tile + fill)
-    matmul_peak_utilisation: float = 0.50
+    matmul_peak_utilisation: float = 0.60
     matmul_tile_rows: int = 8
     matmul_fill_rows: int = 48
     # Element-wise and reduction work runs on the vector units (estimate: 1/16 of the matrix
