@@ -334,6 +334,7 @@ class RBLNDiffusionPipelineMixin:
             elif runs > runs_before:
                 stats.components[name] = ComponentStats(runs - runs_before, seconds - seconds_before)
         self.generation_stats = stats
+        logger.info("%s\n%s", type(self).__name__, stats)
         return output
 
     def device_memory(self) -> dict[str, list]:
