@@ -32,8 +32,10 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/runtime_overhead.py
 	$(PY) benchmarks/llm_generate.py
+	$(PY) benchmarks/diffusion.py
 	$(PY) benchmarks/vision.py
 	$(PY) benchmarks/guardrail.py
+	$(PY) benchmarks/calibration.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -69,8 +69,10 @@ def real_shapes(frames: int) -> None:
             return self.model(pixel_values=pixel_values).pooler_output
 
     for name, module, info, calls in (
-        ("face_blur_filter (RetinaFace-R50, 704x1280)", retinaface, [("pixel_values", [1, 3, 704, 1280], "float32")], frames),
-        ("siglip_encoder (so400m/14, 384x384)", Pooled(siglip), [("pixel_values", [1, 3, 384, 384], "float32")], sampled),
+        ("face_blur_filter (RetinaFace-R50, 704x1280)", retinaface, [("pixel_values", [1, 3, 704, 1280], "float32")],
+         frames),
+        ("siglip_encoder (so400m/14, 384x384)", Pooled(siglip), [("pixel_values", [1, 3, 384, 384], "float32")],
+         sampled),
         ("video_safety_model (MLP 1152->7)", mlp, [("embeddings", [1, 1152], "float32")], sampled),
     ):
         compiled = compile_from_torch(module, input_info=info)

@@ -30,13 +30,14 @@ def _one_torch_thread():
 
 # ---- blocklist ---------------------------------------------------------------------------
 
-BLOCKLIST = Blocklist(custom=["zorblax", "ass", "blue whale"], exact_match=["Forbidden Phrase"], whitelist=["bass"])
+BLOCKLIST = Blocklist(custom=["zorblax", "ass", "blue whale", "corn"], exact_match=["Forbidden Phrase"],
+                      whitelist=["bass"])
 
 
 @pytest.mark.parametrize("prompt", [
     "Two Zorblaxes walk by", "a zorblax", "ZORBLAX", "zorblaxing in the street", "zor-blax", "zor.blax",
     "z o r b l a x", "z0rbl4x", "Z0RBL4X!", "zörblax", "zorbl@x", "zorblax,fine", "the ass", "two blue whales",
-    "blue, whale", "a forbidden phrase here",
+    "blue, whale", "a forbidden phrase here", "two corns",
 ])
 def test_blocklist_blocks_variants(prompt):
     safe, message = BLOCKLIST.is_safe(prompt)
@@ -46,7 +47,7 @@ def test_blocklist_blocks_variants(prompt):
 
 @pytest.mark.parametrize("prompt", [
     "a robot arm lifts a red cube", "a class of assemblies", "a big bass", "the blue sky and a whale",
-    "zorblaks", "forbidden phrases",
+    "zorblaks", "forbidden phrases", "a corner of the garden",
 ])
 def test_blocklist_passes_clean_prompts(prompt):
     assert BLOCKLIST.is_safe(prompt) == (True, "no blocklisted keyword")
@@ -72,7 +73,7 @@ def test_blocklist_loads_upstream_folder_layout_and_single_file(tmp_path):
     BLOCKLIST.save(tmp_path / "blocklist")
     (tmp_path / "blocklist" / "custom" / "more.txt").write_text("# a comment\n\nflurbo\n")
     loaded = Blocklist.from_path(tmp_path / "blocklist")
-    assert loaded.custom == ["zorblax", "ass", "blue whale", "flurbo"]
+    assert loaded.custom == ["zorblax", "ass", "blue whale", "corn", "flurbo"]
     assert loaded.whitelist == ["bass"] and loaded.exact_match == ["Forbidden Phrase"]
     assert not loaded.is_safe("three flurbos")[0] and loaded.is_safe("a big bass")[0]
 
@@ -201,7 +202,8 @@ def test_retinaface_has_the_upstream_checkpoint_layout():
                 "ClassHead.0.conv1x1.weight", "BboxHead.2.conv1x1.bias", "LandmarkHead.1.conv1x1.weight"):
         assert key in keys
     assert not any(k.startswith("body.fc") or k.startswith("body.avgpool") for k in keys)
-    assert sum(1 for k in keys if k.startswith("body.layer3.") and k.endswith("conv1.weight")) == 6   # ResNet-50: 3-4-6-3
+    # ResNet-50: 3-4-6-3 blocks
+    assert sum(1 for k in keys if k.startswith("body.layer3.") and k.endswith("conv1.weight")) == 6
     assert model.ClassHead[0].conv1x1.out_channels == 4 and model.LandmarkHead[0].conv1x1.out_channels == 20
 
 
@@ -363,7 +365,11 @@ from optimum_npu.cosmos_guardrail.video_filter import (  # noqa: E402
     load_video_safety_model,
     sampled_frames,
 )
-from optimum_npu.testing.cosmos_guardrail import TINY_SIGLIP, build_tiny_siglip, build_tiny_video_safety_model  # noqa: E402
+from optimum_npu.testing.cosmos_guardrail import (  # noqa: E402
+    TINY_SIGLIP,
+    build_tiny_siglip,
+    build_tiny_video_safety_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +385,8 @@ def _torch_frame_labels(siglip_folder, classifier_folder, frames) -> list[int]:
 
     pixels = AutoImageProcessor.from_pretrained(siglip_folder)(images=list(frames), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        features = SiglipModel.from_pretrained(siglip_folder).eval().get_image_features(pixel_values=pixels).pooler_output
+        siglip = SiglipModel.from_pretrained(siglip_folder).eval()
+        features = siglip.get_image_features(pixel_values=pixels).pooler_output
         features = features / features.norm(dim=-1, keepdim=True)
         return load_video_safety_model(classifier_folder)(features).argmax(-1).tolist(), features
 
@@ -601,3 +608,37 @@ def test_checker_compiles_the_upstream_layout(tmp_path):
     reference.close()
     with pytest.raises(ValueError, match="has no llamaguard3 checkpoint|Llama-Guard-3-8B"):
         RBLNCosmosSafetyChecker.from_pretrained(upstream, export=True, local_files_only=True)
+
+
+# ---- inside the Cosmos pipeline ------------------------------------------------------------
+
+
+def test_checker_guards_the_cosmos_pipeline(guardrail_source, tmp_path):
+    """The issue's check: with the checker, a blocklisted prompt is refused (naming the guardrail), a
+    clean one produces a video; the checker's time is in the pipeline's stats; it saves and loads
+    with the pipeline."""
+    from optimum_npu.diffusers.pipelines.cosmos import RBLNCosmosTextToWorldPipeline
+    from optimum_npu.testing import build_tiny_cosmos
+
+    checker = RBLNCosmosSafetyChecker.from_pretrained(
+        guardrail_source, export=True, rbln_raise_on_unsafe_prompt=True,
+        rbln_config={"face_blur_filter": {"image_size": (16, 16)}})
+    pipe = RBLNCosmosTextToWorldPipeline.from_pretrained(
+        build_tiny_cosmos(tmp_path / "cosmos"), export=True, safety_checker=checker,
+        rbln_config={"height": 16, "width": 16, "num_frames": 9, "fps": 24, "max_seq_len": 16})
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(height=16, width=16, num_frames=9, fps=24, max_sequence_length=16, num_inference_steps=2,
+                output_type="np")
+    with pytest.raises(UnsafePromptError, match="refused by the Blocklist guardrail.*'zorblax'"):
+        pipe(prompt="Two Zorblaxes walk by", **call)
+    frames = pipe(prompt="a robot arm lifts a red cube", generator=torch.Generator().manual_seed(0), **call).frames
+    assert frames.shape == (1, 9, 16, 16, 3) and checker.last_report.startswith("the video passed")
+    assert pipe.generation_stats.components["safety_checker"].device_s > 0
+
+    pipe.save_pretrained(tmp_path / "compiled")
+    assert (tmp_path / "compiled" / "safety_checker" / "rbln_config.json").is_file()
+    loaded = RBLNCosmosTextToWorldPipeline.from_pretrained(tmp_path / "compiled")
+    assert isinstance(loaded.safety_checker, RBLNCosmosSafetyChecker)
+    assert not loaded.safety_checker.check_text_safety("Two Zorblaxes walk by")
+    checker.close()
+    loaded.safety_checker.close()

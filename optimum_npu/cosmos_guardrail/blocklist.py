@@ -51,8 +51,8 @@ def word_forms(word: str) -> set[str]:
     """The word and its candidate stems: plural and inflection suffixes removed (a light lemmatiser
     that over-generates on purpose: a candidate only matters if it is a blocklisted keyword)."""
     forms = {word}
-    rules = (("ies", "y"), ("ves", "f"), ("es", ""), ("s", ""), ("ing", ""), ("ing", "e"), ("ed", ""), ("ed", "e"),
-             ("er", ""), ("ers", ""))
+    # Plurals and verb inflections only: "-er" / "-ness" make other words ("corner" is not "corn").
+    rules = (("ies", "y"), ("ves", "f"), ("es", ""), ("s", ""), ("ing", ""), ("ing", "e"), ("ed", ""), ("ed", "e"))
     for suffix, replacement in rules:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
             stem = word[: len(word) - len(suffix)] + replacement

@@ -62,8 +62,15 @@ from .blocklist import Blocklist
 from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, UPSTREAM_CHECKPOINT, RBLNRetinaFace, RetinaFaceFilter
 from .guard_llm import DEFAULT_MODEL_ID as GUARD_MODEL_ID
 from .guard_llm import RBLNLlamaGuard3
-from .video_filter import DEFAULT_FRAME_STRIDE, DEFAULT_SIGLIP_ID, UPSTREAM_SAFETY_FILTER, RBLNSiglipVisionModel, RBLNVideoSafetyModel, \
-    VideoContentSafetyFilter, check_video_frames
+from .video_filter import (
+    DEFAULT_FRAME_STRIDE,
+    DEFAULT_SIGLIP_ID,
+    UPSTREAM_SAFETY_FILTER,
+    RBLNSiglipVisionModel,
+    RBLNVideoSafetyModel,
+    VideoContentSafetyFilter,
+    check_video_frames,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +90,8 @@ HUB_MODELS = {"llamaguard3": (GUARD_MODEL_ID, "llamaGuard3"),
               "siglip_encoder": (DEFAULT_SIGLIP_ID, "video_content_safety_filter")}
 BLOCKLIST_FOLDER = "blocklist"
 # Guardrail (its on/off option) -> the sub-models it needs.
-PART_SUBMODELS = {"blocklist": (), "guard_llm": ("llamaguard3",), "video_filter": ("siglip_encoder", "video_safety_model"),
-                  "face_blur": ("face_blur_filter",)}
+PART_SUBMODELS = {"blocklist": (), "guard_llm": ("llamaguard3",),
+                  "video_filter": ("siglip_encoder", "video_safety_model"), "face_blur": ("face_blur_filter",)}
 # Checker options passed on to every sub-model unless its own sub-config sets them.
 BROADCAST_OPTIONS = ("npu", "dtype", "numerics", "create_runtimes", "activate_profiler", "device")
 VIDEO_SUBMODELS = ("siglip_encoder", "video_safety_model", "face_blur_filter")   # batch_size goes to these
@@ -177,7 +184,8 @@ class RBLNCosmosSafetyChecker:
         hub_kwargs = hub_kwargs_of(kwargs, pop=True)
         own, per_model = _split_submodel_options(kwargs.pop(CONFIG_KWARG, None))
         given = own.explicit_options() if isinstance(own, RBLNModelConfig) else dict(own or {})
-        asked = {**given, **{k.removeprefix(OPTION_PREFIX): v for k, v in kwargs.items() if k.startswith(OPTION_PREFIX)}}
+        asked = {**given, **{k.removeprefix(OPTION_PREFIX): v for k, v in kwargs.items()
+                             if k.startswith(OPTION_PREFIX)}}
         kwargs[CONFIG_KWARG] = own
         folder = _resolve_folder(model_id, hub_kwargs)
         if export:
@@ -210,8 +218,8 @@ class RBLNCosmosSafetyChecker:
             folders = [SUBMODEL_FOLDERS[n] for n in names] or [BLOCKLIST_FOLDER]
             if getattr(config, part) and not all((folder / f).is_dir() for f in folders):
                 if asked.get(part) is True:
-                    raise ValueError(f"{folder} was saved without the {part} guardrail ({', '.join(folders)}/ missing): "
-                                     f"it cannot be switched on at load; export the checker again with it.")
+                    raise ValueError(f"{folder} was saved without the {part} guardrail ({', '.join(folders)}/ "
+                                     "missing): it cannot be switched on at load; export the checker again with it.")
                 missing[part] = False
         if missing:
             logger.warning("Cosmos guardrail: %s not in the compiled folder %s (switched off at export)",
@@ -314,8 +322,8 @@ class RBLNCosmosSafetyChecker:
             except (OSError, ValueError):
                 ours = False
             if not ours:
-                raise ValueError(f"Cannot save into {target}: it is not empty and holds no saved {type(self).__name__}. "
-                                 "Save into a new or empty folder.")
+                raise ValueError(f"Cannot save into {target}: it is not empty and holds no saved "
+                                 f"{type(self).__name__}. Save into a new or empty folder.")
             self._write(target)
             return str(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -364,9 +372,10 @@ class RBLNCosmosSafetyChecker:
             safe, message = self.video_filter.is_safe(frames)
             if not safe:
                 self.last_report = f"the video was refused by the {self.video_filter.name} guardrail: {message}"
+                raising = self.rbln_config.on_unsafe_video == "raise"
                 logger.critical("GUARDRAIL BLOCKED: %s; %s", self.last_report,
-                                "raising" if self.rbln_config.on_unsafe_video == "raise" else "every frame replaced by black")
-                if self.rbln_config.on_unsafe_video == "raise":
+                                "raising" if raising else "every frame replaced by black")
+                if raising:
                     raise UnsafeVideoError(f"Cosmos guardrail: {self.last_report}")
                 return np.zeros_like(frames)
             report.append(message)
@@ -407,8 +416,7 @@ class RBLNCosmosSafetyChecker:
 
     def device_memory(self) -> dict[str, list]:
         """Device memory per sub-model (each on its own devices)."""
-        return {name: (model.model if name == "llamaguard3" else model).device_memory()
-                for name, model in self._submodels().items()}
+        return {name: model.device_memory() for name, model in self._submodels().items()}
 
     def close(self) -> None:
         """Free the device memory of every sub-model."""

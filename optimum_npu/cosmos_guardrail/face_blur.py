@@ -198,7 +198,8 @@ class RetinaFaceModel(PreTrainedModel):
     def __init__(self, config: RetinaFaceConfig):
         super().__init__(config)
         if config.fpn_channels % 4:
-            raise ValueError(f"fpn_channels must be a multiple of 4 (the SSH module splits it); got {config.fpn_channels}")
+            raise ValueError(f"fpn_channels must be a multiple of 4 (the SSH module splits it); "
+                             f"got {config.fpn_channels}")
         channels, anchors = config.fpn_channels, config.anchors_per_position
         self.body = ResNetBody(config.backbone_depths, config.backbone_width)
         self.fpn = FPN(ResNetBody.channels(config.backbone_width), channels)
@@ -249,8 +250,8 @@ def anchor_priors(config: RetinaFaceConfig, height: int, width: int) -> torch.Te
         cy = (torch.arange(rows, dtype=torch.float64) + 0.5) * step / height
         cx = (torch.arange(cols, dtype=torch.float64) + 0.5) * step / width
         grid_y, grid_x = torch.meshgrid(cy, cx, indexing="ij")
-        for_size = [torch.stack([grid_x, grid_y, torch.full_like(grid_x, s / width), torch.full_like(grid_y, s / height)],
-                                dim=-1) for s in sizes]
+        for_size = [torch.stack([grid_x, grid_y, torch.full_like(grid_x, s / width),
+                                 torch.full_like(grid_y, s / height)], dim=-1) for s in sizes]
         priors.append(torch.stack(for_size, dim=2).reshape(-1, 4))
     return torch.cat(priors).float()
 

@@ -140,6 +140,9 @@ class RBLNLlamaGuard3:
         verdict = self.classify(prompt)
         return verdict.safe, verdict.describe(self.categories)
 
+    def device_memory(self) -> list:
+        return self.model.device_memory()
+
     def close(self) -> None:
         self.model.close()
 

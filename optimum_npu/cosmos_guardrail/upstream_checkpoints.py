@@ -25,7 +25,8 @@ def load_torch_checkpoint(path: Path):
 
 def load_exact_state_dict(model: torch.nn.Module, state, path: Path) -> torch.nn.Module:
     """`model` with the weights of `state` (read from `path`), refused unless they match it exactly."""
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ValueError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
