@@ -486,7 +486,7 @@ def guardrail_source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checker(guardrail_source):
     checker = RBLNCosmosSafetyChecker.from_pretrained(guardrail_source, export=True, rbln_config={
-        **SMALL_FRAMES, "llamaguard3": {"device": 0}, "siglip_encoder": {"device": 1},
+        **SMALL_FRAMES, "llamaguard3": {"tensor_parallel_size": 2, "device": [2, 3]}, "siglip_encoder": {"device": 1},
         "video_safety_model": {"device": 1}})
     yield checker
     checker.close()
@@ -510,7 +510,8 @@ def test_checker_video_guardrails_and_stats(checker):
     assert set(times) == {"llamaguard3", "siglip_encoder", "video_safety_model", "face_blur_filter"}
     assert all(t > 0 for t in times.values())
     memory = checker.device_memory()
-    assert [m.device for m in memory["llamaguard3"]] == [0] and [m.device for m in memory["siglip_encoder"]] == [1]
+    assert [m.device for m in memory["llamaguard3"]] == [2, 3]   # the guard LLM split over two devices
+    assert [m.device for m in memory["siglip_encoder"]] == [1]
 
 
 def test_checker_guard_llm_fires_and_raises_when_asked(tmp_path):
