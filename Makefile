@@ -32,6 +32,7 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/runtime_overhead.py
 	$(PY) benchmarks/llm_generate.py
+	$(PY) benchmarks/diffusion.py
 	$(PY) benchmarks/vision.py
 	$(PY) benchmarks/guardrail.py
 

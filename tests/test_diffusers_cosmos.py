@@ -69,6 +69,12 @@ def test_text_to_world_matches_diffusers_exactly(folders):
     assert pipe.transformer.rbln_config.batch_size == 1  # CFG calls the transformer twice: no doubled batch
     assert pipe.transformer.rbln_config.sample_size == (3, 4, 4)  # 9 frames, 16 px -> 4x compression
     assert pipe.generation_stats.components["transformer"].calls == 6  # 3 steps x (prompt, negative prompt)
+    # The transformer split over 2 devices (tensor parallelism) gives the same video.
+    split = RBLNCosmosTextToWorldPipeline.from_pretrained(
+        folders[0], export=True, safety_checker=checker,
+        rbln_config={**SHAPE, "numerics": "exact", "transformer": {"tensor_parallel_size": 2, "device": [2, 3]}})
+    assert split.transformer.runtimes["model"].devices == [2, 3]
+    np.testing.assert_allclose(_frames(split), reference, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="unsafe text"):
         pipe(**{**CALL, "prompt": "two zorblax walk by"})
     with pytest.raises(ValueError, match="compiled for rbln_fps=24"):
@@ -103,3 +109,26 @@ def test_no_safety_checker_is_a_clear_error(folders):
     with pytest.raises(ValueError, match="rbln_num_frames - 1 must be a multiple of 4"):
         RBLNCosmosTextToWorldPipeline.from_pretrained(folders[0], export=True, safety_checker=PassingChecker(),
                                                       rbln_config={**SHAPE, "num_frames": 8})
+
+
+@pytest.mark.heavy
+def test_compiled_guardrail_inside_the_pipeline_is_saved_and_loaded_with_it(folders, tmp_path):
+    from optimum_npu import RBLNCosmosSafetyChecker
+    from optimum_npu.testing import build_tiny_cosmos_guardrail
+
+    guardrail = build_tiny_cosmos_guardrail(tmp_path / "guardrail", blocklist=["zorblax"])
+    checker = RBLNCosmosSafetyChecker.from_pretrained(guardrail, export=True,
+                                                      rbln_config={"llamaguard3": {"max_seq_len": 512}})
+    pipe = RBLNCosmosTextToWorldPipeline.from_pretrained(folders[0], export=True, safety_checker=checker,
+                                                         rbln_config=SHAPE)
+    video = _frames(pipe)
+    assert video.shape == (1, 9, 16, 16, 3)
+    assert pipe.generation_stats.components["safety_checker"].device_s > 0  # its sub-models' simulated time
+    with pytest.raises(ValueError, match="unsafe text"):
+        pipe(**{**CALL, "prompt": "Two Zorblaxes walk by"})
+    target = pipe.save_pretrained(tmp_path / "compiled")
+    index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
+    assert index["safety_checker"][1] == "RBLNCosmosSafetyChecker"
+    loaded = RBLNCosmosTextToWorldPipeline.from_pretrained(target)  # the checker comes back with the folder
+    assert isinstance(loaded.safety_checker, RBLNCosmosSafetyChecker)
+    np.testing.assert_array_equal(_frames(loaded), video)

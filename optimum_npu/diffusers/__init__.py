@@ -1,1 +1,29 @@
-"""diffusers pipelines and models on the simulated NPU (Stable Diffusion, Cosmos world models)."""
+"""diffusers pipelines and models on the simulated NPU: Stable Diffusion and the Cosmos world models.
+
+Pipelines are diffusers' pipeline classes with compiled components (`pipelines/`); each
+component is a compiled model, one file per model (`models/`); a pipeline's `rbln_config` holds
+one sub-config per component (`configuration.py`).
+"""
+
+from .configuration import RBLNDiffusionPipelineConfig
+from .models.autoencoder_kl import RBLNAutoencoderKL, RBLNAutoencoderKLConfig
+from .models.autoencoder_kl_cosmos import RBLNAutoencoderKLCosmos, RBLNAutoencoderKLCosmosConfig
+from .models.transformer_cosmos import RBLNCosmosTransformer3DModel, RBLNCosmosTransformer3DModelConfig
+from .models.unet_2d_condition import RBLNUNet2DConditionModel, RBLNUNet2DConditionModelConfig
+from .pipelines.cosmos import (
+    RBLNCosmosTextToWorldPipeline, RBLNCosmosTextToWorldPipelineConfig, RBLNCosmosVideoToWorldPipeline,
+    RBLNCosmosVideoToWorldPipelineConfig,
+)
+from .pipelines.stable_diffusion import (
+    RBLNStableDiffusionImg2ImgPipeline, RBLNStableDiffusionImg2ImgPipelineConfig, RBLNStableDiffusionPipeline,
+    RBLNStableDiffusionPipelineConfig,
+)
+
+__all__ = [
+    "RBLNAutoencoderKL", "RBLNAutoencoderKLConfig", "RBLNAutoencoderKLCosmos", "RBLNAutoencoderKLCosmosConfig",
+    "RBLNCosmosTextToWorldPipeline", "RBLNCosmosTextToWorldPipelineConfig", "RBLNCosmosTransformer3DModel",
+    "RBLNCosmosTransformer3DModelConfig", "RBLNCosmosVideoToWorldPipeline", "RBLNCosmosVideoToWorldPipelineConfig",
+    "RBLNDiffusionPipelineConfig", "RBLNStableDiffusionImg2ImgPipeline", "RBLNStableDiffusionImg2ImgPipelineConfig",
+    "RBLNStableDiffusionPipeline", "RBLNStableDiffusionPipelineConfig", "RBLNUNet2DConditionModel",
+    "RBLNUNet2DConditionModelConfig",
+]

@@ -52,7 +52,8 @@ class _TransformerGraph(torch.nn.Module):
 
 def _with_mask_channels(transformer: CosmosTransformer3DModel) -> CosmosTransformer3DModel:
     """The same transformer (same weights) taking the padding-mask channel as an ordinary input channel."""
-    config = dict(transformer.config)
+    # Public keys only: diffusers' from_config resets the keys listed in `_use_default_values` to defaults.
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     if not config["concat_padding_mask"]:
         return transformer
     config.update(in_channels=config["in_channels"] + 1, concat_padding_mask=False)

@@ -204,12 +204,31 @@ class RBLNDiffusionPipelineMixin:
             models[name] = rbln_class.hf_class.from_pretrained(folder / name)
         parts = cls._load_parts(folder, components, given, compiled=False)
         cls._check_parts({**parts, **given})  # before compiling anything
-        config = config.resolved({**models, **parts, **given})
-        compiled = {}
-        for name, rbln_class in cls.rbln_classes.items():
-            compiled[name] = rbln_class.from_model(models.pop(name), rbln_config=getattr(config, name))
-        config = dataclasses.replace(config, **{name: model.rbln_config for name, model in compiled.items()})
+        config, compiled = cls._compile_components({**parts, **given, **models}, config)
         return cls._assemble({**parts, **given, **compiled}, config, cls._init_options(index))
+
+    @classmethod
+    def _compile_components(cls, models: dict[str, Any], config: RBLNDiffusionPipelineConfig):
+        """(final config, {component: compiled model}) from the loaded parts (`models`: the torch
+        modules to compile and what the pipeline reads to derive options, like the tokenizer)."""
+        config = config.resolved(models)
+        compiled = {name: rbln_class.from_model(models[name], rbln_config=getattr(config, name))
+                    for name, rbln_class in cls.rbln_classes.items()}
+        return dataclasses.replace(config, **{name: m.rbln_config for name, m in compiled.items()}), compiled
+
+    @classmethod
+    def compile_components(cls, models: dict[str, Any], **kwargs: Any) -> dict[str, RBLNModel]:
+        """Compile the pipeline's components from modules in memory, without assembling a pipeline:
+        e.g. on the meta device (with rbln_create_runtimes=False) to size and place a large
+        configuration (see `optimum_npu.diffusers.placement`). `models` holds each compiled
+        component's torch module and what the options are derived from (Stable Diffusion: the tokenizer)."""
+        config, leftover = cls.config_class.from_kwargs(kwargs)
+        if leftover:
+            raise TypeError(f"compile_components() got unexpected arguments {sorted(leftover)}; options are rbln_*")
+        missing = [name for name in cls.rbln_classes if name not in models]
+        if missing:
+            raise ValueError(f"compile_components() needs the module of {missing}")
+        return cls._compile_components(dict(models), config)[1]
 
     @classmethod
     def _load_compiled(cls, folder: Path, index: dict, requested: RBLNDiffusionPipelineConfig, given: dict):
