@@ -50,3 +50,33 @@ def test_components_compiled_on_meta_report_their_memory():
     assert all(m.tensor_parallel_size == 1 for m in memory.values())
     assert place_components(memory, "RBLN-CA25", num_devices=1) == {"text_encoder": (0,), "transformer": (0,),
                                                                       "vae": (0,)}
+
+
+@pytest.mark.heavy
+def test_cosmos_7b_shaped_pipeline_is_placed_on_a_ca25_server():
+    """Cosmos-Predict1-7B text-to-world at diffusers' defaults (121 frames of 704 x 1280, 512 tokens),
+    compiled on the meta device: the transformer does not fit one device, at TP 4 it fits a card."""
+    from optimum_npu.diffusers.placement import CA25_SERVER_DEVICES
+
+    with torch.device("meta"):
+        models = {
+            "text_encoder": T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240,
+                                                    num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")),
+            "transformer": CosmosTransformer3DModel(),  # diffusers' defaults: Cosmos-1.0-Diffusion-7B
+            "vae": AutoencoderKLCosmos(),               # Cosmos-1.0-Tokenizer-CV8x8x8
+        }
+    compiled = RBLNCosmosTextToWorldPipeline.compile_components(
+        models, rbln_create_runtimes=False, rbln_config={"transformer": {"tensor_parallel_size": 4}})
+    assert compiled["transformer"].rbln_config.sample_size == (16, 88, 160)  # 121 x 704 x 1280 through 8x8x8
+    memory = component_memory(compiled)
+    usable = get_npu_spec("RBLN-CA25").usable_dram_bytes
+    weights = sum(p.numel() for p in models["transformer"].parameters()) * 2
+    # 13.5 GiB of weights + 3 GiB of activations do not fit one 15.7 GiB device; a quarter of the weights does
+    assert weights / 4 < memory["transformer"].bytes_per_device < usable < weights + memory["transformer"].bytes_per_device
+    placement = place_components(memory, "RBLN-CA25", CA25_SERVER_DEVICES)
+    assert placement["transformer"] == (0, 1, 2, 3)
+    per_device = {}
+    for name, devices in placement.items():
+        for d in devices:
+            per_device[d] = per_device.get(d, 0) + memory[name].bytes_per_device
+    assert max(per_device.values()) <= usable

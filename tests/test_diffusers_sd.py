@@ -23,15 +23,22 @@ def sd_folder(tmp_path_factory):
     return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "sd")
 
 
+@pytest.fixture(scope="module")
+def compiled_sd(sd_folder):
+    """The pipeline compiled once in device numerics (bf16), shared by the tests that only run it."""
+    return RBLNStableDiffusionPipeline.from_pretrained(sd_folder, export=True)
+
+
 def _images(pipe, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     return pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
 @pytest.mark.parametrize("numerics, atol", [("exact", 1e-5), ("device", BF16_PIXEL_ATOL)])
-def test_text_to_image_matches_diffusers(sd_folder, numerics, atol):
+def test_text_to_image_matches_diffusers(sd_folder, compiled_sd, numerics, atol):
     reference = _images(StableDiffusionPipeline.from_pretrained(sd_folder), prompt=PROMPT, num_inference_steps=3)
-    pipe = RBLNStableDiffusionPipeline.from_pretrained(sd_folder, export=True, rbln_numerics=numerics)
+    pipe = compiled_sd if numerics == "device" else RBLNStableDiffusionPipeline.from_pretrained(
+        sd_folder, export=True, rbln_numerics=numerics)
     ours = _images(pipe, prompt=PROMPT, num_inference_steps=3)
     assert ours.shape == reference.shape == (1, 16, 16, 3)
     np.testing.assert_allclose(ours, reference, atol=atol, rtol=0)
@@ -50,9 +57,9 @@ def test_image_to_image_matches_diffusers(sd_folder):
     assert pipe.generation_stats.components["vae"].calls == 2  # encode the image, decode the result
 
 
-def test_save_load_round_trip(sd_folder, tmp_path):
-    pipe = RBLNStableDiffusionPipeline.from_pretrained(sd_folder, export=True, rbln_guidance_scale=1.0)
-    assert pipe.unet.rbln_config.batch_size == 1  # no CFG: no doubled UNet batch
+def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
+    pipe = compiled_sd
+    # guidance_scale 1 at call time: the UNet, compiled for batch 2 (CFG), gets 1 row, padded
     before = _images(pipe, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0)
     target = pipe.save_pretrained(tmp_path / "compiled")
     index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
@@ -67,7 +74,7 @@ def test_save_load_round_trip(sd_folder, tmp_path):
     with pytest.raises(ValueError, match="rbln_height is fixed at compile time"):
         RBLNStableDiffusionPipeline.from_pretrained(target, rbln_height=32)
     with pytest.raises(ValueError, match="rbln_batch_size is fixed at compile time"):
-        RBLNStableDiffusionPipeline.from_pretrained(target, rbln_config={"unet": {"batch_size": 2}})
+        RBLNStableDiffusionPipeline.from_pretrained(target, rbln_config={"unet": {"batch_size": 1}})
     with pytest.raises(ValueError, match="not a compiled pipeline folder"):
         pipe.save_pretrained(sd_folder)  # the source checkpoint is never overwritten
     pipe.save_pretrained(target)  # saving over our own compiled folder updates it in place
@@ -77,3 +84,31 @@ def test_save_load_round_trip(sd_folder, tmp_path):
 def test_export_refuses_a_checkpoint_folder_given_as_compiled(sd_folder):
     with pytest.raises(ValueError, match="export=True"):
         RBLNStableDiffusionPipeline.from_pretrained(sd_folder)
+
+
+@pytest.mark.parametrize("entry, message", [
+    (["os", "system"], "library 'os'"),                              # only diffusers / transformers host parts
+    (["diffusers", "load_image"], "not a loadable class"),            # a function, not a class
+])
+def test_model_index_is_data_not_code(sd_folder, tmp_path, entry, message):
+    import shutil
+
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=message):
+        RBLNStableDiffusionPipeline.from_pretrained(folder, export=True)
+
+
+def test_a_component_of_another_class_is_refused(sd_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["diffusers", "UNet2DModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="compiles a UNet2DConditionModel there"):
+        RBLNStableDiffusionPipeline.from_pretrained(folder, export=True)

@@ -42,6 +42,10 @@ from ..configuration import RBLNDiffusionPipelineConfig
 logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
+# Files of a Hub pipeline repository that loading never reads (single-file checkpoints, other
+# weight variants and frameworks), so that a snapshot fetches only the diffusers folders.
+HUB_FILES_NOT_NEEDED = ["*.ckpt", "*.pt", "*.pth", "*.fp16.*", "*non_ema*", "*.ema.*", "*.msgpack", "*.onnx",
+                        "*.onnx_data", "*.pb", "*.h5", "*.ot", "*.mlmodel*", "*.gguf"]
 # Libraries a model_index.json may name for a host component, and the module holding their
 # classes: a folder from anywhere never chooses which module gets imported.
 HOST_LIBRARIES = {
@@ -118,7 +122,7 @@ class RBLNDiffusionPipelineMixin:
     @classmethod
     def from_pretrained(cls, model_id: str | os.PathLike, export: bool = False, **kwargs: Any):
         hub_kwargs = hub_kwargs_of(kwargs, pop=True)
-        folder = _resolve_folder(model_id, hub_kwargs)
+        folder = _resolve_folder(model_id, {**hub_kwargs, "ignore_patterns": HUB_FILES_NOT_NEEDED})
         init_names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         given = {name: kwargs.pop(name) for name in list(kwargs) if name in init_names}  # e.g. safety_checker=
         config, leftover = cls.config_class.from_kwargs(kwargs)
@@ -334,15 +338,23 @@ class RBLNDiffusionPipelineMixin:
             elif runs > runs_before:
                 stats.components[name] = ComponentStats(runs - runs_before, seconds - seconds_before)
         self.generation_stats = stats
+        logger.info("%s\n%s", type(self).__name__, stats)
         return output
 
     def device_memory(self) -> dict[str, list]:
-        """Device memory each compiled component holds, per device (`DeviceMemoryUsage`)."""
-        return {name: self.components[name].device_memory() for name in self.rbln_classes}
+        """Device memory each compiled component holds, per device (`DeviceMemoryUsage`); a compound
+        part with its own sub-models (the compiled guardrail) is listed per sub-model."""
+        found = {name: self.components[name].device_memory() for name in self.rbln_classes}
+        for name, component in self.components.items():
+            per_part = getattr(component, "device_memory", None) if name not in self.rbln_classes else None
+            usages = per_part() if callable(per_part) else None
+            if isinstance(usages, dict):
+                found.update({f"{name}.{part}": usage for part, usage in usages.items()})
+        return found
 
     def memory_summary(self) -> str:
         lines = []
         for name, usages in self.device_memory().items():
             where = ", ".join(f"npu{m.device} {format_gib(m.total_bytes)}" for m in usages) or "no runtimes"
-            lines.append(f"  {name:<15} {where}")
+            lines.append(f"  {name:<34} {where}")
         return "device memory per component:\n" + "\n".join(lines)
