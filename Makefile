@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/diffusion.py
 	$(PY) benchmarks/vision.py
 	$(PY) benchmarks/guardrail.py
+	$(PY) benchmarks/calibration.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -164,7 +164,8 @@ def test_plan_prints_and_refuses_nothing_silently():
     assert "tensor parallel over 4 devices" in text
     assert "column" in text and "row" in text and "kv-heads" in text
     assert "parts [64, 32, 32]" in text  # the fused Q/K/V and its parts
-    assert "tied embeddings" in text     # llama's tied LM head stays whole, and says why
+    # llama's tied embedding / LM head: one tensor split by vocabulary (lookup all-reduced, logits gathered)
+    assert "embed_tokens.weight" in text and "vocab      dim 0 -> [64, 64]" in text
 
 
 class Block(nn.Module):

@@ -75,6 +75,8 @@ class Work:
     # A gather (embedding lookup, indexing) reads only this many elements of its first
     # argument, the table, not the whole table: the rows it picks (0: not a gather).
     gathered_elements: int = 0
+    # Rows (M) of a matrix product [M, K] x [K, N]: the output's elements over N (0: not a matmul).
+    rows: int = 0
 
 
 # Ops that read rows of their first argument picked by an index tensor, one output element each.
@@ -93,20 +95,20 @@ def count_work(target: str, category: Category, args: tuple, out) -> Work:
     if category is Category.MATMUL:
         if name == "linear":
             bias = out_numel if len(args) > 2 and args[2] is not None else 0
-            return Work(2.0 * out_numel * args[1].shape[1], bias)
+            return Work(2.0 * out_numel * args[1].shape[1], bias, rows=out_numel // args[1].shape[0])
         if name in ("matmul", "mm", "bmm"):
-            return Work(2.0 * out_numel * args[0].shape[-1])
+            return Work(2.0 * out_numel * args[0].shape[-1], rows=outs[0].shape[-2] if len(outs[0].shape) > 1 else 1)
         if name in ("addmm", "baddbmm"):
-            return Work(2.0 * out_numel * args[1].shape[-1], out_numel)
+            return Work(2.0 * out_numel * args[1].shape[-1], out_numel, rows=outs[0].shape[-2])
         if name.startswith("conv"):
             weight = args[1]
             # weight [Cout, Cin/groups, *kernel]: each output element is a dot product of that size
             per_output = math.prod(weight.shape[1:]) if not name.startswith("conv_transpose") else math.prod(
                 weight.shape[1:]) * weight.shape[0] / max(1, outs[0].shape[1])
-            return Work(2.0 * out_numel * per_output)
+            return Work(2.0 * out_numel * per_output, rows=out_numel // max(1, outs[0].shape[1]))
         if name == "scaled_dot_product_attention":
             q, k = args[0], args[1]
-            return Work(4.0 * _numel(q) * k.shape[-2], 5.0 * _numel(q) / q.shape[-1] * k.shape[-2])
+            return Work(4.0 * _numel(q) * k.shape[-2], 5.0 * _numel(q) / q.shape[-1] * k.shape[-2], rows=q.shape[-2])
         return Work(2.0 * out_numel)  # outer, einsum: lower bound
     if name.startswith(("max_pool", "avg_pool")):
         # Pooling runs on the vector units: one compare / add per window element of each output.

@@ -131,6 +131,7 @@ class Scheduler:
             bytes_written=sum(self.values[o].nbytes for o in outputs)
             + sum(self.values[n.outputs[0]].nbytes for n in group.nodes if n.mutates and n.outputs[0]),
             dynamic_cost=any(n.category is Category.ATTENTION for n in group.nodes),
+            matmul_rows=max(group.nodes, key=lambda n: n.work.flops).work.rows,
         )
         if step.dynamic_cost:
             self._price_attention(step, group.nodes)
@@ -153,6 +154,9 @@ class Scheduler:
         for node in nodes:
             f, r, w = attention_cost(node.target, node.fake_args, float_bytes=dtype_size(self.device_dtype))
             flops, read, written = flops + f, read + r, written + w
+            if f:  # QK^T and PV: the query rows sharing a KV head ([B, Hq, T, D] against [.., Hkv, .., D])
+                q, k_cache = node.fake_args[0], node.fake_args[1]
+                step.matmul_rows = q.shape[1] // k_cache.shape[1] * q.shape[2]
         step.flops, step.bytes_read, step.bytes_written = flops, read, written
         step.vector_flops = 0.0
 

@@ -20,7 +20,10 @@ the way Megatron-LM / gpt-fast `tp.py` / nano-vllm split it:
   fuses with the residual add that follows (`rbln.all_reduce(x, residual)`).
 - the paged KV cache: split by KV heads like the K/V it stores.
 - the LM head: split by vocabulary, logits all-gathered.
-- embeddings, norms and everything on the residual stream: replicated.
+- a tied embedding (one tensor for the lookup and the LM head): split by vocabulary too, stored
+  once per device as 1/N of the table; each rank looks up the ids of its slice (zero rows for
+  the others) and the rows are all-reduced, as Megatron-LM's `VocabParallelEmbedding` does.
+- other embeddings, norms and everything on the residual stream: replicated.
 
 The result is the program one device runs (values in local shapes) plus `tensor_shards`, and
 a `ShardingPlan` you can print. Nothing here knows a model: it reads ops and shapes.
@@ -205,6 +208,7 @@ class _Splitter:
         self.resident = {s.name for s in graph.weights + graph.buffers}
         self.read_whole: set[str] = set()              # weights / buffers some op reads unsplit
         self.gathered: dict[str, str] = {}
+        self.added: dict[str, tuple[TensorSpec, torch.Tensor]] = {}   # constants the pass adds (full)
         self.uses: dict[str, int] = {}
         self.consumers: dict[str, list[Node]] = {}
         for node in graph.nodes:
@@ -295,7 +299,7 @@ class _Splitter:
             node = replace(node, args=args, kwargs=kwargs)
             split_inputs = [r for r in _refs([args, kwargs]) if self.layout.get(r) is not None]
             rule = RULES.get(op_packet(node.target))
-            if rule is _linear or split_inputs:
+            if rule in (_linear, _embedding) or split_inputs:
                 try:
                     if rule is None:
                         raise _CannotSplit(node.target)
@@ -375,7 +379,11 @@ def _linear(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
     layout = s.layout[x]
     ndim = len(s.shape(x))
     (out,) = node.outputs
-    if weight is None or layout == PARTIAL or s.layout.get(weight) is not None:
+    weight_layout = s.layout.get(weight) if weight is not None else None
+    if layout is None and isinstance(weight_layout, Split) and weight_layout.dim == 0 and not bias:
+        s.emit(node, args, kwargs, [Split(ndim - 1, weight_layout.ranges)])  # a tied LM head: logits by vocabulary
+        return
+    if weight is None or layout == PARTIAL or weight_layout is not None:
         raise _CannotSplit("linear")
     if layout is None:
         ranges, sizes, note = _column_plan(s, out)
@@ -408,6 +416,56 @@ def _linear(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
                [{"ref": reduced}, {"ref": bias}], {}, [None])
         reduced = biased
     s.rename[out] = reduced
+
+
+def _embedding(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """The lookup of a tied table (also read by the LM head), vocabulary-parallel: rank r holds
+    rows [r*V/N, (r+1)*V/N); it looks up the ids in that range (id - start, zero rows for ids
+    outside) and the rows are all-reduced. Exactly one rank contributes each row, so the sum is
+    exact. An untied table stays whole (a lookup reads one row per token)."""
+    weight = args[0].get("ref") if isinstance(args[0], dict) else None
+    ids = args[1].get("ref") if len(args) > 1 and isinstance(args[1], dict) else None
+    # (padding_idx, scale_grad_by_freq and sparse, if given, only change gradients)
+    if (weight is None or ids is None or s.uses.get(weight, 0) < 2
+            or s.layout.get(ids) is not None or len(s.shape(weight)) != 2 or s.shape(weight)[0] % s.n):
+        raise _CannotSplit("embedding")
+    vocab = s.shape(weight)[0]
+    ranges = _even_ranges(0, vocab, s.n)
+    start = f"{weight}@vocab_start"
+    if start not in s.added:
+        spec = TensorSpec(start, (s.n,), "int64")
+        s.added[start] = (spec, torch.arange(0, vocab, vocab // s.n, dtype=torch.int64))
+        s.resident.add(start)
+        s.values[start] = spec
+        s.meta[start] = torch.empty(spec.shape, dtype=torch.int64, device="meta")
+        s.layout[start] = None
+        s.shard_resident(start, 0, tuple(((r, 1),) for r in range(s.n)), "vocab", note="each rank's first id")
+    if not s.shard_resident(weight, 0, ranges, "vocab", note="tied: lookup and LM head split by vocabulary"):
+        raise _CannotSplit("embedding")
+    (out,) = node.outputs
+    ids_shape = s.shape(ids)
+
+    def step(target: str, operands: list, name: str, shape, dtype: str, category: Category, options=None) -> str:
+        value = f"{out}@{name}"
+        s.values[value] = TensorSpec(value, tuple(shape), dtype)
+        s.emit(Node(target, [], {}, [], [value], category, Work(), [], ()), operands, options or {}, [None])
+        return value
+
+    local = step("aten.sub.Tensor", [{"ref": ids}, {"ref": start}], "local_ids", ids_shape, "int64",
+                 Category.POINTWISE)
+    above = step("aten.ge.Scalar", [{"ref": local}, 0], "above", ids_shape, "bool", Category.POINTWISE)
+    below = step("aten.lt.Scalar", [{"ref": local}, vocab // s.n], "below", ids_shape, "bool", Category.POINTWISE)
+    mine = step("aten.bitwise_and.Tensor", [{"ref": above}, {"ref": below}], "mine", ids_shape, "bool",
+                Category.POINTWISE)
+    safe = step("aten.mul.Tensor", [{"ref": local}, {"ref": mine}], "safe_ids", ids_shape, "int64", Category.POINTWISE)
+    full = s.shape(out)
+    rows = step("aten.embedding.default", [{"ref": weight}, {"ref": safe}, *args[2:]], "rows", full,
+                s.values[out].dtype, Category.OTHER, kwargs)
+    keep = step("aten.unsqueeze.default", [{"ref": mine}, -1], "keep", (*ids_shape, 1), "bool", Category.LAYOUT)
+    s.emit(replace(node, target="aten.mul.Tensor", category=Category.POINTWISE), [{"ref": rows}, {"ref": keep}], {},
+           [PARTIAL])
+    s.rename[out] = s.collective(ALL_REDUCE, out, [], f"{out}@all_reduce", full, (s.n - 1) * math.prod(full),
+                                 "all_reduce")
 
 
 def _column_plan(s: _Splitter, out: str) -> tuple[Ranges | None, tuple[int, ...], str]:
@@ -651,6 +709,7 @@ def _batched_matmul(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
 
 RULES = {
     "aten.linear": _linear,
+    "aten.embedding": _embedding,
     "aten.view": _reshape, "aten.reshape": _reshape, "aten._unsafe_view": _reshape,
     "aten.transpose": _permuting, "aten.swapaxes": _permuting, "aten.permute": _permuting,
     "aten.unsqueeze": _permuting, "aten.squeeze": _permuting,
@@ -673,9 +732,14 @@ def split_graph(graph: Graph, tensor_parallel_size: int, fuse_residual: bool = T
     """The graph one of `tensor_parallel_size` devices runs, and the plan that says how."""
     splitter = _Splitter(graph, tensor_parallel_size, fuse_residual)
     splitter.run()
-    names = [s.name for s in graph.weights + graph.buffers]
+    added = [spec for spec, _ in splitter.added.values()]
+    weights = graph.weights + added
+    tensors = graph.tensors if graph.tensors is None else {
+        **graph.tensors, **{spec.name: tensor for spec, tensor in splitter.added.values()}}
+    names = [s.name for s in weights + graph.buffers]
     for name in names:
-        splitter.values[name] = TensorSpec(name, tuple(splitter.meta[name].shape), graph.values[name].dtype)
+        dtype = (graph.values.get(name) or splitter.values[name]).dtype
+        splitter.values[name] = TensorSpec(name, tuple(splitter.meta[name].shape), dtype)
     plan = splitter.plan
     plan.tensors = [
         splitter.planned.get(name) or TensorPlan(name, splitter.shape(name), "replicated", note=(
@@ -683,7 +747,7 @@ def split_graph(graph: Graph, tensor_parallel_size: int, fuse_residual: bool = T
         for name in names
     ]
     split = replace(graph, outputs=splitter.outputs, values=splitter.values, nodes=splitter.nodes,
-                    tensor_shards=dict(splitter.shards))
+                    tensor_shards=dict(splitter.shards), weights=weights, tensors=tensors)
     return split, plan
 
 

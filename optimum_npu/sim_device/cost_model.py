@@ -1,20 +1,21 @@
 """How long things take on the simulated NPU: the one pricing code for everything.
 
-The runtime's simulated clock, the profiler and compile-time cost annotation all call
-`CostModel`. A device kernel streams its operands between DRAM and on-chip SRAM (Task
+The runtime's simulated clock, the profiler, the compile-time estimate and the planner all
+call `CostModel`. A device kernel streams its operands between DRAM and on-chip SRAM (Task
 DMA) while the neural engines compute, so it takes the larger of its compute time and its
-memory time, plus a fixed launch overhead. Copies between host and device (External
-HDMA) go at the PCIe rate; host-fallback ops run at the host CPU's rate; collectives
-between the devices of a tensor-parallel group go around a ring priced by `topology.py`.
+memory time, plus a fixed launch latency. Copies between host and device (External HDMA) go
+at the PCIe rate; host-fallback ops run at the host CPU's rate; collectives between the
+devices of a tensor-parallel group go around a ring priced by `topology.py`.
 
-All calibration constants live in `Calibration`, each with where its value comes from.
-The reference measurements (DESIGN.md) are real RBLN-CA25 runs of Qwen3-4B bf16 at
-tensor-parallel 4: decode step 9.51 ms at batch 1; prefill of 500 tokens in 88.5 ms with
-128-token chunks.
+Every constant in `Calibration` is a property of the hardware (peak rates come from the
+preset, `specs.py`; efficiencies are functions of a kernel's shape), independent of the
+model, the batch and the tensor-parallel size. docs/performance-model.md says what each is
+physically and which public measurement fixed its value.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,22 +26,28 @@ from .specs import NPUSpec
 
 @dataclass(frozen=True)
 class Calibration:
-    # Decode of Qwen3-4B at batch 1 streams ~2.0 GB of bf16 weights per device per step;
-    # 2.0 GB / 256 GB/s = 7.8 ms of the measured 9.51 ms. With ~0.7 ms of per-layer
-    # collectives and launches, ~0.9 of peak bandwidth is what the DMA achieves.
-    dram_efficiency: float = 0.90
-    # Prefill of 500 tokens = 4 chunks of 128 in 88.5 ms, ~22 ms a chunk, while a chunk is
-    # 2 * 4.0e9 * 128 / 4 = 256 GFLOP per device = 8 ms at the 32 TFLOPS peak: the matrix
-    # engines reach ~0.38 of peak at chunk 128 (2000 tokens in 359.6 ms agrees).
-    matmul_efficiency: float = 0.38
-    # Element-wise and reduction work runs on the vector units, not the matrix engines;
-    # we assume 1/16 of the 16-bit matrix peak (estimate: these kernels are memory-bound
-    # in practice, so the exact figure rarely matters).
+    """Physical constants of the cost model (docs/performance-model.md gives the source of each)."""
+
+    # Matrix engines. A matrix product [M, K] x [K, N] runs in passes of `matmul_tile_rows` rows
+    # of M (M is padded up to a multiple: tile quantisation); each pass over a weight tile also
+    # pays a pipeline fill / drain worth `matmul_fill_rows` rows. Large products sustain
+    # `matmul_peak_utilisation` of the spec-sheet peak. Utilisation at M rows:
+    #     u(M) = matmul_peak_utilisation * M / (ceil(M / tile) * tile + fill)
+    matmul_peak_utilisation: float = 0.60
+    matmul_tile_rows: int = 8
+    matmul_fill_rows: int = 48
+    # Element-wise and reduction work runs on the vector units (estimate: 1/16 of the matrix
+    # peak; these kernels are memory-bound, so the figure rarely matters).
     vector_fraction_of_peak: float = 1 / 16
-    # Command submission per kernel (estimate, same order as a GPU kernel launch).
+    # DRAM <-> SRAM streaming (Task DMA): large transfers sustain `dram_peak_utilisation` of the
+    # spec-sheet bandwidth; each kernel's transfers also pay a fixed setup latency, so a small
+    # kernel streams at a lower effective rate (efficiency by transfer size).
+    dram_peak_utilisation: float = 0.93
+    dma_setup_s: float = 1.0e-6
+    # Command submission per kernel (the order of a GPU kernel launch).
     kernel_launch_s: float = 2e-6
-    # PCIe Gen5 x16 transfers reach ~80% of the link rate in practice (estimate), and pay a
-    # fixed descriptor / doorbell latency per transfer (estimate).
+    # PCIe Gen5 x16 host transfers reach ~80% of the link rate, plus a descriptor / doorbell
+    # latency per transfer (estimates).
     pcie_efficiency: float = 0.80
     hdma_latency_s: float = 5e-6
     # Host fallback: fp32 on one core of the host CPU (estimate for a server core with AVX-512).
@@ -49,6 +56,13 @@ class Calibration:
     host_op_overhead_s: float = 5e-6
     # Per-run submission and completion sync between host driver and device (estimate).
     run_overhead_s: float = 10e-6
+
+    def matmul_utilisation(self, rows: int) -> float:
+        """Fraction of the matrix engines' peak a product with `rows` rows (M) achieves."""
+        if rows <= 0:
+            return self.matmul_peak_utilisation
+        padded = math.ceil(rows / self.matmul_tile_rows) * self.matmul_tile_rows
+        return self.matmul_peak_utilisation * rows / (padded + self.matmul_fill_rows)
 
 
 DEFAULT_CALIBRATION = Calibration()
@@ -77,10 +91,11 @@ class CostModel:
         self.cal = calibration
         self.ring = ring
 
-    def kernel(self, flops: float, vector_flops: float, bytes_moved: int) -> StepCost:
+    def kernel(self, flops: float, vector_flops: float, bytes_moved: int, matmul_rows: int = 0) -> StepCost:
         peak = self.spec.peak_flops_16bit
-        compute = flops / (peak * self.cal.matmul_efficiency) + vector_flops / (peak * self.cal.vector_fraction_of_peak)
-        dma = bytes_moved / (self.spec.dram_bandwidth * self.cal.dram_efficiency)
+        compute = (flops / (peak * self.cal.matmul_utilisation(matmul_rows))
+                   + vector_flops / (peak * self.cal.vector_fraction_of_peak))
+        dma = bytes_moved / (self.spec.dram_bandwidth * self.cal.dram_peak_utilisation) + self.cal.dma_setup_s
         return StepCost(max(compute, dma) + self.cal.kernel_launch_s, compute_s=compute, dma_s=dma,
                         flops=flops + vector_flops, bytes=bytes_moved)
 
@@ -113,7 +128,7 @@ class CostModel:
         flops = step.flops if flops is None else flops
         bytes_moved = step.bytes_read + step.bytes_written if bytes_moved is None else bytes_moved
         if step.kind == StepKind.KERNEL:
-            return self.kernel(flops, step.vector_flops, bytes_moved)
+            return self.kernel(flops, step.vector_flops, bytes_moved, step.matmul_rows)
         if step.kind == StepKind.HOST:
             return self.host(flops + step.vector_flops, bytes_moved)
         if step.kind == StepKind.COLLECTIVE:

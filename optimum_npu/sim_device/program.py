@@ -120,6 +120,9 @@ class Step:
     cast_to_device_float: bool = False
     # Ops whose cost depends on runtime values (attention over the used KV length).
     dynamic_cost: bool = False
+    # Rows (M) of the step's main matrix product, which sets how well the matrix engines are
+    # used (cost_model.Calibration.matmul_utilisation); 0 when the step has none.
+    matmul_rows: int = 0
 
 
 @dataclass
