@@ -162,3 +162,19 @@ def test_bad_inputs_and_options_are_clear_errors():
         model(torch.ones(1, 4, dtype=torch.long), output_hidden_states=True)
     with pytest.raises(ValueError, match="RBLNBertModel compiles model_type bert.*'t5'.*RBLNT5EncoderModel"):
         RBLNBertModel.from_model(make("t5"), **OPTIONS)
+
+
+def test_auto_classes_pick_the_encoder_from_the_architectures(tmp_path):
+    from optimum_npu import RBLNAutoModel, RBLNAutoModelForTextEncoding
+
+    make("clip").save_pretrained(tmp_path / "clip")
+    make("clip_projection").save_pretrained(tmp_path / "clip_projection")
+    make("t5").save_pretrained(tmp_path / "t5")
+    # Same model_type (clip_text_model): the checkpoint's architectures tell the two apart.
+    assert RBLNAutoModel.class_for(tmp_path / "clip", export=True) is RBLNCLIPTextModel
+    assert RBLNAutoModel.class_for(tmp_path / "clip_projection", export=True) is RBLNCLIPTextModelWithProjection
+    assert RBLNAutoModelForTextEncoding.class_for(tmp_path / "t5", export=True) is RBLNT5EncoderModel
+    assert RBLNAutoModel.class_for(tmp_path / "t5", export=True, task="feature-extraction") is RBLNT5EncoderModel
+    model = RBLNAutoModelForTextEncoding.from_pretrained(tmp_path / "t5", export=True, **OPTIONS)
+    compiled = model.save_pretrained(tmp_path / "t5-rbln")
+    assert type(RBLNAutoModel.from_pretrained(compiled, rbln_create_runtimes=False)) is RBLNT5EncoderModel
