@@ -4,10 +4,13 @@ wall time of the whole checker vs the same computation in plain torch / transfor
     python benchmarks/guardrail.py [--frames 121] [--repeats 3]
 
 1. Real shapes on the meta device (sizes and costs only, nothing runs): RetinaFace-ResNet-50 on
-   704 x 1280 frames, SigLIP-so400m/14 at 384 x 384 and the safety MLP (1152 -> 7): the compiled
-   programs' estimates (`CompiledModel.estimated_latency_s`) per call and per video (every frame
-   for faces, every 12th for content), and device memory. (The Llama-Guard-3-8B decoder is not
-   priced here: the decoder classes do not compile from the meta device yet.)
+   704 x 1280 frames, SigLIP-so400m/14 at 384 x 384, the safety MLP (1152 -> 7), and the
+   Llama-Guard-3-8B decoder at tensor parallelism 2 (16 GB of bf16 weights do not fit one 16 GiB
+   device): a ~400-token moderation prompt in 128-token prefill chunks, then 3 decode steps
+   ("safe" + end of turn). The compiled programs' estimates (`CompiledModel.estimated_latency_s`;
+   the decoder's attention priced at the full 2048-position KV length, an upper bound) per call
+   and per video (every frame for faces, every 12th for content), and device memory per device.
+   The 8B decoder takes a minute or two to compile on the meta device.
 2. Host wall time on tiny random components (`optimum_npu.testing.build_tiny_cosmos_guardrail`):
    `check_text_safety` and `check_video_safety` of the compiled checker (video sub-models at 4
    frames per run) vs the reference (the
@@ -18,6 +21,7 @@ wall time of the whole checker vs the same computation in plain torch / transfor
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -78,9 +82,24 @@ def real_shapes(frames: int) -> None:
         compiled = compile_from_torch(module, input_info=info)
         rows.append((name, compiled.estimated_latency_s, calls, compiled.device_bytes))
 
+    from transformers import LlamaConfig
+
+    from optimum_npu.planning.meta import compile_decoder_on_meta
+
+    guard = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                        rope_theta=500000.0, tie_word_embeddings=False)   # Llama-Guard-3-8B's shape (Llama 3.1 8B)
+    _, graphs = compile_decoder_on_meta(guard, rbln_max_seq_len=2048, rbln_prefill_chunk_size=128,
+                                        rbln_tensor_parallel_size=2)
+    prompt_tokens, answer_tokens = 400, 3
+    seconds = (math.ceil(prompt_tokens / 128) * graphs["prefill"].estimated_latency_s
+               + answer_tokens * graphs["decoder_batch_1"].estimated_latency_s)
+    rows.append((f"llamaguard3 (8B, TP 2; {prompt_tokens}-token prompt + {answer_tokens} tokens)", seconds, 1,
+                 graphs["prefill"].device_bytes))
+
     print(f"\n1. Simulated device time at real shapes (RBLN-CA25, bf16), a video of {frames} frames "
           f"({sampled} sampled for content)")
-    print(f"{'sub-model':<58} {'per call ms':>12} {'calls':>6} {'per video ms':>13} {'device MiB':>11}")
+    print(f"{'sub-model':<58} {'per call ms':>12} {'calls':>6} {'per video ms':>13} {'MiB/device':>11}")
     for name, seconds, calls, nbytes in rows:
         print(f"{name:<58} {seconds * 1e3:>12.3f} {calls:>6} {seconds * calls * 1e3:>13.1f} {nbytes / MIB:>11.1f}")
 

@@ -3,7 +3,13 @@
 - the blocklist: hits and misses, with the variants it must see through (plurals, separators,
   spaced letters, leetspeak, accents) and the words it must not flag (substrings, whitelist);
 - the guard LLM: tiny Llamas whose weights force the answer, compiled with our decoder, vs
-  transformers' generate on the same weights; the answer parser; fail-closed cases.
+  transformers' generate on the same weights; the answer parser; fail-closed cases;
+- the face detector: the upstream checkpoint's names and file, anchors and box decoding vs
+  loop-by-loop references, NMS, the compiled detector vs torch, the blur inside the boxes only;
+- the video filter: SigLIP + classifier compiled vs transformers, frame sampling, verdicts;
+- the checker: text and video verdicts naming the guardrail, per-sub-model devices and time,
+  save / load without recompiling, parts switched off, the upstream layout, bad options, and
+  inside RBLNCosmosTextToWorldPipeline.
 """
 
 from __future__ import annotations
@@ -18,14 +24,7 @@ from optimum_npu.cosmos_guardrail.blocklist import Blocklist
 from optimum_npu.cosmos_guardrail.guard_llm import RBLNLlamaGuard3, moderation_prompt, parse_moderation_output
 from optimum_npu.testing import build_tiny_guard_llm
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread is faster on the shared 2-core machine and computes the same values."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 
 
 # ---- blocklist ---------------------------------------------------------------------------
@@ -335,6 +334,24 @@ def _force_one_face(model: RetinaFaceModel) -> None:
             head.conv1x1.bias.zero_()
 
 
+@pytest.mark.heavy
+def test_full_size_upstream_retinaface_checkpoint(tmp_path):
+    """The real layout at the real size: a ResNet-50 RetinaFace (27M parameters) saved as upstream
+    saves it (DataParallel names, no config), loaded with the default architecture."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        original = RetinaFaceModel(RetinaFaceConfig()).eval()
+    torch.save({f"module.{k}": v for k, v in original.state_dict().items()}, tmp_path / "Resnet50_Final.pth")
+    loaded = load_retinaface(tmp_path)
+    assert loaded.config.backbone_depths == [3, 4, 6, 3] and loaded.config.fpn_channels == 256
+    for (name, a), b in zip(original.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    pixels = frames_to_detector_input(_video(1), *FRAME_SIZE)
+    with torch.no_grad():
+        for a, b in zip(original(pixels), loaded(pixels)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_face_filter_blurs_detected_faces(tiny_retinaface, tmp_path):
     model = load_retinaface(tiny_retinaface)
     _force_one_face(model)
@@ -469,7 +486,7 @@ def guardrail_source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checker(guardrail_source):
     checker = RBLNCosmosSafetyChecker.from_pretrained(guardrail_source, export=True, rbln_config={
-        **SMALL_FRAMES, "llamaguard3": {"device": 0}, "siglip_encoder": {"device": 1},
+        **SMALL_FRAMES, "llamaguard3": {"tensor_parallel_size": 2, "device": [2, 3]}, "siglip_encoder": {"device": 1},
         "video_safety_model": {"device": 1}})
     yield checker
     checker.close()
@@ -493,7 +510,8 @@ def test_checker_video_guardrails_and_stats(checker):
     assert set(times) == {"llamaguard3", "siglip_encoder", "video_safety_model", "face_blur_filter"}
     assert all(t > 0 for t in times.values())
     memory = checker.device_memory()
-    assert [m.device for m in memory["llamaguard3"]] == [0] and [m.device for m in memory["siglip_encoder"]] == [1]
+    assert [m.device for m in memory["llamaguard3"]] == [2, 3]   # the guard LLM split over two devices
+    assert [m.device for m in memory["siglip_encoder"]] == [1]
 
 
 def test_checker_guard_llm_fires_and_raises_when_asked(tmp_path):

@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 from llm_fixtures import _one_torch_thread  # noqa: F401  (module fixture)
 from PIL import Image
 from transformers import (
@@ -58,13 +59,50 @@ def make(family: str):
         "mobilenet_v2": lambda: MobileNetV2ForImageClassification(MobileNetV2Config(
             depth_multiplier=0.35, image_size=SIZE, **labels)),
     }[family]()
-    for module in model.modules():  # statistics as after training, so folding them is not a no-op
+    return with_trained_statistics(model)
+
+
+def with_trained_statistics(model):
+    """Batch-norm statistics as after training (not 0 / 1), so that folding them is not a no-op."""
+    for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.5, 0.5)
     return model.eval()
+
+
+# More families, each one line in image_classification.py: checked in exact numerics.
+MORE_FAMILIES = {
+    "regnet": lambda: transformers.RegNetForImageClassification(transformers.RegNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=5)),
+    "mobilenet_v1": lambda: transformers.MobileNetV1ForImageClassification(transformers.MobileNetV1Config(
+        depth_multiplier=0.5, image_size=SIZE, num_labels=5)),
+    "deit": lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=SIZE,
+        patch_size=8, num_labels=5)),
+    "swin": lambda: transformers.SwinForImageClassification(transformers.SwinConfig(
+        image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=5)),
+    "convnextv2": lambda: transformers.ConvNextV2ForImageClassification(transformers.ConvNextV2Config(
+        hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=5)),
+    "dinov2": lambda: transformers.Dinov2ForImageClassification(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=SIZE,
+        patch_size=8, num_labels=5)),
+}
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_more_families_match_transformers_in_exact_numerics(family):
+    hf = with_trained_statistics(MORE_FAMILIES[family]())
+    model = RBLNAutoModelForImageClassification.from_model(hf, rbln_numerics="exact", **OPTIONS)
+    assert type(model).hf_class is type(hf)
+    x = images(3)
+    out = model(x)
+    with torch.no_grad():
+        ref = hf(pixel_values=x)
+    assert type(out) is type(ref) and ref.logits.abs().max() > 1e-3  # logits of a size that tells
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
 
 
 FAMILIES = {"resnet": RBLNResNetForImageClassification, "convnext": RBLNConvNextForImageClassification,

@@ -13,9 +13,10 @@ Each network is a compiled model of its own, with its own options and devices:
     checker = RBLNCosmosSafetyChecker.from_pretrained(
         "guardrail-checkpoint", export=True,
         rbln_config={"npu": "RBLN-CA25",                          # broadcast to every sub-model
-                     "llamaguard3": {"device": 0, "max_seq_len": 2048},
-                     "siglip_encoder": {"device": 1}, "video_safety_model": {"device": 1},
-                     "face_blur_filter": {"device": 2, "image_size": (704, 1280), "batch_size": 4}})
+                     # Llama-Guard-3-8B in bf16 is 16 GB: more than one 16 GiB device holds
+                     "llamaguard3": {"tensor_parallel_size": 2, "device": [0, 1], "max_seq_len": 2048},
+                     "siglip_encoder": {"device": 2}, "video_safety_model": {"device": 2},
+                     "face_blur_filter": {"device": 3, "image_size": (704, 1280), "batch_size": 4}})
     checker.save_pretrained("compiled-guardrail")
     checker = RBLNCosmosSafetyChecker.from_pretrained("compiled-guardrail")   # no recompilation
 

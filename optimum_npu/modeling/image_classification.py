@@ -3,6 +3,7 @@
 `RBLNModelForImageClassification` compiles `pixel_values [rbln_batch_size, channels, height,
 width] -> logits` and returns the HF output class, so `transformers.pipeline("image-classification",
 model=rbln_model, image_processor=...)` runs on it. A family is its HF class (and output class):
+ResNet, ConvNeXt (V1, V2), ViT, DeiT, DINOv2, Swin, RegNet, MobileNet (V1, V2) below.
 
     model = RBLNResNetForImageClassification.from_pretrained("microsoft/resnet-50", export=True,
                                                               rbln_batch_size=8)
@@ -27,11 +28,18 @@ from typing import ClassVar
 import torch
 from transformers import (
     ConvNextForImageClassification,
+    ConvNextV2ForImageClassification,
+    DeiTForImageClassification,
+    Dinov2ForImageClassification,
+    MobileNetV1ForImageClassification,
     MobileNetV2ForImageClassification,
+    RegNetForImageClassification,
     ResNetForImageClassification,
+    SwinForImageClassification,
     ViTForImageClassification,
 )
 from transformers.modeling_outputs import ImageClassifierOutput, ImageClassifierOutputWithNoAttention
+from transformers.models.swin.modeling_swin import SwinImageClassifierOutput
 
 from ..configuration import OPTION_PREFIX, RBLNModelConfig
 from .base import RBLNModel
@@ -180,3 +188,30 @@ class RBLNViTForImageClassification(RBLNModelForImageClassification):
 
 class RBLNMobileNetV2ForImageClassification(RBLNModelForImageClassification):
     hf_class = MobileNetV2ForImageClassification
+
+
+class RBLNConvNextV2ForImageClassification(RBLNModelForImageClassification):
+    hf_class = ConvNextV2ForImageClassification
+
+
+class RBLNRegNetForImageClassification(RBLNModelForImageClassification):
+    hf_class = RegNetForImageClassification
+
+
+class RBLNMobileNetV1ForImageClassification(RBLNModelForImageClassification):
+    hf_class = MobileNetV1ForImageClassification
+
+
+class RBLNDeiTForImageClassification(RBLNModelForImageClassification):
+    hf_class = DeiTForImageClassification
+    output_class = ImageClassifierOutput
+
+
+class RBLNDinov2ForImageClassification(RBLNModelForImageClassification):
+    hf_class = Dinov2ForImageClassification
+    output_class = ImageClassifierOutput
+
+
+class RBLNSwinForImageClassification(RBLNModelForImageClassification):
+    hf_class = SwinForImageClassification
+    output_class = SwinImageClassifierOutput
