@@ -248,6 +248,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plan ----------------------------------------------------------------------------
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a Hub id, a folder or a config.json of a decoder-only LM")
+    p.add_argument("--npu", default="RBLN-CA25", help="hardware preset (see `presets`)")
+    p.add_argument("--input-len", type=int, required=True, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, required=True, help="generated tokens per request")
+    p.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=None, metavar="N")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B")
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=None, metavar="C")
+    p.add_argument("--rack-power-kw", type=float, default=35.0, help="power budget of a rack (card TDP only)")
+    p.add_argument("--json", action="store_true", help="print the candidates as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write throughput vs latency, one point per deployment")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .planning import planner
+
+    options = {name: tuple(value) for name, value in (
+        ("tensor_parallel_sizes", args.tensor_parallel_sizes), ("batch_sizes", args.batch_sizes),
+        ("chunk_sizes", args.chunk_sizes)) if value}
+    result = planner.plan(args.model, args.npu, args.input_len, args.output_len,
+                          rack_power_w=args.rack_power_kw * 1000, **options)
+    if args.json:
+        print(json.dumps([c.as_dict() for c in result.candidates], indent=2))
+    else:
+        print(result.table())
+    if args.plot:
+        print(f"plot: {planner.save_plot(result, args.plot)}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------
 
 COMMANDS = [
@@ -255,6 +288,8 @@ COMMANDS = [
     Command("presets", "list the hardware presets and their figures", _presets_arguments, _presets),
     Command("compile", "compile a torch module to a .rbln program", _compile_arguments, _compile),
     Command("run", "run a .rbln program once on random inputs and print the simulated stats", _run_arguments, _run),
+    Command("plan", "rank deployments of a decoder-only LM (TP, batch, chunk, attention) by simulated serving",
+            _plan_arguments, _plan),
 ]
 
 

@@ -35,10 +35,13 @@ def load_hf_config(model: Any):
         raise ValueError(f"cannot read a model config from {model!r}: {str(error).splitlines()[0]}") from None
 
 
-def compile_decoder_on_meta(hf_config, **rbln_options) -> tuple[Any, dict[str, CompiledModel]]:
+def compile_decoder_on_meta(hf_config, check_memory: bool = True, **rbln_options) -> tuple[Any, dict[str, CompiledModel]]:
     """(final RBLN config, compiled graphs by name) of the decoder-only family of `hf_config`,
     compiled with `rbln_*` options as `from_pretrained(export=True, rbln_...)` takes them.
-    Raises DeviceMemoryError (naming what to change) if the model does not fit the device."""
+    Raises DeviceMemoryError (naming what to change) if the model does not fit the device;
+    `check_memory=False` skips that check (and its probe compilation): the planner sizes
+    memory itself."""
+    from ..compile import compile_from_torch
     from ..modeling.auto import RBLNAutoModelForCausalLM
 
     cls = RBLNAutoModelForCausalLM.class_for_config(hf_config)
@@ -47,4 +50,13 @@ def compile_decoder_on_meta(hf_config, **rbln_options) -> tuple[Any, dict[str, C
         raise ValueError(f"unknown options {sorted(unknown)}: options are rbln_* keyword arguments")
     with torch.device("meta"):
         hf_model = cls.hf_class(hf_config)
-        return cls._compile(hf_model, config)
+        if check_memory:
+            return cls._compile(hf_model, config)
+        config = config.finalize(hf_config)
+        graphs = {
+            spec.name: compile_from_torch(spec.module, input_info=list(spec.input_info), npu=config.npu,
+                                          dtype=config.dtype, numerics=config.numerics,
+                                          tensor_parallel_size=config.tensor_parallel_size)
+            for spec in cls._graph_specs(hf_model, config)
+        }
+    return config, graphs

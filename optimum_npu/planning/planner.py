@@ -1,0 +1,253 @@
+"""`optimum_npu.plan(...)`: which configuration of a decoder-only model should I deploy?
+
+For a model (a Hub id, a folder, a `config.json` or a transformers config), an NPU and a
+workload (input and output lengths), the planner enumerates deployments (tensor-parallel
+size, batch size = decode bucket, prefill chunk, attention mode), discards those that do not
+fit a device, and prices the rest with the device's cost model through a serving simulation
+(`serving.simulate`: continuous batching at a concurrency of the batch size).
+
+It compiles on the meta device, from the config alone, and only a 1-layer and a 2-layer copy
+of the model per (tensor-parallel size, attention mode, chunk): every decoder layer is the
+same program, so a quantity of the whole model is `q(1) + (layers - 1) * (q(2) - q(1))`
+(times at each KV length, weights, KV cache). That is what makes a 70B plan take seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+from ..sim_device.specs import get_npu_spec
+from .meta import compile_decoder_on_meta, load_hf_config
+from .serving import StepTimes, closed_loop, simulate
+
+SERVER_CARDS = 8                 # an ATOM-Max server holds 8 cards (docs/hardware.md, "Topology")
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+CHUNK_SIZES = (128, 512)
+TENSOR_PARALLEL_SIZES = (1, 2, 4, 8, 16, 32)
+PARTITION_LEN = 4096
+
+
+@dataclass
+class Candidate:
+    """One deployment and what the simulation says of it."""
+
+    tensor_parallel_size: int
+    batch_size: int
+    prefill_chunk_size: int
+    attn_impl: str
+    kvcache_partition_len: int | None
+    max_seq_len: int
+    memory_per_device_bytes: int
+    ttft_s: float                 # median over the simulated requests
+    tpot_s: float                 # median
+    tokens_per_s: float           # one instance (tensor_parallel_size devices)
+    tokens_per_s_per_card: float
+    tokens_per_s_per_server: float
+    tokens_per_s_per_rack: float  # as many cards as the rack's power budget feeds
+    tokens_per_s_per_watt: float  # card power (TDP) only
+    devices: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Plan:
+    model: str
+    npu: str
+    input_len: int
+    output_len: int
+    rack_power_w: float
+    candidates: list[Candidate]    # feasible ones, best first (tokens/s per watt)
+    rejected: list[str]            # why the others were dropped
+
+    def table(self) -> str:
+        header = (f"{'#':>3} {'TP':>3} {'batch':>5} {'chunk':>5} {'attention':>16} {'mem/dev GiB':>11} {'TTFT ms':>9} "
+                  f"{'TPOT ms':>8} {'tok/s inst':>10} {'tok/s card':>10} {'tok/s server':>12} {'tok/s rack':>10} "
+                  f"{'tok/s/W':>7}")
+        lines = [f"{self.model} on {self.npu}, input {self.input_len} / output {self.output_len} tokens; "
+                 f"rack {self.rack_power_w / 1000:.1f} kW; {len(self.candidates)} feasible, {len(self.rejected)} rejected",
+                 header, "-" * len(header)]
+        for i, c in enumerate(self.candidates, 1):
+            attention = c.attn_impl if c.kvcache_partition_len is None else f"flash p{c.kvcache_partition_len}"
+            lines.append(
+                f"{i:>3} {c.tensor_parallel_size:>3} {c.batch_size:>5} {c.prefill_chunk_size:>5} {attention:>16} "
+                f"{c.memory_per_device_bytes / 2**30:>11.2f} {c.ttft_s * 1e3:>9.1f} {c.tpot_s * 1e3:>8.2f} "
+                f"{c.tokens_per_s:>10.1f} {c.tokens_per_s_per_card:>10.1f} {c.tokens_per_s_per_server:>12.1f} "
+                f"{c.tokens_per_s_per_rack:>10.0f} {c.tokens_per_s_per_watt:>7.2f}")
+        return "\n".join(lines)
+
+
+def save_plot(plan: Plan, path) -> str:
+    """A PNG of throughput (tokens/s per card) against latency (TPOT), one point per deployment,
+    labelled with its TP size and batch. Drawn with Pillow (a dependency of diffusers)."""
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 900, 600, 70
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    xs = [c.tpot_s * 1e3 for c in plan.candidates]
+    ys = [c.tokens_per_s_per_card for c in plan.candidates]
+    x_max, y_max = max(xs) * 1.1, max(ys) * 1.1
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return margin + x / x_max * (width - 2 * margin), height - margin - y / y_max * (height - 2 * margin)
+
+    draw.line([at(0, 0), at(x_max, 0)], fill="black")
+    draw.line([at(0, 0), at(0, y_max)], fill="black")
+    for i in range(6):
+        x, y = x_max * i / 5, y_max * i / 5
+        draw.text((at(x, 0)[0] - 10, height - margin + 8), f"{x:.1f}", fill="black")
+        draw.text((8, at(0, y)[1] - 6), f"{y:.0f}", fill="black")
+    draw.text((width / 2 - 80, height - 25), "TPOT (ms, median)", fill="black")
+    draw.text((8, 20), "tokens/s per card", fill="black")
+    draw.text((width / 2 - 200, 20), f"{plan.model} on {plan.npu}, {plan.input_len} in / {plan.output_len} out",
+              fill="black")
+    for c, x, y in zip(plan.candidates, xs, ys):
+        px, py = at(x, y)
+        color = "#1f77b4" if c.attn_impl == "eager" else "#ff7f0e"  # eager blue, flash orange
+        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
+        draw.text((px + 6, py - 6), f"TP{c.tensor_parallel_size} b{c.batch_size}", fill="black")
+    path = Path(path)
+    image.save(path, format="PNG")
+    return str(path)
+
+
+def _max_seq_len(needed: int, attn_impl: str) -> int | None:
+    """The smallest max_seq_len of `attn_impl` that holds `needed` positions (None: none does)."""
+    if attn_impl == "eager":
+        size = 1 << max(6, (needed - 1).bit_length())
+        return size if size <= 32_768 else None
+    size = max(2 * PARTITION_LEN, -(-needed // PARTITION_LEN) * PARTITION_LEN)
+    return size
+
+
+def _with_layers(hf_config, layers: int):
+    config = copy.deepcopy(hf_config)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:layers]
+    return config
+
+
+def _parameter_count(hf_config) -> int:
+    """Distinct parameters of the model (a tied embedding counted once), on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _scaled(one: float, two: float, layers: int) -> float:
+    return one + (layers - 1) * (two - one)
+
+
+class _ScaledGraph:
+    """A graph of the full model priced from its 1-layer and 2-layer compilations."""
+
+    def __init__(self, one, two, layers: int):
+        self.one, self.two, self.layers = one, two, layers
+
+    def estimate(self, kv_len: int):
+        a, b = self.one.estimate(kv_len=kv_len), self.two.estimate(kv_len=kv_len)
+        return dataclasses.replace(a, per_kind_s={k: _scaled(a.per_kind_s[k], b.per_kind_s[k], self.layers)
+                                                  for k in a.per_kind_s})
+
+
+def _kv_bytes_per_slot(graph, blocks_per_slot: int, num_blocks: int, tp: int) -> int:
+    program = graph.program
+    kv = sum(b.nbytes for b in program.buffers if b.name.startswith(("k_cache_", "v_cache_"))) // tp
+    return kv // num_blocks * blocks_per_slot
+
+
+def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int = 2048, *,
+         tensor_parallel_sizes=TENSOR_PARALLEL_SIZES, batch_sizes=BATCH_SIZES, chunk_sizes=CHUNK_SIZES,
+         rack_power_w: float = 35_000.0, dtype: str = "bfloat16") -> Plan:
+    """Rank the deployments of `model` on `npu` for requests of `input_len` prompt and
+    `output_len` generated tokens (see the module docstring)."""
+    spec = get_npu_spec(npu)
+    for name, value in (("input_len", input_len), ("output_len", output_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, values in (("tensor_parallel_sizes", tensor_parallel_sizes), ("batch_sizes", batch_sizes),
+                         ("chunk_sizes", chunk_sizes)):
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ValueError(f"{name} must be a non-empty list of positive ints, got {values!r}")
+    batch_sizes = tuple(sorted(set(batch_sizes)))
+    hf_config = load_hf_config(model)
+    name = model if isinstance(model, str) else (getattr(hf_config, "_name_or_path", "") or hf_config.model_type)
+    layers = hf_config.num_hidden_layers
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    needed = input_len + output_len
+    if limit is not None and needed > limit:
+        raise ValueError(f"input_len + output_len = {needed} is longer than the model's max_position_embeddings "
+                         f"({limit}): no max_seq_len can serve it")
+    weight_bytes = _parameter_count(hf_config) * 2  # 16-bit weights
+    candidates, rejected = [], []
+    for attn_impl in ("eager", "flash_attn"):
+        max_seq_len = _max_seq_len(needed, attn_impl)
+        if max_seq_len is None or (limit is not None and max_seq_len > limit):
+            rejected.append(f"{attn_impl}: no max_seq_len of this attention mode holds {needed} positions within "
+                            f"the model's {limit}")
+            continue
+        block = max_seq_len if attn_impl == "eager" else PARTITION_LEN
+        blocks_per_slot = max_seq_len // block
+        for tp in tensor_parallel_sizes:
+            if weight_bytes / tp > spec.usable_dram_bytes:
+                rejected.append(f"TP {tp}, {attn_impl}: the weights alone need {weight_bytes / tp / 2**30:.1f} GiB "
+                                f"per device, {spec.usable_dram_bytes / 2**30:.1f} usable")
+                continue
+            for chunk in chunk_sizes:
+                options = dict(rbln_npu=npu, rbln_dtype=dtype, rbln_tensor_parallel_size=tp,
+                               rbln_batch_size=max(batch_sizes), rbln_decoder_batch_sizes=list(batch_sizes),
+                               rbln_max_seq_len=max_seq_len, rbln_prefill_chunk_size=chunk, rbln_attn_impl=attn_impl,
+                               rbln_kvcache_num_blocks=max(batch_sizes) * blocks_per_slot)
+                if attn_impl == "flash_attn":
+                    options["rbln_kvcache_partition_len"] = PARTITION_LEN
+                try:
+                    _, one = compile_decoder_on_meta(_with_layers(hf_config, 1), check_memory=False, **options)
+                    _, two = compile_decoder_on_meta(_with_layers(hf_config, 2), check_memory=False, **options)
+                except ValueError as error:
+                    rejected.append(f"TP {tp}, chunk {chunk}, {attn_impl}: {str(error).splitlines()[0]}")
+                    continue
+                num_blocks = max(batch_sizes) * blocks_per_slot
+                kv_one = _kv_bytes_per_slot(one["prefill"], blocks_per_slot, num_blocks, tp)
+                kv_two = _kv_bytes_per_slot(two["prefill"], blocks_per_slot, num_blocks, tp)
+                fixed_one = max(g.device_bytes for g in one.values()) - kv_one * max(batch_sizes)
+                fixed_two = max(g.device_bytes for g in two.values()) - kv_two * max(batch_sizes)
+                graphs = {name: _ScaledGraph(one[name], two[name], layers) for name in one}
+                times = StepTimes.from_graphs(graphs, chunk, max_seq_len, grid=max(256, max_seq_len // 16))
+                for batch in batch_sizes:
+                    memory = int(_scaled(fixed_one, fixed_two, layers) + _scaled(kv_one, kv_two, layers) * batch)
+                    what = f"TP {tp}, batch {batch}, chunk {chunk}, {attn_impl}"
+                    if memory > spec.usable_dram_bytes:
+                        rejected.append(f"{what}: needs {memory / 2**30:.1f} GiB per device, "
+                                        f"{spec.usable_dram_bytes / 2**30:.1f} usable")
+                        continue
+                    served = simulate(times, closed_loop(batch, 2 * batch, input_len, output_len),
+                                      buckets=[b for b in batch_sizes if b <= batch])
+                    rate = served.output_tokens_per_s
+                    per_card = rate * spec.devices_per_card / tp
+                    cards_in_rack = int(rack_power_w // spec.card_tdp_watts)
+                    candidates.append(Candidate(
+                        tensor_parallel_size=tp, batch_size=batch, prefill_chunk_size=chunk, attn_impl=attn_impl,
+                        kvcache_partition_len=PARTITION_LEN if attn_impl == "flash_attn" else None,
+                        max_seq_len=max_seq_len, memory_per_device_bytes=memory,
+                        ttft_s=served.percentile("ttft_s", 50), tpot_s=served.percentile("tpot_s", 50),
+                        tokens_per_s=rate, tokens_per_s_per_card=per_card,
+                        tokens_per_s_per_server=per_card * SERVER_CARDS,
+                        tokens_per_s_per_rack=per_card * cards_in_rack,
+                        tokens_per_s_per_watt=per_card / spec.card_tdp_watts, devices=tp,
+                    ))
+    if not candidates:
+        reasons = "; ".join(rejected[:4])
+        raise ValueError(f"no deployment of {name} fits {npu} for {input_len} + {output_len} tokens: {reasons}")
+    candidates.sort(key=lambda c: (-c.tokens_per_s_per_watt, c.tpot_s))
+    return Plan(str(name), npu, input_len, output_len, rack_power_w,
+                candidates, rejected)

@@ -1,0 +1,78 @@
+"""`optimum_npu.plan` / `optimum-npu plan`: deployments of a tiny Llama ranked by simulated serving,
+the 1-layer / 2-layer scaling checked against a compilation of the whole model, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import optimum_npu
+from optimum_npu.cli import main
+from optimum_npu.planning.meta import compile_decoder_on_meta
+from optimum_npu.planning.planner import _ScaledGraph, _with_layers
+from llm_fixtures import hf_config
+
+SMALL = dict(tensor_parallel_sizes=(1,), batch_sizes=(1, 4), chunk_sizes=(64,))
+
+
+@pytest.fixture(scope="module")
+def config_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    hf_config("llama", num_hidden_layers=4).save_pretrained(folder)
+    return folder
+
+
+def test_plan_ranks_feasible_deployments(config_folder):
+    result = optimum_npu.plan(config_folder, "RBLN-CA25", input_len=100, output_len=20, **SMALL)
+    assert [c.batch_size for c in result.candidates] and all(c.attn_impl == "eager" for c in result.candidates)
+    per_watt = [c.tokens_per_s_per_watt for c in result.candidates]
+    assert per_watt == sorted(per_watt, reverse=True)
+    for c in result.candidates:
+        assert c.max_seq_len >= 120 and c.ttft_s > 0 and c.tpot_s > 0
+        assert c.tokens_per_s_per_card == pytest.approx(c.tokens_per_s * 4)   # 4 devices per CA25 card at TP 1
+        assert c.tokens_per_s_per_server == pytest.approx(8 * c.tokens_per_s_per_card)
+        assert c.tokens_per_s_per_rack == pytest.approx(100 * c.tokens_per_s_per_card)  # 35 kW / 350 W
+    batch4 = next(c for c in result.candidates if c.batch_size == 4)
+    batch1 = next(c for c in result.candidates if c.batch_size == 1)
+    assert batch4.tokens_per_s > batch1.tokens_per_s  # batching shares the weight streaming
+    assert any("flash_attn" in reason for reason in result.rejected)  # 256 positions: no flash max_seq_len
+    assert "TP" in result.table() and "tok/s/W" in result.table()
+
+
+def test_layer_scaling_equals_compiling_the_whole_model():
+    config = hf_config("llama", num_hidden_layers=4)
+    options = dict(rbln_max_seq_len=256, rbln_prefill_chunk_size=64, rbln_batch_size=2)
+    _, whole = compile_decoder_on_meta(config, **options)
+    _, one = compile_decoder_on_meta(_with_layers(config, 1), **options)
+    _, two = compile_decoder_on_meta(_with_layers(config, 2), **options)
+    for name in whole:
+        scaled = _ScaledGraph(one[name], two[name], 4)
+        for kv_len in (64, 200):
+            assert scaled.estimate(kv_len).total_s == pytest.approx(whole[name].estimate(kv_len).total_s, rel=1e-9)
+
+
+def test_plan_refuses_bad_inputs(config_folder):
+    with pytest.raises(ValueError, match="RBLN-CA25"):
+        optimum_npu.plan(config_folder, "RBLN-XX", input_len=10, output_len=10, **SMALL)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        optimum_npu.plan(config_folder, input_len=200, output_len=100, **SMALL)  # 300 > 256 positions
+    with pytest.raises(ValueError, match="input_len"):
+        optimum_npu.plan(config_folder, input_len=0, output_len=10, **SMALL)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        optimum_npu.plan(config_folder, input_len=10, output_len=10, tensor_parallel_sizes=(1,), batch_sizes=())
+    huge = hf_config("llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                     num_attention_heads=64, num_key_value_heads=8)
+    with pytest.raises(ValueError, match="no deployment .* fits"):  # 70B-sized weights on one device
+        optimum_npu.plan(huge, input_len=10, output_len=10, **SMALL)
+
+
+def test_cli_plan_prints_json_and_plots(config_folder, capsys, tmp_path):
+    plot = tmp_path / "plan.png"
+    code = main(["plan", str(config_folder), "--input-len", "100", "--output-len", "20", "--tensor-parallel-sizes",
+                 "1", "--batch-sizes", "2", "--chunk-sizes", "64", "--json", "--plot", str(plot)])
+    assert code == 0
+    (candidate,) = json.loads(capsys.readouterr().out)
+    assert candidate["batch_size"] == 2 and candidate["tensor_parallel_size"] == 1 and candidate["tpot_s"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plan", str(config_folder), "--input-len", "0", "--output-len", "20"]) == 2  # a clear one-line error

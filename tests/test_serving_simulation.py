@@ -1,0 +1,91 @@
+"""The continuous-batching simulation against schedules worked out by hand, and its step times
+against the compiled programs' own estimates."""
+
+from __future__ import annotations
+
+import pytest
+
+from optimum_npu.planning.serving import StepTimes, closed_loop, open_loop, simulate
+
+PREFILL_S, DECODE_S = 0.010, 0.001
+
+
+def fixed_times(chunk: int = 128, calls: list | None = None) -> StepTimes:
+    def decode(bucket, context):
+        if calls is not None:
+            calls.append((bucket, context))
+        return DECODE_S
+
+    return StepTimes(chunk, lambda context: PREFILL_S, decode)
+
+
+def test_one_request_prefills_chunk_by_chunk_then_decodes():
+    result = simulate(fixed_times(), open_loop([0.0], input_len=300, output_len=5), buckets=[1])
+    (request,) = result.requests
+    assert result.prefill_chunks == 3 and result.decode_steps == 4  # the prefill yields the first token
+    assert request.ttft_s == pytest.approx(3 * PREFILL_S)
+    assert request.finished_s == pytest.approx(3 * PREFILL_S + 4 * DECODE_S)
+    assert request.tpot_s == pytest.approx(DECODE_S)
+    assert result.output_tokens_per_s == pytest.approx(5 / (3 * PREFILL_S + 4 * DECODE_S))
+
+
+def test_a_prefill_stalls_the_running_decodes():
+    """A runs alone; B arrives during A's 5th decode step and is prefilled before A continues."""
+    result = simulate(fixed_times(), open_loop([0.0, 0.0145], input_len=128, output_len=10), buckets=[1, 2])
+    a, b = sorted(result.requests, key=lambda r: r.arrival_s)
+    # A: prefill 0 -> 0.010, decodes end at .011 .. .015, B's prefill .015 -> .025, then 4 more.
+    assert a.first_token_s == pytest.approx(0.010)
+    assert b.first_token_s == pytest.approx(0.025)
+    assert a.finished_s == pytest.approx(0.025 + 4 * DECODE_S)
+    assert b.finished_s == pytest.approx(0.025 + 9 * DECODE_S)
+    assert a.tpot_s == pytest.approx((9 * DECODE_S + PREFILL_S) / 9)  # the stall shows in A's TPOT
+
+
+def test_decode_runs_in_the_smallest_bucket_that_holds_the_batch():
+    calls = []
+    simulate(fixed_times(calls=calls), open_loop([0.0, 0.0, 0.0], input_len=64, output_len=3), buckets=[1, 4, 8])
+    buckets = {bucket for bucket, _ in calls}
+    assert buckets == {4}  # 3 sequences: the bucket of 4
+    # Contexts grow one position per step from the prompt length.
+    contexts = sorted({context for _, context in calls})
+    assert contexts == [65, 66]
+
+
+def test_closed_loop_keeps_the_concurrency_and_serves_every_request():
+    one = simulate(fixed_times(), closed_loop(concurrency=1, requests=3, input_len=128, output_len=4), buckets=[1])
+    single = PREFILL_S + 3 * DECODE_S
+    assert len(one.requests) == 3 and one.makespan_s == pytest.approx(3 * single)
+    assert one.output_tokens_per_s == pytest.approx(12 / (3 * single))
+    # More users share decode steps: more throughput, and every request still completes.
+    four = simulate(fixed_times(), closed_loop(concurrency=4, requests=8, input_len=128, output_len=4), buckets=[4])
+    assert len(four.requests) == 8 and four.output_tokens_per_s > one.output_tokens_per_s
+    assert four.percentile("ttft_s", 99) >= four.percentile("ttft_s", 50) > 0
+
+
+def test_slots_bound_the_running_batch():
+    calls = []
+    result = simulate(fixed_times(calls=calls), open_loop([0.0] * 5, input_len=64, output_len=3), buckets=[2])
+    assert max(bucket for bucket, _ in calls) == 2 and len(result.requests) == 5
+
+
+def test_bad_workloads_are_refused():
+    with pytest.raises(ValueError, match="concurrency"):
+        closed_loop(0, 4, 128, 4)
+    with pytest.raises(ValueError, match="buckets"):
+        simulate(fixed_times(), open_loop([0.0], 64, 2), buckets=[])
+
+
+def test_step_times_are_the_compiled_programs_estimates():
+    from test_cost_consistency import compile_tiny
+
+    model = compile_tiny("eager")
+    try:
+        times = StepTimes.from_graphs(model.graphs, chunk=64, max_seq_len=256, grid=64)
+        decode = model.graphs["decoder_batch_2"]
+        assert times.decode_step_s(2, 128) == pytest.approx(decode.estimate(kv_len=128).total_s, rel=1e-12)
+        assert times.prefill_chunk_s(192) == pytest.approx(model.graphs["prefill"].estimate(kv_len=192).total_s,
+                                                           rel=1e-12)
+        between = times.decode_step_s(2, 100)
+        assert decode.estimate(kv_len=64).total_s <= between <= decode.estimate(kv_len=128).total_s
+    finally:
+        model.close()
