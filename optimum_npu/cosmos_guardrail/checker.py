@@ -97,6 +97,7 @@ PART_SUBMODELS = {"blocklist": (), "guard_llm": ("llamaguard3",),
 BROADCAST_OPTIONS = ("npu", "dtype", "numerics", "create_runtimes", "activate_profiler", "device")
 VIDEO_SUBMODELS = ("siglip_encoder", "video_safety_model", "face_blur_filter")   # batch_size goes to these
 UNSAFE_VIDEO_ACTIONS = ("black", "raise")
+PROMPT_REFUSED = "the prompt was refused by the"   # how `last_report` starts after a refused prompt
 
 
 class UnsafePromptError(ValueError):
@@ -356,7 +357,7 @@ class RBLNCosmosSafetyChecker:
         for guard in guards:
             safe, message = guard.is_safe(prompt)
             if not safe:
-                self.last_report = f"the prompt was refused by the {guard.name} guardrail: {message}"
+                self.last_report = f"{PROMPT_REFUSED} {guard.name} guardrail: {message}"
                 logger.critical("GUARDRAIL BLOCKED: %s", self.last_report)
                 if self.rbln_config.raise_on_unsafe_prompt:
                     raise UnsafePromptError(f"Cosmos guardrail: {self.last_report}")

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Mapping
 
 from diffusers import CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline
 
+from ...cosmos_guardrail.checker import PROMPT_REFUSED
 from ...modeling.encoders import RBLNT5EncoderModel, RBLNT5EncoderModelConfig
 from ..configuration import RBLNDiffusionPipelineConfig, component
 from ..models.autoencoder_kl_cosmos import RBLNAutoencoderKLCosmos, RBLNAutoencoderKLCosmosConfig, latent_size
@@ -82,6 +83,20 @@ class RBLNCosmosPipelineMixin(RBLNDiffusionPipelineMixin):
     rbln_classes = {"text_encoder": RBLNT5EncoderModel, "transformer": RBLNCosmosTransformer3DModel,
                     "vae": RBLNAutoencoderKLCosmos}
     denoiser = "transformer"
+
+    def __call__(self, *args, **kwargs):
+        """diffusers' `__call__`; when the checker refuses the prompt, the error also names the
+        guardrail that fired (diffusers' own message says only "unsafe text")."""
+        checker = self.safety_checker
+        if hasattr(checker, "last_report"):
+            checker.last_report = ""      # a report of an earlier call must not explain this one's error
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValueError as err:
+            report = getattr(checker, "last_report", "")
+            if not report.startswith(PROMPT_REFUSED):
+                raise
+            raise ValueError(f"{err} The Cosmos guardrail says: {report}") from None
 
     @classmethod
     def _load_safety_checker(cls, folder: Path, class_name: str, compiled: bool):
