@@ -1,9 +1,12 @@
-"""`make demo`: the compiler on three tiny modules, a Llama generating text, then a ResNet
-classifying images, all on the simulated NPU.
+"""`make demo`: the compiler on three tiny modules, a Llama generating text, a ResNet
+classifying images, then Stable Diffusion and a guarded Cosmos text-to-world pipeline, all on
+the simulated NPU.
 
 Run: `make demo` (or `python examples/demo.py` inside the venv). Part 1 is `quickstart.py`;
 part 2 is `llama/generate.py` (trains a tiny Llama the first time, ~1 min, then reuses it);
-part 3 is `image-classification/classify.py` (trains a tiny ResNet for a few seconds).
+part 3 is `image-classification/classify.py` (trains a tiny ResNet for a few seconds); parts
+4 and 5 are `stable-diffusion/text_to_image.py` and `cosmos/text_to_world.py` (tiny random
+components built locally; ~10 s each).
 """
 
 import importlib.util
@@ -31,6 +34,10 @@ def main() -> None:
     load_example("llama/generate.py").main()
     print("\n" + "=" * 30, "3. image classification (examples/image-classification/classify.py)", "=" * 30)
     load_example("image-classification/classify.py").main()
+    print("\n" + "=" * 30, "4. Stable Diffusion (examples/stable-diffusion/text_to_image.py)", "=" * 30)
+    load_example("stable-diffusion/text_to_image.py").main()
+    print("\n" + "=" * 30, "5. Cosmos text-to-world with its guardrail (examples/cosmos/text_to_world.py)", "=" * 30)
+    load_example("cosmos/text_to_world.py").main()
 
 
 if __name__ == "__main__":

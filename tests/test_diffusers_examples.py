@@ -35,7 +35,7 @@ def test_stable_diffusion_script(tmp_path):
 def test_cosmos_script(tmp_path):
     result = load_example("cosmos/text_to_world.py").main(tmp_path)
     assert result.video.shape == result.continued.shape == (9, 32, 32, 3)
-    assert "unsafe text" in result.refused
+    assert "unsafe text" in result.refused and "refused by the Blocklist guardrail" in result.refused
     assert all(gif.is_file() for gif in result.gifs)
 
 

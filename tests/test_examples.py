@@ -118,6 +118,8 @@ def test_demo_runs_the_examples():
     assert callable(demo.load_example("quickstart.py").main)
     assert callable(demo.load_example("llama/generate.py").main)
     assert callable(demo.load_example("image-classification/classify.py").main)
+    assert callable(demo.load_example("stable-diffusion/text_to_image.py").main)
+    assert callable(demo.load_example("cosmos/text_to_world.py").main)
 
 
 def test_notebook_is_committed_without_outputs():

@@ -80,7 +80,7 @@ def main(out: Path = OUT) -> Result:
         refused = ""
     except ValueError as err:
         refused = str(err)
-        print(f"\nrefused: {refused}\n  ({checker.last_report})")
+        print(f"\nrefused: {refused}")   # the error names the guardrail that fired
     pipe = None  # frees its devices
 
     pipe = RBLNCosmosVideoToWorldPipeline.from_pretrained(video_to_world, export=True, safety_checker=checker,
