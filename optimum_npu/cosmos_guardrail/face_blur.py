@@ -376,8 +376,6 @@ class RBLNRetinaFace(RBLNModel):
 
     @classmethod
     def _load_hf_model(cls, model_id, hf_kwargs: dict, config):
-        if config.create_runtimes:
-            config.check_devices_exist()
         return load_retinaface(model_id)
 
     @classmethod

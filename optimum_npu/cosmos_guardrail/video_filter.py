@@ -208,8 +208,6 @@ class RBLNVideoSafetyModel(RBLNModel):
 
     @classmethod
     def _load_hf_model(cls, model_id, hf_kwargs: dict, config):
-        if config.create_runtimes:
-            config.check_devices_exist()
         return load_video_safety_model(model_id)
 
     @classmethod

@@ -431,6 +431,8 @@ class RBLNModel:
                 family = cls._family_for(cls._read_hf_config(model_id, hub_kwargs))
                 return family.from_pretrained(model_id, export=True, **hub_kwargs, **kwargs)
             config, hf_kwargs = cls.config_class.from_kwargs(kwargs)
+            if config.create_runtimes:   # before loading weights, which may take minutes
+                config.check_devices_exist()
             hf_model = cls._load_hf_model(model_id, {**hub_kwargs, **hf_kwargs}, config)
             return cls._from_hf_model(hf_model, config, source_folder=folder)
         if not is_compiled_folder(folder):
@@ -460,17 +462,15 @@ class RBLNModel:
 
     @classmethod
     def _load_hf_model(cls, model_id, hf_kwargs: dict, config: RBLNModelConfig):
-        cls._check_before_loading(model_id, hf_kwargs, config)
+        cls._check_before_loading(model_id, hf_kwargs)
         return cls.hf_class.from_pretrained(model_id, **hf_kwargs)
 
     @classmethod
-    def _check_before_loading(cls, model_id, hf_kwargs: dict, config: RBLNModelConfig) -> None:
+    def _check_before_loading(cls, model_id, hf_kwargs: dict) -> None:
         """Checks that need no weights, run before loading them (which may take minutes)."""
         if cls.hf_class is None:
             raise TypeError(f"{cls.__name__} cannot export: it has no hf_class")
         cls._check_model_type(cls._read_hf_config(model_id, hub_kwargs_of(hf_kwargs)))
-        if config.create_runtimes:
-            config.check_devices_exist()
 
     @classmethod
     def _read_hf_config(cls, model_id, hub_kwargs: dict):

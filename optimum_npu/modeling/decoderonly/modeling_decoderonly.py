@@ -170,7 +170,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         dropping q_norm / k_norm (or a BERT one, with random weights): wrong tokens, no error.
         The weights of layers a user override left out (num_hidden_layers=1) may be dropped.
         """
-        cls._check_before_loading(model_id, hf_kwargs, config)
+        cls._check_before_loading(model_id, hf_kwargs)
         hf_model, info = cls.hf_class.from_pretrained(model_id, output_loading_info=True, **hf_kwargs)
         layers_kept = hf_model.config.num_hidden_layers
 
