@@ -58,7 +58,7 @@ import torch
 
 from ..configuration import CONFIG_KWARG, CONFIG_NAME, OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, \
     check_int, runtime_option
-from ..modeling.base import HUB_KWARGS, _resolve_folder, hub_kwargs_of
+from ..modeling.base import HUB_KWARGS, resolve_folder, hub_kwargs_of
 from .blocklist import Blocklist
 from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, UPSTREAM_CHECKPOINT, RBLNRetinaFace, RetinaFaceFilter
 from .guard_llm import DEFAULT_MODEL_ID as GUARD_MODEL_ID
@@ -189,7 +189,7 @@ class RBLNCosmosSafetyChecker:
         asked = {**given, **{k.removeprefix(OPTION_PREFIX): v for k, v in kwargs.items()
                              if k.startswith(OPTION_PREFIX)}}
         kwargs[CONFIG_KWARG] = own
-        folder = _resolve_folder(model_id, hub_kwargs)
+        folder = resolve_folder(model_id, hub_kwargs)
         if export:
             config, leftover = RBLNCosmosSafetyCheckerConfig.from_kwargs(kwargs)
         else:

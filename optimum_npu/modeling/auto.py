@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..configuration import RBLNModelConfig
-from .base import MODEL_REGISTRY, RBLNModel, _resolve_folder, hub_kwargs_of, is_compiled_folder
+from .base import MODEL_REGISTRY, RBLNModel, resolve_folder, hub_kwargs_of, is_compiled_folder
 from .decoderonly.families import RBLNDecoderOnlyModelForCausalLM
 from .encoders import RBLNTextEncoderModel
 from .image_classification import RBLNModelForImageClassification
@@ -33,7 +33,7 @@ class _RBLNAutoClass:
     @classmethod
     def class_for(cls, model_id, export: bool = False, task: str | None = None, **hub_kwargs) -> type[RBLNModel]:
         base_class = cls._base_for(task)
-        folder = _resolve_folder(model_id, hub_kwargs)
+        folder = resolve_folder(model_id, hub_kwargs)
         if not export and is_compiled_folder(folder):
             name = RBLNModelConfig.read_json(folder).get("cls_name")
             found = MODEL_REGISTRY.get(name) if isinstance(name, str) else None

@@ -109,7 +109,7 @@ def hub_kwargs_of(kwargs: dict, pop: bool = False) -> dict:
     return {k: (kwargs.pop(k) if pop else kwargs[k]) for k in HUB_KWARGS if k in kwargs}
 
 
-def _resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict) -> Path:
+def resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict) -> Path:
     """A local folder as is; a Hub id through the standard cache (works offline from the cache)."""
     path = Path(model_id)
     if path.is_dir():
@@ -425,7 +425,7 @@ class RBLNModel:
         hub_kwargs = hub_kwargs_of(kwargs, pop=True)
         # The folder first (local, or the Hub snapshot): a clear error for a bad path, and for an
         # export the checkpoint folder the tokenizer files come from.
-        folder = _resolve_folder(model_id, hub_kwargs)
+        folder = resolve_folder(model_id, hub_kwargs)
         if export:
             if cls.hf_class is None:  # a generic class: the family class of the checkpoint's model_type
                 family = cls._family_for(cls._read_hf_config(model_id, hub_kwargs))

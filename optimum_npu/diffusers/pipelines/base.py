@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ...configuration import CONFIG_NAME, read_json_object
-from ...modeling.base import RBLNModel, _resolve_folder, hub_kwargs_of
+from ...modeling.base import RBLNModel, resolve_folder, hub_kwargs_of
 from ...sim_device.files import write_file_atomically
 from ...sim_device.memory import format_gib
 from ..configuration import RBLNDiffusionPipelineConfig
@@ -122,7 +122,7 @@ class RBLNDiffusionPipelineMixin:
     @classmethod
     def from_pretrained(cls, model_id: str | os.PathLike, export: bool = False, **kwargs: Any):
         hub_kwargs = hub_kwargs_of(kwargs, pop=True)
-        folder = _resolve_folder(model_id, {**hub_kwargs, "ignore_patterns": HUB_FILES_NOT_NEEDED})
+        folder = resolve_folder(model_id, {**hub_kwargs, "ignore_patterns": HUB_FILES_NOT_NEEDED})
         init_names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         given = {name: kwargs.pop(name) for name in list(kwargs) if name in init_names}  # e.g. safety_checker=
         config, leftover = cls.config_class.from_kwargs(kwargs)
