@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from example_helpers import EXAMPLES, committed_without_outputs, load_example, run_notebook
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NOTEBOOKS = [EXAMPLES / "stable-diffusion" / "stable_diffusion_on_npu.ipynb", EXAMPLES / "cosmos" / "cosmos_on_npu.ipynb"]
-
-
-def load_example(relative_path: str):
-    path = EXAMPLES / relative_path
-    name = f"example_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.heavy
@@ -41,20 +27,12 @@ def test_cosmos_script(tmp_path):
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_committed_without_outputs(notebook):
-    import nbformat
-
-    code = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
-    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    assert committed_without_outputs(notebook)
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(notebook, tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(notebook, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    printed = run_notebook(notebook, tmp_path, timeout=600)
     assert "simulated generation" in printed
     assert list((tmp_path / "out").glob("notebook_*"))

@@ -7,27 +7,15 @@ the exact-numerics parity, not the prose), once per module, in a temporary folde
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from example_helpers import EXAMPLES, committed_without_outputs, load_example, run_notebook
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NOTEBOOK = EXAMPLES / "llama" / "llama_on_npu.ipynb"
 TEST_TRAIN_STEPS = 60
-
-
-def load_example(relative_path: str):
-    path = EXAMPLES / relative_path
-    name = f"example_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,30 +111,16 @@ def test_demo_runs_the_examples():
 
 
 def test_notebook_is_committed_without_outputs():
-    import nbformat
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    assert committed_without_outputs(NOTEBOOK)
 
 
 def test_notebook_runs(tiny_llama, tmp_path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
     # Read by the notebook (and its kernel process) to use the test's model and folders.
     monkeypatch.setenv("TINY_LLAMA_DIR", str(tiny_llama))
     monkeypatch.setenv("TINY_LLAMA_OUT", str(tmp_path))
     monkeypatch.setenv("TINY_LLAMA_STEPS", str(TEST_TRAIN_STEPS))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel is another process: same reason as above
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-
-    outputs = "".join(
-        o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
-        for c in nb.cells if c.cell_type == "code" for o in c.outputs
-    )
+    outputs = run_notebook(NOTEBOOK, NOTEBOOK.parent)
     assert "exact numerics == transformers fp32: True" in outputs
     assert "Runtime(RBLNLlamaForCausalLM.prefill)" in outputs  # `optimum-npu smi` saw the loaded model
     assert "No runtime holds device memory" in outputs          # ... and nothing once it was closed
@@ -191,20 +165,11 @@ def test_image_classification_example(tiny_resnet, tmp_path, capsys):
 
 
 def test_image_notebook_is_committed_without_outputs_and_runs(tiny_resnet, tmp_path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(IMAGE_NOTEBOOK, as_version=4)
-    assert all(not c.outputs and c.execution_count is None for c in nb.cells if c.cell_type == "code")
+    assert committed_without_outputs(IMAGE_NOTEBOOK)
     monkeypatch.setenv("IMAGE_CLASSIFICATION_MODEL_DIR", str(tiny_resnet))
     monkeypatch.setenv("IMAGE_CLASSIFICATION_OUT", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(IMAGE_NOTEBOOK.parent)}}).execute()
-    outputs = "".join(
-        o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
-        for c in nb.cells if c.cell_type == "code" for o in c.outputs
-    )
+    outputs = run_notebook(IMAGE_NOTEBOOK, IMAGE_NOTEBOOK.parent)
     assert "RBLNResNetForImageClassification(graphs=['model']" in outputs
     assert "compiled for 3-channel images of 32x32" in outputs
     assert "conv2d+add+relu" in outputs
