@@ -47,8 +47,6 @@ import dataclasses
 import difflib
 import logging
 import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +57,7 @@ import torch
 from ..configuration import CONFIG_KWARG, CONFIG_NAME, OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, \
     check_int, runtime_option
 from ..modeling.base import HUB_KWARGS, resolve_folder, hub_kwargs_of
+from ..sim_device.files import save_folder
 from .blocklist import Blocklist
 from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, UPSTREAM_CHECKPOINT, RBLNRetinaFace, RetinaFaceFilter
 from .guard_llm import DEFAULT_MODEL_ID as GUARD_MODEL_ID
@@ -315,29 +314,14 @@ class RBLNCosmosSafetyChecker:
         """Write the compiled checker (the layout in the module docstring). A new folder appears whole
         (written aside, then renamed); a previously saved checker folder is updated in place, each
         sub-model atomically, rbln_config.json last. Any other non-empty folder is refused."""
-        target = Path(save_directory)
-        if target.exists() and not target.is_dir():
-            raise ValueError(f"Cannot save into {target}: it is a file, not a folder. Nothing was written.")
-        if target.is_dir() and any(target.iterdir()):
+        def holds_checker(folder: Path) -> bool:
             try:
-                ours = RBLNModelConfig.read_json(target).get("cls_name") == type(self).__name__
+                return RBLNModelConfig.read_json(folder).get("cls_name") == type(self).__name__
             except (OSError, ValueError):
-                ours = False
-            if not ours:
-                raise ValueError(f"Cannot save into {target}: it is not empty and holds no saved "
-                                 f"{type(self).__name__}. Save into a new or empty folder.")
-            self._write(target)
-            return str(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            self._write(staging)
-            if target.is_dir():
-                target.rmdir()   # empty (checked above)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return str(target)
+                return False
+
+        return str(save_folder(save_directory, lambda folder, in_place: self._write(folder), holds_checker,
+                               refusal=f"holds no saved {type(self).__name__}"))
 
     def _write(self, folder: Path) -> None:
         for name, model in self._submodels().items():

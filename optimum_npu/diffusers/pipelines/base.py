@@ -26,8 +26,6 @@ import inspect
 import json
 import logging
 import os
-import secrets
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any, ClassVar
 
 from ...configuration import CONFIG_NAME, read_json_object
 from ...modeling.base import RBLNModel, resolve_folder, hub_kwargs_of
-from ...sim_device.files import write_file_atomically
+from ...sim_device.files import save_folder, write_file_atomically
 from ...sim_device.memory import format_gib
 from ..configuration import RBLNDiffusionPipelineConfig
 
@@ -279,27 +277,9 @@ class RBLNDiffusionPipelineMixin:
         component's save is atomic), `model_index.json` and `rbln_config.json` last. Any other
         existing folder is refused: nothing of it is touched.
         """
-        target = Path(save_directory)
-        if target.exists() and not target.is_dir():
-            raise ValueError(f"Cannot save into {target}: it is a file, not a folder. Nothing was written.")
-        existing = target.is_dir() and any(target.iterdir())
-        if existing and not (target / MODEL_INDEX).is_file() or existing and not (target / CONFIG_NAME).is_file():
-            raise ValueError(f"Cannot save into {target}: it is not empty and not a compiled pipeline folder. "
-                             "Save into a new or empty folder.")
-        if existing:
-            self._write_pipeline(target, in_place=True)
-            return str(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            staging.mkdir()
-            self._write_pipeline(staging, in_place=False)
-            if target.is_dir():
-                target.rmdir()  # empty, checked above
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return str(target)
+        holds_pipeline = lambda folder: (folder / MODEL_INDEX).is_file() and (folder / CONFIG_NAME).is_file()
+        return str(save_folder(save_directory, self._write_pipeline, holds_pipeline,
+                               refusal="not a compiled pipeline folder"))
 
     def _write_pipeline(self, folder: Path, in_place: bool) -> None:
         unsaved = []
