@@ -1,15 +1,20 @@
 """`optimum_npu.plan` / `optimum-npu plan`: deployments of a tiny Llama ranked by simulated serving,
-the 1-layer / 2-layer scaling checked against a compilation of the whole model, and bad inputs."""
+the 1-layer / 2-layer scaling checked against a compilation of the whole model, the shared exports
+checked against compiling each graph on its own, and bad inputs."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 import optimum_npu
 from optimum_npu.cli import main
-from optimum_npu.planning.meta import compile_decoder_on_meta
+from optimum_npu.compile import compile_from_torch
+from optimum_npu.compile.compiler import compile_exported, export
+from optimum_npu.modeling.auto import RBLNAutoModelForCausalLM
+from optimum_npu.planning.meta import CompileCache, compile_decoder_on_meta
 from optimum_npu.planning.planner import _ScaledGraph, _with_layers
 from llm_fixtures import hf_config
 
@@ -76,3 +81,39 @@ def test_cli_plan_prints_json_and_plots(config_folder, capsys, tmp_path):
     assert candidate["batch_size"] == 2 and candidate["tensor_parallel_size"] == 1 and candidate["tpot_s"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plan", str(config_folder), "--input-len", "0", "--output-len", "20"]) == 2  # a clear one-line error
+
+
+def test_one_export_compiles_like_compile_from_torch_for_every_target():
+    """`compile_exported` leaves the exported graph as it was: compiling it for TP 2 and then TP 1
+    gives the programs `compile_from_torch` gives from scratch for each."""
+    config = hf_config("llama", num_hidden_layers=2)
+    cls = RBLNAutoModelForCausalLM.class_for_config(config)
+    rbln_config = cls.config_class.from_kwargs(dict(rbln_max_seq_len=256, rbln_batch_size=2))[0].finalize(config)
+    with torch.device("meta"):
+        specs = cls._graph_specs(cls.hf_class(config), rbln_config)
+    for spec in specs:
+        graph = export(spec.module, input_info=list(spec.input_info))
+        for tp in (2, 1):
+            reused = compile_exported(graph, npu="RBLN-CA25", tensor_parallel_size=tp)
+            fresh = compile_from_torch(spec.module, input_info=list(spec.input_info), npu="RBLN-CA25",
+                                       tensor_parallel_size=tp)
+            assert reused.program == fresh.program, (spec.name, tp)
+
+
+def test_compile_cache_shares_only_what_does_not_change_a_graph():
+    """A sweep through one `CompileCache` (TP 1 / 2, chunk 64 / 128) gives, for every graph, the
+    program a compilation of its own gives; decode graphs are shared across chunks, not across TP."""
+    config = hf_config("llama", num_hidden_layers=2)
+    cache = CompileCache()
+    swept = {}
+    for tp in (1, 2):
+        for chunk in (64, 128):
+            options = dict(rbln_max_seq_len=256, rbln_batch_size=2, rbln_decoder_batch_sizes=[1, 2],
+                           rbln_prefill_chunk_size=chunk, rbln_tensor_parallel_size=tp)
+            _, shared = compile_decoder_on_meta(config, check_memory=False, cache=cache, **options)
+            _, alone = compile_decoder_on_meta(config, check_memory=False, **options)
+            assert {n: g.program for n, g in shared.items()} == {n: g.program for n, g in alone.items()}
+            swept[tp, chunk] = shared
+    assert swept[1, 64]["decoder_batch_2"] is swept[1, 128]["decoder_batch_2"]
+    assert swept[1, 64]["prefill"] is not swept[1, 128]["prefill"]
+    assert swept[1, 64]["decoder_batch_2"] is not swept[2, 64]["decoder_batch_2"]

@@ -1,7 +1,8 @@
 """`compile_from_torch`: a torch module -> a device program (`CompiledModel`), ready to
 save as `.rbln` or to run.
 
-The compiler is the list `PASSES`, run in order over one `Compilation`: export
+The compiler is the list `PASSES`, run in order over one `Compilation` (`export` and
+`compile_exported` split it after the first pass, to compile one export for several targets): export
 (torch.export), tensor-parallel splitting (when compiling for several devices), fusion,
 scheduling with dtype lowering and host<->device copies, memory planning, the memory check
 against the target NPU, and storing the weights. Costs are priced by the device's cost model.
@@ -127,7 +128,7 @@ class ProgramTooLargeError(DeviceMemoryError):
 class Compilation:
     """What the passes share: the request, then what each pass produces for the next."""
 
-    module: torch.nn.Module
+    module: torch.nn.Module | None        # None: compiling an already exported graph
     example_inputs: tuple
     input_names: list[str] | None
     npu: str
@@ -145,10 +146,15 @@ class Compilation:
 
 
 def _export(c: Compilation) -> None:
-    c.graph = export_graph(c.module, c.example_inputs, c.input_names)
-    for node in c.graph.nodes:
+    c.graph = _exported(c.module, c.example_inputs, c.input_names)
+
+
+def _exported(module: torch.nn.Module, example_inputs: tuple, input_names: list[str] | None) -> Graph:
+    graph = export_graph(module, example_inputs, input_names)
+    for node in graph.nodes:
         if node.category is Category.HOST and node.mutates:
             raise ValueError(f"{node.target} writes device state in place but runs as a host fallback; not supported")
+    return graph
 
 
 def _split_tensor_parallel(c: Compilation) -> None:
@@ -258,14 +264,47 @@ def compile_from_torch(
     (`tensor_parallel.py`). A module on the meta device compiles too: the result tells
     sizes and costs (and raises if they don't fit) but cannot be saved or run.
     """
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    target = _checked_target(npu, tensor_parallel_size, dtype, numerics)
+    return _run_passes(Compilation(*_traced_inputs(module, example_inputs, input_info), *target), PASSES)
+
+
+def export(
+    module: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    input_info: Sequence[tuple[str, Sequence[int], str | torch.dtype]] | None = None,
+) -> Graph:
+    """The export pass alone: `module` traced into the compiler's graph. The graph does not
+    depend on the target (NPU, dtype, numerics, tensor-parallel size), so one export can be
+    compiled for several targets with `compile_exported`: what makes a planner's sweep over
+    tensor-parallel sizes cheap (torch.export is most of a compilation's time)."""
+    return _exported(*_traced_inputs(module, example_inputs, input_info))
+
+
+def compile_exported(graph: Graph, npu: str = DEFAULT_NPU, tensor_parallel_size: int = 1,
+                     dtype: str | torch.dtype = "bfloat16", numerics: str = "device") -> CompiledModel:
+    """`compile_from_torch` from an `export`ed graph (the passes after export; they leave the
+    graph as it was, so it can be compiled again for another target)."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a Graph from compiler.export, got {type(graph).__name__}")
+    c = Compilation(None, (), None, *_checked_target(npu, tensor_parallel_size, dtype, numerics), graph=graph)
+    return _run_passes(c, PASSES[1:])
+
+
+def _checked_target(npu, tensor_parallel_size, dtype, numerics) -> tuple[str, str, str, int]:
+    """(npu, device dtype, numerics, tensor-parallel size), in `Compilation`'s order, checked."""
     get_npu_spec(npu)
     device_dtype = _normalize_dtype(dtype)
     if numerics not in NUMERICS:
         raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
     if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
+    return npu, device_dtype, numerics, tensor_parallel_size
+
+
+def _traced_inputs(module, example_inputs, input_info) -> tuple:
+    """(module, example inputs, input names) checked, the inputs on the module's device."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if (example_inputs is None) == (input_info is None):
         raise ValueError("pass exactly one of example_inputs (tensors) or input_info ([(name, shape, dtype), ...])")
     on_meta = any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers())
@@ -277,14 +316,12 @@ def compile_from_torch(
         example_inputs = tuple(t.to("meta") if on_meta else t for t in example_inputs)
     else:
         example_inputs = _inputs_from_info(input_info, on_meta)
+    return module, example_inputs, [info[0] for info in input_info] if input_info is not None else None
 
-    c = Compilation(
-        module=module, example_inputs=example_inputs,
-        input_names=[info[0] for info in input_info] if input_info is not None else None,
-        npu=npu, device_dtype=device_dtype, numerics=numerics, tensor_parallel_size=tensor_parallel_size,
-    )
-    with tqdm(total=len(PASSES), desc="Compiling", unit="pass", delay=1.0, leave=False) as progress:
-        for name, run_pass in PASSES:
+
+def _run_passes(c: Compilation, passes) -> CompiledModel:
+    with tqdm(total=len(passes), desc="Compiling", unit="pass", delay=1.0, leave=False) as progress:
+        for name, run_pass in passes:
             progress.set_postfix_str(refresh=False, s=name)
             run_pass(c)
             progress.update()

@@ -161,14 +161,31 @@ def _segment(ranges: Ranges, start: int, size: int) -> Ranges:
 def _gather_sources(split: Split, size: int) -> list[int]:
     """Positions, in the rank-order concatenation of the shards, of global indices 0..size-1
     (empty when that concatenation is already the full dimension in order)."""
+    local = split.local_size
+    if _in_order(split, local) == size:  # the usual even split: no index list to build (a vocab is 100k+)
+        return []
     position: dict[int, int] = {}
     for rank in range(len(split.ranges)):
         for offset, index in enumerate(split.indices(rank)):
-            position.setdefault(index, rank * split.local_size + offset)
+            position.setdefault(index, rank * local + offset)
     if sorted(position) != list(range(size)):
         raise ValueError("internal error: a split value does not cover its dimension")
     sources = [position[i] for i in range(size)]
-    return [] if sources == list(range(len(split.ranges) * split.local_size)) else sources
+    return [] if sources == list(range(len(split.ranges) * local)) else sources
+
+
+def _in_order(split: Split, local: int) -> int:
+    """How far the rank-order concatenation of the shards runs 0, 1, 2, ... in order with every
+    rank holding `local` indices (-1 where it breaks)."""
+    cursor = 0
+    for rank_ranges in split.ranges:
+        if sum(length for _, length in rank_ranges) != local:
+            return -1
+        for start, length in rank_ranges:
+            if start != cursor:
+                return -1
+            cursor += length
+    return cursor
 
 
 # --- the pass -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ even for a 70B model.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -35,13 +36,45 @@ def load_hf_config(model: Any):
         raise ValueError(f"cannot read a model config from {model!r}: {str(error).splitlines()[0]}") from None
 
 
-def compile_decoder_on_meta(hf_config, check_memory: bool = True, **rbln_options) -> tuple[Any, dict[str, CompiledModel]]:
+class CompileCache:
+    """Graphs compiled once for many `compile_decoder_on_meta` calls (a planner's sweep).
+
+    torch.export is most of a compilation's time, and its result depends only on the traced
+    module and the graph's inputs: not on the target (NPU, tensor-parallel size, numerics), and
+    not on the options that reach a graph through its inputs alone (batch sizes, prefill chunk:
+    a decode graph is the same whatever the chunk). So a graph is exported once per model and
+    module-shaping options, and compiled once per target on top of that."""
+
+    # Options whose only effect on a graph is its target, or its input_info (part of the key).
+    NOT_TRACED = frozenset({"npu", "tensor_parallel_size", "numerics", "batch_size", "decoder_batch_sizes",
+                            "prefill_chunk_size"})
+
+    def __init__(self):
+        self._exports: dict[tuple, Any] = {}
+        self._compiled: dict[tuple, CompiledModel] = {}
+
+    def compile(self, hf_config, config, spec) -> CompiledModel:
+        from ..compile.compiler import compile_exported, export
+
+        traced = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in self.NOT_TRACED}
+        key = (hf_config.to_json_string(use_diff=False), repr(sorted(traced.items())), spec.name, spec.input_info)
+        if key not in self._exports:
+            self._exports[key] = export(spec.module, input_info=list(spec.input_info))
+        target = (key, config.npu, config.tensor_parallel_size, config.dtype, config.numerics)
+        if target not in self._compiled:
+            self._compiled[target] = compile_exported(self._exports[key], npu=config.npu, dtype=config.dtype,
+                                                      numerics=config.numerics,
+                                                      tensor_parallel_size=config.tensor_parallel_size)
+        return self._compiled[target]
+
+
+def compile_decoder_on_meta(hf_config, check_memory: bool = True, cache: CompileCache | None = None,
+                            **rbln_options) -> tuple[Any, dict[str, CompiledModel]]:
     """(final RBLN config, compiled graphs by name) of the decoder-only family of `hf_config`,
     compiled with `rbln_*` options as `from_pretrained(export=True, rbln_...)` takes them.
     Raises DeviceMemoryError (naming what to change) if the model does not fit the device;
     `check_memory=False` skips that check (and its probe compilation): the planner sizes
-    memory itself."""
-    from ..compile import compile_from_torch
+    memory itself, and passes a `cache` shared by its calls (the graphs it returns are shared too)."""
     from ..modeling.auto import RBLNAutoModelForCausalLM
 
     cls = RBLNAutoModelForCausalLM.class_for_config(hf_config)
@@ -53,10 +86,6 @@ def compile_decoder_on_meta(hf_config, check_memory: bool = True, **rbln_options
         if check_memory:
             return cls._compile(hf_model, config)
         config = config.finalize(hf_config)
-        graphs = {
-            spec.name: compile_from_torch(spec.module, input_info=list(spec.input_info), npu=config.npu,
-                                          dtype=config.dtype, numerics=config.numerics,
-                                          tensor_parallel_size=config.tensor_parallel_size)
-            for spec in cls._graph_specs(hf_model, config)
-        }
-    return config, graphs
+        specs = cls._graph_specs(hf_model, config)
+    cache = CompileCache() if cache is None else cache
+    return config, {spec.name: cache.compile(hf_config, config, spec) for spec in specs}

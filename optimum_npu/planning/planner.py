@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..sim_device.specs import get_npu_spec
-from .meta import compile_decoder_on_meta, load_hf_config
+from .meta import CompileCache, compile_decoder_on_meta, load_hf_config
 from .serving import StepTimes, closed_loop, simulate
 
 SERVER_CARDS = 8                 # an ATOM-Max server holds 8 cards (docs/hardware.md, "Topology")
@@ -190,6 +190,8 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
                          f"({limit}): no max_seq_len can serve it")
     weight_bytes = _parameter_count(hf_config) * 2  # 16-bit weights
     candidates, rejected = [], []
+    one_layer, two_layers = _with_layers(hf_config, 1), _with_layers(hf_config, 2)
+    cache = CompileCache()  # each distinct graph exported once, compiled once per tensor-parallel size
     for attn_impl in ("eager", "flash_attn"):
         max_seq_len = _max_seq_len(needed, attn_impl)
         if max_seq_len is None or (limit is not None and max_seq_len > limit):
@@ -211,8 +213,8 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
                 if attn_impl == "flash_attn":
                     options["rbln_kvcache_partition_len"] = PARTITION_LEN
                 try:
-                    _, one = compile_decoder_on_meta(_with_layers(hf_config, 1), check_memory=False, **options)
-                    _, two = compile_decoder_on_meta(_with_layers(hf_config, 2), check_memory=False, **options)
+                    _, one = compile_decoder_on_meta(one_layer, check_memory=False, cache=cache, **options)
+                    _, two = compile_decoder_on_meta(two_layers, check_memory=False, cache=cache, **options)
                 except ValueError as error:
                     rejected.append(f"TP {tp}, chunk {chunk}, {attn_impl}: {str(error).splitlines()[0]}")
                     continue
