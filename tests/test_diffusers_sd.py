@@ -112,6 +112,44 @@ def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
     assert RBLNStableDiffusionPipeline.from_pretrained(target, rbln_create_runtimes=False).unet.runtimes == {}
 
 
+def test_stable_diffusion_safety_checker_runs_on_the_host_as_in_diffusers(tmp_path):
+    """The checkpoint's own safety checker (CLIP vision + concept embeddings) and feature extractor stay
+    torch modules on the host: diffusers' __call__ runs them on the compiled pipeline's images, and the
+    pipeline saves and loads them with the compiled components."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    folder = build_tiny_stable_diffusion(tmp_path / "sd", safety_checker=True)
+    reference = StableDiffusionPipeline.from_pretrained(folder)
+    pipe = RBLNStableDiffusionPipeline.from_pretrained(folder, export=True, rbln_numerics="exact")
+    assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker) and pipe.feature_extractor is not None
+
+    def generate(p):
+        p.set_progress_bar_config(disable=True)
+        out = p(prompt=PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+        return out.images, out.nsfw_content_detected
+
+    for threshold, flagged in ((0.0, True), (1.0, False)):  # every image flagged (black), none flagged
+        with torch.no_grad():
+            for p in (reference, pipe):
+                p.safety_checker.concept_embeds_weights.fill_(threshold)
+        expected_images, expected_nsfw = generate(reference)
+        assert expected_nsfw == [flagged]  # the tiny checker does what its thresholds say
+        images, nsfw = generate(pipe)
+        assert nsfw == expected_nsfw
+        np.testing.assert_allclose(images, expected_images, atol=1e-5, rtol=0)
+        assert (images.max() == 0) == flagged
+
+    target = pipe.save_pretrained(tmp_path / "compiled")  # with the "none flagged" thresholds
+    index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert index["requires_safety_checker"] is True and index["feature_extractor"][0] == "transformers"
+    loaded = RBLNStableDiffusionPipeline.from_pretrained(target)
+    assert isinstance(loaded.safety_checker, StableDiffusionSafetyChecker)
+    loaded_images, loaded_nsfw = generate(loaded)
+    assert loaded_nsfw == [False]
+    np.testing.assert_array_equal(loaded_images, images)
+
+
 def test_export_refuses_a_checkpoint_folder_given_as_compiled(sd_folder):
     with pytest.raises(ValueError, match="export=True"):
         RBLNStableDiffusionPipeline.from_pretrained(sd_folder)
