@@ -487,7 +487,7 @@ def _column_plan(s: _Splitter, out: str) -> tuple[Ranges | None, tuple[int, ...]
     for size, value in zip(parts, part_values):
         heads, head_size = size, 1
         for consumer in s.consumers.get(value, []):
-            if op_packet(consumer.target) in ("aten.reshape", "aten.view", "aten._unsafe_view"):
+            if op_packet(consumer.target) in ("aten.reshape", "aten.view", "aten._unsafe_view", "aten.unflatten"):
                 shape = s.graph.values[consumer.outputs[0]].shape
                 if len(shape) == len(s.shape(value)) + 1 and shape[-2] * shape[-1] == size:
                     heads, head_size = shape[-2], shape[-1]
@@ -514,6 +514,12 @@ def _reshape(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
             s.emit(node, [args[0], local, *args[2:]], kwargs, [split])
             return
     raise _CannotSplit("reshape")
+
+
+def _flatten_like(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """flatten / unflatten (heads in and out of the feature dimension): a reshape to the output's shape."""
+    out_shape = list(s.graph.values[node.outputs[0]].shape)
+    _reshape(s, replace(node, target="aten.reshape.default"), [args[0], out_shape], {})
 
 
 def _permuting(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
@@ -569,6 +575,31 @@ def _cut(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         offset += size
     node = replace(node, target="aten.split_with_sizes.default")
     s.emit(node, [args[0], local, dim], {}, parts)
+
+
+def _unbind(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """unbind along an unsplit dimension (RoPE's halves): every part keeps the split."""
+    x, layout = args[0]["ref"], s.layout[args[0]["ref"]]
+    dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(s.shape(x)))
+    if dim == layout.dim:
+        raise _CannotSplit("unbinding the split dimension")
+    s.emit(node, args, kwargs, [Split(layout.dim - (dim < layout.dim), layout.ranges)] * len(node.outputs))
+
+
+def _repeat_interleave(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """repeat_interleave(x, int, dim) along an unsplit dimension (GQA's KV repeat per head)."""
+    x, layout = args[0]["ref"], s.layout[args[0]["ref"]]
+    repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or not isinstance(dim, int) \
+            or _dim(dim, len(s.shape(x))) == layout.dim:
+        raise _CannotSplit("repeat_interleave")
+    s.emit(node, args, kwargs, [layout])
+
+
+def _type_as(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """type_as(x, other): `other` only gives the dtype, so the result is laid out as `x`."""
+    s.emit(node, args, kwargs, [s.layout[args[0]["ref"]]])
 
 
 def _slice_like(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
@@ -711,6 +742,7 @@ RULES = {
     "aten.linear": _linear,
     "aten.embedding": _embedding,
     "aten.view": _reshape, "aten.reshape": _reshape, "aten._unsafe_view": _reshape,
+    "aten.flatten": _flatten_like, "aten.unflatten": _flatten_like,
     "aten.transpose": _permuting, "aten.swapaxes": _permuting, "aten.permute": _permuting,
     "aten.unsqueeze": _permuting, "aten.squeeze": _permuting,
     "aten.expand": _expand,
@@ -718,6 +750,8 @@ RULES = {
     "aten.slice": _slice_like, "aten.select": _slice_like, "aten.index_select": _slice_like,
     "aten.narrow": _slice_like,
     "aten.cat": _cat,
+    "aten.unbind": _unbind,
+    "aten.repeat_interleave": _repeat_interleave,
     "aten.mean": _reduction, "aten.sum": _reduction, "aten.amax": _reduction, "aten.amin": _reduction,
     "aten.softmax": _norm, "aten.log_softmax": _norm, "aten.layer_norm": _norm, "aten.rms_norm": _norm,
     "rbln.kv_cache_update": _kv_cache_update,
@@ -726,6 +760,7 @@ RULES = {
     "aten.matmul": _batched_matmul, "aten.bmm": _batched_matmul,
 }
 RULES.update({packet: _elementwise for packet, category in DEVICE_OPS.items() if category == "pointwise"})
+RULES["aten.type_as"] = _type_as
 
 
 def split_graph(graph: Graph, tensor_parallel_size: int, fuse_residual: bool = True) -> tuple[Graph, ShardingPlan]:
