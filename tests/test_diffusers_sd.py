@@ -112,3 +112,31 @@ def test_a_component_of_another_class_is_refused(sd_folder, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="compiles a UNet2DConditionModel there"):
         RBLNStableDiffusionPipeline.from_pretrained(folder, export=True)
+
+
+def test_clip_skip_matches_diffusers(sd_folder, compiled_sd, tmp_path):
+    """clip_skip runs diffusers' encode_prompt unchanged: the hidden states of an earlier CLIP layer
+    through the compiled final norm (`text_encoder.text_model.final_layer_norm`, which diffusers
+    calls); the option survives save / load."""
+    reference_pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    # The reference computes the skipped prompt embeddings itself: diffusers' own clip_skip path
+    # reaches `text_encoder.text_model`, which transformers 5's CLIPTextModel no longer has.
+    encoder, tokenizer = reference_pipe.text_encoder, reference_pipe.tokenizer
+    ids = tokenizer(PROMPT, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]  # clip_skip=1: one layer before the last
+        prompt_embeds = encoder.final_layer_norm(hidden)
+    reference = _images(reference_pipe, prompt_embeds=prompt_embeds, num_inference_steps=2)
+    unskipped = _images(reference_pipe, prompt=PROMPT, num_inference_steps=2)
+    assert np.abs(reference - unskipped).max() > 1e-3  # skipping a layer changes the image: the test can tell
+
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, clip_skip=1)
+    pipe = RBLNStableDiffusionPipeline.from_pretrained(
+        sd_folder, export=True, rbln_numerics="exact", rbln_config={"text_encoder": {"output_hidden_states": True}})
+    np.testing.assert_allclose(_images(pipe, **kwargs), reference, atol=1e-5, rtol=0)
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = RBLNStableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    np.testing.assert_allclose(_images(loaded, **kwargs), reference, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        _images(compiled_sd, **kwargs)  # compiled without the hidden states clip_skip needs

@@ -576,7 +576,8 @@ class RBLNModel:
         except NotImplementedError:
             expected = None  # a multi-graph family checks its own options (overriding this)
         if expected is not None:
-            actual = {name: [(s.name, tuple(s.shape), s.dtype) for s in a.program.inputs] for name, a in graphs.items()}
+            actual = {name: [(s.name, tuple(s.shape), s.dtype) for s in graphs[name].program.inputs]
+                      for name in expected if name in graphs}
             if actual != expected:
                 raise ValueError(
                     f"{CONFIG_NAME} implies the graph {expected} from its options, but the folder holds {actual}. "
