@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import ConfigMixin, ModelMixin, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from optimum_npu.diffusers.pipelines.stable_diffusion import (
     RBLNStableDiffusionImg2ImgPipeline, RBLNStableDiffusionPipeline,
@@ -57,6 +57,35 @@ def test_image_to_image_matches_diffusers(sd_folder):
     assert pipe.generation_stats.components["vae"].calls == 2  # encode the image, decode the result
 
 
+def _public(config):
+    return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def test_compiled_components_are_the_diffusers_models_the_pipeline_methods_walk(sd_folder, compiled_sd):
+    """diffusers' pipeline methods that go through the torch components (to, device, dtype, components,
+    from_pipe) find the compiled UNet and VAE as the ModelMixin / ConfigMixin models they replace."""
+    pipe, reference = compiled_sd, StableDiffusionPipeline.from_pretrained(sd_folder)
+    for name in ("unet", "vae"):
+        ours, theirs = getattr(pipe, name), getattr(reference, name)
+        assert isinstance(ours, ModelMixin) and isinstance(ours, ConfigMixin)
+        assert (ours.device, ours.dtype) == (theirs.device, theirs.dtype)
+        assert _public(ours.config) == _public(theirs.config)
+    assert (pipe.device, pipe.dtype, pipe._execution_device) == (
+        reference.device, reference.dtype, reference._execution_device)
+    assert sorted(pipe.components) == sorted(reference.components)
+    before = _images(pipe, prompt=PROMPT, num_inference_steps=2)
+    assert pipe.to("cpu") is pipe and pipe.to(torch.float32) is pipe and pipe.to("cpu", torch.float32) is pipe
+    np.testing.assert_array_equal(_images(pipe, prompt=PROMPT, num_inference_steps=2), before)
+    with pytest.raises(ValueError, match="choose its NPU with rbln_device"):
+        pipe.to("cuda")
+    with pytest.raises(ValueError, match="rbln_dtype='bfloat16'"):
+        pipe.to(torch.float16)
+    with pytest.raises(ValueError, match="none on the host to offload"):
+        pipe.enable_model_cpu_offload()
+    shared = RBLNStableDiffusionPipeline.from_pipe(pipe)  # the same compiled components, not copies
+    assert shared.unet is pipe.unet and shared.vae is pipe.vae and shared.text_encoder is pipe.text_encoder
+
+
 def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
     pipe = compiled_sd
     # guidance_scale 1 at call time: the UNet, compiled for batch 2 (CFG), gets 1 row, padded
@@ -69,6 +98,8 @@ def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
     for name in ("unet", "vae", "text_encoder"):
         assert {"config.json", "rbln_config.json"} <= {p.name for p in (tmp_path / "compiled" / name).iterdir()}
     loaded = RBLNStableDiffusionPipeline.from_pretrained(target, rbln_config={"unet": {"device": 1}})
+    assert isinstance(loaded.unet, ModelMixin) and isinstance(loaded.vae, ModelMixin)
+    assert _public(loaded.unet.config) == _public(pipe.unet.config)
     assert loaded.unet.runtimes["model"].devices == [1]
     np.testing.assert_array_equal(_images(loaded, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0), before)
     with pytest.raises(ValueError, match="rbln_height is fixed at compile time"):
