@@ -260,6 +260,10 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=None, metavar="C")
     p.add_argument("--rack-power-kw", type=float, default=35.0, help="power budget of a rack (card TDP only)")
+    p.add_argument("--max-ttft-s", type=float, default=None, metavar="S",
+                   help="latency objective: drop deployments whose median time to first token is longer")
+    p.add_argument("--max-tpot-ms", type=float, default=None, metavar="MS",
+                   help="latency objective: drop deployments whose median time per output token is longer")
     p.add_argument("--json", action="store_true", help="print the candidates as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="write throughput vs latency, one point per deployment")
 
@@ -271,7 +275,8 @@ def _plan(args: argparse.Namespace) -> int:
         ("tensor_parallel_sizes", args.tensor_parallel_sizes), ("batch_sizes", args.batch_sizes),
         ("chunk_sizes", args.chunk_sizes)) if value}
     result = planner.plan(args.model, args.npu, args.input_len, args.output_len,
-                          rack_power_w=args.rack_power_kw * 1000, **options)
+                          rack_power_w=args.rack_power_kw * 1000, max_ttft_s=args.max_ttft_s,
+                          max_tpot_s=None if args.max_tpot_ms is None else args.max_tpot_ms / 1000, **options)
     if args.json:
         print(json.dumps([c.as_dict() for c in result.candidates], indent=2))
     else:

@@ -117,3 +117,22 @@ def test_compile_cache_shares_only_what_does_not_change_a_graph():
     assert swept[1, 64]["decoder_batch_2"] is swept[1, 128]["decoder_batch_2"]
     assert swept[1, 64]["prefill"] is not swept[1, 128]["prefill"]
     assert swept[1, 64]["decoder_batch_2"] is not swept[2, 64]["decoder_batch_2"]
+
+
+def test_a_latency_objective_keeps_exactly_the_deployments_that_meet_it(config_folder, capsys):
+    options = dict(tensor_parallel_sizes=(1,), batch_sizes=(1, 2, 4), chunk_sizes=(64,))
+    unbounded = optimum_npu.plan(config_folder, "RBLN-CA25", input_len=100, output_len=20, **options)
+    tpots = sorted(c.tpot_s for c in unbounded.candidates)
+    bound = (tpots[0] + tpots[-1]) / 2
+    bounded = optimum_npu.plan(config_folder, "RBLN-CA25", input_len=100, output_len=20, max_tpot_s=bound, **options)
+    expected = [(c.batch_size, c.tpot_s) for c in unbounded.candidates if c.tpot_s <= bound]
+    assert [(c.batch_size, c.tpot_s) for c in bounded.candidates] == expected and 0 < len(expected) < len(tpots)
+    assert any("objective" in reason for reason in bounded.rejected) and "TPOT <=" in bounded.table()
+    with pytest.raises(ValueError, match="no deployment"):
+        optimum_npu.plan(config_folder, "RBLN-CA25", input_len=100, output_len=20, max_tpot_s=tpots[0] / 2, **options)
+    with pytest.raises(ValueError, match="max_ttft_s"):
+        optimum_npu.plan(config_folder, input_len=100, output_len=20, max_ttft_s=0, **options)
+    code = main(["plan", str(config_folder), "--input-len", "100", "--output-len", "20", "--tensor-parallel-sizes",
+                 "1", "--batch-sizes", "1", "2", "4", "--chunk-sizes", "64", "--max-tpot-ms", str(bound * 1e3),
+                 "--json"])
+    assert code == 0 and len(json.loads(capsys.readouterr().out)) == len(expected)

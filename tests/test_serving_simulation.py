@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from optimum_npu.planning.serving import StepTimes, closed_loop, open_loop, simulate
+from optimum_npu.planning.serving import HostOverhead, StepTimes, closed_loop, open_loop, simulate
 
 PREFILL_S, DECODE_S = 0.010, 0.001
 
@@ -39,6 +39,22 @@ def test_a_prefill_stalls_the_running_decodes():
     assert a.finished_s == pytest.approx(0.025 + 4 * DECODE_S)
     assert b.finished_s == pytest.approx(0.025 + 9 * DECODE_S)
     assert a.tpot_s == pytest.approx((9 * DECODE_S + PREFILL_S) / 9)  # the stall shows in A's TPOT
+
+
+def test_host_work_runs_before_every_device_step():
+    """Worked by hand: 1 ms per step, 0.1 ms per sampled sequence. A alone: prefill (3 chunks, the
+    last one samples), then 4 decode steps of one sequence."""
+    host = HostOverhead(step_s=0.001, sequence_s=0.0001)
+    result = simulate(fixed_times(), open_loop([0.0], input_len=300, output_len=5), buckets=[1], host=host)
+    (request,) = result.requests
+    assert request.ttft_s == pytest.approx(3 * (PREFILL_S + 0.001) + 0.0001)
+    assert request.tpot_s == pytest.approx(DECODE_S + 0.001 + 0.0001)
+    # Two sequences decoding together: each step samples both.
+    two = simulate(fixed_times(), open_loop([0.0, 0.0], input_len=128, output_len=3), buckets=[2], host=host)
+    last = max(r.finished_s for r in two.requests)
+    assert last == pytest.approx(2 * (PREFILL_S + 0.0011) + 2 * (DECODE_S + 0.001 + 0.0002))
+    with pytest.raises(ValueError, match="step_s"):
+        HostOverhead(step_s=-1.0)
 
 
 def test_decode_runs_in_the_smallest_bucket_that_holds_the_batch():

@@ -4,7 +4,9 @@ For a model (a Hub id, a folder, a `config.json` or a transformers config), an N
 workload (input and output lengths), the planner enumerates deployments (tensor-parallel
 size, batch size = decode bucket, prefill chunk, attention mode), discards those that do not
 fit a device, and prices the rest with the device's cost model through a serving simulation
-(`serving.simulate`: continuous batching at a concurrency of the batch size).
+(`serving.simulate`: continuous batching at a concurrency of the batch size, the host's serving
+work between steps included). A latency objective (`max_ttft_s`, `max_tpot_s`: bounds on the
+median time to first token and time per output token) discards the deployments that break it.
 
 It compiles on the meta device, from the config alone, and only a 1-layer and a 2-layer copy
 of the model per (tensor-parallel size, attention mode, chunk): every decoder layer is the
@@ -18,9 +20,10 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
+from ..sim_device.cost_model import DEFAULT_CALIBRATION
 from ..sim_device.specs import get_npu_spec
 from .meta import CompileCache, compile_decoder_on_meta, load_hf_config
-from .serving import StepTimes, closed_loop, simulate
+from .serving import StepTimes, closed_loop, serving_host_overhead, simulate
 
 SERVER_CARDS = 8                 # an ATOM-Max server holds 8 cards (docs/hardware.md, "Topology")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -62,13 +65,16 @@ class Plan:
     rack_power_w: float
     candidates: list[Candidate]    # feasible ones, best first (tokens/s per watt)
     rejected: list[str]            # why the others were dropped
+    max_ttft_s: float | None = None   # the latency objective the candidates meet (None: unbounded)
+    max_tpot_s: float | None = None
 
     def table(self) -> str:
         header = (f"{'#':>3} {'TP':>3} {'batch':>5} {'chunk':>5} {'attention':>16} {'mem/dev GiB':>11} {'TTFT ms':>9} "
                   f"{'TPOT ms':>8} {'tok/s inst':>10} {'tok/s card':>10} {'tok/s server':>12} {'tok/s rack':>10} "
                   f"{'tok/s/W':>7}")
         lines = [f"{self.model} on {self.npu}, input {self.input_len} / output {self.output_len} tokens; "
-                 f"rack {self.rack_power_w / 1000:.1f} kW; {len(self.candidates)} feasible, {len(self.rejected)} rejected",
+                 f"rack {self.rack_power_w / 1000:.1f} kW; {self.objective()}; {len(self.candidates)} feasible, "
+                 f"{len(self.rejected)} rejected",
                  header, "-" * len(header)]
         for i, c in enumerate(self.candidates, 1):
             attention = c.attn_impl if c.kvcache_partition_len is None else f"flash p{c.kvcache_partition_len}"
@@ -78,6 +84,16 @@ class Plan:
                 f"{c.tokens_per_s:>10.1f} {c.tokens_per_s_per_card:>10.1f} {c.tokens_per_s_per_server:>12.1f} "
                 f"{c.tokens_per_s_per_rack:>10.0f} {c.tokens_per_s_per_watt:>7.2f}")
         return "\n".join(lines)
+
+
+    def objective(self) -> str:
+        return _objective(self.max_ttft_s, self.max_tpot_s)
+
+
+def _objective(max_ttft_s: float | None, max_tpot_s: float | None) -> str:
+    bounds = ([] if max_ttft_s is None else [f"median TTFT <= {max_ttft_s:g} s"]) + (
+        [] if max_tpot_s is None else [f"median TPOT <= {max_tpot_s * 1e3:g} ms"])
+    return " and ".join(bounds) if bounds else "no latency bound"
 
 
 def save_plot(plan: Plan, path) -> str:
@@ -168,10 +184,15 @@ def _kv_bytes_per_slot(graph, blocks_per_slot: int, num_blocks: int, tp: int) ->
 
 def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int = 2048, *,
          tensor_parallel_sizes=TENSOR_PARALLEL_SIZES, batch_sizes=BATCH_SIZES, chunk_sizes=CHUNK_SIZES,
-         rack_power_w: float = 35_000.0, dtype: str = "bfloat16") -> Plan:
+         rack_power_w: float = 35_000.0, dtype: str = "bfloat16", max_ttft_s: float | None = None,
+         max_tpot_s: float | None = None) -> Plan:
     """Rank the deployments of `model` on `npu` for requests of `input_len` prompt and
-    `output_len` generated tokens (see the module docstring)."""
+    `output_len` generated tokens, keeping those whose median TTFT / TPOT are within
+    `max_ttft_s` / `max_tpot_s` (None: unbounded); see the module docstring."""
     spec = get_npu_spec(npu)
+    for name, value in (("max_ttft_s", max_ttft_s), ("max_tpot_s", max_tpot_s)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
     for name, value in (("input_len", input_len), ("output_len", output_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -189,6 +210,7 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
         raise ValueError(f"input_len + output_len = {needed} is longer than the model's max_position_embeddings "
                          f"({limit}): no max_seq_len can serve it")
     weight_bytes = _parameter_count(hf_config) * 2  # 16-bit weights
+    host = serving_host_overhead(hf_config.vocab_size, DEFAULT_CALIBRATION.host_bandwidth)
     candidates, rejected = [], []
     one_layer, two_layers = _with_layers(hf_config, 1), _with_layers(hf_config, 2)
     cache = CompileCache()  # each distinct graph exported once, compiled once per tensor-parallel size
@@ -233,7 +255,12 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
                                         f"{spec.usable_dram_bytes / 2**30:.1f} usable")
                         continue
                     served = simulate(times, closed_loop(batch, 2 * batch, input_len, output_len),
-                                      buckets=[b for b in batch_sizes if b <= batch])
+                                      buckets=[b for b in batch_sizes if b <= batch], host=host)
+                    ttft, tpot = served.percentile("ttft_s", 50), served.percentile("tpot_s", 50)
+                    if (max_ttft_s is not None and ttft > max_ttft_s) or (max_tpot_s is not None and tpot > max_tpot_s):
+                        rejected.append(f"{what}: median TTFT {ttft:.2f} s, TPOT {tpot * 1e3:.1f} ms break the "
+                                        f"objective ({_objective(max_ttft_s, max_tpot_s)})")
+                        continue
                     rate = served.output_tokens_per_s
                     per_card = rate * spec.devices_per_card / tp
                     cards_in_rack = int(rack_power_w // spec.card_tdp_watts)
@@ -241,15 +268,14 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
                         tensor_parallel_size=tp, batch_size=batch, prefill_chunk_size=chunk, attn_impl=attn_impl,
                         kvcache_partition_len=PARTITION_LEN if attn_impl == "flash_attn" else None,
                         max_seq_len=max_seq_len, memory_per_device_bytes=memory,
-                        ttft_s=served.percentile("ttft_s", 50), tpot_s=served.percentile("tpot_s", 50),
+                        ttft_s=ttft, tpot_s=tpot,
                         tokens_per_s=rate, tokens_per_s_per_card=per_card,
                         tokens_per_s_per_server=per_card * SERVER_CARDS,
                         tokens_per_s_per_rack=per_card * cards_in_rack,
                         tokens_per_s_per_watt=per_card / spec.card_tdp_watts, devices=tp,
                     ))
     if not candidates:
-        reasons = "; ".join(rejected[:4])
+        reasons = "; ".join(rejected[-4:] if max_ttft_s or max_tpot_s else rejected[:4])
         raise ValueError(f"no deployment of {name} fits {npu} for {input_len} + {output_len} tokens: {reasons}")
     candidates.sort(key=lambda c: (-c.tokens_per_s_per_watt, c.tpot_s))
-    return Plan(str(name), npu, input_len, output_len, rack_power_w,
-                candidates, rejected)
+    return Plan(str(name), npu, input_len, output_len, rack_power_w, candidates, rejected, max_ttft_s, max_tpot_s)

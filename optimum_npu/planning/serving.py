@@ -6,7 +6,9 @@ compiled decode bucket that holds them all, until their output is complete. As o
 serving stack (vllm-rbln: prefill and decode are separate compiled graphs that run one at a
 time), a prefill chunk stalls decoding: while a new request is being prefilled, the running
 ones wait. Times come from the compiled programs' own pricing (`StepTimes`), so latency
-percentiles come from simulated schedules, not from a formula.
+percentiles come from simulated schedules, not from a formula. Between two device runs the host
+does the serving stack's work (`HostOverhead`: scheduling, input preparation, sampling,
+detokenisation); the device waits for it, as in a synchronous engine loop.
 
     times = StepTimes.from_graphs(graphs, chunk=128)
     result = simulate(times, closed_loop(concurrency=16, requests=256, input_len=2048, output_len=2048),
@@ -48,6 +50,41 @@ class StepTimes:
         decode = {int(name.removeprefix("decoder_batch_")): table(g) for name, g in graphs.items()
                   if name.startswith("decoder_batch_")}
         return cls(chunk, prefill, lambda bucket, kv: decode[bucket](kv))
+
+
+@dataclass(frozen=True)
+class HostOverhead:
+    """Host seconds the serving engine spends between two device runs: `step_s` for every run
+    (scheduling, building the inputs and block tables, submitting the run) and `sequence_s` for
+    each sequence that gets a token (sampling from its logits, detokenising, stop checks)."""
+
+    step_s: float = 0.0
+    sequence_s: float = 0.0
+
+    def __post_init__(self):
+        for name in ("step_s", "sequence_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+
+
+NO_HOST_OVERHEAD = HostOverhead()
+
+# The RBLN serving stack (vllm-rbln) runs vLLM's engine loop synchronously around the device: the
+# host schedules, prepares inputs, then samples every sequence's token from logits copied back to
+# the host, between two device runs. Estimates (no public per-step figure for this stack; see
+# docs/performance-model.md, "Host work between steps"): 1 ms per engine step (vLLM's scheduler
+# and input preparation are Python; vLLM's v0.6.0 release post measured them as the larger part of
+# a decode step of Llama-3-8B on an H100 before that release's overlap work), and per sequence a
+# sampling pass over its vocabulary of fp32 logits at one host core's streaming rate (the cost
+# model's `host_bandwidth`) plus 20 us of detokenising and stop checks.
+SERVING_STEP_S = 1e-3
+SERVING_SEQUENCE_FIXED_S = 20e-6
+
+
+def serving_host_overhead(vocab_size: int, host_bandwidth: float) -> HostOverhead:
+    """The serving stack's host work per step (estimates above) for a model of `vocab_size` tokens."""
+    return HostOverhead(SERVING_STEP_S, vocab_size * 4 / host_bandwidth + SERVING_SEQUENCE_FIXED_S)
 
 
 def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
@@ -130,8 +167,10 @@ class _Sequence:
     generated: int = 0          # output tokens produced
 
 
-def simulate(times: StepTimes, workload: Workload, buckets: list[int]) -> ServingResult:
-    """Serve `workload` with decode `buckets` (the largest is the number of batch slots)."""
+def simulate(times: StepTimes, workload: Workload, buckets: list[int],
+             host: HostOverhead = NO_HOST_OVERHEAD) -> ServingResult:
+    """Serve `workload` with decode `buckets` (the largest is the number of batch slots), the
+    host doing `host`'s work before each device run."""
     buckets = sorted(set(buckets))
     if not buckets or buckets[0] < 1:
         raise ValueError(f"buckets must be positive batch sizes, got {buckets!r}")
@@ -161,10 +200,11 @@ def simulate(times: StepTimes, workload: Workload, buckets: list[int]) -> Servin
             prefilling = _Sequence(waiting.pop(0))
         if prefilling is not None:  # one prefill chunk; decode waits (separate graphs, one at a time)
             end = min(prefilling.prefilled + times.chunk, prefilling.request.input_len)
-            now += times.prefill_chunk_s(prefilling.prefilled + times.chunk)
+            sampled = end == prefilling.request.input_len  # the last chunk's logits give the first token
+            now += host.step_s + host.sequence_s * sampled + times.prefill_chunk_s(prefilling.prefilled + times.chunk)
             chunks += 1
             prefilling.prefilled = end
-            if end == prefilling.request.input_len:  # the prefill's last chunk yields the first token
+            if sampled:
                 prefilling.generated = 1
                 prefilling.request.first_token_s = now
                 running.append(prefilling)
@@ -172,7 +212,7 @@ def simulate(times: StepTimes, workload: Workload, buckets: list[int]) -> Servin
         elif running:
             bucket = buckets[bisect.bisect_left(buckets, len(running))]
             context = sum(s.request.input_len + s.generated for s in running) / len(running)
-            now += times.decode_step_s(bucket, math.ceil(context))
+            now += host.step_s + host.sequence_s * len(running) + times.decode_step_s(bucket, math.ceil(context))
             steps += 1
             for sequence in running:
                 sequence.generated += 1
