@@ -76,9 +76,11 @@ def main() -> None:
         chunks = math.ceil(tokens / CHUNK)
         predicted = sum(prefill.estimate(kv_len=CHUNK * (i + 1)).total_s for i in range(chunks))
         rows.append((f"prefill, {tokens} tokens ({chunks} chunks)", "ms", measured, predicted * 1e3))
-    kv_bytes = sum(b.nbytes for b in prefill.program.buffers if b.name.startswith(("k_cache_", "v_cache_")))
-    kv_bytes //= config.tensor_parallel_size  # the caches are split by KV heads
-    fixed = max(g.device_bytes for g in graphs.values()) - kv_bytes
+    program = prefill.program
+    caches = [b for b in program.buffers if b.name.startswith(("k_cache_", "v_cache_"))]
+    kv_bytes = sum(program.local_spec(b).nbytes for b in caches)  # one device's share (split by KV heads)
+    # The fixed part: everything else a device allocates (weights and buffers in whole DRAM pages).
+    fixed = max(g.device_bytes for g in graphs.values()) - sum(program.resident_bytes(b) for b in caches)
     rows.append(("device memory per device, fixed part", "GiB", MEMORY_FIXED_GIB, fixed / GiB))
     rows.append(("device memory per device, per batch slot", "GiB", MEMORY_PER_SLOT_GIB,
                  kv_bytes / config.kvcache_num_blocks / GiB))

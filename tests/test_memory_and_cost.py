@@ -68,6 +68,21 @@ def test_meta_compile_sizes_weights_in_bf16():
         Runtime(compiled)
 
 
+def test_weights_take_whole_dram_pages_from_a_page_on():
+    """The allocator's 2 MiB pages (docs/performance-model.md): a weight of a page or more takes
+    whole pages, a smaller one its exact size (packed); the runtime allocates what the plan says."""
+    page = 2 * 1024**2
+    module = nn.Linear(1025, 1024)  # weight 1024 * 1025 * 2 bytes: just over a page; bias 2 KiB
+    assert 2 * module.weight.numel() == page + 2048
+    compiled = compile_from_torch(module, example_inputs=[torch.randn(2, 1025)])
+    assert compiled.program.memory.weights_bytes == [2 * page + 2 * 1024]
+    runtime = Runtime(compiled)
+    try:
+        assert runtime.stats.memory[0].weights_bytes == 2 * page + 2 * 1024
+    finally:
+        runtime.close()
+
+
 def test_meta_compile_agrees_with_real_compile():
     def build():
         return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.LayerNorm(256))

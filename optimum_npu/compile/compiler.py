@@ -177,7 +177,7 @@ def _plan_memory(c: Compilation) -> None:
     graph = c.graph
     weights = [on_device(s) for s in graph.weights]
     buffers = [on_device(s) for s in graph.buffers]
-    plan = plan_memory(c.steps, c.values, weights, buffers, graph.tensor_shards, c.tensor_parallel_size)
+    plan = plan_memory(c.steps, c.values, weights, buffers, graph.tensor_shards, c.tensor_parallel_size, c.npu)
     c.program = Program(
         npu=c.npu, device_dtype=c.device_dtype, numerics=c.numerics, tensor_parallel_size=c.tensor_parallel_size,
         inputs=graph.inputs, outputs=c.outputs, weights=weights, buffers=buffers,

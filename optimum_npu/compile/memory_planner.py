@@ -1,7 +1,8 @@
 """Memory planning: where each activation lives in the device's DRAM arena.
 
-Weights and buffers are allocated once for the program's life; under tensor parallelism
-each rank holds its shard of the split ones (`tensor_shards`) and all of the others. Activations (inputs
+Weights and buffers are allocated once for the program's life, each in whole DRAM pages (small
+ones packed); under tensor parallelism each rank holds its shard of the split ones
+(`tensor_shards`) and all of the others. Activations (inputs
 copied in, kernel outputs) live from the step that writes them to the last step that
 reads them; values inside a fused kernel stay in SRAM and take no DRAM. Offsets are
 assigned greedily, largest first, at the lowest offset that does not overlap a live
@@ -11,24 +12,28 @@ neighbour (the classic greedy-by-size planner); the arena's size is the peak.
 from __future__ import annotations
 
 from ..sim_device.program import MemoryPlan, Step, StepKind, TensorShard, TensorSpec, aligned
+from ..sim_device.specs import DEFAULT_NPU, NPUSpec, get_npu_spec
 
 WRITES_DRAM = (StepKind.KERNEL, StepKind.COLLECTIVE, StepKind.H2D)
 READS_DRAM = (StepKind.KERNEL, StepKind.COLLECTIVE, StepKind.D2H)
 
 
-def _local_bytes(specs: list[TensorSpec], shards: dict[str, TensorShard], rank: int) -> int:
+def _local_bytes(specs: list[TensorSpec], shards: dict[str, TensorShard], rank: int, npu: NPUSpec) -> int:
     total = 0
     for spec in specs:
         shard = shards.get(spec.name)
-        total += spec.nbytes if shard is None else spec.nbytes // spec.shape[shard.dim] * shard.local_size(rank)
+        local = spec.nbytes if shard is None else spec.nbytes // spec.shape[shard.dim] * shard.local_size(rank)
+        total += npu.resident_bytes(local)
     return total
 
 
 def plan_memory(
     steps: list[Step], values: dict[str, TensorSpec], weights: list[TensorSpec], buffers: list[TensorSpec],
-    shards: dict[str, TensorShard] | None = None, tensor_parallel_size: int = 1,
+    shards: dict[str, TensorShard] | None = None, tensor_parallel_size: int = 1, npu: str = DEFAULT_NPU,
 ) -> MemoryPlan:
-    """`weights` / `buffers` in full shapes; `values` as one device sees them."""
+    """`weights` / `buffers` in full shapes, each taking whole DRAM pages of `npu` from a page on
+    (`NPUSpec.resident_bytes`); `values` as one device sees them."""
+    spec = get_npu_spec(npu)
     shards = shards or {}
     resident = {s.name for s in weights + buffers}
     first: dict[str, int] = {}
@@ -59,8 +64,8 @@ def plan_memory(
     arena = max((o + s for o, s, _, _ in placed), default=0)
     ranks = range(tensor_parallel_size)
     return MemoryPlan(
-        weights_bytes=[_local_bytes(weights, shards, rank) for rank in ranks],
-        buffers_bytes=[_local_bytes(buffers, shards, rank) for rank in ranks],
+        weights_bytes=[_local_bytes(weights, shards, rank, spec) for rank in ranks],
+        buffers_bytes=[_local_bytes(buffers, shards, rank, spec) for rank in ranks],
         activations_bytes=[arena] * tensor_parallel_size,  # every rank runs the same steps on same-size values
         offsets=dict(sorted(offsets.items())),
     )

@@ -188,6 +188,12 @@ class Program:
         shard = self.tensor_shards.get(spec.name)
         return spec if shard is None else TensorSpec(spec.name, shard.local_shape(spec.shape, rank), spec.dtype)
 
+    def resident_bytes(self, spec: TensorSpec, rank: int = 0) -> int:
+        """DRAM rank `rank` allocates for weight / buffer `spec`: its shard, in the NPU's pages."""
+        from .specs import get_npu_spec
+
+        return get_npu_spec(self.npu).resident_bytes(self.local_spec(spec, rank).nbytes)
+
     def to_json(self) -> dict:
         return asdict(self)
 

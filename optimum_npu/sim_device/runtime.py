@@ -292,7 +292,7 @@ class Runtime:
         buffer_names = {b.name for b in program.buffers}
         usage = []
         for rank, d in zip(self.ranks, self.devices):
-            local = [program.local_spec(spec, rank).nbytes for spec in owned]
+            local = [program.resident_bytes(spec, rank) for spec in owned]
             buffers = sum(n for spec, n in zip(owned, local) if spec.name in buffer_names)
             usage.append(DeviceMemoryUsage(
                 device=d, npu=self.spec.name, weights_bytes=sum(local) - buffers, buffers_bytes=buffers,

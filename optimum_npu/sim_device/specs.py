@@ -33,11 +33,21 @@ class NPUSpec:
     pcie_bandwidth: float          # host <-> card, bytes/s per direction
     device_link_bandwidth: float   # device <-> device on the same card, bytes/s
     card_tdp_watts: float
+    # The runtime's DRAM allocator hands out whole pages: a weight or buffer of a page or more takes
+    # whole pages, smaller ones are packed together. 2 MiB: the granularity Rebellions' own memory
+    # estimators assume for every weight and KV-cache allocation on ATOM (optimum-rbln and
+    # vllm-rbln, `get_maximum_num_blocks`: `align_2MB`; docs/performance-model.md).
+    dram_page_bytes: int = 2 * MB_BINARY
     estimated: tuple[str, ...] = ()  # names of the fields above that are our estimates
 
     @property
     def sram_bytes(self) -> int:
         return self.sram_shared_bytes + self.num_neural_engines * self.sram_per_engine_bytes
+
+    def resident_bytes(self, nbytes: int) -> int:
+        """DRAM a weight or buffer of `nbytes` (one device's shard) takes: whole pages from a page on."""
+        page = self.dram_page_bytes
+        return nbytes if nbytes < page else -(-nbytes // page) * page
 
 
 # ATOM die, the building block of CA12 / CA22 / CA25.

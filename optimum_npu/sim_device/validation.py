@@ -307,7 +307,7 @@ def _check_memory_plan(program: Program) -> None:
             _fail(f"memory.{field}", f"has {len(getattr(plan, field))} entries for {tp} device(s)")
     # Each rank holds its shard of every split tensor and all of every replicated one.
     for field, specs in (("weights_bytes", program.weights), ("buffers_bytes", program.buffers)):
-        local = [sum(program.local_spec(s, rank).nbytes for s in specs) for rank in range(tp)]
+        local = [sum(program.resident_bytes(s, rank) for s in specs) for rank in range(tp)]
         if getattr(plan, field) != local:
             _fail(f"memory.{field}", f"{getattr(plan, field)} does not match the {local} bytes of the tensors "
                                      "each rank holds")

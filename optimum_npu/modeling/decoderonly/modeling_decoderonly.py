@@ -51,23 +51,29 @@ class MemoryProbe:
     """One device's memory (the largest rank) in a compiled prefill program, with the KV cache apart."""
 
     weights_bytes: int
-    cache_bytes: int
+    cache_bytes: int           # as allocated (whole DRAM pages per cache tensor)
     block_bytes: int           # one KV block of every layer, K and V, on one device
     fixed_bytes: int           # everything but the KV cache: weights, other buffers, activations
     activations_bytes: int
+    page_slack_bytes: int      # at most what rounding the cache tensors up to whole pages adds
 
     @property
     def total_bytes(self) -> int:
         return self.fixed_bytes + self.cache_bytes
 
+    def blocks_that_fit(self, usable_bytes: int) -> int:
+        return max(0, (usable_bytes - self.fixed_bytes - self.page_slack_bytes) // self.block_bytes)
+
     @classmethod
     def of(cls, program, num_blocks: int) -> MemoryProbe:
         plan = program.memory
         rank = max(range(plan.num_devices), key=plan.total_bytes)
-        cache = sum(program.local_spec(spec, rank).nbytes for spec in program.buffers
-                    if spec.name.startswith(("k_cache_", "v_cache_")))
-        return cls(weights_bytes=plan.weights_bytes[rank], cache_bytes=cache, block_bytes=max(1, cache // num_blocks),
-                   fixed_bytes=plan.total_bytes(rank) - cache, activations_bytes=plan.activations_bytes[rank])
+        caches = [spec for spec in program.buffers if spec.name.startswith(("k_cache_", "v_cache_"))]
+        cache = sum(program.resident_bytes(spec, rank) for spec in caches)
+        exact = sum(program.local_spec(spec, rank).nbytes for spec in caches)
+        return cls(weights_bytes=plan.weights_bytes[rank], cache_bytes=cache, block_bytes=max(1, exact // num_blocks),
+                   fixed_bytes=plan.total_bytes(rank) - cache, activations_bytes=plan.activations_bytes[rank],
+                   page_slack_bytes=len(caches) * get_npu_spec(program.npu).dram_page_bytes)
 
 
 @dataclass
@@ -210,7 +216,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             # activations holds, read from the memory plan of the prefill graph (a probe of one block
             # per slot), as the real stack sizes its pool.
             probe = cls._memory_probe(hf_model, config, dataclasses.replace(layout, num_blocks=config.batch_size))
-            num_blocks = config.resolve_num_blocks(max(usable - probe.fixed_bytes, 0), probe.block_bytes)
+            num_blocks = config.resolve_num_blocks(probe.blocks_that_fit(usable) * probe.block_bytes, probe.block_bytes)
             config = dataclasses.replace(config, kvcache_num_blocks=num_blocks)
             layout = dataclasses.replace(layout, num_blocks=num_blocks)
         cls._memory_probe(hf_model, config, layout)  # DeviceMemoryError before any host KV cache / RoPE table exists
@@ -277,7 +283,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
             return probe
         spec = get_npu_spec(config.npu)
         rope_bytes = probe.fixed_bytes - probe.weights_bytes - probe.activations_bytes
-        blocks_that_fit = max(0, (spec.usable_dram_bytes - probe.fixed_bytes) // probe.block_bytes)
+        blocks_that_fit = probe.blocks_that_fit(spec.usable_dram_bytes)
         tp = too_large.smallest_tensor_parallel_size
         raise DeviceMemoryError(
             f"The model needs {format_gib(probe.total_bytes)} per device at rbln_tensor_parallel_size="
