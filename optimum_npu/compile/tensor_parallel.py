@@ -20,10 +20,14 @@ the way Megatron-LM / gpt-fast `tp.py` / nano-vllm split it:
   fuses with the residual add that follows (`rbln.all_reduce(x, residual)`).
 - the paged KV cache: split by KV heads like the K/V it stores.
 - the LM head: split by vocabulary, logits all-gathered.
-- a tied embedding (one tensor for the lookup and the LM head): split by vocabulary too, stored
-  once per device as 1/N of the table; each rank looks up the ids of its slice (zero rows for
-  the others) and the rows are all-reduced, as Megatron-LM's `VocabParallelEmbedding` does.
-- other embeddings, norms and everything on the residual stream: replicated.
+- the token embedding, tied to the LM head or not: split by vocabulary, 1/N of the table per
+  device; each rank looks up the ids of its slice (zero rows for the others) and the rows are
+  all-reduced, as Megatron-LM's `VocabParallelEmbedding` does. A table smaller than twice the
+  rows it looks up per run stays whole (the all-reduce would cost more than it saves).
+- a column split whose output would be all-gathered (no row-parallel layer takes it) is kept
+  only where its weights outweigh the gathered activation: an LM head over a few positions
+  is split by vocabulary, a patch embedding or a final projection over many tokens is not.
+- norms and everything on the residual stream: replicated.
 
 The result is the program one device runs (values in local shapes) plus `tensor_shards`, and
 a `ShardingPlan` you can print. Nothing here knows a model: it reads ops and shapes.
@@ -430,17 +434,26 @@ def _linear(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
 
 
 def _embedding(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
-    """The lookup of a tied table (also read by the LM head), vocabulary-parallel: rank r holds
-    rows [r*V/N, (r+1)*V/N); it looks up the ids in that range (id - start, zero rows for ids
-    outside) and the rows are all-reduced. Exactly one rank contributes each row, so the sum is
-    exact. An untied table stays whole (a lookup reads one row per token)."""
+    """A table lookup, vocabulary-parallel as Megatron-LM's `VocabParallelEmbedding`: rank r
+    holds rows [r*V/N, (r+1)*V/N); it looks up the ids in that range (id - start, zero rows for
+    ids outside) and the rows are all-reduced. Exactly one rank contributes each row, so the sum
+    is exact. A tied table (also the LM head's weight) is then stored once as 1/N per device; an
+    untied one too, when the table is larger than what the all-reduce sends per run (twice the
+    looked-up rows, as a ring does): a vocabulary of 32k-128k rows looked up by a few hundred
+    tokens is split, a small table looked up many times (T5's relative-position buckets) is not."""
     weight = args[0].get("ref") if isinstance(args[0], dict) else None
     ids = args[1].get("ref") if len(args) > 1 and isinstance(args[1], dict) else None
     # (padding_idx, scale_grad_by_freq and sparse, if given, only change gradients)
-    if (weight is None or ids is None or s.uses.get(weight, 0) < 2
-            or s.layout.get(ids) is not None or len(s.shape(weight)) != 2 or s.shape(weight)[0] % s.n):
+    if weight is None or ids is None or s.layout.get(ids) is not None or len(s.shape(weight)) != 2:
         raise _CannotSplit("embedding")
-    vocab = s.shape(weight)[0]
+    vocab, looked_up = s.shape(weight)[0], math.prod(s.shape(ids))
+    tied = s.uses.get(weight, 0) > 1
+    whole = (f"{vocab} rows do not divide over {s.n} devices" if vocab % s.n else
+             None if tied or vocab > 2 * looked_up else
+             f"a split would all-reduce {looked_up} rows per run (each sent twice) to save {vocab} rows")
+    if whole:
+        s.planned.setdefault(weight, TensorPlan(weight, s.shape(weight), "replicated", note=whole))
+        raise _CannotSplit("embedding")
     ranges = _even_ranges(0, vocab, s.n)
     start = f"{weight}@vocab_start"
     if start not in s.added:
@@ -451,7 +464,9 @@ def _embedding(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         s.meta[start] = torch.empty(spec.shape, dtype=torch.int64, device="meta")
         s.layout[start] = None
         s.shard_resident(start, 0, tuple(((r, 1),) for r in range(s.n)), "vocab", note="each rank's first id")
-    if not s.shard_resident(weight, 0, ranges, "vocab", note="tied: lookup and LM head split by vocabulary"):
+    note = ("tied: lookup and LM head split by vocabulary" if s.uses.get(weight, 0) > 1 else
+            f"lookup split by vocabulary: {vocab // s.n} of {vocab} rows per device, the rows all-reduced")
+    if not s.shard_resident(weight, 0, ranges, "vocab", note=note):
         raise _CannotSplit("embedding")
     (out,) = node.outputs
     ids_shape = s.shape(ids)
