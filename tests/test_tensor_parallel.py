@@ -257,9 +257,9 @@ class Lookup(nn.Module):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_untied_embedding_split_by_vocabulary_saves_its_rows_and_matches_fp32(tp):
-    """512 rows looked up by 2 x 16 ids: split, each device holds 512/N rows (16-bit) and its
-    first id (int64). 8 position rows looked up by 32 ids: the all-reduce would send more than
-    the table, so it stays whole, and the plan says why."""
+    """A vocabulary of 512 rows of 64: split, each device holds 512/N rows (16-bit) and its
+    first id (int64). 8 position rows of 64: too small to pay the all-reduce, whole, and the
+    plan says why."""
     torch.manual_seed(0)
     module = Lookup().eval()
     ids, position_ids = torch.randint(0, 512, (2, 16)), torch.arange(16).remainder(8).expand(2, 16)
@@ -269,7 +269,7 @@ def test_untied_embedding_split_by_vocabulary_saves_its_rows_and_matches_fp32(tp
     assert split.program.memory.weights_bytes == [single.program.memory.weights_bytes[0] - saved_rows_bytes + 8] * tp
     plan = split.sharding_plan.by_name()
     assert plan["tokens.weight"].style == "vocab" and "rows per device" in plan["tokens.weight"].note
-    assert plan["positions.weight"].style == "replicated" and "all-reduce 32 rows" in plan["positions.weight"].note
+    assert plan["positions.weight"].style == "replicated" and "8 rows of 64" in plan["positions.weight"].note
     with torch.no_grad():
         expected = module(ids, position_ids)
     assert (split.create_runtime()(ids, position_ids) - expected).abs().max().item() <= 1e-5
