@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import ConfigMixin, ModelMixin, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from optimum_npu.diffusers.pipelines.stable_diffusion import (
     RBLNStableDiffusionImg2ImgPipeline, RBLNStableDiffusionPipeline,
@@ -57,6 +57,35 @@ def test_image_to_image_matches_diffusers(sd_folder):
     assert pipe.generation_stats.components["vae"].calls == 2  # encode the image, decode the result
 
 
+def _public(config):
+    return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def test_compiled_components_are_the_diffusers_models_the_pipeline_methods_walk(sd_folder, compiled_sd):
+    """diffusers' pipeline methods that go through the torch components (to, device, dtype, components,
+    from_pipe) find the compiled UNet and VAE as the ModelMixin / ConfigMixin models they replace."""
+    pipe, reference = compiled_sd, StableDiffusionPipeline.from_pretrained(sd_folder)
+    for name in ("unet", "vae"):
+        ours, theirs = getattr(pipe, name), getattr(reference, name)
+        assert isinstance(ours, ModelMixin) and isinstance(ours, ConfigMixin)
+        assert (ours.device, ours.dtype) == (theirs.device, theirs.dtype)
+        assert _public(ours.config) == _public(theirs.config)
+    assert (pipe.device, pipe.dtype, pipe._execution_device) == (
+        reference.device, reference.dtype, reference._execution_device)
+    assert sorted(pipe.components) == sorted(reference.components)
+    before = _images(pipe, prompt=PROMPT, num_inference_steps=2)
+    assert pipe.to("cpu") is pipe and pipe.to(torch.float32) is pipe and pipe.to("cpu", torch.float32) is pipe
+    np.testing.assert_array_equal(_images(pipe, prompt=PROMPT, num_inference_steps=2), before)
+    with pytest.raises(ValueError, match="choose its NPU with rbln_device"):
+        pipe.to("cuda")
+    with pytest.raises(ValueError, match="rbln_dtype='bfloat16'"):
+        pipe.to(torch.float16)
+    with pytest.raises(ValueError, match="none on the host to offload"):
+        pipe.enable_model_cpu_offload()
+    shared = RBLNStableDiffusionPipeline.from_pipe(pipe)  # the same compiled components, not copies
+    assert shared.unet is pipe.unet and shared.vae is pipe.vae and shared.text_encoder is pipe.text_encoder
+
+
 def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
     pipe = compiled_sd
     # guidance_scale 1 at call time: the UNet, compiled for batch 2 (CFG), gets 1 row, padded
@@ -69,6 +98,8 @@ def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
     for name in ("unet", "vae", "text_encoder"):
         assert {"config.json", "rbln_config.json"} <= {p.name for p in (tmp_path / "compiled" / name).iterdir()}
     loaded = RBLNStableDiffusionPipeline.from_pretrained(target, rbln_config={"unet": {"device": 1}})
+    assert isinstance(loaded.unet, ModelMixin) and isinstance(loaded.vae, ModelMixin)
+    assert _public(loaded.unet.config) == _public(pipe.unet.config)
     assert loaded.unet.runtimes["model"].devices == [1]
     np.testing.assert_array_equal(_images(loaded, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0), before)
     with pytest.raises(ValueError, match="rbln_height is fixed at compile time"):
@@ -112,3 +143,31 @@ def test_a_component_of_another_class_is_refused(sd_folder, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="compiles a UNet2DConditionModel there"):
         RBLNStableDiffusionPipeline.from_pretrained(folder, export=True)
+
+
+def test_clip_skip_matches_diffusers(sd_folder, compiled_sd, tmp_path):
+    """clip_skip runs diffusers' encode_prompt unchanged: the hidden states of an earlier CLIP layer
+    through the compiled final norm (`text_encoder.text_model.final_layer_norm`, which diffusers
+    calls); the option survives save / load."""
+    reference_pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    # The reference computes the skipped prompt embeddings itself: diffusers' own clip_skip path
+    # reaches `text_encoder.text_model`, which transformers 5's CLIPTextModel no longer has.
+    encoder, tokenizer = reference_pipe.text_encoder, reference_pipe.tokenizer
+    ids = tokenizer(PROMPT, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]  # clip_skip=1: one layer before the last
+        prompt_embeds = encoder.final_layer_norm(hidden)
+    reference = _images(reference_pipe, prompt_embeds=prompt_embeds, num_inference_steps=2)
+    unskipped = _images(reference_pipe, prompt=PROMPT, num_inference_steps=2)
+    assert np.abs(reference - unskipped).max() > 1e-3  # skipping a layer changes the image: the test can tell
+
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, clip_skip=1)
+    pipe = RBLNStableDiffusionPipeline.from_pretrained(
+        sd_folder, export=True, rbln_numerics="exact", rbln_config={"text_encoder": {"output_hidden_states": True}})
+    np.testing.assert_allclose(_images(pipe, **kwargs), reference, atol=1e-5, rtol=0)
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = RBLNStableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    np.testing.assert_allclose(_images(loaded, **kwargs), reference, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        _images(compiled_sd, **kwargs)  # compiled without the hidden states clip_skip needs

@@ -195,8 +195,11 @@ def _dim(d: int, ndim: int) -> int:
 
 
 class _Splitter:
-    def __init__(self, graph: Graph, n: int, fuse_residual: bool):
+    def __init__(self, graph: Graph, n: int, fuse_residual: bool, keep_whole: dict[str, str] | None = None):
         self.graph, self.n, self.fuse_residual = graph, n, fuse_residual
+        self.keep_whole = keep_whole or {}             # weights a column split would not pay for: why
+        self.origin: dict[str, frozenset[str]] = {}    # split value -> the column-parallel weights it comes from
+        self.gathered_bytes: dict[frozenset[str], int] = {}   # those weights -> elements all-gathered per run
         self.layout: dict[str, Split | str | None] = {}
         self.meta: dict[str, torch.Tensor] = {}        # local (one rank's) shapes, on the meta device
         self.values = dict(graph.values)
@@ -251,10 +254,13 @@ class _Splitter:
         with torch.device("meta"):  # ops creating tensors (arange, zeros) create them on meta too
             result = resolve_op(node.target)(*fake, **fake_kwargs)
         results = list(result) if isinstance(result, (list, tuple)) else [result]
+        origin = frozenset().union(*(self.origin.get(i, ()) for i in inputs if isinstance(self.layout.get(i), Split)))
         for name, value, layout in zip(node.outputs, results, layouts):
             if name and isinstance(value, torch.Tensor):
                 self.meta[name] = value
                 self.layout[name] = layout
+                if isinstance(layout, Split) and origin:
+                    self.origin[name] = origin
                 self.values[name] = TensorSpec(name, tuple(value.shape), self.values[name].dtype)
         out = result if len(node.outputs) == 1 else results
         work = count_work(node.target, node.category, tuple(fake), out)
@@ -285,6 +291,8 @@ class _Splitter:
         if name not in self.gathered:
             split = self.layout[name]
             full = self.shape(name)
+            if name in self.origin:
+                self.gathered_bytes[self.origin[name]] = self.gathered_bytes.get(self.origin[name], 0) + math.prod(full)
             sources = _gather_sources(split, full[split.dim])
             self.gathered[name] = self.collective(
                 ALL_GATHER, name, [split.dim, sources], f"{name}@all_gather", full, 0.0, "all_gather")
@@ -387,6 +395,8 @@ def _linear(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         raise _CannotSplit("linear")
     if layout is None:
         ranges, sizes, note = _column_plan(s, out)
+        if weight in s.keep_whole:
+            ranges, note = None, s.keep_whole[weight]
         if ranges is None or s.uses.get(weight) != 1 or (bias and s.uses.get(bias) != 1):
             if s.uses.get(weight) == 1 and weight not in s.planned:
                 s.planned[weight] = TensorPlan(weight, s.shape(weight), "replicated", note=note or "used elsewhere")
@@ -396,6 +406,7 @@ def _linear(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         if bias:
             s.shard_resident(bias, 0, ranges, "column")
         s.emit(node, args, kwargs, [Split(ndim - 1, ranges)])
+        s.origin[out] = frozenset({weight} | ({bias} if bias else set()))
         return
     if layout.dim != ndim - 1:  # split rows of the input (batch / tokens): each rank its rows
         s.emit(node, args, kwargs, [layout])
@@ -487,7 +498,7 @@ def _column_plan(s: _Splitter, out: str) -> tuple[Ranges | None, tuple[int, ...]
     for size, value in zip(parts, part_values):
         heads, head_size = size, 1
         for consumer in s.consumers.get(value, []):
-            if op_packet(consumer.target) in ("aten.reshape", "aten.view", "aten._unsafe_view"):
+            if op_packet(consumer.target) in ("aten.reshape", "aten.view", "aten._unsafe_view", "aten.unflatten"):
                 shape = s.graph.values[consumer.outputs[0]].shape
                 if len(shape) == len(s.shape(value)) + 1 and shape[-2] * shape[-1] == size:
                     heads, head_size = shape[-2], shape[-1]
@@ -514,6 +525,12 @@ def _reshape(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
             s.emit(node, [args[0], local, *args[2:]], kwargs, [split])
             return
     raise _CannotSplit("reshape")
+
+
+def _flatten_like(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """flatten / unflatten (heads in and out of the feature dimension): a reshape to the output's shape."""
+    out_shape = list(s.graph.values[node.outputs[0]].shape)
+    _reshape(s, replace(node, target="aten.reshape.default"), [args[0], out_shape], {})
 
 
 def _permuting(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
@@ -569,6 +586,31 @@ def _cut(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         offset += size
     node = replace(node, target="aten.split_with_sizes.default")
     s.emit(node, [args[0], local, dim], {}, parts)
+
+
+def _unbind(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """unbind along an unsplit dimension (RoPE's halves): every part keeps the split."""
+    x, layout = args[0]["ref"], s.layout[args[0]["ref"]]
+    dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(s.shape(x)))
+    if dim == layout.dim:
+        raise _CannotSplit("unbinding the split dimension")
+    s.emit(node, args, kwargs, [Split(layout.dim - (dim < layout.dim), layout.ranges)] * len(node.outputs))
+
+
+def _repeat_interleave(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """repeat_interleave(x, int, dim) along an unsplit dimension (GQA's KV repeat per head)."""
+    x, layout = args[0]["ref"], s.layout[args[0]["ref"]]
+    repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or not isinstance(dim, int) \
+            or _dim(dim, len(s.shape(x))) == layout.dim:
+        raise _CannotSplit("repeat_interleave")
+    s.emit(node, args, kwargs, [layout])
+
+
+def _type_as(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """type_as(x, other): `other` only gives the dtype, so the result is laid out as `x`."""
+    s.emit(node, args, kwargs, [s.layout[args[0]["ref"]]])
 
 
 def _slice_like(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
@@ -711,6 +753,7 @@ RULES = {
     "aten.linear": _linear,
     "aten.embedding": _embedding,
     "aten.view": _reshape, "aten.reshape": _reshape, "aten._unsafe_view": _reshape,
+    "aten.flatten": _flatten_like, "aten.unflatten": _flatten_like,
     "aten.transpose": _permuting, "aten.swapaxes": _permuting, "aten.permute": _permuting,
     "aten.unsqueeze": _permuting, "aten.squeeze": _permuting,
     "aten.expand": _expand,
@@ -718,6 +761,8 @@ RULES = {
     "aten.slice": _slice_like, "aten.select": _slice_like, "aten.index_select": _slice_like,
     "aten.narrow": _slice_like,
     "aten.cat": _cat,
+    "aten.unbind": _unbind,
+    "aten.repeat_interleave": _repeat_interleave,
     "aten.mean": _reduction, "aten.sum": _reduction, "aten.amax": _reduction, "aten.amin": _reduction,
     "aten.softmax": _norm, "aten.log_softmax": _norm, "aten.layer_norm": _norm, "aten.rms_norm": _norm,
     "rbln.kv_cache_update": _kv_cache_update,
@@ -726,12 +771,36 @@ RULES = {
     "aten.matmul": _batched_matmul, "aten.bmm": _batched_matmul,
 }
 RULES.update({packet: _elementwise for packet, category in DEVICE_OPS.items() if category == "pointwise"})
+RULES["aten.type_as"] = _type_as
+
+
+def _splits_not_worth_their_gather(s: _Splitter) -> dict[str, str]:
+    """Column-parallel weights whose split output is all-gathered (no row-parallel layer takes
+    it) and whose gather moves more than the split saves: every run, each device receives
+    (N-1)/N of the gathered activation over the device link, while the split spares it reading
+    (N-1)/N of the weights from DRAM (and holding them). Both scale alike with N, so the
+    comparison is of the two sizes. A patch embedding or a final projection over many tokens is
+    then kept whole on every device; an LM head over a few positions stays split by vocabulary."""
+    unpaid = {}
+    for weights, gathered in s.gathered_bytes.items():
+        weight_elements = sum(math.prod(s.shape(w)) for w in weights)
+        if gathered > weight_elements:
+            for w in weights:
+                unpaid[w] = (f"a split would all-gather {gathered} output elements per run to save "
+                             f"{weight_elements} weight elements")
+    return unpaid
 
 
 def split_graph(graph: Graph, tensor_parallel_size: int, fuse_residual: bool = True) -> tuple[Graph, ShardingPlan]:
     """The graph one of `tensor_parallel_size` devices runs, and the plan that says how."""
-    splitter = _Splitter(graph, tensor_parallel_size, fuse_residual)
-    splitter.run()
+    keep_whole: dict[str, str] = {}
+    while True:
+        splitter = _Splitter(graph, tensor_parallel_size, fuse_residual, keep_whole)
+        splitter.run()
+        unpaid = _splits_not_worth_their_gather(splitter)
+        if not unpaid:
+            break
+        keep_whole.update(unpaid)
     added = [spec for spec, _ in splitter.added.values()]
     weights = graph.weights + added
     tensors = graph.tensors if graph.tensors is None else {

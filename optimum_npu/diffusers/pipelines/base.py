@@ -115,6 +115,12 @@ class RBLNDiffusionPipelineMixin:
     rbln_classes: ClassVar[dict[str, type[RBLNModel]]]   # compiled component -> its RBLN class
     denoiser: ClassVar[str]                              # the component the steps call
 
+    @classmethod
+    def _get_signature_types(cls) -> dict[str, tuple[type, ...]]:
+        """diffusers' component types by __init__ argument (`from_pipe` passes on a `ModelMixin` only of
+        exactly such a type), with the RBLN class of each compiled component in place of the class it compiles."""
+        return {**super()._get_signature_types(), **{name: (c,) for name, c in cls.rbln_classes.items()}}
+
     # ---- loading ----------------------------------------------------------------------
 
     @classmethod
@@ -320,6 +326,22 @@ class RBLNDiffusionPipelineMixin:
         self.generation_stats = stats
         logger.info("%s\n%s", type(self).__name__, stats)
         return output
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        raise ValueError(self._offload_refusal("enable_model_cpu_offload"))
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        raise ValueError(self._offload_refusal("enable_sequential_cpu_offload"))
+
+    def enable_group_offload(self, *args, **kwargs):
+        raise ValueError(self._offload_refusal("enable_group_offload"))
+
+    def _offload_refusal(self, method: str) -> str:
+        # diffusers' offloading moves a model's weights to the accelerator for each call (accelerate's
+        # hooks read them from `parameters()`); a compiled component has no host weights to move.
+        return (f"{type(self).__name__}.{method}(): the compiled components ({', '.join(self.rbln_classes)}) keep "
+                "their weights in NPU memory and have none on the host to offload; choose their devices with "
+                "rbln_config={<component>: {'device': ...}} and see pipe.memory_summary()")
 
     def device_memory(self) -> dict[str, list]:
         """Device memory each compiled component holds, per device (`DeviceMemoryUsage`); a compound
