@@ -50,24 +50,29 @@ class Stacked:
 
 
 def linear(x, weight, bias=None) -> list[Tensor] | None:
-    if not isinstance(weight, Stacked):
+    if not (isinstance(weight, Stacked) and weight.tensor.dim() == 3):
         return None
     w = weight.tensor
-    ranks = w.shape[0]
-    if isinstance(x, Tensor) and (bias is None or isinstance(bias, Stacked)):  # column-parallel
+    ranks, _, in_features = w.shape
+    if isinstance(x, Tensor) and x.shape[-1] == in_features and (bias is None or isinstance(bias, Stacked)):
+        # column-parallel: every rank's output features from one matmul
         out = F.linear(x, w.flatten(0, 1), None if bias is None else bias.tensor.flatten())
         return list(out.chunk(ranks, dim=-1))
-    if isinstance(x, list) and bias is None:  # row-parallel: each rank's partial sum
+    if isinstance(x, list) and x[0].dim() >= 2 and x[0].shape[-1] == in_features and bias is None:
+        # row-parallel: each rank's partial sum
         rows = torch.stack(x).flatten(1, -2)
         out = torch.bmm(rows, w.transpose(1, 2))
         return list(out.view(ranks, *x[0].shape[:-1], w.shape[1]).unbind())
     return None
 
 
-def _ranks_as_rows(k_cache: Stacked, block_tables: Tensor, start_pos: Tensor, attention_mask: Tensor | None):
+def _ranks_as_rows(k_cache: Stacked, block_tables, start_pos, attention_mask):
     """The stacked caches as one cache of N x blocks, and the batch inputs repeated per rank with
-    each rank's block tables shifted to its blocks; None if some table entry is outside a rank's
-    blocks (the per-rank kernels then say which)."""
+    each rank's block tables shifted to its blocks. None if the batch inputs are not shared
+    tensors, or some table entry is outside a rank's blocks (the per-rank kernels then say which)."""
+    if not all(isinstance(t, Tensor) for t in (block_tables, start_pos)) or not (
+            attention_mask is None or isinstance(attention_mask, Tensor)):
+        return None
     ranks, blocks = k_cache.tensor.shape[:2]
     if block_tables.numel() and (int(block_tables.min()) < 0 or int(block_tables.max()) >= blocks):
         return None
@@ -77,12 +82,12 @@ def _ranks_as_rows(k_cache: Stacked, block_tables: Tensor, start_pos: Tensor, at
     return tables, start_pos.repeat(ranks), mask
 
 
-def _is_rank_form(per_rank, *stacked) -> bool:
-    return isinstance(per_rank, list) and all(isinstance(s, Stacked) for s in stacked)
+def _is_rank_form(per_rank: list, *stacked) -> bool:
+    return all(isinstance(x, list) for x in per_rank) and all(isinstance(s, Stacked) for s in stacked)
 
 
 def kv_cache_update(k_cache, v_cache, k, v, block_tables, start_pos) -> list[None] | None:
-    if not (_is_rank_form(k, k_cache, v_cache) and isinstance(v, list)):
+    if not _is_rank_form([k, v], k_cache, v_cache):
         return None
     rows = _ranks_as_rows(k_cache, block_tables, start_pos, None)
     if rows is None:
@@ -94,12 +99,14 @@ def kv_cache_update(k_cache, v_cache, k, v, block_tables, start_pos) -> list[Non
 
 
 def _attention(target: str) -> Callable:
+    """paged_attention / flash_attention over every rank's heads: the ranks as rows of one batch."""
     kernel = IMPLEMENTATIONS[target]
+    scalars = 3 if target == FLASH_ATTENTION else 2   # scale, sliding_window (, partition_len)
 
     def over_ranks(q, k_cache, v_cache, block_tables, start_pos, *rest, attention_mask=None):
-        if len(rest) > (3 if target == FLASH_ATTENTION else 2):  # the mask given by position
+        if len(rest) > scalars:  # the mask given by position
             *rest, attention_mask = rest
-        if not _is_rank_form(q, k_cache, v_cache):
+        if not _is_rank_form([q], k_cache, v_cache):
             return None
         rows = _ranks_as_rows(k_cache, block_tables, start_pos, attention_mask)
         if rows is None:

@@ -16,7 +16,8 @@ on every device that runs it.
 A program compiled for N devices (tensor parallelism) runs, by default, all N ranks in
 this process: each rank holds its shard of the split weights and KV cache and computes its
 part in the device numerics, and collectives combine the ranks' results in the device's
-precision (`collectives.py`); ops on values every rank shares run once. Under `torchrun`
+precision (`collectives.py`); ops on values every rank shares run once, and the matmuls and
+attention run for all ranks in one host call (`rank_batching.py`). Under `torchrun`
 with a process group of N processes, each process runs one rank on one device and the
 collectives go through `torch.distributed`: the same artifact, the same outputs.
 
@@ -46,7 +47,7 @@ from .cost_model import CostModel, StepCost
 from .executor import STACKED, BoundOp, generate
 from .ops import collective_ops, resolve_op
 from .profiler import DEVICE_SYNC, EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
-from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Step, StepKind, TensorShard, decode_arg
+from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Step, StepKind, TensorShard, TensorSpec, decode_arg
 from .rank_batching import Stacked
 from .specs import get_npu_spec
 from .topology import Ring
@@ -351,27 +352,30 @@ class Runtime:
                         )
                     states[i][spec.name] = shared[i][spec.name]
                 continue
-            if spec.name in program.zero_init:
-                dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
-                make = lambda rank: torch.zeros(local.shape, dtype=dtype)  # noqa: E731
-            else:
-                tensor = compiled.tensors[spec.name]
-                make = lambda rank: self._device_tensor(tensor if shard is None else cut_shard(tensor, shard, rank))  # noqa: E731
             if shard is None:
-                states[0][spec.name] = make(self.ranks[0])
+                states[0][spec.name] = self._device_copy(compiled, spec, self.ranks[0])
                 for state in states[1:]:
                     state[spec.name] = states[0][spec.name]
             elif len(self.ranks) == 1:
-                states[0][spec.name] = make(self.ranks[0])
+                states[0][spec.name] = self._device_copy(compiled, spec, self.ranks[0])
             else:
-                stacked = torch.stack([make(rank) for rank in self.ranks])
+                stacked = torch.stack([self._device_copy(compiled, spec, rank) for rank in self.ranks])
                 self._stacked[spec.name] = stacked
                 for i, state in enumerate(states):
                     state[spec.name] = stacked[i]
         return states
 
-    def _device_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A stored tensor as the device holds it: in the numerics' host dtype."""
+    def _device_copy(self, compiled: Artifact, spec: TensorSpec, rank: int) -> torch.Tensor:
+        """Rank `rank`'s part of weight / buffer `spec` (its shard if split), in the host dtype the
+        numerics mode computes in; zeros for a buffer that starts zeroed."""
+        program = self.program
+        if spec.name in program.zero_init:
+            dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
+            return torch.zeros(program.local_spec(spec, rank).shape, dtype=dtype)
+        tensor = compiled.tensors[spec.name]
+        shard = program.tensor_shards.get(spec.name)
+        if shard is not None:
+            tensor = cut_shard(tensor, shard, rank)
         return self.numerics.to_device(tensor) if tensor.is_floating_point() else tensor.clone()
 
     def _pick_devices(self, device, share_state_with) -> list[int]:
