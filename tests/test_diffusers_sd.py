@@ -48,6 +48,29 @@ def test_text_to_image_matches_diffusers(sd_folder, compiled_sd, numerics, atol)
     assert stats.components["vae"].calls == 1 and stats.device_s > stats.components["unet"].device_s > 0
 
 
+def test_guidance_stays_on_or_off_as_compiled(sd_folder, compiled_sd):
+    """Any guidance_scale > 1 runs a pipeline compiled with guidance (its UNet batch doubled); turning
+    guidance off (or on, for one compiled without it) is a ValueError naming what to recompile with."""
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, guidance_scale=3.0)
+    reference = StableDiffusionPipeline.from_pretrained(sd_folder)
+    assert compiled_sd.rbln_config.guidance_scale == 7.5 and compiled_sd.unet.rbln_config.batch_size == 2
+    np.testing.assert_allclose(_images(compiled_sd, **kwargs), _images(reference, **kwargs), atol=BF16_PIXEL_ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"guidance_scale=1.0 turns classifier-free guidance off .* compiled with "
+                                         r"rbln_guidance_scale=7.5.* rbln_guidance_scale=1.0"):
+        _images(compiled_sd, **{**kwargs, "guidance_scale": 1.0})
+    with pytest.raises(ValueError, match="guidance_scale=0.5"):  # given positionally, as diffusers allows
+        compiled_sd(PROMPT, None, None, 2, None, None, 0.5)
+
+    unguided = RBLNStableDiffusionPipeline.from_pretrained(sd_folder, export=True, rbln_guidance_scale=1.0,
+                                                           rbln_numerics="exact")
+    assert unguided.unet.rbln_config.batch_size == 1
+    kwargs["guidance_scale"] = 1.0
+    np.testing.assert_allclose(_images(unguided, **kwargs), _images(reference, **kwargs), atol=1e-5, rtol=0)
+    assert unguided.generation_stats.components["unet"].calls == 3  # one unpadded run per step
+    with pytest.raises(ValueError, match=r"turns classifier-free guidance on .* rbln_guidance_scale=7.5"):
+        _images(unguided, prompt=PROMPT, num_inference_steps=2)  # diffusers' default guidance_scale, 7.5
+
+
 def test_image_to_image_matches_diffusers(sd_folder):
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     kwargs = dict(prompt=PROMPT, image=image, strength=0.7, num_inference_steps=4)
@@ -84,12 +107,15 @@ def test_compiled_components_are_the_diffusers_models_the_pipeline_methods_walk(
         pipe.enable_model_cpu_offload()
     shared = RBLNStableDiffusionPipeline.from_pipe(pipe)  # the same compiled components, not copies
     assert shared.unet is pipe.unet and shared.vae is pipe.vae and shared.text_encoder is pipe.text_encoder
+    assert shared.rbln_config == pipe.rbln_config
+    np.testing.assert_array_equal(_images(shared, prompt=PROMPT, num_inference_steps=2), before)
+    with pytest.raises(ValueError, match="RBLNStableDiffusionImg2ImgPipelineConfig"):
+        RBLNStableDiffusionImg2ImgPipeline.from_pipe(pipe)  # its VAE has no compiled encoder
 
 
 def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
     pipe = compiled_sd
-    # guidance_scale 1 at call time: the UNet, compiled for batch 2 (CFG), gets 1 row, padded
-    before = _images(pipe, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0)
+    before = _images(pipe, prompt=PROMPT, num_inference_steps=2)
     target = pipe.save_pretrained(tmp_path / "compiled")
     index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
     assert index["_class_name"] == "RBLNStableDiffusionPipeline"
@@ -101,7 +127,7 @@ def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
     assert isinstance(loaded.unet, ModelMixin) and isinstance(loaded.vae, ModelMixin)
     assert _public(loaded.unet.config) == _public(pipe.unet.config)
     assert loaded.unet.runtimes["model"].devices == [1]
-    np.testing.assert_array_equal(_images(loaded, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0), before)
+    np.testing.assert_array_equal(_images(loaded, prompt=PROMPT, num_inference_steps=2), before)
     with pytest.raises(ValueError, match="rbln_height is fixed at compile time"):
         RBLNStableDiffusionPipeline.from_pretrained(target, rbln_height=32)
     with pytest.raises(ValueError, match="rbln_batch_size is fixed at compile time"):
@@ -110,6 +136,44 @@ def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
         pipe.save_pretrained(sd_folder)  # the source checkpoint is never overwritten
     pipe.save_pretrained(target)  # saving over our own compiled folder updates it in place
     assert RBLNStableDiffusionPipeline.from_pretrained(target, rbln_create_runtimes=False).unet.runtimes == {}
+
+
+def test_stable_diffusion_safety_checker_runs_on_the_host_as_in_diffusers(tmp_path):
+    """The checkpoint's own safety checker (CLIP vision + concept embeddings) and feature extractor stay
+    torch modules on the host: diffusers' __call__ runs them on the compiled pipeline's images, and the
+    pipeline saves and loads them with the compiled components."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    folder = build_tiny_stable_diffusion(tmp_path / "sd", safety_checker=True)
+    reference = StableDiffusionPipeline.from_pretrained(folder)
+    pipe = RBLNStableDiffusionPipeline.from_pretrained(folder, export=True, rbln_numerics="exact")
+    assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker) and pipe.feature_extractor is not None
+
+    def generate(p):
+        p.set_progress_bar_config(disable=True)
+        out = p(prompt=PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+        return out.images, out.nsfw_content_detected
+
+    for threshold, flagged in ((0.0, True), (1.0, False)):  # every image flagged (black), none flagged
+        with torch.no_grad():
+            for p in (reference, pipe):
+                p.safety_checker.concept_embeds_weights.fill_(threshold)
+        expected_images, expected_nsfw = generate(reference)
+        assert expected_nsfw == [flagged]  # the tiny checker does what its thresholds say
+        images, nsfw = generate(pipe)
+        assert nsfw == expected_nsfw
+        np.testing.assert_allclose(images, expected_images, atol=1e-5, rtol=0)
+        assert (images.max() == 0) == flagged
+
+    target = pipe.save_pretrained(tmp_path / "compiled")  # with the "none flagged" thresholds
+    index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert index["requires_safety_checker"] is True and index["feature_extractor"][0] == "transformers"
+    loaded = RBLNStableDiffusionPipeline.from_pretrained(target)
+    assert isinstance(loaded.safety_checker, StableDiffusionSafetyChecker)
+    loaded_images, loaded_nsfw = generate(loaded)
+    assert loaded_nsfw == [False]
+    np.testing.assert_array_equal(loaded_images, images)
 
 
 def test_export_refuses_a_checkpoint_folder_given_as_compiled(sd_folder):

@@ -268,7 +268,26 @@ class RBLNDiffusionPipelineMixin:
 
     @classmethod
     def _assemble(cls, parts: dict[str, Any], config: RBLNDiffusionPipelineConfig, init_options: dict):
-        pipe = cls(**parts, **init_options)
+        return cls._with_config(cls(**parts, **init_options), config)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs: Any):
+        """diffusers' `from_pipe`: a pipeline of this class sharing `pipeline`'s components (not copies),
+        with its compiled options, which must be ones this class compiles (an image-to-image pipeline
+        needs the VAE encoder: a text-to-image pipeline compiled without it is refused)."""
+        config = getattr(pipeline, "rbln_config", None)
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"{cls.__name__}.from_pipe() takes a compiled pipeline whose options are a "
+                             f"{cls.config_class.__name__}; got a {type(pipeline).__name__}: compile the pipeline "
+                             f"with {cls.__name__}.from_pretrained(..., export=True)")
+        replaced = sorted(name for name in cls.rbln_classes if name in kwargs)
+        if replaced:
+            raise ValueError(f"from_pipe() cannot replace the compiled component(s) {replaced}: load the compiled "
+                             f"pipeline with them instead ({cls.__name__}.from_pretrained(folder, {replaced[0]}=...))")
+        return cls._with_config(super().from_pipe(pipeline, **kwargs), config)
+
+    @classmethod
+    def _with_config(cls, pipe, config: RBLNDiffusionPipelineConfig):
         pipe.rbln_config = config
         pipe.generation_stats = PipelineStats(denoiser=cls.denoiser)
         return pipe
@@ -326,6 +345,13 @@ class RBLNDiffusionPipelineMixin:
         self.generation_stats = stats
         logger.info("%s\n%s", type(self).__name__, stats)
         return output
+
+    def _call_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The arguments of this call of diffusers' `__call__` (of the pipeline class after the mixins) by
+        name, defaults included."""
+        call = inspect.signature(super(RBLNDiffusionPipelineMixin, self).__call__).bind(*args, **kwargs)
+        call.apply_defaults()
+        return call.arguments
 
     def enable_model_cpu_offload(self, *args, **kwargs):
         raise ValueError(self._offload_refusal("enable_model_cpu_offload"))
