@@ -99,3 +99,18 @@ def test_cosmos_vae_matches_torch(folders):
         torch.testing.assert_close(compiled.decode(latents).sample, vae.decode(latents).sample, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="frames - 1 must be a multiple of 4"):
         RBLNAutoencoderKLCosmos.from_model(vae, rbln_sample_size=(8, 16, 16), rbln_create_runtimes=False)
+
+
+def test_the_other_models_do_not_import_diffusers():
+    """Only the diffusers models are ModelMixin subclasses: the LLM, encoder and vision classes (the whole
+    optimum_npu.modeling package) import without diffusers."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, optimum_npu.modeling as m\n"
+            "for info in pkgutil.walk_packages(m.__path__, 'optimum_npu.modeling.'):\n"
+            "    importlib.import_module(info.name)\n"
+            "assert 'optimum_npu.modeling.decoderonly.modeling_decoderonly' in sys.modules\n"
+            "print('diffusers' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

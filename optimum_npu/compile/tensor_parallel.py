@@ -20,10 +20,14 @@ the way Megatron-LM / gpt-fast `tp.py` / nano-vllm split it:
   fuses with the residual add that follows (`rbln.all_reduce(x, residual)`).
 - the paged KV cache: split by KV heads like the K/V it stores.
 - the LM head: split by vocabulary, logits all-gathered.
-- a tied embedding (one tensor for the lookup and the LM head): split by vocabulary too, stored
-  once per device as 1/N of the table; each rank looks up the ids of its slice (zero rows for
-  the others) and the rows are all-reduced, as Megatron-LM's `VocabParallelEmbedding` does.
-- other embeddings, norms and everything on the residual stream: replicated.
+- the token embedding, tied to the LM head or not: split by vocabulary, 1/N of the table per
+  device; each rank looks up the ids of its slice (zero rows for the others) and the rows are
+  all-reduced, as Megatron-LM's `VocabParallelEmbedding` does. A small table (no more rows than
+  columns: positions, relative-position buckets) stays whole.
+- a column split whose output would be all-gathered (no row-parallel layer takes it) is kept
+  only where its weights outweigh the gathered activation: an LM head over a few positions
+  is split by vocabulary, a patch embedding or a final projection over many tokens is not.
+- norms and everything on the residual stream: replicated.
 
 The result is the program one device runs (values in local shapes) plus `tensor_shards`, and
 a `ShardingPlan` you can print. Nothing here knows a model: it reads ops and shapes.
@@ -216,7 +220,7 @@ class _Splitter:
         self.graph, self.n, self.fuse_residual = graph, n, fuse_residual
         self.keep_whole = keep_whole or {}             # weights a column split would not pay for: why
         self.origin: dict[str, frozenset[str]] = {}    # split value -> the column-parallel weights it comes from
-        self.gathered_bytes: dict[frozenset[str], int] = {}   # those weights -> elements all-gathered per run
+        self.gathered_elements: dict[frozenset[str], int] = {}   # those weights -> elements all-gathered per run
         self.layout: dict[str, Split | str | None] = {}
         self.meta: dict[str, torch.Tensor] = {}        # local (one rank's) shapes, on the meta device
         self.values = dict(graph.values)
@@ -309,7 +313,7 @@ class _Splitter:
             split = self.layout[name]
             full = self.shape(name)
             if name in self.origin:
-                self.gathered_bytes[self.origin[name]] = self.gathered_bytes.get(self.origin[name], 0) + math.prod(full)
+                self.gathered_elements[self.origin[name]] = self.gathered_elements.get(self.origin[name], 0) + math.prod(full)
             sources = _gather_sources(split, full[split.dim])
             self.gathered[name] = self.collective(
                 ALL_GATHER, name, [split.dim, sources], f"{name}@all_gather", full, 0.0, "all_gather")
@@ -447,17 +451,28 @@ def _linear(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
 
 
 def _embedding(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
-    """The lookup of a tied table (also read by the LM head), vocabulary-parallel: rank r holds
-    rows [r*V/N, (r+1)*V/N); it looks up the ids in that range (id - start, zero rows for ids
-    outside) and the rows are all-reduced. Exactly one rank contributes each row, so the sum is
-    exact. An untied table stays whole (a lookup reads one row per token)."""
+    """A table lookup, vocabulary-parallel as Megatron-LM's `VocabParallelEmbedding`: rank r
+    holds rows [r*V/N, (r+1)*V/N); it looks up the ids in that range (id - start, zero rows for
+    ids outside) and the rows are all-reduced. Exactly one rank contributes each row, so the sum
+    is exact. A tied table (also the LM head's weight) is then stored once as 1/N per device; an
+    untied one too when it is a vocabulary, more rows than columns (32k-128k rows of 4096 save
+    GiBs per device for one all-reduce of the looked-up rows per run); a small table (position
+    rows, T5's relative-position buckets), often looked up many times per run, stays whole. The
+    rule reads the table's shape alone, so every graph of a model (prefill and decode, sharing
+    their weights) splits the table the same way."""
     weight = args[0].get("ref") if isinstance(args[0], dict) else None
     ids = args[1].get("ref") if len(args) > 1 and isinstance(args[1], dict) else None
     # (padding_idx, scale_grad_by_freq and sparse, if given, only change gradients)
-    if (weight is None or ids is None or s.uses.get(weight, 0) < 2
-            or s.layout.get(ids) is not None or len(s.shape(weight)) != 2 or s.shape(weight)[0] % s.n):
+    if weight is None or ids is None or s.layout.get(ids) is not None or len(s.shape(weight)) != 2:
         raise _CannotSplit("embedding")
-    vocab = s.shape(weight)[0]
+    vocab, width = s.shape(weight)
+    tied = s.uses.get(weight, 0) > 1
+    whole = (f"{vocab} rows do not divide over {s.n} devices" if vocab % s.n else
+             None if tied or vocab > width else
+             f"{vocab} rows of {width}: too small a table for a split to pay its all-reduce")
+    if whole:
+        s.planned.setdefault(weight, TensorPlan(weight, s.shape(weight), "replicated", note=whole))
+        raise _CannotSplit("embedding")
     ranges = _even_ranges(0, vocab, s.n)
     start = f"{weight}@vocab_start"
     if start not in s.added:
@@ -468,7 +483,9 @@ def _embedding(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         s.meta[start] = torch.empty(spec.shape, dtype=torch.int64, device="meta")
         s.layout[start] = None
         s.shard_resident(start, 0, tuple(((r, 1),) for r in range(s.n)), "vocab", note="each rank's first id")
-    if not s.shard_resident(weight, 0, ranges, "vocab", note="tied: lookup and LM head split by vocabulary"):
+    note = ("tied: lookup and LM head split by vocabulary" if tied else
+            f"lookup split by vocabulary: {vocab // s.n} of {vocab} rows per device, the rows all-reduced")
+    if not s.shard_resident(weight, 0, ranges, "vocab", note=note):
         raise _CannotSplit("embedding")
     (out,) = node.outputs
     ids_shape = s.shape(ids)
@@ -799,7 +816,7 @@ def _splits_not_worth_their_gather(s: _Splitter) -> dict[str, str]:
     comparison is of the two sizes. A patch embedding or a final projection over many tokens is
     then kept whole on every device; an LM head over a few positions stays split by vocabulary."""
     unpaid = {}
-    for weights, gathered in s.gathered_bytes.items():
+    for weights, gathered in s.gathered_elements.items():
         weight_elements = sum(math.prod(s.shape(w)) for w in weights)
         if gathered > weight_elements:
             for w in weights:
@@ -815,7 +832,7 @@ def split_graph(graph: Graph, tensor_parallel_size: int, fuse_residual: bool = T
         splitter = _Splitter(graph, tensor_parallel_size, fuse_residual, keep_whole)
         splitter.run()
         unpaid = _splits_not_worth_their_gather(splitter)
-        if not unpaid:
+        if not unpaid.keys() - keep_whole.keys():
             break
         keep_whole.update(unpaid)
     added = [spec for spec, _ in splitter.added.values()]
