@@ -85,7 +85,6 @@ class Plan:
                 f"{c.tokens_per_s_per_rack:>10.0f} {c.tokens_per_s_per_watt:>7.2f}")
         return "\n".join(lines)
 
-
     def objective(self) -> str:
         return _objective(self.max_ttft_s, self.max_tpot_s)
 
