@@ -62,15 +62,17 @@ class PackedLinear:
     """`aten.linear` at one call site of a program, with the weight packed when that gives the same result.
 
     The choice is made per weight (a call site of a tensor-parallel program runs with each rank's
-    shard) on its first call and kept: a program's call site always sees the same shapes.
+    shard) and host thread count (oneDNN splits the work by threads) on the first such call and
+    kept: a program's call site always sees the same shapes.
     """
 
     def __init__(self, weights: PackedWeights) -> None:
         self._weights = weights
-        self._packed: dict[int, Tensor | None] = {}   # id(weight) -> packed copy, or None: plain linear
+        self._packed: dict[tuple[int, int], Tensor | None] = {}   # (id(weight), threads) -> packed copy, or None
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        packed = self._packed.get(id(weight), False)
+        key = (id(weight), torch.get_num_threads())
+        packed = self._packed.get(key, False)
         if packed is None:
             return _linear(x, weight, bias)
         if packed is not False:
@@ -85,5 +87,5 @@ class PackedLinear:
             packed = packed if same else None
         else:
             packed = None
-        self._packed[id(weight)] = packed
+        self._packed[key] = packed
         return out
