@@ -1,4 +1,6 @@
-"""Small torch modules shared by the compiler / runtime test files (no tests here)."""
+"""Small torch modules and a trace reader shared by the compiler / runtime test files (no tests here)."""
+
+import json
 
 import torch.nn.functional as F
 from torch import nn
@@ -21,3 +23,12 @@ class PreNormBlock(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(attn.transpose(1, 2).reshape(batch, seq, d))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def load_trace(path):
+    """The X slices of a Chrome trace file by start time, each with its track (thread) name and end."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    slices = [{**e, "track": threads[(e["pid"], e["tid"])], "end": e["ts"] + e["dur"]} for e in events if e["ph"] == "X"]
+    return sorted(slices, key=lambda s: s["ts"])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import optimum_npu
 from optimum_npu import Runtime, compile_from_torch
-from shared_modules import PreNormBlock
+from shared_modules import PreNormBlock, load_trace
 
 TOLERANCE = {("bfloat16", "device"): 2e-2, ("float16", "device"): 2e-3, ("bfloat16", "exact"): 1e-6,
              ("float16", "exact"): 1e-6}
@@ -88,20 +88,6 @@ def kernel_ops(compiled):
 
 
 # --------------------------------------------------------------------------- trace helpers
-
-
-def load_trace(path):
-    """The X slices of a Chrome trace file, with their track (thread) names, by start time."""
-    with open(path) as f:
-        data = json.load(f)
-    events = data["traceEvents"]
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
-    slices = []
-    for e in events:
-        if e["ph"] == "X":
-            slices.append({"track": threads[(e["pid"], e["tid"])], "name": e["name"], "ts": e["ts"],
-                           "dur": e["dur"], "end": e["ts"] + e["dur"], "args": e["args"]})
-    return sorted(slices, key=lambda s: s["ts"])
 
 
 def on(track, slices):

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline
+from diffusers import CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline, ModelMixin
 
 from optimum_npu.diffusers.pipelines.cosmos import RBLNCosmosTextToWorldPipeline, RBLNCosmosVideoToWorldPipeline
 from optimum_npu.testing import build_tiny_cosmos
@@ -60,10 +60,13 @@ def _frames(pipe, **kwargs):
 
 def test_text_to_world_matches_diffusers_exactly(folders):
     checker = PassingChecker()
-    reference = _frames(CosmosTextToWorldPipeline.from_pretrained(folders[0], safety_checker=checker))
+    reference_pipe = CosmosTextToWorldPipeline.from_pretrained(folders[0], safety_checker=checker)
+    reference = _frames(reference_pipe)
     pipe = RBLNCosmosTextToWorldPipeline.from_pretrained(folders[0], export=True, safety_checker=checker,
                                                          rbln_config={**SHAPE, "numerics": "exact"})
-    ours = _frames(pipe)
+    assert isinstance(pipe.transformer, ModelMixin) and isinstance(pipe.vae, ModelMixin)
+    assert (pipe.device, pipe.dtype) == (reference_pipe.device, reference_pipe.dtype)
+    ours = _frames(pipe.to("cpu"))
     assert ours.shape == reference.shape == (1, 9, 16, 16, 3)
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
     assert pipe.transformer.rbln_config.batch_size == 1  # CFG calls the transformer twice: no doubled batch

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLCosmos, CosmosTransformer3DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderKLCosmos, CosmosTransformer3DModel, ModelMixin, UNet2DConditionModel
 
 from optimum_npu import RBLNAutoencoderKL, RBLNAutoencoderKLCosmos, RBLNCosmosTransformer3DModel, RBLNUNet2DConditionModel
 from optimum_npu.testing import build_tiny_cosmos, build_tiny_stable_diffusion
@@ -26,6 +26,7 @@ def _randn(*shape, seed=0):
 def test_unet_matches_torch_with_padded_and_split_batches(folders, tmp_path):
     unet = UNet2DConditionModel.from_pretrained(f"{folders[0]}/unet").eval()
     compiled = RBLNUNet2DConditionModel.from_model(unet, rbln_batch_size=2, rbln_max_seq_len=16, **EXACT)
+    assert isinstance(compiled, ModelMixin) and (compiled.device, compiled.dtype) == (unet.device, unet.dtype)
     for rows in (1, 2, 3):  # padded, exact, split into 2 + 1 (padded)
         sample, text = _randn(rows, 4, 8, 8), _randn(rows, 16, 32, seed=1)
         with torch.no_grad():
@@ -37,6 +38,7 @@ def test_unet_matches_torch_with_padded_and_split_batches(folders, tmp_path):
     with pytest.raises(ValueError, match="compiled for"):
         compiled(_randn(2, 4, 16, 16), 1, _randn(2, 16, 32))
     loaded = RBLNUNet2DConditionModel.from_pretrained(compiled.save_pretrained(tmp_path / "unet"))
+    assert isinstance(loaded, ModelMixin)
     public = lambda config: json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))  # noqa: E731
     assert public(loaded.config) == public(compiled.config)  # the diffusers config.json, read back
     torch.testing.assert_close(loaded(sample, 981, text).sample, expected, atol=1e-5, rtol=1e-5)
@@ -45,6 +47,7 @@ def test_unet_matches_torch_with_padded_and_split_batches(folders, tmp_path):
 def test_vae_encoder_and_decoder_match_torch(folders):
     vae = AutoencoderKL.from_pretrained(f"{folders[0]}/vae").eval()
     compiled = RBLNAutoencoderKL.from_model(vae, rbln_uses_encoder=True, **EXACT)
+    assert isinstance(compiled, ModelMixin) and (compiled.device, compiled.dtype) == (vae.device, vae.dtype)
     image, latents = _randn(1, 3, 16, 16), _randn(1, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(compiled.decode(latents).sample, vae.decode(latents).sample, atol=1e-5, rtol=1e-5)
@@ -66,6 +69,7 @@ def test_cosmos_transformer_matches_torch_without_torchvision(folders, monkeypat
     transformer = CosmosTransformer3DModel.from_pretrained(f"{folders[1]}/transformer").eval()
     compiled = RBLNCosmosTransformer3DModel.from_model(
         transformer, rbln_sample_size=(3, 4, 4), rbln_max_seq_len=16, rbln_fps=24, rbln_uses_condition_mask=True, **EXACT)
+    assert isinstance(compiled, ModelMixin) and (compiled.device, compiled.dtype) == (transformer.device, transformer.dtype)
     x, text, condition = _randn(1, 4, 3, 4, 4), _randn(1, 16, 32, seed=1), torch.zeros(1, 1, 3, 4, 4)
     condition[:, :, 0] = 1
     padding = torch.zeros(1, 1, 16, 16)
@@ -87,6 +91,7 @@ def test_cosmos_transformer_matches_torch_without_torchvision(folders, monkeypat
 def test_cosmos_vae_matches_torch(folders):
     vae = AutoencoderKLCosmos.from_pretrained(f"{folders[1]}/vae").eval()
     compiled = RBLNAutoencoderKLCosmos.from_model(vae, rbln_sample_size=(9, 16, 16), rbln_uses_encoder=True, **EXACT)
+    assert isinstance(compiled, ModelMixin) and (compiled.device, compiled.dtype) == (vae.device, vae.dtype)
     video = _randn(1, 3, 9, 16, 16)
     with torch.no_grad():
         latents = vae.encode(video).latent_dist.mode()
@@ -94,3 +99,18 @@ def test_cosmos_vae_matches_torch(folders):
         torch.testing.assert_close(compiled.decode(latents).sample, vae.decode(latents).sample, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="frames - 1 must be a multiple of 4"):
         RBLNAutoencoderKLCosmos.from_model(vae, rbln_sample_size=(8, 16, 16), rbln_create_runtimes=False)
+
+
+def test_the_other_models_do_not_import_diffusers():
+    """Only the diffusers models are ModelMixin subclasses: the LLM, encoder and vision classes (the whole
+    optimum_npu.modeling package) import without diffusers."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, optimum_npu.modeling as m\n"
+            "for info in pkgutil.walk_packages(m.__path__, 'optimum_npu.modeling.'):\n"
+            "    importlib.import_module(info.name)\n"
+            "assert 'optimum_npu.modeling.decoderonly.modeling_decoderonly' in sys.modules\n"
+            "print('diffusers' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

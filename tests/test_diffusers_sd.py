@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import ConfigMixin, ModelMixin, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from optimum_npu.diffusers.pipelines.stable_diffusion import (
     RBLNStableDiffusionImg2ImgPipeline, RBLNStableDiffusionPipeline,
@@ -48,6 +48,29 @@ def test_text_to_image_matches_diffusers(sd_folder, compiled_sd, numerics, atol)
     assert stats.components["vae"].calls == 1 and stats.device_s > stats.components["unet"].device_s > 0
 
 
+def test_guidance_stays_on_or_off_as_compiled(sd_folder, compiled_sd):
+    """Any guidance_scale > 1 runs a pipeline compiled with guidance (its UNet batch doubled); turning
+    guidance off (or on, for one compiled without it) is a ValueError naming what to recompile with."""
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, guidance_scale=3.0)
+    reference = StableDiffusionPipeline.from_pretrained(sd_folder)
+    assert compiled_sd.rbln_config.guidance_scale == 7.5 and compiled_sd.unet.rbln_config.batch_size == 2
+    np.testing.assert_allclose(_images(compiled_sd, **kwargs), _images(reference, **kwargs), atol=BF16_PIXEL_ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"guidance_scale=1.0 turns classifier-free guidance off .* compiled with "
+                                         r"rbln_guidance_scale=7.5.* rbln_guidance_scale=1.0"):
+        _images(compiled_sd, **{**kwargs, "guidance_scale": 1.0})
+    with pytest.raises(ValueError, match="guidance_scale=0.5"):  # given positionally, as diffusers allows
+        compiled_sd(PROMPT, None, None, 2, None, None, 0.5)
+
+    unguided = RBLNStableDiffusionPipeline.from_pretrained(sd_folder, export=True, rbln_guidance_scale=1.0,
+                                                           rbln_numerics="exact")
+    assert unguided.unet.rbln_config.batch_size == 1
+    kwargs["guidance_scale"] = 1.0
+    np.testing.assert_allclose(_images(unguided, **kwargs), _images(reference, **kwargs), atol=1e-5, rtol=0)
+    assert unguided.generation_stats.components["unet"].calls == 3  # one unpadded run per step
+    with pytest.raises(ValueError, match=r"turns classifier-free guidance on .* rbln_guidance_scale=7.5"):
+        _images(unguided, prompt=PROMPT, num_inference_steps=2)  # diffusers' default guidance_scale, 7.5
+
+
 def test_image_to_image_matches_diffusers(sd_folder):
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     kwargs = dict(prompt=PROMPT, image=image, strength=0.7, num_inference_steps=4)
@@ -57,10 +80,42 @@ def test_image_to_image_matches_diffusers(sd_folder):
     assert pipe.generation_stats.components["vae"].calls == 2  # encode the image, decode the result
 
 
+def _public(config):
+    return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def test_compiled_components_are_the_diffusers_models_the_pipeline_methods_walk(sd_folder, compiled_sd):
+    """diffusers' pipeline methods that go through the torch components (to, device, dtype, components,
+    from_pipe) find the compiled UNet and VAE as the ModelMixin / ConfigMixin models they replace."""
+    pipe, reference = compiled_sd, StableDiffusionPipeline.from_pretrained(sd_folder)
+    for name in ("unet", "vae"):
+        ours, theirs = getattr(pipe, name), getattr(reference, name)
+        assert isinstance(ours, ModelMixin) and isinstance(ours, ConfigMixin)
+        assert (ours.device, ours.dtype) == (theirs.device, theirs.dtype)
+        assert _public(ours.config) == _public(theirs.config)
+    assert (pipe.device, pipe.dtype, pipe._execution_device) == (
+        reference.device, reference.dtype, reference._execution_device)
+    assert sorted(pipe.components) == sorted(reference.components)
+    before = _images(pipe, prompt=PROMPT, num_inference_steps=2)
+    assert pipe.to("cpu") is pipe and pipe.to(torch.float32) is pipe and pipe.to("cpu", torch.float32) is pipe
+    np.testing.assert_array_equal(_images(pipe, prompt=PROMPT, num_inference_steps=2), before)
+    with pytest.raises(ValueError, match="choose its NPU with rbln_device"):
+        pipe.to("cuda")
+    with pytest.raises(ValueError, match="rbln_dtype='bfloat16'"):
+        pipe.to(torch.float16)
+    with pytest.raises(ValueError, match="none on the host to offload"):
+        pipe.enable_model_cpu_offload()
+    shared = RBLNStableDiffusionPipeline.from_pipe(pipe)  # the same compiled components, not copies
+    assert shared.unet is pipe.unet and shared.vae is pipe.vae and shared.text_encoder is pipe.text_encoder
+    assert shared.rbln_config == pipe.rbln_config
+    np.testing.assert_array_equal(_images(shared, prompt=PROMPT, num_inference_steps=2), before)
+    with pytest.raises(ValueError, match="RBLNStableDiffusionImg2ImgPipelineConfig"):
+        RBLNStableDiffusionImg2ImgPipeline.from_pipe(pipe)  # its VAE has no compiled encoder
+
+
 def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
     pipe = compiled_sd
-    # guidance_scale 1 at call time: the UNet, compiled for batch 2 (CFG), gets 1 row, padded
-    before = _images(pipe, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0)
+    before = _images(pipe, prompt=PROMPT, num_inference_steps=2)
     target = pipe.save_pretrained(tmp_path / "compiled")
     index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
     assert index["_class_name"] == "RBLNStableDiffusionPipeline"
@@ -69,8 +124,10 @@ def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
     for name in ("unet", "vae", "text_encoder"):
         assert {"config.json", "rbln_config.json"} <= {p.name for p in (tmp_path / "compiled" / name).iterdir()}
     loaded = RBLNStableDiffusionPipeline.from_pretrained(target, rbln_config={"unet": {"device": 1}})
+    assert isinstance(loaded.unet, ModelMixin) and isinstance(loaded.vae, ModelMixin)
+    assert _public(loaded.unet.config) == _public(pipe.unet.config)
     assert loaded.unet.runtimes["model"].devices == [1]
-    np.testing.assert_array_equal(_images(loaded, prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0), before)
+    np.testing.assert_array_equal(_images(loaded, prompt=PROMPT, num_inference_steps=2), before)
     with pytest.raises(ValueError, match="rbln_height is fixed at compile time"):
         RBLNStableDiffusionPipeline.from_pretrained(target, rbln_height=32)
     with pytest.raises(ValueError, match="rbln_batch_size is fixed at compile time"):
@@ -79,6 +136,48 @@ def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):
         pipe.save_pretrained(sd_folder)  # the source checkpoint is never overwritten
     pipe.save_pretrained(target)  # saving over our own compiled folder updates it in place
     assert RBLNStableDiffusionPipeline.from_pretrained(target, rbln_create_runtimes=False).unet.runtimes == {}
+
+
+def test_stable_diffusion_safety_checker_runs_on_the_host_as_in_diffusers(tmp_path):
+    """The checkpoint's own safety checker (CLIP vision + concept embeddings) and feature extractor stay
+    torch modules on the host: diffusers' __call__ runs them on the compiled pipeline's images, and the
+    pipeline saves and loads them with the compiled components."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    folder = build_tiny_stable_diffusion(tmp_path / "sd", safety_checker=True)
+    reference = StableDiffusionPipeline.from_pretrained(folder)
+    pipe = RBLNStableDiffusionPipeline.from_pretrained(folder, export=True, rbln_numerics="exact")
+    assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker) and pipe.feature_extractor is not None
+
+    def generate(p):
+        p.set_progress_bar_config(disable=True)
+        out = p(prompt=PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+        return out.images, out.nsfw_content_detected
+
+    for threshold, flagged in ((0.0, True), (1.0, False)):  # every image flagged (black), none flagged
+        with torch.no_grad():
+            for p in (reference, pipe):
+                p.safety_checker.concept_embeds_weights.fill_(threshold)
+        expected_images, expected_nsfw = generate(reference)
+        assert expected_nsfw == [flagged]  # the tiny checker does what its thresholds say
+        images, nsfw = generate(pipe)
+        assert nsfw == expected_nsfw
+        np.testing.assert_allclose(images, expected_images, atol=1e-5, rtol=0)
+        assert (images.max() == 0) == flagged
+
+    with pytest.raises(ValueError, match="rbln_dtype"):
+        pipe.to(torch.float16)
+    assert pipe.safety_checker.dtype == torch.float32  # refused before diffusers cast any host component
+
+    target = pipe.save_pretrained(tmp_path / "compiled")  # with the "none flagged" thresholds
+    index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert index["requires_safety_checker"] is True and index["feature_extractor"][0] == "transformers"
+    loaded = RBLNStableDiffusionPipeline.from_pretrained(target)
+    assert isinstance(loaded.safety_checker, StableDiffusionSafetyChecker)
+    loaded_images, loaded_nsfw = generate(loaded)
+    assert loaded_nsfw == [False]
+    np.testing.assert_array_equal(loaded_images, images)
 
 
 def test_export_refuses_a_checkpoint_folder_given_as_compiled(sd_folder):
@@ -112,3 +211,31 @@ def test_a_component_of_another_class_is_refused(sd_folder, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="compiles a UNet2DConditionModel there"):
         RBLNStableDiffusionPipeline.from_pretrained(folder, export=True)
+
+
+def test_clip_skip_matches_diffusers(sd_folder, compiled_sd, tmp_path):
+    """clip_skip runs diffusers' encode_prompt unchanged: the hidden states of an earlier CLIP layer
+    through the compiled final norm (`text_encoder.text_model.final_layer_norm`, which diffusers
+    calls); the option survives save / load."""
+    reference_pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    # The reference computes the skipped prompt embeddings itself: diffusers' own clip_skip path
+    # reaches `text_encoder.text_model`, which transformers 5's CLIPTextModel no longer has.
+    encoder, tokenizer = reference_pipe.text_encoder, reference_pipe.tokenizer
+    ids = tokenizer(PROMPT, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]  # clip_skip=1: one layer before the last
+        prompt_embeds = encoder.final_layer_norm(hidden)
+    reference = _images(reference_pipe, prompt_embeds=prompt_embeds, num_inference_steps=2)
+    unskipped = _images(reference_pipe, prompt=PROMPT, num_inference_steps=2)
+    assert np.abs(reference - unskipped).max() > 1e-3  # skipping a layer changes the image: the test can tell
+
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, clip_skip=1)
+    pipe = RBLNStableDiffusionPipeline.from_pretrained(
+        sd_folder, export=True, rbln_numerics="exact", rbln_config={"text_encoder": {"output_hidden_states": True}})
+    np.testing.assert_allclose(_images(pipe, **kwargs), reference, atol=1e-5, rtol=0)
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = RBLNStableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    np.testing.assert_allclose(_images(loaded, **kwargs), reference, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        _images(compiled_sd, **kwargs)  # compiled without the hidden states clip_skip needs

@@ -91,6 +91,11 @@ def test_encoder_matches_transformers(family, numerics):
         assert_close(mine, theirs, numerics, mask)
     stats = model.inference_stats
     assert (stats.samples, stats.runs, stats.compiled_batch_size) == (3, 2, 2) and stats.device_s > 0
+    if family.startswith("clip"):  # clip_skip's path: an earlier layer's hidden states through the final norm
+        hf_norm = next(m for name, m in hf.named_modules() if name.endswith("final_layer_norm"))
+        with torch.no_grad():
+            expected = hf_norm(ref.hidden_states[-2])
+        assert_close(model.text_model.final_layer_norm(out.hidden_states[-2]), expected, numerics, mask)
 
 
 def test_split_and_padded_batches_equal_single_calls():

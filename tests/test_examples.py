@@ -11,21 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from example_helpers import EXAMPLES, committed_without_outputs, load_example, run_notebook
+from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 
 NOTEBOOK = EXAMPLES / "llama" / "llama_on_npu.ipynb"
 TEST_TRAIN_STEPS = 60
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: on a busy 2-core machine, 2 OpenMP threads make every parallel op wait a
-    scheduler slice for the other thread; one thread is faster and computes the same values."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import optimum_npu
 from optimum_npu import DeviceMemoryError, Runtime, compile_from_torch
 from optimum_npu.sim_device import memory as device_memory
 from optimum_npu.sim_device.cost_model import Calibration
-from shared_modules import PreNormBlock
+from shared_modules import PreNormBlock, load_trace
 
 GiB = 1024**3
 ATOM_DRAM_BW = 256e9          # bytes/s per device
@@ -41,14 +41,6 @@ def state_dir(tmp_path, monkeypatch):
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
-
-
-def load_trace(path):
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
-    slices = [{**e, "track": threads[(e["pid"], e["tid"])]} for e in events if e["ph"] == "X"]
-    return sorted(slices, key=lambda s: s["ts"])
 
 
 class WithHostOp(nn.Module):

@@ -70,6 +70,7 @@ EXACT_CASES = {
     "llama-tp8-all-divide": ("llama", 8, dict(num_attention_heads=8, num_key_value_heads=8)),
     "qwen2-tp4-qkv-bias": ("qwen2", 4, {}),
     "qwen3-tp4-head-norms": ("qwen3", 4, {}),
+    "llama-tp2-untied-embedding": ("llama", 2, dict(tie_word_embeddings=False)),
     "mistral-tp2-sliding-window": ("mistral", 2, {}),
 }
 
@@ -132,8 +133,9 @@ def _decode_graph(hf, tp, **options):
 
 def test_megatron_layout_from_the_graph():
     """Untied Qwen2 (q/k/v bias) at TP 2: fused Q/K/V and gate/up by parts, output and down
-    projections by rows, LM head by vocabulary, KV caches by heads, the rest replicated; two
-    all-reduces per layer (each fused with its residual add) and one all-gather of the logits."""
+    projections by rows, embedding and LM head by vocabulary, KV caches by heads, the rest
+    replicated; two all-reduces per layer (each fused with its residual add), one of the
+    looked-up embedding rows and one all-gather of the logits."""
     hf = make_hf_model("qwen2")
     program = _decode_graph(hf, 2)
     shards = program.tensor_shards
@@ -146,12 +148,14 @@ def test_megatron_layout_from_the_graph():
     assert shards["layers.0.gate_up_proj.weight"].ranges == [[[0, 64], [128, 64]], [[64, 64], [192, 64]]]
     assert (shards["layers.0.o_proj.weight"].dim, shards["layers.0.down_proj.weight"].dim) == (1, 1)
     assert shards["lm_head.weight"].ranges == [[[0, 128]], [[128, 128]]]
+    assert shards["embed_tokens.weight"].ranges == [[[0, 128]], [[128, 128]]]  # untied, split all the same
     assert shards["k_cache_0"].dim == 1 and shards["k_cache_0"].ranges == [[[0, 1]], [[1, 1]]]
-    for replicated in ("embed_tokens.weight", "norm.weight", "layers.0.input_layernorm.weight", "rope_cos"):
+    for replicated in ("norm.weight", "layers.0.input_layernorm.weight", "rope_cos"):
         assert replicated not in shards
     collectives = [s.ops[0].target for s in program.steps if s.kind == "collective"]
     residual_fused = [s for s in program.steps if s.kind == "collective" and len(s.ops[0].args) == 2]
-    assert collectives.count("rbln.all_reduce.default") == 2 * hf.config.num_hidden_layers == len(residual_fused)
+    assert collectives.count("rbln.all_reduce.default") == 2 * hf.config.num_hidden_layers + 1
+    assert len(residual_fused) == 2 * hf.config.num_hidden_layers
     assert collectives.count("rbln.all_gather.default") == 1
 
 
@@ -221,8 +225,10 @@ def _expected_weight_bytes(config, tp: int, dtype_bytes: int = 2) -> int:
                  + hidden * heads * head_dim // tp      # o_proj by rows
                  + 2 * inter // tp * hidden + hidden * inter // tp  # gate/up by columns, down by rows
                  + 2 * hidden)                          # two norms, whole
-    whole = vocab * hidden + hidden                     # embedding and final norm, whole
-    return dtype_bytes * (config.num_hidden_layers * per_layer + whole + vocab // tp * hidden)
+    # The untied embedding and the LM head are split by vocabulary (plus each rank's first id,
+    # one int64, for the lookup); the final norm is whole.
+    vocab_parallel = 2 * vocab // tp * hidden * dtype_bytes + (8 if tp > 1 else 0)
+    return dtype_bytes * (config.num_hidden_layers * per_layer + hidden) + vocab_parallel
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
@@ -236,6 +242,37 @@ def test_memory_per_device_follows_the_shapes(tp):
     cache = 2 * config.num_hidden_layers * math.prod(layout) // layout[1] * max(1, config.num_key_value_heads // tp) * 2
     rope = 2 * 256 * (config.hidden_size // config.num_attention_heads) * 2
     assert program.memory.buffers_bytes == [cache + rope] * tp
+
+
+class Lookup(nn.Module):
+    """A token embedding (untied) and a small table of position rows."""
+
+    def __init__(self, vocab=512, positions=8, dim=64):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(positions, dim)
+
+    def forward(self, ids, position_ids):
+        return self.tokens(ids) + self.positions(position_ids)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_untied_embedding_split_by_vocabulary_saves_its_rows_and_matches_fp32(tp):
+    """A vocabulary of 512 rows of 64: split, each device holds 512/N rows (16-bit) and its
+    first id (int64). 8 position rows of 64: too small to pay the all-reduce, whole, and the
+    plan says why."""
+    torch.manual_seed(0)
+    module = Lookup().eval()
+    ids, position_ids = torch.randint(0, 512, (2, 16)), torch.arange(16).remainder(8).expand(2, 16)
+    single = compile_from_torch(module, example_inputs=[ids, position_ids], numerics="exact")
+    split = compile_from_torch(module, example_inputs=[ids, position_ids], tensor_parallel_size=tp, numerics="exact")
+    saved_rows_bytes = (512 - 512 // tp) * 64 * 2
+    assert split.program.memory.weights_bytes == [single.program.memory.weights_bytes[0] - saved_rows_bytes + 8] * tp
+    plan = split.sharding_plan.by_name()
+    assert plan["tokens.weight"].style == "vocab" and "rows per device" in plan["tokens.weight"].note
+    assert plan["positions.weight"].style == "replicated" and "8 rows of 64" in plan["positions.weight"].note
+    with torch.no_grad():
+        expected = module(ids, position_ids)
+    assert (split.create_runtime()(ids, position_ids) - expected).abs().max().item() <= 1e-5
 
 
 def test_out_of_memory_names_the_smallest_tensor_parallel_size_that_fits():

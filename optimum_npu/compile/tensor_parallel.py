@@ -20,10 +20,14 @@ the way Megatron-LM / gpt-fast `tp.py` / nano-vllm split it:
   fuses with the residual add that follows (`rbln.all_reduce(x, residual)`).
 - the paged KV cache: split by KV heads like the K/V it stores.
 - the LM head: split by vocabulary, logits all-gathered.
-- a tied embedding (one tensor for the lookup and the LM head): split by vocabulary too, stored
-  once per device as 1/N of the table; each rank looks up the ids of its slice (zero rows for
-  the others) and the rows are all-reduced, as Megatron-LM's `VocabParallelEmbedding` does.
-- other embeddings, norms and everything on the residual stream: replicated.
+- the token embedding, tied to the LM head or not: split by vocabulary, 1/N of the table per
+  device; each rank looks up the ids of its slice (zero rows for the others) and the rows are
+  all-reduced, as Megatron-LM's `VocabParallelEmbedding` does. A small table (no more rows than
+  columns: positions, relative-position buckets) stays whole.
+- a column split whose output would be all-gathered (no row-parallel layer takes it) is kept
+  only where its weights outweigh the gathered activation: an LM head over a few positions
+  is split by vocabulary, a patch embedding or a final projection over many tokens is not.
+- norms and everything on the residual stream: replicated.
 
 The result is the program one device runs (values in local shapes) plus `tensor_shards`, and
 a `ShardingPlan` you can print. Nothing here knows a model: it reads ops and shapes.
@@ -195,8 +199,11 @@ def _dim(d: int, ndim: int) -> int:
 
 
 class _Splitter:
-    def __init__(self, graph: Graph, n: int, fuse_residual: bool):
+    def __init__(self, graph: Graph, n: int, fuse_residual: bool, keep_whole: dict[str, str] | None = None):
         self.graph, self.n, self.fuse_residual = graph, n, fuse_residual
+        self.keep_whole = keep_whole or {}             # weights a column split would not pay for: why
+        self.origin: dict[str, frozenset[str]] = {}    # split value -> the column-parallel weights it comes from
+        self.gathered_elements: dict[frozenset[str], int] = {}   # those weights -> elements all-gathered per run
         self.layout: dict[str, Split | str | None] = {}
         self.meta: dict[str, torch.Tensor] = {}        # local (one rank's) shapes, on the meta device
         self.values = dict(graph.values)
@@ -251,10 +258,13 @@ class _Splitter:
         with torch.device("meta"):  # ops creating tensors (arange, zeros) create them on meta too
             result = resolve_op(node.target)(*fake, **fake_kwargs)
         results = list(result) if isinstance(result, (list, tuple)) else [result]
+        origin = frozenset().union(*(self.origin.get(i, ()) for i in inputs if isinstance(self.layout.get(i), Split)))
         for name, value, layout in zip(node.outputs, results, layouts):
             if name and isinstance(value, torch.Tensor):
                 self.meta[name] = value
                 self.layout[name] = layout
+                if isinstance(layout, Split) and origin:
+                    self.origin[name] = origin
                 self.values[name] = TensorSpec(name, tuple(value.shape), self.values[name].dtype)
         out = result if len(node.outputs) == 1 else results
         work = count_work(node.target, node.category, tuple(fake), out)
@@ -285,6 +295,8 @@ class _Splitter:
         if name not in self.gathered:
             split = self.layout[name]
             full = self.shape(name)
+            if name in self.origin:
+                self.gathered_elements[self.origin[name]] = self.gathered_elements.get(self.origin[name], 0) + math.prod(full)
             sources = _gather_sources(split, full[split.dim])
             self.gathered[name] = self.collective(
                 ALL_GATHER, name, [split.dim, sources], f"{name}@all_gather", full, 0.0, "all_gather")
@@ -387,6 +399,8 @@ def _linear(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         raise _CannotSplit("linear")
     if layout is None:
         ranges, sizes, note = _column_plan(s, out)
+        if weight in s.keep_whole:
+            ranges, note = None, s.keep_whole[weight]
         if ranges is None or s.uses.get(weight) != 1 or (bias and s.uses.get(bias) != 1):
             if s.uses.get(weight) == 1 and weight not in s.planned:
                 s.planned[weight] = TensorPlan(weight, s.shape(weight), "replicated", note=note or "used elsewhere")
@@ -396,6 +410,7 @@ def _linear(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         if bias:
             s.shard_resident(bias, 0, ranges, "column")
         s.emit(node, args, kwargs, [Split(ndim - 1, ranges)])
+        s.origin[out] = frozenset({weight} | ({bias} if bias else set()))
         return
     if layout.dim != ndim - 1:  # split rows of the input (batch / tokens): each rank its rows
         s.emit(node, args, kwargs, [layout])
@@ -419,17 +434,28 @@ def _linear(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
 
 
 def _embedding(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
-    """The lookup of a tied table (also read by the LM head), vocabulary-parallel: rank r holds
-    rows [r*V/N, (r+1)*V/N); it looks up the ids in that range (id - start, zero rows for ids
-    outside) and the rows are all-reduced. Exactly one rank contributes each row, so the sum is
-    exact. An untied table stays whole (a lookup reads one row per token)."""
+    """A table lookup, vocabulary-parallel as Megatron-LM's `VocabParallelEmbedding`: rank r
+    holds rows [r*V/N, (r+1)*V/N); it looks up the ids in that range (id - start, zero rows for
+    ids outside) and the rows are all-reduced. Exactly one rank contributes each row, so the sum
+    is exact. A tied table (also the LM head's weight) is then stored once as 1/N per device; an
+    untied one too when it is a vocabulary, more rows than columns (32k-128k rows of 4096 save
+    GiBs per device for one all-reduce of the looked-up rows per run); a small table (position
+    rows, T5's relative-position buckets), often looked up many times per run, stays whole. The
+    rule reads the table's shape alone, so every graph of a model (prefill and decode, sharing
+    their weights) splits the table the same way."""
     weight = args[0].get("ref") if isinstance(args[0], dict) else None
     ids = args[1].get("ref") if len(args) > 1 and isinstance(args[1], dict) else None
     # (padding_idx, scale_grad_by_freq and sparse, if given, only change gradients)
-    if (weight is None or ids is None or s.uses.get(weight, 0) < 2
-            or s.layout.get(ids) is not None or len(s.shape(weight)) != 2 or s.shape(weight)[0] % s.n):
+    if weight is None or ids is None or s.layout.get(ids) is not None or len(s.shape(weight)) != 2:
         raise _CannotSplit("embedding")
-    vocab = s.shape(weight)[0]
+    vocab, width = s.shape(weight)
+    tied = s.uses.get(weight, 0) > 1
+    whole = (f"{vocab} rows do not divide over {s.n} devices" if vocab % s.n else
+             None if tied or vocab > width else
+             f"{vocab} rows of {width}: too small a table for a split to pay its all-reduce")
+    if whole:
+        s.planned.setdefault(weight, TensorPlan(weight, s.shape(weight), "replicated", note=whole))
+        raise _CannotSplit("embedding")
     ranges = _even_ranges(0, vocab, s.n)
     start = f"{weight}@vocab_start"
     if start not in s.added:
@@ -440,7 +466,9 @@ def _embedding(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         s.meta[start] = torch.empty(spec.shape, dtype=torch.int64, device="meta")
         s.layout[start] = None
         s.shard_resident(start, 0, tuple(((r, 1),) for r in range(s.n)), "vocab", note="each rank's first id")
-    if not s.shard_resident(weight, 0, ranges, "vocab", note="tied: lookup and LM head split by vocabulary"):
+    note = ("tied: lookup and LM head split by vocabulary" if tied else
+            f"lookup split by vocabulary: {vocab // s.n} of {vocab} rows per device, the rows all-reduced")
+    if not s.shard_resident(weight, 0, ranges, "vocab", note=note):
         raise _CannotSplit("embedding")
     (out,) = node.outputs
     ids_shape = s.shape(ids)
@@ -487,7 +515,7 @@ def _column_plan(s: _Splitter, out: str) -> tuple[Ranges | None, tuple[int, ...]
     for size, value in zip(parts, part_values):
         heads, head_size = size, 1
         for consumer in s.consumers.get(value, []):
-            if op_packet(consumer.target) in ("aten.reshape", "aten.view", "aten._unsafe_view"):
+            if op_packet(consumer.target) in ("aten.reshape", "aten.view", "aten._unsafe_view", "aten.unflatten"):
                 shape = s.graph.values[consumer.outputs[0]].shape
                 if len(shape) == len(s.shape(value)) + 1 and shape[-2] * shape[-1] == size:
                     heads, head_size = shape[-2], shape[-1]
@@ -514,6 +542,12 @@ def _reshape(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
             s.emit(node, [args[0], local, *args[2:]], kwargs, [split])
             return
     raise _CannotSplit("reshape")
+
+
+def _flatten_like(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """flatten / unflatten (heads in and out of the feature dimension): a reshape to the output's shape."""
+    out_shape = list(s.graph.values[node.outputs[0]].shape)
+    _reshape(s, replace(node, target="aten.reshape.default"), [args[0], out_shape], {})
 
 
 def _permuting(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
@@ -569,6 +603,31 @@ def _cut(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
         offset += size
     node = replace(node, target="aten.split_with_sizes.default")
     s.emit(node, [args[0], local, dim], {}, parts)
+
+
+def _unbind(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """unbind along an unsplit dimension (RoPE's halves): every part keeps the split."""
+    x, layout = args[0]["ref"], s.layout[args[0]["ref"]]
+    dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(s.shape(x)))
+    if dim == layout.dim:
+        raise _CannotSplit("unbinding the split dimension")
+    s.emit(node, args, kwargs, [Split(layout.dim - (dim < layout.dim), layout.ranges)] * len(node.outputs))
+
+
+def _repeat_interleave(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """repeat_interleave(x, int, dim) along an unsplit dimension (GQA's KV repeat per head)."""
+    x, layout = args[0]["ref"], s.layout[args[0]["ref"]]
+    repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or not isinstance(dim, int) \
+            or _dim(dim, len(s.shape(x))) == layout.dim:
+        raise _CannotSplit("repeat_interleave")
+    s.emit(node, args, kwargs, [layout])
+
+
+def _type_as(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """type_as(x, other): `other` only gives the dtype, so the result is laid out as `x`."""
+    s.emit(node, args, kwargs, [s.layout[args[0]["ref"]]])
 
 
 def _slice_like(s: _Splitter, node: Node, args: list, kwargs: dict) -> None:
@@ -711,6 +770,7 @@ RULES = {
     "aten.linear": _linear,
     "aten.embedding": _embedding,
     "aten.view": _reshape, "aten.reshape": _reshape, "aten._unsafe_view": _reshape,
+    "aten.flatten": _flatten_like, "aten.unflatten": _flatten_like,
     "aten.transpose": _permuting, "aten.swapaxes": _permuting, "aten.permute": _permuting,
     "aten.unsqueeze": _permuting, "aten.squeeze": _permuting,
     "aten.expand": _expand,
@@ -718,6 +778,8 @@ RULES = {
     "aten.slice": _slice_like, "aten.select": _slice_like, "aten.index_select": _slice_like,
     "aten.narrow": _slice_like,
     "aten.cat": _cat,
+    "aten.unbind": _unbind,
+    "aten.repeat_interleave": _repeat_interleave,
     "aten.mean": _reduction, "aten.sum": _reduction, "aten.amax": _reduction, "aten.amin": _reduction,
     "aten.softmax": _norm, "aten.log_softmax": _norm, "aten.layer_norm": _norm, "aten.rms_norm": _norm,
     "rbln.kv_cache_update": _kv_cache_update,
@@ -726,12 +788,36 @@ RULES = {
     "aten.matmul": _batched_matmul, "aten.bmm": _batched_matmul,
 }
 RULES.update({packet: _elementwise for packet, category in DEVICE_OPS.items() if category == "pointwise"})
+RULES["aten.type_as"] = _type_as
+
+
+def _splits_not_worth_their_gather(s: _Splitter) -> dict[str, str]:
+    """Column-parallel weights whose split output is all-gathered (no row-parallel layer takes
+    it) and whose gather moves more than the split saves: every run, each device receives
+    (N-1)/N of the gathered activation over the device link, while the split spares it reading
+    (N-1)/N of the weights from DRAM (and holding them). Both scale alike with N, so the
+    comparison is of the two sizes. A patch embedding or a final projection over many tokens is
+    then kept whole on every device; an LM head over a few positions stays split by vocabulary."""
+    unpaid = {}
+    for weights, gathered in s.gathered_elements.items():
+        weight_elements = sum(math.prod(s.shape(w)) for w in weights)
+        if gathered > weight_elements:
+            for w in weights:
+                unpaid[w] = (f"a split would all-gather {gathered} output elements per run to save "
+                             f"{weight_elements} weight elements")
+    return unpaid
 
 
 def split_graph(graph: Graph, tensor_parallel_size: int, fuse_residual: bool = True) -> tuple[Graph, ShardingPlan]:
     """The graph one of `tensor_parallel_size` devices runs, and the plan that says how."""
-    splitter = _Splitter(graph, tensor_parallel_size, fuse_residual)
-    splitter.run()
+    keep_whole: dict[str, str] = {}
+    while True:
+        splitter = _Splitter(graph, tensor_parallel_size, fuse_residual, keep_whole)
+        splitter.run()
+        unpaid = _splits_not_worth_their_gather(splitter)
+        if not unpaid.keys() - keep_whole.keys():
+            break
+        keep_whole.update(unpaid)
     added = [spec for spec, _ in splitter.added.values()]
     weights = graph.weights + added
     tensors = graph.tensors if graph.tensors is None else {

@@ -291,7 +291,8 @@ class RBLNModel:
 
     def __init__(self, hf_config, rbln_config: RBLNModelConfig, graphs: dict[str, Artifact],
                  source_folder: Path | None = None, generation_config=None):
-        self.config = hf_config
+        super().__init__()  # cooperative: a torch.nn.Module subclass (the diffusers models) sets up its state
+        self._keep_hf_config(hf_config)
         self.rbln_config = rbln_config
         self.graphs = graphs
         self.generation_config = generation_config
@@ -372,6 +373,37 @@ class RBLNModel:
     def dtype(self) -> torch.dtype:
         """The dtype of float outputs (fp32, cast back from the device's 16-bit type)."""
         return torch.float32
+
+    def to(self, *args, **kwargs):
+        """`model.to(device, dtype)` as torch and HF pipelines call it: the host (cpu) in float32 is where a
+        compiled model already takes and returns tensors, so that is a no-op; anything else is a ValueError,
+        since the device (rbln_device) and its number format (rbln_dtype) are chosen at load / compile time."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        kwargs.pop("non_blocking", None)
+        if kwargs or len(args) > 2:
+            raise TypeError(f"{type(self).__name__}.to() takes a device and / or a dtype; got {args} {kwargs}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, torch.Tensor):
+                device, dtype = arg.device, arg.dtype
+            elif arg is not None:
+                device = arg
+        if device is not None:
+            try:
+                device_type = torch.device(device).type
+            except (RuntimeError, TypeError):
+                raise ValueError(f"{type(self).__name__}.to(): {device!r} is not a torch device") from None
+            if device_type != self.device.type:
+                raise ValueError(
+                    f"{type(self).__name__}.to({str(device)!r}): a compiled model runs on the simulated NPU and takes and "
+                    "returns tensors on the host ('cpu'); choose its NPU with rbln_device when loading")
+        if dtype is not None and dtype != self.dtype:
+            raise ValueError(
+                f"{type(self).__name__}.to({dtype}): a compiled model takes and returns {self.dtype} on the host; "
+                f"its device computes in rbln_dtype={self.rbln_config.dtype!r}, fixed at compile time (recompile "
+                "with export=True and rbln_dtype=... to change it)")
+        return self
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -576,7 +608,8 @@ class RBLNModel:
         except NotImplementedError:
             expected = None  # a multi-graph family checks its own options (overriding this)
         if expected is not None:
-            actual = {name: [(s.name, tuple(s.shape), s.dtype) for s in a.program.inputs] for name, a in graphs.items()}
+            actual = {name: [(s.name, tuple(s.shape), s.dtype) for s in graphs[name].program.inputs]
+                      for name in expected if name in graphs}
             if actual != expected:
                 raise ValueError(
                     f"{CONFIG_NAME} implies the graph {expected} from its options, but the folder holds {actual}. "
@@ -664,6 +697,10 @@ class RBLNModel:
             os.chmod(path, mode)
             manifest[path.name] = _manifest_entry(path)
         self.rbln_config.save(folder, files=manifest)
+
+    def _keep_hf_config(self, hf_config) -> None:
+        """`config`: the source model's config, which HF code reads (a diffusers model keeps it as its ConfigMixin)."""
+        self.config = hf_config
 
     def _save_hf_configs(self, folder: Path) -> None:
         """The source model's config files: config.json (and generation_config.json) as transformers

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
 from ..configuration import OPTION_PREFIX, RBLNModelConfig, check_bool, check_int
-from .base import RBLNModel
+from .base import GraphSpec, RBLNModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +55,9 @@ class RBLNT5EncoderModelConfig(RBLNTextEncoderConfig):
     """Options of RBLNT5EncoderModel."""
 
 
+FINAL_NORM_GRAPH = "final_layer_norm"
+
+
 class _EncoderGraph(torch.nn.Module):
     """The exported graph: the HF encoder on (input_ids, attention_mask, *extra inputs),
     returning the chosen output fields, then each layer's hidden states if asked."""
@@ -82,6 +85,9 @@ class RBLNTextEncoderModel(RBLNModel):
     output_fields: ClassVar[tuple[str, ...]] = ("last_hidden_state",)
     # Further token-aligned int inputs of the HF forward (zeros when not given), e.g. BERT's segments.
     extra_inputs: ClassVar[tuple[str, ...]] = ()
+    # The name of the HF submodule that callers apply to a chosen layer's hidden states (CLIP's
+    # final_layer_norm); compiled too, as FINAL_NORM_GRAPH, with rbln_output_hidden_states.
+    final_norm: ClassVar[str | None] = None
     stats_unit = "sequences"
 
     # ---- compiling --------------------------------------------------------------------
@@ -111,6 +117,32 @@ class RBLNTextEncoderModel(RBLNModel):
     def _export_module(cls, hf_model, config: RBLNTextEncoderConfig) -> torch.nn.Module:
         return _EncoderGraph(hf_model, cls.output_fields, cls.extra_inputs, config.output_hidden_states)
 
+    @classmethod
+    def _graph_specs(cls, hf_model, config: RBLNTextEncoderConfig) -> list[GraphSpec]:
+        specs = super()._graph_specs(hf_model, config)
+        if config.output_hidden_states and cls.final_norm is not None:
+            # A pipeline's clip_skip puts an earlier layer's hidden states through the final norm
+            # itself (diffusers' encode_prompt), so the norm is a graph of its own.
+            shape = (config.batch_size, config.max_seq_len, hf_model.config.hidden_size)
+            # Where it sits depends on the class and the transformers version (CLIPTextModel holds
+            # it directly in transformers 5, under text_model before).
+            norm = next(module for name, module in hf_model.named_modules() if name.split(".")[-1] == cls.final_norm)
+            specs.append(GraphSpec(FINAL_NORM_GRAPH, (("hidden_states", shape, "float32"),), norm))
+        return specs
+
+    @classmethod
+    def _check_graphs_against_config(cls, config, graphs, hf_config=None) -> None:
+        super()._check_graphs_against_config(config, graphs, hf_config)
+        names = {cls.graph_name} | ({FINAL_NORM_GRAPH} if config.output_hidden_states and cls.final_norm else set())
+        if set(graphs) != names:
+            raise ValueError(f"the folder holds the graphs {sorted(graphs)}, but its options imply {sorted(names)}; "
+                             "compile the model again (export=True)")
+        if hf_config is not None and FINAL_NORM_GRAPH in names:
+            shape = (config.batch_size, config.max_seq_len, hf_config.hidden_size)
+            if tuple(graphs[FINAL_NORM_GRAPH].program.inputs[0].shape) != shape:
+                raise ValueError(f"{FINAL_NORM_GRAPH}.rbln does not take hidden states of {shape}, as the options "
+                                 "imply; compile the model again (export=True)")
+
     # ---- running ----------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -123,7 +155,8 @@ class RBLNTextEncoderModel(RBLNModel):
         if output_hidden_states and not c.output_hidden_states:
             raise ValueError(
                 "output_hidden_states=True needs a model compiled with rbln_output_hidden_states=True "
-                "(the graph must return every layer's hidden states)"
+                "(the graph must return every layer's hidden states; in a diffusers pipeline, for clip_skip: "
+                "rbln_config={'text_encoder': {'output_hidden_states': True}})"
             )
         length = self._check_ids(input_ids)
         if attention_mask is None:
@@ -140,6 +173,20 @@ class RBLNTextEncoderModel(RBLNModel):
             fields["hidden_states"] = tuple(outputs[len(self.output_fields):])
         result = self.output_class(**fields)
         return result if return_dict is not False else result.to_tuple()
+
+    def _run_final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The model's final norm (`final_norm`) on hidden states [batch, tokens, hidden]."""
+        if FINAL_NORM_GRAPH not in self.graphs:
+            raise ValueError(
+                f"{type(self).__name__}: applying {self.final_norm} to a chosen layer's hidden states (as a "
+                "pipeline's clip_skip does) needs a model compiled with rbln_output_hidden_states=True (in a "
+                "diffusers pipeline: rbln_config={'text_encoder': {'output_hidden_states': True}})"
+            )
+        rows, length, width = hidden_states.shape
+        padded = hidden_states.new_zeros(rows, self.rbln_config.max_seq_len, width, dtype=torch.float32)
+        padded[:, :length] = hidden_states
+        (out,) = self._run_graph(FINAL_NORM_GRAPH, [padded])
+        return out[:, :length]
 
     def _check_ids(self, input_ids) -> int:
         """The length of `input_ids`, after checking it is a batch of token ids the model can take."""
@@ -171,6 +218,14 @@ class RBLNTextEncoderModel(RBLNModel):
         return padded
 
 
+class _CLIPTextModelPart:
+    """`encoder.text_model.final_layer_norm(hidden)`, which diffusers' encode_prompt calls for
+    clip_skip on a CLIP text model, run on the device."""
+
+    def __init__(self, encoder: RBLNTextEncoderModel):
+        self.final_layer_norm = encoder._run_final_norm
+
+
 class RBLNBertModel(RBLNTextEncoderModel):
     """BERT for sentence embeddings (mean pooling over last_hidden_state is left to the user)."""
 
@@ -186,6 +241,8 @@ class RBLNCLIPTextModel(RBLNTextEncoderModel):
     config_class = RBLNCLIPTextModelConfig
     output_class = BaseModelOutputWithPooling
     output_fields = ("last_hidden_state", "pooler_output")
+    final_norm = "final_layer_norm"
+    text_model = property(_CLIPTextModelPart)
 
 
 class RBLNCLIPTextModelWithProjection(RBLNTextEncoderModel):
@@ -193,6 +250,8 @@ class RBLNCLIPTextModelWithProjection(RBLNTextEncoderModel):
     config_class = RBLNCLIPTextModelWithProjectionConfig
     output_class = CLIPTextModelOutput
     output_fields = ("text_embeds", "last_hidden_state")
+    final_norm = "final_layer_norm"
+    text_model = property(_CLIPTextModelPart)
 
 
 class RBLNT5EncoderModel(RBLNTextEncoderModel):

@@ -1,7 +1,8 @@
 """Tiny random diffusers pipelines, as their `save_pretrained` writes them.
 
 - `build_tiny_stable_diffusion(folder)`: a Stable Diffusion pipeline folder (CLIP text encoder
-  and tokenizer, UNet, VAE, PNDM scheduler), as `StableDiffusionPipeline.save_pretrained` writes it.
+  and tokenizer, UNet, VAE, PNDM scheduler, and optionally the safety checker with its CLIP image
+  processor), as `StableDiffusionPipeline.save_pretrained` writes it.
 - `build_tiny_cosmos(folder)`: a Cosmos text/video-to-world pipeline folder (T5 encoder and
   tokenizer, Cosmos transformer, Cosmos video VAE, EDM scheduler), without a safety checker.
 """
@@ -41,12 +42,38 @@ def _tiny_clip_tokenizer(model_max_length: int):
     return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=model_max_length)
 
 
+def _tiny_sd_safety_checker():
+    """Stable Diffusion's safety checker (a CLIP vision tower and concept embeddings) on 32-pixel crops.
+
+    The 17 concept embeddings are random and their thresholds (`concept_embeds_weights`) 0: an image
+    is flagged when its embedding leans towards any of them, which every image of the tiny pipeline
+    does; thresholds of 1 (the largest cosine) flag none."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn(17, config.projection_dim))
+        checker.special_care_embeds.copy_(torch.randn(3, config.projection_dim))
+        checker.concept_embeds_weights.zero_()
+        checker.special_care_embeds_weights.fill_(0.5)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, processor
+
+
 def build_tiny_stable_diffusion(folder: str | os.PathLike, *, seed: int = 0, sample_size: int = 16,
-                                max_seq_len: int = 16) -> str:
+                                max_seq_len: int = 16, safety_checker: bool = False) -> str:
     """Write a tiny Stable Diffusion pipeline (random weights) to `folder`; returns its path.
 
     Images are `sample_size` pixels square by default; the VAE downsamples by 2 (two blocks),
     prompts are padded to `max_seq_len` tokens (the tokenizer's model_max_length).
+    `safety_checker=True` adds Stable Diffusion's safety checker and its feature extractor.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -70,9 +97,10 @@ def build_tiny_stable_diffusion(folder: str | os.PathLike, *, seed: int = 0, sam
         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
     )
     scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+    checker, feature_extractor = _tiny_sd_safety_checker() if safety_checker else (None, None)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=checker, feature_extractor=feature_extractor, requires_safety_checker=safety_checker,
     )
     pipe.save_pretrained(folder)
     return str(folder)

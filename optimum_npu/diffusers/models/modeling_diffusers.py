@@ -1,10 +1,17 @@
-"""`RBLNDiffusersModel`: the model base for diffusers `ModelMixin` models (UNet, VAEs, transformers).
+"""`RBLNDiffusersModel`: the model base for diffusers models (UNet, VAEs, transformers).
 
-What differs from a transformers model is only its config: a diffusers `config.json` (with
-`_class_name`, read by `ModelMixin.load_config`) held as the `FrozenDict` that diffusers
-pipelines read attributes from (`unet.config.in_channels`, `vae.config.scaling_factor`).
-Everything else (compile, save, load, runtimes, padding and splitting batches, stats) is the
-framework-neutral base's.
+A compiled diffusers model is a diffusers `ModelMixin` and `ConfigMixin` (so a torch.nn.Module),
+as the module it was compiled from: diffusers' pipelines find it among their torch components
+(`pipe.to`, `pipe.device`, `pipe.dtype`, offloading hooks) and read its config as the
+`FrozenDict` of a `config.json` (`unet.config.in_channels`, `vae.config.scaling_factor`).
+
+`RBLNModel` comes first in the bases, so loading, saving and running are the framework-neutral
+base's (compile, save, load a compiled folder, runtimes, padding and splitting batches, stats)
+and diffusers' weight-loading `from_pretrained` / `save_pretrained` never run: a compiled model
+has no weights on the host (no parameters), its graphs live on the simulated device. `device`
+and `dtype` are the host's (cpu, float32), `to()` moves nothing (see `RBLNModel.to`). What
+differs from a transformers model is the config I/O: a diffusers `config.json` (with
+`_class_name`, read by `ModelMixin.load_config`), kept with `register_to_config`.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
+from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import FrozenDict
 
 from ...modeling.base import RBLNModel
@@ -31,7 +38,7 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-class RBLNDiffusersModel(RBLNModel):
+class RBLNDiffusersModel(RBLNModel, ModelMixin, ConfigMixin):
     """A compiled diffusers model. `config` is the diffusers FrozenDict of the source model."""
 
     @classmethod
@@ -49,17 +56,15 @@ class RBLNDiffusersModel(RBLNModel):
         if found is not None and found != cls.hf_class.__name__:
             raise ValueError(f"{cls.__name__} compiles {cls.hf_class.__name__} models; this config is a {found!r}.")
 
+    def _keep_hf_config(self, hf_config) -> None:
+        self.register_to_config(**hf_config)
+
     def _save_hf_configs(self, folder: Path) -> None:
         """config.json as diffusers writes it, so that `ModelMixin.load_config` reads it back."""
         # Private keys (`_name_or_path`, `_use_default_values`) describe where the source came from.
         public = {k: _json_value(v) for k, v in self.config.items() if not k.startswith("_")}
         data = {"_class_name": self.hf_class.__name__, "_diffusers_version": _diffusers_version(), **public}
         (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Float inputs and outputs are fp32 on the host (the device's 16-bit type is inside)."""
-        return torch.float32
 
 
 def reject_unsupported(model: str, **arguments: Any) -> None:

@@ -115,6 +115,12 @@ class RBLNDiffusionPipelineMixin:
     rbln_classes: ClassVar[dict[str, type[RBLNModel]]]   # compiled component -> its RBLN class
     denoiser: ClassVar[str]                              # the component the steps call
 
+    @classmethod
+    def _get_signature_types(cls) -> dict[str, tuple[type, ...]]:
+        """diffusers' component types by __init__ argument (`from_pipe` passes on a `ModelMixin` only of
+        exactly such a type), with the RBLN class of each compiled component in place of the class it compiles."""
+        return {**super()._get_signature_types(), **{name: (c,) for name, c in cls.rbln_classes.items()}}
+
     # ---- loading ----------------------------------------------------------------------
 
     @classmethod
@@ -262,7 +268,26 @@ class RBLNDiffusionPipelineMixin:
 
     @classmethod
     def _assemble(cls, parts: dict[str, Any], config: RBLNDiffusionPipelineConfig, init_options: dict):
-        pipe = cls(**parts, **init_options)
+        return cls._with_config(cls(**parts, **init_options), config)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs: Any):
+        """diffusers' `from_pipe`: a pipeline of this class sharing `pipeline`'s components (not copies),
+        with its compiled options, which must be ones this class compiles (an image-to-image pipeline
+        needs the VAE encoder: a text-to-image pipeline compiled without it is refused)."""
+        config = getattr(pipeline, "rbln_config", None)
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"{cls.__name__}.from_pipe() takes a compiled pipeline whose options are a "
+                             f"{cls.config_class.__name__}; got a {type(pipeline).__name__}: compile the pipeline "
+                             f"with {cls.__name__}.from_pretrained(..., export=True)")
+        replaced = sorted(name for name in cls.rbln_classes if name in kwargs)
+        if replaced:
+            raise ValueError(f"from_pipe() cannot replace the compiled component(s) {replaced}: load the compiled "
+                             f"pipeline with them instead ({cls.__name__}.from_pretrained(folder, {replaced[0]}=...))")
+        return cls._with_config(super().from_pipe(pipeline, **kwargs), config)
+
+    @classmethod
+    def _with_config(cls, pipe, config: RBLNDiffusionPipelineConfig):
         pipe.rbln_config = config
         pipe.generation_stats = PipelineStats(denoiser=cls.denoiser)
         return pipe
@@ -320,6 +345,37 @@ class RBLNDiffusionPipelineMixin:
         self.generation_stats = stats
         logger.info("%s\n%s", type(self).__name__, stats)
         return output
+
+    def to(self, *args, **kwargs):
+        """diffusers' `to` (host torch components move or cast), once every compiled component accepted the
+        move: a ValueError leaves all components as they were (diffusers moves them one by one)."""
+        move = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
+        for name in self.rbln_classes:
+            getattr(self, name).to(*args, **move)
+        return super().to(*args, **kwargs)
+
+    def _call_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The arguments of this call of diffusers' `__call__` (of the pipeline class after the mixins) by
+        name, defaults included."""
+        call = inspect.signature(super(RBLNDiffusionPipelineMixin, self).__call__).bind(*args, **kwargs)
+        call.apply_defaults()
+        return call.arguments
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        raise ValueError(self._offload_refusal("enable_model_cpu_offload"))
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        raise ValueError(self._offload_refusal("enable_sequential_cpu_offload"))
+
+    def enable_group_offload(self, *args, **kwargs):
+        raise ValueError(self._offload_refusal("enable_group_offload"))
+
+    def _offload_refusal(self, method: str) -> str:
+        # diffusers' offloading moves a model's weights to the accelerator for each call (accelerate's
+        # hooks read them from `parameters()`); a compiled component has no host weights to move.
+        return (f"{type(self).__name__}.{method}(): the compiled components ({', '.join(self.rbln_classes)}) keep "
+                "their weights in NPU memory and have none on the host to offload; choose their devices with "
+                "rbln_config={<component>: {'device': ...}} and see pipe.memory_summary()")
 
     def device_memory(self) -> dict[str, list]:
         """Device memory each compiled component holds, per device (`DeviceMemoryUsage`); a compound

@@ -8,6 +8,7 @@
 The UNet is called once per step on the latents of the prompt and of the negative prompt
 concatenated (classifier-free guidance), so its compiled batch is twice the pipeline's batch
 when guidance_scale > 1, unless `rbln_config={"unet": {"batch_size": ...}}` says otherwise.
+A call must therefore keep guidance on (any guidance_scale > 1) or off (<= 1) as compiled.
 """
 
 from __future__ import annotations
@@ -63,17 +64,38 @@ class RBLNStableDiffusionImg2ImgPipelineConfig(RBLNStableDiffusionPipelineConfig
     uses_vae_encoder: ClassVar[bool] = True
 
 
-class RBLNStableDiffusionPipeline(RBLNDiffusionPipelineMixin, StableDiffusionPipeline):
-    """diffusers' StableDiffusionPipeline with the text encoder, UNet and VAE compiled."""
+class RBLNStableDiffusionPipelineMixin(RBLNDiffusionPipelineMixin):
+    """What the Stable Diffusion pipelines add: a call keeps classifier-free guidance as compiled."""
 
-    config_class = RBLNStableDiffusionPipelineConfig
     rbln_classes = {"text_encoder": RBLNCLIPTextModel, "unet": RBLNUNet2DConditionModel, "vae": RBLNAutoencoderKL}
     denoiser = "unet"
 
+    def __call__(self, *args, **kwargs):
+        self._check_guidance(self._call_arguments(args, kwargs)["guidance_scale"])
+        return super().__call__(*args, **kwargs)
 
-class RBLNStableDiffusionImg2ImgPipeline(RBLNDiffusionPipelineMixin, StableDiffusionImg2ImgPipeline):
+    def _check_guidance(self, guidance_scale: float) -> None:
+        """ValueError if `guidance_scale` turns classifier-free guidance on or off against the compiled
+        pipeline: the UNet batch doubles with it (a UNet compiled with it would run half padding, one
+        compiled without it twice per step)."""
+        compiled = self.rbln_config.guidance_scale
+        if (guidance_scale > 1) == (compiled > 1):
+            return
+        state = lambda scale: "on (> 1)" if scale > 1 else "off (<= 1)"  # noqa: E731
+        raise ValueError(
+            f"guidance_scale={guidance_scale} turns classifier-free guidance {state(guidance_scale)}, but this "
+            f"pipeline was compiled with rbln_guidance_scale={compiled}, guidance {state(compiled)}: its UNet takes "
+            f"{self.unet.rbln_config.batch_size} latent row(s) per call. Call it with a guidance_scale "
+            f"{'> 1' if compiled > 1 else '<= 1'}, or recompile (export=True) with rbln_guidance_scale={guidance_scale}.")
+
+
+class RBLNStableDiffusionPipeline(RBLNStableDiffusionPipelineMixin, StableDiffusionPipeline):
+    """diffusers' StableDiffusionPipeline with the text encoder, UNet and VAE compiled."""
+
+    config_class = RBLNStableDiffusionPipelineConfig
+
+
+class RBLNStableDiffusionImg2ImgPipeline(RBLNStableDiffusionPipelineMixin, StableDiffusionImg2ImgPipeline):
     """diffusers' StableDiffusionImg2ImgPipeline with the text encoder, UNet and VAE (encoder too) compiled."""
 
     config_class = RBLNStableDiffusionImg2ImgPipelineConfig
-    rbln_classes = RBLNStableDiffusionPipeline.rbln_classes
-    denoiser = "unet"
