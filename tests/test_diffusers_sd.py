@@ -165,6 +165,10 @@ def test_stable_diffusion_safety_checker_runs_on_the_host_as_in_diffusers(tmp_pa
         np.testing.assert_allclose(images, expected_images, atol=1e-5, rtol=0)
         assert (images.max() == 0) == flagged
 
+    with pytest.raises(ValueError, match="rbln_dtype"):
+        pipe.to(torch.float16)
+    assert pipe.safety_checker.dtype == torch.float32  # refused before diffusers cast any host component
+
     target = pipe.save_pretrained(tmp_path / "compiled")  # with the "none flagged" thresholds
     index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
     assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]

@@ -8,6 +8,8 @@ the schedule out as plain statements and compile them:
     e[13] = rnd(e[12])                    # fp16 emulation: round a kernel output
     e[5] = None                           # free a value after its last use
     e[20] = reduce([e[14], e[17]], e[9])  # a collective over every rank's value (+ residual)
+    t = o[4]([e[14], e[17]], e[3])       # a matmul / attention for every rank in one call
+    if t is None:                         # (`rank_batching.py`), else once per rank
 
 The generated text contains only integer indices and the fixed helper names above,
 never a name, string or number read from the artifact (those stay in the `c` / `k`
@@ -24,6 +26,9 @@ from typing import Any, Callable
 
 from .collectives import ALL_REDUCE
 from .program import Ref, Step, StepKind
+from .rank_batching import OVER_RANKS
+
+STACKED = -1   # the rank in the slot key of a split weight / buffer's rank-stacked storage
 
 
 def _has_ref(arg: Any) -> bool:
@@ -45,21 +50,24 @@ class BoundOp:
 class Executable:
     function: Callable            # run(e, o, c, k, dev, rnd, up, dyn, reduce, gather) -> e
     slots: dict[tuple[str, int], int]   # (value name, rank) -> index in the environment list; rank 0
-                                        # for a value all ranks share
+                                        # for a value all ranks share, STACKED for the rank-stacked
+                                        # storage of a split weight / buffer
     ops: list[Callable] = field(default_factory=list)
     constants: list = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
 
 
 class _Writer:
-    def __init__(self, num_ranks: int, split_state: set[str]) -> None:
+    def __init__(self, num_ranks: int, split_state: set[str], stacked_state: set[str]) -> None:
         self.num_ranks = num_ranks
         self.split = set(split_state)   # values that differ per rank (one slot each)
+        self.stacked = set(stacked_state)
         self.slots: dict[tuple[str, int], int] = {}
         self.ops: list[Callable] = []
         self.constants: list = []
         self.kwargs: list[dict] = []
         self.lines = ["def run(e, o, c, k, dev, rnd, up, dyn, reduce, gather):"]
+        self.indent = 1
 
     def slot(self, name: str, rank: int = 0) -> str:
         key = (name, rank if name in self.split else 0)
@@ -77,7 +85,7 @@ class _Writer:
         return f"c[{len(self.constants) - 1}]"
 
     def emit(self, line: str) -> None:
-        self.lines.append("    " + line)
+        self.lines.append("    " * self.indent + line)
 
     def call(self, op: BoundOp, rank: int) -> str:
         self.ops.append(op.fn)
@@ -89,6 +97,31 @@ class _Writer:
             parts.append(f"**k[{len(self.kwargs) - 1}]")
         return f"o[{len(self.ops) - 1}](" + ", ".join(parts) + ")"
 
+    def over_ranks(self, op: BoundOp) -> str | None:
+        """One call of the op's all-rank form (None if it has none): per-rank values as lists,
+        split weights / buffers as their rank-stacked storage."""
+        if op.target not in OVER_RANKS or len(op.outputs) > 1 or any(
+                type(a) is list and _has_ref(a) for a in (*op.args, *op.kwargs.values())):
+            return None
+
+        def form(arg: Any) -> str:
+            if type(arg) is not Ref:
+                return self.constant(arg)
+            if arg.name in self.stacked:
+                return self.slot_of(arg.name, STACKED)
+            if arg.name in self.split:
+                return "[" + "".join(f"{self.slot(arg.name, rank)}, " for rank in range(self.num_ranks)) + "]"
+            return self.slot(arg.name)
+
+        self.ops.append(OVER_RANKS[op.target])
+        parts = [form(a) for a in op.args]
+        if op.kwargs:
+            parts.append("**{" + ", ".join(f"{self.constant(key)}: {form(v)}" for key, v in op.kwargs.items()) + "}")
+        return f"o[{len(self.ops) - 1}](" + ", ".join(parts) + ")"
+
+    def slot_of(self, name: str, rank: int) -> str:
+        return f"e[{self.slots.setdefault((name, rank), len(self.slots))}]"
+
     def ranks_of(self, names: list[str]) -> range:
         """Ranks to emit an op for: all when it reads a per-rank value, else one (shared by all)."""
         return range(self.num_ranks) if any(n in self.split for n in names) else range(1)
@@ -97,6 +130,17 @@ class _Writer:
         ranks = self.ranks_of(_ref_names((op.args, list(op.kwargs.values()))))
         if len(ranks) > 1:
             self.split.update(name for name in op.outputs if name)
+        batched = self.over_ranks(op) if len(ranks) > 1 else None
+        if batched is not None:
+            self.emit(f"t = {batched}")
+            if op.outputs and op.outputs[0]:
+                self.emit("if t is not None:")
+                for rank in ranks:
+                    self.emit(f"    {self.slot(op.outputs[0], rank)} = t[{rank}]")
+                self.emit("else:")
+            else:
+                self.emit("if t is None:")
+            self.indent += 1
         for rank in ranks:
             call = self.call(op, rank)
             if len(op.outputs) == 1:
@@ -106,9 +150,10 @@ class _Writer:
                 for position, name in enumerate(op.outputs):
                     if name:
                         self.emit(f"{self.slot(name, rank)} = t[{position}]")
-            if dynamic and rank == 0:  # priced once: every rank does the same work
-                self.ops.append(op)  # the BoundOp itself, so `dyn` knows which op it prices
-                self.emit(f"dyn({index}, o[{len(self.ops) - 1}], ({''.join(self.expr(a) + ', ' for a in op.args)}))")
+        self.indent = 1
+        if dynamic:  # priced once, from rank 0's arguments: every rank does the same work
+            self.ops.append(op)  # the BoundOp itself, so `dyn` knows which op it prices
+            self.emit(f"dyn({index}, o[{len(self.ops) - 1}], ({''.join(self.expr(a) + ', ' for a in op.args)}))")
 
     def collective(self, op: BoundOp) -> None:
         """Every rank's operand in one list; the result is the same on every rank (one slot)."""
@@ -133,15 +178,19 @@ def _ref_names(arg: Any) -> list[str]:
 
 
 def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: set[str], rounding: bool,
-             num_ranks: int = 1, split_state: set[str] = frozenset()) -> Executable:
+             num_ranks: int = 1, split_state: set[str] = frozenset(),
+             stacked_state: set[str] = frozenset()) -> Executable:
     """`steps`: (step, its bound ops, values to free after it). Ops named in `dynamic_ops`
     report their arguments to `dyn(step_index, op, args)` after running (for pricing).
 
     `num_ranks` tensor-parallel ranks run in this process; `split_state` names the weights /
     buffers that differ per rank. An op reading a per-rank value is emitted once per rank; an
     op reading only values every rank shares (the residual stream after an all-reduce, norms,
-    position tables) runs once and its result is shared, as each device would compute the same."""
-    w = _Writer(num_ranks, split_state)
+    position tables) runs once and its result is shared, as each device would compute the same.
+    Matmuls and attention over per-rank values run for all ranks in one call where
+    `rank_batching` has a form for them, reading the split weights / buffers named in
+    `stacked_state` from their rank-stacked storage (slot key (name, STACKED))."""
+    w = _Writer(num_ranks, split_state, stacked_state)
     for index, (step, ops, frees) in enumerate(steps):
         if step.kind == StepKind.H2D:
             for src, dst in zip(step.inputs, step.outputs):

@@ -16,7 +16,8 @@ on every device that runs it.
 A program compiled for N devices (tensor parallelism) runs, by default, all N ranks in
 this process: each rank holds its shard of the split weights and KV cache and computes its
 part in the device numerics, and collectives combine the ranks' results in the device's
-precision (`collectives.py`); ops on values every rank shares run once. Under `torchrun`
+precision (`collectives.py`); ops on values every rank shares run once, and the matmuls and
+attention run for all ranks in one host call (`rank_batching.py`). Under `torchrun`
 with a process group of N processes, each process runs one rank on one device and the
 collectives go through `torch.distributed`: the same artifact, the same outputs.
 
@@ -43,10 +44,11 @@ from . import memory as device_memory
 from .artifact import Artifact
 from .collectives import InProcessCollectives, ProcessGroupCollectives
 from .cost_model import CostModel, StepCost
-from .executor import BoundOp, generate
+from .executor import STACKED, BoundOp, generate
 from .ops import collective_ops, resolve_op
 from .profiler import DEVICE_SYNC, EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
-from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Step, StepKind, TensorShard, decode_arg
+from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Step, StepKind, TensorShard, TensorSpec, decode_arg
+from .rank_batching import Stacked
 from .specs import get_npu_spec
 from .topology import Ring
 from .validation import validate_program
@@ -311,6 +313,7 @@ class Runtime:
             allocations.append(device_memory.allocate(
                 f"Runtime({self.name})", {m.device: m.activations_bytes for m in usage}, advice
             ))
+            self._stacked: dict[str, torch.Tensor] = dict(share_state_with._stacked) if share_state_with else {}
             self._rank_state = self._load_state(compiled, shared)
         except BaseException:
             for allocation in allocations:
@@ -332,32 +335,48 @@ class Runtime:
     def _load_state(self, compiled: Artifact, shared: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Device state of each rank this process runs: weights and buffers (its shard of the split
         ones) in the host dtype the numerics mode computes in. Replicated tensors are one tensor
-        shared by the ranks."""
+        shared by the ranks; when several ranks run here, a split one is one rank-stacked tensor
+        (`self._stacked`, [ranks, *shard shape]) whose slices are the ranks' shards, so a matmul
+        or attention can run for all ranks in one call (`rank_batching.py`)."""
         program = self.program
         states: list[dict[str, torch.Tensor]] = [{} for _ in self.ranks]
         for spec in program.weights + program.buffers:
             shard = program.tensor_shards.get(spec.name)
-            for i, rank in enumerate(self.ranks):
-                local = program.local_spec(spec, rank)
-                if spec.name in shared[i]:
+            local = program.local_spec(spec, self.ranks[0])
+            if spec.name in shared[0]:
+                for i, rank in enumerate(self.ranks):
                     if tuple(shared[i][spec.name].shape) != local.shape:
                         raise ValueError(
                             f"cannot share {spec.name!r}: shape {list(shared[i][spec.name].shape)} in the other "
                             f"runtime, {list(local.shape)} here (were the two programs compiled from the same model?)"
                         )
                     states[i][spec.name] = shared[i][spec.name]
-                elif shard is None and i > 0:
-                    states[i][spec.name] = states[0][spec.name]
-                elif spec.name in program.zero_init:
-                    dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
-                    states[i][spec.name] = torch.zeros(local.shape, dtype=dtype)
-                else:
-                    tensor = compiled.tensors[spec.name]
-                    if shard is not None:
-                        tensor = cut_shard(tensor, shard, rank)
-                    states[i][spec.name] = self.numerics.to_device(tensor) if tensor.is_floating_point() else (
-                        tensor.clone())
+                continue
+            if shard is None:
+                states[0][spec.name] = self._device_copy(compiled, spec, self.ranks[0])
+                for state in states[1:]:
+                    state[spec.name] = states[0][spec.name]
+            elif len(self.ranks) == 1:
+                states[0][spec.name] = self._device_copy(compiled, spec, self.ranks[0])
+            else:
+                stacked = torch.stack([self._device_copy(compiled, spec, rank) for rank in self.ranks])
+                self._stacked[spec.name] = stacked
+                for i, state in enumerate(states):
+                    state[spec.name] = stacked[i]
         return states
+
+    def _device_copy(self, compiled: Artifact, spec: TensorSpec, rank: int) -> torch.Tensor:
+        """Rank `rank`'s part of weight / buffer `spec` (its shard if split), in the host dtype the
+        numerics mode computes in; zeros for a buffer that starts zeroed."""
+        program = self.program
+        if spec.name in program.zero_init:
+            dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
+            return torch.zeros(program.local_spec(spec, rank).shape, dtype=dtype)
+        tensor = compiled.tensors[spec.name]
+        shard = program.tensor_shards.get(spec.name)
+        if shard is not None:
+            tensor = cut_shard(tensor, shard, rank)
+        return self.numerics.to_device(tensor) if tensor.is_floating_point() else tensor.clone()
 
     def _pick_devices(self, device, share_state_with) -> list[int]:
         machine = device_memory.devices()
@@ -409,8 +428,9 @@ class Runtime:
         rank_count = len(self.ranks)
         split = {name for name, tensor in self._state.items()
                  if any(states[name] is not tensor for states in self._rank_state[1:])}
+        stacked = {name for name in split if name in self._stacked}
         self._executable = generate(bound, set(KERNEL_OPS), rounding=self.numerics.round_to is not None,
-                                    num_ranks=rank_count, split_state=split)
+                                    num_ranks=rank_count, split_state=split, stacked_state=stacked)
         if rank_count == program.tensor_parallel_size:
             self._collectives = InProcessCollectives(self.numerics.round)
         else:
@@ -421,6 +441,9 @@ class Runtime:
             for name, tensor in states.items():
                 if (name, i) in slots:
                     self._env_template[slots[name, i]] = tensor
+        for name in stacked:
+            if (name, STACKED) in slots:
+                self._env_template[slots[name, STACKED]] = Stacked(self._stacked[name])
         self._input_slots = [slots.get((spec.name, 0)) for spec in program.inputs]
 
         # Steps with static costs take the same time every run: price and sum them once.

@@ -346,6 +346,14 @@ class RBLNDiffusionPipelineMixin:
         logger.info("%s\n%s", type(self).__name__, stats)
         return output
 
+    def to(self, *args, **kwargs):
+        """diffusers' `to` (host torch components move or cast), once every compiled component accepted the
+        move: a ValueError leaves all components as they were (diffusers moves them one by one)."""
+        move = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
+        for name in self.rbln_classes:
+            getattr(self, name).to(*args, **move)
+        return super().to(*args, **kwargs)
+
     def _call_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The arguments of this call of diffusers' `__call__` (of the pipeline class after the mixins) by
         name, defaults included."""

@@ -1,0 +1,95 @@
+"""All ranks in one host call (sim_device/rank_batching.py) against the op called once per rank,
+as a rank alone (one process per device) calls it.
+
+- column- and row-parallel linear: each rank's output has the bits of that rank's own
+  `F.linear`, in bf16 and fp32, at decode (1 row) and prefill (64 rows) sizes;
+- the KV cache update and both attention kernels over rank-stacked caches: the cache each rank
+  holds afterwards and each rank's attention output are bit-identical to the per-rank calls,
+  with padding rows, an attention mask and a partitioned (flash) cache;
+- block tables outside a rank's blocks are left to the per-rank kernels (which refuse them),
+  never read as another rank's blocks;
+- a compiled tensor-parallel program uses these forms (so the host speed-up cannot silently go).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
+from optimum_npu import compile_from_torch
+from optimum_npu.sim_device.kernels import FLASH_ATTENTION, IMPLEMENTATIONS, KV_CACHE_UPDATE, PAGED_ATTENTION
+from optimum_npu.sim_device.rank_batching import OVER_RANKS, Stacked, linear
+
+RANKS = 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_linear_over_ranks_has_each_ranks_bits(dtype, rows):
+    torch.manual_seed(0)
+    x = torch.randn(1, rows, 128).to(dtype)
+    column = torch.randn(RANKS, 96, 128).to(dtype)    # each rank: 96 output features
+    bias = torch.randn(RANKS, 96).to(dtype)
+    for r, out in enumerate(linear(x, Stacked(column), Stacked(bias))):
+        assert torch.equal(out, F.linear(x, column[r], bias[r]))
+    parts = [torch.randn(1, rows, 32).to(dtype) for _ in range(RANKS)]   # each rank: 32 input features
+    row = torch.randn(RANKS, 128, 32).to(dtype)
+    for r, out in enumerate(linear(parts, Stacked(row))):
+        assert torch.equal(out, F.linear(parts[r], row[r]))
+    assert linear(x, row[0]) is None  # a weight that is not rank-stacked: called per rank
+
+
+def _caches(blocks: int, block_size: int, kv_heads: int = 1, head_dim: int = 16):
+    stacked = [torch.randn(RANKS, blocks, kv_heads, block_size, head_dim).bfloat16() for _ in "kv"]
+    per_rank = [[c[r].clone() for r in range(RANKS)] for c in stacked]
+    return stacked, per_rank
+
+
+@pytest.mark.parametrize("kernel", [PAGED_ATTENTION, FLASH_ATTENTION])
+def test_attention_over_ranks_matches_each_rank(kernel):
+    """Batch of 3: one padding row, rows at different positions, an attention mask; 2 query
+    heads per rank over 1 KV head; 4 blocks of 16 per sequence (flash: one partition a block)."""
+    torch.manual_seed(0)
+    batch, tokens, block_size = 3, 5, 16
+    (k_stack, v_stack), (k_ranks, v_ranks) = _caches(blocks=12, block_size=block_size)
+    tables = torch.tensor([[0, 1, 2, 3], [7, 4, 5, 6], [8, 9, 10, 11]], dtype=torch.int32)
+    start = torch.tensor([20, -1, 3], dtype=torch.int32)
+    mask = torch.ones(batch, 64, dtype=torch.int32)
+    mask[2, :2] = 0
+    k_new = [torch.randn(batch, 1, tokens, 16).bfloat16() for _ in range(RANKS)]
+    v_new = [torch.randn(batch, 1, tokens, 16).bfloat16() for _ in range(RANKS)]
+    q = [torch.randn(batch, 2, tokens, 16).bfloat16() for _ in range(RANKS)]
+    assert OVER_RANKS[KV_CACHE_UPDATE](Stacked(k_stack), Stacked(v_stack), k_new, v_new, tables, start) is not None
+    scalars = (0.25, 0) + ((block_size,) if kernel == FLASH_ATTENTION else ())
+    outs = OVER_RANKS[kernel](q, Stacked(k_stack), Stacked(v_stack), tables, start, *scalars, attention_mask=mask)
+    for r in range(RANKS):
+        IMPLEMENTATIONS[KV_CACHE_UPDATE](k_ranks[r], v_ranks[r], k_new[r], v_new[r], tables, start)
+        assert torch.equal(k_stack[r], k_ranks[r]) and torch.equal(v_stack[r], v_ranks[r])
+        alone = IMPLEMENTATIONS[kernel](q[r], k_ranks[r], v_ranks[r], tables, start, *scalars, attention_mask=mask)
+        assert torch.equal(outs[r], alone)
+
+
+def test_block_tables_outside_a_ranks_blocks_are_not_read_as_another_ranks():
+    (k_stack, v_stack), _ = _caches(blocks=2, block_size=16)
+    tables = torch.tensor([[2]], dtype=torch.int32)   # rank 0 has blocks 0..1; block 2 is rank 1's
+    start = torch.tensor([0], dtype=torch.int32)
+    q = [torch.randn(1, 2, 1, 16).bfloat16() for _ in range(RANKS)]
+    assert OVER_RANKS[PAGED_ATTENTION](q, Stacked(k_stack), Stacked(v_stack), tables, start, 0.25, 0) is None
+    kv = [torch.randn(1, 1, 1, 16).bfloat16() for _ in range(RANKS)]
+    assert OVER_RANKS[KV_CACHE_UPDATE](Stacked(k_stack), Stacked(v_stack), kv, kv, tables, start) is None
+    with pytest.raises(ValueError, match="block_tables holds indices outside"):
+        IMPLEMENTATIONS[PAGED_ATTENTION](q[0], k_stack[0], v_stack[0], tables, start, 0.25, 0)
+
+
+def test_a_tensor_parallel_program_runs_its_matmuls_over_all_ranks_at_once(monkeypatch):
+    monkeypatch.setenv("OPTIMUM_NPU_SYSTEM", "RBLN-CA25")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256, bias=False), nn.GELU(), nn.Linear(256, 64, bias=False)).eval()
+    x = torch.randn(2, 8, 64)
+    runtime = compile_from_torch(mlp, example_inputs=[x], tensor_parallel_size=4, numerics="exact").create_runtime()
+    assert sum(op is linear for op in runtime._executable.ops) == 2  # column- then row-parallel, one call each
+    with torch.no_grad():
+        assert (runtime(x) - mlp(x)).abs().max().item() <= 1e-5
