@@ -15,7 +15,9 @@ plan and cost model), each component on one RBLN-CA25 device:
 - Cosmos-Predict1-7B-shaped: T5-XXL encoder (512 tokens), the 7B transformer (28 blocks, hidden
   4096; two calls per step for guidance), the 8x8x8 video VAE decoder, 121 frames of 704 x 1280.
 A component that does not fit one device is marked so, with its time as if it ran on one; the
-Cosmos transformer is also compiled at tensor_parallel_size=4 (one ATOM-Max card). The fitting
+Cosmos transformer is also compiled at tensor_parallel_size=4 (one ATOM-Max card; the note
+counts its collectives per call: per block one all-reduce after each attention and the MLP, and
+one after each of the three small adaLN modulations, [batch, 3 x hidden]). The fitting
 components of each pipeline are then placed on an RBLN-CA25 server (32 devices).
 """
 
@@ -32,6 +34,7 @@ from optimum_npu.compile import CompiledModel
 from optimum_npu.compile.compiler import ProgramTooLargeError
 from optimum_npu.diffusers.placement import CA25_SERVER_DEVICES, component_memory, place_components
 from optimum_npu.sim_device.memory import format_gib
+from optimum_npu.sim_device.program import StepKind
 
 PROMPT = "a robot arm lifts a red cube"
 
@@ -105,7 +108,9 @@ def _compile_meta(rbln_class, module, **options):
         return None, program.estimated_latency_s, format_gib(need), f"too large for 1 device ({fits})"
     memory = component_memory({"model": model})["model"]
     tp = model.rbln_config.tensor_parallel_size
-    return model, sum(g.estimated_latency_s for g in model.graphs.values()), str(memory), f"TP {tp}" if tp > 1 else ""
+    collectives = sum(step.kind == StepKind.COLLECTIVE for g in model.graphs.values() for step in g.program.steps)
+    note = f"TP {tp}, {collectives} collectives per call" if tp > 1 else ""
+    return model, sum(g.estimated_latency_s for g in model.graphs.values()), str(memory), note
 
 
 def device_rows():

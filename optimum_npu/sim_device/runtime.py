@@ -45,9 +45,10 @@ from .artifact import Artifact
 from .collectives import InProcessCollectives, ProcessGroupCollectives
 from .cost_model import CostModel, StepCost
 from .executor import STACKED, BoundOp, generate
+from .host_linear import PackedLinear, PackedWeights, packing_available
 from .ops import collective_ops, resolve_op
 from .profiler import DEVICE_SYNC, EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
-from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Step, StepKind, TensorShard, TensorSpec, decode_arg
+from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Ref, Step, StepKind, TensorShard, TensorSpec, decode_arg
 from .rank_batching import Stacked
 from .specs import get_npu_spec
 from .topology import Ring
@@ -325,6 +326,7 @@ class Runtime:
         self._shared_memory = share_state_with._shared_memory if share_state_with is not None else _SharedMemory()
         self._shared_memory.allocation_ids.extend(a.id for a in state)
         self._shared_memory.users += 1
+        self._packed_weights = share_state_with._packed_weights if share_state_with is not None else PackedWeights()
         self._finalizer = weakref.finalize(self, _release, activations.id, self._shared_memory)
         self.stats.memory = usage
 
@@ -416,14 +418,19 @@ class Runtime:
         for name, i in last_use.items():
             if name not in keep:
                 frees[i].append(name)
+        pack = packing_available(compute)
         bound = []
         for step, to_free in zip(program.steps, frees):
             float_dtype = compute if step.kind == StepKind.KERNEL else torch.float32
-            ops = [
-                BoundOp(_op_callable(call.target), call.target, decode_arg(call.args, float_dtype),
-                        {k: decode_arg(v, float_dtype) for k, v in call.kwargs.items()}, call.outputs)
-                for call in step.ops
-            ]
+            ops = []
+            for call in step.ops:
+                args = decode_arg(call.args, float_dtype)
+                fn = _op_callable(call.target)
+                if (pack and step.kind == StepKind.KERNEL and call.target == "aten.linear.default" and not call.kwargs
+                        and len(args) >= 2 and type(args[1]) is Ref and args[1].name in self._state):
+                    fn = PackedLinear(self._packed_weights)  # a weight of the program: packed once on the host
+                ops.append(BoundOp(fn, call.target, args, {k: decode_arg(v, float_dtype) for k, v in call.kwargs.items()},
+                                   call.outputs))
             bound.append((step, ops, to_free))
         rank_count = len(self.ranks)
         split = {name for name, tensor in self._state.items()

@@ -209,7 +209,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel, GenerationMixin):
         blocks_left_to_memory = config.kvcache_num_blocks is None
         config = config.finalize(hf_config)
         layout = cls._kv_layout(hf_config, config)
-        merge_layers(hf_model)  # refuses a model with parameters the decoder would not use, before compiling
+        merge_layers(hf_model, copy_weights=False)  # refuses a model with parameters the decoder would not use
         usable = get_npu_spec(config.npu).usable_dram_bytes
         if blocks_left_to_memory and config.attn_impl == "flash_attn":
             # Flash attention: as many KV blocks as the DRAM left after weights, other buffers and

@@ -77,19 +77,25 @@ def layer_sliding_windows(config) -> list[int]:
     return [window if kind == "sliding_attention" else 0 for kind in layer_types]
 
 
-def _merge_linears(*linears: nn.Linear) -> nn.Linear:
-    """One Linear computing the given ones side by side (outputs concatenated)."""
-    merged = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears),
-                       bias=any(lin.bias is not None for lin in linears), device=linears[0].weight.device)
-    merged = merged.to(dtype=linears[0].weight.dtype)
+def _merge_linears(*linears: nn.Linear, copy_weights: bool = True) -> nn.Linear:
+    """One Linear computing the given ones side by side (outputs concatenated): its weight (and
+    bias) the HF ones end to end, never initialised on its own (left on the meta device without
+    `copy_weights`)."""
+    weight = linears[0].weight
+    with torch.device("meta"):
+        merged = nn.Linear(weight.shape[1], sum(lin.out_features for lin in linears),
+                           bias=any(lin.bias is not None for lin in linears))
+    if not copy_weights:
+        return merged.requires_grad_(False)
     with torch.no_grad():
-        merged.weight.copy_(torch.cat([lin.weight for lin in linears]))
+        merged.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
         if merged.bias is not None:
-            merged.bias.copy_(torch.cat([
-                lin.bias if lin.bias is not None else torch.zeros(lin.out_features, dtype=merged.bias.dtype)
+            merged.bias = nn.Parameter(torch.cat([
+                lin.bias if lin.bias is not None else torch.zeros(lin.out_features, dtype=weight.dtype,
+                                                                  device=weight.device)
                 for lin in linears
-            ]))
-    return merged.requires_grad_(False)
+            ]), requires_grad=False)
+    return merged
 
 
 class DecoderLayer(nn.Module):
@@ -99,17 +105,17 @@ class DecoderLayer(nn.Module):
     output projection and activation are the HF modules themselves.
     """
 
-    def __init__(self, hf_layer: nn.Module):
+    def __init__(self, hf_layer: nn.Module, copy_weights: bool = True):
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.input_layernorm = hf_layer.input_layernorm
         self.post_attention_layernorm = hf_layer.post_attention_layernorm
-        self.qkv_proj = _merge_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv_proj = _merge_linears(attn.q_proj, attn.k_proj, attn.v_proj, copy_weights=copy_weights)
         self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.o_proj = attn.o_proj
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3-style per-head norms
         self.k_norm = getattr(attn, "k_norm", None)
-        self.gate_up_proj = _merge_linears(mlp.gate_proj, mlp.up_proj)
+        self.gate_up_proj = _merge_linears(mlp.gate_proj, mlp.up_proj, copy_weights=copy_weights)
         self.down_proj = mlp.down_proj
         self.act_fn = mlp.act_fn
         # The HF parameters copied into the merged matmuls (ids only: no second reference to them).
@@ -121,14 +127,15 @@ class DecoderLayer(nn.Module):
         return self.down_proj(self.act_fn(gate) * up)
 
 
-def merge_layers(causal_lm: nn.Module) -> nn.ModuleList:
-    """The model's layers in device form, built once and shared by every graph of a model.
+def merge_layers(causal_lm: nn.Module, copy_weights: bool = True) -> nn.ModuleList:
+    """The model's layers in device form, built once and shared by every graph of a model
+    (without `copy_weights`, the merged matmuls on the meta device: only to check the model).
 
     Raises ValueError if the HF model has a parameter the static decoder would not use (a
     family with a module the decoder layer does not know would otherwise compile without it
     and silently give wrong tokens).
     """
-    layers = nn.ModuleList(DecoderLayer(layer) for layer in causal_lm.model.layers)
+    layers = nn.ModuleList(DecoderLayer(layer, copy_weights) for layer in causal_lm.model.layers)
     decoder = causal_lm.model
     # Exactly the modules StaticDecoder holds, plus what the merged matmuls were built from.
     used = {id(p) for module in (decoder.embed_tokens, decoder.norm, causal_lm.lm_head, layers)

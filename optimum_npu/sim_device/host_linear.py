@@ -1,0 +1,91 @@
+"""The host's fast path for the device's bf16 matmuls with weights: weights pre-packed for oneDNN.
+
+`torch.nn.functional.linear` in bf16 on CPU hands the weight to oneDNN in its plain layout,
+and oneDNN reorders it into its blocked layout on every call. For a decode step (a few rows
+per matmul) that reorder is a third of the matmul's time. The weights of a program never
+change, so the host reorders each once (`torch.ops.mkldnn._reorder_linear_weight`, what
+PyTorch's own CPU inference freezing uses) and calls oneDNN with the packed copy.
+
+The numerics stay those of `linear`: each call site compares the packed result with
+`linear`'s on its first call, and keeps the packed weight only if the two agree bit for
+bit (the same oneDNN kernel with the same blocking does); otherwise it stays on `linear`.
+A packed copy costs host RAM as large as the weight, so weights are packed only while the
+copies fit in half of the RAM available.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+_linear = torch.ops.aten.linear.default
+
+
+def packing_available(dtype: torch.dtype) -> bool:
+    """bf16 weights on a torch with oneDNN (the only case where the packed result was seen to match)."""
+    return (dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _available_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class PackedWeights:
+    """Packed copies of weights, one per weight, shared by the runtimes that share those weights."""
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[Tensor, Tensor | None]] = {}   # id(weight) -> (weight, packed or None)
+
+    def get(self, weight: Tensor, rows: int) -> Tensor | None:
+        """The packed copy of `weight` (packed for calls of `rows` rows the first time), or None when
+        the weight cannot or should not be packed."""
+        entry = self._copies.get(id(weight))
+        if entry is None or entry[0] is not weight:
+            packed = None
+            if (weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.is_contiguous()
+                    and 2 * weight.nbytes < _available_ram_bytes()):
+                try:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+                except RuntimeError:  # a CPU or build without oneDNN's bf16 matmul
+                    packed = None
+            entry = self._copies[id(weight)] = (weight, packed)
+        return entry[1]
+
+
+class PackedLinear:
+    """`aten.linear` at one call site of a program, with the weight packed when that gives the same result.
+
+    The choice is made per weight (a call site of a tensor-parallel program runs with each rank's
+    shard) and host thread count (oneDNN splits the work by threads) on the first such call and
+    kept: a program's call site always sees the same shapes.
+    """
+
+    def __init__(self, weights: PackedWeights) -> None:
+        self._weights = weights
+        self._packed: dict[tuple[int, int], Tensor | None] = {}   # (id(weight), threads) -> packed copy, or None
+
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        key = (id(weight), torch.get_num_threads())
+        packed = self._packed.get(key, False)
+        if packed is None:
+            return _linear(x, weight, bias)
+        if packed is not False:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+        out = _linear(x, weight, bias)
+        packed = self._weights.get(weight, max(1, x.numel() // max(1, x.shape[-1])))
+        if packed is not None and x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype):
+            try:
+                same = torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], ""), out)
+            except RuntimeError:
+                same = False
+            packed = packed if same else None
+        else:
+            packed = None
+        self._packed[key] = packed
+        return out
