@@ -2,7 +2,8 @@
 as a rank alone (one process per device) calls it.
 
 - column- and row-parallel linear: each rank's output has the bits of that rank's own
-  `F.linear`, in bf16 and fp32, at decode (1 row) and prefill (64 rows) sizes;
+  `F.linear`, in bf16 and fp32, at decode (1 row) and prefill (64 rows) sizes, with plain and
+  packed (oneDNN) weights;
 - the KV cache update and both attention kernels over rank-stacked caches: the cache each rank
   holds afterwards and each rank's attention output are bit-identical to the per-rank calls,
   with padding rows, an attention mask and a partitioned (flash) cache;
@@ -21,25 +22,30 @@ import torch.nn.functional as F
 from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from optimum_npu import compile_from_torch
 from optimum_npu.sim_device.kernels import FLASH_ATTENTION, IMPLEMENTATIONS, KV_CACHE_UPDATE, PAGED_ATTENTION
+from optimum_npu.sim_device.host_linear import PackedLinear, PackedWeights
 from optimum_npu.sim_device.rank_batching import OVER_RANKS, Stacked, linear
 
 RANKS = 4
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 64])
-def test_linear_over_ranks_has_each_ranks_bits(dtype, rows):
+def test_linear_over_ranks_has_each_ranks_bits(dtype, rows, packed):
     torch.manual_seed(0)
+    matmul = PackedLinear(PackedWeights()) if packed else torch.ops.aten.linear.default
     x = torch.randn(1, rows, 128).to(dtype)
     column = torch.randn(RANKS, 96, 128).to(dtype)    # each rank: 96 output features
     bias = torch.randn(RANKS, 96).to(dtype)
-    for r, out in enumerate(linear(x, Stacked(column), Stacked(bias))):
-        assert torch.equal(out, F.linear(x, column[r], bias[r]))
+    for _ in range(2):  # the packed linear decides on its first call, then uses its choice
+        for r, out in enumerate(linear(matmul, x, Stacked(column), Stacked(bias))):
+            assert torch.equal(out, F.linear(x, column[r], bias[r]))
     parts = [torch.randn(1, rows, 32).to(dtype) for _ in range(RANKS)]   # each rank: 32 input features
-    row = torch.randn(RANKS, 128, 32).to(dtype)
-    for r, out in enumerate(linear(parts, Stacked(row))):
-        assert torch.equal(out, F.linear(parts[r], row[r]))
-    assert linear(x, row[0]) is None  # a weight that is not rank-stacked: called per rank
+    row = Stacked(torch.randn(RANKS, 128, 32).to(dtype))
+    for _ in range(2):
+        for r, out in enumerate(linear(matmul, parts, row)):
+            assert torch.equal(out, F.linear(parts[r], row.tensor[r]))
+    assert linear(matmul, x, row.tensor[0]) is None  # a weight that is not rank-stacked: called per rank
 
 
 def _caches(blocks: int, block_size: int, kv_heads: int = 1, head_dim: int = 16):
@@ -62,9 +68,11 @@ def test_attention_over_ranks_matches_each_rank(kernel):
     k_new = [torch.randn(batch, 1, tokens, 16).bfloat16() for _ in range(RANKS)]
     v_new = [torch.randn(batch, 1, tokens, 16).bfloat16() for _ in range(RANKS)]
     q = [torch.randn(batch, 2, tokens, 16).bfloat16() for _ in range(RANKS)]
-    assert OVER_RANKS[KV_CACHE_UPDATE](Stacked(k_stack), Stacked(v_stack), k_new, v_new, tables, start) is not None
+    update = IMPLEMENTATIONS[KV_CACHE_UPDATE]
+    assert OVER_RANKS[KV_CACHE_UPDATE](update, Stacked(k_stack), Stacked(v_stack), k_new, v_new, tables, start) is not None
     scalars = (0.25, 0) + ((block_size,) if kernel == FLASH_ATTENTION else ())
-    outs = OVER_RANKS[kernel](q, Stacked(k_stack), Stacked(v_stack), tables, start, *scalars, attention_mask=mask)
+    outs = OVER_RANKS[kernel](IMPLEMENTATIONS[kernel], q, Stacked(k_stack), Stacked(v_stack), tables, start, *scalars,
+                              attention_mask=mask)
     for r in range(RANKS):
         IMPLEMENTATIONS[KV_CACHE_UPDATE](k_ranks[r], v_ranks[r], k_new[r], v_new[r], tables, start)
         assert torch.equal(k_stack[r], k_ranks[r]) and torch.equal(v_stack[r], v_ranks[r])
@@ -77,11 +85,28 @@ def test_block_tables_outside_a_ranks_blocks_are_not_read_as_another_ranks():
     tables = torch.tensor([[2]], dtype=torch.int32)   # rank 0 has blocks 0..1; block 2 is rank 1's
     start = torch.tensor([0], dtype=torch.int32)
     q = [torch.randn(1, 2, 1, 16).bfloat16() for _ in range(RANKS)]
-    assert OVER_RANKS[PAGED_ATTENTION](q, Stacked(k_stack), Stacked(v_stack), tables, start, 0.25, 0) is None
+    attend, update = IMPLEMENTATIONS[PAGED_ATTENTION], IMPLEMENTATIONS[KV_CACHE_UPDATE]
+    assert OVER_RANKS[PAGED_ATTENTION](attend, q, Stacked(k_stack), Stacked(v_stack), tables, start, 0.25, 0) is None
     kv = [torch.randn(1, 1, 1, 16).bfloat16() for _ in range(RANKS)]
-    assert OVER_RANKS[KV_CACHE_UPDATE](Stacked(k_stack), Stacked(v_stack), kv, kv, tables, start) is None
+    assert OVER_RANKS[KV_CACHE_UPDATE](update, Stacked(k_stack), Stacked(v_stack), kv, kv, tables, start) is None
     with pytest.raises(ValueError, match="block_tables holds indices outside"):
         IMPLEMENTATIONS[PAGED_ATTENTION](q[0], k_stack[0], v_stack[0], tables, start, 0.25, 0)
+
+
+def test_batch_inputs_edited_in_place_between_calls_are_read_anew():
+    """The rows built from a step's block tables are reused by the step's later layers; a table
+    edited in place (as a caller reusing its buffers does) must not reuse the old rows."""
+    torch.manual_seed(0)
+    (k_stack, v_stack), (k_ranks, v_ranks) = _caches(blocks=4, block_size=16)
+    tables = torch.tensor([[0, 1]], dtype=torch.int32)
+    start = torch.tensor([3], dtype=torch.int32)
+    q = [torch.randn(1, 2, 1, 16).bfloat16() for _ in range(RANKS)]
+    attend = IMPLEMENTATIONS[PAGED_ATTENTION]
+    for table in ([0, 1], [2, 3]):
+        tables[0] = torch.tensor(table)
+        outs = OVER_RANKS[PAGED_ATTENTION](attend, q, Stacked(k_stack), Stacked(v_stack), tables, start, 0.25, 0)
+        for r in range(RANKS):
+            assert torch.equal(outs[r], attend(q[r], k_ranks[r], v_ranks[r], tables, start, 0.25, 0))
 
 
 def test_a_tensor_parallel_program_runs_its_matmuls_over_all_ranks_at_once(monkeypatch):

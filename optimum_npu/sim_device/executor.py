@@ -114,7 +114,7 @@ class _Writer:
             return self.slot(arg.name)
 
         self.ops.append(OVER_RANKS[op.target])
-        parts = [form(a) for a in op.args]
+        parts = [self.constant(op.fn)] + [form(a) for a in op.args]
         if op.kwargs:
             parts.append("**{" + ", ".join(f"{self.constant(key)}: {form(v)}" for key, v in op.kwargs.items()) + "}")
         return f"o[{len(self.ops) - 1}](" + ", ".join(parts) + ")"

@@ -10,15 +10,18 @@ for all ranks:
 - a column-parallel linear (input shared, weight split by output features): one matmul over
   the rank-stacked weight (the shards end to end, so whole heads stay together), its output
   cut back into each rank's features;
-- a row-parallel linear (input and weight split by input features): one batched matmul over
-  the ranks, giving each rank's partial sum separately; the all-reduce then adds them in rank
-  order, rounding each sum to the device's type, exactly as before;
+- a row-parallel linear (input and weight split by input features): each rank's partial sum
+  from its own shard (one batched matmul would read the weights unpacked, slower than N packed
+  calls); the all-reduce then adds them in rank order, rounding each sum to the device's type;
+- the matmuls run with the op's own callable, so they use the host's packed weights
+  (`host_linear.py`) as one device would;
 - the attention kernels: the ranks' KV cache shards, stacked, are one cache with N times the
   blocks; each rank's sequences become rows of one batch whose block tables point into that
   rank's blocks. Attention is independent per (sequence, head), so each row gets what its rank
   alone computes.
 
-Arguments come in three forms: a tensor every rank shares, the rank-stacked storage of a split
+Each form is called with the op's per-rank callable first, then the op's arguments, which come
+in three forms: a tensor every rank shares, the rank-stacked storage of a split
 weight / buffer ([N, *shard shape], each rank's shard a view of it), or a list of the ranks'
 tensors (activations). Each function returns the list of the ranks' outputs, or None when its
 arguments are not in the form it handles (the executor then calls the op once per rank).
@@ -35,34 +38,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import FLASH_ATTENTION, IMPLEMENTATIONS, KV_CACHE_UPDATE, PAGED_ATTENTION
+from .kernels import FLASH_ATTENTION, KV_CACHE_UPDATE, PAGED_ATTENTION
 
 LINEAR = "aten.linear.default"
 
 
 class Stacked:
-    """The rank-stacked storage of a split weight or buffer: `tensor[r]` is rank r's shard."""
+    """The rank-stacked storage of a split weight or buffer: `tensor[r]` is rank r's shard.
 
-    __slots__ = ("tensor",)
+    `shards` are the ranks' views of it and `flat` the shards end to end (for a weight, one
+    matrix of every rank's output features), each made once: the host's packed-weight cache
+    (`host_linear.py`) knows a weight by its tensor object."""
 
-    def __init__(self, tensor: Tensor) -> None:
+    __slots__ = ("tensor", "shards", "flat")
+
+    def __init__(self, tensor: Tensor, shards: list[Tensor] | None = None) -> None:
         self.tensor = tensor
+        self.shards = list(tensor.unbind()) if shards is None else shards
+        self.flat = tensor.flatten(0, 1) if tensor.dim() > 1 else tensor
 
 
-def linear(x, weight, bias=None) -> list[Tensor] | None:
+def linear(matmul: Callable, x, weight, bias=None) -> list[Tensor] | None:
+    """`matmul`: the op's own per-rank callable (`aten.linear`, or the packed-weight linear)."""
     if not (isinstance(weight, Stacked) and weight.tensor.dim() == 3):
         return None
-    w = weight.tensor
-    ranks, _, in_features = w.shape
+    ranks, _, in_features = weight.tensor.shape
     if isinstance(x, Tensor) and x.shape[-1] == in_features and (bias is None or isinstance(bias, Stacked)):
         # column-parallel: every rank's output features from one matmul
-        out = F.linear(x, w.flatten(0, 1), None if bias is None else bias.tensor.flatten())
+        out = matmul(x, weight.flat, None if bias is None else bias.flat)
         return list(out.chunk(ranks, dim=-1))
     if isinstance(x, list) and x[0].dim() >= 2 and x[0].shape[-1] == in_features and bias is None:
         # row-parallel: each rank's partial sum
-        rows = torch.stack(x).flatten(1, -2)
-        out = torch.bmm(rows, w.transpose(1, 2))
-        return list(out.view(ranks, *x[0].shape[:-1], w.shape[1]).unbind())
+        return [matmul(part, shard) for part, shard in zip(x, weight.shards)]
     return None
 
 
@@ -74,36 +81,52 @@ def _ranks_as_rows(k_cache: Stacked, block_tables, start_pos, attention_mask):
             attention_mask is None or isinstance(attention_mask, Tensor)):
         return None
     ranks, blocks = k_cache.tensor.shape[:2]
+    # Every layer of a step passes the same batch inputs: build the rows once per step. The key
+    # holds the tensors themselves (so their ids stay theirs) and their in-place version counters.
+    # (Tensors made under torch.inference_mode have no version counter: those are not cached.)
+    global _last_rows
+    try:
+        key = (ranks, blocks, *((id(t), t._version) for t in (block_tables, start_pos, attention_mask) if t is not None))
+    except RuntimeError:
+        key = None
+    last_key, _, rows = _last_rows
+    if key is not None and last_key == key:
+        return rows
     if block_tables.numel() and (int(block_tables.min()) < 0 or int(block_tables.max()) >= blocks):
-        return None
-    offsets = torch.arange(0, ranks * blocks, blocks, dtype=block_tables.dtype)
-    tables = (block_tables.unsqueeze(0) + offsets.view(-1, 1, 1)).flatten(0, 1)
-    mask = None if attention_mask is None else attention_mask.repeat(ranks, 1)
-    return tables, start_pos.repeat(ranks), mask
+        rows = None
+    else:
+        offsets = torch.arange(0, ranks * blocks, blocks, dtype=block_tables.dtype)
+        tables = (block_tables.unsqueeze(0) + offsets.view(-1, 1, 1)).flatten(0, 1)
+        mask = None if attention_mask is None else attention_mask.repeat(ranks, 1)
+        rows = tables, start_pos.repeat(ranks), mask
+    if key is not None:
+        _last_rows = key, (block_tables, start_pos, attention_mask), rows
+    return rows
+
+
+_last_rows: tuple = (None, None, None)   # (key, the inputs it was built from, rows)
 
 
 def _is_rank_form(per_rank: list, *stacked) -> bool:
     return all(isinstance(x, list) for x in per_rank) and all(isinstance(s, Stacked) for s in stacked)
 
 
-def kv_cache_update(k_cache, v_cache, k, v, block_tables, start_pos) -> list[None] | None:
+def kv_cache_update(update: Callable, k_cache, v_cache, k, v, block_tables, start_pos) -> list[None] | None:
     if not _is_rank_form([k, v], k_cache, v_cache):
         return None
     rows = _ranks_as_rows(k_cache, block_tables, start_pos, None)
     if rows is None:
         return None
     tables, starts, _ = rows
-    IMPLEMENTATIONS[KV_CACHE_UPDATE](k_cache.tensor.flatten(0, 1), v_cache.tensor.flatten(0, 1), torch.cat(k),
-                                     torch.cat(v), tables, starts)
+    update(k_cache.flat, v_cache.flat, torch.cat(k), torch.cat(v), tables, starts)
     return [None] * len(k)
 
 
-def _attention(target: str) -> Callable:
-    """paged_attention / flash_attention over every rank's heads: the ranks as rows of one batch."""
-    kernel = IMPLEMENTATIONS[target]
-    scalars = 3 if target == FLASH_ATTENTION else 2   # scale, sliding_window (, partition_len)
+def _attention(scalars: int) -> Callable:
+    """paged_attention / flash_attention over every rank's heads: the ranks as rows of one batch.
+    `scalars`: how many scalar arguments follow start_pos (scale, sliding_window (, partition_len))."""
 
-    def over_ranks(q, k_cache, v_cache, block_tables, start_pos, *rest, attention_mask=None):
+    def over_ranks(kernel: Callable, q, k_cache, v_cache, block_tables, start_pos, *rest, attention_mask=None):
         if len(rest) > scalars:  # the mask given by position
             *rest, attention_mask = rest
         if not _is_rank_form([q], k_cache, v_cache):
@@ -112,8 +135,7 @@ def _attention(target: str) -> Callable:
         if rows is None:
             return None
         tables, starts, mask = rows
-        out = kernel(torch.cat(q), k_cache.tensor.flatten(0, 1), v_cache.tensor.flatten(0, 1), tables, starts, *rest,
-                     attention_mask=mask)
+        out = kernel(torch.cat(q), k_cache.flat, v_cache.flat, tables, starts, *rest, attention_mask=mask)
         return list(out.chunk(len(q)))
 
     return over_ranks
@@ -122,6 +144,8 @@ def _attention(target: str) -> Callable:
 OVER_RANKS: dict[str, Callable] = {
     LINEAR: linear,
     KV_CACHE_UPDATE: kv_cache_update,
-    PAGED_ATTENTION: _attention(PAGED_ATTENTION),
-    FLASH_ATTENTION: _attention(FLASH_ATTENTION),
+    PAGED_ATTENTION: _attention(scalars=2),
+    FLASH_ATTENTION: _attention(scalars=3),
 }
+"""Each op's all-rank form, called as `form(fn, *args, **kwargs)` where `fn` is the callable the op
+runs per rank (so the all-rank call computes with the same kernel)."""

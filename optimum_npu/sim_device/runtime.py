@@ -450,7 +450,8 @@ class Runtime:
                     self._env_template[slots[name, i]] = tensor
         for name in stacked:
             if (name, STACKED) in slots:
-                self._env_template[slots[name, STACKED]] = Stacked(self._stacked[name])
+                self._env_template[slots[name, STACKED]] = Stacked(self._stacked[name],
+                                                                  [state[name] for state in self._rank_state])
         self._input_slots = [slots.get((spec.name, 0)) for spec in program.inputs]
 
         # Steps with static costs take the same time every run: price and sum them once.
