@@ -23,14 +23,16 @@ from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from optimum_npu import compile_from_torch
 from optimum_npu.sim_device.kernels import FLASH_ATTENTION, IMPLEMENTATIONS, KV_CACHE_UPDATE, PAGED_ATTENTION
 from optimum_npu.sim_device.host_linear import PackedLinear, PackedWeights
-from optimum_npu.sim_device.rank_batching import OVER_RANKS, Stacked, linear
+from optimum_npu.sim_device.rank_batching import (
+    ELEMENTWISE_OPS, SHAPE_OPS, Stacked, all_rank_form, column_linear, elementwise, row_linear,
+)
 
 RANKS = 4
 
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("rows", [1, 4, 64])   # 1 and 4 rows: one matmul for all ranks; 64: one per rank
 def test_linear_over_ranks_has_each_ranks_bits(dtype, rows, packed):
     torch.manual_seed(0)
     matmul = PackedLinear(PackedWeights()) if packed else torch.ops.aten.linear.default
@@ -38,14 +40,17 @@ def test_linear_over_ranks_has_each_ranks_bits(dtype, rows, packed):
     column = torch.randn(RANKS, 96, 128).to(dtype)    # each rank: 96 output features
     bias = torch.randn(RANKS, 96).to(dtype)
     for _ in range(2):  # the packed linear decides on its first call, then uses its choice
-        for r, out in enumerate(linear(matmul, x, Stacked(column), Stacked(bias))):
-            assert torch.equal(out, F.linear(x, column[r], bias[r]))
+        stacked = column_linear(matmul, x, Stacked(column), Stacked(bias))
+        assert stacked.shape == (RANKS, 1, rows, 96)
+        for r in range(RANKS):
+            assert torch.equal(stacked[r], F.linear(x, column[r], bias[r]))
     parts = [torch.randn(1, rows, 32).to(dtype) for _ in range(RANKS)]   # each rank: 32 input features
     row = Stacked(torch.randn(RANKS, 128, 32).to(dtype))
-    for _ in range(2):
-        for r, out in enumerate(linear(matmul, parts, row)):
+    for _ in range(2):  # the first call checks the one-matmul form, later calls use the verdict
+        for r, out in enumerate(row_linear(matmul, parts, row)):
             assert torch.equal(out, F.linear(parts[r], row.tensor[r]))
-    assert linear(matmul, x, row.tensor[0]) is None  # a weight that is not rank-stacked: called per rank
+    assert column_linear(matmul, x, row.tensor[0]) is None  # a weight that is not rank-stacked: called per rank
+    assert row_linear(matmul, parts, row.tensor[0]) is None
 
 
 def _caches(blocks: int, block_size: int, kv_heads: int = 1, head_dim: int = 16):
@@ -69,9 +74,9 @@ def test_attention_over_ranks_matches_each_rank(kernel):
     v_new = [torch.randn(batch, 1, tokens, 16).bfloat16() for _ in range(RANKS)]
     q = [torch.randn(batch, 2, tokens, 16).bfloat16() for _ in range(RANKS)]
     update = IMPLEMENTATIONS[KV_CACHE_UPDATE]
-    assert OVER_RANKS[KV_CACHE_UPDATE](update, Stacked(k_stack), Stacked(v_stack), k_new, v_new, tables, start) is not None
+    assert all_rank_form(KV_CACHE_UPDATE, True).run(update, Stacked(k_stack), Stacked(v_stack), k_new, v_new, tables, start) is not None
     scalars = (0.25, 0) + ((block_size,) if kernel == FLASH_ATTENTION else ())
-    outs = OVER_RANKS[kernel](IMPLEMENTATIONS[kernel], q, Stacked(k_stack), Stacked(v_stack), tables, start, *scalars,
+    outs = all_rank_form(kernel, True).run(IMPLEMENTATIONS[kernel], q, Stacked(k_stack), Stacked(v_stack), tables, start, *scalars,
                               attention_mask=mask)
     for r in range(RANKS):
         IMPLEMENTATIONS[KV_CACHE_UPDATE](k_ranks[r], v_ranks[r], k_new[r], v_new[r], tables, start)
@@ -86,9 +91,9 @@ def test_block_tables_outside_a_ranks_blocks_are_not_read_as_another_ranks():
     start = torch.tensor([0], dtype=torch.int32)
     q = [torch.randn(1, 2, 1, 16).bfloat16() for _ in range(RANKS)]
     attend, update = IMPLEMENTATIONS[PAGED_ATTENTION], IMPLEMENTATIONS[KV_CACHE_UPDATE]
-    assert OVER_RANKS[PAGED_ATTENTION](attend, q, Stacked(k_stack), Stacked(v_stack), tables, start, 0.25, 0) is None
+    assert all_rank_form(PAGED_ATTENTION, True).run(attend, q, Stacked(k_stack), Stacked(v_stack), tables, start, 0.25, 0) is None
     kv = [torch.randn(1, 1, 1, 16).bfloat16() for _ in range(RANKS)]
-    assert OVER_RANKS[KV_CACHE_UPDATE](update, Stacked(k_stack), Stacked(v_stack), kv, kv, tables, start) is None
+    assert all_rank_form(KV_CACHE_UPDATE, True).run(update, Stacked(k_stack), Stacked(v_stack), kv, kv, tables, start) is None
     with pytest.raises(ValueError, match="block_tables holds indices outside"):
         IMPLEMENTATIONS[PAGED_ATTENTION](q[0], k_stack[0], v_stack[0], tables, start, 0.25, 0)
 
@@ -104,7 +109,7 @@ def test_batch_inputs_edited_in_place_between_calls_are_read_anew():
     attend = IMPLEMENTATIONS[PAGED_ATTENTION]
     for table in ([0, 1], [2, 3]):
         tables[0] = torch.tensor(table)
-        outs = OVER_RANKS[PAGED_ATTENTION](attend, q, Stacked(k_stack), Stacked(v_stack), tables, start, 0.25, 0)
+        outs = all_rank_form(PAGED_ATTENTION, True).run(attend, q, Stacked(k_stack), Stacked(v_stack), tables, start, 0.25, 0)
         for r in range(RANKS):
             assert torch.equal(outs[r], attend(q[r], k_ranks[r], v_ranks[r], tables, start, 0.25, 0))
 
@@ -115,6 +120,73 @@ def test_a_tensor_parallel_program_runs_its_matmuls_over_all_ranks_at_once(monke
     mlp = nn.Sequential(nn.Linear(64, 256, bias=False), nn.GELU(), nn.Linear(256, 64, bias=False)).eval()
     x = torch.randn(2, 8, 64)
     runtime = compile_from_torch(mlp, example_inputs=[x], tensor_parallel_size=4, numerics="exact").create_runtime()
-    assert sum(op is linear for op in runtime._executable.ops) == 2  # column- then row-parallel, one call each
+    ops = runtime._executable.ops
+    assert ops.count(column_linear) == 1 and ops.count(row_linear) == 1   # one call each for all ranks
     with torch.no_grad():
         assert (runtime(x) - mlp(x)).abs().max().item() <= 1e-5
+
+
+# ---- small ops on rank-stacked activations ---------------------------------------------------------
+
+def _ranks_alone(fn, stacked, *args, **kwargs):
+    return [fn(stacked[r], *args, **kwargs) for r in range(RANKS)]
+
+
+@pytest.mark.parametrize("target, call, args", [
+    ("aten.view.default", torch.ops.aten.view.default, ([2, 3, 4, 2],)),
+    ("aten.reshape.default", torch.ops.aten.reshape.default, ([-1, 8],)),
+    ("aten.transpose.int", torch.ops.aten.transpose.int, (1, -1)),
+    ("aten.slice.Tensor", torch.ops.aten.slice.Tensor, (-1, 2, 6)),
+    ("aten.slice.Tensor", torch.ops.aten.slice.Tensor, (0, 1)),
+    ("aten.unsqueeze.default", torch.ops.aten.unsqueeze.default, (1,)),
+    ("aten.unsqueeze.default", torch.ops.aten.unsqueeze.default, (-1,)),
+    ("aten.select.int", torch.ops.aten.select.int, (1, 2)),
+    ("aten.split_with_sizes.default", torch.ops.aten.split_with_sizes.default, ([5, 3], -1)),
+    ("aten.split.Tensor", torch.ops.aten.split.Tensor, (1,)),   # dim defaults to 0
+])
+def test_shape_ops_on_stacked_give_each_ranks_result(target, call, args):
+    x = torch.randn(RANKS, 2, 3, 8)   # each rank: [2, 3, 8]
+    out = SHAPE_OPS[target](call, x, *args)
+    alone = _ranks_alone(call, x, *args)
+    if isinstance(out, (list, tuple)):
+        for piece, pieces in zip(out, zip(*alone)):
+            assert all(torch.equal(piece[r], pieces[r]) for r in range(RANKS))
+    else:
+        assert all(torch.equal(out[r], alone[r]) for r in range(RANKS))
+    cat = SHAPE_OPS["aten.cat.default"](torch.ops.aten.cat.default, [x, -x], -1)
+    assert all(torch.equal(cat[r], torch.cat([x[r], -x[r]], -1)) for r in range(RANKS))
+
+
+def test_elementwise_on_stacked_broadcasts_as_each_rank_alone():
+    """A shared operand with more dimensions than a rank's slice (rotary tables against a
+    per-rank row) must broadcast against the slice, not against the rank dimension."""
+    per_rank = torch.randn(RANKS, 8).bfloat16()               # each rank: [8]
+    shared = torch.randn(3, 1, 8).bfloat16()                   # broadcasts to [3, 1, 8]
+    out = elementwise(torch.ops.aten.mul.Tensor, per_rank, shared, stacked=(0,))
+    assert all(torch.equal(out[r], per_rank[r] * shared) for r in range(RANKS))
+    other = torch.randn(RANKS, 5, 8).bfloat16()
+    out = elementwise(torch.ops.aten.add.Tensor, per_rank, other, stacked=(0, 1))
+    assert all(torch.equal(out[r], per_rank[r] + other[r]) for r in range(RANKS))
+    assert "aten.silu.default" not in ELEMENTWISE_OPS   # transcendental: its bits may depend on vectorisation
+
+
+def test_a_tensor_parallel_decoder_runs_its_small_ops_once_for_all_ranks(monkeypatch):
+    """Q/K/V split, heads reshape and rotary embedding of a TP 4 Llama run on the rank-stacked
+    activations, and the outputs still match the model (exact numerics)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optimum_npu import RBLNLlamaForCausalLM
+
+    monkeypatch.setenv("OPTIMUM_NPU_SYSTEM", "RBLN-CA25")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
+    hf = LlamaForCausalLM(config).eval()
+    model = RBLNLlamaForCausalLM.from_model(hf, rbln_max_seq_len=128, rbln_prefill_chunk_size=64,
+                                            rbln_tensor_parallel_size=4, rbln_numerics="exact")
+    ops = model.runtimes["decoder_batch_1"]._executable.ops
+    assert sum(op in SHAPE_OPS.values() or op is elementwise for op in ops) >= 10 * config.num_hidden_layers
+    ids = torch.randint(0, 128, (1, 9))
+    options = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, **options), hf.generate(ids, **options))
+    model.close()

@@ -8,8 +8,10 @@ the schedule out as plain statements and compile them:
     e[13] = rnd(e[12])                    # fp16 emulation: round a kernel output
     e[5] = None                           # free a value after its last use
     e[20] = reduce([e[14], e[17]], e[9])  # a collective over every rank's value (+ residual)
-    t = o[4]([e[14], e[17]], e[3])       # a matmul / attention for every rank in one call
-    if t is None:                         # (`rank_batching.py`), else once per rank
+    t = o[4](c[5], e[3], e[8])            # a matmul / attention for every rank in one call
+    if t is not None:                     # (`rank_batching.py`), else once per rank
+    e[21] = o[5](c[6], e[21], c[7])       # a small op once on a rank-stacked activation
+    e[14], e[17], = e[21].unbind()        # a rank-stacked activation cut into the ranks' values
 
 The generated text contains only integer indices and the fixed helper names above,
 never a name, string or number read from the artifact (those stay in the `c` / `k`
@@ -24,11 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from .collectives import ALL_REDUCE
 from .program import Ref, Step, StepKind
-from .rank_batching import OVER_RANKS
+from .rank_batching import ELEMENTWISE_OPS, SHAPE_OPS, all_rank_form, elementwise
 
-STACKED = -1   # the rank in the slot key of a split weight / buffer's rank-stacked storage
+STACKED = -1   # the rank in the slot key of a split value's rank-stacked form ([N, ...]; for a split
+               # weight / buffer, its `Stacked` storage)
 
 
 def _has_ref(arg: Any) -> bool:
@@ -51,7 +56,7 @@ class Executable:
     function: Callable            # run(e, o, c, k, dev, rnd, up, dyn, reduce, gather) -> e
     slots: dict[tuple[str, int], int]   # (value name, rank) -> index in the environment list; rank 0
                                         # for a value all ranks share, STACKED for the rank-stacked
-                                        # storage of a split weight / buffer
+                                        # form of a split value
     ops: list[Callable] = field(default_factory=list)
     constants: list = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
@@ -60,8 +65,10 @@ class Executable:
 class _Writer:
     def __init__(self, num_ranks: int, split_state: set[str], stacked_state: set[str]) -> None:
         self.num_ranks = num_ranks
-        self.split = set(split_state)   # values that differ per rank (one slot each)
-        self.stacked = set(stacked_state)
+        self.split = set(split_state)   # values that differ per rank
+        self.listed = set(split_state)  # ... held as one slot per rank
+        self.stacked_acts: set[str] = set()   # ... held rank-stacked in one slot (activations)
+        self.stacked = set(stacked_state)     # split weights / buffers with `Stacked` storage
         self.slots: dict[tuple[str, int], int] = {}
         self.ops: list[Callable] = []
         self.constants: list = []
@@ -72,6 +79,9 @@ class _Writer:
     def slot(self, name: str, rank: int = 0) -> str:
         key = (name, rank if name in self.split else 0)
         return f"e[{self.slots.setdefault(key, len(self.slots))}]"
+
+    def slot_of(self, name: str, rank: int) -> str:
+        return f"e[{self.slots.setdefault((name, rank), len(self.slots))}]"
 
     def expr(self, arg: Any, rank: int = 0) -> str:
         if type(arg) is Ref:
@@ -87,6 +97,24 @@ class _Writer:
     def emit(self, line: str) -> None:
         self.lines.append("    " * self.indent + line)
 
+    def rank_slots(self, name: str) -> str:
+        return "[" + "".join(f"{self.slot(name, rank)}, " for rank in range(self.num_ranks)) + "]"
+
+    def need_listed(self, names: list[str]) -> None:
+        """Cut rank-stacked values into one slot per rank before something reads them per rank."""
+        for name in names:
+            if name in self.split and name not in self.listed:
+                self.emit("".join(f"{self.slot(name, rank)}, " for rank in range(self.num_ranks))
+                          + f"= {self.slot_of(name, STACKED)}.unbind()")
+                self.listed.add(name)
+
+    def produced(self, names: list[str], stacked: bool) -> None:
+        for name in names:
+            if name:
+                self.split.add(name)
+                (self.stacked_acts if stacked else self.listed).add(name)
+                (self.listed if stacked else self.stacked_acts).discard(name)
+
     def call(self, op: BoundOp, rank: int) -> str:
         self.ops.append(op.fn)
         parts = [self.expr(a, rank) for a in op.args]
@@ -97,10 +125,47 @@ class _Writer:
             parts.append(f"**k[{len(self.kwargs) - 1}]")
         return f"o[{len(self.ops) - 1}](" + ", ".join(parts) + ")"
 
-    def over_ranks(self, op: BoundOp) -> str | None:
-        """One call of the op's all-rank form (None if it has none): per-rank values as lists,
-        split weights / buffers as their rank-stacked storage."""
-        if op.target not in OVER_RANKS or len(op.outputs) > 1 or any(
+    def on_stacked(self, op: BoundOp) -> str | None:
+        """One call of the op on its rank-stacked inputs (`rank_batching.SHAPE_OPS` /
+        `ELEMENTWISE_OPS`), or None if the op or the form of its inputs does not allow it."""
+        if _has_ref(list(op.kwargs.values())) or op.kwargs.get("alpha", 1) != 1:
+            return None
+        refs = [(i, a) for i, a in enumerate(op.args) if _has_ref(a)]
+        per_rank = [i for i, a in refs if any(n in self.split for n in _ref_names(a))]
+        if not all(n in self.stacked_acts for i in per_rank for n in _ref_names(op.args[i])):
+            return None
+        if op.target in SHAPE_OPS:
+            if [i for i, _ in refs] != [0] or per_rank != [0]:
+                return None
+            run, extra = SHAPE_OPS[op.target], {}
+        elif op.target in ELEMENTWISE_OPS:
+            if any(type(a) is list for _, a in refs):
+                return None
+            run, extra = elementwise, {"stacked": tuple(per_rank)}
+        else:
+            return None
+
+        def form(arg: Any) -> str:
+            if type(arg) is list:
+                return "[" + "".join(f"{form(a)}, " for a in arg) + "]"
+            if type(arg) is Ref:
+                return self.slot_of(arg.name, STACKED) if arg.name in self.split else self.slot(arg.name)
+            return self.constant(arg)
+
+        self.ops.append(run)
+        parts = [self.constant(op.fn)] + [form(a) for a in op.args]
+        kwargs = {**op.kwargs, **extra}
+        if kwargs:
+            self.kwargs.append(kwargs)
+            parts.append(f"**k[{len(self.kwargs) - 1}]")
+        return f"o[{len(self.ops) - 1}](" + ", ".join(parts) + ")"
+
+    def over_ranks(self, op: BoundOp) -> tuple[str, bool] | None:
+        """One call of the op's all-rank form and whether its result is rank-stacked (None if it
+        has none): per-rank values as lists, split weights / buffers as their `Stacked` storage."""
+        first = op.args[0] if op.args else None
+        form_of = all_rank_form(op.target, input_per_rank=type(first) is Ref and first.name in self.split)
+        if form_of is None or len(op.outputs) > 1 or any(
                 type(a) is list and _has_ref(a) for a in (*op.args, *op.kwargs.values())):
             return None
 
@@ -110,47 +175,66 @@ class _Writer:
             if arg.name in self.stacked:
                 return self.slot_of(arg.name, STACKED)
             if arg.name in self.split:
-                return "[" + "".join(f"{self.slot(arg.name, rank)}, " for rank in range(self.num_ranks)) + "]"
+                return self.rank_slots(arg.name)
             return self.slot(arg.name)
 
-        self.ops.append(OVER_RANKS[op.target])
+        self.ops.append(form_of.run)
         parts = [self.constant(op.fn)] + [form(a) for a in op.args]
         if op.kwargs:
             parts.append("**{" + ", ".join(f"{self.constant(key)}: {form(v)}" for key, v in op.kwargs.items()) + "}")
-        return f"o[{len(self.ops) - 1}](" + ", ".join(parts) + ")"
-
-    def slot_of(self, name: str, rank: int) -> str:
-        return f"e[{self.slots.setdefault((name, rank), len(self.slots))}]"
+        return f"o[{len(self.ops) - 1}](" + ", ".join(parts) + ")", form_of.stacked_result
 
     def ranks_of(self, names: list[str]) -> range:
         """Ranks to emit an op for: all when it reads a per-rank value, else one (shared by all)."""
         return range(self.num_ranks) if any(n in self.split for n in names) else range(1)
 
+    def assign(self, call: str, targets: list[str]) -> None:
+        """`call`'s result into `targets` (one per output; empty for an output nobody reads)."""
+        if len(targets) == 1:
+            self.emit(f"{targets[0]} = {call}" if targets[0] else call)
+            return
+        self.emit(f"t = {call}")
+        for position, target in enumerate(targets):
+            if target:
+                self.emit(f"{target} = t[{position}]")
+
     def op(self, op: BoundOp, index: int, dynamic: bool) -> None:
-        ranks = self.ranks_of(_ref_names((op.args, list(op.kwargs.values()))))
+        names = _ref_names((op.args, list(op.kwargs.values())))
+        ranks = self.ranks_of(names)
+        if len(ranks) > 1 and not dynamic:
+            call = self.on_stacked(op)
+            if call is not None:
+                self.assign(call, [name and self.slot_of(name, STACKED) for name in op.outputs])
+                self.produced(op.outputs, stacked=True)
+                return
+        self.need_listed(names)
         if len(ranks) > 1:
             self.split.update(name for name in op.outputs if name)
         batched = self.over_ranks(op) if len(ranks) > 1 else None
+        stacked_result = False
         if batched is not None:
-            self.emit(f"t = {batched}")
+            call, stacked_result = batched
+            self.emit(f"t = {call}")
             if op.outputs and op.outputs[0]:
                 self.emit("if t is not None:")
-                for rank in ranks:
-                    self.emit(f"    {self.slot(op.outputs[0], rank)} = t[{rank}]")
+                if stacked_result:
+                    self.emit(f"    {self.slot_of(op.outputs[0], STACKED)} = t")
+                else:
+                    for rank in ranks:
+                        self.emit(f"    {self.slot(op.outputs[0], rank)} = t[{rank}]")
                 self.emit("else:")
             else:
                 self.emit("if t is None:")
             self.indent += 1
         for rank in ranks:
-            call = self.call(op, rank)
-            if len(op.outputs) == 1:
-                self.emit(f"{self.slot(op.outputs[0], rank)} = {call}" if op.outputs[0] else call)
-            else:
-                self.emit(f"t = {call}")
-                for position, name in enumerate(op.outputs):
-                    if name:
-                        self.emit(f"{self.slot(name, rank)} = t[{position}]")
+            self.assign(self.call(op, rank), [name and self.slot(name, rank) for name in op.outputs])
+        if stacked_result and op.outputs and op.outputs[0]:  # the per-rank fallback's results, stacked
+            name = op.outputs[0]
+            self.emit(f"{self.slot_of(name, STACKED)} = {self.constant(torch.stack)}({self.rank_slots(name)})")
+            self.emit("".join(f"{self.slot(name, rank)} = " for rank in ranks) + "None")
         self.indent = 1
+        if len(ranks) > 1:
+            self.produced(op.outputs, stacked=stacked_result)
         if dynamic:  # priced once, from rank 0's arguments: every rank does the same work
             self.ops.append(op)  # the BoundOp itself, so `dyn` knows which op it prices
             self.emit(f"dyn({index}, o[{len(self.ops) - 1}], ({''.join(self.expr(a) + ', ' for a in op.args)}))")
@@ -158,15 +242,31 @@ class _Writer:
     def collective(self, op: BoundOp) -> None:
         """Every rank's operand in one list; the result is the same on every rank (one slot)."""
         x, *rest = op.args
-        parts = "[" + "".join(f"{self.slot(x.name, rank)}, " for rank in range(self.num_ranks)) + "]"
+        self.need_listed([x.name])
         (out,) = op.outputs
         if op.target == ALL_REDUCE:
             residual = rest[0] if rest else op.kwargs.get("residual")
-            self.emit(f"{self.slot(out)} = reduce({parts}, {self.expr(residual)})")
+            self.emit(f"{self.slot(out)} = reduce({self.rank_slots(x.name)}, {self.expr(residual)})")
         else:
             dim, sources = rest
-            self.emit(f"{self.slot(out)} = gather({parts}, {self.constant(dim)}, {self.constant(sources)})")
+            self.emit(f"{self.slot(out)} = gather({self.rank_slots(x.name)}, {self.constant(dim)}, "
+                      f"{self.constant(sources)})")
         self.split.discard(out)
+
+    def free(self, name: str) -> None:
+        if name in self.stacked_acts:
+            self.emit(f"{self.slot_of(name, STACKED)} = None")
+        if name not in self.split or name in self.listed:
+            for rank in self.ranks_of([name]):
+                self.emit(f"{self.slot(name, rank)} = None")
+
+    def round_output(self, name: str) -> None:
+        if name in self.stacked_acts:
+            slot = self.slot_of(name, STACKED)
+            self.emit(f"{slot} = rnd({slot})")
+        if name not in self.split or name in self.listed:
+            for rank in self.ranks_of([name]):
+                self.emit(f"{self.slot(name, rank)} = rnd({self.slot(name, rank)})")
 
 
 def _ref_names(arg: Any) -> list[str]:
@@ -189,13 +289,17 @@ def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: se
     position tables) runs once and its result is shared, as each device would compute the same.
     Matmuls and attention over per-rank values run for all ranks in one call where
     `rank_batching` has a form for them, reading the split weights / buffers named in
-    `stacked_state` from their rank-stacked storage (slot key (name, STACKED))."""
+    `stacked_state` from their rank-stacked storage (slot key (name, STACKED)). A per-rank
+    activation such a call returns rank-stacked stays so through the small shape and exact
+    elementwise ops that follow (one call on the stacked tensor), and is cut into the ranks'
+    values only where something reads them per rank."""
     w = _Writer(num_ranks, split_state, stacked_state)
     for index, (step, ops, frees) in enumerate(steps):
         if step.kind == StepKind.H2D:
             for src, dst in zip(step.inputs, step.outputs):
                 w.emit(f"{w.slot(dst)} = " + (f"dev({w.slot(src)})" if step.cast_to_device_float else w.slot(src)))
         elif step.kind == StepKind.D2H:
+            w.need_listed(list(step.inputs))
             for src, dst in zip(step.inputs, step.outputs):
                 w.emit(f"{w.slot(dst)} = {w.slot(src)}")
         elif step.kind == StepKind.COLLECTIVE:
@@ -203,6 +307,7 @@ def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: se
                 w.collective(op)
         else:
             if step.kind == StepKind.HOST:  # host fallback computes in fp32
+                w.need_listed(list(step.inputs))
                 for name in step.inputs:
                     for rank in w.ranks_of([name]):
                         w.emit(f"{w.slot(name, rank)} = up({w.slot(name, rank)})")
@@ -210,11 +315,9 @@ def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: se
                 w.op(op, index, op.target in dynamic_ops)
             if step.kind == StepKind.KERNEL and rounding:
                 for name in step.outputs:
-                    for rank in w.ranks_of([name]):
-                        w.emit(f"{w.slot(name, rank)} = rnd({w.slot(name, rank)})")
+                    w.round_output(name)
         for name in frees:
-            for rank in w.ranks_of([name]):
-                w.emit(f"{w.slot(name, rank)} = None")
+            w.free(name)
     w.emit("return e")
     namespace: dict = {}
     exec(compile("\n".join(w.lines), "<rbln program>", "exec"), {"__builtins__": {}}, namespace)

@@ -10,9 +10,10 @@ for all ranks:
 - a column-parallel linear (input shared, weight split by output features): one matmul over
   the rank-stacked weight (the shards end to end, so whole heads stay together), its output
   cut back into each rank's features;
-- a row-parallel linear (input and weight split by input features): each rank's partial sum
-  from its own shard (one batched matmul would read the weights unpacked, slower than N packed
-  calls); the all-reduce then adds them in rank order, rounding each sum to the device's type;
+- a row-parallel linear (input and weight split by input features): each rank's partial sum of
+  its rows with its shard, kept apart; at decode sizes from one matmul of all ranks' rows with
+  all ranks' weights, each rank keeping its block (see `ROWS_FOR_ONE_MATMUL`); the all-reduce
+  then adds them in rank order, rounding each sum to the device's type;
 - the matmuls run with the op's own callable, so they use the host's packed weights
   (`host_linear.py`) as one device would;
 - the attention kernels: the ranks' KV cache shards, stacked, are one cache with N times the
@@ -32,6 +33,7 @@ rank (torchrun), bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -48,29 +50,62 @@ class Stacked:
 
     `shards` are the ranks' views of it and `flat` the shards end to end (for a weight, one
     matrix of every rank's output features), each made once: the host's packed-weight cache
-    (`host_linear.py`) knows a weight by its tensor object."""
+    (`host_linear.py`) knows a weight by its tensor object. `one_matmul` remembers where a
+    row-parallel linear may run as one matmul (`row_linear`)."""
 
-    __slots__ = ("tensor", "shards", "flat")
+    __slots__ = ("tensor", "shards", "flat", "one_matmul")
 
     def __init__(self, tensor: Tensor, shards: list[Tensor] | None = None) -> None:
         self.tensor = tensor
         self.shards = list(tensor.unbind()) if shards is None else shards
         self.flat = tensor.flatten(0, 1) if tensor.dim() > 1 else tensor
+        self.one_matmul: dict[tuple, bool] = {}   # see `row_linear`
 
 
-def linear(matmul: Callable, x, weight, bias=None) -> list[Tensor] | None:
-    """`matmul`: the op's own per-rank callable (`aten.linear`, or the packed-weight linear)."""
-    if not (isinstance(weight, Stacked) and weight.tensor.dim() == 3):
+def column_linear(matmul: Callable, x, weight, bias=None) -> Tensor | None:
+    """Input shared, weight split by output features: every rank's features from one matmul,
+    returned rank-stacked ([N, ..., features per rank], a view of the matmul's output).
+    `matmul`: the op's own per-rank callable (`aten.linear`, or the packed-weight linear)."""
+    if not (isinstance(weight, Stacked) and weight.tensor.dim() == 3 and isinstance(x, Tensor)
+            and x.shape[-1] == weight.tensor.shape[2] and (bias is None or isinstance(bias, Stacked))):
         return None
-    ranks, _, in_features = weight.tensor.shape
-    if isinstance(x, Tensor) and x.shape[-1] == in_features and (bias is None or isinstance(bias, Stacked)):
-        # column-parallel: every rank's output features from one matmul
-        out = matmul(x, weight.flat, None if bias is None else bias.flat)
-        return list(out.chunk(ranks, dim=-1))
-    if isinstance(x, list) and x[0].dim() >= 2 and x[0].shape[-1] == in_features and bias is None:
-        # row-parallel: each rank's partial sum
+    out = matmul(x, weight.flat, None if bias is None else bias.flat)
+    return out.unflatten(-1, (weight.tensor.shape[0], -1)).movedim(-2, 0)
+
+
+ROWS_FOR_ONE_MATMUL = 32
+"""Up to this many rows (ranks x rows per rank), a row-parallel linear may be one matmul of every
+rank's rows against every rank's weights, of which each rank keeps its own block: N times the
+multiply-adds, but the weights are read once and the host call's fixed cost is paid once, which
+at decode sizes is what the time is (measured on the 125M benchmark's shapes: 52-73 us for one
+call vs 110-170 us for four). Above it, the wasted arithmetic costs more: one call per rank."""
+
+
+def row_linear(matmul: Callable, x, weight, bias=None) -> list[Tensor] | None:
+    """Input and weight split by input features: each rank's partial sum of its own rows with its
+    own shard (kept apart: the all-reduce adds them in the device's precision).
+
+    The one-matmul form is kept only where it gives each rank's bits: the host's matmul may pick
+    another kernel for more rows (fp32 at one row does), so the first call of each row count and
+    thread count compares it with the per-rank calls and remembers the verdict on the weight."""
+    if not (isinstance(weight, Stacked) and weight.tensor.dim() == 3 and isinstance(x, list) and bias is None
+            and x[0].dim() >= 2 and x[0].shape[-1] == weight.tensor.shape[2]):
+        return None
+    ranks, out_features, in_features = weight.tensor.shape
+    rows = x[0].numel() // in_features
+    verdict_key = (rows, x[0].dtype, torch.get_num_threads())
+    verdict = weight.one_matmul.get(verdict_key)
+    if rows * ranks > ROWS_FOR_ONE_MATMUL or verdict is False:
         return [matmul(part, shard) for part, shard in zip(x, weight.shards)]
-    return None
+    every = matmul(torch.cat([part.reshape(rows, in_features) for part in x]), weight.flat)
+    shape = (*x[0].shape[:-1], out_features)
+    blocks = [every[r * rows:(r + 1) * rows, r * out_features:(r + 1) * out_features].view(shape)
+              for r in range(ranks)]
+    if verdict is None:
+        alone = [matmul(part, shard) for part, shard in zip(x, weight.shards)]
+        weight.one_matmul[verdict_key] = all(torch.equal(a, b) for a, b in zip(alone, blocks))
+        return alone
+    return blocks
 
 
 def _ranks_as_rows(k_cache: Stacked, block_tables, start_pos, attention_mask):
@@ -136,16 +171,112 @@ def _attention(scalars: int) -> Callable:
             return None
         tables, starts, mask = rows
         out = kernel(torch.cat(q), k_cache.flat, v_cache.flat, tables, starts, *rest, attention_mask=mask)
-        return list(out.chunk(len(q)))
+        return out.unflatten(0, (len(q), -1))
 
     return over_ranks
 
 
-OVER_RANKS: dict[str, Callable] = {
-    LINEAR: linear,
-    KV_CACHE_UPDATE: kv_cache_update,
-    PAGED_ATTENTION: _attention(scalars=2),
-    FLASH_ATTENTION: _attention(scalars=3),
+@dataclass(frozen=True)
+class AllRankForm:
+    """How an op runs for all ranks in one call: `run(fn, *args, **kwargs)`, where `fn` is the
+    callable the op runs per rank (so the all-rank call computes with the same kernel). It returns
+    None when the arguments are not in the form it handles, else the ranks' results: one
+    rank-stacked tensor ([N, ...]) if `stacked_result`, else a list."""
+
+    run: Callable
+    stacked_result: bool
+
+
+_FORMS = {
+    KV_CACHE_UPDATE: AllRankForm(kv_cache_update, stacked_result=False),
+    PAGED_ATTENTION: AllRankForm(_attention(scalars=2), stacked_result=True),
+    FLASH_ATTENTION: AllRankForm(_attention(scalars=3), stacked_result=True),
 }
-"""Each op's all-rank form, called as `form(fn, *args, **kwargs)` where `fn` is the callable the op
-runs per rank (so the all-rank call computes with the same kernel)."""
+_COLUMN = AllRankForm(column_linear, stacked_result=True)
+_ROW = AllRankForm(row_linear, stacked_result=False)
+
+
+def all_rank_form(target: str, input_per_rank: bool) -> AllRankForm | None:
+    """The all-rank form of op `target`, None if it has none. `input_per_rank`: whether the op's
+    first argument differs per rank (for a linear: row- rather than column-parallel)."""
+    if target == LINEAR:
+        return _ROW if input_per_rank else _COLUMN
+    return _FORMS.get(target)
+
+
+# ---- ops on rank-stacked activations -----------------------------------------------------------
+#
+# Between the matmuls and attention, each rank runs the same short chains of small ops on its
+# slice (split Q/K/V, reshape into heads, rotary embedding, split gate/up). Per rank, each is a
+# separate host call whose fixed cost dwarfs its math. An activation that comes out of an
+# all-rank call rank-stacked stays stacked, and these ops run once on it: the same op with the
+# rank as an extra leading dimension (shape arguments get it prepended, dimension arguments are
+# shifted past it). Only ops whose every output element is a copy or one correctly rounded IEEE
+# operation of its inputs qualify, so the result cannot depend on how the host vectorises the
+# larger tensor: each rank's slice has the bits the rank computes alone.
+
+def _shift(dim: int) -> int:
+    return dim + 1 if dim >= 0 else dim
+
+
+def _dim_at(index: int) -> Callable:
+    """An op whose argument `index` (after the tensor, default 0) is a dimension."""
+
+    def run(fn, x, *args, **kwargs):
+        if "dim" in kwargs:
+            kwargs = {**kwargs, "dim": _shift(kwargs["dim"])}
+        elif len(args) > index:
+            args = (*args[:index], _shift(args[index]), *args[index + 1:])
+        elif len(args) == index:
+            args = (*args, 1)
+        else:
+            return None
+        return fn(x, *args, **kwargs)
+
+    return run
+
+
+def _transpose(fn, x, dim0, dim1):
+    return fn(x, _shift(dim0), _shift(dim1))
+
+
+def _reshape(fn, x, shape):
+    return fn(x, [x.shape[0], *shape])
+
+
+def elementwise(fn, *args, stacked: tuple[int, ...], **kwargs):
+    """Stacked arguments at positions `stacked`, shared ones broadcast against each rank's slice:
+    a stacked argument with fewer dimensions per rank than another argument gets size-1 ones
+    after the rank dimension, as broadcasting would give each rank's slice on its own."""
+    ndim = max(a.dim() - (i in stacked) for i, a in enumerate(args) if isinstance(a, Tensor))
+    args = list(args)
+    for i in stacked:
+        missing = ndim - (args[i].dim() - 1)
+        if missing:
+            args[i] = args[i].reshape(args[i].shape[0], *([1] * missing), *args[i].shape[1:])
+    return fn(*args, **kwargs)
+
+
+SHAPE_OPS: dict[str, Callable] = {
+    "aten.view.default": _reshape,
+    "aten.reshape.default": _reshape,
+    "aten._unsafe_view.default": _reshape,
+    "aten.transpose.int": _transpose,
+    "aten.slice.Tensor": _dim_at(0),
+    "aten.select.int": _dim_at(0),
+    "aten.narrow.default": _dim_at(0),
+    "aten.unsqueeze.default": _dim_at(0),
+    "aten.squeeze.dim": _dim_at(0),
+    "aten.split.Tensor": _dim_at(1),
+    "aten.split_with_sizes.default": _dim_at(1),
+    "aten.chunk.default": _dim_at(1),
+    "aten.cat.default": _dim_at(0),   # its first argument: a list of stacked tensors
+}
+"""Ops on one stacked tensor (or, for cat, a list of them) and non-tensor arguments."""
+
+ELEMENTWISE_OPS = frozenset({
+    "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor", "aten.neg.default",
+    "aten.to.dtype", "aten._to_copy.default", "aten.clone.default",
+})
+"""Elementwise ops, exact per element (IEEE add/sub/mul/div, sign, conversions, copies): any mix
+of stacked and shared tensor arguments."""
