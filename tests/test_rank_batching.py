@@ -24,7 +24,7 @@ from optimum_npu import compile_from_torch
 from optimum_npu.sim_device.kernels import FLASH_ATTENTION, IMPLEMENTATIONS, KV_CACHE_UPDATE, PAGED_ATTENTION
 from optimum_npu.sim_device.host_linear import PackedLinear, PackedWeights
 from optimum_npu.sim_device.rank_batching import (
-    ELEMENTWISE_OPS, SHAPE_OPS, Stacked, all_rank_form, column_linear, elementwise, row_linear,
+    ELEMENTWISE_OPS, SHAPE_OPS, CheckedElementwise, Stacked, all_rank_form, column_linear, elementwise, row_linear,
 )
 
 RANKS = 4
@@ -48,6 +48,10 @@ def test_linear_over_ranks_has_each_ranks_bits(dtype, rows, packed):
     row = Stacked(torch.randn(RANKS, 128, 32).to(dtype))
     for _ in range(2):  # the first call checks the one-matmul form, later calls use the verdict
         for r, out in enumerate(row_linear(matmul, parts, row)):
+            assert torch.equal(out, F.linear(parts[r], row.tensor[r]))
+    stacked_parts = Stacked(torch.stack(parts))   # the same inputs held rank-stacked
+    for _ in range(2):
+        for r, out in enumerate(row_linear(matmul, stacked_parts, row)):
             assert torch.equal(out, F.linear(parts[r], row.tensor[r]))
     assert column_linear(matmul, x, row.tensor[0]) is None  # a weight that is not rank-stacked: called per rank
     assert row_linear(matmul, parts, row.tensor[0]) is None
@@ -78,11 +82,13 @@ def test_attention_over_ranks_matches_each_rank(kernel):
     scalars = (0.25, 0) + ((block_size,) if kernel == FLASH_ATTENTION else ())
     outs = all_rank_form(kernel, True).run(IMPLEMENTATIONS[kernel], q, Stacked(k_stack), Stacked(v_stack), tables, start, *scalars,
                               attention_mask=mask)
+    from_stacked = all_rank_form(kernel, True).run(IMPLEMENTATIONS[kernel], Stacked(torch.stack(q)), Stacked(k_stack),
+                                                   Stacked(v_stack), tables, start, *scalars, attention_mask=mask)
     for r in range(RANKS):
         IMPLEMENTATIONS[KV_CACHE_UPDATE](k_ranks[r], v_ranks[r], k_new[r], v_new[r], tables, start)
         assert torch.equal(k_stack[r], k_ranks[r]) and torch.equal(v_stack[r], v_ranks[r])
         alone = IMPLEMENTATIONS[kernel](q[r], k_ranks[r], v_ranks[r], tables, start, *scalars, attention_mask=mask)
-        assert torch.equal(outs[r], alone)
+        assert torch.equal(outs[r], alone) and torch.equal(from_stacked[r], alone)
 
 
 def test_block_tables_outside_a_ranks_blocks_are_not_read_as_another_ranks():
@@ -168,6 +174,24 @@ def test_elementwise_on_stacked_broadcasts_as_each_rank_alone():
     out = elementwise(torch.ops.aten.add.Tensor, per_rank, other, stacked=(0, 1))
     assert all(torch.equal(out[r], per_rank[r] + other[r]) for r in range(RANKS))
     assert "aten.silu.default" not in ELEMENTWISE_OPS   # transcendental: its bits may depend on vectorisation
+
+
+def test_checked_elementwise_keeps_the_stacked_call_only_where_it_gives_each_ranks_bits():
+    gate = torch.randn(RANKS, 1, 3, 100).bfloat16()   # 100 per rank: a vector loop tail on each row
+    silu = CheckedElementwise()
+    for _ in range(2):
+        out = silu(torch.ops.aten.silu.default, gate, stacked=(0,))
+        assert all(torch.equal(out[r], F.silu(gate[r])) for r in range(RANKS))
+    assert len(silu.verdicts) == 1
+
+    def depends_on_the_batch(x):   # an op whose per-element result depends on the tensor's size
+        return x + x.shape[0]
+
+    odd = CheckedElementwise()
+    for _ in range(2):
+        out = odd(depends_on_the_batch, gate, stacked=(0,))
+        assert all(torch.equal(out[r], depends_on_the_batch(gate[r])) for r in range(RANKS))
+    assert list(odd.verdicts.values()) == [False]
 
 
 def test_a_tensor_parallel_decoder_runs_its_small_ops_once_for_all_ranks(monkeypatch):

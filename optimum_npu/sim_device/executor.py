@@ -30,7 +30,9 @@ import torch
 
 from .collectives import ALL_REDUCE
 from .program import Ref, Step, StepKind
-from .rank_batching import ELEMENTWISE_OPS, SHAPE_OPS, all_rank_form, elementwise
+from .rank_batching import (
+    CHECKED_ELEMENTWISE_OPS, ELEMENTWISE_OPS, SHAPE_OPS, CheckedElementwise, Stacked, all_rank_form, elementwise,
+)
 
 STACKED = -1   # the rank in the slot key of a split value's rank-stacked form ([N, ...]; for a split
                # weight / buffer, its `Stacked` storage)
@@ -138,10 +140,11 @@ class _Writer:
             if [i for i, _ in refs] != [0] or per_rank != [0]:
                 return None
             run, extra = SHAPE_OPS[op.target], {}
-        elif op.target in ELEMENTWISE_OPS:
+        elif op.target in ELEMENTWISE_OPS or op.target in CHECKED_ELEMENTWISE_OPS:
             if any(type(a) is list for _, a in refs):
                 return None
-            run, extra = elementwise, {"stacked": tuple(per_rank)}
+            run = elementwise if op.target in ELEMENTWISE_OPS else CheckedElementwise()
+            extra = {"stacked": tuple(per_rank)}
         else:
             return None
 
@@ -174,6 +177,8 @@ class _Writer:
                 return self.constant(arg)
             if arg.name in self.stacked:
                 return self.slot_of(arg.name, STACKED)
+            if arg.name in self.stacked_acts:
+                return f"{self.constant(Stacked)}({self.slot_of(arg.name, STACKED)})"
             if arg.name in self.split:
                 return self.rank_slots(arg.name)
             return self.slot(arg.name)
@@ -207,12 +212,13 @@ class _Writer:
                 self.assign(call, [name and self.slot_of(name, STACKED) for name in op.outputs])
                 self.produced(op.outputs, stacked=True)
                 return
-        self.need_listed(names)
         if len(ranks) > 1:
             self.split.update(name for name in op.outputs if name)
         batched = self.over_ranks(op) if len(ranks) > 1 else None
         stacked_result = False
-        if batched is not None:
+        if batched is None:
+            self.need_listed(names)
+        else:
             call, stacked_result = batched
             self.emit(f"t = {call}")
             if op.outputs and op.outputs[0]:
@@ -226,8 +232,16 @@ class _Writer:
             else:
                 self.emit("if t is None:")
             self.indent += 1
+            # The per-rank fallback reads stacked inputs cut into the ranks' values here only.
+            cut = [n for n in dict.fromkeys(names) if n in self.split and n not in self.listed]
+            for name in cut:
+                self.emit("".join(f"{self.slot(name, rank)}, " for rank in ranks)
+                          + f"= {self.slot_of(name, STACKED)}.unbind()")
         for rank in ranks:
             self.assign(self.call(op, rank), [name and self.slot(name, rank) for name in op.outputs])
+        if batched is not None:
+            for name in cut:
+                self.emit("".join(f"{self.slot(name, rank)} = " for rank in ranks) + "None")
         if stacked_result and op.outputs and op.outputs[0]:  # the per-rank fallback's results, stacked
             name = op.outputs[0]
             self.emit(f"{self.slot_of(name, STACKED)} = {self.constant(torch.stack)}({self.rank_slots(name)})")
@@ -237,7 +251,13 @@ class _Writer:
             self.produced(op.outputs, stacked=stacked_result)
         if dynamic:  # priced once, from rank 0's arguments: every rank does the same work
             self.ops.append(op)  # the BoundOp itself, so `dyn` knows which op it prices
-            self.emit(f"dyn({index}, o[{len(self.ops) - 1}], ({''.join(self.expr(a) + ', ' for a in op.args)}))")
+            self.emit(f"dyn({index}, o[{len(self.ops) - 1}], ({''.join(self.rank0(a) + ', ' for a in op.args)}))")
+
+    def rank0(self, arg: Any) -> str:
+        """Rank 0's value of `arg`, whichever form it is held in."""
+        if type(arg) is Ref and arg.name in self.stacked_acts and arg.name not in self.listed:
+            return f"{self.slot_of(arg.name, STACKED)}[0]"
+        return self.expr(arg)
 
     def collective(self, op: BoundOp) -> None:
         """Every rank's operand in one list; the result is the same on every rank (one slot)."""

@@ -22,9 +22,9 @@ for all ranks:
   alone computes.
 
 Each form is called with the op's per-rank callable first, then the op's arguments, which come
-in three forms: a tensor every rank shares, the rank-stacked storage of a split
-weight / buffer ([N, *shard shape], each rank's shard a view of it), or a list of the ranks'
-tensors (activations). Each function returns the list of the ranks' outputs, or None when its
+in three forms: a tensor every rank shares, a split value held rank-stacked (`Stacked`: a
+weight / buffer's storage [N, *shard shape], or an activation an earlier all-rank call returned
+stacked), or a list of the ranks' tensors. Each function returns the list of the ranks' outputs, or None when its
 arguments are not in the form it handles (the executor then calls the op once per rank).
 The host's CPU kernels may pick their blocking from the shapes, so a wide matmul is not
 guaranteed the bits of its slices; tests compare the in-process outputs with one process per
@@ -46,20 +46,44 @@ LINEAR = "aten.linear.default"
 
 
 class Stacked:
-    """The rank-stacked storage of a split weight or buffer: `tensor[r]` is rank r's shard.
+    """A split value held rank-stacked: `tensor[r]` is rank r's part. A split weight or buffer's
+    storage, or a per-rank activation that an all-rank call returned stacked.
 
-    `shards` are the ranks' views of it and `flat` the shards end to end (for a weight, one
-    matrix of every rank's output features), each made once: the host's packed-weight cache
-    (`host_linear.py`) knows a weight by its tensor object. `one_matmul` remembers where a
-    row-parallel linear may run as one matmul (`row_linear`)."""
+    `shards` are the ranks' views of it and `flat` the parts end to end (for a weight, one matrix
+    of every rank's output features; for an activation, every rank's rows as one batch), each
+    made once, on first use: the host's packed-weight cache (`host_linear.py`) knows a weight by
+    its tensor object. `one_matmul` remembers where a row-parallel linear may run as one matmul
+    (`row_linear`)."""
 
-    __slots__ = ("tensor", "shards", "flat", "one_matmul")
+    __slots__ = ("tensor", "_shards", "_flat", "one_matmul")
 
     def __init__(self, tensor: Tensor, shards: list[Tensor] | None = None) -> None:
         self.tensor = tensor
-        self.shards = list(tensor.unbind()) if shards is None else shards
-        self.flat = tensor.flatten(0, 1) if tensor.dim() > 1 else tensor
-        self.one_matmul: dict[tuple, bool] = {}   # see `row_linear`
+        self._shards = shards
+        self._flat = None
+        self.one_matmul: dict[tuple, bool] = {}
+
+    @property
+    def shards(self) -> list[Tensor]:
+        if self._shards is None:
+            self._shards = list(self.tensor.unbind())
+        return self._shards
+
+    @property
+    def flat(self) -> Tensor:
+        if self._flat is None:
+            self._flat = self.tensor.flatten(0, 1) if self.tensor.dim() > 1 else self.tensor
+        return self._flat
+
+
+def _parts(x) -> list[Tensor]:
+    """The ranks' tensors of a per-rank argument (a list of them, or `Stacked`)."""
+    return x.shards if isinstance(x, Stacked) else x
+
+
+def _rows(x) -> Tensor:
+    """Every rank's tensor end to end along the first dimension, contiguous."""
+    return x.flat.contiguous() if isinstance(x, Stacked) else torch.cat(x)
 
 
 def column_linear(matmul: Callable, x, weight, bias=None) -> Tensor | None:
@@ -88,21 +112,26 @@ def row_linear(matmul: Callable, x, weight, bias=None) -> list[Tensor] | None:
     The one-matmul form is kept only where it gives each rank's bits: the host's matmul may pick
     another kernel for more rows (fp32 at one row does), so the first call of each row count and
     thread count compares it with the per-rank calls and remembers the verdict on the weight."""
-    if not (isinstance(weight, Stacked) and weight.tensor.dim() == 3 and isinstance(x, list) and bias is None
-            and x[0].dim() >= 2 and x[0].shape[-1] == weight.tensor.shape[2]):
+    if not (isinstance(weight, Stacked) and weight.tensor.dim() == 3 and isinstance(x, (list, Stacked))
+            and bias is None):
         return None
     ranks, out_features, in_features = weight.tensor.shape
-    rows = x[0].numel() // in_features
-    verdict_key = (rows, x[0].dtype, torch.get_num_threads())
+    shape = x.tensor.shape[1:] if isinstance(x, Stacked) else x[0].shape
+    if len(shape) < 2 or shape[-1] != in_features:
+        return None
+    rows = shape.numel() // in_features
+    verdict_key = (rows, weight.tensor.dtype, torch.get_num_threads())
     verdict = weight.one_matmul.get(verdict_key)
     if rows * ranks > ROWS_FOR_ONE_MATMUL or verdict is False:
-        return [matmul(part, shard) for part, shard in zip(x, weight.shards)]
-    every = matmul(torch.cat([part.reshape(rows, in_features) for part in x]), weight.flat)
-    shape = (*x[0].shape[:-1], out_features)
-    blocks = [every[r * rows:(r + 1) * rows, r * out_features:(r + 1) * out_features].view(shape)
+        return [matmul(part, shard) for part, shard in zip(_parts(x), weight.shards)]
+    every_row = x.tensor.reshape(ranks * rows, in_features) if isinstance(x, Stacked) else torch.cat(
+        [part.reshape(rows, in_features) for part in x])
+    every = matmul(every_row.contiguous(), weight.flat)
+    out_shape = (*shape[:-1], out_features)
+    blocks = [every[r * rows:(r + 1) * rows, r * out_features:(r + 1) * out_features].view(out_shape)
               for r in range(ranks)]
     if verdict is None:
-        alone = [matmul(part, shard) for part, shard in zip(x, weight.shards)]
+        alone = [matmul(part, shard) for part, shard in zip(_parts(x), weight.shards)]
         weight.one_matmul[verdict_key] = all(torch.equal(a, b) for a, b in zip(alone, blocks))
         return alone
     return blocks
@@ -143,7 +172,7 @@ _last_rows: tuple = (None, None, None)   # (key, the inputs it was built from, r
 
 
 def _is_rank_form(per_rank: list, *stacked) -> bool:
-    return all(isinstance(x, list) for x in per_rank) and all(isinstance(s, Stacked) for s in stacked)
+    return all(isinstance(x, (list, Stacked)) for x in per_rank) and all(isinstance(s, Stacked) for s in stacked)
 
 
 def kv_cache_update(update: Callable, k_cache, v_cache, k, v, block_tables, start_pos) -> list[None] | None:
@@ -153,8 +182,8 @@ def kv_cache_update(update: Callable, k_cache, v_cache, k, v, block_tables, star
     if rows is None:
         return None
     tables, starts, _ = rows
-    update(k_cache.flat, v_cache.flat, torch.cat(k), torch.cat(v), tables, starts)
-    return [None] * len(k)
+    update(k_cache.flat, v_cache.flat, _rows(k), _rows(v), tables, starts)
+    return [None] * k_cache.tensor.shape[0]
 
 
 def _attention(scalars: int) -> Callable:
@@ -170,8 +199,8 @@ def _attention(scalars: int) -> Callable:
         if rows is None:
             return None
         tables, starts, mask = rows
-        out = kernel(torch.cat(q), k_cache.flat, v_cache.flat, tables, starts, *rest, attention_mask=mask)
-        return out.unflatten(0, (len(q), -1))
+        out = kernel(_rows(q), k_cache.flat, v_cache.flat, tables, starts, *rest, attention_mask=mask)
+        return out.unflatten(0, (k_cache.tensor.shape[0], -1))
 
     return over_ranks
 
@@ -213,7 +242,8 @@ def all_rank_form(target: str, input_per_rank: bool) -> AllRankForm | None:
 # rank as an extra leading dimension (shape arguments get it prepended, dimension arguments are
 # shifted past it). Only ops whose every output element is a copy or one correctly rounded IEEE
 # operation of its inputs qualify, so the result cannot depend on how the host vectorises the
-# larger tensor: each rank's slice has the bits the rank computes alone.
+# larger tensor: each rank's slice has the bits the rank computes alone. Transcendentals are
+# checked at each call site instead (`CheckedElementwise`).
 
 def _shift(dim: int) -> int:
     return dim + 1 if dim >= 0 else dim
@@ -257,6 +287,28 @@ def elementwise(fn, *args, stacked: tuple[int, ...], **kwargs):
     return fn(*args, **kwargs)
 
 
+class CheckedElementwise:
+    """An elementwise op whose last bit may depend on how the host vectorises it (a transcendental:
+    SiLU, GELU, exp): at one call site, run on the stacked tensor only where its first call with
+    those shapes gave each rank the bits the rank computes alone; elsewhere once per rank."""
+
+    def __init__(self) -> None:
+        self.verdicts: dict[tuple, bool] = {}
+
+    def __call__(self, fn, *args, stacked: tuple[int, ...], **kwargs):
+        key = (torch.get_num_threads(), *((a.shape, a.stride(), a.dtype) for a in args if isinstance(a, Tensor)))
+        verdict = self.verdicts.get(key)
+        if verdict is not False:
+            out = elementwise(fn, *args, stacked=stacked, **kwargs)
+            if verdict:
+                return out
+        alone = [fn(*(a[r] if i in stacked else a for i, a in enumerate(args)), **kwargs)
+                 for r in range(args[stacked[0]].shape[0])]
+        if verdict is None:
+            self.verdicts[key] = all(torch.equal(out[r], part) for r, part in enumerate(alone))
+        return torch.stack(alone)
+
+
 SHAPE_OPS: dict[str, Callable] = {
     "aten.view.default": _reshape,
     "aten.reshape.default": _reshape,
@@ -280,3 +332,8 @@ ELEMENTWISE_OPS = frozenset({
 })
 """Elementwise ops, exact per element (IEEE add/sub/mul/div, sign, conversions, copies): any mix
 of stacked and shared tensor arguments."""
+
+CHECKED_ELEMENTWISE_OPS = frozenset({
+    "aten.silu.default", "aten.gelu.default", "aten.sigmoid.default", "aten.tanh.default", "aten.exp.default",
+})
+"""Elementwise transcendentals: on the stacked tensor where a `CheckedElementwise` finds it exact."""
