@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from optimum_npu import compile_from_torch
 from optimum_npu.sim_device.kernels import FLASH_ATTENTION, IMPLEMENTATIONS, KV_CACHE_UPDATE, PAGED_ATTENTION
+from optimum_npu.sim_device.executor import STACKED
 from optimum_npu.sim_device.host_linear import PackedLinear, PackedWeights
 from optimum_npu.sim_device.rank_batching import (
     ELEMENTWISE_OPS, SHAPE_OPS, CheckedElementwise, Stacked, all_rank_form, column_linear, elementwise, row_linear,
@@ -152,14 +153,15 @@ def _ranks_alone(fn, stacked, *args, **kwargs):
 ])
 def test_shape_ops_on_stacked_give_each_ranks_result(target, call, args):
     x = torch.randn(RANKS, 2, 3, 8)   # each rank: [2, 3, 8]
-    out = SHAPE_OPS[target](call, x, *args)
+    stacked_args, kwargs = SHAPE_OPS[target]([x, *args], {}, RANKS)
+    out = call(*stacked_args, **kwargs)
     alone = _ranks_alone(call, x, *args)
     if isinstance(out, (list, tuple)):
         for piece, pieces in zip(out, zip(*alone)):
             assert all(torch.equal(piece[r], pieces[r]) for r in range(RANKS))
     else:
         assert all(torch.equal(out[r], alone[r]) for r in range(RANKS))
-    cat = SHAPE_OPS["aten.cat.default"](torch.ops.aten.cat.default, [x, -x], -1)
+    cat = torch.ops.aten.cat.default(*SHAPE_OPS["aten.cat.default"]([[x, -x], -1], {}, RANKS)[0])
     assert all(torch.equal(cat[r], torch.cat([x[r], -x[r]], -1)) for r in range(RANKS))
 
 
@@ -208,8 +210,10 @@ def test_a_tensor_parallel_decoder_runs_its_small_ops_once_for_all_ranks(monkeyp
     hf = LlamaForCausalLM(config).eval()
     model = RBLNLlamaForCausalLM.from_model(hf, rbln_max_seq_len=128, rbln_prefill_chunk_size=64,
                                             rbln_tensor_parallel_size=4, rbln_numerics="exact")
-    ops = model.runtimes["decoder_batch_1"]._executable.ops
-    assert sum(op in SHAPE_OPS.values() or op is elementwise for op in ops) >= 10 * config.num_hidden_layers
+    runtime = model.runtimes["decoder_batch_1"]
+    weights = {spec.name for spec in runtime.program.weights + runtime.program.buffers}
+    stacked_values = [name for name, rank in runtime._executable.slots if rank == STACKED and name not in weights]
+    assert len(stacked_values) >= 10 * config.num_hidden_layers
     ids = torch.randint(0, 128, (1, 9))
     options = dict(max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(ids, **options), hf.generate(ids, **options))

@@ -65,8 +65,10 @@ class Executable:
 
 
 class _Writer:
-    def __init__(self, num_ranks: int, split_state: set[str], stacked_state: set[str]) -> None:
+    def __init__(self, num_ranks: int, split_state: set[str], stacked_state: set[str],
+                 ndims: dict[str, int]) -> None:
         self.num_ranks = num_ranks
+        self.ndims = ndims   # value name -> dimensions (the same on every rank)
         self.split = set(split_state)   # values that differ per rank
         self.listed = set(split_state)  # ... held as one slot per rank
         self.stacked_acts: set[str] = set()   # ... held rank-stacked in one slot (activations)
@@ -136,15 +138,27 @@ class _Writer:
         per_rank = [i for i, a in refs if any(n in self.split for n in _ref_names(a))]
         if not all(n in self.stacked_acts for i in per_rank for n in _ref_names(op.args[i])):
             return None
+        run: Callable = op.fn
+        args, kwargs = list(op.args), dict(op.kwargs)
         if op.target in SHAPE_OPS:
             if [i for i, _ in refs] != [0] or per_rank != [0]:
                 return None
-            run, extra = SHAPE_OPS[op.target], {}
+            rewritten = SHAPE_OPS[op.target](args, kwargs, self.num_ranks)
+            if rewritten is None:
+                return None
+            args, kwargs = rewritten
         elif op.target in ELEMENTWISE_OPS or op.target in CHECKED_ELEMENTWISE_OPS:
             if any(type(a) is list for _, a in refs):
                 return None
-            run = elementwise if op.target in ELEMENTWISE_OPS else CheckedElementwise()
-            extra = {"stacked": tuple(per_rank)}
+            ndims = [self.ndims.get(a.name) for _, a in refs]
+            rank_ndims = {self.ndims.get(op.args[i].name) for i in per_rank}
+            if op.target in CHECKED_ELEMENTWISE_OPS:
+                run = CheckedElementwise()
+                kwargs["stacked"] = tuple(per_rank)
+            elif None in ndims or len(rank_ndims) > 1 or max(ndims) > min(rank_ndims):
+                # a shared operand with more dimensions than a rank's part: align at run time
+                run = elementwise
+                kwargs["stacked"] = tuple(per_rank)
         else:
             return None
 
@@ -156,8 +170,7 @@ class _Writer:
             return self.constant(arg)
 
         self.ops.append(run)
-        parts = [self.constant(op.fn)] + [form(a) for a in op.args]
-        kwargs = {**op.kwargs, **extra}
+        parts = ([] if run is op.fn else [self.constant(op.fn)]) + [form(a) for a in args]
         if kwargs:
             self.kwargs.append(kwargs)
             parts.append(f"**k[{len(self.kwargs) - 1}]")
@@ -299,7 +312,7 @@ def _ref_names(arg: Any) -> list[str]:
 
 def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: set[str], rounding: bool,
              num_ranks: int = 1, split_state: set[str] = frozenset(),
-             stacked_state: set[str] = frozenset()) -> Executable:
+             stacked_state: set[str] = frozenset(), ndims: dict[str, int] | None = None) -> Executable:
     """`steps`: (step, its bound ops, values to free after it). Ops named in `dynamic_ops`
     report their arguments to `dyn(step_index, op, args)` after running (for pricing).
 
@@ -312,8 +325,9 @@ def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: se
     `stacked_state` from their rank-stacked storage (slot key (name, STACKED)). A per-rank
     activation such a call returns rank-stacked stays so through the small shape and exact
     elementwise ops that follow (one call on the stacked tensor), and is cut into the ranks'
-    values only where something reads them per rank."""
-    w = _Writer(num_ranks, split_state, stacked_state)
+    values only where something reads them per rank. `ndims` (value name -> dimensions) lets an
+    elementwise op on stacked values be called directly when no operand needs aligning."""
+    w = _Writer(num_ranks, split_state, stacked_state, ndims or {})
     for index, (step, ops, frees) in enumerate(steps):
         if step.kind == StepKind.H2D:
             for src, dst in zip(step.inputs, step.outputs):

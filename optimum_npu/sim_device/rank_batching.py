@@ -94,7 +94,7 @@ def column_linear(matmul: Callable, x, weight, bias=None) -> Tensor | None:
             and x.shape[-1] == weight.tensor.shape[2] and (bias is None or isinstance(bias, Stacked))):
         return None
     out = matmul(x, weight.flat, None if bias is None else bias.flat)
-    return out.unflatten(-1, (weight.tensor.shape[0], -1)).movedim(-2, 0)
+    return out.view(*out.shape[:-1], weight.tensor.shape[0], -1).movedim(-2, 0)
 
 
 ROWS_FOR_ONE_MATMUL = 32
@@ -127,9 +127,9 @@ def row_linear(matmul: Callable, x, weight, bias=None) -> list[Tensor] | None:
     every_row = x.tensor.reshape(ranks * rows, in_features) if isinstance(x, Stacked) else torch.cat(
         [part.reshape(rows, in_features) for part in x])
     every = matmul(every_row.contiguous(), weight.flat)
-    out_shape = (*shape[:-1], out_features)
-    blocks = [every[r * rows:(r + 1) * rows, r * out_features:(r + 1) * out_features].view(out_shape)
-              for r in range(ranks)]
+    # rank r's block: rows r*rows.., columns r*out_features..; the diagonal of the rank x rank grid
+    grid = every.view(ranks, rows, ranks, out_features).diagonal(dim1=0, dim2=2)   # [rows, out, ranks]
+    blocks = grid.movedim(-1, 0).view(ranks, *shape[:-1], out_features).unbind()
     if verdict is None:
         alone = [matmul(part, shard) for part, shard in zip(_parts(x), weight.shards)]
         weight.one_matmul[verdict_key] = all(torch.equal(a, b) for a, b in zip(alone, blocks))
@@ -200,7 +200,7 @@ def _attention(scalars: int) -> Callable:
             return None
         tables, starts, mask = rows
         out = kernel(_rows(q), k_cache.flat, v_cache.flat, tables, starts, *rest, attention_mask=mask)
-        return out.unflatten(0, (k_cache.tensor.shape[0], -1))
+        return out.reshape(k_cache.tensor.shape[0], -1, *out.shape[1:])
 
     return over_ranks
 
@@ -240,38 +240,39 @@ def all_rank_form(target: str, input_per_rank: bool) -> AllRankForm | None:
 # separate host call whose fixed cost dwarfs its math. An activation that comes out of an
 # all-rank call rank-stacked stays stacked, and these ops run once on it: the same op with the
 # rank as an extra leading dimension (shape arguments get it prepended, dimension arguments are
-# shifted past it). Only ops whose every output element is a copy or one correctly rounded IEEE
+# shifted past it; both rewritten once, in the generated code). Only ops whose every output element is a copy or one correctly rounded IEEE
 # operation of its inputs qualify, so the result cannot depend on how the host vectorises the
 # larger tensor: each rank's slice has the bits the rank computes alone. Transcendentals are
 # checked at each call site instead (`CheckedElementwise`).
 
-def _shift(dim: int) -> int:
-    return dim + 1 if dim >= 0 else dim
+def _shift(dim):
+    return dim + 1 if type(dim) is int and dim >= 0 else dim
 
 
 def _dim_at(index: int) -> Callable:
     """An op whose argument `index` (after the tensor, default 0) is a dimension."""
 
-    def run(fn, x, *args, **kwargs):
+    def rewrite(args: list, kwargs: dict, ranks: int):
+        position = index + 1
         if "dim" in kwargs:
-            kwargs = {**kwargs, "dim": _shift(kwargs["dim"])}
-        elif len(args) > index:
-            args = (*args[:index], _shift(args[index]), *args[index + 1:])
-        elif len(args) == index:
-            args = (*args, 1)
-        else:
-            return None
-        return fn(x, *args, **kwargs)
+            return args, {**kwargs, "dim": _shift(kwargs["dim"])}
+        if len(args) > position:
+            return [*args[:position], _shift(args[position]), *args[position + 1:]], kwargs
+        if len(args) == position:
+            return [*args, 1], kwargs
+        return None
 
-    return run
+    return rewrite
 
 
-def _transpose(fn, x, dim0, dim1):
-    return fn(x, _shift(dim0), _shift(dim1))
+def _transpose(args: list, kwargs: dict, ranks: int):
+    x, dim0, dim1 = args
+    return [x, _shift(dim0), _shift(dim1)], kwargs
 
 
-def _reshape(fn, x, shape):
-    return fn(x, [x.shape[0], *shape])
+def _reshape(args: list, kwargs: dict, ranks: int):
+    x, shape = args
+    return [x, [ranks, *shape]], kwargs
 
 
 def elementwise(fn, *args, stacked: tuple[int, ...], **kwargs):
@@ -324,7 +325,9 @@ SHAPE_OPS: dict[str, Callable] = {
     "aten.chunk.default": _dim_at(1),
     "aten.cat.default": _dim_at(0),   # its first argument: a list of stacked tensors
 }
-"""Ops on one stacked tensor (or, for cat, a list of them) and non-tensor arguments."""
+"""Ops on one stacked tensor (or, for cat, a list of them) and non-tensor arguments: each entry
+rewrites the op's arguments (`rewrite(args, kwargs, ranks)`, None if it cannot) for the same op
+called on the stacked tensor. The rewrite is done once, when the program is turned into code."""
 
 ELEMENTWISE_OPS = frozenset({
     "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor", "aten.neg.default",

@@ -436,8 +436,10 @@ class Runtime:
         split = {name for name, tensor in self._state.items()
                  if any(states[name] is not tensor for states in self._rank_state[1:])}
         stacked = {name for name in split if name in self._stacked}
+        ndims = {spec.name: len(spec.shape)
+                 for spec in (*program.inputs, *program.weights, *program.buffers, *program.values.values())}
         self._executable = generate(bound, set(KERNEL_OPS), rounding=self.numerics.round_to is not None,
-                                    num_ranks=rank_count, split_state=split, stacked_state=stacked)
+                                    num_ranks=rank_count, split_state=split, stacked_state=stacked, ndims=ndims)
         if rank_count == program.tensor_parallel_size:
             self._collectives = InProcessCollectives(self.numerics.round)
         else:
