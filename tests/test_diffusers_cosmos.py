@@ -86,7 +86,13 @@ def test_transformer_split_over_two_devices_gives_the_same_video(folders):
         folders[0], export=True, safety_checker=checker,
         rbln_config={**SHAPE, "numerics": "exact", "transformer": {"tensor_parallel_size": 2, "device": [2, 3]}})
     assert split.transformer.runtimes["model"].devices == [2, 3]
-    np.testing.assert_allclose(_frames(split), reference, atol=1e-5, rtol=0)
+    # Exact numerics: the split adds the partial sums in another order (fp32 rounding, ~1e-7), so
+    # the denoised latents agree to ~1e-6 and a pixel on a uint8 boundary may move by one step.
+    reference_latents = CosmosTextToWorldPipeline.from_pretrained(folders[0], safety_checker=checker)(
+        **{**CALL, "output_type": "latent"}, generator=torch.Generator().manual_seed(0)).frames
+    latents = split(**{**CALL, "output_type": "latent"}, generator=torch.Generator().manual_seed(0)).frames
+    torch.testing.assert_close(latents, reference_latents, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_frames(split), reference, atol=1 / 255 + 1e-6, rtol=0)
 
 
 @pytest.mark.heavy  # ~30 s on a busy 2-core machine; text-to-world keeps the Cosmos path in the fast tier
