@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from model_shapes import llama_125m_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from optimum_npu import RBLNLlamaForCausalLM
@@ -38,18 +39,9 @@ from optimum_npu import RBLNLlamaForCausalLM
 SEED = 0
 
 
-def short_config() -> LlamaConfig:
-    """~125M parameters: 12 layers of hidden 768, GQA 12 query / 4 KV heads, untied 32k vocab."""
-    return LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-    )
-
-
 def long_config() -> LlamaConfig:
     """The long-context model: as the short one with 6 layers and 8192 positions."""
-    config = short_config()
+    config = llama_125m_config()
     config.num_hidden_layers, config.max_position_embeddings = 6, 8192
     return config
 
@@ -66,7 +58,7 @@ class Row:
 
 def short_rows(batches: list[int]) -> tuple[list[Row], float]:
     torch.manual_seed(SEED)
-    hf = LlamaForCausalLM(short_config()).eval()
+    hf = LlamaForCausalLM(llama_125m_config()).eval()
     started = time.perf_counter()
     ours = RBLNLlamaForCausalLM.from_model(
         hf, rbln_batch_size=max(batches), rbln_decoder_batch_sizes=sorted(set(batches)),

@@ -16,20 +16,11 @@ import argparse
 import resource
 import time
 
-from transformers import LlamaConfig
+from model_shapes import llama3_config
 
 from optimum_npu import plan
 
 GOAL_S, GOAL_RSS_GIB = 30.0, 2.0
-
-
-def llama3_70b_config() -> LlamaConfig:
-    """meta-llama/Meta-Llama-3-70B's architecture (its public config.json)."""
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16",
-    )
 
 
 def main() -> None:
@@ -39,7 +30,7 @@ def main() -> None:
     parser.add_argument("--npu", default="RBLN-CA25")
     args = parser.parse_args()
     wall, cpu = time.perf_counter(), time.process_time()
-    result = plan(llama3_70b_config(), args.npu, input_len=args.input_len, output_len=args.output_len)
+    result = plan(llama3_config("70b"), args.npu, input_len=args.input_len, output_len=args.output_len)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
     print(f"Llama-3-70B-shaped plan on {args.npu}, {args.input_len} in / {args.output_len} out: "

@@ -25,6 +25,7 @@ import argparse
 import time
 
 import torch
+from model_shapes import llama3_config, llama_125m_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from optimum_npu import RBLNLlamaForCausalLM, compile_from_torch
@@ -35,14 +36,6 @@ from optimum_npu.sim_device.program import StepKind
 
 GiB = 1024**3
 MAX_SEQ_LEN, CHUNK, KV_LEN = 4096, 256, 2048
-
-
-def llama3_8b_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
 
 
 def compile_graphs(hf_config: LlamaConfig, tp: int):
@@ -81,7 +74,7 @@ def run_time(compiled, kv_len: int) -> dict[str, float]:
 
 
 def simulated_table(sizes: list[int]) -> None:
-    hf_config = llama3_8b_config()
+    hf_config = llama3_config("8b")
     rows = []
     for tp in sizes:
         started = time.perf_counter()
@@ -120,11 +113,7 @@ def simulated_table(sizes: list[int]) -> None:
 
 def host_table(repeats: int = 5) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    config = llama_125m_config()
     hf = LlamaForCausalLM(config).eval()
     ids = torch.randint(3, config.vocab_size, (1, 32))
     options = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)

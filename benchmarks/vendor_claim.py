@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from transformers import LlamaConfig
+from model_shapes import llama3_config
 
 from optimum_npu import plan
 
@@ -29,15 +29,6 @@ CLAIM_RACK_TOKENS_S, CLAIM_RACK_W, RACK_CARDS, SERVER_CARDS = 25_200.0, 35_000.0
 # loadgen/mlperf.conf: llama3_1-8b.Server.ttft_latency = 2000, tpot_latency = 100, in ms). MLPerf
 # holds them at the 99th percentile; the planner bounds the median, a looser objective.
 SLO_TTFT_S, SLO_TPOT_MS = 2.0, 100.0
-
-
-def llama3_8b_config() -> LlamaConfig:
-    """meta-llama/Meta-Llama-3-8B's architecture (its public config.json)."""
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="float16",
-    )
 
 
 def best_per_card(result):
@@ -54,8 +45,8 @@ def main() -> None:
     options = dict(dtype="float16", tensor_parallel_sizes=tuple(args.tensor_parallel_sizes),
                    batch_sizes=tuple(args.batch_sizes), chunk_sizes=(128,), rack_power_w=CLAIM_RACK_W)
     started = time.perf_counter()
-    unbounded = plan(llama3_8b_config(), "RBLN-CA12", input_len=2048, output_len=2048, **options)
-    bounded = plan(llama3_8b_config(), "RBLN-CA12", input_len=2048, output_len=2048, max_ttft_s=args.max_ttft_s,
+    unbounded = plan(llama3_config("8b", torch_dtype="float16"), "RBLN-CA12", input_len=2048, output_len=2048, **options)
+    bounded = plan(llama3_config("8b", torch_dtype="float16"), "RBLN-CA12", input_len=2048, output_len=2048, max_ttft_s=args.max_ttft_s,
                    max_tpot_s=args.max_tpot_ms / 1000, **options)
     print(f"planned in {time.perf_counter() - started:.1f} s\n")
     print(unbounded.table())
