@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCosmos, CosmosTransformer3DModel, ModelMixin, UNet2DConditionModel
 
-from optimum_npu import RBLNAutoencoderKL, RBLNAutoencoderKLCosmos, RBLNCosmosTransformer3DModel, RBLNUNet2DConditionModel
+from optimum_npu import RBLNAutoencoderKL, compile_from_torch, RBLNAutoencoderKLCosmos, RBLNCosmosTransformer3DModel, RBLNUNet2DConditionModel
 from optimum_npu.testing import build_tiny_cosmos, build_tiny_stable_diffusion
 
 EXACT = {"rbln_numerics": "exact"}
@@ -58,6 +58,11 @@ def test_vae_encoder_and_decoder_match_torch(folders):
     decoder_only = RBLNAutoencoderKL.from_model(vae, **EXACT)
     with pytest.raises(ValueError, match="rbln_uses_encoder=True"):
         decoder_only.encode(image)
+    # a compiled model is a torch Module too: compiling it again is refused up front, not deep in export
+    with pytest.raises(TypeError, match="already compiled RBLNAutoencoderKL"):
+        compile_from_torch(decoder_only, example_inputs=[latents])
+    with pytest.raises(ValueError, match="compiles AutoencoderKL models, got a RBLNAutoencoderKL"):
+        RBLNAutoencoderKL.from_model(decoder_only, **EXACT)
 
 
 def test_cosmos_transformer_matches_torch_without_torchvision(folders, monkeypatch):

@@ -305,6 +305,9 @@ def _traced_inputs(module, example_inputs, input_info) -> tuple:
     """(module, example inputs, input names) checked, the inputs on the module's device."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if hasattr(module, "rbln_config"):  # the public mark of a compiled optimum-npu model (a diffusers one is a Module)
+        raise TypeError(f"module is an already compiled {type(module).__name__}: compile the torch module it came from, "
+                        "or load a compiled folder with from_pretrained")
     if (example_inputs is None) == (input_info is None):
         raise ValueError("pass exactly one of example_inputs (tensors) or input_info ([(name, shape, dtype), ...])")
     on_meta = any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers())
