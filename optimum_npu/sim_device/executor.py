@@ -104,12 +104,20 @@ class _Writer:
     def rank_slots(self, name: str) -> str:
         return "[" + "".join(f"{self.slot(name, rank)}, " for rank in range(self.num_ranks)) + "]"
 
+    def cut(self, name: str) -> None:
+        """Emit: rank-stacked value `name` cut into its per-rank slots."""
+        self.emit("".join(f"{self.slot(name, rank)}, " for rank in range(self.num_ranks))
+                  + f"= {self.slot_of(name, STACKED)}.unbind()")
+
+    def clear_ranks(self, name: str) -> None:
+        """Emit: the per-rank slots of `name` released."""
+        self.emit("".join(f"{self.slot(name, rank)} = " for rank in range(self.num_ranks)) + "None")
+
     def need_listed(self, names: list[str]) -> None:
         """Cut rank-stacked values into one slot per rank before something reads them per rank."""
         for name in names:
             if name in self.split and name not in self.listed:
-                self.emit("".join(f"{self.slot(name, rank)}, " for rank in range(self.num_ranks))
-                          + f"= {self.slot_of(name, STACKED)}.unbind()")
+                self.cut(name)
                 self.listed.add(name)
 
     def produced(self, names: list[str], stacked: bool) -> None:
@@ -248,17 +256,16 @@ class _Writer:
             # The per-rank fallback reads stacked inputs cut into the ranks' values here only.
             cut = [n for n in dict.fromkeys(names) if n in self.split and n not in self.listed]
             for name in cut:
-                self.emit("".join(f"{self.slot(name, rank)}, " for rank in ranks)
-                          + f"= {self.slot_of(name, STACKED)}.unbind()")
+                self.cut(name)
         for rank in ranks:
             self.assign(self.call(op, rank), [name and self.slot(name, rank) for name in op.outputs])
         if batched is not None:
             for name in cut:
-                self.emit("".join(f"{self.slot(name, rank)} = " for rank in ranks) + "None")
+                self.clear_ranks(name)
         if stacked_result and op.outputs and op.outputs[0]:  # the per-rank fallback's results, stacked
             name = op.outputs[0]
             self.emit(f"{self.slot_of(name, STACKED)} = {self.constant(torch.stack)}({self.rank_slots(name)})")
-            self.emit("".join(f"{self.slot(name, rank)} = " for rank in ranks) + "None")
+            self.clear_ranks(name)
         self.indent = 1
         if len(ranks) > 1:
             self.produced(op.outputs, stacked=stacked_result)

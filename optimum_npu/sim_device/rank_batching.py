@@ -24,8 +24,9 @@ for all ranks:
 Each form is called with the op's per-rank callable first, then the op's arguments, which come
 in three forms: a tensor every rank shares, a split value held rank-stacked (`Stacked`: a
 weight / buffer's storage [N, *shard shape], or an activation an earlier all-rank call returned
-stacked), or a list of the ranks' tensors. Each function returns the list of the ranks' outputs, or None when its
-arguments are not in the form it handles (the executor then calls the op once per rank).
+stacked), or a list of the ranks' tensors. Each returns the ranks' outputs (as `AllRankForm`
+says: rank-stacked or a list), or None when its arguments are not in the form it handles (the
+executor then calls the op once per rank).
 The host's CPU kernels may pick their blocking from the shapes, so a wide matmul is not
 guaranteed the bits of its slices; tests compare the in-process outputs with one process per
 rank (torchrun), bit for bit.
@@ -37,7 +38,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import FLASH_ATTENTION, KV_CACHE_UPDATE, PAGED_ATTENTION
@@ -240,10 +240,10 @@ def all_rank_form(target: str, input_per_rank: bool) -> AllRankForm | None:
 # separate host call whose fixed cost dwarfs its math. An activation that comes out of an
 # all-rank call rank-stacked stays stacked, and these ops run once on it: the same op with the
 # rank as an extra leading dimension (shape arguments get it prepended, dimension arguments are
-# shifted past it; both rewritten once, in the generated code). Only ops whose every output element is a copy or one correctly rounded IEEE
-# operation of its inputs qualify, so the result cannot depend on how the host vectorises the
-# larger tensor: each rank's slice has the bits the rank computes alone. Transcendentals are
-# checked at each call site instead (`CheckedElementwise`).
+# shifted past it; both rewritten once, in the generated code). Only ops whose every output
+# element is a copy or one correctly rounded IEEE operation of its inputs qualify, so the result
+# cannot depend on how the host vectorises the larger tensor: each rank's slice has the bits the
+# rank computes alone. Transcendentals are checked at each call site instead (`CheckedElementwise`).
 
 def _shift(dim):
     return dim + 1 if type(dim) is int and dim >= 0 else dim
