@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from optimum_npu import RBLNLlamaForCausalLM, compile_from_torch
 from optimum_npu.compile import ProgramTooLargeError
-from optimum_npu.modeling.decoderonly.static_decoder import merge_layers
+from optimum_npu.modeling.decoderonly.compile_plan import DecoderPlan
 from optimum_npu.sim_device.cost_model import attention_work
 from optimum_npu.sim_device.program import StepKind
 
@@ -43,13 +43,7 @@ def compile_graphs(hf_config: LlamaConfig, tp: int):
     config = RBLNLlamaForCausalLM.config_class(
         batch_size=1, max_seq_len=MAX_SEQ_LEN, prefill_chunk_size=CHUNK, tensor_parallel_size=tp,
     ).finalize(hf_config)
-    layout = RBLNLlamaForCausalLM._kv_layout(hf_config, config)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(hf_config)
-        caches = [tuple(torch.empty(layout.block_shape, dtype=torch.bfloat16) for _ in "kv")
-                  for _ in range(layout.num_layers)]
-        rope = tuple(torch.empty(MAX_SEQ_LEN, layout.head_dim) for _ in "cs")
-        specs = RBLNLlamaForCausalLM._decoder_graphs(model, config, merge_layers(model), caches, rope)
+    specs = DecoderPlan(hf_config, config).meta_graph_specs(LlamaForCausalLM)
     try:
         return [compile_from_torch(spec.module, input_info=list(spec.input_info), tensor_parallel_size=tp)
                 for spec in specs]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import optimum_npu.sim_device.kernels  # noqa: F401  (registers torch.ops.rbln)
-from optimum_npu.modeling.decoderonly.block_manager import BlockManager, KVCacheExhaustedError
+from optimum_npu.modeling.decoderonly.kv_cache import BlockManager, KVCacheExhaustedError
 
 
 def snapshot(manager: BlockManager):

@@ -32,7 +32,7 @@ from optimum_npu import (
 from optimum_npu.configuration import CONFIG_NAME
 from optimum_npu.modeling.base import RBLNModel
 from optimum_npu.modeling import base
-from optimum_npu.modeling.decoderonly import modeling_decoderonly
+from optimum_npu.modeling.decoderonly import compile_plan
 from optimum_npu.modeling.decoderonly.configuration_decoderonly import RBLNLlamaForCausalLMConfig
 from optimum_npu.sim_device import Artifact
 
@@ -212,8 +212,8 @@ def no_host_allocation(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("host tensors were allocated before the device capacity check")
 
-    monkeypatch.setattr(modeling_decoderonly, "make_kv_caches", refuse)
-    monkeypatch.setattr(modeling_decoderonly, "rope_tables", refuse)
+    monkeypatch.setattr(compile_plan, "make_kv_caches", refuse)
+    monkeypatch.setattr(compile_plan, "rope_tables", refuse)
 
 
 def test_absurd_kv_block_count_is_a_device_memory_error(no_host_allocation):

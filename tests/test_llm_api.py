@@ -25,7 +25,7 @@ from optimum_npu import (
 )
 from optimum_npu.configuration import CONFIG_NAME
 from optimum_npu.modeling import base
-from optimum_npu.modeling.decoderonly.block_manager import KVCacheExhaustedError
+from optimum_npu.modeling.decoderonly.kv_cache import KVCacheExhaustedError
 from optimum_npu.modeling.decoderonly.configuration_decoderonly import RBLNLlamaForCausalLMConfig
 from optimum_npu.sim_device import Artifact
 

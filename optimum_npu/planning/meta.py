@@ -76,6 +76,7 @@ def compile_decoder_on_meta(hf_config, check_memory: bool = True, cache: Compile
     `check_memory=False` skips that check (and its probe compilation): the planner sizes
     memory itself, and passes a `cache` shared by its calls (the graphs it returns are shared too)."""
     from ..modeling.auto import RBLNAutoModelForCausalLM
+    from ..modeling.decoderonly.compile_plan import DecoderPlan
 
     cls = RBLNAutoModelForCausalLM.class_for_config(hf_config)
     config, unknown = cls.config_class.from_kwargs(rbln_options)
@@ -83,9 +84,7 @@ def compile_decoder_on_meta(hf_config, check_memory: bool = True, cache: Compile
         raise ValueError(f"unknown options {sorted(unknown)}: options are rbln_* keyword arguments")
     with torch.device("meta"):
         hf_model = cls.hf_class(hf_config)
-        if check_memory:
-            return cls._compile(hf_model, config)
-        config = config.finalize(hf_config)
-        specs = cls._graph_specs(hf_model, config)
+        plan = DecoderPlan.for_model(hf_model, config) if check_memory else DecoderPlan(hf_config, config.finalize(hf_config))
+        specs = plan.graph_specs(hf_model)
     cache = CompileCache() if cache is None else cache
-    return config, {spec.name: cache.compile(hf_config, config, spec) for spec in specs}
+    return plan.config, {spec.name: cache.compile(hf_config, plan.config, spec) for spec in specs}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..sim_device.cost_model import DEFAULT_CALIBRATION
 from ..sim_device.specs import get_npu_spec
+from ..modeling.decoderonly.kv_cache import KVCacheLayout
 from .meta import CompileCache, compile_decoder_on_meta, load_hf_config
 from .serving import StepTimes, closed_loop, serving_host_overhead, simulate
 
@@ -175,10 +176,11 @@ class _ScaledGraph:
                                                   for k in a.per_kind_s})
 
 
-def _kv_bytes_per_slot(graph, blocks_per_slot: int, num_blocks: int, tp: int) -> int:
+def _kv_bytes_per_slot(graph, layout: KVCacheLayout, tp: int) -> int:
+    """KV bytes one sequence of max_seq_len takes on one device."""
     program = graph.program
     kv = sum(b.nbytes for b in program.buffers if b.name.startswith(("k_cache_", "v_cache_"))) // tp
-    return kv // num_blocks * blocks_per_slot
+    return kv // layout.num_blocks * layout.max_blocks_per_seq
 
 
 def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int = 2048, *,
@@ -219,8 +221,6 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
             rejected.append(f"{attn_impl}: no max_seq_len of this attention mode holds {needed} positions within "
                             f"the model's {limit}")
             continue
-        block = max_seq_len if attn_impl == "eager" else PARTITION_LEN
-        blocks_per_slot = max_seq_len // block
         for tp in tensor_parallel_sizes:
             if weight_bytes / tp > spec.usable_dram_bytes:
                 rejected.append(f"TP {tp}, {attn_impl}: the weights alone need {weight_bytes / tp / 2**30:.1f} GiB "
@@ -229,19 +229,19 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
             for chunk in chunk_sizes:
                 options = dict(rbln_npu=npu, rbln_dtype=dtype, rbln_tensor_parallel_size=tp,
                                rbln_batch_size=max(batch_sizes), rbln_decoder_batch_sizes=list(batch_sizes),
-                               rbln_max_seq_len=max_seq_len, rbln_prefill_chunk_size=chunk, rbln_attn_impl=attn_impl,
-                               rbln_kvcache_num_blocks=max(batch_sizes) * blocks_per_slot)
+                               rbln_max_seq_len=max_seq_len, rbln_prefill_chunk_size=chunk, rbln_attn_impl=attn_impl)
                 if attn_impl == "flash_attn":
                     options["rbln_kvcache_partition_len"] = PARTITION_LEN
                 try:
-                    _, one = compile_decoder_on_meta(one_layer, check_memory=False, cache=cache, **options)
+                    # The pool: every slot at full length (the config's default).
+                    config, one = compile_decoder_on_meta(one_layer, check_memory=False, cache=cache, **options)
                     _, two = compile_decoder_on_meta(two_layers, check_memory=False, cache=cache, **options)
                 except ValueError as error:
                     rejected.append(f"TP {tp}, chunk {chunk}, {attn_impl}: {str(error).splitlines()[0]}")
                     continue
-                num_blocks = max(batch_sizes) * blocks_per_slot
-                kv_one = _kv_bytes_per_slot(one["prefill"], blocks_per_slot, num_blocks, tp)
-                kv_two = _kv_bytes_per_slot(two["prefill"], blocks_per_slot, num_blocks, tp)
+                layout = KVCacheLayout.from_config(one_layer, config)
+                kv_one = _kv_bytes_per_slot(one["prefill"], layout, tp)
+                kv_two = _kv_bytes_per_slot(two["prefill"], layout, tp)
                 fixed_one = max(g.device_bytes for g in one.values()) - kv_one * max(batch_sizes)
                 fixed_two = max(g.device_bytes for g in two.values()) - kv_two * max(batch_sizes)
                 graphs = {name: _ScaledGraph(one[name], two[name], layers) for name in one}

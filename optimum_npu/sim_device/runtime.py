@@ -463,6 +463,19 @@ class Runtime:
             if cost is not None:
                 self._static_breakdown.add_step(step.kind, cost)
 
+    def tensor(self, name: str, rank: int | None = None) -> torch.Tensor:
+        """Weight or buffer `name` of the program as the device state holds it (host compute dtype):
+        rank `rank`'s part of a tensor split over tensor-parallel ranks (`program.tensor_shards`
+        says which part), by default the first rank this process runs. For reading: the device
+        state itself is returned, not a copy."""
+        rank = self.ranks[0] if rank is None else rank
+        if rank not in self.ranks:
+            raise ValueError(f"rank {rank} does not run in this process (it runs ranks {self.ranks})")
+        state = self._rank_state[self.ranks.index(rank)]
+        if name not in state:
+            raise KeyError(f"{self.name} has no weight or buffer {name!r}")
+        return state[name]
+
     # ---- running ---------------------------------------------------------------------
 
     def __call__(self, *args, **kwargs):

@@ -20,29 +20,11 @@ Output: logits [batch, 1, vocab].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ...sim_device import kernels  # noqa: F401  (registers torch.ops.rbln.*)
-
-
-@dataclass(frozen=True)
-class KVCacheLayout:
-    num_layers: int
-    num_blocks: int
-    num_kv_heads: int
-    block_size: int
-    head_dim: int
-
-    @property
-    def block_shape(self) -> tuple[int, int, int, int]:
-        return (self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
-
-    def bytes_per_block(self, dtype_bytes: int = 2) -> int:
-        """One block of every layer, K and V."""
-        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * dtype_bytes
+from .kv_cache import KVCacheLayout
 
 
 def make_kv_caches(layout: KVCacheLayout, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,22 +1,82 @@
-"""Host-side bookkeeping of the paged KV cache: which physical blocks each batch slot owns.
+"""The paged KV cache: its geometry (`KVCacheLayout`, the one place block sizes and counts are
+derived) and the host-side bookkeeping of which blocks each batch slot owns (`BlockManager`).
 
 The device holds `num_blocks` KV blocks of `block_size` positions per layer. A batch slot
 (one row of the compiled decode/prefill graphs) owns a list of blocks; its block table row
 maps logical block i (positions i*block_size ..) to a physical block. Blocks are handed
 out as a sequence grows and returned when it finishes (nano-vllm style, without prefix
-caching).
+caching). A serving engine (vLLM) allocates blocks with its own manager and passes its block
+ids to the runner instead.
 """
 
 from __future__ import annotations
 
-import math
 import heapq
+import math
+from dataclasses import dataclass
 
 import torch
 
 
+def blocks_per_sequence(max_seq_len: int, block_size: int) -> int:
+    """Width of a block table: the blocks one sequence of max_seq_len positions spans (the config's
+    rules make max_seq_len a multiple of the block size)."""
+    return max_seq_len // block_size
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """Geometry of the KV pool: per layer, K and V tensors of `block_shape`."""
+
+    num_layers: int
+    num_blocks: int
+    num_kv_heads: int
+    block_size: int
+    head_dim: int
+    max_seq_len: int
+
+    @classmethod
+    def from_config(cls, hf_config, config) -> KVCacheLayout:
+        """From the HF model config and a finalized decoder config."""
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        return cls(num_layers=hf_config.num_hidden_layers, num_blocks=config.kvcache_num_blocks,
+                   num_kv_heads=hf_config.num_key_value_heads, block_size=config.kvcache_block_size,
+                   head_dim=head_dim, max_seq_len=config.max_seq_len)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return blocks_per_sequence(self.max_seq_len, self.block_size)
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+
+    def bytes_per_block(self, dtype_bytes: int = 2) -> int:
+        """One block of every layer, K and V (all devices together)."""
+        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * dtype_bytes
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold positions 0..num_tokens-1."""
+        return math.ceil(num_tokens / self.block_size)
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def full_length_sequences(self) -> int:
+        """How many sequences of max_seq_len positions the pool holds at once."""
+        return self.num_blocks // self.max_blocks_per_seq
+
+    def describe(self) -> str:
+        """What the pool holds, for a user deciding how to size it."""
+        return (f"{self.num_blocks} blocks of {self.block_size} positions = {self.pool_tokens} tokens, "
+                f"{self.full_length_sequences} sequence(s) of max_seq_len={self.max_seq_len} at once "
+                f"({self.max_blocks_per_seq} block(s) each)")
+
+
 class KVCacheExhaustedError(RuntimeError):
-    """No free KV blocks left for a sequence that needs to grow."""
+    """No free KV blocks left for a sequence that needs to grow (or a request the pool cannot hold)."""
 
 
 class BlockManager:
@@ -41,6 +101,11 @@ class BlockManager:
         # consecutive blocks, which the kernels read as one contiguous slice.
         self._free_blocks: list[int] = list(range(num_blocks))
         self._slot_blocks: list[list[int]] = [[] for _ in range(num_slots)]
+
+    @classmethod
+    def for_layout(cls, layout: KVCacheLayout, num_slots: int) -> BlockManager:
+        return cls(num_blocks=layout.num_blocks, block_size=layout.block_size,
+                   max_blocks_per_seq=layout.max_blocks_per_seq, num_slots=num_slots)
 
     @property
     def num_free_blocks(self) -> int:
@@ -81,6 +146,10 @@ class BlockManager:
         for block in self._slot_blocks[slot]:
             heapq.heappush(self._free_blocks, block)
         self._slot_blocks[slot] = []
+
+    def free_all(self) -> None:
+        for slot in range(self.num_slots):
+            self.free(slot)
 
     def block_table(self, slot: int) -> list[int]:
         """Physical blocks owned by `slot`, in logical order (a copy)."""

@@ -1,0 +1,168 @@
+"""What a decoder-only model compiles to: `DecoderPlan`.
+
+From the Hugging Face config and a finalized `RBLNDecoderOnlyModelForCausalLMConfig`: the KV
+pool's layout, the graphs (one prefill graph and one decode graph per batch bucket, sharing
+weights, RoPE tables and the paged KV cache), a memory probe of one device (the prefill graph
+compiled on the meta device, no host tensor created), and the pool sized from the memory the
+weights leave. The model class compiles through it; the planner and the benchmarks use it
+instead of the model's private hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ...compile import ProgramTooLargeError, compile_from_torch
+from ...sim_device.memory import DeviceMemoryError, format_gib
+from ...sim_device.specs import get_npu_spec
+from ..base import GraphSpec
+from .kv_cache import KVCacheLayout
+from .static_decoder import StaticDecoder, make_kv_caches, merge_layers, rope_tables
+
+PREFILL = "prefill"
+DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def decoder_graph_name(batch: int) -> str:
+    return f"decoder_batch_{batch}"
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """One device's memory (the largest rank) in a compiled prefill program, with the KV cache apart."""
+
+    weights_bytes: int
+    cache_bytes: int           # as allocated (whole DRAM pages per cache tensor)
+    block_bytes: int           # one KV block of every layer, K and V, on one device
+    fixed_bytes: int           # everything but the KV cache: weights, other buffers, activations
+    activations_bytes: int
+    page_slack_bytes: int      # at most what rounding the cache tensors up to whole pages adds
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.cache_bytes
+
+    def blocks_that_fit(self, usable_bytes: int) -> int:
+        return max(0, (usable_bytes - self.fixed_bytes - self.page_slack_bytes) // self.block_bytes)
+
+    @classmethod
+    def of(cls, program, num_blocks: int) -> MemoryProbe:
+        plan = program.memory
+        rank = max(range(plan.num_devices), key=plan.total_bytes)
+        caches = [spec for spec in program.buffers if spec.name.startswith(("k_cache_", "v_cache_"))]
+        cache = sum(program.resident_bytes(spec, rank) for spec in caches)
+        exact = sum(program.local_spec(spec, rank).nbytes for spec in caches)
+        return cls(weights_bytes=plan.weights_bytes[rank], cache_bytes=cache, block_bytes=max(1, exact // num_blocks),
+                   fixed_bytes=plan.total_bytes(rank) - cache, activations_bytes=plan.activations_bytes[rank],
+                   page_slack_bytes=len(caches) * get_npu_spec(program.npu).dram_page_bytes)
+
+
+class DecoderPlan:
+    """The graphs and KV pool of a decoder for one finalized config."""
+
+    def __init__(self, hf_config, config):
+        if not config.is_resolved:
+            raise ValueError("DecoderPlan needs a finalized config: call config.finalize(hf_config) first")
+        self.hf_config = hf_config
+        self.config = config
+        self.layout = KVCacheLayout.from_config(hf_config, config)
+
+    @classmethod
+    def for_model(cls, hf_model, config) -> DecoderPlan:
+        """Every option decided from the HF config; with flash attention and no block count given,
+        the KV block pool sized from the device memory left after the weights. Checks that the
+        weights, KV cache and RoPE tables fit a device before any of them exists on the host."""
+        blocks_left_to_memory = config.kvcache_num_blocks is None
+        plan = cls(hf_model.config, config.finalize(hf_model.config))
+        merge_layers(hf_model, copy_weights=False)  # refuses a model with parameters the decoder would not use
+        if blocks_left_to_memory and plan.config.attn_impl == "flash_attn":
+            plan = plan.size_pool(hf_model)
+        plan.probe(hf_model)  # DeviceMemoryError before any host KV cache / RoPE table exists
+        return plan
+
+    def with_num_blocks(self, num_blocks: int) -> DecoderPlan:
+        return DecoderPlan(self.hf_config, dataclasses.replace(self.config, kvcache_num_blocks=num_blocks))
+
+    def size_pool(self, hf_model) -> DecoderPlan:
+        """Flash attention: as many KV blocks as the DRAM left after weights, other buffers and
+        activations holds (up to every slot at full length), read from the memory plan of the
+        prefill graph (a probe of one block per slot), as the real stack sizes its pool."""
+        probe = self.with_num_blocks(self.config.batch_size).probe(hf_model)
+        usable = get_npu_spec(self.config.npu).usable_dram_bytes
+        num_blocks = self.config.resolve_num_blocks(probe.blocks_that_fit(usable) * probe.block_bytes,
+                                                    probe.block_bytes)
+        return self.with_num_blocks(num_blocks)
+
+    def graph_specs(self, hf_model) -> list[GraphSpec]:
+        """The graphs to compile, holding the model's weights, zero KV caches and its RoPE tables."""
+        kv_caches = make_kv_caches(self.layout, DEVICE_DTYPE[self.config.dtype])
+        rope = rope_tables(hf_model, self.config.max_seq_len)
+        return self._graphs(hf_model, merge_layers(hf_model), kv_caches, rope)
+
+    def meta_graph_specs(self, hf_class) -> list[GraphSpec]:
+        """The same graphs on the meta device (shapes only: they compile to sizes and costs, never
+        run), built from `hf_class` (the transformers model class) and the HF config."""
+        with torch.device("meta"):
+            meta_model = hf_class(self.hf_config)
+            caches = [tuple(torch.empty(self.layout.block_shape, dtype=DEVICE_DTYPE[self.config.dtype]) for _ in "kv")
+                      for _ in range(self.layout.num_layers)]
+            rope = tuple(torch.empty(self.config.max_seq_len, self.layout.head_dim) for _ in ("cos", "sin"))
+            return self._graphs(meta_model, merge_layers(meta_model), caches, rope)
+
+    def _graphs(self, hf_model, layers, kv_caches, rope) -> list[GraphSpec]:
+        config, max_blocks = self.config, self.layout.max_blocks_per_seq
+        hidden = self.hf_config.hidden_size
+
+        def inputs(batch: int, tokens: int, prefill: bool) -> list[tuple[str, tuple[int, ...], str]]:
+            first = ("inputs_embeds", (batch, tokens, hidden), "float32") if config.use_inputs_embeds else (
+                "input_ids", (batch, tokens), "int64")
+            mask = [("attention_mask", (batch, config.max_seq_len), "int32")] if config.use_attention_mask else []
+            position = [("query_position", (1,), "int64")] if prefill else []
+            return [first, ("start_pos", (batch,), "int32"), ("block_tables", (batch, max_blocks), "int32"),
+                    *position, *mask]
+
+        def graph(name: str, phase: str, input_info) -> GraphSpec:
+            module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
+                                   config.use_inputs_embeds, config.use_attention_mask)
+            return GraphSpec(name, tuple(input_info), module)
+
+        specs = [graph(PREFILL, PREFILL, inputs(1, config.prefill_chunk_size, prefill=True))]
+        specs += [graph(decoder_graph_name(batch), "decode", inputs(batch, 1, prefill=False))
+                  for batch in config.decoder_batch_sizes]
+        return specs
+
+    def probe(self, hf_model) -> MemoryProbe:
+        """What one device needs, from the compiler's memory plan of the prefill graph compiled on
+        the meta device (no host tensor is created, whatever the sizes). Raises DeviceMemoryError
+        naming the options to change (and the smallest tensor-parallel size that fits) if the
+        program does not fit."""
+        config, layout = self.config, self.layout
+        prefill = self.meta_graph_specs(type(hf_model))[0]
+        try:
+            program = compile_from_torch(prefill.module, input_info=list(prefill.input_info), npu=config.npu,
+                                         dtype=config.dtype, numerics=config.numerics,
+                                         tensor_parallel_size=config.tensor_parallel_size).program
+            too_large = None
+        except ProgramTooLargeError as error:
+            program, too_large = error.program, error
+        probe = MemoryProbe.of(program, layout.num_blocks)
+        if too_large is None:
+            return probe
+        spec = get_npu_spec(config.npu)
+        rope_bytes = probe.fixed_bytes - probe.weights_bytes - probe.activations_bytes
+        blocks_that_fit = probe.blocks_that_fit(spec.usable_dram_bytes)
+        tp = too_large.smallest_tensor_parallel_size
+        raise DeviceMemoryError(
+            f"The model needs {format_gib(probe.total_bytes)} per device at rbln_tensor_parallel_size="
+            f"{config.tensor_parallel_size}: weights {format_gib(probe.weights_bytes)}, KV cache "
+            f"{format_gib(probe.cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
+            f"{format_gib(probe.block_bytes)}), RoPE tables and other buffers {format_gib(rope_bytes)} "
+            f"(rbln_max_seq_len={config.max_seq_len}), activations {format_gib(probe.activations_bytes)}; a "
+            f"{config.npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: "
+            + (f"split over rbln_tensor_parallel_size={tp} devices (the smallest that fits), or " if tp else "")
+            + f"lower rbln_kvcache_num_blocks (at most {blocks_that_fit} fit), rbln_batch_size or rbln_max_seq_len, "
+            "or target an npu with more memory."
+        ) from None

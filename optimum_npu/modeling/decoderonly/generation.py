@@ -1,0 +1,249 @@
+"""transformers' `generate()` on a compiled decoder: the GenerationMixin hooks, the step each
+`forward()` runs, and the simulated figures of the last generation (`GenerationStats`).
+
+During a `generate`, row b of the batch owns KV slot b of the model's `BlockManager`. Prefill
+runs each prompt alone, chunk by chunk (left padding stripped); decode runs all rows together
+in the smallest compiled bucket that holds them. Both go through the model's `DecoderRunner`,
+the same one a serving engine drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationMixin
+from transformers.utils import ModelOutput
+
+from ...sim_device.memory import format_gib
+from ...sim_device.runtime import DeviceMemoryUsage
+
+
+@dataclass
+class RBLNCausalLMOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    next_positions: list[int] | None = None
+
+
+@dataclass
+class GenerationStats:
+    """Simulated device performance of the last `generate` call."""
+
+    batch_size: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)
+    new_tokens: int = 0                  # tokens generated per row (decode steps + the prefill token)
+    decode_bucket: int = 0
+    prefill_s: float = 0.0               # all prompts, one after another
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    memory: list[DeviceMemoryUsage] = field(default_factory=list)
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token: the prefill of the whole batch."""
+        return self.prefill_s
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token after the first: one decode step."""
+        return self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Output tokens of all rows per simulated second."""
+        return self.batch_size * self.new_tokens / self.total_s if self.total_s else 0.0
+
+    def __str__(self) -> str:
+        memory = ", ".join(f"npu{m.device} {format_gib(m.total_bytes)}" for m in self.memory)
+        return (
+            f"batch {self.batch_size}, prompts {self.prompt_tokens} tokens, {self.new_tokens} new tokens per row "
+            f"(decode bucket {self.decode_bucket})\n"
+            f"TTFT {self.ttft_s * 1e3:.3f} ms | TPOT {self.tpot_s * 1e3:.3f} ms | "
+            f"{self.tokens_per_s:.1f} output tokens/s (simulated) | device memory: {memory}"
+        )
+
+
+class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
+    """What transformers' `generate()` needs from a compiled decoder. The model provides
+    `runner` (a DecoderRunner), `block_manager`, `rbln_config`, `config`, `_lock`,
+    `_stats_in_progress`, `generation_stats` and `device_memory()`."""
+
+    # ---- one step ----------------------------------------------------------------------
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, rbln_positions=None, **kwargs):
+        """One generation step: prefill of every prompt (rbln_positions None) or one decode step."""
+        input_ids = self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        with self._lock:
+            return self._step(input_ids, attention_mask, inputs_embeds, rbln_positions)
+
+    def _step(self, input_ids, attention_mask, inputs_embeds, rbln_positions):
+        stats = self._stats_in_progress
+        if rbln_positions is None:
+            return self._prefill_batch(input_ids, attention_mask, inputs_embeds, stats)
+        if any(p >= self.rbln_config.max_seq_len for p in rbln_positions):
+            raise ValueError(f"generation reached rbln_max_seq_len={self.rbln_config.max_seq_len}")
+        clock_before = self.runner.clock_s
+        rows = list(range(len(rbln_positions)))
+        self.runner.bucket_for(len(rows))  # a batch no decode graph holds is refused before any block moves
+        for slot, position in zip(rows, rbln_positions):
+            self.block_manager.allocate(slot, position + 1)
+        logits = self.runner.decode(input_ids[:, -1], torch.tensor(rbln_positions), self.block_manager.block_tables(rows))
+        if stats is not None:
+            stats.decode_s += self.runner.clock_s - clock_before
+            stats.decode_steps += 1
+            stats.new_tokens += 1
+        return RBLNCausalLMOutput(logits=logits[:, None], next_positions=[p + 1 for p in rbln_positions])
+
+    def _prefill_batch(self, input_ids, attention_mask, inputs_embeds, stats):
+        c = self.rbln_config
+        rows = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+        if rows > c.batch_size:
+            raise ValueError(
+                f"batch of {rows} sequences is larger than the compiled rbln_batch_size={c.batch_size}; "
+                "recompile with a larger rbln_batch_size or split the batch"
+            )
+        if inputs_embeds is not None and not c.use_inputs_embeds:
+            raise ValueError("inputs_embeds needs a model compiled with rbln_use_inputs_embeds=True")
+        self.block_manager.free_all()
+        clock_before = self.runner.clock_s
+        logits, positions = [], []
+        for row in range(rows):
+            keep = attention_mask[row].bool() if attention_mask is not None else slice(None)
+            tokens = input_ids[row][keep] if input_ids is not None and input_ids.shape[1] else None
+            embeds = inputs_embeds[row][keep].float() if inputs_embeds is not None else None
+            length = (tokens if embeds is None else embeds).shape[0]
+            if length == 0:
+                raise ValueError(f"prompt {row} is empty (its attention_mask is all zeros)")
+            if length > c.max_seq_len:
+                raise ValueError(f"prompt {row} has {length} tokens, more than rbln_max_seq_len={c.max_seq_len}")
+            # The blocks the padded chunks write, so that the padding writes land in this row's own blocks.
+            self.block_manager.allocate(row, self.runner.prefill_starts(0, length)[-1] + c.prefill_chunk_size)
+            table = torch.tensor(self.block_manager.block_table(row), dtype=torch.int32)
+            logits.append(self.runner.prefill(tokens, table, 0, embeds))
+            positions.append(length)
+        if stats is not None:
+            stats.prefill_s += self.runner.clock_s - clock_before
+            stats.prompt_tokens = positions
+            stats.new_tokens += 1
+        return RBLNCausalLMOutput(logits=torch.stack(logits)[:, None], next_positions=positions)
+
+    # ---- transformers GenerationMixin hooks ---------------------------------------------
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def _prepare_cache_for_generation(self, *args, **kwargs) -> None:
+        """The KV cache lives on the device; there is no HF cache object to prepare."""
+
+    def _supports_logits_to_keep(self) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def _optimize_model_for_decode(self):
+        """The compiled graphs are what runs; there is no eager model to tune for decode."""
+        yield
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None,
+                                      rbln_positions=None, **kwargs):
+        if rbln_positions is None:
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds}
+        return {"input_ids": input_ids[:, -1:], "rbln_positions": rbln_positions}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, **kwargs):
+        model_kwargs["rbln_positions"] = outputs.next_positions
+        model_kwargs.pop("inputs_embeds", None)
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None:
+            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        return model_kwargs
+
+    def _validate_model_kwargs(self, model_kwargs):
+        unknown = set(model_kwargs) - {"input_ids", "attention_mask", "inputs_embeds", "use_cache", "rbln_positions",
+                                       "output_attentions", "output_hidden_states", "return_dict"}
+        unknown = {k for k in unknown if model_kwargs[k] is not None}
+        if unknown:
+            raise ValueError(f"generate() got arguments this model does not use: {sorted(unknown)}")
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' `generate`, on the simulated NPU. Beam search is not supported."""
+        config = generation_config or self.generation_config
+        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) if config is not None else 1)
+        if num_beams and num_beams > 1:
+            raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling")
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        self._check_inputs(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"))
+        self._check_generation_length(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), config, kwargs)
+        rows = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
+        stats = GenerationStats(batch_size=rows, decode_bucket=self.runner.bucket_for(rows))
+        with self._lock:  # the KV cache, the block manager and the stats belong to one generation at a time
+            self._stats_in_progress = stats
+            try:
+                return super().generate(inputs=inputs, generation_config=generation_config, **kwargs)
+            finally:
+                self._stats_in_progress = None
+                self.block_manager.free_all()
+                stats.memory = self.device_memory()
+                self.generation_stats = stats
+
+    # ---- input checks -------------------------------------------------------------------
+
+    def _check_inputs(self, input_ids, attention_mask, inputs_embeds) -> torch.Tensor | None:
+        """Refuse malformed inputs up front, naming the problem (instead of an IndexError deep in
+        the embedding lookup). Returns input_ids as int64, the graphs' input type."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("generate() / forward() needs input_ids (or inputs_embeds)")
+        if inputs_embeds is not None:
+            hidden = self.config.hidden_size
+            if not (isinstance(inputs_embeds, torch.Tensor) and inputs_embeds.is_floating_point()
+                    and inputs_embeds.dim() == 3 and inputs_embeds.shape[-1] == hidden):
+                got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds)
+                raise ValueError(f"inputs_embeds must be a float tensor [batch, tokens, {hidden}]; got {got}")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+                got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+                raise ValueError(f"input_ids must be a 2-D tensor [batch, tokens]; got {got}")
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
+            vocab = self.config.vocab_size
+            outside = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+            if outside.numel():
+                raise ValueError(
+                    f"input_ids holds token id {int(outside[0])}, outside this model's vocabulary [0, {vocab}) "
+                    f"({outside.numel()} such id(s)); check the tokenizer matches the model"
+                )
+            input_ids = input_ids.long()
+        prompt = inputs_embeds if inputs_embeds is not None else input_ids
+        if prompt.shape[0] == 0 or prompt.shape[1] == 0:
+            raise ValueError(f"the prompt is empty (shape {tuple(prompt.shape)}): give at least one token per row")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(prompt.shape[:2]):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, the prompt {tuple(prompt.shape[:2])}; "
+                "they must match"
+            )
+        return input_ids
+
+    def _check_generation_length(self, ids, mask, embeds, config, kwargs) -> None:
+        """Refuse up front a generation that would run past max_seq_len, before any device work."""
+        source = ids if ids is not None else embeds
+        if source is None:
+            raise ValueError("generate() needs input_ids (or inputs_embeds)")
+        lengths = mask.sum(-1).tolist() if mask is not None else [source.shape[1]] * source.shape[0]
+        longest = int(max(lengths))
+        max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None) if config is not None else None)
+        if max_new is None:
+            max_length = kwargs.get("max_length", getattr(config, "max_length", 20) if config is not None else 20)
+            max_new = max_length - source.shape[1]
+        limit = self.rbln_config.max_seq_len
+        if longest > limit:
+            raise ValueError(f"a prompt has {longest} tokens, more than rbln_max_seq_len={limit}")
+        if longest + max_new > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens plus max_new_tokens={max_new} needs {longest + max_new} positions, "
+                f"more than rbln_max_seq_len={limit}; lower max_new_tokens or recompile with a larger rbln_max_seq_len"
+            )
