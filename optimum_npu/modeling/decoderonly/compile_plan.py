@@ -11,6 +11,7 @@ instead of the model's private hooks.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from ...sim_device.specs import get_npu_spec
 from ..base import GraphSpec
 from .kv_cache import KVCacheLayout
 from .static_decoder import StaticDecoder, make_kv_caches, merge_layers, rope_tables
+
+logger = logging.getLogger(__name__)
 
 PREFILL = "prefill"
 DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,7 +84,21 @@ class DecoderPlan:
         if blocks_left_to_memory and plan.config.attn_impl == "flash_attn":
             plan = plan.size_pool(hf_model)
         plan.probe(hf_model)  # DeviceMemoryError before any host KV cache / RoPE table exists
+        plan.report_pool()
         return plan
+
+    def report_pool(self) -> None:
+        """Say what the KV pool holds; a warning when the batch slots cannot all reach max_seq_len
+        at once (they share the pool, and a request longer than it holds is refused)."""
+        layout, batch = self.layout, self.config.batch_size
+        if layout.full_length_sequences >= batch:
+            logger.info("KV cache pool: %s", layout.describe())
+            return
+        logger.warning(
+            "KV cache pool: %s, fewer than rbln_batch_size=%d sequences of max_seq_len: the slots share the "
+            "pool, and generate() refuses up front a request it cannot hold. Every slot at full length needs "
+            "rbln_kvcache_num_blocks=%d (and the device memory for them).",
+            layout.describe(), batch, self.config.blocks_for_full_length)
 
     def with_num_blocks(self, num_blocks: int) -> DecoderPlan:
         return DecoderPlan(self.hf_config, dataclasses.replace(self.config, kvcache_num_blocks=num_blocks))

@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from ...sim_device.memory import format_gib
 from ...sim_device.runtime import DeviceMemoryUsage
+from .kv_cache import KVCacheExhaustedError
 
 
 @dataclass
@@ -178,9 +179,10 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
             raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling")
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         self._check_inputs(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"))
-        self._check_generation_length(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), config, kwargs)
-        rows = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
-        stats = GenerationStats(batch_size=rows, decode_bucket=self.runner.bucket_for(rows))
+        lengths, max_new = self._check_generation_length(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"),
+                                                         config, kwargs)
+        stats = GenerationStats(batch_size=len(lengths), decode_bucket=self.runner.bucket_for(len(lengths)))
+        self._check_kv_pool(lengths, max_new)
         with self._lock:  # the KV cache, the block manager and the stats belong to one generation at a time
             self._stats_in_progress = stats
             try:
@@ -228,8 +230,9 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
             )
         return input_ids
 
-    def _check_generation_length(self, ids, mask, embeds, config, kwargs) -> None:
-        """Refuse up front a generation that would run past max_seq_len, before any device work."""
+    def _check_generation_length(self, ids, mask, embeds, config, kwargs) -> tuple[list[int], int]:
+        """Refuse up front a generation that would run past max_seq_len, before any device work.
+        Returns the prompt length of each row and max_new_tokens."""
         source = ids if ids is not None else embeds
         if source is None:
             raise ValueError("generate() needs input_ids (or inputs_embeds)")
@@ -246,4 +249,21 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
             raise ValueError(
                 f"a prompt of {longest} tokens plus max_new_tokens={max_new} needs {longest + max_new} positions, "
                 f"more than rbln_max_seq_len={limit}; lower max_new_tokens or recompile with a larger rbln_max_seq_len"
+            )
+        return [int(n) for n in lengths], max_new
+
+    def _check_kv_pool(self, lengths: list[int], max_new: int) -> None:
+        """Refuse up front, before any device work, a batch whose rows cannot all hold their KV
+        blocks at once (the pool may hold fewer sequences of max_seq_len than the batch has slots)."""
+        layout, chunk = self.runner.layout, self.runner.prefill_chunk_size
+        # Prefill writes whole chunks; decode then writes positions up to length + max_new - 2.
+        # (An empty row is refused by its prefill, with its own message.)
+        needed = [layout.blocks_for(max(self.runner.prefill_starts(0, max(n, 1))[-1] + chunk, n + max_new - 1))
+                  for n in lengths]
+        if sum(needed) > layout.num_blocks:
+            raise KVCacheExhaustedError(
+                f"KV cache too small for this request: prompts of {lengths} tokens plus max_new_tokens={max_new} "
+                f"need {needed} blocks ({sum(needed)} at once), but the pool holds {layout.describe()}. Lower "
+                "max_new_tokens or the batch, or recompile with more rbln_kvcache_num_blocks (device memory "
+                "allowing)."
             )
