@@ -5,6 +5,7 @@
     optimum-npu presets [--json]               hardware presets and their figures
     optimum-npu compile pkg.mod:factory --input x:1x16:float32 -o model.rbln
     optimum-npu run model.rbln [--profile trace.json]
+    optimum-npu kv-blocks FOLDER [--set N | --memory-budget F]
 
 A subcommand is a `Command` in `COMMANDS`: a name, a help line, a function adding its
 arguments and a function running it. User mistakes raise `CLIError`: one line on
@@ -286,6 +287,33 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- kv-blocks -----------------------------------------------------------------------
+
+
+def _kv_blocks_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="a compiled decoder-only LM folder (save_pretrained)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--set", type=int, default=None, metavar="N", help="give the KV pool N blocks")
+    size.add_argument("--memory-budget", type=float, default=None, metavar="F",
+                      help="as many blocks as fit F (0 < F <= 1) of a device's memory, up to every batch slot at "
+                           "full length")
+
+
+def _kv_blocks(args: argparse.Namespace) -> int:
+    from .modeling.decoderonly import kv_resize
+
+    if not os.path.isfile(os.path.join(args.folder, "rbln_config.json")):
+        raise CLIError(f"{args.folder} is not a compiled model folder (no rbln_config.json)")
+    if args.set is None and args.memory_budget is None:
+        from .modeling.auto import RBLNAutoModelForCausalLM
+
+        model = RBLNAutoModelForCausalLM.from_pretrained(args.folder, rbln_create_runtimes=False)
+    else:
+        model = kv_resize.resize_folder(args.folder, num_blocks=args.set, memory_budget=args.memory_budget)
+    print(kv_resize.pool_summary(model))
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------
 
 COMMANDS = [
@@ -295,6 +323,8 @@ COMMANDS = [
     Command("run", "run a .rbln program once on random inputs and print the simulated stats", _run_arguments, _run),
     Command("plan", "rank deployments of a decoder-only LM (TP, batch, chunk, attention) by simulated serving",
             _plan_arguments, _plan),
+    Command("kv-blocks", "show or resize the KV block pool of a compiled decoder folder, without recompiling",
+            _kv_blocks_arguments, _kv_blocks),
 ]
 
 

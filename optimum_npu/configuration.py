@@ -422,6 +422,15 @@ class RBLNModelConfig:
     def runtime_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.runtime_option_names()}
 
+    @classmethod
+    def top_level_keys(cls) -> tuple[str, ...]:
+        """Keys a config class adds at the top level of rbln_config.json for other readers (e.g.
+        vLLM's); this package reads compile_options / runtime_options. None by default."""
+        return ()
+
+    def check_top_level_keys(self, data: dict[str, Any], path: str) -> None:
+        """Called on load with the file's content: a class that adds top-level keys checks them here."""
+
     def to_json_dict(self) -> dict[str, Any]:
         return {
             "cls_name": self.cls_name,
@@ -464,6 +473,8 @@ class RBLNModelConfig:
         if missing:
             raise ValueError(f"{path} is malformed: missing {sorted(missing)}")
         unknown = set(data) - set(_JSON_KEY_TYPES)
+        if unknown:  # keys the config class adds for other readers are known
+            unknown -= set(_lookup_config_class(data["config_cls"]).top_level_keys())
         if unknown:
             raise ValueError(f"{path} is malformed: unknown keys {sorted(unknown)}; expected {sorted(_JSON_KEY_TYPES)}")
         for key, types in _JSON_KEY_TYPES.items():
@@ -489,10 +500,12 @@ class RBLNModelConfig:
         options = {**data["compile_options"], **data["runtime_options"]}
         config_cls._check_option_names(options, prefix="", where=f"in {path}")
         try:
-            return config_cls(**options, cls_name=data.get("cls_name"), graphs=data.get("graphs", {}))
+            config = config_cls(**options, cls_name=data.get("cls_name"), graphs=data.get("graphs", {}))
         except (TypeError, ValueError) as err:
             error_type = ValueError if isinstance(err, ValueError) else TypeError
             raise error_type(f"{path}: {err}") from None
+        config.check_top_level_keys(data, path)
+        return config
 
     # --- the machine ----------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..sim_device.cost_model import DEFAULT_CALIBRATION
 from ..sim_device.specs import get_npu_spec
-from ..modeling.decoderonly.kv_cache import KVCacheLayout
+from ..modeling.decoderonly.kv_cache import KVCacheLayout, is_kv_cache
 from .meta import CompileCache, compile_decoder_on_meta, load_hf_config
 from .serving import StepTimes, closed_loop, serving_host_overhead, simulate
 
@@ -179,7 +179,7 @@ class _ScaledGraph:
 def _kv_bytes_per_slot(graph, layout: KVCacheLayout, tp: int) -> int:
     """KV bytes one sequence of max_seq_len takes on one device."""
     program = graph.program
-    kv = sum(b.nbytes for b in program.buffers if b.name.startswith(("k_cache_", "v_cache_"))) // tp
+    kv = sum(b.nbytes for b in program.buffers if is_kv_cache(b.name)) // tp
     return kv // layout.num_blocks * layout.max_blocks_per_seq
 
 

@@ -20,7 +20,7 @@ from ...compile import ProgramTooLargeError, compile_from_torch
 from ...sim_device.memory import DeviceMemoryError, format_gib
 from ...sim_device.specs import get_npu_spec
 from ..base import GraphSpec
-from .kv_cache import KVCacheLayout
+from .kv_cache import KVCacheLayout, is_kv_cache
 from .static_decoder import StaticDecoder, make_kv_caches, merge_layers, rope_tables
 
 logger = logging.getLogger(__name__)
@@ -55,12 +55,24 @@ class MemoryProbe:
     def of(cls, program, num_blocks: int) -> MemoryProbe:
         plan = program.memory
         rank = max(range(plan.num_devices), key=plan.total_bytes)
-        caches = [spec for spec in program.buffers if spec.name.startswith(("k_cache_", "v_cache_"))]
+        caches = [spec for spec in program.buffers if is_kv_cache(spec.name)]
         cache = sum(program.resident_bytes(spec, rank) for spec in caches)
         exact = sum(program.local_spec(spec, rank).nbytes for spec in caches)
         return cls(weights_bytes=plan.weights_bytes[rank], cache_bytes=cache, block_bytes=max(1, exact // num_blocks),
                    fixed_bytes=plan.total_bytes(rank) - cache, activations_bytes=plan.activations_bytes[rank],
                    page_slack_bytes=len(caches) * get_npu_spec(program.npu).dram_page_bytes)
+
+
+def usable_bytes(config) -> int:
+    """The device memory a model may take: its rbln_memory_budget of the NPU's usable DRAM."""
+    usable = get_npu_spec(config.npu).usable_dram_bytes
+    return usable if config.memory_budget is None else int(config.memory_budget * usable)
+
+
+def blocks_within(config, probe: MemoryProbe) -> int:
+    """optimum-rbln's rule: every slot at full length if that fits the tightest device (the probe's),
+    else the most blocks that fit; ValueError naming the numbers when fewer than one per slot fit."""
+    return config.resolve_num_blocks(probe.blocks_that_fit(usable_bytes(config)) * probe.block_bytes, probe.block_bytes)
 
 
 class DecoderPlan:
@@ -81,9 +93,15 @@ class DecoderPlan:
         blocks_left_to_memory = config.kvcache_num_blocks is None
         plan = cls(hf_model.config, config.finalize(hf_model.config))
         merge_layers(hf_model, copy_weights=False)  # refuses a model with parameters the decoder would not use
-        if blocks_left_to_memory and plan.config.attn_impl == "flash_attn":
+        if blocks_left_to_memory and (plan.config.attn_impl == "flash_attn" or plan.config.memory_budget is not None):
             plan = plan.size_pool(hf_model)
-        plan.probe(hf_model)  # DeviceMemoryError before any host KV cache / RoPE table exists
+        probe = plan.probe(hf_model)  # DeviceMemoryError before any host KV cache / RoPE table exists
+        if plan.config.memory_budget is not None and probe.total_bytes > usable_bytes(plan.config):
+            raise DeviceMemoryError(
+                f"The model needs {format_gib(probe.total_bytes)} per device, more than rbln_memory_budget="
+                f"{plan.config.memory_budget} of the device allows ({format_gib(usable_bytes(plan.config))}): at most "
+                f"{probe.blocks_that_fit(usable_bytes(plan.config))} KV blocks fit (rbln_kvcache_num_blocks="
+                f"{plan.layout.num_blocks}); raise the budget or lower the block count")
         plan.report_pool()
         return plan
 
@@ -106,12 +124,10 @@ class DecoderPlan:
     def size_pool(self, hf_model) -> DecoderPlan:
         """Flash attention: as many KV blocks as the DRAM left after weights, other buffers and
         activations holds (up to every slot at full length), read from the memory plan of the
-        prefill graph (a probe of one block per slot), as the real stack sizes its pool."""
+        prefill graph (a probe of one block per slot), as the real stack sizes its pool; within
+        rbln_memory_budget of the device if given."""
         probe = self.with_num_blocks(self.config.batch_size).probe(hf_model)
-        usable = get_npu_spec(self.config.npu).usable_dram_bytes
-        num_blocks = self.config.resolve_num_blocks(probe.blocks_that_fit(usable) * probe.block_bytes,
-                                                    probe.block_bytes)
-        return self.with_num_blocks(num_blocks)
+        return self.with_num_blocks(blocks_within(self.config, probe))
 
     def graph_specs(self, hf_model) -> list[GraphSpec]:
         """The graphs to compile, holding the model's weights, zero KV caches and its RoPE tables."""

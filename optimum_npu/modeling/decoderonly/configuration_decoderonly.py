@@ -18,11 +18,14 @@ the Hugging Face config and checks the rules that tie options together:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from optimum_npu.configuration import OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, check_int
+
+logger = logging.getLogger(__name__)
 
 ATTN_IMPLS = ("eager", "flash_attn")
 
@@ -46,7 +49,8 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
     attn_impl: str | None = None              # None: "flash_attn" if kvcache_partition_len is set, else "eager"
     kvcache_partition_len: int | None = None  # flash attention only
     kvcache_block_size: int | None = None     # None: max_seq_len (eager) / kvcache_partition_len (flash)
-    kvcache_num_blocks: int | None = None     # None: enough for every slot at full length
+    kvcache_num_blocks: int | None = None     # None: every slot at full length (flash: as many as memory holds)
+    memory_budget: float | None = None        # fraction of a device's usable memory the model may take (None: 1.0)
     decoder_batch_sizes: tuple[int, ...] | None = None  # decode graphs to compile; None: (batch_size,)
     use_inputs_embeds: bool = False           # the prefill graph takes embeddings instead of token ids
     use_attention_mask: bool = False          # pass an explicit attention mask (else derived from positions)
@@ -71,6 +75,11 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
             )
         check_int("kvcache_block_size", self.kvcache_block_size, allow_none=True)
         check_int("kvcache_num_blocks", self.kvcache_num_blocks, allow_none=True)
+        if self.memory_budget is not None and (isinstance(self.memory_budget, bool)
+                                               or not isinstance(self.memory_budget, (int, float))
+                                               or not 0 < self.memory_budget <= 1):
+            raise ValueError(f"{_P}memory_budget must be a fraction of the device memory in (0, 1] (or None: all of "
+                             f"it); got {self.memory_budget!r}")
         check_bool("use_inputs_embeds", self.use_inputs_embeds)
         check_bool("use_attention_mask", self.use_attention_mask)
         self._validate_decoder_batch_sizes()
@@ -156,6 +165,32 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
             raise ValueError(
                 f"{_P}prefill_chunk_size={self.prefill_chunk_size} must be <= {_P}max_seq_len={max_seq_len}."
             )
+
+    # What vllm-rbln reads from rbln_config.json, at its top level (optimum-rbln writes a config's
+    # options flat there): -> max_num_seqs, max_model_len, max_num_batched_tokens, block_size,
+    # num_gpu_blocks, the dtype and the number of devices. optimum-npu itself reads compile_options.
+    SERVING_KEYS: ClassVar[tuple[str, ...]] = ("batch_size", "max_seq_len", "prefill_chunk_size", "kvcache_block_size",
+                                                "kvcache_partition_len", "kvcache_num_blocks", "dtype", "num_devices")
+
+    @classmethod
+    def top_level_keys(cls) -> tuple[str, ...]:
+        return cls.SERVING_KEYS
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = super().to_json_dict()
+        serving = {**self.compile_options, "num_devices": self.tensor_parallel_size}
+        return {**data, **{key: serving[key] for key in self.SERVING_KEYS}}
+
+    def check_top_level_keys(self, data: dict[str, Any], path: str) -> None:
+        """Warn when the top-level copies of the serving options differ from compile_options (the
+        file was edited by hand): optimum-npu follows compile_options, a vLLM reading the top level
+        would size itself for another model."""
+        serving = {**self.compile_options, "num_devices": self.tensor_parallel_size}
+        for key in self.SERVING_KEYS:
+            if key in data and data[key] != serving[key]:
+                logger.warning("%s: the top-level %s=%r (what vLLM reads) differs from compile_options (%r), which "
+                               "optimum-npu follows: the file was edited by hand. Resize the KV pool with "
+                               "`optimum-npu kv-blocks`, or compile again.", path, key, data[key], serving[key])
 
     @property
     def blocks_for_full_length(self) -> int:

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 import torch
 
 
+def is_kv_cache(name: str) -> bool:
+    """The per-layer K / V cache buffers of a compiled decoder graph (StaticDecoder's names)."""
+    return name.startswith(("k_cache_", "v_cache_"))
+
+
 def blocks_per_sequence(max_seq_len: int, block_size: int) -> int:
     """Width of a block table: the blocks one sequence of max_seq_len positions spans (the config's
     rules make max_seq_len a multiple of the block size)."""

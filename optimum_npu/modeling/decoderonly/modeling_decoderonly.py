@@ -18,7 +18,7 @@ from ..base import GraphSpec, RBLNModel
 from .compile_plan import PREFILL, DecoderPlan, decoder_graph_name
 from .configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
 from .generation import GenerationStats, RBLNDecoderOnlyGenerationMixin
-from .kv_cache import BlockManager, KVCacheLayout, blocks_per_sequence
+from .kv_cache import BlockManager, KVCacheLayout, blocks_per_sequence, is_kv_cache
 from .runner import DecoderRunner
 
 
@@ -143,7 +143,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                 facts.append((f"prefill_chunk_size={config.prefill_chunk_size}", first, 1, config.prefill_chunk_size))
             if config.use_attention_mask:
                 facts.append((f"max_seq_len={config.max_seq_len}", "attention_mask", 1, config.max_seq_len))
-            caches = [s.name for s in artifact.program.buffers if s.name.startswith(("k_cache_", "v_cache_"))]
+            caches = [s.name for s in artifact.program.buffers if is_kv_cache(s.name)]
             if not caches:
                 raise ValueError(f"{name}.rbln has no KV cache buffers: it is not a decoder graph; recompile with export=True")
             for cache in caches:
