@@ -57,6 +57,7 @@ import torch
 from ..configuration import CONFIG_KWARG, CONFIG_NAME, OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, \
     check_int, runtime_option
 from ..modeling.base import HUB_KWARGS, resolve_folder, hub_kwargs_of
+from ..modeling.hf_files import auto_class_from_pretrained, refuse_remote_code
 from ..sim_device.files import save_folder
 from .blocklist import Blocklist
 from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, UPSTREAM_CHECKPOINT, RBLNRetinaFace, RetinaFaceFilter
@@ -203,6 +204,9 @@ class RBLNCosmosSafetyChecker:
             raise TypeError(f"unexpected arguments {sorted(leftover)}; options are rbln_* or {CONFIG_KWARG}={{...}}, "
                             f"hub arguments {', '.join(HUB_KWARGS)}")
         options = cls._submodel_options(config, per_model)
+        for name in SUBMODEL_FOLDERS:  # before compiling or loading anything: no folder of it names code to run
+            if (folder / SUBMODEL_FOLDERS[name]).is_dir():
+                refuse_remote_code(folder / SUBMODEL_FOLDERS[name])
         if config.create_runtimes:
             config.check_devices_exist()
         parts = cls._load_parts(folder, config, options, export, hub_kwargs)
@@ -284,7 +288,7 @@ class RBLNCosmosSafetyChecker:
 
                 encoder = submodel(RBLNSiglipVisionModel, "siglip_encoder")
                 source, extra = locate("siglip_encoder")
-                processor = AutoImageProcessor.from_pretrained(source, **extra)
+                processor = auto_class_from_pretrained(AutoImageProcessor, resolve_folder(source, extra))
                 classifier = submodel(RBLNVideoSafetyModel, "video_safety_model")
                 video = VideoContentSafetyFilter(encoder, classifier, processor, config.frame_stride)
             if config.face_blur:

@@ -106,13 +106,16 @@ class RBLNLlamaGuard3:
         from transformers import AutoConfig, AutoTokenizer
 
         from ..modeling.auto import RBLNAutoModelForCausalLM
+        from ..modeling.base import resolve_folder
+        from ..modeling.hf_files import auto_class_from_pretrained
 
+        folder = resolve_folder(model_id, hub_kwargs)   # a local folder, checked for remote code before each Auto class
         options = dict(rbln_config or {})
         if export and "max_seq_len" not in options:
-            positions = getattr(AutoConfig.from_pretrained(model_id, **hub_kwargs), "max_position_embeddings", None)
+            positions = getattr(auto_class_from_pretrained(AutoConfig, folder), "max_position_embeddings", None)
             options["max_seq_len"] = min(DEFAULT_MAX_SEQ_LEN, positions or DEFAULT_MAX_SEQ_LEN)
-        model = RBLNAutoModelForCausalLM.from_pretrained(model_id, export=export, rbln_config=options, **hub_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(model_id, **hub_kwargs)
+        model = RBLNAutoModelForCausalLM.from_pretrained(folder, export=export, rbln_config=options)
+        tokenizer = auto_class_from_pretrained(AutoTokenizer, folder)
         return cls(model, tokenizer)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:

@@ -17,6 +17,7 @@ from ..configuration import RBLNModelConfig
 from .base import MODEL_REGISTRY, RBLNModel, resolve_folder, hub_kwargs_of, is_compiled_folder
 from .decoderonly.families import RBLNDecoderOnlyModelForCausalLM
 from .encoders import RBLNTextEncoderModel
+from .hf_files import auto_class_from_pretrained
 from .image_classification import RBLNModelForImageClassification
 
 # Task name (as transformers pipelines name them) -> the generic class of that task.
@@ -42,7 +43,7 @@ class _RBLNAutoClass:
             return found
         from transformers import AutoConfig
 
-        return cls.class_for_config(AutoConfig.from_pretrained(model_id, **hub_kwargs), task)
+        return cls.class_for_config(auto_class_from_pretrained(AutoConfig, folder), task)
 
     @classmethod
     def class_for_config(cls, hf_config, task: str | None = None) -> type[RBLNModel]:

@@ -46,6 +46,7 @@ from ..sim_device import Artifact, Runtime
 from ..sim_device.files import pid_alive
 from ..sim_device.memory import format_gib
 from ..sim_device.runtime import DeviceMemoryUsage
+from .hf_files import auto_class_from_pretrained
 
 MODEL_REGISTRY: dict[str, type[RBLNModel]] = {}
 
@@ -460,7 +461,7 @@ class RBLNModel:
         folder = resolve_folder(model_id, hub_kwargs)
         if export:
             if cls.hf_class is None:  # a generic class: the family class of the checkpoint's model_type
-                family = cls._family_for(cls._read_hf_config(model_id, hub_kwargs))
+                family = cls._family_for(cls._read_hf_config(folder, {}))
                 return family.from_pretrained(model_id, export=True, **hub_kwargs, **kwargs)
             config, hf_kwargs = cls.config_class.from_kwargs(kwargs)
             if config.create_runtimes:   # before loading weights, which may take minutes
@@ -508,7 +509,7 @@ class RBLNModel:
     def _read_hf_config(cls, model_id, hub_kwargs: dict):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(model_id, **hub_kwargs)
+        return auto_class_from_pretrained(AutoConfig, resolve_folder(model_id, hub_kwargs))
 
     @classmethod
     def _family_for(cls, hf_config) -> type[RBLNModel]:
@@ -639,7 +640,7 @@ class RBLNModel:
     def _load_hf_configs(cls, folder: Path):
         from transformers import AutoConfig, GenerationConfig
 
-        hf_config = AutoConfig.from_pretrained(folder)
+        hf_config = auto_class_from_pretrained(AutoConfig, folder)
         generation_config = None
         if (folder / "generation_config.json").is_file():
             generation_config = GenerationConfig.from_pretrained(folder)

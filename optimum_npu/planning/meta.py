@@ -21,6 +21,8 @@ def load_hf_config(model: Any):
 
     from transformers import AutoConfig, PretrainedConfig
 
+    from ..modeling.hf_files import RemoteCodeError, auto_class_from_pretrained
+
     if isinstance(model, PretrainedConfig):
         return model
     if not isinstance(model, (str, Path)):
@@ -31,7 +33,13 @@ def load_hf_config(model: Any):
             raise ValueError(f"{model} is a file but not a config.json")
         path = path.parent
     try:
-        return AutoConfig.from_pretrained(str(path) if path.exists() else str(model))
+        if not path.exists():  # a Hub id: its config.json alone, from the cache or the Hub
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(model), "config.json")).parent
+        return auto_class_from_pretrained(AutoConfig, path)
+    except RemoteCodeError:
+        raise
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read a model config from {model!r}: {str(error).splitlines()[0]}") from None
 

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from ...configuration import CONFIG_NAME, read_json_object
 from ...modeling.base import RBLNModel, resolve_folder, hub_kwargs_of
+from ...modeling.hf_files import concrete_class, refuse_remote_code
 from ...sim_device.files import save_folder, write_file_atomically
 from ...sim_device.memory import format_gib
 from ..configuration import RBLNDiffusionPipelineConfig
@@ -177,9 +178,9 @@ class RBLNDiffusionPipelineMixin:
         if module_name is None:
             raise ValueError(f"{MODEL_INDEX}: component {name!r} comes from library {library!r}; loadable host "
                              f"components come from {sorted(HOST_LIBRARIES)}")
-        component_class = getattr(importlib.import_module(module_name), class_name, None)
-        if not isinstance(component_class, type) or not hasattr(component_class, "from_pretrained"):
-            raise ValueError(f"{MODEL_INDEX}: {library}.{class_name} (component {name!r}) is not a loadable class")
+        component_class = concrete_class(importlib.import_module(module_name), class_name,
+                                         f"{MODEL_INDEX}: component {name!r}")
+        refuse_remote_code(folder / name)
         return component_class.from_pretrained(folder / name)
 
     @classmethod
@@ -209,6 +210,7 @@ class RBLNDiffusionPipelineMixin:
             if class_name != rbln_class.hf_class.__name__:
                 raise ValueError(f"{MODEL_INDEX}: {name} is a {class_name}; {cls.__name__} compiles a "
                                  f"{rbln_class.hf_class.__name__} there")
+            refuse_remote_code(folder / name)
             models[name] = rbln_class.hf_class.from_pretrained(folder / name)
         parts = cls._load_parts(folder, components, given, compiled=False)
         cls._check_parts({**parts, **given})  # before compiling anything
