@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
+from folder_edits import refresh_manifest
 from llm_fixtures import save_source
 from optimum_npu import RBLNAutoModelForCausalLM, RBLNLlamaForCausalLM
 from optimum_npu.cli import main
-from optimum_npu.configuration import CONFIG_NAME
 from optimum_npu.modeling.hf_files import RemoteCodeError
 
 OPTIONS = dict(rbln_max_seq_len=128, rbln_create_runtimes=False)
@@ -43,17 +43,6 @@ def name_code(path: Path, module: str, auto: str = "AutoConfig", **extra) -> Non
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update({"auto_map": {auto: f"{module}.Evil"}, **extra})
     path.write_text(json.dumps(data))
-
-
-def refresh_manifest(folder: Path) -> None:
-    """What a careful attacker does after editing a file: make the compiled folder's manifest agree."""
-    import hashlib
-
-    data = json.loads((folder / CONFIG_NAME).read_text())
-    for name in data["files"]:
-        content = (folder / name).read_bytes()
-        data["files"][name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
-    (folder / CONFIG_NAME).write_text(json.dumps(data))
 
 
 def assert_not_run(marker: Path, module: str) -> None:

@@ -9,8 +9,6 @@ The models are the tiny random Llamas of llm_fixtures.py, compiled without runti
 memory needed) unless a test runs one.
 """
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -21,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
+from folder_edits import edit_rbln_config, refresh_manifest
 from llm_fixtures import make_hf_model, save_source
 from optimum_npu import RBLNDecoderOnlyModelForCausalLM, RBLNLlamaForCausalLM, RBLNQwen2ForCausalLM
 from optimum_npu.configuration import CONFIG_NAME
 from optimum_npu.modeling import base
+from optimum_npu.modeling.folder import STAGING_MARK
 from optimum_npu.sim_device import Artifact
 
 OPTIONS = dict(rbln_max_seq_len=128, rbln_create_runtimes=False)
@@ -65,23 +65,6 @@ def hidden_entries(*folders: Path) -> list[str]:
 
 def load(folder, **kwargs):
     return RBLNLlamaForCausalLM.from_pretrained(folder, rbln_create_runtimes=False, **kwargs)
-
-
-def edit_rbln_config(folder: Path, edit) -> None:
-    path = folder / CONFIG_NAME
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
-def refresh_manifest(folder: Path) -> None:
-    """What a careful attacker does after replacing a file: make the manifest agree with it."""
-    def edit(data):
-        for name in data["files"]:
-            content = (folder / name).read_bytes()
-            data["files"][name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
-
-    edit_rbln_config(folder, edit)
 
 
 def dead_pid() -> int:
@@ -299,9 +282,12 @@ def test_stale_staging_cleanup_removes_only_ours(model, tmp_path):
         tmp_path / ".compiled.tmp-backup",                     # not our pattern
         target / f".compiled.tmp-{gone}-0123abcdX",            # not exactly our pattern
     ]
+    kept.append(tmp_path / f".compiled.tmp-{gone}-fedcba98")  # our pattern, but not marked as ours
     for folder in ours_dead + kept:
         folder.mkdir()
         (folder / "prefill.rbln").write_bytes(b"partial")
+    for folder in ours_dead:
+        (folder / STAGING_MARK).touch()   # what a save of ours puts in each staging folder it creates
     kept_file = tmp_path / f".compiled.tmp-{gone}-76543210"  # a file, not one of our folders
     kept_file.write_bytes(b"x")
     model.save_pretrained(target)

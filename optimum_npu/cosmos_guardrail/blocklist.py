@@ -29,6 +29,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..modeling.folder import contained_path, read_file_below, write_file_below
+
 logger = logging.getLogger(__name__)
 
 KEYWORD_KINDS = ("custom", "exact_match", "whitelist")
@@ -96,25 +98,28 @@ def _edit_distance_at_most_one(a: str, b: str) -> bool:
     return False
 
 
-def read_keyword_file(path: Path) -> list[str]:
-    """Keywords of one text file: one per line, `#` comments and blank lines skipped."""
-    if path.stat().st_size > MAX_LIST_FILE_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_LIST_FILE_BYTES} bytes: not a keyword list")
+def read_keyword_file(path: str | os.PathLike, within: str | os.PathLike | None = None) -> list[str]:
+    """Keywords of one text file: one per line, `#` comments and blank lines skipped. Read without
+    following a link out of `within` (default: the file's folder), at most MAX_LIST_FILE_BYTES read."""
+    path = Path(path)
+    within = Path(within) if within is not None else path.parent
+    data = read_file_below(within, os.path.relpath(path, within), MAX_LIST_FILE_BYTES, what="keyword list")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not a UTF-8 text file of keywords ({err})") from None
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _read_keyword_folder(folder: Path) -> list[str]:
-    if not folder.is_dir():
+def _read_keyword_folder(folder: Path, within: Path) -> list[str]:
+    real = contained_path(within, os.path.relpath(folder, within))   # a link out of `within` is refused
+    if not real.is_dir():
         return []
     keywords = []
-    for path in sorted(folder.iterdir()):
-        # Regular files only, and none hidden: a symlink could point anywhere on the machine.
-        if path.is_file() and not path.is_symlink() and not path.name.startswith("."):
-            keywords += read_keyword_file(path)
+    for path in sorted(real.iterdir()):
+        # Files only, none hidden; each read without following a link out of `within`.
+        if not path.name.startswith(".") and not path.is_dir():
+            keywords += read_keyword_file(folder / path.name, within)
     return keywords
 
 
@@ -150,15 +155,18 @@ class Blocklist:
         self._exact = [(entry, tuple(to_ascii(entry).lower().split())) for entry in self.exact_match if entry.split()]
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike, **options) -> Blocklist:
-        """Load the keyword lists from the upstream `blocklist/` folder layout, or from one text file."""
+    def from_path(cls, path: str | os.PathLike, within: str | os.PathLike | None = None, **options) -> Blocklist:
+        """Load the keyword lists from the upstream `blocklist/` folder layout, or from one text file.
+        Nothing is read through a link out of `within` (default: `path` itself, or its folder for a file):
+        a checkpoint's blocklist never reads `/proc/self/environ` or `~/.ssh` through a planted link."""
         path = Path(path)
-        if path.is_file():
-            return cls(custom=read_keyword_file(path), **options)
+        within = Path(within) if within is not None else (path if path.is_dir() else path.parent)
+        if contained_path(within, os.path.relpath(path, within)).is_file():
+            return cls(custom=read_keyword_file(path, within), **options)
         if not path.is_dir():
             raise ValueError(f"blocklist {path} does not exist: pass a folder with {'/, '.join(KEYWORD_KINDS)}/ "
                              "subfolders of keyword files, or one text file of keywords")
-        lists = {kind: _read_keyword_folder(path / kind) for kind in KEYWORD_KINDS}
+        lists = {kind: _read_keyword_folder(path / kind, within) for kind in KEYWORD_KINDS}
         if not any(lists.values()) and not any((path / kind).is_dir() for kind in KEYWORD_KINDS):
             raise ValueError(f"blocklist folder {path} has none of the subfolders {', '.join(KEYWORD_KINDS)}")
         blocklist = cls(**lists, **options)
@@ -167,11 +175,11 @@ class Blocklist:
         return blocklist
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write the lists in the upstream folder layout (one `keywords.txt` per kind)."""
+        """Write the lists in the upstream folder layout (one `keywords.txt` per kind), never through a
+        link: a linked kind folder is refused, a linked keywords.txt replaced."""
         for kind in KEYWORD_KINDS:
-            (Path(folder) / kind).mkdir(parents=True, exist_ok=True)
-            (Path(folder) / kind / "keywords.txt").write_text("".join(f"{w}\n" for w in getattr(self, kind)),
-                                                              encoding="utf-8")
+            write_file_below(folder, f"{kind}/keywords.txt",
+                             "".join(f"{w}\n" for w in getattr(self, kind)).encode("utf-8"))
 
     def _word_matches(self, keyword_word: str, forms: set[str]) -> bool:
         if keyword_word in forms:

@@ -58,7 +58,7 @@ from ..configuration import CONFIG_KWARG, CONFIG_NAME, OPTION_PREFIX, RBLNModelC
     check_int, runtime_option
 from ..modeling.base import HUB_KWARGS, resolve_folder, hub_kwargs_of
 from ..modeling.hf_files import auto_class_from_pretrained, refuse_remote_code
-from ..sim_device.files import save_folder
+from ..modeling.folder import check_manifest, load_lock, manifest_of, save_tree
 from .blocklist import Blocklist
 from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, UPSTREAM_CHECKPOINT, RBLNRetinaFace, RetinaFaceFilter
 from .guard_llm import DEFAULT_MODEL_ID as GUARD_MODEL_ID
@@ -191,6 +191,15 @@ class RBLNCosmosSafetyChecker:
         kwargs[CONFIG_KWARG] = own
         folder = resolve_folder(model_id, hub_kwargs)
         if export:
+            return cls._build(folder, model_id, kwargs, per_model, asked, export, hub_kwargs)
+        with load_lock(folder):   # every file read while no save moves files in (a re-save finishes first)
+            return cls._build(folder, model_id, kwargs, per_model, asked, export, hub_kwargs)
+
+    @classmethod
+    def _build(cls, folder: Path, model_id, kwargs: dict, per_model: dict, asked: dict, export: bool,
+               hub_kwargs: dict) -> RBLNCosmosSafetyChecker:
+        """The checker compiled from the checkpoint `folder` (export), or loaded from the compiled one."""
+        if export:
             config, leftover = RBLNCosmosSafetyCheckerConfig.from_kwargs(kwargs)
         else:
             if not (folder / CONFIG_NAME).is_file():
@@ -209,6 +218,8 @@ class RBLNCosmosSafetyChecker:
                 refuse_remote_code(folder / SUBMODEL_FOLDERS[name])
         if config.create_runtimes:
             config.check_devices_exist()
+        if not export:
+            check_manifest(folder, needed=[])
         parts = cls._load_parts(folder, config, options, export, hub_kwargs)
         if export:
             config = config.with_compiled(cls_name=cls.__name__, graphs={})
@@ -280,7 +291,7 @@ class RBLNCosmosSafetyChecker:
         try:
             blocklist = guard = video = faces = None
             if config.blocklist:
-                blocklist = Blocklist.from_path(folder / BLOCKLIST_FOLDER)
+                blocklist = Blocklist.from_path(folder / BLOCKLIST_FOLDER, within=folder)
             if config.guard_llm:
                 guard = submodel(RBLNLlamaGuard3, "llamaguard3")
             if config.video_filter:
@@ -318,21 +329,24 @@ class RBLNCosmosSafetyChecker:
         """Write the compiled checker (the layout in the module docstring). A new folder appears whole
         (written aside, then renamed); a previously saved checker folder is updated in place, each
         sub-model atomically, rbln_config.json last. Any other non-empty folder is refused."""
-        def holds_checker(folder: Path) -> bool:
-            try:
-                return RBLNModelConfig.read_json(folder).get("cls_name") == type(self).__name__
-            except (OSError, ValueError):
-                return False
+        def check_target(target: Path) -> None:
+            if target.is_dir() and any(target.iterdir()):
+                try:
+                    ours = RBLNModelConfig.read_json(target).get("cls_name") == type(self).__name__
+                except (OSError, ValueError):
+                    ours = False
+                if not ours:
+                    raise ValueError(f"Cannot save into {target}: it is not empty and holds no saved "
+                                     f"{type(self).__name__}. Save into a new or empty folder.")
 
-        return str(save_folder(save_directory, lambda folder, in_place: self._write(folder), holds_checker,
-                               refusal=f"holds no saved {type(self).__name__}"))
+        return str(save_tree(save_directory, self._write, check_target))
 
     def _write(self, folder: Path) -> None:
         for name, model in self._submodels().items():
             model.save_pretrained(folder / SUBMODEL_FOLDERS[name])
         if self.blocklist is not None:
             self.blocklist.save(folder / BLOCKLIST_FOLDER)
-        self.rbln_config.save(folder)
+        self.rbln_config.save(folder, files=manifest_of(folder))   # last: the manifest of every file
 
     # ---- what diffusers' Cosmos pipelines call --------------------------------------------
 

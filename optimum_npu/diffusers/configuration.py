@@ -252,12 +252,17 @@ class RBLNDiffusionPipelineConfig:
             "compile_options": {n: _to_json(getattr(self, n)) for n in PIPELINE_OPTIONS if n not in runtime},
             "runtime_options": {n: getattr(self, n) for n in runtime},
             "components": {name: c.to_json_dict() for name, c in self.components.items() if c is not None},
+            # What the user set per component at export (it wins over what the pipeline derives): a load
+            # re-derives each component's options from the pipeline's and checks them (check_components).
+            "requested": {name: {k: _to_json(v) for k, v in options.items()} for name, options in self.requested.items()},
         }
 
-    def save(self, folder: str | os.PathLike) -> str:
-        """Write `folder/rbln_config.json` (pipeline options, each component's config nested)."""
+    def save(self, folder: str | os.PathLike, files: Mapping[str, Any] | None = None) -> str:
+        """Write `folder/rbln_config.json` (pipeline options, each component's config nested, and `files`:
+        the manifest of the folder's other files, see `modeling/folder.py`)."""
         path = os.path.join(folder, CONFIG_NAME)
-        write_file_atomically(path, (json.dumps(self.to_json_dict(), indent=2) + "\n").encode("utf-8"))
+        data = self.to_json_dict() if files is None else {**self.to_json_dict(), "files": dict(files)}
+        write_file_atomically(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
         return path
 
     @classmethod
@@ -288,7 +293,30 @@ class RBLNDiffusionPipelineConfig:
                     f"{path} and {name}/{CONFIG_NAME} disagree on {name}'s compile options: the folder was edited "
                     "or mixed from two pipelines; compile it again (export=True)."
                 )
+        requested = data.get("requested", {})
+        if not isinstance(requested, dict) or not all(
+                name in components and isinstance(value, dict) for name, value in requested.items()):
+            raise ValueError(f"{path} is malformed: 'requested' must map components to their options; got {requested!r}")
+        for name, value in requested.items():
+            components[name]._check_option_names(value, prefix="", where=f"in {path} (requested[{name!r}])")
         try:
-            return cls(**options, **components)
+            return cls(**options, **components, requested=requested)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{path}: {err}") from None
+
+    def check_components(self, models: Mapping[str, Any], loaded: list[str]) -> None:
+        """ValueError unless each component in `loaded` was compiled with the options this pipeline
+        config gives it (what `resolved` would give: the shared options, what the pipeline derives,
+        what the user asked for that component). Catches pipeline-wide options edited in the file
+        (height, batch, npu, dtype, a guidance_scale that changes the UNet batch)."""
+        derived = self._component_options(models)
+        shared = {name: getattr(self, name) for name in SHARED_OPTIONS}
+        for name in loaded:
+            compiled = self.components[name].compile_options
+            expected = {**shared, **derived.get(name, {}), **self.requested.get(name, {})}
+            for key, value in expected.items():
+                if key in compiled and _to_json(value) != _to_json(compiled[key]):
+                    raise ValueError(
+                        f"{CONFIG_NAME} of this pipeline gives {name} {key}={_to_json(value)!r}, but {name} was compiled "
+                        f"with {_to_json(compiled[key])!r}: the folder was edited or mixed from two pipelines; compile "
+                        "it again (export=True).")

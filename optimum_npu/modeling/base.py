@@ -6,12 +6,10 @@
 - `save_pretrained(folder)` writes the `.rbln` graphs, `rbln_config.json`, the HF config,
   generation config and tokenizer files; `push_to_hub` uploads that folder.
 
-Saving touches only the files of the compiled model, never anything else in the folder. All
-files are first written into a staging folder; a new target folder then appears whole with
-one rename, and an existing one gets each file replaced by a rename, `rbln_config.json` last.
-`rbln_config.json` lists every other file with its size and sha256 (the manifest), and loading
-checks it, so a load never runs a half-written or mixed folder. An interrupted save leaves a
-staging folder named `.<target>.tmp-<pid>-<hex>`, removed by the next save once that process is gone.
+Saving touches only the files of the compiled model, never anything else in the folder, and
+never writes through a link; `rbln_config.json` lists every other file with its size and sha256
+(the manifest), and loading checks it, so a load never runs a half-written or mixed folder.
+How (staging folder, renames, locks) is `modeling/folder.py`, shared with pipelines and the checker.
 
 A model family says which HF class it wraps (`hf_class`), which config class holds its options
 (`config_class`), its graphs as data (`_graph_specs` -> `GraphSpec`s: name, input specs, the
@@ -26,10 +24,7 @@ component overrides.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-import secrets
 import shutil
 import tempfile
 import time
@@ -43,9 +38,9 @@ from tqdm.auto import tqdm
 from ..compile import CompiledModel, compile_from_torch
 from ..configuration import CONFIG_NAME, InputInfo, RBLNModelConfig, check_plain_name
 from ..sim_device import Artifact, Runtime
-from ..sim_device.files import pid_alive
 from ..sim_device.memory import format_gib
 from ..sim_device.runtime import DeviceMemoryUsage
+from .folder import check_manifest, load_lock, manifest_of, save_tree, staging_folders
 from .hf_files import auto_class_from_pretrained
 
 MODEL_REGISTRY: dict[str, type[RBLNModel]] = {}
@@ -120,7 +115,7 @@ def resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    interrupted = _staging_folders(path)
+    interrupted = staging_folders(path)
     hint = f" An interrupted save left {interrupted[0]}; save the model again." if interrupted else ""
     try:
         validate_repo_id(str(model_id))
@@ -144,46 +139,6 @@ def is_compiled_folder(folder: str | os.PathLike) -> bool:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 
 
-def _is_ours_to_replace(name: str) -> bool:
-    """A file name that a save writes, so a later save may delete it when it no longer writes it."""
-    return name.endswith(".rbln") or name in ("config.json", "generation_config.json", *SOURCE_FILES)
-
-
-def _staging_pattern(target: Path) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-[0-9a-f]{{8}}")
-
-
-def _staging_folders(target: Path) -> list[Path]:
-    """Staging folders of saves into `target` (next to it for a new folder, inside it otherwise)."""
-    pattern = _staging_pattern(target)
-    found = []
-    for place in (target.parent, target):
-        if place.is_dir():
-            found += [p for p in place.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
-    return sorted(found)
-
-
-def _remove_stale_staging(target: Path) -> None:
-    """Remove the staging folders of saves into `target` whose process is gone (killed mid-save)."""
-    pattern = _staging_pattern(target)
-    for folder in _staging_folders(target):
-        pid = int(pattern.fullmatch(folder.name).group(1))
-        if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _manifest_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256_of(path)}
-
-
 def _check_save_target(target: Path, exist_ok: bool) -> None:
     """Refuse a target whose content we could damage: a file, a checkpoint, a foreign folder."""
     if target.exists() and not target.is_dir():
@@ -191,7 +146,7 @@ def _check_save_target(target: Path, exist_ok: bool) -> None:
     if not target.exists() or exist_ok:
         return
     # An interrupted save of ours into this folder leaves its staging folder inside: the folder is ours.
-    staging = [p for p in _staging_folders(target) if p.parent == target]
+    staging = [p for p in staging_folders(target) if p.parent == target]
     contents = [p for p in target.iterdir() if p not in staging]
     weights = sorted(p.name for p in contents if p.name.endswith(WEIGHT_SUFFIXES))
     if weights:
@@ -207,76 +162,6 @@ def _check_save_target(target: Path, exist_ok: bool) -> None:
             "Save into a new or empty folder, or pass save_pretrained(..., exist_ok=True) to add the compiled "
             "files there (other files are kept)."
         )
-
-
-def _make_staging_folder(parent: Path, target: Path) -> Path:
-    """A new folder for the files of one save. Created like any folder (0o777 minus the umask),
-    unlike `tempfile.mkdtemp` (0o700), because a new target folder is this very folder renamed."""
-    staging = parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir(mode=0o777)
-    return staging
-
-
-def _move_into(staging: Path, target: Path) -> None:
-    """Replace the files of `target` by those of `staging`, one rename each, the manifest last."""
-    try:  # what the previous save wrote; nothing for a folder saved before manifests, or a damaged one
-        previous = _read_manifest(target) if is_compiled_folder(target) else {}
-    except (ValueError, TypeError):
-        previous = {}
-    names = sorted(p.name for p in staging.iterdir())
-    blocked = [n for n in names if (target / n).is_dir() and not (target / n).is_symlink()]
-    if blocked:
-        raise ValueError(f"Cannot save into {target}: {blocked} would replace folder(s) of the same name")
-    for name in names:
-        if name != CONFIG_NAME:
-            os.replace(staging / name, target / name)
-    os.replace(staging / CONFIG_NAME, target / CONFIG_NAME)  # the save is complete from here on
-    # Files a previous save wrote and this one did not (e.g. a graph no longer compiled), if unchanged.
-    for name, entry in previous.items():
-        path = target / name
-        if name not in names and _is_ours_to_replace(name) and path.is_file() and not path.is_symlink():
-            if _manifest_entry(path) == entry:
-                path.unlink()
-
-
-def _read_manifest(folder: Path) -> dict[str, dict]:
-    """The manifest of a compiled folder ({file name: {"bytes", "sha256"}}), checked for types."""
-    data = RBLNModelConfig.read_json(folder)
-    if "files" not in data:
-        raise ValueError(
-            f"{folder / CONFIG_NAME} has no file list ('files'): it was written by an older optimum-npu or "
-            "edited by hand. Compile the model again (export=True) and save it."
-        )
-    manifest = {}
-    for name, entry in data["files"].items():
-        check_plain_name(f"a file name in {folder / CONFIG_NAME}", name)
-        if not (isinstance(entry, dict) and set(entry) == {"bytes", "sha256"} and isinstance(entry["bytes"], int)
-                and isinstance(entry["sha256"], str)):
-            raise ValueError(f"{folder / CONFIG_NAME} is malformed: files[{name!r}] must be {{'bytes': int, 'sha256': str}}")
-        manifest[name] = entry
-    return manifest
-
-
-def _check_manifest(folder: Path, needed: list[str]) -> None:
-    """ValueError unless every file of the manifest is there as saved, and it lists `needed`."""
-    manifest = _read_manifest(folder)
-    unlisted = [name for name in needed if name not in manifest]
-    if unlisted:
-        raise ValueError(f"{folder / CONFIG_NAME} does not list {unlisted} in its files; the folder is inconsistent.")
-    for name, entry in manifest.items():
-        path = folder / name
-        problem = None
-        if not path.is_file():
-            problem = "is missing"
-        elif path.stat().st_size != entry["bytes"]:
-            problem = f"has {path.stat().st_size} bytes, {entry['bytes']} were saved"
-        elif _sha256_of(path) != entry["sha256"]:
-            problem = "differs from the file that was saved (sha256)"
-        if problem:
-            raise ValueError(
-                f"{folder} holds an incomplete or mixed save: {name} {problem}. A save was interrupted, or files "
-                "were changed or copied in afterwards. Save the model again."
-            )
 
 
 class RBLNModel:
@@ -470,11 +355,12 @@ class RBLNModel:
             return cls._from_hf_model(hf_model, config, source_folder=folder)
         if not is_compiled_folder(folder):
             raise ValueError(cls._not_compiled_message(folder, model_id))
-        return cls._from_compiled(folder, kwargs)
+        with load_lock(folder):   # every file read while no save moves files in (a re-save finishes first)
+            return cls._from_compiled(folder, kwargs)
 
     @classmethod
     def _not_compiled_message(cls, folder: Path, model_id) -> str:
-        if any(p.parent == folder for p in _staging_folders(folder)):
+        if any(p.parent == folder for p in staging_folders(folder)):
             return (f"{model_id} holds no complete compiled model: a save into it was interrupted (no {CONFIG_NAME} "
                     "yet). Save the model again.")
         if (folder / "config.json").is_file():
@@ -588,7 +474,7 @@ class RBLNModel:
         if config.create_runtimes:
             config.check_devices_exist()
         graph_files = {name: f"{name}.rbln" for name in config.graphs}  # plain names: checked by the config
-        _check_manifest(folder, needed=[*graph_files.values(), "config.json"])
+        check_manifest(folder, needed=[*graph_files.values(), "config.json"], nested=False)
         hf_config, generation_config = target._load_hf_configs(folder)
         target._check_model_type(hf_config)
         graphs = {name: Artifact.load(folder / filename) for name, filename in graph_files.items()}
@@ -662,22 +548,7 @@ class RBLNModel:
         other files is refused unless `exist_ok=True` (its other files are kept either way);
         a file is always refused.
         """
-        target = Path(save_directory)
-        _check_save_target(target, exist_ok)
-        _remove_stale_staging(target)
-        existing = target.is_dir()
-        parent = target if existing else target.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = _make_staging_folder(parent, target)
-        try:
-            self._write_files(staging)
-            if existing:
-                _move_into(staging, target)
-            else:
-                os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
-        return str(target)
+        return str(save_tree(save_directory, self._write_files, lambda target: _check_save_target(target, exist_ok)))
 
     def _write_files(self, folder: Path) -> None:
         """Every file of the compiled model into the (empty, new) `folder`, the manifest last."""
@@ -692,11 +563,10 @@ class RBLNModel:
         # The usual permissions (0o666 minus the umask, as for the folder itself): some writers
         # create files 0o600 (tempfile.mkstemp) or copy the source's mode.
         mode = folder.stat().st_mode & 0o666
-        manifest = {}
-        for path in sorted(folder.iterdir()):
-            check_plain_name("a saved file name", path.name)
-            os.chmod(path, mode)
-            manifest[path.name] = _manifest_entry(path)
+        manifest = manifest_of(folder)
+        for name in manifest:
+            check_plain_name("a saved file name", name)
+            os.chmod(folder / name, mode)
         self.rbln_config.save(folder, files=manifest)
 
     def _keep_hf_config(self, hf_config) -> None:

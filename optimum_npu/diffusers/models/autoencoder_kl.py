@@ -77,16 +77,17 @@ class RBLNAutoencoderKL(RBLNDiffusersModel):
         return 2 ** (len(vae_config.block_out_channels) - 1)
 
     @classmethod
-    def _graph_specs(cls, vae, config: RBLNAutoencoderKLConfig) -> list[GraphSpec]:
-        c, b = vae.config, config.batch_size
-        height, width = config.sample_size
-        scale = cls.scale_factor(c)
-        specs = [GraphSpec("decoder", (("z", (b, c.latent_channels, height // scale, width // scale), "float32"),),
-                           VAEDecoderGraph(vae))]
+    def _graph_inputs(cls, c, config: RBLNAutoencoderKLConfig) -> dict[str, tuple]:
+        b, (height, width), scale = config.batch_size, config.sample_size, cls.scale_factor(c)
+        inputs = {"decoder": (("z", (b, c.latent_channels, height // scale, width // scale), "float32"),)}
         if config.uses_encoder:
-            specs.append(GraphSpec("encoder", (("x", (b, c.in_channels, height, width), "float32"),),
-                                   VAEEncoderGraph(vae)))
-        return specs
+            inputs["encoder"] = (("x", (b, c.in_channels, height, width), "float32"),)
+        return inputs
+
+    @classmethod
+    def _graph_specs(cls, vae, config: RBLNAutoencoderKLConfig) -> list[GraphSpec]:
+        modules = {"decoder": VAEDecoderGraph, "encoder": VAEEncoderGraph}
+        return [GraphSpec(name, inputs, modules[name](vae)) for name, inputs in cls._graph_inputs(vae.config, config).items()]
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         if "encoder" not in self.graphs:

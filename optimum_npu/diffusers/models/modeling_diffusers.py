@@ -23,6 +23,7 @@ from typing import Any
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import FrozenDict
 
+from ...configuration import CONFIG_NAME
 from ...modeling.base import RBLNModel
 
 
@@ -55,6 +56,33 @@ class RBLNDiffusersModel(RBLNModel, ModelMixin, ConfigMixin):
         found = hf_config.get("_class_name") if isinstance(hf_config, dict) else None
         if found is not None and found != cls.hf_class.__name__:
             raise ValueError(f"{cls.__name__} compiles {cls.hf_class.__name__} models; this config is a {found!r}.")
+
+    @classmethod
+    def _graph_inputs(cls, hf_config, config) -> dict[str, tuple] | None:
+        """{graph: its (name, shape, dtype) inputs} as the options and the model's config imply them, or None
+        for a family that does not derive them here (then only every input's batch is checked)."""
+        return None
+
+    @classmethod
+    def _check_graphs_against_config(cls, config, graphs, hf_config=None) -> None:
+        """Also: the programs take what the options say (a rbln_config.json saying batch 4 beside a batch-2
+        program is refused, not run with the wrong batch)."""
+        super()._check_graphs_against_config(config, graphs, hf_config)
+        actual = {name: [(s.name, tuple(s.shape), s.dtype) for s in g.program.inputs] for name, g in graphs.items()}
+        implied = cls._graph_inputs(hf_config, config) if hf_config is not None else None
+        if implied is not None:
+            expected = {name: [(n, tuple(shape), dtype) for n, shape, dtype in inputs] for name, inputs in implied.items()}
+            if expected != actual:
+                raise ValueError(f"{CONFIG_NAME} implies the graphs {expected} from its options, but the folder holds "
+                                 f"{actual}. The folder was edited or mixed from two models; compile the model again "
+                                 "(export=True).")
+            return
+        for name, inputs in actual.items():
+            wrong = [n for n, shape, _ in inputs if not shape or shape[0] != config.batch_size]
+            if wrong:
+                raise ValueError(f"{CONFIG_NAME} says batch_size {config.batch_size}, but {name}.rbln takes {wrong[0]} "
+                                 f"with shape {dict((n, s) for n, s, _ in inputs)[wrong[0]]}. The folder was edited or "
+                                 "mixed from two models; compile the model again (export=True).")
 
     def _keep_hf_config(self, hf_config) -> None:
         self.register_to_config(**hf_config)

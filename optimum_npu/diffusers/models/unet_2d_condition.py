@@ -58,11 +58,15 @@ class RBLNUNet2DConditionModel(RBLNDiffusersModel):
         return config
 
     @classmethod
+    def _graph_inputs(cls, c, config: RBLNUNet2DConditionModelConfig) -> dict[str, tuple]:
+        b = config.batch_size
+        return {cls.graph_name: (("sample", (b, c.in_channels, *config.sample_size), "float32"),
+                                 ("timestep", (b,), "float32"),
+                                 ("encoder_hidden_states", (b, config.max_seq_len, c.cross_attention_dim), "float32"))}
+
+    @classmethod
     def _graph_specs(cls, unet, config: RBLNUNet2DConditionModelConfig) -> list[GraphSpec]:
-        c, b = unet.config, config.batch_size
-        inputs = (("sample", (b, c.in_channels, *config.sample_size), "float32"), ("timestep", (b,), "float32"),
-                  ("encoder_hidden_states", (b, config.max_seq_len, c.cross_attention_dim), "float32"))
-        return [GraphSpec(cls.graph_name, inputs, _UNetGraph(unet))]
+        return [GraphSpec(cls.graph_name, cls._graph_inputs(unet.config, config)[cls.graph_name], _UNetGraph(unet))]
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, class_labels=None,
                 timestep_cond=None, attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,

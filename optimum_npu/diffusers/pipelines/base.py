@@ -34,13 +34,13 @@ from typing import Any, ClassVar
 from ...configuration import CONFIG_NAME, read_json_object
 from ...modeling.base import RBLNModel, resolve_folder, hub_kwargs_of
 from ...modeling.hf_files import concrete_class, refuse_remote_code
-from ...sim_device.files import save_folder, write_file_atomically
+from ...modeling.folder import MODEL_INDEX, check_manifest, load_lock, manifest_of, save_tree
+from ...sim_device.files import write_file_atomically
 from ...sim_device.memory import format_gib
 from ..configuration import RBLNDiffusionPipelineConfig
 
 logger = logging.getLogger(__name__)
 
-MODEL_INDEX = "model_index.json"
 # Files of a Hub pipeline repository that loading never reads (single-file checkpoints, other
 # weight variants and frameworks), so that a snapshot fetches only the diffusers folders.
 HUB_FILES_NOT_NEEDED = ["*.ckpt", "*.pt", "*.pth", "*.fp16.*", "*non_ema*", "*.ema.*", "*.msgpack", "*.onnx",
@@ -134,10 +134,10 @@ class RBLNDiffusionPipelineMixin:
         if leftover:
             raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected arguments {sorted(leftover)}; "
                             f"components are {sorted(init_names)}, options are rbln_* or rbln_config")
-        index = cls._read_model_index(folder)
         if export:
-            return cls._export(folder, index, config, given)
-        return cls._load_compiled(folder, index, config, given)
+            return cls._export(folder, cls._read_model_index(folder), config, given)
+        with load_lock(folder):   # every file read while no save moves files in (a re-save finishes first)
+            return cls._load_compiled(folder, cls._read_model_index(folder), config, given)
 
     @classmethod
     def _read_model_index(cls, folder: Path) -> dict[str, Any]:
@@ -246,9 +246,11 @@ class RBLNDiffusionPipelineMixin:
         if not (folder / CONFIG_NAME).is_file():
             raise ValueError(f"{folder} is a diffusers pipeline, not a compiled one (no {CONFIG_NAME}); compile it "
                              f"with {cls.__name__}.from_pretrained(..., export=True)")
+        check_manifest(folder, needed=[MODEL_INDEX])
         parts = cls._load_parts(folder, components, given, compiled=True)
         cls._check_parts({**parts, **given})
         compiled = {}
+        from_folder = [name for name in cls.rbln_classes if name not in given]
         for name, rbln_class in cls.rbln_classes.items():
             if name in given:
                 compiled[name] = given.pop(name)
@@ -261,6 +263,7 @@ class RBLNDiffusionPipelineMixin:
             compiled[name] = rbln_class.from_pretrained(folder / name, rbln_config=options)
         runtime = {k: getattr(requested, k) for k in ("create_runtimes", "activate_profiler")}
         config = cls.config_class.load(folder, {n: m.rbln_config for n, m in compiled.items()}, runtime)
+        config.check_components({**parts, **given, **compiled}, loaded=from_folder)
         config.check_load_options(requested)
         return cls._assemble({**parts, **given, **compiled}, config, cls._init_options(index))
 
@@ -299,23 +302,35 @@ class RBLNDiffusionPipelineMixin:
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> str:
         """Write the compiled pipeline as a diffusers folder; returns its path.
 
-        A new (or empty) folder appears whole or not at all (written aside, then renamed).
-        An existing compiled pipeline folder is updated component by component (each compiled
-        component's save is atomic), `model_index.json` and `rbln_config.json` last. Any other
-        existing folder is refused: nothing of it is touched.
+        As a compiled model is saved (`modeling/folder.py`): a new (or empty) folder appears whole or
+        not at all; a folder holding this same compiled pipeline is updated file by file,
+        `model_index.json` and `rbln_config.json` (with the manifest of every file) last, never
+        through a link. Any other non-empty folder is refused, a compiled pipeline of another class
+        too (saving there would mix two models in one folder): nothing of it is touched.
         """
-        holds_pipeline = lambda folder: (folder / MODEL_INDEX).is_file() and (folder / CONFIG_NAME).is_file()
-        return str(save_folder(save_directory, self._write_pipeline, holds_pipeline,
-                               refusal="not a compiled pipeline folder"))
+        return str(save_tree(save_directory, self._write_pipeline, self._check_save_target))
 
-    def _write_pipeline(self, folder: Path, in_place: bool) -> None:
+    def _check_save_target(self, target: Path) -> None:
+        if not target.is_dir() or not any(target.iterdir()):
+            return
+        if not ((target / MODEL_INDEX).is_file() and (target / CONFIG_NAME).is_file()):
+            raise ValueError(f"Cannot save into {target}: it is not empty and not a compiled pipeline folder. "
+                             "Save into a new or empty folder.")
+        try:
+            saved = read_json_object(target / CONFIG_NAME).get("cls_name")
+        except (OSError, ValueError):
+            saved = None   # a damaged save of ours: replaced
+        if saved is not None and saved != self.rbln_config.pipeline_name:
+            raise ValueError(f"Cannot save into {target}: it holds a compiled {saved}, not a "
+                             f"{self.rbln_config.pipeline_name}; saving there would mix two models in one folder. "
+                             "Save into a new or empty folder.")
+
+    def _write_pipeline(self, folder: Path) -> None:
         unsaved = []
         for name, component in self.components.items():
             if component is None:
                 continue
-            if name in self.rbln_classes:
-                component.save_pretrained(folder / name, **({"exist_ok": True} if in_place else {}))
-            elif hasattr(component, "save_pretrained"):
+            if hasattr(component, "save_pretrained"):
                 component.save_pretrained(folder / name)
             else:
                 unsaved.append(name)
@@ -326,7 +341,7 @@ class RBLNDiffusionPipelineMixin:
             write_file_atomically(folder / MODEL_INDEX, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
             logger.warning("%s not saved (no save_pretrained): pass it again when loading the pipeline",
                            ", ".join(unsaved))
-        self.rbln_config.save(folder)     # last: marks the save complete
+        self.rbln_config.save(folder, files=manifest_of(folder))     # last: the manifest of every file
 
     # ---- running ------------------------------------------------------------------------
 
