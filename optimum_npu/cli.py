@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -109,6 +111,27 @@ def parse_input(text: str) -> tuple[str, tuple[int, ...], str]:
     return name, shape, dtype
 
 
+def _import_from_working_folder(top: str) -> None:
+    """`mymodels:build` from a project folder: its top-level module or package `top`, if the working folder
+    has one, is imported from there, and the folder goes last on sys.path (for its own sibling imports).
+    Not first, as `python -m` puts it: a `sympy.py` there would then be what torch imports as sympy."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
+    if top in sys.modules:
+        return
+    found = importlib.machinery.PathFinder.find_spec(top, [cwd])
+    if found is None or found.loader is None:
+        return   # not in this folder: imported from sys.path as usual
+    module = importlib.util.module_from_spec(found)
+    sys.modules[top] = module
+    try:
+        found.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(top, None)
+        raise
+
+
 def load_module(spec: str):
     """'pkg.module:factory' -> the torch.nn.Module the factory returns (called with no arguments)."""
     import torch
@@ -118,10 +141,9 @@ def load_module(spec: str):
         raise CLIError(f"module spec {spec!r} must look like 'package.module:factory'")
     if not all(part.isidentifier() for part in module_name.split(".") + attr_path.split(".")):
         raise CLIError(f"module spec {spec!r} must look like 'package.module:factory' (dotted Python names)")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # `mymodels:build` from a project folder, as `python -m` does
     importlib.invalidate_caches()  # the module file may be newer than the import system's directory caches
     try:
+        _import_from_working_folder(module_name.partition(".")[0])
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):

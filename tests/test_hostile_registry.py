@@ -334,3 +334,25 @@ def test_no_warning_without_malformed_records(state):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         memory.release(memory.allocate("Runtime(x)", {0: 1}).id)
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="process states come from /proc")
+def test_smi_reset_frees_a_killed_unreaped_holder_and_a_pid_1_record_without_start_time(state, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        zombie = write_record(state, holder.pid, {0: 1000}, owner="Runtime(killed)", suffix="aaaaaaaa",
+                              start_time=memory.process_start_time(holder.pid))
+        init = write_record(state, 1, {1: 2000}, owner="Runtime(init)", suffix="bbbbbbbb")
+        holder.kill()
+        os.waitid(os.P_PID, holder.pid, os.WEXITED | os.WNOWAIT)   # it has exited, and is not reaped (a zombie)
+        assert Path(f"/proc/{holder.pid}").exists()
+        assert main(["smi", "--reset", "--json"]) == 0
+        freed = {(p["owner"], p["why"]) for p in json.loads(capsys.readouterr().out)["freed"]}
+        expected = {("Runtime(killed)", "exited")}
+        if os.getpid() != 1:   # pid 1 is only ours when this very process is pid 1
+            expected.add(("Runtime(init)", "pid 1 without start time"))
+        assert freed == expected
+        assert not zombie.exists() and init.exists() == (os.getpid() == 1)
+    finally:
+        holder.kill()
+        holder.wait()

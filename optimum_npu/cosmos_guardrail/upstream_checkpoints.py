@@ -8,7 +8,6 @@ exactly: every parameter present, nothing extra, every shape the same.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -16,11 +15,20 @@ import torch
 
 def load_torch_checkpoint(path: Path):
     """The content of a `.pt` / `.pth` file, unpickled with the weights-only unpickler."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty: not a PyTorch checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a weights-only PyTorch checkpoint (refused by torch.load(weights_only=True): "
-                         f"{str(err).splitlines()[0]})") from None
+    except OSError as err:
+        if err.errno is not None:   # the file could not be read (missing, permissions): say so as it is
+            raise
+        reason = err
+    except Exception as err:  # noqa: BLE001  the unpickler fails on malformed input with any error type
+        # (an empty file: IndexError; a text file: KeyError; a damaged one: UnpicklingError / RuntimeError ...)
+        reason = err
+    first_line = (str(reason).splitlines() or [""])[0] or "no message"
+    raise ValueError(f"{path} is not a weights-only PyTorch checkpoint (refused by torch.load(weights_only=True): "
+                     f"{type(reason).__name__}: {first_line})")
 
 
 def load_exact_state_dict(model: torch.nn.Module, state, path: Path) -> torch.nn.Module:

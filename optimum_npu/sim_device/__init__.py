@@ -4,11 +4,11 @@ This layer imports nothing else of optimum_npu.
 """
 
 from .artifact import Artifact, ArtifactError
-from .memory import Device, DeviceMemoryError, devices
+from .memory import Device, DeviceMemoryError, HostMemoryError, devices
 from .runtime import Runtime, RuntimeStats
 from .specs import NPU_PRESETS, NPUSpec, get_npu_spec
 
 __all__ = [
-    "Artifact", "ArtifactError", "Device", "DeviceMemoryError", "NPUSpec", "NPU_PRESETS", "Runtime",
+    "Artifact", "ArtifactError", "Device", "DeviceMemoryError", "HostMemoryError", "NPUSpec", "NPU_PRESETS", "Runtime",
     "RuntimeStats", "devices", "get_npu_spec",
 ]

@@ -112,10 +112,25 @@ def process_start_time(pid: int) -> int | None:
         return None
 
 
+def _is_zombie(pid: int) -> bool:
+    """Whether `pid` was killed (or exited) but not yet reaped by its parent: it holds no memory any more,
+    though `kill(pid, 0)` still finds it. Field 3 ("state") of /proc/<pid>/stat, see proc(5)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            line = f.read(4096)
+    except OSError:
+        return False
+    return line[line.rfind(b")") + 2:][:1] in (b"Z", b"X")
+
+
 def _process_state(pid: int, start_time: int | None) -> str:
-    """'alive', 'exited', or 'pid reused' (the pid now belongs to a process started later)."""
-    if not pid_alive(pid):
+    """'alive', 'exited' (a zombie too: killed, not yet reaped), 'pid reused' (the pid now belongs to a
+    process started later) or 'pid 1 without start time' (init, which a runtime of ours is only if its
+    record says so with a start time: every record since start times were recorded has one)."""
+    if not pid_alive(pid) or _is_zombie(pid):
         return "exited"
+    if pid == 1 and start_time is None and os.getpid() != 1:
+        return "pid 1 without start time"
     if start_time is not None:
         now = process_start_time(pid)
         if now is not None and now != start_time:
@@ -295,6 +310,29 @@ def used_bytes(device_index: int) -> int:
 LOCK_FILE = "optimum-npu.lock"
 LOCK_TIMEOUT_ENV = "OPTIMUM_NPU_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 30.0  # seconds; allocating takes milliseconds, so a holder this slow is stuck
+
+
+class HostMemoryError(MemoryError):
+    """The host could not allocate what the simulation needs (the device memory fits; this process's limit does not)."""
+
+
+@contextmanager
+def host_memory(what: str):
+    """Turn the host allocator's failure while doing `what` (torch: a RuntimeError "can't allocate memory";
+    Python: MemoryError) into a HostMemoryError saying what ran out and what to do; other errors pass."""
+    try:
+        yield
+    except HostMemoryError:
+        raise
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "can't allocate memory" not in str(err):
+            raise
+        asked = re.search(r"allocate (\d+) bytes", str(err))
+        size = f" ({format_gib(int(asked.group(1)))} more asked)" if asked else ""
+        raise HostMemoryError(
+            f"the host ran out of memory {what}{size}: the simulated device fits this configuration, but this "
+            "process's memory limit (ulimit -v, a container or cgroup limit) is below what the simulation holds on "
+            "the host; raise the limit, or use a smaller configuration (batch, sequence length, model).") from None
 
 
 class RegistryLockTimeout(TimeoutError):

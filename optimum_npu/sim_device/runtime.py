@@ -253,7 +253,8 @@ class Runtime:
             raise ValueError(f"tensor_type must be 'pt' or 'np', got {tensor_type!r}")
         if isinstance(compiled, (str, os.PathLike)):
             name = name or Path(compiled).name
-            compiled = Artifact.load(compiled)
+            with device_memory.host_memory(f"reading {name}"):
+                compiled = Artifact.load(compiled)
         if not isinstance(compiled, Artifact):
             raise TypeError(f"Runtime needs a path to a .rbln file or a compiled model, got {type(compiled).__name__}")
         if compiled.tensors is None:
@@ -315,7 +316,8 @@ class Runtime:
                 f"Runtime({self.name})", {m.device: m.activations_bytes for m in usage}, advice
             ))
             self._stacked: dict[str, torch.Tensor] = dict(share_state_with._stacked) if share_state_with else {}
-            self._rank_state = self._load_state(compiled, shared)
+            with device_memory.host_memory(f"loading Runtime({self.name})"):
+                self._rank_state = self._load_state(compiled, shared)
         except BaseException:
             for allocation in allocations:
                 device_memory.release(allocation.id)
@@ -490,7 +492,7 @@ class Runtime:
                                    "Create a new Runtime to run the program again.")
             # no_grad, not inference_mode: outputs are ordinary tensors that HF code may edit in place
             # (diffusers' Cosmos pipeline zeroes the padding of the text embeddings it gets back).
-            with torch.no_grad():
+            with torch.no_grad(), device_memory.host_memory(f"running Runtime({self.name})"):
                 return self._run(*args, **kwargs)
 
     def _run(self, *args, **kwargs):
