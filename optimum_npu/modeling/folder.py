@@ -35,12 +35,11 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..configuration import CONFIG_NAME, RBLNModelConfig, check_plain_name
+from ..configuration import CONFIG_NAME, RBLNModelConfig, check_plain_name, read_json_object, read_regular_file
 from ..sim_device.files import pid_alive, write_file_atomically
 
 STAGING_MARK = ".optimum-npu-staging"
@@ -154,8 +153,6 @@ def read_manifest(folder: Path, nested: bool = True) -> dict[str, dict]:
 
 
 def _read_top_config(folder: Path) -> dict:
-    from ..configuration import read_json_object
-
     return read_json_object(folder / CONFIG_NAME)
 
 
@@ -351,14 +348,10 @@ def read_file_below(root: str | os.PathLike, relative: str, max_bytes: int, what
     """The bytes of the regular file `root/relative` (no link out of `root` followed), at most
     `max_bytes` of them counted as read (`st_size` is 0 for /proc files): more is a ValueError naming it."""
     real = contained_path(root, relative)
-    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)   # O_NONBLOCK: opening a FIFO does not hang
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise FolderError(f"{Path(root) / relative} is not a regular file: not a {what}")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ValueError(f"{Path(root) / relative} is larger than {max_bytes} bytes: not a {what}")
-    return data
+    try:
+        return read_regular_file(real, max_bytes, what)
+    except ValueError as err:   # name the file as the user knows it, not where a link led
+        raise FolderError(str(err).replace(str(real), str(Path(root) / relative))) from None
 
 
 def write_file_below(root: str | os.PathLike, relative: str, data: bytes) -> None:
