@@ -70,6 +70,15 @@ def test_config_files_are_read_with_a_cap_and_only_if_regular(model, tmp_path, m
         RBLNLlamaForCausalLM.from_pretrained(target, rbln_create_runtimes=False)
 
 
+def test_a_checkpoint_file_linked_out_of_the_checkpoint_is_not_copied_into_the_save(tmp_path, outside):
+    source = save_source(tmp_path / "src", "llama", tokenizer=True)[0]
+    (source / "vocab.txt").symlink_to(outside / "id_rsa")   # a tokenizer file the save copies from the checkpoint
+    model = RBLNLlamaForCausalLM.from_pretrained(source, export=True, rbln_max_seq_len=128, rbln_create_runtimes=False)
+    with pytest.raises(FolderError, match="vocab.txt is a link out of the folder"):
+        model.save_pretrained(tmp_path / "compiled")
+    assert not (tmp_path / "compiled").exists()
+
+
 # ---- the guardrail's blocklist ---------------------------------------------------------------------
 
 

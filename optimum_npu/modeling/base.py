@@ -25,7 +25,6 @@ component overrides.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from ..configuration import CONFIG_NAME, InputInfo, RBLNModelConfig, check_plain
 from ..sim_device import Artifact, Runtime
 from ..sim_device.memory import format_gib
 from ..sim_device.runtime import DeviceMemoryUsage
-from .folder import check_manifest, load_lock, manifest_of, save_tree, staging_folders
+from .folder import check_manifest, load_lock, manifest_of, read_file_below, save_tree, staging_folders
 from .hf_files import auto_class_from_pretrained
 
 MODEL_REGISTRY: dict[str, type[RBLNModel]] = {}
@@ -96,6 +95,9 @@ class InferenceStats:
             f"device memory: {memory} | host wall time {self.host_s * 1e3:.1f} ms"
         )
 
+
+# The largest tokenizer / processor file copied from a checkpoint (tokenizer.json files are tens of MB).
+MAX_SOURCE_FILE_BYTES = 512 * 1024 * 1024
 
 # from_pretrained kwargs that say where on the Hub to look, not how to build the model.
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
@@ -558,8 +560,9 @@ class RBLNModel:
         self._save_hf_configs(folder)
         if self._source_folder is not None:
             for filename in SOURCE_FILES:
-                if (self._source_folder / filename).is_file():
-                    shutil.copyfile(self._source_folder / filename, folder / filename)
+                if (self._source_folder / filename).is_file():   # never through a link out of the checkpoint
+                    (folder / filename).write_bytes(read_file_below(
+                        self._source_folder, filename, MAX_SOURCE_FILE_BYTES, what="tokenizer or processor file"))
         # The usual permissions (0o666 minus the umask, as for the folder itself): some writers
         # create files 0o600 (tempfile.mkstemp) or copy the source's mode.
         mode = folder.stat().st_mode & 0o666
