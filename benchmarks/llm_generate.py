@@ -16,7 +16,8 @@ compiled with `rbln_dtype="bfloat16"` (compile time reported apart, never in the
 
 Columns: host wall-clock output tokens/s (best of `--repeats`, interleaved, after a warm-up), the
 ratio ours / HF (goal: >= 1 on every row), and the *simulated* device figures of our run from
-`generation_stats` (TTFT, TPOT, tokens/s on the RBLN-CA25 device). `--profile` runs our
+`generation_stats` (TTFT, TPOT, tokens/s on the RBLN-CA25 device). It prints the host CPU and how
+it computes bf16 (`sim_device/host_math.py`; OPTIMUM_NPU_HOST_MATH=native|fp32 forces a route). `--profile` runs our
 generate of the first row under cProfile and prints where the host time goes.
 """
 
@@ -35,6 +36,7 @@ from model_shapes import llama_125m_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from optimum_npu import RBLNLlamaForCausalLM
+from optimum_npu.sim_device import host_math
 
 SEED = 0
 
@@ -134,6 +136,7 @@ def main() -> None:
             "OMP_WAIT_POLICY=PASSIVE stops threads spinning for a descheduled peer)") if load > 1.5 else ""
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {load:.1f}{busy}")
+    print(host_math.describe())
     rows = []
     if "short" in args.rows:
         built, compile_s = short_rows(args.batches)

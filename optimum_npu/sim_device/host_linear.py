@@ -15,10 +15,10 @@ copies fit in half of the RAM available.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
+
+from .host_math import available_ram_bytes
 
 _linear = torch.ops.aten.linear.default
 
@@ -27,13 +27,6 @@ def packing_available(dtype: torch.dtype) -> bool:
     """bf16 weights on a torch with oneDNN (the only case where the packed result was seen to match)."""
     return (dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def _available_ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 class PackedWeights:
@@ -49,7 +42,7 @@ class PackedWeights:
         if entry is None or entry[0] is not weight:
             packed = None
             if (weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.is_contiguous()
-                    and 2 * weight.nbytes < _available_ram_bytes()):
+                    and 2 * weight.nbytes < available_ram_bytes()):
                 try:
                     packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
                 except RuntimeError:  # a CPU or build without oneDNN's bf16 matmul

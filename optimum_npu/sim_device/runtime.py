@@ -2,7 +2,9 @@
 
 The host executes every op for real, with the device's numerics:
 
-- ``numerics="device"`` + bf16: device kernels run natively in bf16 on the host;
+- ``numerics="device"`` + bf16: device kernels run natively in bf16 on the host where the
+  CPU has bf16 matmul instructions, elsewhere as fp16 below (`host_math.py`; the route is in
+  `Runtime.host_math`, `OPTIMUM_NPU_HOST_MATH` overrides it);
 - ``numerics="device"`` + fp16: device kernels compute in fp32 and their outputs are
   rounded to fp16 at kernel boundaries (fp16 matmuls are unusably slow on CPUs, and a
   fused kernel keeps its intermediates in wide accumulators anyway);
@@ -40,6 +42,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import host_math
 from . import memory as device_memory
 from .artifact import Artifact
 from .collectives import InProcessCollectives, ProcessGroupCollectives
@@ -76,11 +79,12 @@ class Numerics:
     round_to: torch.dtype | None        # rounding applied at kernel boundaries
 
     @classmethod
-    def for_program(cls, program: Program) -> Numerics:
+    def for_program(cls, program: Program, bf16_route: str = "native") -> Numerics:
+        """`bf16_route`: how the host computes bf16 device numerics (`host_math.py`)."""
         if program.numerics == "exact":
             return cls(torch.float32, None)
         if program.device_dtype == "bfloat16":
-            return cls(torch.bfloat16, None)
+            return cls(torch.bfloat16, None) if bf16_route == "native" else cls(torch.float32, torch.bfloat16)
         return cls(torch.float32, torch.float16)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -190,6 +194,21 @@ def _to_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
 
 
+def _host_math(program: Program) -> host_math.HostMath:
+    """The host's route for the program's float math: for bf16 device numerics, `host_math.choose`
+    given what the weights and buffers (every rank's shard of the split ones) take as fp32."""
+    if program.numerics == "exact":
+        return host_math.HostMath("fp32", "exact numerics compute in fp32")
+    if program.device_dtype != "bfloat16":
+        return host_math.HostMath("fp32", "fp16 device numerics compute in fp32 (fp16 matmuls are slow on CPUs)")
+    fp32_bytes = 0
+    for spec in program.weights + program.buffers:
+        if spec.dtype in DEVICE_DTYPES:
+            ranks = program.tensor_parallel_size if spec.name in program.tensor_shards else 1
+            fp32_bytes += sum(4 * program.local_spec(spec, rank).numel for rank in range(ranks))
+    return host_math.choose(fp32_bytes)
+
+
 def cut_shard(tensor: torch.Tensor, shard: TensorShard, rank: int) -> torch.Tensor:
     """The part of a full weight / buffer that `rank` holds (its own copy)."""
     ranges = shard.ranges[rank]
@@ -267,7 +286,11 @@ class Runtime:
         self.name = name or "compiled"
         self.tensor_type = tensor_type
         self.spec = get_npu_spec(program.npu)
-        self.numerics = Numerics.for_program(program)
+        if share_state_with is not None:  # shared weights and KV cache: one host dtype
+            self.host_math = share_state_with.host_math
+        else:
+            self.host_math = _host_math(program)
+        self.numerics = Numerics.for_program(program, self.host_math.route)
         self._device_float_bytes = PROGRAM_DTYPES[program.device_dtype].itemsize
         group = self._pick_devices(device, share_state_with)   # one device per rank
         # The ranks this process runs: all of them, or its own under torchrun.
@@ -628,4 +651,5 @@ class Runtime:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Runtime({self.name!r}, npu={self.spec.name}, devices={self.devices}, numerics={self.program.numerics})"
+        return (f"Runtime({self.name!r}, npu={self.spec.name}, devices={self.devices}, numerics={self.program.numerics}, "
+                f"host_math={self.host_math.route})")

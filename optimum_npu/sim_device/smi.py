@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from . import memory
+from . import host_math, memory
 from .specs import GB, MB_BINARY as MiB, GiB, NPU_PRESETS, NPUSpec
 
 ESTIMATE_MARK = "*"
@@ -87,6 +87,7 @@ def status() -> dict:
         "processes": processes,
         "exited_records": len(scan.dead),
         "malformed_records": _malformed(scan.malformed),
+        "host_math": host_math.status(),
     }
 
 
@@ -105,6 +106,8 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int] | frozense
 def format_status(data: dict | None = None) -> str:
     data = status() if data is None else data
     out = [f"Simulated NPU machine: OPTIMUM_NPU_SYSTEM={data['system']}   state: {data['state_dir']}"]
+    if "host_math" in data:
+        out.append(host_math.describe(data["host_math"]))
     out += _table(
         ["NPU", "Name", "Product", "Card", "NUMA", "Memory used / total", "Runtimes"],
         [
