@@ -439,11 +439,15 @@ def test_oversize_zero_init_buffer_fails_before_any_host_allocation(tmp_path, st
     header, payload = split(open(path, "rb").read())
     program = header["program"]
     assert program["zero_init"] == ["total"]
-    huge = [20 * 2**30 // 8]  # int64 elements: 20 GiB
-    for spec in program["buffers"]:
-        spec["shape"] = huge
-    program["values"]["total"]["shape"] = huge
+    # Every tensor of the program is an int64 [8]: scale them all, and the memory plan with them,
+    # so the program stays consistent (its ops give the shapes it declares) and only its size is wrong.
+    scale = 20 * 2**30 // 64
+    for spec in [*program["inputs"], *program["outputs"], *program["buffers"], *program["values"].values()]:
+        assert spec["shape"] == [8] and spec["dtype"] == "int64"
+        spec["shape"] = [8 * scale]  # 20 GiB
     program["memory"]["buffers_bytes"] = [20 * 2**30]
+    program["memory"]["activations_bytes"] = [n * scale for n in program["memory"]["activations_bytes"]]
+    program["memory"]["offsets"] = {k: v * scale for k, v in program["memory"]["offsets"].items()}
     crafted = tmp_path / "huge.rbln"
     crafted.write_bytes(signed(header, payload))
 
@@ -452,6 +456,8 @@ def test_oversize_zero_init_buffer_fails_before_any_host_allocation(tmp_path, st
 
     def spy(real):
         def allocate(*size, **kwargs):
+            if torch.device(kwargs.get("device") or "cpu").type == "meta":  # a shape, no storage
+                return real(*size, **kwargs)
             shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
             numel = 1
             for s in shape:
@@ -464,7 +470,7 @@ def test_oversize_zero_init_buffer_fails_before_any_host_allocation(tmp_path, st
 
     monkeypatch.setattr(torch, "zeros", spy(real_zeros))
     monkeypatch.setattr(torch, "empty", spy(real_empty))
-    with pytest.raises(DeviceMemoryError, match="needs 20"):
+    with pytest.raises(DeviceMemoryError, match=r"needs \d+\.\d+ GiB"):  # the buffer, and values scaled with it
         Runtime(crafted)
     assert all(n <= 2**24 for n in requested)
     assert nothing_allocated(state_dir)
@@ -554,3 +560,136 @@ def test_run_after_close_is_refused(host_file, tmp_path, state_dir):
         pass
     with pytest.raises(RuntimeError, match="closed"):
         other(torch.randn(4, 16))
+
+
+# --------------------------------------------------------------------------- work bounded by the file
+
+
+def with_host_ops(header: dict, ops: list[dict], values: dict[str, tuple[list[int], str]]) -> dict:
+    """The atan program with its host step replaced by `ops` (the last one must produce "atan",
+    float32 [4, 16]) and `values` (name -> (shape, dtype)) added to its declared values."""
+    evil = copy.deepcopy(header)
+    program = evil["program"]
+    host_step(program)["ops"] = ops
+    for name, (shape, dtype) in values.items():
+        program["values"][name] = {"name": name, "shape": shape, "dtype": dtype}
+    return evil
+
+
+def op(target: str, args: list, outputs: list[str], **kwargs) -> dict:
+    return {"target": target, "args": args, "kwargs": kwargs, "outputs": outputs}
+
+
+HOST_IN = {"ref": "linear@host"}   # the host step's input: float32 [4, 16] once on the host
+
+
+def _into_atan(name: str) -> dict:
+    """The step's last op: something of the right shape into "atan", reading `name`."""
+    return op("aten.add.Tensor", [HOST_IN, {"ref": name}], ["atan"])
+
+
+BIG = 3 * 2**27   # int64 elements: 3 GiB
+GROWING_OPS = {
+    # each computes a tensor far larger than the 4-element value the program declares for it
+    "arange-then-sum": ([op("aten.arange.default", [BIG], ["big"]), op("aten.sum.default", [{"ref": "big"}], ["s"]),
+                         _into_atan("s")], {"big": ([4], "int64"), "s": ([], "int64")}),
+    "arange-2**36": ([op("aten.arange.default", [2**36], ["big"]), op("aten.sum.default", [{"ref": "big"}], ["s"]),
+                      _into_atan("s")], {"big": ([4], "int64"), "s": ([], "int64")}),
+    "repeat_interleave-int": ([op("aten.repeat_interleave.self_int", [HOST_IN, 2**30], ["big"]),
+                               op("aten.sum.default", [{"ref": "big"}], ["s"]), _into_atan("s")],
+                              {"big": ([4], "float32"), "s": ([], "float32")}),
+    "constant_pad_nd": ([op("aten.constant_pad_nd.default", [HOST_IN, [2**28, 2**28]], ["big"]),
+                         op("aten.sum.default", [{"ref": "big"}], ["s"]), _into_atan("s")],
+                        {"big": ([4, 16], "float32"), "s": ([], "float32")}),
+    "outer-of-aranges": ([op("aten.arange.default", [2**20], ["r"]),
+                          op("aten.outer.default", [{"ref": "r"}, {"ref": "r"}], ["big"]),
+                          op("aten.sum.default", [{"ref": "big"}], ["s"]), _into_atan("s")],
+                         {"r": ([2**20], "int64"), "big": ([4], "int64"), "s": ([], "int64")}),
+    # a huge unused value raises the largest declared size, which bounded `size` arguments before
+    "full-beside-a-huge-unused-value": ([op("aten.full.default", [[2**36], 1.0], ["big"]),
+                                         op("aten.sum.default", [{"ref": "big"}], ["s"]), _into_atan("s")],
+                                        {"big": ([4], "float32"), "s": ([], "float32"), "unused": ([2**36], "float32")}),
+    # an output size that depends on tensor contents cannot be checked at load: refused
+    "data-dependent-size": ([op("aten.repeat_interleave.Tensor", [{"ref": "counts"}], ["big"]),
+                             op("aten.sum.default", [{"ref": "big"}], ["s"]), _into_atan("s")],
+                            {"big": ([4], "int64"), "s": ([], "int64")}),
+}
+
+
+@pytest.mark.parametrize("how", sorted(GROWING_OPS))
+def test_an_op_growing_beyond_its_declared_value_is_refused_at_load(host_file, tmp_path, state_dir, how):
+    """Each op runs at load on the meta device (shapes only, no storage): an output whose shape is
+    not the one the program declares is refused before anything is allocated or runs."""
+    _, header, payload = host_file
+    ops_, values = GROWING_OPS[how]
+    if how == "data-dependent-size":
+        ops_ = [op("aten.full.default", [[4], 2], ["counts"], dtype={"dtype": "int64"}), *ops_]
+        values = {**values, "counts": ([4], "int64")}
+    error = assert_refused(tmp_path, state_dir, signed(with_host_ops(header, ops_, values), payload))
+    assert ("declares" in str(error)) or ("cannot run on the declared shapes" in str(error))
+
+
+def test_a_large_host_value_declared_as_such_is_counted_before_anything_runs(host_file, tmp_path, state_dir):
+    """The same arange + sum, declared at its true 3 GiB: it loads, and the runtime reserves those
+    bytes in the device-memory registry before anything runs (what a run creates on the host is
+    what the registry counts); at 2**36 elements (512 GiB) the reservation fails before any allocation."""
+    _, header, payload = host_file
+    values = {"big": ([BIG], "int64"), "s": ([], "int64")}
+    ops_ = GROWING_OPS["arange-then-sum"][0]
+    path = tmp_path / "big.rbln"
+    path.write_bytes(signed(with_host_ops(header, ops_, values), payload))
+    with Runtime(path) as runtime:
+        assert runtime.stats.memory[0].activations_bytes >= BIG * 8
+        assert device_memory.used_bytes(0) == runtime.stats.memory[0].total_bytes
+    huge = with_host_ops(header, [op("aten.arange.default", [2**36], ["big"]), *ops_[1:]],
+                         {"big": ([2**36], "int64"), "s": ([], "int64")})
+    path.write_bytes(signed(huge, payload))
+    with pytest.raises(DeviceMemoryError, match="needs 512"):
+        Runtime(path)
+    assert nothing_allocated(state_dir)
+
+
+@pytest.mark.parametrize("through", ["directly", "through-a-view", "through-a-copy-step"])
+def test_a_program_never_writes_into_the_callers_input(host_file, tmp_path, state_dir, through):
+    """`copy_(x, 7.0)` on an input bound by reference would overwrite the caller's tensor: refused at
+    load, whether it writes the input, a view of it, or the device copy an h2d step passes on."""
+    _, header, payload = host_file
+    evil = copy.deepcopy(header)
+    program = evil["program"]
+    step = next(s for s in program["steps"] if s["kind"] == "kernel")  # reads x@device, the input's copy
+    source = step["ops"][0]["args"][0]["ref"]
+    if through == "directly":  # a host step reading the input itself
+        host_step(program)["inputs"].append("x")
+        write = [op("aten.copy_.default", [{"ref": "x"}, 7.0], ["filled"])]
+        declared = {"filled": ([4, 16], "float32")}
+    elif through == "through-a-view":
+        host_step(program)["inputs"].append("x")
+        write = [op("aten.view.default", [{"ref": "x"}, [64]], ["flat"]),
+                 op("aten.copy_.default", [{"ref": "flat"}, 7.0], ["filled"])]
+        declared = {"flat": ([64], "float32"), "filled": ([64], "float32")}
+    else:
+        assert source == "x@device"
+        step["ops"].insert(0, op("aten.copy_.default", [{"ref": source}, 7.0], ["filled"]))
+        program["values"]["filled"] = {"name": "filled", "shape": [4, 16], "dtype": "float32"}
+        assert_refused(tmp_path, state_dir, signed(evil, payload), match="writes into input 'x'")
+        return
+    host_step(program)["ops"] = write + host_step(program)["ops"]
+    for name, (shape, dtype) in declared.items():
+        program["values"][name] = {"name": name, "shape": shape, "dtype": dtype}
+    assert_refused(tmp_path, state_dir, signed(evil, payload), match="writes into input 'x'")
+
+
+def test_in_place_ops_on_the_programs_own_values_still_load(host_file, tmp_path):
+    """The control: an in-place op on a value the program computed is not a write to the caller's input."""
+    _, header, payload = host_file
+    ops_ = [op("aten.clone.default", [HOST_IN], ["mine"]), op("aten.copy_.default", [{"ref": "mine"}, 7.0], ["filled"]),
+            op("aten.atan.default", [{"ref": "filled"}], ["atan"])]
+    path = tmp_path / "own.rbln"
+    path.write_bytes(signed(with_host_ops(header, ops_, {"mine": ([4, 16], "float32"),
+                                                          "filled": ([4, 16], "float32")}), payload))
+    x = torch.randn(4, 16)
+    kept = x.clone()
+    with Runtime(path) as runtime:
+        out = runtime.run(x)
+    assert torch.equal(x, kept)
+    assert out.shape == (4, 16)

@@ -336,6 +336,30 @@ def test_no_warning_without_malformed_records(state):
         memory.release(memory.allocate("Runtime(x)", {0: 1}).id)
 
 
+@pytest.mark.parametrize("system,match", [
+    ("RBLN-CA25x99999999", "more than 99999 card"),         # hung building 400M devices
+    ("RBLN-CA25x" + "9" * 900, "more than 99999 card"),
+    ("RBLN-CA25x" + "9" * 5000, "characters long"),          # past int()'s digit limit
+    ("RBLN-CA25x0", "has 0 card"),                          # an empty machine
+    ("RBLN-CA25x1024,RBLN-CA25", "1 to 4096 devices"),      # the registry numbers at most 4096 devices
+    ("RBLN-CA25," * 200, "characters long"),
+    ("RBLN-CA25,", "NAME or NAMExCOUNT"),
+])
+def test_absurd_machine_descriptions_are_one_line_errors(state, capsys, monkeypatch, system, match):
+    """OPTIMUM_NPU_SYSTEM is bounded and checked: a one-line error naming it, never a hang or an empty machine."""
+    monkeypatch.setenv("OPTIMUM_NPU_SYSTEM", system)
+    with pytest.raises(ValueError, match=match) as info:
+        memory.devices()
+    assert "OPTIMUM_NPU_SYSTEM" in str(info.value)
+    assert main(["smi"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_the_largest_machine_the_registry_numbers_is_accepted(state, monkeypatch):
+    monkeypatch.setenv("OPTIMUM_NPU_SYSTEM", "RBLN-CA25x1024")
+    assert len(memory.devices()) == memory.MAX_DEVICES == memory.MAX_DEVICE_INDEX + 1
+
+
 @pytest.mark.skipif(not HAS_PROC, reason="process states come from /proc")
 def test_smi_reset_frees_a_killed_unreaped_holder_and_a_pid_1_record_without_start_time(state, capsys):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

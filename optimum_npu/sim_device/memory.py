@@ -60,16 +60,42 @@ def _system_description() -> str:
     return os.environ.get("OPTIMUM_NPU_SYSTEM", "RBLN-CA25")
 
 
-def devices() -> list[Device]:
-    """Every simulated device of this machine, in index order."""
+# The registry numbers devices 0..MAX_DEVICE_INDEX: a machine has at most this many.
+MAX_DEVICES = 4096
+MAX_SYSTEM_CHARS = 1024
+
+
+def _system_cards() -> list[NPUSpec]:
+    """The cards `OPTIMUM_NPU_SYSTEM` lists, or ValueError naming the variable and what it may hold."""
+    text = _system_description()
+    example = "e.g. 'RBLN-CA25', 'RBLN-CA25x8' or 'RBLN-CA12x2,RBLN-CR03'"
+    if len(text) > MAX_SYSTEM_CHARS:
+        raise ValueError(f"OPTIMUM_NPU_SYSTEM is {len(text)} characters long (at most {MAX_SYSTEM_CHARS}): {example}")
     cards: list[NPUSpec] = []
-    for item in _system_description().split(","):
+    devices_so_far = 0
+    for item in text.split(","):
         match = re.fullmatch(r"\s*([A-Za-z0-9-]+?)(?:x(\d+))?\s*", item)
         if not match:
-            raise ValueError(
-                f"OPTIMUM_NPU_SYSTEM={_system_description()!r}: each item must be NAME or NAMExCOUNT, e.g. 'RBLN-CA25x2'"
-            )
-        cards += [get_npu_spec(match.group(1))] * int(match.group(2) or 1)
+            raise ValueError(f"OPTIMUM_NPU_SYSTEM={_short(text)}: each item must be NAME or NAMExCOUNT with a "
+                             f"count of 1 to {MAX_DEVICES}, {example}")
+        digits = match.group(2) or "1"
+        spec, count = get_npu_spec(match.group(1)), int(digits) if len(digits) <= 5 else MAX_DEVICES + 1
+        said = digits if len(digits) <= 5 else "more than 99999"
+        devices_so_far += count * spec.devices_per_card
+        if count < 1 or devices_so_far > MAX_DEVICES:
+            raise ValueError(f"OPTIMUM_NPU_SYSTEM={_short(text)}: {_short(item.strip())} has {said} card(s); a machine "
+                             f"has 1 to {MAX_DEVICES} devices in all ({example})")
+        cards += [spec] * count
+    return cards
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 80 else repr(text[:77] + "...")
+
+
+def devices() -> list[Device]:
+    """Every simulated device of this machine, in index order."""
+    cards = _system_cards()
     out = []
     for card_index, spec in enumerate(cards):
         # A server splits its cards between two NUMA nodes (ATOM-Max server: 16 devices per node).
@@ -187,7 +213,7 @@ ALLOCATION_KINDS = ("activations", "weights")
 # Bounds of an honest record: far above any machine's devices and DRAM, below anything absurd.
 MAX_RECORD_CHARS = 64 * 1024
 MAX_PID = 2**31 - 1
-MAX_DEVICE_INDEX = 4095
+MAX_DEVICE_INDEX = MAX_DEVICES - 1
 MAX_RECORD_BYTES = 2**50     # 1 PiB on one device
 MAX_OWNER_CHARS = 256
 _RECORD_KEYS = {"id", "pid", "owner", "bytes", "kind", "start_time"}

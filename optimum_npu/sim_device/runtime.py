@@ -53,6 +53,7 @@ from .ops import collective_ops, resolve_op
 from .profiler import DEVICE_SYNC, EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
 from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Ref, Step, StepKind, TensorShard, TensorSpec, decode_arg
 from .rank_batching import Stacked
+from .shapes import peak_unplaced_bytes
 from .specs import get_npu_spec
 from .topology import Ring
 from .validation import validate_program
@@ -106,7 +107,7 @@ class DeviceMemoryUsage:
     npu: str
     weights_bytes: int
     buffers_bytes: int
-    activations_bytes: int
+    activations_bytes: int           # the arena, plus the peak of host-fallback values
     capacity_bytes: int
 
     @property
@@ -315,7 +316,13 @@ class Runtime:
                 )
         # Reserve device memory first, from sizes recomputed from the tensor specs (each rank's
         # shard), so a program that does not fit fails with DeviceMemoryError before any host
-        # tensor is created.
+        # tensor is created. What a run creates beyond the plan is covered too (sizes from shapes
+        # checked against the ops at validation, `shapes.derive_shapes`): host-fallback values are
+        # in no device plan, so they are reserved with the activations; intermediates inside fused
+        # kernels stay on chip on the device, so they are not reserved, but the simulator creates
+        # them on this host, so a program whose run would not fit in the device's DRAM is refused.
+        unplaced = peak_unplaced_bytes(program, (StepKind.HOST,))
+        scratch = peak_unplaced_bytes(program, (StepKind.KERNEL, StepKind.COLLECTIVE))
         buffer_names = {b.name for b in program.buffers}
         usage = []
         for rank, d in zip(self.ranks, self.devices):
@@ -323,11 +330,18 @@ class Runtime:
             buffers = sum(n for spec, n in zip(owned, local) if spec.name in buffer_names)
             usage.append(DeviceMemoryUsage(
                 device=d, npu=self.spec.name, weights_bytes=sum(local) - buffers, buffers_bytes=buffers,
-                activations_bytes=program.memory.activations_bytes[rank], capacity_bytes=self.spec.usable_dram_bytes,
+                activations_bytes=program.memory.activations_bytes[rank] + unplaced, capacity_bytes=self.spec.usable_dram_bytes,
             ))
         advice = ("Close other runtimes on the device, pick another device, or recompile with a smaller batch or "
                   "sequence length, for an NPU with more memory (npu='RBLN-CR03'), or split over more devices with "
                   "tensor_parallel_size.")
+        for m in usage:
+            if m.total_bytes + scratch > m.capacity_bytes:
+                raise device_memory.DeviceMemoryError(
+                    f"Runtime({self.name}) needs {device_memory.format_gib(m.total_bytes + scratch)} on npu{m.device} "
+                    f"(of which {device_memory.format_gib(scratch)} for intermediates inside kernels), more than the "
+                    f"{device_memory.format_gib(m.capacity_bytes)} a {self.spec.name} has. {advice}"
+                )
         allocations = []
         try:
             if any(m.weights_bytes + m.buffers_bytes for m in usage):

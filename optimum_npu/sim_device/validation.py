@@ -8,8 +8,10 @@ Two passes, both raising `ArtifactError` and nothing else:
    schema, never deeper.
 2. `validate_program`: what the runtime relies on. Ops are allowlisted and their arguments
    typed (`ops.py`); every value is defined before a step reads it; tensor sizes are sane;
-   the memory plan's figures agree with sizes recomputed from the tensor specs (the header
-   cannot make device-memory accounting lie).
+   every op output has the shape and dtype the program declares, derived by running the
+   program on the meta device (`shapes.py`), and no op writes into an input; the memory
+   plan's figures agree with sizes recomputed from the tensor specs (the header cannot make
+   device-memory accounting lie).
 
 New step kinds add a rule to `_STEP_RULES`; new program fields add a key to `_PROGRAM`.
 """
@@ -24,6 +26,7 @@ from .ops import check_op_arguments, check_op_outputs, collective_ops
 from .program import (
     DEVICE_DTYPES, NUMERICS, PROGRAM_DTYPES, STEP_KINDS, ArtifactError, Program, Step, StepKind, TensorSpec, aligned,
 )
+from .shapes import derive_shapes
 from .specs import NPU_PRESETS
 
 MAX_TENSOR_ELEMENTS = 2**40      # 1 Ti elements: far beyond any device's DRAM
@@ -329,6 +332,7 @@ def validate_program(program: Program) -> None:
     _check_header_fields(program)
     _check_tensors(program)
     _check_steps(program)
+    derive_shapes(program)
     _check_memory_plan(program)
 
 
