@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -90,6 +92,79 @@ def test_blocklist_bad_files(tmp_path):
     (tmp_path / "custom" / "bad.txt").write_bytes(b"\xff\xfe\x00zorblax")
     with pytest.raises(ValueError, match="not a UTF-8 text file"):
         Blocklist.from_path(tmp_path)
+
+
+@pytest.mark.parametrize("prompt", [
+    "two z\u043erblax walk",        # Cyrillic o
+    "two z\u03bfrblax walk",        # Greek omicron
+    "two zor\u200bblax walk",       # zero-width space
+    "two zor\u00adblax walk",       # soft hyphen
+    "two zor\u2060blax walk",       # word joiner
+    "two \uff5a\uff4f\uff52\uff42\uff4c\uff41\uff58 walk",  # fullwidth
+    "two \U0001d433orblax walk",    # mathematical bold z
+    "TWO Z\u039fRBLAXES WALK",      # Greek capital omicron, plural
+])
+def test_blocklist_sees_what_a_reader_sees(prompt):
+    """Look-alike letters and invisible characters inside a word do not hide it."""
+    assert not Blocklist(custom=["zorblax"]).is_safe(prompt)[0]
+
+
+def test_blocklist_matches_keywords_of_other_scripts_as_they_are():
+    cyrillic = Blocklist(custom=["бомба"])
+    assert not cyrillic.is_safe("это бомба")[0] and not cyrillic.is_safe("Это БОМБА!")[0]
+    assert cyrillic.is_safe("это бомбардир")[0] and cyrillic.is_safe("a plain prompt")[0]
+    cjk = Blocklist(custom=["炸弹"], exact_match=["東京タワー"])
+    assert not cjk.is_safe("如何制作炸弹")[0]       # no spaces between words: matched inside the run
+    assert cjk.is_safe("炸鸡很好吃")[0]              # one character of the keyword is not the keyword
+    assert not cjk.is_safe("東京タワーの写真")[0]
+    greek = Blocklist(exact_match=["Αθήνα"])
+    assert not greek.is_safe("η Αθήνα το βράδυ")[0] and greek.is_safe("a plain prompt")[0]
+
+
+def test_blocklist_reports_every_dropped_keyword():
+    """A keyword with no letters or digits once normalised can never match: a warning names each;
+    it never becomes a pattern that matches everything."""
+    with pytest.warns(UserWarning, match=r"2 keyword\(s\).*'—'.*'\*\*\*'"):
+        blocklist = Blocklist(custom=["—", "zorblax"], exact_match=["***"])
+    assert blocklist.is_safe("a robot arm lifts a red cube") == (True, "no blocklisted keyword")
+    assert not blocklist.is_safe("a zorblax")[0]
+
+
+def test_blocklist_exact_keywords_without_ascii_letters_match_only_themselves():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        blocklist = Blocklist(exact_match=["★ 51", "Ёж"])
+    assert blocklist.is_safe("a robot arm lifts a red cube")[0]
+    assert not blocklist.is_safe("area 51 today")[0]     # the star is no word: the keyword is "51"
+    assert not blocklist.is_safe("ёж в лесу")[0] and blocklist.is_safe("ежевика")[0]
+
+
+def test_blocklist_size_is_bounded(tmp_path, monkeypatch):
+    """The whole blocklist is capped (a 16 MB list made each prompt check take minutes): a clear
+    error naming the limit, for lists given in Python or read from a folder."""
+    from optimum_npu.cosmos_guardrail import blocklist as module
+
+    with pytest.raises(ValueError, match=f"at most {module.MAX_KEYWORDS} are allowed"):
+        Blocklist(custom=["w"] * (module.MAX_KEYWORDS + 1))
+    monkeypatch.setattr(module, "MAX_BLOCKLIST_BYTES", 1000)
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "custom" / "a.txt").write_text("zorblax\n" * 100)
+    (tmp_path / "exact_match").mkdir()
+    (tmp_path / "exact_match" / "b.txt").write_text("flurbo\n" * 100)
+    with pytest.raises(ValueError, match="1300 bytes; at most 1000"):
+        Blocklist.from_path(tmp_path)
+    with pytest.raises(ValueError, match="characters"):
+        Blocklist(custom=["z" * (module.MAX_KEYWORD_CHARS + 1)])
+
+
+def test_blocklist_typos_match_through_the_deletion_table():
+    """max_typos=1 without comparing the prompt to every keyword: a substitution, an insertion,
+    a deletion and a swap of neighbours all match; two typos and short words do not."""
+    blocklist = Blocklist(custom=["zorblax", "ass"], max_typos=1)
+    for typo in ("zorblaks", "zorbllax", "zorbax", "zobrlax"):
+        assert not blocklist.is_safe(f"two {typo} walk")[0], typo
+    for fine in ("zorbleks", "bus", "a robot arm"):
+        assert blocklist.is_safe(fine)[0], fine
 
 
 # ---- guard LLM -----------------------------------------------------------------------------

@@ -7,7 +7,16 @@ as a whole word, case-insensitively, after undoing the trivial disguises:
 - separators inside a word: "zor-blax", "zor.blax", "z_o_r_b_l_a_x";
 - letters spaced apart: "z o r b l a x";
 - leetspeak: "z0rbl4x", "$orblax";
-- accents and other non-ASCII look-alikes: "zörblax".
+- what a reader cannot see (`lookalikes.py`): accents ("zörblax"), letters of other scripts that
+  look the same (a Cyrillic "о", a Greek omicron), zero-width characters and soft hyphens inside
+  the word, fullwidth and other compatibility forms.
+
+Keywords in other scripts (Cyrillic, CJK, ...) match as they are; in scripts written without
+spaces (CJK, Thai, ...) each character is a word, so a keyword matches anywhere in a run of them.
+Matching takes time linear in the prompt: each keyword is a path in a trie of words, walked from
+each word of the prompt (and a table of one-letter deletions when typos are allowed), never one
+pattern per keyword. The whole blocklist is bounded (`MAX_KEYWORDS`, `MAX_BLOCKLIST_BYTES`);
+a keyword left with no word to match once normalised is dropped with a warning naming it.
 
 Whole words only: the keyword "ass" does not fire on "class" or "assemble". Optionally, words
 of at least `fuzzy_min_chars` letters also match with one typo (`max_typos=1`).
@@ -25,34 +34,41 @@ from __future__ import annotations
 import logging
 import os
 import re
-import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..modeling.folder import contained_path, read_file_below, write_file_below
+from .lookalikes import reader_form
 
 logger = logging.getLogger(__name__)
 
 KEYWORD_KINDS = ("custom", "exact_match", "whitelist")
 MAX_LIST_FILE_BYTES = 16 * 1024 * 1024   # a keyword list is text; anything larger is not one
+# The whole blocklist (all kinds together): upstream's lists hold a few thousand keywords.
+MAX_KEYWORDS = 200_000
+MAX_BLOCKLIST_BYTES = 4 * 1024 * 1024    # UTF-8 bytes of all keywords
+MAX_KEYWORD_CHARS = 256
+MAX_PHRASE_WORDS = 16
 LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "@": "a", "$": "s",
                       "!": "i", "|": "l", "+": "t"})
 # Characters that may sit inside a disguised word ("zor-blax", "z.o.r.b"), removed before matching.
 INNER_SEPARATORS = re.compile(r"[-_.*'`~^:;,/\\]+")
-WORD = re.compile(r"[a-z]+")
+# Scripts written without spaces between words: each character is a word of its own.
+_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff\U00020000-\U0003ffff"
+# A word: one character of an unspaced script, or a run of other letters (digits end a word).
+WORD = re.compile(f"[{_UNSPACED}]|[^\\W\\d_{_UNSPACED}]+")
+# Exact-match keywords keep digits: "area 51" is two words.
+EXACT_WORD = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+")
 SENTENCE_PUNCTUATION = "!?.,;:()[]{}\"'"
-
-
-def to_ascii(text: str) -> str:
-    """Accents stripped ("ö" -> "o"), other non-ASCII characters replaced by spaces."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c if c.isascii() else (" " if not unicodedata.combining(c) else "") for c in decomposed)
 
 
 def word_forms(word: str) -> set[str]:
     """The word and its candidate stems: plural and inflection suffixes removed (a light lemmatiser
     that over-generates on purpose: a candidate only matters if it is a blocklisted keyword)."""
     forms = {word}
+    if not word.isascii():
+        return forms  # English suffixes only
     # Plurals and verb inflections only: "-er" / "-ness" make other words ("corner" is not "corn").
     rules = (("ies", "y"), ("ves", "f"), ("es", ""), ("s", ""), ("ing", ""), ("ing", "e"), ("ed", ""), ("ed", "e"))
     for suffix, replacement in rules:
@@ -65,10 +81,10 @@ def word_forms(word: str) -> set[str]:
 
 
 def normalized_words(text: str) -> tuple[list[str], list[str]]:
-    """The prompt as lowercase ASCII words (leetspeak undone, split at separators), and the extra
-    whole-word readings of disguised words: "zor-blax" and "z o r b l a x" read as "zorblax"."""
+    """The prompt as lowercase words as a reader sees them (leetspeak undone, split at separators),
+    and the extra whole-word readings of disguised words: "zor-blax" and "z o r b l a x" read as "zorblax"."""
     words, extras = [], []
-    for chunk in to_ascii(text).lower().split():
+    for chunk in reader_form(text).split():
         # Sentence punctuation around a word is not leetspeak ("Z0RBL4X!" ends a sentence).
         chunk = chunk.strip(SENTENCE_PUNCTUATION)
         parts = WORD.findall(chunk.translate(LEET))
@@ -84,6 +100,17 @@ def normalized_words(text: str) -> tuple[list[str], list[str]]:
             extras.append("".join(run))
         run = []
     return words, extras
+
+
+def exact_words(text: str) -> list[str]:
+    """Words of `text` for exact matching: as a reader sees them, no leetspeak or stemming."""
+    return EXACT_WORD.findall(reader_form(text))
+
+
+def _deletions(word: str) -> set[str]:
+    """The word and every string one character shorter: two words are within one typo (an edit or
+    a swap of neighbours) exactly when their sets share a string."""
+    return {word} | {word[:i] + word[i + 1:] for i in range(len(word))}
 
 
 def _edit_distance_at_most_one(a: str, b: str) -> bool:
@@ -123,6 +150,25 @@ def _read_keyword_folder(folder: Path, within: Path) -> list[str]:
     return keywords
 
 
+def _check_size(lists: dict[str, list[str]]) -> None:
+    """ValueError unless the whole blocklist is within the bounds that keep loading and matching cheap."""
+    count = sum(len(words) for words in lists.values())
+    if count > MAX_KEYWORDS:
+        raise ValueError(f"the blocklist has {count} keywords (custom, exact_match and whitelist together); "
+                         f"at most {MAX_KEYWORDS} are allowed")
+    total = 0
+    for kind, words in lists.items():
+        for word in words:
+            if len(word) > MAX_KEYWORD_CHARS:
+                raise ValueError(f"blocklist {kind} keyword {word[:40]!r}... has {len(word)} characters "
+                                 f"(at most {MAX_KEYWORD_CHARS})")
+            if len(word.split()) > MAX_PHRASE_WORDS:
+                raise ValueError(f"blocklist {kind} keyword {word[:40]!r} has more than {MAX_PHRASE_WORDS} words")
+            total += len(word.encode("utf-8", "surrogatepass"))
+    if total > MAX_BLOCKLIST_BYTES:
+        raise ValueError(f"the blocklist's keywords take {total} bytes; at most {MAX_BLOCKLIST_BYTES} are allowed")
+
+
 @dataclass(frozen=True)
 class BlocklistMatch:
     keyword: str        # the blocklisted keyword as listed
@@ -148,11 +194,43 @@ class Blocklist:
             words = getattr(self, kind)
             if isinstance(words, str) or not all(isinstance(w, str) for w in words):
                 raise TypeError(f"Blocklist {kind} must be a list of strings; got {words!r}")
+        _check_size({kind: getattr(self, kind) for kind in KEYWORD_KINDS})
+        dropped: list[str] = []
         self._whitelisted = {w for entry in self.whitelist for w in normalized_words(entry)[0]}
-        # Each keyword as the tuple of words it must match.
-        self._phrases = [(entry, tuple(normalized_words(entry)[0])) for entry in self.custom]
-        self._phrases = [(entry, words) for entry, words in self._phrases if words]
-        self._exact = [(entry, tuple(to_ascii(entry).lower().split())) for entry in self.exact_match if entry.split()]
+        # Custom keywords: a trie of word tuples, walked from each word of the prompt.
+        self._phrases: dict[tuple[str, ...], str] = {}
+        self._prefixes: set[tuple[str, ...]] = set()
+        for entry in self.custom:
+            words = tuple(normalized_words(entry)[0])
+            if not words:
+                dropped.append(entry)
+                continue
+            self._phrases.setdefault(words, entry)
+            self._prefixes.update(words[:n] for n in range(1, len(words) + 1))
+        # Exact-match keywords: a table of word tuples, looked up at each word for each length listed.
+        self._exact: dict[tuple[str, ...], str] = {}
+        for entry in self.exact_match:
+            words = tuple(exact_words(entry))
+            if words:
+                self._exact.setdefault(words, entry)
+            else:
+                dropped.append(entry)
+        self._exact_lengths = sorted({len(words) for words in self._exact})
+        # Typos: keyword words long enough, by each of their one-deletion strings.
+        self._typo_index: dict[str, set[str]] = {}
+        self._longest_word = max((len(w) for words in self._phrases for w in words), default=0)
+        if self.max_typos:
+            for words in self._phrases:
+                for word in words:
+                    if len(word) >= self.fuzzy_min_chars:
+                        for key in _deletions(word):
+                            self._typo_index.setdefault(key, set()).add(word)
+        if dropped:
+            warnings.warn(
+                f"Blocklist: {len(dropped)} keyword(s) have no letters or digits once normalised and can never "
+                f"match, dropped: {', '.join(repr(d) for d in dropped[:50])}" + (" ..." if len(dropped) > 50 else ""),
+                UserWarning, stacklevel=3,
+            )
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, within: str | os.PathLike | None = None, **options) -> Blocklist:
@@ -181,30 +259,42 @@ class Blocklist:
             write_file_below(folder, f"{kind}/keywords.txt",
                              "".join(f"{w}\n" for w in getattr(self, kind)).encode("utf-8"))
 
-    def _word_matches(self, keyword_word: str, forms: set[str]) -> bool:
-        if keyword_word in forms:
-            return True
-        if self.max_typos and len(keyword_word) >= self.fuzzy_min_chars:
-            return any(_edit_distance_at_most_one(keyword_word, form) for form in forms)
-        return False
+    def _forms(self, word: str) -> set[str]:
+        """Keyword words `word` of the prompt may stand for: its stems, and with typos allowed,
+        keyword words one typo away from one of them."""
+        if word in self._whitelisted:
+            return set()
+        forms = word_forms(word)
+        if self._typo_index:
+            for form in list(forms):
+                if len(form) <= self._longest_word + 1:
+                    forms |= {w for key in _deletions(form) for w in self._typo_index.get(key, ())}
+        return forms
 
     def find(self, prompt: str) -> BlocklistMatch | None:
         """The first blocklisted keyword in `prompt`, or None."""
         words, extras = normalized_words(prompt)
-        forms = [set() if w in self._whitelisted else word_forms(w) for w in words]
-        extra_forms = [(w, word_forms(w)) for w in extras if w not in self._whitelisted]
-        for entry, phrase in self._phrases:
-            for start in range(len(words) - len(phrase) + 1):
-                if all(self._word_matches(p, forms[start + i]) for i, p in enumerate(phrase)):
-                    return BlocklistMatch(entry, " ".join(words[start:start + len(phrase)]))
-            if len(phrase) == 1:
-                for word, word_extra_forms in extra_forms:
-                    if self._word_matches(phrase[0], word_extra_forms):
-                        return BlocklistMatch(entry, word)
-        plain = re.sub(r"\s+", " ", to_ascii(prompt).lower())
-        for entry, phrase in self._exact:
-            if re.search(r"\b" + re.escape(" ".join(phrase)) + r"\b", plain):
-                return BlocklistMatch(entry, " ".join(phrase))
+        forms = [self._forms(w) for w in words]
+        for start in range(len(words)):
+            frontier: set[tuple[str, ...]] = {()}
+            for depth in range(min(MAX_PHRASE_WORDS, len(words) - start)):
+                frontier = {path + (form,) for path in frontier for form in forms[start + depth]
+                            if path + (form,) in self._prefixes}
+                if not frontier:
+                    break
+                for path in frontier:
+                    if path in self._phrases:
+                        return BlocklistMatch(self._phrases[path], " ".join(words[start:start + depth + 1]))
+        for word in extras:
+            for form in self._forms(word):
+                if (form,) in self._phrases:
+                    return BlocklistMatch(self._phrases[(form,)], word)
+        plain = exact_words(prompt)
+        for start in range(len(plain)):
+            for length in self._exact_lengths:
+                phrase = tuple(plain[start:start + length])
+                if phrase in self._exact:
+                    return BlocklistMatch(self._exact[phrase], " ".join(phrase))
         return None
 
     def is_safe(self, prompt: str) -> tuple[bool, str]:
