@@ -136,3 +136,59 @@ def test_a_latency_objective_keeps_exactly_the_deployments_that_meet_it(config_f
                  "1", "--batch-sizes", "1", "2", "4", "--chunk-sizes", "64", "--max-tpot-ms", str(bound * 1e3),
                  "--json"])
     assert code == 0 and len(json.loads(capsys.readouterr().out)) == len(expected)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_hidden_layers", 10**9, "num_hidden_layers must be an integer from 1 to 1024, got 1000000000"),
+    ("num_hidden_layers", -5, "num_hidden_layers must be an integer from 1 to 1024, got -5"),
+    ("num_hidden_layers", 0, "num_hidden_layers must be an integer from 1 to 1024, got 0"),
+    ("num_key_value_heads", 3, r"num_key_value_heads \(3\) must divide num_attention_heads \(4\)"),
+    ("num_key_value_heads", 0, "num_key_value_heads must be an integer from 1"),
+    ("hidden_size", -64, "hidden_size must be an integer from 1"),
+    ("vocab_size", 2**40, "vocab_size must be an integer from 1 to"),
+    ("intermediate_size", 1.5, "intermediate_size"),   # transformers refuses the type itself
+])
+def test_plan_refuses_absurd_configs_naming_the_field(tmp_path, field, value, match):
+    """Absurd or negative sizes are a ValueError naming the field and its range, before anything is
+    built (a billion layers grew the process to 4 GiB; -5 layers gave negative memory; 0 layers a plan)."""
+    folder = tmp_path / "config"
+    config = hf_config("llama", num_hidden_layers=4)
+    folder.mkdir()
+    config.save_pretrained(folder)
+    data = json.loads((folder / "config.json").read_text())
+    data[field] = value
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        optimum_npu.plan(folder, input_len=10, output_len=10, **SMALL)
+    assert main(["plan", str(folder), "--input-len", "10", "--output-len", "10"]) == 2
+
+
+def test_parameters_are_counted_from_the_layer_count_not_by_building_every_layer():
+    """The planner's count (1- and 2-layer copies, scaled) against transformers' model of all the layers."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_npu.planning.planner import _parameter_count
+
+    for family in ("llama", "qwen2", "qwen3"):
+        config = hf_config(family, num_hidden_layers=5)
+        with torch.device("meta"):
+            reference = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        assert _parameter_count(config) == reference, family
+
+
+def test_plan_refuses_a_rack_power_that_is_not_one(config_folder, capsys):
+    for kw in ("-1", "0", "nan", "inf"):
+        assert main(["plan", str(config_folder), "--input-len", "10", "--output-len", "10",
+                     "--rack-power-kw", kw]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--rack-power-kw" in err, err
+    with pytest.raises(ValueError, match="rack_power_w"):
+        optimum_npu.plan(config_folder, input_len=10, output_len=10, rack_power_w=-1000.0, **SMALL)
+
+
+def test_plan_when_the_sequence_is_one_prefill_chunk(config_folder):
+    """input + output = 128 = the chunk = max_seq_len: one tabulated point (ZeroDivisionError before)."""
+    result = optimum_npu.plan(config_folder, "RBLN-CA25", input_len=100, output_len=28, tensor_parallel_sizes=(1,),
+                              batch_sizes=(1, 2), chunk_sizes=(128,))
+    eager = [c for c in result.candidates if c.attn_impl == "eager"]
+    assert eager and all(c.max_seq_len == 128 and c.tpot_s > 0 and c.ttft_s > 0 for c in eager)

@@ -19,6 +19,7 @@ def load_hf_config(model: Any):
     """A transformers config from a config object, a Hub id, a folder or a `config.json` path."""
     from pathlib import Path
 
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, PretrainedConfig
 
     from ..modeling.hf_files import RemoteCodeError, auto_class_from_pretrained
@@ -40,7 +41,7 @@ def load_hf_config(model: Any):
         return auto_class_from_pretrained(AutoConfig, path)
     except RemoteCodeError:
         raise
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, StrictDataclassError) as error:  # the last: a field of the wrong type
         raise ValueError(f"cannot read a model config from {model!r}: {str(error).splitlines()[0]}") from None
 
 

@@ -151,13 +151,44 @@ def _with_layers(hf_config, layers: int):
 
 
 def _parameter_count(hf_config) -> int:
-    """Distinct parameters of the model (a tied embedding counted once), on the meta device."""
+    """Distinct parameters of the model (a tied embedding counted once): counted on the meta device
+    for a 1-layer and a 2-layer copy, then scaled to the layer count (every decoder layer has the
+    same parameters), so a config of a billion layers costs what one of two does."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    return sum(p.numel() for p in model.parameters())
+    counts = []
+    for layers in (1, 2):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(_with_layers(hf_config, layers))
+        counts.append(sum(p.numel() for p in model.parameters()))
+    return int(_scaled(counts[0], counts[1], hf_config.num_hidden_layers))
+
+
+# What a decoder config may say (inclusive bounds; the largest public models are far inside them).
+CONFIG_RANGES = {
+    "num_hidden_layers": (1, 1024), "hidden_size": (1, 131_072), "intermediate_size": (1, 1_048_576),
+    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "head_dim": (1, 4096),
+    "vocab_size": (1, 4_194_304), "max_position_embeddings": (1, 16_777_216),
+}
+
+
+def check_decoder_config(hf_config) -> None:
+    """ValueError naming the field and its allowed range unless the config's sizes are sane:
+    positive, bounded, and the KV heads a divisor of the attention heads."""
+    for name, (low, high) in CONFIG_RANGES.items():
+        value = getattr(hf_config, name, None)
+        if value is None and name in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            continue  # optional: defaults to the attention heads / hidden_size // heads / unbounded
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"config {name} must be an integer from {low} to {high}, got {value!r}")
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        raise ValueError(f"config num_key_value_heads ({kv_heads}) must divide num_attention_heads ({heads})")
+    if getattr(hf_config, "head_dim", None) is None and hf_config.hidden_size % heads:
+        raise ValueError(f"config hidden_size ({hf_config.hidden_size}) must be a multiple of num_attention_heads "
+                         f"({heads}) when the config gives no head_dim")
 
 
 def _scaled(one: float, two: float, layers: int) -> float:
@@ -201,8 +232,13 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
                          ("chunk_sizes", chunk_sizes)):
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
             raise ValueError(f"{name} must be a non-empty list of positive ints, got {values!r}")
+    if isinstance(rack_power_w, bool) or not isinstance(rack_power_w, (int, float)) or not (
+            spec.card_tdp_watts <= rack_power_w <= 1e9):
+        raise ValueError(f"rack_power_w (optimum-npu plan --rack-power-kw, in kW) must be a number of watts from "
+                         f"{spec.card_tdp_watts:g} (one {npu} card) to 1e9, got {rack_power_w!r}")
     batch_sizes = tuple(sorted(set(batch_sizes)))
     hf_config = load_hf_config(model)
+    check_decoder_config(hf_config)
     name = model if isinstance(model, str) else (getattr(hf_config, "_name_or_path", "") or hf_config.model_type)
     layers = hf_config.num_hidden_layers
     limit = getattr(hf_config, "max_position_embeddings", None)

@@ -41,6 +41,8 @@ class StepTimes:
         positions up to `max_seq_len`, interpolating in between (each estimate prices every
         step of the program, so the table is built once)."""
         points = sorted({*range(grid, max_seq_len + 1, grid), chunk, max_seq_len})
+        if len(points) < 2:  # chunk == max_seq_len < grid: a second point to interpolate from
+            points = [1, *points]
 
         def table(graph) -> Callable[[int], float]:
             values = [graph.estimate(kv_len=p).total_s for p in points]
