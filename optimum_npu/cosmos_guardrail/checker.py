@@ -38,7 +38,9 @@ Hub caches: an export reads that layout too.
 
 A part can be switched off (`blocklist=False`, `guard_llm=False`, `video_filter=False`,
 `face_blur=False`, as `rbln_*` kwargs or `rbln_config` keys); that is logged as a warning, and
-a part left out at export is not compiled (it cannot be switched on at load).
+a part left out at export is not compiled (it cannot be switched on at load). A compiled folder
+missing a part it was saved with (its folder deleted or replaced by a file) does not load unless
+that part is switched off explicitly at load (`rbln_guard_llm=False`, ...): the opt-out, logged.
 """
 
 from __future__ import annotations
@@ -227,20 +229,38 @@ class RBLNCosmosSafetyChecker:
 
     @staticmethod
     def _without_parts_not_compiled(folder: Path, config, asked: dict) -> RBLNCosmosSafetyCheckerConfig:
-        """A compiled folder holds the guardrails switched on at export: the others are off (logged),
-        and asking for one of them is an error."""
-        missing = {}
+        """A compiled folder holds the guardrails that were on when it was saved (its rbln_config.json
+        says which). The others are off (logged), and asking for one of them is an error. One that was
+        saved but whose folder is gone (deleted, or replaced by a file) is an error too: the checker
+        never runs with less than it was saved with unless the user switches that part off at load
+        (`rbln_<part>=False`, the opt-out, logged)."""
+        saved = RBLNCosmosSafetyCheckerConfig.load(folder)
+        off, gone = {}, []
         for part, names in PART_SUBMODELS.items():
             folders = [SUBMODEL_FOLDERS[n] for n in names] or [BLOCKLIST_FOLDER]
-            if getattr(config, part) and not all((folder / f).is_dir() for f in folders):
-                if asked.get(part) is True:
-                    raise ValueError(f"{folder} was saved without the {part} guardrail ({', '.join(folders)}/ "
-                                     "missing): it cannot be switched on at load; export the checker again with it.")
-                missing[part] = False
-        if missing:
-            logger.warning("Cosmos guardrail: %s not in the compiled folder %s (switched off at export)",
-                           ", ".join(missing), folder)
-        return dataclasses.replace(config, **missing)
+            if not getattr(config, part) or asked.get(part) is False:
+                continue
+            for name in folders:
+                if (folder / name).exists() and not (folder / name).is_dir():
+                    raise ValueError(f"{folder / name} is a file: the {part} guardrail's {name}/ must be a folder")
+            if all((folder / f).is_dir() for f in folders):
+                continue
+            if getattr(saved, part):
+                gone.append((part, folders))
+            elif asked.get(part) is True:
+                raise ValueError(f"{folder} was saved without the {part} guardrail ({', '.join(folders)}/ "
+                                 "missing): it cannot be switched on at load; export the checker again with it.")
+            else:
+                off[part] = False
+        if gone:
+            lost = "; ".join(f"{part} ({', '.join(f'{f}/' for f in folders)} missing)" for part, folders in gone)
+            opt_out = ", ".join(f"{OPTION_PREFIX}{part}=False" for part, _ in gone)
+            raise ValueError(f"{folder} was saved with guardrails whose folders are gone: {lost}. Restore them, or "
+                             f"load without them knowingly by passing {opt_out}.")
+        if off:
+            logger.warning("Cosmos guardrail: %s not in the compiled folder %s (switched off when it was saved)",
+                           ", ".join(off), folder)
+        return dataclasses.replace(config, **off)
 
     @staticmethod
     def _submodel_options(config: RBLNCosmosSafetyCheckerConfig, per_model: dict[str, dict]) -> dict[str, dict]:

@@ -40,8 +40,18 @@ START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
 SPECIAL_TOKENS = (BEGIN_OF_TEXT, END_OF_TURN, START_HEADER, END_HEADER)
 
 
+def escape_control_text(user_prompt: str) -> str:
+    """The user's text with no Llama 3 control token left in it: every special token of the Llama 3
+    tokenizer is written `<|name|>`, so each "<|" becomes "<\\|" (and each "|>" "|\\>"). The guard
+    reads the characters, but a prompt cannot close the user's turn with `<|eot_id|>` and open a
+    turn of its own; nothing is removed, so escaping cannot assemble a new token either."""
+    return user_prompt.replace("<|", "<\\|").replace("|>", "|\\>")
+
+
 def moderation_prompt(user_prompt: str, categories: dict[str, str] = LLAMA_GUARD_3_CATEGORIES) -> str:
-    """The text the guard model reads: the policy, the user's message, and the question."""
+    """The text the guard model reads: the policy, the user's message (control tokens escaped), and
+    the question."""
+    user_prompt = escape_control_text(user_prompt)
     policy = "\n".join(f"{code}: {name}." for code, name in categories.items())
     return (
         f"{BEGIN_OF_TEXT}{START_HEADER}user{END_HEADER}\n\n"
