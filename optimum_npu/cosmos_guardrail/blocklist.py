@@ -113,18 +113,6 @@ def _deletions(word: str) -> set[str]:
     return {word} | {word[:i] + word[i + 1:] for i in range(len(word))}
 
 
-def _edit_distance_at_most_one(a: str, b: str) -> bool:
-    if abs(len(a) - len(b)) > 1:
-        return False
-    if len(a) == len(b):
-        return sum(x != y for x, y in zip(a, b)) <= 1
-    short, long = (a, b) if len(a) < len(b) else (b, a)
-    for i in range(len(long)):
-        if long[:i] + long[i + 1:] == short:
-            return True
-    return False
-
-
 def read_keyword_file(path: str | os.PathLike, within: str | os.PathLike | None = None) -> list[str]:
     """Keywords of one text file: one per line, `#` comments and blank lines skipped. Read without
     following a link out of `within` (default: the file's folder), at most MAX_LIST_FILE_BYTES read."""
