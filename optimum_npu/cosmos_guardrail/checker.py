@@ -142,6 +142,11 @@ class RBLNCosmosSafetyCheckerConfig(RBLNModelConfig):
         return [name for part, names in PART_SUBMODELS.items() if getattr(self, part) for name in names]
 
 
+def _part_folders(part: str) -> list[str]:
+    """The folders of a compiled checker that hold guardrail `part`."""
+    return [SUBMODEL_FOLDERS[n] for n in PART_SUBMODELS[part]] or [BLOCKLIST_FOLDER]
+
+
 def _split_submodel_options(rbln_config: Any) -> tuple[Any, dict[str, dict]]:
     """(the checker's own rbln_config, {sub-model: its options}) from a user's rbln_config dict."""
     if not isinstance(rbln_config, dict):
@@ -220,8 +225,9 @@ class RBLNCosmosSafetyChecker:
                 refuse_remote_code(folder / SUBMODEL_FOLDERS[name])
         if config.create_runtimes:
             config.check_devices_exist()
-        if not export:
-            check_manifest(folder, needed=[])
+        if not export:   # the files of parts switched off at load (the opt-out) are not read, nor checked
+            check_manifest(folder, needed=[], skip=tuple(f for part in PART_SUBMODELS if not getattr(config, part)
+                                                         for f in _part_folders(part)))
         parts = cls._load_parts(folder, config, options, export, hub_kwargs)
         if export:
             config = config.with_compiled(cls_name=cls.__name__, graphs={})
@@ -236,8 +242,8 @@ class RBLNCosmosSafetyChecker:
         (`rbln_<part>=False`, the opt-out, logged)."""
         saved = RBLNCosmosSafetyCheckerConfig.load(folder)
         off, gone = {}, []
-        for part, names in PART_SUBMODELS.items():
-            folders = [SUBMODEL_FOLDERS[n] for n in names] or [BLOCKLIST_FOLDER]
+        for part in PART_SUBMODELS:
+            folders = _part_folders(part)
             if not getattr(config, part) or asked.get(part) is False:
                 continue
             for name in folders:

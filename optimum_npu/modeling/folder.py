@@ -161,13 +161,16 @@ def _is_model_config(folder: Path) -> bool:
     return not (folder / MODEL_INDEX).is_file()
 
 
-def check_manifest(folder: Path, needed: list[str], nested: bool = True) -> None:
-    """ValueError unless every file of the manifest is there as saved, and it lists `needed`."""
+def check_manifest(folder: Path, needed: list[str], nested: bool = True, skip: tuple[str, ...] = ()) -> None:
+    """ValueError unless every file of the manifest is there as saved, and it lists `needed`; files
+    below the sub-folders in `skip` are not checked (parts the user chose not to load)."""
     manifest = read_manifest(folder, nested)
     unlisted = [name for name in needed if name not in manifest]
     if unlisted:
         raise ValueError(f"{folder / CONFIG_NAME} does not list {unlisted} in its files; the folder is inconsistent.")
     for name, entry in manifest.items():
+        if any(name.startswith(f"{prefix}/") for prefix in skip):
+            continue
         path = folder / name
         problem = None
         if not path.is_file():
