@@ -91,3 +91,23 @@ def test_runner_refuses_what_the_graphs_cannot_run(model):
         runner.prefill(torch.tensor([5] * 20), torch.tensor([0], dtype=torch.int32), start=200)
     with pytest.raises(ValueError, match="embeds needs a model compiled with rbln_use_inputs_embeds=True"):
         runner.prefill(torch.tensor([5]), torch.tensor([0], dtype=torch.int32), embeds=torch.zeros(1, 64))
+
+
+def test_host_embedding_of_a_vocabulary_split_model_is_the_whole_table(source):
+    """Split over 2 devices, the embedding table is cut by vocabulary: the host lookup for
+    rbln_use_inputs_embeds puts the ranks' rows back together (the first rank alone holds half)."""
+    hf = source[1]
+    model = RBLNLlamaForCausalLM.from_pretrained(
+        source[0], export=True, rbln_batch_size=1, rbln_max_seq_len=MAX_SEQ_LEN, rbln_prefill_chunk_size=CHUNK,
+        rbln_numerics="exact", rbln_use_inputs_embeds=True, rbln_tensor_parallel_size=2)
+    try:
+        assert "embed_tokens.weight" in model.runtimes["prefill"].program.tensor_shards
+        table = model.runner.embedding_weight
+        torch.testing.assert_close(table.float(), hf.model.embed_tokens.weight.float(), atol=0, rtol=0)
+        ids, = random_prompts((20,), seed=33)
+        out = model.generate(input_ids=ids[None], max_new_tokens=3, do_sample=False)
+        expected = hf.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], max_new_tokens=3,
+                               do_sample=False)
+        assert out[0, -3:].tolist() == expected[0, -3:].tolist()
+    finally:
+        model.close()
