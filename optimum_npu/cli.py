@@ -6,6 +6,7 @@
     optimum-npu compile pkg.mod:factory --input x:1x16:float32 -o model.rbln
     optimum-npu run model.rbln [--profile trace.json]
     optimum-npu kv-blocks FOLDER [--set N | --memory-budget F]
+    optimum-npu export MODEL -o DIR [--class RBLNxxx] [--batch_size 4 --unet.batch_size 2 ...]
 
 A subcommand is a `Command` in `COMMANDS`: a name, a help line, a function adding its
 arguments and a function running it. User mistakes raise `CLIError`: one line on
@@ -28,6 +29,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from .cli_export import export_arguments, split_export_argv
+
 PROG = "optimum-npu"
 
 
@@ -41,6 +44,9 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    # A command taking free `--key value` options: splits its tokens into (argparse's, the free ones),
+    # which reach `run` as `args.free_options`.
+    split_argv: Callable[[list[str]], tuple[list[str], list[str]]] | None = None
 
 
 # ---- smi / presets -------------------------------------------------------------------
@@ -336,6 +342,19 @@ def _kv_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export --------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .cli_export import export
+    from .sim_device.memory import DeviceMemoryError
+
+    try:
+        return export(args, args.free_options)
+    except (ValueError, TypeError, FileNotFoundError, DeviceMemoryError) as e:
+        raise CLIError(str(e)) from None
+
+
 # ---- entry point ---------------------------------------------------------------------
 
 COMMANDS = [
@@ -347,6 +366,8 @@ COMMANDS = [
             _plan_arguments, _plan),
     Command("kv-blocks", "show or resize the KV block pool of a compiled decoder folder, without recompiling",
             _kv_blocks_arguments, _kv_blocks),
+    Command("export", "compile a checkpoint or Hub model (any class: LLM, encoder, vision, pipeline) to a folder",
+            export_arguments, _export, split_argv=split_export_argv),
 ]
 
 
@@ -366,10 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (argparse usage errors: 2, like CLIError)."""
     parser = build_parser()
+    argv, free_options = _split_free_options(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors
         return e.code if isinstance(e.code, int) else 2
+    args.free_options = free_options
     try:
         return args.run(args)
     except CLIError as e:
@@ -385,6 +408,19 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("OPTIMUM_NPU_TRACEBACK") == "1":
             raise
         return _report(args.command, _describe(e))
+
+
+def _split_free_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(what argparse parses, the free options) of a command line: the command is the first token not
+    starting with "-" (the top-level flags take no value); only some commands take free options."""
+    for i, token in enumerate(argv):
+        if not token.startswith("-"):
+            command = next((c for c in COMMANDS if c.name == token), None)
+            if command is None or command.split_argv is None:
+                break
+            own, free = command.split_argv(argv[i + 1:])
+            return argv[:i + 1] + own, free
+    return argv, []
 
 
 def _describe(error: Exception) -> str:

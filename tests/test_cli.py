@@ -296,3 +296,184 @@ def test_usage_errors_exit_2(capsys):
     assert main(["compile", "mymods:build"]) == 2  # --input and -o are required
     assert "required" in capsys.readouterr().err
     assert main(["--version"]) == 0
+
+
+# ---- export --------------------------------------------------------------------------
+
+from optimum_npu.cli_export import parse_options, split_export_argv  # noqa: E402
+
+
+def test_export_command_line_splits_into_own_flags_and_rbln_config():
+    tokens = ["--batch_size", "4", "ckpt", "-o", "out", "--unet.batch_size", "2", "--max-seq-len", "8192",
+              "--use_inputs_embeds", "--offset", "-1", "--decoder_batch_sizes", "1,2,4", "--device", "[0,1]",
+              "--npu=RBLN-CA22", "--dtype", "bfloat16", "--guidance_scale", "7.5", "--flag_a", "True",
+              "--show-rbln-config", "--kvcache_num_blocks", "null"]
+    own, free = split_export_argv(tokens)
+    assert own == ["ckpt", "-o", "out", "--show-rbln-config"]
+    assert parse_options(free) == {
+        "batch_size": 4, "unet": {"batch_size": 2}, "max_seq_len": 8192, "use_inputs_embeds": True, "offset": -1,
+        "decoder_batch_sizes": [1, 2, 4], "device": [0, 1], "npu": "RBLN-CA22", "dtype": "bfloat16",
+        "guidance_scale": 7.5, "flag_a": True, "kvcache_num_blocks": None,
+    }
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (["--batch_size", "2", "--batch_size", "4"], "--batch_size is given twice"),
+    (["--unet", "2", "--unet.batch_size", "2"], "--unet is already given a value"),
+    (["--unet.", "2"], "not an option name"),
+    (["--hf-trust-remote-code"], "never runs code from a model folder"),
+    (["--hf-dtype", "bf16"], "unknown Hub option"),
+])
+def test_export_command_line_mistakes(tokens, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(tokens)
+
+
+@pytest.fixture(scope="module")
+def llama_source(tmp_path_factory):
+    from llm_fixtures import save_source
+
+    return save_source(tmp_path_factory.mktemp("export") / "llama", "llama", tokenizer=True)[0]
+
+
+def _saved_options(folder) -> dict:
+    return json.loads((folder / "rbln_config.json").read_text())
+
+
+def test_export_llama_infers_the_class_and_writes_a_loadable_folder(llama_source, tmp_path, capsys):
+    from optimum_npu import RBLNLlamaForCausalLM
+
+    out = tmp_path / "llama-rbln"
+    assert main(["export", str(llama_source), "-o", str(out), "--batch_size", "2", "--max_seq_len", "128",
+                 "--decoder-batch-sizes", "1,2", "--dtype", "float16"]) == 0
+    assert f"saved: {out}" in capsys.readouterr().out
+    saved = _saved_options(out)
+    assert saved["cls_name"] == "RBLNLlamaForCausalLM"
+    assert saved["runtime_options"]["create_runtimes"] is False  # compiling needed no device
+    options = saved["compile_options"]
+    assert (options["batch_size"], options["max_seq_len"], sorted(options["decoder_batch_sizes"]), options["dtype"]) == (
+        2, 128, [1, 2], "float16")
+    loaded = RBLNLlamaForCausalLM.from_pretrained(out, rbln_create_runtimes=False)
+    assert loaded.rbln_config.batch_size == 2 and sorted(loaded.graphs) == ["decoder_batch_1", "decoder_batch_2",
+                                                                             "prefill"]
+
+
+def test_export_show_rbln_config_compiles_nothing(llama_source, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["export", str(llama_source), "--show-rbln-config", "--tensor_parallel_size", "2",
+                 "--max_seq_len", "8192", "--attn_impl", "flash_attn", "-o", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["class"] == "RBLNLlamaForCausalLM" and shown["config_cls"] == "RBLNLlamaForCausalLMConfig"
+    assert shown["compile_options"]["tensor_parallel_size"] == 2
+    assert shown["compile_options"]["attn_impl"] == "flash_attn"
+    assert shown["compile_options"]["kvcache_num_blocks"] is None  # decided from the checkpoint when compiling
+    assert not out.exists()
+
+
+def _write_json(folder, name, data):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{llama}", "-o", "{out}", "--batch_sise", "2"], "Unknown option batch_sise in rbln_config for "
+                                                      "RBLNLlamaForCausalLMConfig. Did you mean batch_size?"),
+    (["{llama}", "-o", "{out}", "--dtype", "fp8"], "rbln_dtype must be one of 'bfloat16', 'float16'; got 'fp8'"),
+    (["{llama}", "-o", "{out}", "--attn_impl", "paged"], "rbln_attn_impl must be one of None, 'eager', 'flash_attn'"),
+    (["{llama}", "-o", "{out}", "--batch_size", "two"], "rbln_batch_size must be an int; got 'two'"),
+    (["{llama}", "-o", "{out}", "--class", "RBLNLlamaForCausalLLM"], "Did you mean RBLNLlamaForCausalLM?"),
+    (["{llama}", "-o", "{out}", "--class", "RBLNBertModel"], "has model_type 'llama': use RBLNLlamaForCausalLM"),
+    (["{llama}", "--batch_size", "2"], "-o DIR is required"),
+    (["{llama}", "-o", "{llama}"], "the folder is not empty and holds no compiled model"),
+    (["{llama}", "-o", "{out}", "--safety-checker", "{out}"], "RBLNLlamaForCausalLM takes no guardrail"),
+    (["{gpt2}", "-o", "{out}"], "model_type 'gpt2' (architectures ['GPT2LMHeadModel']) has no RBLN class here; "
+                                "the classes by model_type: "),
+    (["{flux}", "-o", "{out}"], "names the pipeline 'FluxPipeline', which has no RBLN class here"),
+    (["{empty}", "-o", "{out}"], "cannot tell which model it is"),
+    (["{compiled}", "-o", "{out}"], "is already a compiled folder"),
+    (["no/such/model/here", "-o", "{out}"], "no such folder, and not a Hugging Face Hub model id"),
+])
+def test_export_errors_are_one_line_and_name_the_fix(llama_source, tmp_path, capsys, argv, message):
+    folders = {"llama": llama_source, "out": tmp_path / "out",
+               "gpt2": _write_json(tmp_path / "gpt2", "config.json",
+                                   {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}),
+               "flux": _write_json(tmp_path / "flux", "model_index.json", {"_class_name": "FluxPipeline"}),
+               "empty": _write_json(tmp_path / "empty", "README.json", {}),
+               "compiled": _write_json(tmp_path / "compiled", "rbln_config.json", {})}
+    assert main(["export", *(a.format(**folders) for a in argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("optimum-npu export: error: ")
+    assert message in err
+    assert not (tmp_path / "out").exists()
+    if "gpt2" in argv[0]:
+        assert "RBLNLlamaForCausalLM (llama)" in err and "RBLNBertModel (bert)" in err
+
+
+def test_export_encoder_and_vision_models(tmp_path, capsys):
+    from transformers import BertConfig, BertModel, ResNetConfig, ResNetForImageClassification
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              layer_type="basic", num_labels=3)).save_pretrained(tmp_path / "resnet")
+    assert main(["export", str(tmp_path / "bert"), "-o", str(tmp_path / "bert-rbln"), "--max_seq_len", "16",
+                 "--batch_size", "2"]) == 0
+    assert main(["export", str(tmp_path / "resnet"), "-o", str(tmp_path / "resnet-rbln"), "--image_size", "32"]) == 0
+    bert, resnet = _saved_options(tmp_path / "bert-rbln"), _saved_options(tmp_path / "resnet-rbln")
+    assert bert["cls_name"] == "RBLNBertModel"
+    assert (bert["compile_options"]["max_seq_len"], bert["compile_options"]["batch_size"]) == (16, 2)
+    assert resnet["cls_name"] == "RBLNResNetForImageClassification"
+    assert resnet["compile_options"]["image_size"] in (32, [32, 32])
+
+
+def test_export_stable_diffusion_with_component_options(tmp_path, capsys):
+    from optimum_npu import RBLNStableDiffusionPipeline
+    from optimum_npu.testing import build_tiny_stable_diffusion
+
+    source = build_tiny_stable_diffusion(tmp_path / "sd")
+    out = tmp_path / "sd-rbln"
+    assert main(["export", source, "-o", str(out), "--height", "32", "--width", "32", "--guidance_scale", "1.0",
+                 "--unet.batch_size", "2", "--vae.dtype", "float16"]) == 0
+    saved = _saved_options(out)
+    assert saved["cls_name"] == "RBLNStableDiffusionPipeline"
+    assert saved["components"]["unet"]["compile_options"]["batch_size"] == 2  # the component's own, not CFG's 1
+    assert saved["components"]["vae"]["compile_options"]["dtype"] == "float16"
+    assert saved["components"]["text_encoder"]["compile_options"]["dtype"] == "bfloat16"
+    pipe = RBLNStableDiffusionPipeline.from_pretrained(out, rbln_create_runtimes=False)
+    assert pipe.unet.rbln_config.batch_size == 2 and pipe.rbln_config.height == 32
+    # A component's unknown option is the pipeline API's error, in one line.
+    assert main(["export", source, "-o", str(tmp_path / "x"), "--unet.batch_sise", "2"]) == 2
+    assert "Unknown option batch_sise in rbln_config['unet']" in capsys.readouterr().err
+
+
+def test_export_cosmos_pipeline_without_a_guardrail_is_refused(tmp_path, capsys):
+    from optimum_npu.testing import build_tiny_cosmos
+
+    source = build_tiny_cosmos(tmp_path / "cosmos")
+    # Diffusers' Cosmos pipelines never run unguarded: without a guardrail the export is refused, before compiling.
+    assert main(["export", source, "-o", str(tmp_path / "x"), "--height", "16"]) == 2
+    assert "needs a safety checker" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.heavy  # the guardrail's four networks and the Cosmos pipeline: ~75 s on a busy 2-core machine
+def test_export_cosmos_pipeline_with_its_guardrail(tmp_path, capsys):
+    from optimum_npu.testing import build_tiny_cosmos, build_tiny_cosmos_guardrail
+
+    source = build_tiny_cosmos(tmp_path / "cosmos")
+    guardrail = build_tiny_cosmos_guardrail(tmp_path / "guardrail")
+    checker_out = tmp_path / "guardrail-rbln"
+    assert main(["export", str(guardrail), "-o", str(checker_out), "--llamaguard3.max_seq_len", "128",
+                 "--face_blur_filter.image_size", "32,32"]) == 0
+    checker = _saved_options(checker_out)
+    assert checker["cls_name"] == "RBLNCosmosSafetyChecker"
+    assert _saved_options(checker_out / "llamaGuard3")["compile_options"]["max_seq_len"] == 128
+    out = tmp_path / "cosmos-rbln"
+    assert main(["export", source, "-o", str(out), "--safety-checker", str(checker_out), "--height", "16",
+                 "--width", "16", "--num_frames", "9", "--fps", "24", "--max_seq_len", "16",
+                 "--transformer.tensor_parallel_size", "2"]) == 0
+    saved = _saved_options(out)
+    assert saved["cls_name"] == "RBLNCosmosTextToWorldPipeline"
+    assert saved["components"]["transformer"]["compile_options"]["tensor_parallel_size"] == 2
+    assert _saved_options(out / "safety_checker")["cls_name"] == "RBLNCosmosSafetyChecker"
