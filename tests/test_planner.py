@@ -192,3 +192,33 @@ def test_plan_when_the_sequence_is_one_prefill_chunk(config_folder):
                               batch_sizes=(1, 2), chunk_sizes=(128,))
     eager = [c for c in result.candidates if c.attn_impl == "eager"]
     assert eager and all(c.max_seq_len == 128 and c.tpot_s > 0 and c.ttft_s > 0 for c in eager)
+
+
+def test_planner_memory_per_device_equals_the_compiled_deployment_at_every_tensor_parallel_size():
+    """Two KV heads over up to 8 devices: from TP 4 on, each rank holds one whole KV head (not 1/TP of
+    the cache), and a cache shard over a DRAM page takes whole pages. The planner's bytes per device for
+    each (TP, batch) must be those of the deployment compiled whole (prefill and the decode buckets up to
+    the batch, a KV pool of batch x blocks per slot), byte for byte."""
+    # head_dim 48, 4096 positions: a K or V cache of 4 slots is 3 MiB at TP 1 (two 2 MiB pages), 1.5 MiB
+    # per rank from TP 2 on (one KV head each); 4096 positions is eager attention only (flash needs 8192).
+    # Two layers: the planner's own compilation, so the activation arena is the compiled one (a deeper
+    # model's arena may differ by a few of one layer's values: the greedy placement settles after 2-3 layers).
+    config = hf_config("llama", num_hidden_layers=2, hidden_size=384, intermediate_size=256, num_attention_heads=8,
+                       num_key_value_heads=2, max_position_embeddings=4096)
+    batches = (1, 4)
+    result = optimum_npu.plan(config, "RBLN-CA25", input_len=3000, output_len=1000, tensor_parallel_sizes=(1, 2, 4, 8),
+                              batch_sizes=batches, chunk_sizes=(128,))
+    seen, cache = set(), CompileCache()  # each graph exported once per KV pool size
+    for c in result.candidates:
+        block = c.max_seq_len if c.attn_impl == "eager" else c.kvcache_partition_len
+        options = dict(rbln_tensor_parallel_size=c.tensor_parallel_size, rbln_batch_size=c.batch_size,
+                       rbln_decoder_batch_sizes=[b for b in batches if b <= c.batch_size],
+                       rbln_max_seq_len=c.max_seq_len, rbln_prefill_chunk_size=c.prefill_chunk_size,
+                       rbln_attn_impl=c.attn_impl, rbln_kvcache_num_blocks=c.batch_size * (c.max_seq_len // block))
+        if c.kvcache_partition_len:
+            options["rbln_kvcache_partition_len"] = c.kvcache_partition_len
+        _, graphs = compile_decoder_on_meta(config, check_memory=False, cache=cache, **options)
+        compiled = max(g.device_bytes for g in graphs.values())
+        assert c.memory_per_device_bytes == compiled, (c.tensor_parallel_size, c.batch_size, c.attn_impl)
+        seen.add((c.tensor_parallel_size, c.batch_size, c.attn_impl))
+    assert {(tp, b) for tp, b, _ in seen} == {(tp, b) for tp in (1, 2, 4, 8) for b in batches}

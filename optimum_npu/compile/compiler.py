@@ -190,8 +190,9 @@ def _smallest_fitting_tensor_parallel_size(c: Compilation, usable: int) -> int |
     """The smallest tensor-parallel size whose weights, buffers and (this size's) activations
     fit one device, from the sharding plan of each candidate size; None if none does."""
     activations = max(c.program.memory.activations_bytes)
+    spec = get_npu_spec(c.npu)
     for size in TENSOR_PARALLEL_CANDIDATES:
-        if size > c.tensor_parallel_size and max(resident_bytes_per_rank(c.graph, size, c.device_dtype)) \
+        if size > c.tensor_parallel_size and max(resident_bytes_per_rank(c.graph, size, c.device_dtype, spec)) \
                 + activations <= usable:
             return size
     return None

@@ -11,7 +11,7 @@ neighbour (the classic greedy-by-size planner); the arena's size is the peak.
 
 from __future__ import annotations
 
-from ..sim_device.program import MemoryPlan, Step, StepKind, TensorShard, TensorSpec, aligned
+from ..sim_device.program import MemoryPlan, Step, StepKind, TensorShard, TensorSpec, aligned, resident_bytes
 from ..sim_device.specs import DEFAULT_NPU, NPUSpec, get_npu_spec
 
 WRITES_DRAM = (StepKind.KERNEL, StepKind.COLLECTIVE, StepKind.H2D)
@@ -19,12 +19,7 @@ READS_DRAM = (StepKind.KERNEL, StepKind.COLLECTIVE, StepKind.D2H)
 
 
 def _local_bytes(specs: list[TensorSpec], shards: dict[str, TensorShard], rank: int, npu: NPUSpec) -> int:
-    total = 0
-    for spec in specs:
-        shard = shards.get(spec.name)
-        local = spec.nbytes if shard is None else spec.nbytes // spec.shape[shard.dim] * shard.local_size(rank)
-        total += npu.resident_bytes(local)
-    return total
+    return sum(resident_bytes(spec, shards.get(spec.name), rank, npu) for spec in specs)
 
 
 def plan_memory(

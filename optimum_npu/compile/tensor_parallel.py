@@ -42,7 +42,8 @@ import torch
 
 from ..sim_device.collectives import ALL_GATHER, ALL_REDUCE
 from ..sim_device.ops import DEVICE_OPS, op_packet, resolve_op
-from ..sim_device.program import PROGRAM_DTYPES, Ref, TensorShard, TensorSpec, decode_arg, dtype_size
+from ..sim_device.program import PROGRAM_DTYPES, Ref, TensorShard, TensorSpec, decode_arg, resident_bytes
+from ..sim_device.specs import NPUSpec
 from .frontend import Graph, Node
 from .op_support import Category, Work, count_work
 
@@ -859,17 +860,11 @@ def plan_tensor_parallel(graph: Graph, tensor_parallel_size: int) -> ShardingPla
     return split_graph(graph, tensor_parallel_size)[1]
 
 
-def resident_bytes_per_rank(graph: Graph, tensor_parallel_size: int, device_dtype: str) -> list[int]:
-    """Weights + buffers each rank would hold at `tensor_parallel_size` (from that size's plan)."""
+def resident_bytes_per_rank(graph: Graph, tensor_parallel_size: int, device_dtype: str, npu: NPUSpec) -> list[int]:
+    """Weights + buffers each rank would hold at `tensor_parallel_size` (from that size's plan), in
+    whole DRAM pages as the memory plan counts them (floating tensors in `device_dtype`)."""
     shards = split_graph(graph, tensor_parallel_size)[0].tensor_shards if tensor_parallel_size > 1 else {}
-    float_bytes = dtype_size(device_dtype)
-    out = []
-    for rank in range(tensor_parallel_size):
-        total = 0
-        for spec in graph.weights + graph.buffers:
-            itemsize = float_bytes if PROGRAM_DTYPES[spec.dtype].is_floating_point else dtype_size(spec.dtype)
-            shard = shards.get(spec.name)
-            numel = spec.numel if shard is None else spec.numel // spec.shape[shard.dim] * shard.local_size(rank)
-            total += numel * itemsize
-        out.append(total)
-    return out
+    on_device = [TensorSpec(spec.name, spec.shape, device_dtype if PROGRAM_DTYPES[spec.dtype].is_floating_point
+                            else spec.dtype) for spec in graph.weights + graph.buffers]
+    return [sum(resident_bytes(spec, shards.get(spec.name), rank, npu) for spec in on_device)
+            for rank in range(tensor_parallel_size)]

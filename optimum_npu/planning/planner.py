@@ -207,11 +207,36 @@ class _ScaledGraph:
                                                   for k in a.per_kind_s})
 
 
-def _kv_bytes_per_slot(graph, layout: KVCacheLayout, tp: int) -> int:
-    """KV bytes one sequence of max_seq_len takes on one device."""
-    program = graph.program
-    kv = sum(b.nbytes for b in program.buffers if is_kv_cache(b.name)) // tp
-    return kv // layout.num_blocks * layout.max_blocks_per_seq
+def _device_bytes(one: dict, two: dict, layers: int, num_blocks: int, batch: int) -> int:
+    """DRAM of the largest device of the deployment serving `batch` sequences, from the 1-layer and
+    2-layer graphs compiled for the largest batch: its graphs (prefill and the decode buckets up to
+    `batch`) with a KV pool of `num_blocks` blocks. Weights and buffers are per-layer tensors (each
+    rank's shard in whole pages, counted by `resident_bytes` as the memory plan counts them), so they
+    scale with the layers, byte for byte. The activation arena holds about one layer's values at a
+    time: it is the 2-layer program's (a lone layer's is smaller; the compiler's greedy placement may
+    settle a few of one layer's values higher after 2-3 layers: +65 KB of 0.4 MB on a tiny Llama)."""
+    most = 0
+    for name, graph in two.items():
+        if graph.program.inputs[0].shape[0] > batch:  # a decode bucket larger than this deployment's batch
+            continue
+        for rank in range(graph.program.memory.num_devices):
+            resident = _scaled(_resident_bytes(one[name].program, rank, num_blocks),
+                               _resident_bytes(graph.program, rank, num_blocks), layers)
+            arena = (one[name] if layers == 1 else graph).program.memory.activations_bytes[rank]
+            most = max(most, int(resident) + arena)
+    return most
+
+
+def _resident_bytes(program, rank: int, num_blocks: int) -> int:
+    """Weights and buffers of `program` on rank `rank`, its KV caches resized to `num_blocks` blocks."""
+    from ..sim_device.program import TensorSpec, resident_bytes
+
+    spec = get_npu_spec(program.npu)
+    caches = [b for b in program.buffers if is_kv_cache(b.name)]
+    resized = [TensorSpec(b.name, (num_blocks, *b.shape[1:]), b.dtype) for b in caches]  # blocks lead
+    compiled = sum(program.resident_bytes(b, rank) for b in caches)
+    wanted = sum(resident_bytes(b, program.tensor_shards.get(b.name), rank, spec) for b in resized)
+    return program.memory.weights_bytes[rank] + program.memory.buffers_bytes[rank] - compiled + wanted
 
 
 def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int = 2048, *,
@@ -276,14 +301,11 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
                     rejected.append(f"TP {tp}, chunk {chunk}, {attn_impl}: {str(error).splitlines()[0]}")
                     continue
                 layout = KVCacheLayout.from_config(one_layer, config)
-                kv_one = _kv_bytes_per_slot(one["prefill"], layout, tp)
-                kv_two = _kv_bytes_per_slot(two["prefill"], layout, tp)
-                fixed_one = max(g.device_bytes for g in one.values()) - kv_one * max(batch_sizes)
-                fixed_two = max(g.device_bytes for g in two.values()) - kv_two * max(batch_sizes)
                 graphs = {name: _ScaledGraph(one[name], two[name], layers) for name in one}
                 times = StepTimes.from_graphs(graphs, chunk, max_seq_len, grid=max(256, max_seq_len // 16))
                 for batch in batch_sizes:
-                    memory = int(_scaled(fixed_one, fixed_two, layers) + _scaled(kv_one, kv_two, layers) * batch)
+                    num_blocks = batch * layout.max_blocks_per_seq
+                    memory = _device_bytes(one, two, layers, num_blocks, batch)
                     what = f"TP {tp}, batch {batch}, chunk {chunk}, {attn_impl}"
                     if memory > spec.usable_dram_bytes:
                         rejected.append(f"{what}: needs {memory / 2**30:.1f} GiB per device, "

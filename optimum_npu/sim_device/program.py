@@ -26,9 +26,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .specs import NPUSpec
 
 # The 16-bit float type the device computes in, as a placeholder in op arguments: the
 # runtime maps it to the host dtype its numerics mode executes with (bf16 natively, or
@@ -145,6 +148,17 @@ class TensorShard:
         return [i for start, length in self.ranges[rank] for i in range(start, start + length)]
 
 
+def local_spec(spec: TensorSpec, shard: TensorShard | None, rank: int) -> TensorSpec:
+    """The part of weight / buffer `spec` that rank `rank` holds (all of it when not split)."""
+    return spec if shard is None else TensorSpec(spec.name, shard.local_shape(spec.shape, rank), spec.dtype)
+
+
+def resident_bytes(spec: TensorSpec, shard: TensorShard | None, rank: int, npu: NPUSpec) -> int:
+    """DRAM rank `rank` allocates for weight / buffer `spec` split by `shard`: its part, in whole pages
+    of `npu`. The one rule the memory plan, the tensor-parallel advice and the planner all count by."""
+    return npu.resident_bytes(local_spec(spec, shard, rank).nbytes)
+
+
 @dataclass
 class MemoryPlan:
     """Device DRAM one program needs, per device (one entry per tensor-parallel rank)."""
@@ -185,14 +199,13 @@ class Program:
 
     def local_spec(self, spec: TensorSpec, rank: int = 0) -> TensorSpec:
         """The part of weight / buffer `spec` that rank `rank` holds."""
-        shard = self.tensor_shards.get(spec.name)
-        return spec if shard is None else TensorSpec(spec.name, shard.local_shape(spec.shape, rank), spec.dtype)
+        return local_spec(spec, self.tensor_shards.get(spec.name), rank)
 
     def resident_bytes(self, spec: TensorSpec, rank: int = 0) -> int:
         """DRAM rank `rank` allocates for weight / buffer `spec`: its shard, in the NPU's pages."""
         from .specs import get_npu_spec
 
-        return get_npu_spec(self.npu).resident_bytes(self.local_spec(spec, rank).nbytes)
+        return resident_bytes(spec, self.tensor_shards.get(spec.name), rank, get_npu_spec(self.npu))
 
     def to_json(self) -> dict:
         return asdict(self)
