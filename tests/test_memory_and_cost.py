@@ -102,6 +102,34 @@ def _huge_meta_model():
         return nn.Sequential(*[nn.Linear(16384, 16384, bias=False) for _ in range(40)])
 
 
+def _seven_b_wide(layers: int):
+    """Mistral-7B's widths (hidden 4096, 32 heads over 8 KV heads, MLP 14336, vocab 32000) as a Llama."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768)
+
+
+@pytest.mark.heavy  # the whole 7B model on the meta device: ~2 min per compilation on a busy 2-core machine
+def test_auto_sized_flash_kv_pool_is_the_most_blocks_that_fit():
+    """Flash attention with no rbln_kvcache_num_blocks: the pool takes the device memory left after the
+    weights, other buffers and activations, each K / V cache tensor in whole DRAM pages. At TP 8 each
+    rank's K or V cache holds one KV head, 1 MiB per 4096-token block: half a page, so the pages matter.
+    The pool must fit, and one block more must not (nor be left on the table)."""
+    from optimum_npu.planning.meta import compile_decoder_on_meta
+
+    config, batch = _seven_b_wide(32), 32
+    options = dict(rbln_npu="RBLN-CA25", rbln_tensor_parallel_size=8, rbln_batch_size=batch, rbln_max_seq_len=32768,
+                   rbln_attn_impl="flash_attn", rbln_kvcache_partition_len=4096)
+    rbln_config, graphs = compile_decoder_on_meta(config, **options)
+    blocks = rbln_config.kvcache_num_blocks
+    assert blocks < batch * 32768 // 4096  # the pool binds: fewer blocks than every slot at full length
+    usable = optimum_npu.sim_device.specs.get_npu_spec("RBLN-CA25").usable_dram_bytes
+    assert graphs["prefill"].device_bytes <= usable
+    with pytest.raises(DeviceMemoryError, match=f"rbln_kvcache_num_blocks={blocks + 1} blocks"):
+        compile_decoder_on_meta(config, rbln_kvcache_num_blocks=blocks + 1, **options)
+
+
 def test_huge_model_does_not_fit_one_atom():
     module = _huge_meta_model()
     assert 2 * n_params(module) == 20 * GiB

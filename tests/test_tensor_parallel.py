@@ -286,6 +286,17 @@ def test_out_of_memory_names_the_smallest_tensor_parallel_size_that_fits():
     assert compiled.program.memory.weights_bytes == [2 * 32768 * 131072 * 2 // 2] * 2
 
 
+def test_out_of_memory_at_a_tensor_parallel_size_names_the_next_that_fits():
+    """An 80 GiB MLP (bf16) compiled for TP 2 (40 GiB per device): 20 GiB at TP 4 does not fit, 10 at TP 8 does.
+    The advice splits the model as exported at each larger size; splitting the TP 2 shards again would
+    count 10 GiB at TP 4 and name it."""
+    with torch.device("meta"):
+        mlp = nn.Sequential(nn.Linear(32768, 655360, bias=False), nn.GELU(), nn.Linear(655360, 32768, bias=False))
+    with pytest.raises(ProgramTooLargeError, match=r"tensor_parallel_size=8 \(the smallest that fits") as info:
+        compile_from_torch(mlp, input_info=[("x", (1, 32768), "float32")], tensor_parallel_size=2)
+    assert info.value.smallest_tensor_parallel_size == 8
+
+
 def test_decoder_out_of_memory_names_the_smallest_tensor_parallel_size():
     """A KV cache of ~20 GiB: the model says which TP fits, and that TP passes the same check
     (all on the meta device: nothing of that size is ever allocated)."""

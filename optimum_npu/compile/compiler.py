@@ -136,6 +136,7 @@ class Compilation:
     numerics: str
     tensor_parallel_size: int
     graph: Graph | None = None
+    unsplit_graph: Graph | None = None    # as exported, before the tensor-parallel split
     sharding: ShardingPlan | None = None
     groups: list[Group] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
@@ -158,6 +159,7 @@ def _exported(module: torch.nn.Module, example_inputs: tuple, input_names: list[
 
 
 def _split_tensor_parallel(c: Compilation) -> None:
+    c.unsplit_graph = c.graph  # what the smallest-fitting-size advice splits at other sizes
     if c.tensor_parallel_size > 1:
         c.graph, c.sharding = split_graph(c.graph, c.tensor_parallel_size)
 
@@ -192,7 +194,7 @@ def _smallest_fitting_tensor_parallel_size(c: Compilation, usable: int) -> int |
     activations = max(c.program.memory.activations_bytes)
     spec = get_npu_spec(c.npu)
     for size in TENSOR_PARALLEL_CANDIDATES:
-        if size > c.tensor_parallel_size and max(resident_bytes_per_rank(c.graph, size, c.device_dtype, spec)) \
+        if size > c.tensor_parallel_size and max(resident_bytes_per_rank(c.unsplit_graph, size, c.device_dtype, spec)) \
                 + activations <= usable:
             return size
     return None

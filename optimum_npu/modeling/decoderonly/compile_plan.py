@@ -42,14 +42,20 @@ class MemoryProbe:
     block_bytes: int           # one KV block of every layer, K and V, on one device
     fixed_bytes: int           # everything but the KV cache: weights, other buffers, activations
     activations_bytes: int
-    page_slack_bytes: int      # at most what rounding the cache tensors up to whole pages adds
+    cache_tensors: int         # K and V of every layer: each holds an equal share of a block
+    page_bytes: int            # the DRAM page each cache tensor is allocated in whole multiples of
 
     @property
     def total_bytes(self) -> int:
         return self.fixed_bytes + self.cache_bytes
 
     def blocks_that_fit(self, usable_bytes: int) -> int:
-        return max(0, (usable_bytes - self.fixed_bytes - self.page_slack_bytes) // self.block_bytes)
+        """The most blocks whose cache tensors, each in whole DRAM pages (`NPUSpec.resident_bytes`),
+        fit beside the rest: the equal cache tensors may each take an equal share of the free bytes,
+        rounded down to whole pages (a tensor under one page takes its exact bytes)."""
+        share = (usable_bytes - self.fixed_bytes) // self.cache_tensors
+        room = share if share < self.page_bytes else share // self.page_bytes * self.page_bytes
+        return max(0, room // -(-self.block_bytes // self.cache_tensors))
 
     @classmethod
     def of(cls, program, num_blocks: int) -> MemoryProbe:
@@ -57,10 +63,11 @@ class MemoryProbe:
         rank = max(range(plan.num_devices), key=plan.total_bytes)
         caches = [spec for spec in program.buffers if is_kv_cache(spec.name)]
         cache = sum(program.resident_bytes(spec, rank) for spec in caches)
-        exact = sum(program.local_spec(spec, rank).nbytes for spec in caches)
-        return cls(weights_bytes=plan.weights_bytes[rank], cache_bytes=cache, block_bytes=max(1, exact // num_blocks),
+        # The largest tensor's share for all of them: exact for a decoder's equal K / V caches, and safe otherwise.
+        share = max(program.local_spec(spec, rank).nbytes for spec in caches) // num_blocks
+        return cls(weights_bytes=plan.weights_bytes[rank], cache_bytes=cache, block_bytes=max(1, share * len(caches)),
                    fixed_bytes=plan.total_bytes(rank) - cache, activations_bytes=plan.activations_bytes[rank],
-                   page_slack_bytes=len(caches) * get_npu_spec(program.npu).dram_page_bytes)
+                   cache_tensors=len(caches), page_bytes=get_npu_spec(program.npu).dram_page_bytes)
 
 
 def usable_bytes(config) -> int:
