@@ -1,7 +1,7 @@
 """Leftovers of the second hardening round (issue 17, section 6).
 
 - loads while another process re-saves the same folder succeed (a load waits for the save's
-  renames instead of reporting "a save was interrupted");
+  renames instead of reporting "a save was interrupted"), and loads that never pause do not starve the save;
 - `optimum-npu compile` imports the spec's module from the working folder without letting that
   folder shadow what torch imports (a `sympy.py` there is never run);
 - malformed guardrail `.pt` files are clear ValueErrors;
@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ import torch
 from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from llm_fixtures import save_source
 from optimum_npu import RBLNLlamaForCausalLM
+from optimum_npu.modeling.folder import FolderError, load_lock, save_lock
 
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -57,6 +60,42 @@ def test_loads_during_a_concurrent_resave_succeed(tmp_path):
         saver.wait(timeout=600)
     assert saver.returncode == 0, saver.stderr.read()
     assert loads > 0
+
+
+
+def test_a_save_is_not_starved_by_loads_that_overlap(tmp_path, monkeypatch):
+    """Two readers whose shared locks always overlap (there is never a moment without a load): a save
+    still gets in, after the loads already inside, instead of waiting out its timeout."""
+    monkeypatch.setenv("OPTIMUM_NPU_LOCK_TIMEOUT", "5")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    saved = threading.Event()
+    overlap = threading.Barrier(2)
+
+    def keep_loading():
+        for _ in range(2000):   # bounded: a few seconds of loads even if the save never gets in
+            if saved.is_set():
+                return
+            with load_lock(folder):
+                try:
+                    overlap.wait(timeout=0.02)   # both readers inside together, then one leaves ...
+                except threading.BrokenBarrierError:
+                    overlap.reset()
+                time.sleep(0.005)   # ... while the other one still holds its shared lock
+
+    readers = [threading.Thread(target=keep_loading) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    time.sleep(0.1)
+    try:
+        with save_lock(folder):
+            saved.set()
+    except FolderError as err:
+        pytest.fail(f"the save was starved by the loads: {err}")
+    finally:
+        saved.set()
+        for reader in readers:
+            reader.join(timeout=60)
 
 
 MODELS = textwrap.dedent("""

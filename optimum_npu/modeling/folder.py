@@ -289,14 +289,15 @@ def _lock_timeout() -> float:
 
 
 @contextlib.contextmanager
-def _flock(folder: Path, mode: int, doing: str) -> Iterator[None]:
+def _flock(lock_on: Path, mode: int, doing: str, folder: Path, deadline: float) -> Iterator[None]:
+    """Hold flock `mode` on the folder `lock_on`, waiting until `deadline` (polled, so that a stuck save ends
+    in an error about `folder`, the one being saved or loaded)."""
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(lock_on, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         yield   # not a folder we can open: the caller's own checks say what is wrong
         return
     try:
-        deadline = time.monotonic() + _lock_timeout()
         while True:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -313,14 +314,37 @@ def _flock(folder: Path, mode: int, doing: str) -> Iterator[None]:
         os.close(fd)   # releases the lock
 
 
-def save_lock(folder: Path):
+# flock has no queue: a save polling for its exclusive lock could wait forever behind loads that follow
+# one another without a gap (each one's shared lock taken before the last one's is released). So both
+# go through a gate first, a lock on the folder's parent: a save holds it exclusively while it waits for
+# the loads already inside to finish and moves its files in; a load holds it shared only until it has its
+# own lock, so new loads queue behind a waiting save. (Never held for a save's writes, done before.)
+
+
+def _gate(folder: Path, mode: int, doing: str, deadline: float):
+    real = Path(os.path.realpath(folder))
+    if real.parent == real:   # "/": no parent to queue at
+        return contextlib.nullcontext()
+    return _flock(real.parent, mode, doing, folder, deadline)
+
+
+@contextlib.contextmanager
+def save_lock(folder: Path) -> Iterator[None]:
     """Held while a save moves files into `folder` (exclusive)."""
-    return _flock(folder, fcntl.LOCK_EX, "this save")
+    deadline = time.monotonic() + _lock_timeout()
+    with _gate(folder, fcntl.LOCK_EX, "this save", deadline):
+        with _flock(folder, fcntl.LOCK_EX, "this save", folder, deadline):
+            yield
 
 
-def load_lock(folder: Path):
+@contextlib.contextmanager
+def load_lock(folder: Path) -> Iterator[None]:
     """Held while a load checks and reads `folder` (shared): it waits for a save moving files in."""
-    return _flock(folder, fcntl.LOCK_SH, "loading")
+    deadline = time.monotonic() + _lock_timeout()
+    with contextlib.ExitStack() as held:
+        with _gate(folder, fcntl.LOCK_SH, "loading", deadline):   # through the gate ...
+            held.enter_context(_flock(folder, fcntl.LOCK_SH, "loading", folder, deadline))
+        yield   # ... and out of it: a save arriving now waits for this load only
 
 
 # ---- reading a user's folder without following links out of it ---------------------------------
