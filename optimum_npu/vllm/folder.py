@@ -1,0 +1,158 @@
+"""What a compiled decoder folder lets vLLM do, and vLLM's config fitted to it.
+
+A compiled folder fixes the batch (decode buckets), the context length, the KV block size and
+the number of KV blocks: vLLM's scheduler must not ask for more. `fit_vllm_config` sets what
+the user left to vLLM's defaults from the folder and refuses, naming both values, what the
+user asked for beyond it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..configuration import CONFIG_NAME
+
+logger = logging.getLogger("vllm.optimum_npu")  # under "vllm": vLLM's log handler and level apply
+
+# vLLM's own defaults of max_num_seqs (engine/arg_utils.py: per usage context and device size,
+# doubled in throughput mode). A value among these was not chosen by the user, so it is lowered
+# to what the folder holds instead of refused.
+VLLM_DEFAULT_MAX_NUM_SEQS = (128, 256, 512, 1024, 2048)
+
+
+class NotCompiledError(ValueError):
+    """The model folder holds no compiled model."""
+
+
+def export_command(folder: str) -> str:
+    """The command that compiles `folder` (a Hugging Face checkpoint) into a servable folder."""
+    target = f"{str(folder).rstrip('/')}-npu"
+    return (
+        "python -c \"from optimum_npu import RBLNAutoModelForCausalLM; "
+        f"RBLNAutoModelForCausalLM.from_pretrained('{folder}', export=True, rbln_batch_size=4, "
+        f"rbln_max_seq_len=4096, rbln_tensor_parallel_size=1).save_pretrained('{target}')\""
+        f"  and serve {target}"
+    )
+
+
+@dataclass(frozen=True)
+class CompiledDecoder:
+    """The facts of a compiled decoder folder that vLLM's config must respect."""
+
+    folder: str
+    cls_name: str
+    batch_size: int
+    max_seq_len: int
+    block_size: int
+    num_blocks: int
+    prefill_chunk_size: int
+    decoder_batch_sizes: tuple[int, ...]
+    tensor_parallel_size: int
+    dtype: str
+    npu: str
+
+    @classmethod
+    def read(cls, folder: str) -> CompiledDecoder:
+        """The folder's compiled options; NotCompiledError (with the command that compiles it) if
+        it has none, ValueError if it holds something other than a decoder-only LM."""
+        from ..modeling.decoderonly.configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
+
+        path = Path(folder)
+        if not (path / CONFIG_NAME).is_file():
+            what = "a Hugging Face checkpoint" if (path / "config.json").is_file() else "not a model folder"
+            raise NotCompiledError(
+                f"{folder} is {what}, not a model compiled for the NPU (no {CONFIG_NAME}); the NPU platform "
+                f"serves compiled folders only. Compile it first: {export_command(folder)}"
+            )
+        try:
+            config = RBLNDecoderOnlyModelForCausalLMConfig.load(folder)
+        except ValueError as err:
+            raise ValueError(f"{folder} cannot be served by vLLM on the NPU: {err}") from None
+        if not config.is_resolved:
+            raise ValueError(f"{path / CONFIG_NAME} does not give every decoder option; recompile the folder")
+        return cls(
+            folder=str(folder), cls_name=str(config.cls_name), batch_size=config.batch_size,
+            max_seq_len=config.max_seq_len, block_size=config.kvcache_block_size,
+            num_blocks=config.kvcache_num_blocks, prefill_chunk_size=config.prefill_chunk_size,
+            decoder_batch_sizes=tuple(config.decoder_batch_sizes),
+            tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype, npu=config.npu,
+        )
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return math.ceil(self.max_seq_len / self.block_size)
+
+
+def fit_vllm_config(vllm_config, compiled: CompiledDecoder) -> None:
+    """Make vLLM's config what the folder can run, in place; ValueError naming both values for
+    what the user asked beyond it."""
+    model_config = vllm_config.model_config
+    cache_config = vllm_config.cache_config
+    scheduler_config = vllm_config.scheduler_config
+    parallel_config = vllm_config.parallel_config
+    where = f"the folder {compiled.folder} was compiled with"
+
+    if parallel_config.tensor_parallel_size != 1 or parallel_config.pipeline_parallel_size != 1:
+        raise ValueError(
+            f"tensor_parallel_size={parallel_config.tensor_parallel_size} / pipeline_parallel_size="
+            f"{parallel_config.pipeline_parallel_size} given to vLLM, but the model's parallelism is fixed at "
+            f"compile time ({where} tensor_parallel_size={compiled.tensor_parallel_size}, run by one vLLM "
+            "worker): leave vLLM's tensor_parallel_size and pipeline_parallel_size at 1"
+        )
+    if compiled.prefill_chunk_size > compiled.block_size:
+        # A prefill chunk must fit the blocks a sequence owns (see model_runner.prefill_windows).
+        raise ValueError(
+            f"{where} prefill_chunk_size={compiled.prefill_chunk_size} above kvcache_block_size="
+            f"{compiled.block_size}; vLLM needs a chunk within one block: recompile with a smaller chunk"
+        )
+
+    # max_model_len: vLLM's default is the HF config's context; a value the user gave must fit.
+    asked = model_config.original_max_model_len
+    if asked is not None and model_config.max_model_len > compiled.max_seq_len:
+        raise ValueError(
+            f"max_model_len={model_config.max_model_len} is above what {where}: max_seq_len="
+            f"{compiled.max_seq_len}; lower max_model_len or recompile with a larger rbln_max_seq_len"
+        )
+    if model_config.max_model_len > compiled.max_seq_len:
+        logger.info("max_model_len %d -> %d (the compiled max_seq_len)", model_config.max_model_len,
+                    compiled.max_seq_len)
+        model_config.max_model_len = compiled.max_seq_len
+    scheduler_config.max_model_len = model_config.max_model_len
+
+    # block_size: the compiled KV block (a vLLM block is one compiled block, ids shifted by one).
+    if cache_config.user_specified_block_size and cache_config.block_size != compiled.block_size:
+        raise ValueError(
+            f"block_size={cache_config.block_size} differs from what {where}: kvcache_block_size="
+            f"{compiled.block_size}; leave block_size unset or set it to {compiled.block_size}"
+        )
+    cache_config.block_size = compiled.block_size
+
+    # max_num_seqs: at most the largest compiled decode bucket.
+    largest = max(compiled.decoder_batch_sizes)
+    if scheduler_config.max_num_seqs > largest:
+        if scheduler_config.max_num_seqs not in VLLM_DEFAULT_MAX_NUM_SEQS:
+            raise ValueError(
+                f"max_num_seqs={scheduler_config.max_num_seqs} is above what {where}: batch_size="
+                f"{compiled.batch_size} (decode batch sizes {sorted(compiled.decoder_batch_sizes)}); lower "
+                "max_num_seqs or recompile with a larger rbln_batch_size"
+            )
+        logger.info("max_num_seqs %d -> %d (the compiled batch)", scheduler_config.max_num_seqs, largest)
+        scheduler_config.max_num_seqs = largest
+
+    # The KV pool: vLLM keeps block 0 as its null block, so it gets one block more than compiled
+    # and the model runner maps vLLM's block b to compiled block b - 1.
+    blocks = compiled.num_blocks + 1
+    if cache_config.num_gpu_blocks_override not in (None, blocks):
+        raise ValueError(
+            f"num_gpu_blocks_override={cache_config.num_gpu_blocks_override} differs from what {where}: "
+            f"kvcache_num_blocks={compiled.num_blocks} (vLLM's count is one more, {blocks}: its null block)"
+        )
+    cache_config.num_gpu_blocks_override = blocks
+    if compiled.num_blocks < math.ceil(model_config.max_model_len / compiled.block_size):
+        raise ValueError(
+            f"{where} kvcache_num_blocks={compiled.num_blocks} blocks of {compiled.block_size} tokens, fewer than "
+            f"one sequence of max_model_len={model_config.max_model_len} needs; lower max_model_len"
+        )
