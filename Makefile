@@ -49,6 +49,7 @@ bench: setup
 	$(PY) benchmarks/vision.py
 	$(PY) benchmarks/guardrail.py
 	$(PY) benchmarks/calibration.py
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -41,6 +41,21 @@ def test_a_prefill_stalls_the_running_decodes():
     assert a.tpot_s == pytest.approx((9 * DECODE_S + PREFILL_S) / 9)  # the stall shows in A's TPOT
 
 
+def test_with_prefill_with_decode_a_chunk_and_the_running_decode_share_a_step():
+    """vLLM's scheduler (the NPU vLLM plugin): the same case as above, B's prefill chunk and A's
+    decode in one step. Worked by hand: A prefill 0 -> .010, decodes to .015; B's chunk .015 ->
+    .025 then A's decode -> .026 (B's first token); then both decode together."""
+    result = simulate(fixed_times(), open_loop([0.0, 0.0145], input_len=128, output_len=10), buckets=[1, 2],
+                      prefill_with_decode=True)
+    a, b = sorted(result.requests, key=lambda r: r.arrival_s)
+    assert a.first_token_s == pytest.approx(0.010)
+    assert b.first_token_s == pytest.approx(0.026)
+    # At .026 A has 7 tokens (prefill + 5 decodes + the one beside B's chunk) and needs 3 more; B needs 9.
+    assert a.finished_s == pytest.approx(0.026 + 3 * DECODE_S)
+    assert b.finished_s == pytest.approx(0.026 + 9 * DECODE_S)
+    assert result.decode_steps == 5 + 1 + 9
+
+
 def test_host_work_runs_before_every_device_step():
     """Worked by hand: 1 ms per step, 0.1 ms per sampled sequence. A alone: prefill (3 chunks, the
     last one samples), then 4 decode steps of one sequence."""

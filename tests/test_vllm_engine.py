@@ -109,3 +109,14 @@ def test_engine_start_refuses_a_folder_that_is_not_compiled(served, tmp_path):
     source = folder.parent / "source"
     message = _config_error(source)
     assert "no rbln_config.json" in message and "export=True" in message and str(source) in message
+
+
+def test_prefill_windows_stay_inside_the_owned_blocks():
+    from optimum_npu.vllm.decoder_steps import prefill_windows
+
+    assert prefill_windows(0, 130, 64, 256) == [0, 64, 128]
+    assert prefill_windows(61, 130, 64, 256) == [61, 125]          # where vLLM's token budget split the prompt
+    assert prefill_windows(100, 128, 64, 128) == [64]              # moved back: the chunk ends at the last block's end
+    assert prefill_windows(30, 128, 64, 128) == [30, 64]
+    with pytest.raises(ValueError, match="outside the owned positions"):
+        prefill_windows(100, 130, 64, 128)

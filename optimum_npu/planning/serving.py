@@ -169,10 +169,22 @@ class _Sequence:
     generated: int = 0          # output tokens produced
 
 
+def _decode_step_s(times: StepTimes, buckets: list[int], running: list[_Sequence]) -> float:
+    """One decode step of `running` in the smallest bucket that holds them, at their mean context."""
+    bucket = buckets[bisect.bisect_left(buckets, len(running))]
+    context = sum(s.request.input_len + s.generated for s in running) / len(running)
+    return times.decode_step_s(bucket, math.ceil(context))
+
+
 def simulate(times: StepTimes, workload: Workload, buckets: list[int],
-             host: HostOverhead = NO_HOST_OVERHEAD) -> ServingResult:
+             host: HostOverhead = NO_HOST_OVERHEAD, prefill_with_decode: bool = False) -> ServingResult:
     """Serve `workload` with decode `buckets` (the largest is the number of batch slots), the
-    host doing `host`'s work before each device run."""
+    host doing `host`'s work before each device run.
+
+    prefill_with_decode: False, a prefill chunk runs alone and the running sequences wait (the
+    RBLN serving stack's scheduler); True, each engine step runs a prompt chunk and then one
+    decode step of the sequences already running (vLLM's own scheduler, as the NPU vLLM plugin
+    uses it: optimum_npu/vllm)."""
     buckets = sorted(set(buckets))
     if not buckets or buckets[0] < 1:
         raise ValueError(f"buckets must be positive batch sizes, got {buckets!r}")
@@ -200,21 +212,24 @@ def simulate(times: StepTimes, workload: Workload, buckets: list[int],
             waiting.append(heapq.heappop(arrivals)[2])
         if prefilling is None and waiting and len(running) < slots:
             prefilling = _Sequence(waiting.pop(0))
-        if prefilling is not None:  # one prefill chunk; decode waits (separate graphs, one at a time)
+        if prefilling is not None:  # one prefill chunk; decode waits unless prefill_with_decode
             end = min(prefilling.prefilled + times.chunk, prefilling.request.input_len)
             sampled = end == prefilling.request.input_len  # the last chunk's logits give the first token
             now += host.step_s + host.sequence_s * sampled + times.prefill_chunk_s(prefilling.prefilled + times.chunk)
             chunks += 1
             prefilling.prefilled = end
+            if prefill_with_decode and running:  # the same engine step, after the chunk (graphs run one at a time)
+                now += host.sequence_s * len(running) + _decode_step_s(times, buckets, running)
+                steps += 1
+                for sequence in running:
+                    sequence.generated += 1
             if sampled:
                 prefilling.generated = 1
                 prefilling.request.first_token_s = now
                 running.append(prefilling)
                 prefilling = None
         elif running:
-            bucket = buckets[bisect.bisect_left(buckets, len(running))]
-            context = sum(s.request.input_len + s.generated for s in running) / len(running)
-            now += host.step_s + host.sequence_s * len(running) + times.decode_step_s(bucket, math.ceil(context))
+            now += host.step_s + host.sequence_s * len(running) + _decode_step_s(times, buckets, running)
             steps += 1
             for sequence in running:
                 sequence.generated += 1

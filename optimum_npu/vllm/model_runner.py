@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ from .decoder_steps import CompiledDecoderSteps
 logger = logging.getLogger("vllm.optimum_npu")  # under "vllm": vLLM's log handler and level apply
 
 DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+FINISHED_TIMINGS_KEPT = 4096
 
 
 @dataclass
@@ -74,6 +76,8 @@ class NPUModelRunner:
         self.max_model_len = self.model_config.max_model_len
         self.requests: dict[str, CachedRequestState] = {}
         self.timings: dict[str, RequestTiming] = {}
+        # The last finished requests' timings, oldest first (read by benchmarks/serving.py).
+        self.finished_timings: OrderedDict[str, RequestTiming] = OrderedDict()
         self.input_batch = InputBatch(
             max_num_reqs=sched.max_num_seqs,
             max_model_len=self.max_model_len,
@@ -275,6 +279,9 @@ class NPUModelRunner:
         timing = self.timings.pop(req_id, None)
         if timing is None or timing.ttft_s is None:
             return
+        self.finished_timings[req_id] = timing
+        while len(self.finished_timings) > FINISHED_TIMINGS_KEPT:
+            self.finished_timings.popitem(last=False)
         tpot = timing.tpot_s
         logger.info("NPU request %s: simulated TTFT %.3f ms, TPOT %s, %d output tokens", req_id,
                     timing.ttft_s * 1e3, f"{tpot * 1e3:.3f} ms" if tpot is not None else "-", timing.output_tokens)
