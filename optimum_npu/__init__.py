@@ -84,6 +84,34 @@ _EXPORTS = {
     "RBLNVideoSafetyModelConfig": "optimum_npu.cosmos_guardrail",
 }
 
+# HF model_type -> the RBLN model classes that compile checkpoints of it, the default one first. A
+# static table, as transformers' auto mappings are: which class serves a checkpoint (RBLNAuto*, a
+# generic class, the "use RBLN..." advice of a refused export) never depends on which modules the
+# process happened to import before. Each name resolves through _EXPORTS; tests/test_registry.py
+# checks the table against the classes themselves.
+MODEL_TYPES = {
+    "llama": ("RBLNLlamaForCausalLM",),
+    "qwen2": ("RBLNQwen2ForCausalLM",),
+    "qwen3": ("RBLNQwen3ForCausalLM",),
+    "mistral": ("RBLNMistralForCausalLM",),
+    "bert": ("RBLNBertModel",),
+    "clip_text_model": ("RBLNCLIPTextModel", "RBLNCLIPTextModelWithProjection"),
+    "t5": ("RBLNT5EncoderModel",),
+    "resnet": ("RBLNResNetForImageClassification",),
+    "convnext": ("RBLNConvNextForImageClassification",),
+    "convnextv2": ("RBLNConvNextV2ForImageClassification",),
+    "vit": ("RBLNViTForImageClassification",),
+    "deit": ("RBLNDeiTForImageClassification",),
+    "dinov2": ("RBLNDinov2ForImageClassification",),
+    "swin": ("RBLNSwinForImageClassification",),
+    "regnet": ("RBLNRegNetForImageClassification",),
+    "mobilenet_v1": ("RBLNMobileNetV1ForImageClassification",),
+    "mobilenet_v2": ("RBLNMobileNetV2ForImageClassification",),
+    "siglip_vision_model": ("RBLNSiglipVisionModel",),
+    "cosmos_retinaface": ("RBLNRetinaFace",),
+    "cosmos_video_safety": ("RBLNVideoSafetyModel",),
+}
+
 __all__ = sorted(_EXPORTS)
 
 

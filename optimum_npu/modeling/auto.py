@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..configuration import RBLNModelConfig
-from .base import MODEL_REGISTRY, RBLNModel, resolve_folder, hub_kwargs_of, is_compiled_folder
+from .base import RBLNModel, hub_kwargs_of, is_compiled_folder, model_class_named, model_classes, resolve_folder
 from .decoderonly.families import RBLNDecoderOnlyModelForCausalLM
 from .encoders import RBLNTextEncoderModel
 from .hf_files import auto_class_from_pretrained
@@ -37,7 +37,7 @@ class _RBLNAutoClass:
         folder = resolve_folder(model_id, hub_kwargs)
         if not export and is_compiled_folder(folder):
             name = RBLNModelConfig.read_json(folder).get("cls_name")
-            found = MODEL_REGISTRY.get(name) if isinstance(name, str) else None
+            found = model_class_named(name) if isinstance(name, str) else None
             if found is None or not issubclass(found, base_class):
                 raise ValueError(f"{folder} was compiled for {name!r}, which is not a {base_class.__name__} class")
             return found
@@ -49,10 +49,9 @@ class _RBLNAutoClass:
     def class_for_config(cls, hf_config, task: str | None = None) -> type[RBLNModel]:
         base_class = cls._base_for(task)
         model_type = getattr(hf_config, "model_type", None)
-        candidates = [c for c in MODEL_REGISTRY.values() if issubclass(c, base_class) and c.hf_class is not None
-                      and c.hf_model_type() == model_type]
+        candidates = [c for c in model_classes(model_type) if issubclass(c, base_class)] if isinstance(model_type, str) else []
         if not candidates:
-            supported = sorted({c.hf_model_type() for c in MODEL_REGISTRY.values()
+            supported = sorted({c.hf_model_type() for c in model_classes()
                                 if issubclass(c, base_class) and c.hf_model_type() is not None})
             raise ValueError(
                 f"model_type {model_type!r} is not supported by {cls.__name__} yet; supported: {', '.join(supported)}"

@@ -42,7 +42,34 @@ from ..sim_device.runtime import DeviceMemoryUsage
 from .folder import check_manifest, load_lock, manifest_of, read_file_below, save_tree, staging_folders
 from .hf_files import auto_class_from_pretrained
 
+# Every RBLNModel subclass by class name, registered when its class statement runs. Lookups go
+# through the functions below, which first import our classes from the static tables of
+# optimum_npu/__init__.py, so that an answer never depends on what was imported before; classes
+# defined elsewhere (a user's own family) are found once defined.
 MODEL_REGISTRY: dict[str, type[RBLNModel]] = {}
+
+
+def model_class_named(name: str) -> type[RBLNModel] | None:
+    """The RBLN model class called `name` (as rbln_config.json records it), or None."""
+    import optimum_npu
+
+    if name in optimum_npu._EXPORTS:
+        found = getattr(optimum_npu, name)
+        return found if isinstance(found, type) and issubclass(found, RBLNModel) else None
+    return MODEL_REGISTRY.get(name)
+
+
+def model_classes(model_type: str | None = None) -> list[type[RBLNModel]]:
+    """The RBLN model classes that compile checkpoints (those with an hf_class), the static table's
+    first in its order (the default class of a model_type before its variants), then classes defined
+    elsewhere; only those of `model_type` if given."""
+    import optimum_npu
+
+    names = [n for mt, ns in optimum_npu.MODEL_TYPES.items() if model_type in (None, mt) for n in ns]
+    ours = [model_class_named(n) for n in names]
+    others = [c for c in MODEL_REGISTRY.values() if c not in ours and c.hf_class is not None
+              and model_type in (None, c.hf_model_type())]
+    return ours + others
 
 # Files from the source checkpoint that travel with the compiled model: tokenizer, image
 # processor, feature extractor and processor files, so that `AutoTokenizer` / `AutoImageProcessor`
@@ -410,11 +437,8 @@ class RBLNModel:
     def _model_types(cls) -> dict[str, type[RBLNModel]]:
         """HF model_type -> class, for the checkpoints this class compiles: its hf_class's, or for a
         generic class without one (e.g. the decoder-only base), those of its registered subclasses."""
-        classes = [cls] if cls.hf_class is not None else [
-            c for c in MODEL_REGISTRY.values() if issubclass(c, cls) and c.hf_class is not None
-        ]
-        # The first registered class of a model_type serves it (e.g. CLIPTextModel before its
-        # WithProjection variant): registration order is definition order.
+        classes = [cls] if cls.hf_class is not None else [c for c in model_classes() if issubclass(c, cls)]
+        # The first class of a model_type serves it (e.g. CLIPTextModel before its WithProjection variant).
         found: dict[str, type[RBLNModel]] = {}
         for c in classes:
             if c.hf_model_type() is not None:
@@ -434,8 +458,7 @@ class RBLNModel:
         accepted = cls._model_types()
         if model_type in accepted:
             return
-        serving = sorted(c.__name__ for c in MODEL_REGISTRY.values()
-                         if c.hf_class is not None and c.hf_model_type() == model_type)
+        serving = sorted(c.__name__ for c in model_classes(model_type)) if isinstance(model_type, str) else []
         advice = f"use {' or '.join(serving)}" if serving else "no RBLN class supports it yet"
         raise ValueError(
             f"{cls.__name__} compiles model_type {' / '.join(sorted(accepted)) or '(none)'}, but this checkpoint "
@@ -467,7 +490,7 @@ class RBLNModel:
         if leftover:
             raise TypeError(f"unexpected arguments {sorted(leftover)} when loading a compiled model; options are rbln_*")
         # The class it was compiled for, or one of its subclasses when loaded by a generic class.
-        target = MODEL_REGISTRY.get(config.cls_name)
+        target = model_class_named(config.cls_name) if isinstance(config.cls_name, str) else None
         if target is None or not issubclass(target, cls):
             raise ValueError(
                 f"{folder} was compiled for {config.cls_name}, not {cls.__name__}: load it with {config.cls_name} "
