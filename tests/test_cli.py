@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -477,3 +478,14 @@ def test_export_cosmos_pipeline_with_its_guardrail(tmp_path, capsys):
     assert saved["cls_name"] == "RBLNCosmosTextToWorldPipeline"
     assert saved["components"]["transformer"]["compile_options"]["tensor_parallel_size"] == 2
     assert _saved_options(out / "safety_checker")["cls_name"] == "RBLNCosmosSafetyChecker"
+def test_a_shape_mismatch_is_one_line_in_a_real_process(project):
+    """torch logs the traceback of the failing op through its own logging handler (not seen by
+    capsys): run the command as a user does and read the process's stderr."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "optimum_npu.cli", "compile", "mymods:build", "-i", "x:8x15",
+                           "-o", "bad.rbln"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "optimum-npu compile: error: torch.export could not trace MLP with the given inputs: RuntimeError: "
+        "a and b must have same reduction dim, but got [8, 15] X [16, 64]."], done.stderr
+    assert not (project / "bad.rbln").exists()

@@ -9,6 +9,8 @@ into the convolutions before them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import operator
 from dataclasses import dataclass, field
 
@@ -68,6 +70,20 @@ def _written_args(fx_node) -> list:
     return written
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """torch's fake-tensor dispatch logs the full traceback of an op that fails on the given shapes
+    (e.g. a matmul of 63 by 64 features) before raising it; the error is raised again below with
+    the module's name, so that log only buries the one line a user needs."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_graph(module: torch.nn.Module, example_inputs: tuple, input_names: list[str] | None = None) -> Graph:
     """Trace `module`; user inputs are named `input_names` if given, else after forward's arguments."""
     # Traced in eval mode; each submodule's own mode is restored after (a wrapper created in train
@@ -75,7 +91,8 @@ def export_graph(module: torch.nn.Module, example_inputs: tuple, input_names: li
     was_training = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        program = torch.export.export(module, example_inputs, strict=False)
+        with _quiet_fake_tensor_log():
+            program = torch.export.export(module, example_inputs, strict=False)
     except Exception as e:  # torch.export raises many types; the user needs to know which module failed
         raise ValueError(
             f"torch.export could not trace {type(module).__name__} with the given inputs: "
