@@ -5,7 +5,9 @@ here with small random (or briefly trained) weights, so what runs on them is the
 nothing is stubbed. The models are meaningless as models; their shapes, file layouts and code
 paths are real. One module per family:
 
-- `llama.py`             `build_tiny_llama(folder, steps)`: a 0.9M-parameter Llama trained to write English
+- `llama.py`             `build_tiny_llama(folder, steps)`: a 0.9M-parameter Llama trained to write English;
+                         `build_tiny_random_llama(folder, max_position_embeddings=...)`: untrained, any length
+- `vision.py`            `build_tiny_image_classifier(folder)`: a random ResNet with its image processor
 - `cosmos_guardrail.py`  `build_tiny_cosmos_guardrail(folder, blocklist=[...])` and its parts
                          (`build_tiny_guard_llm`, `build_tiny_siglip`, `build_tiny_video_safety_model`,
                          `build_tiny_retinaface`)
@@ -20,9 +22,11 @@ from .cosmos_guardrail import (
     build_tiny_video_safety_model,
 )
 from .diffusers import build_tiny_cosmos, build_tiny_stable_diffusion
-from .llama import build_tiny_llama
+from .llama import build_tiny_llama, build_tiny_random_llama
+from .vision import build_tiny_image_classifier
 
 __all__ = [
-    "build_tiny_cosmos", "build_tiny_cosmos_guardrail", "build_tiny_guard_llm", "build_tiny_llama",
-    "build_tiny_retinaface", "build_tiny_siglip", "build_tiny_stable_diffusion", "build_tiny_video_safety_model",
+    "build_tiny_cosmos", "build_tiny_cosmos_guardrail", "build_tiny_guard_llm", "build_tiny_image_classifier",
+    "build_tiny_llama", "build_tiny_random_llama", "build_tiny_retinaface", "build_tiny_siglip",
+    "build_tiny_stable_diffusion", "build_tiny_video_safety_model",
 ]

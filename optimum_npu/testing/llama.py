@@ -1,6 +1,7 @@
 """A tiny Llama that writes readable (if memorised) English, built entirely offline.
 
     build_tiny_llama(folder, steps=200)      # or: python examples/llama/build_tiny_llama.py [folder]
+    build_tiny_random_llama(folder, max_position_embeddings=8192)   # untrained, in a second: for options
 
 1. A byte-level BPE tokenizer (`tokenizers`) is trained on a small embedded corpus: the
    opening lines of four public-domain novels plus short stories generated from templates.
@@ -167,3 +168,22 @@ def build_tiny_llama(folder: str | Path, steps: int = DEFAULT_STEPS, force: bool
     print(f"saved to {folder} (final loss {loss:.3f}, {time.perf_counter() - started:.0f} s)")
     return folder
 
+
+
+def build_tiny_random_llama(folder: str | Path, max_position_embeddings: int = 512, **config_overrides) -> Path:
+    """Save an untrained tiny Llama (random weights; the tokenizer of `build_tiny_llama`, trained on a
+    few stories) into `folder`; returns it. For trying options a real checkpoint takes and the trained
+    model cannot: `max_position_embeddings=8192` allows max_seq_len 8192 with 4096-token KV partitions.
+    Its text is noise. Rebuilt every call (a second or two)."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer(corpus(num_stories=40, passage_repeats=1), vocab_size=512)
+    tokenizer.model_max_length = max_position_embeddings
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        config = tiny_llama_config(tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   max_position_embeddings=max_position_embeddings, **config_overrides)
+        model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
