@@ -656,6 +656,7 @@ def test_checker_save_and_load_without_recompiling(checker, tmp_path, monkeypatc
     np.testing.assert_array_equal(loaded.check_video_safety(video), checker.check_video_safety(video))
     assert loaded.face_filter.detector.runtimes["model"].devices == [3]
     loaded.save_pretrained(folder)   # a saved checker folder is updated in place
+    loaded.save_pretrained(folder, exist_ok=True)
     loaded.close()
 
     # Parts switched off: logged; a part left out at export is off at load and cannot be asked for.
@@ -720,6 +721,11 @@ def test_checker_bad_options_and_folders(guardrail_source, tmp_path):
     with pytest.raises(ValueError, match="not empty and holds no saved RBLNCosmosSafetyChecker"):
         checker.save_pretrained(tmp_path / "other")
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+    # exist_ok=True, as every save_pretrained takes it: the checker's files are added, the others kept.
+    checker.save_pretrained(tmp_path / "other", exist_ok=True)
+    assert {p.name for p in (tmp_path / "other").iterdir()} == {"notes.txt", "blocklist", "rbln_config.json"}
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert not RBLNCosmosSafetyChecker.from_pretrained(tmp_path / "other").check_text_safety("Two Zorblaxes walk by")
 
 
 def test_checker_compiles_the_upstream_layout(tmp_path):

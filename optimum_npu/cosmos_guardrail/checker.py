@@ -351,19 +351,21 @@ class RBLNCosmosSafetyChecker:
 
     # ---- saving ---------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, exist_ok: bool = False) -> str:
         """Write the compiled checker (the layout in the module docstring). A new folder appears whole
         (written aside, then renamed); a previously saved checker folder is updated in place, each
-        sub-model atomically, rbln_config.json last. Any other non-empty folder is refused."""
+        sub-model atomically, rbln_config.json last. Any other non-empty folder is refused unless
+        `exist_ok=True` (as for every compiled model: the checker's files are added, others kept)."""
         def check_target(target: Path) -> None:
-            if target.is_dir() and any(target.iterdir()):
+            if not exist_ok and target.is_dir() and any(target.iterdir()):
                 try:
                     ours = RBLNModelConfig.read_json(target).get("cls_name") == type(self).__name__
                 except (OSError, ValueError):
                     ours = False
                 if not ours:
                     raise ValueError(f"Cannot save into {target}: it is not empty and holds no saved "
-                                     f"{type(self).__name__}. Save into a new or empty folder.")
+                                     f"{type(self).__name__}. Save into a new or empty folder, or pass "
+                                     "save_pretrained(..., exist_ok=True) to add the checker's files there.")
 
         return str(save_tree(save_directory, self._write, check_target))
 

@@ -128,9 +128,9 @@ class RBLNLlamaGuard3:
         tokenizer = auto_class_from_pretrained(AutoTokenizer, folder)
         return cls(model, tokenizer)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
+    def save_pretrained(self, folder: str | os.PathLike, *, exist_ok: bool = False) -> str:
         """The compiled decoder folder; it carries the tokenizer files of the checkpoint it came from."""
-        self.model.save_pretrained(folder)
+        return self.model.save_pretrained(folder, exist_ok=exist_ok)
 
     def classify(self, prompt: str) -> GuardVerdict:
         text = moderation_prompt(prompt, self.categories)
