@@ -109,8 +109,22 @@ def test_compiled_components_are_the_diffusers_models_the_pipeline_methods_walk(
     assert shared.unet is pipe.unet and shared.vae is pipe.vae and shared.text_encoder is pipe.text_encoder
     assert shared.rbln_config == pipe.rbln_config
     np.testing.assert_array_equal(_images(shared, prompt=PROMPT, num_inference_steps=2), before)
-    with pytest.raises(ValueError, match="RBLNStableDiffusionImg2ImgPipelineConfig"):
+    with pytest.raises(ValueError, match=r"VAE encoder.*rbln_config=\{'vae': \{'uses_encoder': True\}\}"):
         RBLNStableDiffusionImg2ImgPipeline.from_pipe(pipe)  # its VAE has no compiled encoder
+
+
+def test_image_to_image_from_a_text_to_image_pipeline_compiled_with_the_encoder(sd_folder):
+    """The usual diffusers pattern: from_pipe shares the compiled components, the VAE encoder included
+    when the text-to-image export was asked for it."""
+    text_to_image = RBLNStableDiffusionPipeline.from_pretrained(
+        sd_folder, export=True, rbln_numerics="exact", rbln_config={"vae": {"uses_encoder": True}})
+    pipe = RBLNStableDiffusionImg2ImgPipeline.from_pipe(text_to_image)
+    assert pipe.vae is text_to_image.vae and pipe.unet is text_to_image.unet
+    assert type(pipe.rbln_config).__name__ == "RBLNStableDiffusionImg2ImgPipelineConfig"
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(prompt=PROMPT, image=image, strength=0.7, num_inference_steps=4)
+    reference = _images(StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder), **kwargs)
+    np.testing.assert_allclose(_images(pipe, **kwargs), reference, atol=1e-5, rtol=0)
 
 
 def test_save_load_round_trip(sd_folder, compiled_sd, tmp_path):

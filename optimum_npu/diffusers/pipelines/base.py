@@ -280,7 +280,7 @@ class RBLNDiffusionPipelineMixin:
         """diffusers' `from_pipe`: a pipeline of this class sharing `pipeline`'s components (not copies),
         with its compiled options, which must be ones this class compiles (an image-to-image pipeline
         needs the VAE encoder: a text-to-image pipeline compiled without it is refused)."""
-        config = getattr(pipeline, "rbln_config", None)
+        config = cls._config_for_pipe(pipeline)
         if not isinstance(config, cls.config_class):
             raise ValueError(f"{cls.__name__}.from_pipe() takes a compiled pipeline whose options are a "
                              f"{cls.config_class.__name__}; got a {type(pipeline).__name__}: compile the pipeline "
@@ -290,6 +290,12 @@ class RBLNDiffusionPipelineMixin:
             raise ValueError(f"from_pipe() cannot replace the compiled component(s) {replaced}: load the compiled "
                              f"pipeline with them instead ({cls.__name__}.from_pretrained(folder, {replaced[0]}=...))")
         return cls._with_config(super().from_pipe(pipeline, **kwargs), config)
+
+    @classmethod
+    def _config_for_pipe(cls, pipeline):
+        """The compiled options `from_pipe` gives the new pipeline: `pipeline`'s own by default; a
+        family whose pipelines share components (text-to-image / image-to-image) converts them."""
+        return getattr(pipeline, "rbln_config", None)
 
     @classmethod
     def _with_config(cls, pipe, config: RBLNDiffusionPipelineConfig):

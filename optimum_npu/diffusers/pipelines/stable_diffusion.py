@@ -13,6 +13,7 @@ A call must therefore keep guidance on (any guidance_scale > 1) or off (<= 1) as
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -69,6 +70,21 @@ class RBLNStableDiffusionPipelineMixin(RBLNDiffusionPipelineMixin):
 
     rbln_classes = {"text_encoder": RBLNCLIPTextModel, "unet": RBLNUNet2DConditionModel, "vae": RBLNAutoencoderKL}
     denoiser = "unet"
+
+    @classmethod
+    def _config_for_pipe(cls, pipeline):
+        """Text-to-image and image-to-image run the same compiled components; image-to-image also
+        encodes its input image, so it needs a VAE compiled with its encoder."""
+        config = getattr(pipeline, "rbln_config", None)
+        if not isinstance(config, RBLNStableDiffusionPipelineConfig) or isinstance(config, cls.config_class):
+            return config
+        if cls.config_class.uses_vae_encoder and "encoder" not in pipeline.vae.graphs:
+            raise ValueError(
+                f"{cls.__name__}.from_pipe(): image-to-image encodes its input image with the VAE encoder, which "
+                f"this {type(pipeline).__name__} was compiled without. Compile the text-to-image pipeline with "
+                "rbln_config={'vae': {'uses_encoder': True}} (it then carries the encoder for from_pipe), or "
+                f"compile {cls.__name__}.from_pretrained(..., export=True).")
+        return cls.config_class(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init})
 
     def __call__(self, *args, **kwargs):
         self._check_guidance(self._call_arguments(args, kwargs)["guidance_scale"])
