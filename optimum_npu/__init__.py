@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compile_from_torch": "optimum_npu.compile",
     "plan": "optimum_npu.planning.planner",
+    "pipeline": "optimum_npu.pipelines",
     "CompiledModel": "optimum_npu.compile",
     "Runtime": "optimum_npu.sim_device",
     "RuntimeStats": "optimum_npu.sim_device",

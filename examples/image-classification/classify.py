@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from transformers import ResNetConfig, ResNetForImageClassification, pipeline
-from transformers.utils import logging as hf_logging
 from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
 
 from optimum_npu import RBLNAutoModelForImageClassification
@@ -77,17 +76,6 @@ def build(model_dir: str | Path, steps: int = TRAIN_STEPS, seed: int = 0) -> Pat
     return model_dir
 
 
-def quiet_pipeline(task: str, **kwargs):
-    """`transformers.pipeline`, without the error it logs for any model class outside transformers'
-    own list for the task (it names RBLN classes too, then runs them fine)."""
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity(hf_logging.CRITICAL)
-    try:
-        return pipeline(task, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 @dataclass
 class Result:
     truth: list[str]
@@ -114,7 +102,7 @@ def main(model_dir: str | Path | None = None, out_dir: str | Path | None = None,
     # Load without recompiling, with the profiler on (a runtime option).
     model = RBLNAutoModelForImageClassification.from_pretrained(compiled, rbln_activate_profiler=True)
     processor = ConvNextImageProcessorPil.from_pretrained(compiled)
-    classify = quiet_pipeline("image-classification", model=model, image_processor=processor)
+    classify = pipeline("image-classification", model=model, image_processor=processor)
 
     rng = np.random.default_rng(1234)
     truth = [list(COLOURS)[i % len(COLOURS)] for i in range(count)]

@@ -198,6 +198,7 @@ class RBLNModel:
     config_class: ClassVar[type[RBLNModelConfig]] = RBLNModelConfig
     graph_name: ClassVar[str] = "model"            # the graph of a single-graph model
     main_input_name: ClassVar[str] = "input_ids"   # what transformers pipelines feed
+    input_modalities: ClassVar[tuple[str, ...]] = ("text",)  # what a transformers pipeline's repr() shows
     stats_unit: ClassVar[str] = "samples"          # what a row of the batch is, in the stats
 
     def __init_subclass__(cls, **kwargs):

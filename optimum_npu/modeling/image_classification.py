@@ -43,6 +43,7 @@ from transformers.models.swin.modeling_swin import SwinImageClassifierOutput
 
 from ..configuration import OPTION_PREFIX, RBLNModelConfig
 from .base import RBLNModel
+from .transformers_pipelines import list_for_pipelines
 
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
@@ -120,6 +121,7 @@ class RBLNModelForImageClassification(RBLNModel):
     config_class: ClassVar[type] = RBLNModelForImageClassificationConfig
     output_class: ClassVar[type] = ImageClassifierOutputWithNoAttention
     main_input_name = "pixel_values"
+    input_modalities = ("image",)
     stats_unit = "images"
 
     @classmethod
@@ -215,3 +217,8 @@ class RBLNDinov2ForImageClassification(RBLNModelForImageClassification):
 class RBLNSwinForImageClassification(RBLNModelForImageClassification):
     hf_class = SwinForImageClassification
     output_class = SwinImageClassifierOutput
+
+
+list_for_pipelines("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING",
+                   [c for c in list(globals().values()) if isinstance(c, type) and c is not RBLNModelForImageClassification
+                    and issubclass(c, RBLNModelForImageClassification)])

@@ -15,6 +15,7 @@ from .configuration_decoderonly import (
     RBLNQwen2ForCausalLMConfig,
     RBLNQwen3ForCausalLMConfig,
 )
+from ..transformers_pipelines import list_for_pipelines
 from .modeling_decoderonly import RBLNDecoderOnlyModelForCausalLM
 
 
@@ -40,3 +41,6 @@ class RBLNMistralForCausalLM(RBLNDecoderOnlyModelForCausalLM):
     hf_class = MistralForCausalLM
     config_class = RBLNMistralForCausalLMConfig
 
+
+list_for_pipelines("MODEL_FOR_CAUSAL_LM_MAPPING",
+                   [RBLNLlamaForCausalLM, RBLNQwen2ForCausalLM, RBLNQwen3ForCausalLM, RBLNMistralForCausalLM])

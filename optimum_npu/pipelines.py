@@ -1,0 +1,48 @@
+"""`optimum_npu.pipeline`: `transformers.pipeline` for compiled models, preprocessors included.
+
+transformers' `pipeline(task, model=...)` finds the tokenizer and image processor from the model's
+*name* (a Hub id or a folder). Given a model object, which is how a compiled model is passed, it
+cannot, and asks for them ("Impossible to guess which image processor to use"), for its own models
+too. A compiled model knows its folder: the compiled folder it was loaded from (`save_pretrained`
+copies the checkpoint's tokenizer and image processor files into it) or the checkpoint it was
+compiled from. This function loads from there what the task's pipeline needs and the caller did not
+pass, then calls `transformers.pipeline`; everything else is transformers'.
+
+    from optimum_npu import pipeline
+    classify = pipeline("image-classification", model="resnet50-rbln")   # a compiled folder, or a model
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+# (pipeline argument, the pipeline class flag saying it loads one, the file that marks one in a folder)
+_PREPROCESSORS = (
+    ("tokenizer", "_load_tokenizer", ("tokenizer_config.json", "tokenizer.json")),
+    ("image_processor", "_load_image_processor", ("preprocessor_config.json",)),
+)
+
+
+def pipeline(task: str, model: Any, **kwargs: Any):
+    """`transformers.pipeline(task, model=model, **kwargs)` where `model` is a compiled model or a
+    compiled folder (loaded with `RBLNAutoModel`), its tokenizer / image processor loaded from the
+    model's folder unless given."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import pipeline as transformers_pipeline
+    from transformers.pipelines import _resolve_impl, check_task
+
+    from .modeling.auto import RBLNAutoModel
+
+    if isinstance(model, (str, os.PathLike)):
+        model = RBLNAutoModel.from_pretrained(model)
+    folder = getattr(model, "_source_folder", None)
+    pipeline_class = kwargs.get("pipeline_class") or _resolve_impl(check_task(task)[1]["impl"])
+    loaders = {"tokenizer": AutoTokenizer, "image_processor": AutoImageProcessor}
+    for argument, flag, marks in _PREPROCESSORS:
+        wanted = getattr(pipeline_class, flag, None)
+        if kwargs.get(argument) is None and wanted and folder is not None and \
+                any((Path(folder) / mark).is_file() for mark in marks):
+            kwargs[argument] = loaders[argument].from_pretrained(folder)
+    return transformers_pipeline(task, model=model, **kwargs)
