@@ -5,7 +5,9 @@ A model is compiled with a set of options of two kinds (as in optimum-rbln):
 - COMPILE-TIME options are baked into the compiled program (target npu, dtype, batch size,
   sequence length, ...). Changing one means recompiling (`from_pretrained(..., export=True)`).
 - RUNTIME options only say how to run the program (which device, whether to create
-  runtimes at all, profiling). They may change every time a compiled folder is loaded.
+  runtimes at all, profiling). They are chosen at each load (`from_pretrained(folder,
+  rbln_device=...)`) and are not saved: rbln_config.json records what was compiled, never
+  a device of the export machine that a load would then ignore (as optimum-rbln).
 
 A config is plain frozen data. The life of one:
 
@@ -380,11 +382,7 @@ class RBLNModelConfig:
 
         Compile-time options in `kwargs` are allowed only if they equal the compiled value.
         """
-        config = cls.load(folder)
-        # Runtime options saved at export describe the export machine (e.g. a compile-only build
-        # with create_runtimes=False); a load starts from the defaults and applies the user's.
-        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in config.runtime_option_names()}
-        config = dataclasses.replace(config, **defaults)
+        config = cls.load(folder)  # runtime options at their defaults: they are not saved
         options, remaining = type(config).split_kwargs(kwargs)
         return config.with_runtime_options(**options), remaining
 
@@ -438,7 +436,8 @@ class RBLNModelConfig:
             "config_cls": type(self).__name__,
             "optimum_npu_version": package_version(),
             "compile_options": {k: _to_json(v) for k, v in self.compile_options.items()},
-            "runtime_options": {k: _to_json(v) for k, v in self.runtime_options.items()},
+            # Not saved (chosen at each load); the key stays for readers of older folders.
+            "runtime_options": {},
             "graphs": {name: [[n, list(shape), dt] for n, shape, dt in infos] for name, infos in self.graphs.items()},
         }
 
@@ -498,7 +497,8 @@ class RBLNModelConfig:
                 f"{path} holds a {config_cls.__name__} (for {data.get('cls_name')}), not a {cls.__name__}: "
                 "it was compiled for a different model class."
             )
-        options = {**data["compile_options"], **data["runtime_options"]}
+        # Runtime options are chosen at load; those an older version saved are ignored, not applied.
+        options = dict(data["compile_options"])
         config_cls._check_option_names(options, prefix="", where=f"in {path}")
         try:
             config = config_cls(**options, cls_name=data.get("cls_name"), graphs=data.get("graphs", {}))

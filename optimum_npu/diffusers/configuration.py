@@ -250,7 +250,7 @@ class RBLNDiffusionPipelineConfig:
             "config_cls": type(self).__name__,
             "optimum_npu_version": package_version(),
             "compile_options": {n: _to_json(getattr(self, n)) for n in PIPELINE_OPTIONS if n not in runtime},
-            "runtime_options": {n: getattr(self, n) for n in runtime},
+            "runtime_options": {},   # chosen at each load, never saved (see optimum_npu/configuration.py)
             "components": {name: c.to_json_dict() for name, c in self.components.items() if c is not None},
             # What the user set per component at export (it wins over what the pipeline derives): a load
             # re-derives each component's options from the pipeline's and checks them (check_components).
