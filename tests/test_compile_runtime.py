@@ -466,3 +466,11 @@ def test_bad_runtime_arguments(tmp_path):
 def test_errors_are_public_types():
     assert issubclass(optimum_npu.ArtifactError, ValueError)
     assert issubclass(optimum_npu.DeviceMemoryError, Exception)
+
+
+def test_a_compiled_module_prints_in_one_line_and_speaks_of_attention_only_when_it_has_some():
+    compiled = compile_from_torch(torch.nn.Linear(16, 16), example_inputs=[torch.randn(16, 16)])
+    text = repr(compiled)
+    assert text.startswith("CompiledModel(npu='RBLN-CA25', tensor_parallel_size=1") and "\n" not in text
+    assert len(text) < 400 and str(compiled) == text
+    assert "attention" not in compiled.summary() and compiled.summary().endswith("ms per run")

@@ -90,6 +90,7 @@ def test_planner_equals_runtime_clock_at_several_kv_lengths(tiny):
         full = decode_graph.estimate()
         assert full.kv_len is None and "full" in full.kv_label and full.total_s >= clocks[-1] * (1 - 1e-9)
         assert decode_graph.estimated_latency_s == full.total_s
+        assert "(attention at full KV capacity)" in decode_graph.summary()
     finally:
         driver.close()
 

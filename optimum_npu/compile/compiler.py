@@ -77,8 +77,9 @@ class CompiledModel(Artifact):
             f"{count[StepKind.KERNEL]} device kernels, {count[StepKind.HOST]} host segments, "
             f"{count[StepKind.H2D] + count[StepKind.D2H]} HDMA copies, {count[StepKind.COLLECTIVE]} collectives; "
             f"per device: weights {per_rank(plan.weights_bytes)}, buffers {per_rank(plan.buffers_bytes)}, "
-            f"activations {per_rank(plan.activations_bytes)}; estimated {self.estimated_latency_s * 1e3:.3f} ms per run "
-            f"({self.estimate().kv_label})"
+            f"activations {per_rank(plan.activations_bytes)}; estimated {self.estimated_latency_s * 1e3:.3f} ms per run"
+            # which KV length attention was priced at, for a program that has attention
+            + (f" ({self.estimate().kv_label})" if any(s.dynamic_cost for s in p.steps) else "")
         )
 
 

@@ -72,13 +72,22 @@ def _json_sha256(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-@dataclass
+@dataclass(repr=False)
 class Artifact:
     """A compiled program and its tensors (weights, initial buffers), in memory."""
 
     program: Program
     tensors: dict[str, torch.Tensor] | None     # None when compiled on the meta device
     versions: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # One line: the generated repr printed every step and weight (tens of KB for a small model).
+        p = self.program
+        weights = "none (meta device)" if self.tensors is None else f"{len(self.tensors)} tensors"
+        return (f"{type(self).__name__}(npu={p.npu!r}, tensor_parallel_size={p.tensor_parallel_size}, "
+                f"dtype={p.device_dtype!r}, numerics={p.numerics!r}, "
+                f"inputs=[{', '.join(s.describe() for s in p.inputs)}], "
+                f"outputs=[{', '.join(s.describe() for s in p.outputs)}], steps={len(p.steps)}, weights={weights})")
 
     def save(self, path: str | os.PathLike, external: tuple[str, ...] | list[str] = ()) -> str:
         """Write the .rbln file. Tensors named in `external` are left out: a runtime loading this
