@@ -71,6 +71,14 @@ def test_guidance_stays_on_or_off_as_compiled(sd_folder, compiled_sd):
         _images(unguided, prompt=PROMPT, num_inference_steps=2)  # diffusers' default guidance_scale, 7.5
 
 
+def test_another_image_size_is_refused_in_pixels(compiled_sd):
+    with pytest.raises(ValueError, match=r"height=32, width=32: this pipeline was compiled for 16x16 images.*"
+                                         r"height=16, width=16.*rbln_config=\{'height': 32, 'width': 32\}"):
+        compiled_sd(PROMPT, height=32, width=32, num_inference_steps=2)
+    with pytest.raises(ValueError, match="height=16, width=24"):
+        compiled_sd(PROMPT, width=24, num_inference_steps=2)
+
+
 def test_image_to_image_matches_diffusers(sd_folder):
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     kwargs = dict(prompt=PROMPT, image=image, strength=0.7, num_inference_steps=4)

@@ -87,8 +87,23 @@ class RBLNStableDiffusionPipelineMixin(RBLNDiffusionPipelineMixin):
         return cls.config_class(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init})
 
     def __call__(self, *args, **kwargs):
-        self._check_guidance(self._call_arguments(args, kwargs)["guidance_scale"])
+        arguments = self._call_arguments(args, kwargs)
+        self._check_guidance(arguments["guidance_scale"])
+        if "height" in arguments:   # text-to-image; image-to-image takes the size of its image
+            self._check_size(arguments["height"], arguments["width"])
         return super().__call__(*args, **kwargs)
+
+    def _check_size(self, height: int | None, width: int | None) -> None:
+        """ValueError in the caller's terms (pixels) if the image size differs from the compiled one,
+        before the UNet refuses its latents' shape."""
+        side = self.unet.config.sample_size * self.vae_scale_factor   # what diffusers picks for None
+        height, width = height or side, width or side
+        compiled = (self.rbln_config.height, self.rbln_config.width)
+        if (height, width) != compiled:
+            raise ValueError(
+                f"height={height}, width={width}: this pipeline was compiled for {compiled[0]}x{compiled[1]} images "
+                f"(shapes are static). Call it with height={compiled[0]}, width={compiled[1]}, or recompile "
+                f"(export=True) with rbln_config={{'height': {height}, 'width': {width}}}.")
 
     def _check_guidance(self, guidance_scale: float) -> None:
         """ValueError if `guidance_scale` turns classifier-free guidance on or off against the compiled
