@@ -20,9 +20,11 @@ import time
 from model_shapes import llama3_config
 
 from optimum_npu import plan
+from optimum_npu.sim_device.specs import get_npu_spec
 
 CLAIM_SERVER_TOKENS_S, CLAIM_SERVER_W = 1800.0, 2500.0
-CLAIM_RACK_TOKENS_S, CLAIM_RACK_W, RACK_CARDS, SERVER_CARDS = 25_200.0, 35_000.0, 224, 16
+CLAIM_RACK_TOKENS_S, CLAIM_RACK_W, RACK_CARDS = 25_200.0, 35_000.0, 224
+SERVER_CARDS = get_npu_spec("RBLN-CA12").cards_per_server   # 16 ATOM cards, as the claim's server
 # The latency objective the best deployment is chosen under (the claim states none): an interactive
 # service, first token within 2 s and 10 tokens/s per user (100 ms per output token), the bounds
 # MLPerf Inference's server scenario sets for Llama-3.1-8B (github.com/mlcommons/inference,
@@ -79,9 +81,9 @@ The claim states no latency bound. With 2048-token prompts and equal lengths, ev
 queues behind the others' (a prefill runs before the decodes, as in vLLM), so the median time to
 first token grows with the batch: the throughput-best deployment keeps its users ~10-20 s before
 their first token, and a TTFT bound of a few seconds allows only small batches. The claim lies
-between the rows: on this table it takes a batch of 32 to 64 per 4-device instance, whose
-median first token comes after 10-20 s: a throughput figure measured without an interactive
-TTFT bound. What remains uncertain at equal bounds: FP16 priced at
+between the rows: on this table (16-card servers) it takes a batch of 8 to 16 per 4-device
+instance, whose median first token comes after 2.5-5 s: a throughput figure measured without a
+2 s TTFT bound. What remains uncertain at equal bounds: FP16 priced at
 the bf16 rate, cross-card collectives priced from estimated PCIe latencies, the host-work
 estimates, and power (the claim is server wall power; the planner counts card TDP only)."""
 

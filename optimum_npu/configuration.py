@@ -50,8 +50,6 @@ CONFIG_KWARG = "rbln_config"     # `from_pretrained(rbln_config={...} or a confi
 # Other names of options: newer optimum-rbln calls the tensor-parallel size `num_devices`.
 OPTION_ALIASES = {"num_devices": "tensor_parallel_size"}
 
-# An ATOM-Max server holds 8 cards; tensor parallelism may span at most one server.
-MAX_CARDS_PER_SERVER = 8
 
 DTYPES = ("bfloat16", "float16")
 NUMERICS = ("device", "exact")   # "exact": simulator-only fp32 host math, to tell porting bugs from rounding
@@ -254,15 +252,13 @@ class RBLNModelConfig:
         except ValueError as err:
             raise ValueError(f"{OPTION_PREFIX}npu: {err}") from None
         check_int("tensor_parallel_size", self.tensor_parallel_size)
-        max_tp = spec.devices_per_card * MAX_CARDS_PER_SERVER
+        max_tp = spec.devices_per_card * spec.cards_per_server   # TP spans at most one server
         if self.tensor_parallel_size > max_tp:
             raise ValueError(
                 f"{OPTION_PREFIX}tensor_parallel_size must be <= {max_tp} on {spec.name} "
-                f"({spec.devices_per_card} device(s) per card x {MAX_CARDS_PER_SERVER} cards per server); "
+                f"({spec.devices_per_card} device(s) per card x {spec.cards_per_server} cards per server); "
                 f"got {self.tensor_parallel_size}"
             )
-        # Note: tensor_parallel_size > 1 is valid here, but the compiler does not implement it yet
-        # and rejects it there (the config describes what the hardware allows, not the compiler).
         self._set("dtype", _dtype_name(self.dtype))
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("numerics", self.numerics, NUMERICS)

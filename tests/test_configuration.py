@@ -118,8 +118,10 @@ def test_tensor_parallel_size_bounds():
     assert Cfg(npu="RBLN-CA25", tensor_parallel_size=32).tensor_parallel_size == 32  # 8 cards x 4 devices
     with pytest.raises(ValueError, match="rbln_tensor_parallel_size must be <= 32"):
         Cfg(npu="RBLN-CA25", tensor_parallel_size=33)
-    with pytest.raises(ValueError, match="rbln_tensor_parallel_size must be <= 8"):
-        Cfg(npu="RBLN-CA12", tensor_parallel_size=9)
+    # The preset says how many cards a server holds: 16 single-device ATOM cards.
+    assert Cfg(npu="RBLN-CA12", tensor_parallel_size=16).tensor_parallel_size == 16
+    with pytest.raises(ValueError, match=r"rbln_tensor_parallel_size must be <= 16 .*x 16 cards per server"):
+        Cfg(npu="RBLN-CA12", tensor_parallel_size=17)
     with pytest.raises(ValueError, match="rbln_tensor_parallel_size"):
         Cfg(tensor_parallel_size=0)
     with pytest.raises(TypeError, match="rbln_tensor_parallel_size"):

@@ -45,6 +45,17 @@ def test_plan_ranks_feasible_deployments(config_folder):
     assert "TP" in result.table() and "tok/s/W" in result.table()
 
 
+def test_a_server_holds_the_cards_of_its_preset(config_folder):
+    """An ATOM-Max server holds 8 cards (32 devices); the vendor's ATOM server, 16 single-device cards."""
+    from optimum_npu.sim_device.specs import get_npu_spec
+
+    assert get_npu_spec("RBLN-CA25").cards_per_server == 8 and get_npu_spec("RBLN-CA12").cards_per_server == 16
+    result = optimum_npu.plan(config_folder, "RBLN-CA12", input_len=100, output_len=20, **SMALL)
+    for c in result.candidates:
+        assert c.tokens_per_s_per_card == pytest.approx(c.tokens_per_s)   # one device per CA12 card at TP 1
+        assert c.tokens_per_s_per_server == pytest.approx(16 * c.tokens_per_s_per_card)
+
+
 def test_layer_scaling_equals_compiling_the_whole_model():
     config = hf_config("llama", num_hidden_layers=4)
     options = dict(rbln_max_seq_len=256, rbln_prefill_chunk_size=64, rbln_batch_size=2)

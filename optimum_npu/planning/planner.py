@@ -26,7 +26,6 @@ from ..modeling.decoderonly.kv_cache import KVCacheLayout, is_kv_cache
 from .meta import CompileCache, compile_decoder_on_meta, load_hf_config
 from .serving import StepTimes, closed_loop, serving_host_overhead, simulate
 
-SERVER_CARDS = 8                 # an ATOM-Max server holds 8 cards (docs/hardware.md, "Topology")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CHUNK_SIZES = (128, 512)
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8, 16, 32)
@@ -327,7 +326,7 @@ def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int =
                         max_seq_len=max_seq_len, memory_per_device_bytes=memory,
                         ttft_s=ttft, tpot_s=tpot,
                         tokens_per_s=rate, tokens_per_s_per_card=per_card,
-                        tokens_per_s_per_server=per_card * SERVER_CARDS,
+                        tokens_per_s_per_server=per_card * spec.cards_per_server,
                         tokens_per_s_per_rack=per_card * cards_in_rack,
                         tokens_per_s_per_watt=per_card / spec.card_tdp_watts, devices=tp,
                     ))

@@ -33,6 +33,7 @@ class NPUSpec:
     pcie_bandwidth: float          # host <-> card, bytes/s per direction
     device_link_bandwidth: float   # device <-> device on the same card, bytes/s
     card_tdp_watts: float
+    cards_per_server: int          # cards one server holds: the planner's "server", the largest TP group
     # The runtime's DRAM allocator hands out whole pages: a weight or buffer of a page or more takes
     # whole pages, smaller ones are packed together. 2 MiB: the granularity Rebellions' own memory
     # estimators assume for every weight and KV-cache allocation on ATOM (optimum-rbln and
@@ -71,10 +72,13 @@ _ATOM_DIE = dict(
 
 NPU_PRESETS: dict[str, NPUSpec] = {
     # ATOM card, single device, 130 W max (ATOM brief: 60-130 W configurable TDP).
-    "RBLN-CA12": NPUSpec(name="RBLN-CA12", product="ATOM (RBLN-CA12)", card_tdp_watts=130.0, **_ATOM_DIE),
-    # ATOM+ card, single device; same die figures (docs/hardware.md). TDP: estimate, as CA12.
+    # An ATOM server holds 16 cards (the vendor's Llama-3-8B server figure is for 16 ATOM cards).
+    "RBLN-CA12": NPUSpec(name="RBLN-CA12", product="ATOM (RBLN-CA12)", card_tdp_watts=130.0, cards_per_server=16,
+                         **_ATOM_DIE),
+    # ATOM+ card, single device; same die figures (docs/hardware.md). TDP and server: estimates, as CA12.
     "RBLN-CA22": NPUSpec(
-        name="RBLN-CA22", product="ATOM+ (RBLN-CA22)", card_tdp_watts=130.0, estimated=("card_tdp_watts",), **_ATOM_DIE
+        name="RBLN-CA22", product="ATOM+ (RBLN-CA22)", card_tdp_watts=130.0, cards_per_server=16,
+        estimated=("card_tdp_watts", "cards_per_server"), **_ATOM_DIE
     ),
     # ATOM-Max card: 4 ATOM dies = 4 devices, 64 GiB / 1 TB/s / 128 TFLOPS per card, 350 W,
     # PCIe Gen5 x16 to the host (ATOM-Max brief). The dies talk through the card's PCIe
@@ -83,6 +87,7 @@ NPU_PRESETS: dict[str, NPUSpec] = {
         name="RBLN-CA25",
         product="ATOM-Max (RBLN-CA25)",
         card_tdp_watts=350.0,
+        cards_per_server=8,   # an ATOM-Max server: 8 cards, 32 devices (docs/hardware.md, "Topology")
         estimated=("device_link_bandwidth",),
         **{**_ATOM_DIE, "devices_per_card": 4},
     ),
@@ -104,9 +109,10 @@ NPU_PRESETS: dict[str, NPUSpec] = {
         pcie_bandwidth=64 * GB,
         device_link_bandwidth=256 * GB,
         card_tdp_watts=600.0,
+        cards_per_server=8,
         estimated=(
             "peak_flops_16bit", "peak_ops_int8", "sram_shared_bytes", "sram_per_engine_bytes",
-            "num_neural_engines", "device_link_bandwidth", "card_tdp_watts",
+            "num_neural_engines", "device_link_bandwidth", "card_tdp_watts", "cards_per_server",
         ),
     ),
 }

@@ -24,9 +24,6 @@ ACROSS_NUMA_LATENCY_S = 4.0e-6      # plus the inter-socket link
 ACROSS_NUMA_BANDWIDTH_FRACTION = 0.5
 # Ring collectives keep ~80% of the link rate busy with payload (estimate, as for HDMA).
 LINK_EFFICIENCY = 0.80
-# The compile-time guess of where the ranks land: a server of this many cards, ranks filling
-# cards in order, half of the cards on each NUMA node (as `memory.devices()` numbers them).
-DEFAULT_SERVER_CARDS = 8
 
 
 @dataclass(frozen=True)
@@ -80,6 +77,8 @@ class Ring:
 def default_group(spec: NPUSpec, size: int) -> list[Device]:
     """Where `size` ranks land when the compiler cannot know: the first devices of a server of
     `spec` cards (ranks fill a card before the next)."""
-    cards = max(DEFAULT_SERVER_CARDS, -(-size // spec.devices_per_card))
+    # A server of the preset's cards, ranks filling cards in order, half of the cards on each NUMA
+    # node (as `memory.devices()` numbers them).
+    cards = max(spec.cards_per_server, -(-size // spec.devices_per_card))
     return [Device(index=i, spec=spec, card=i // spec.devices_per_card,
                    numa_node=(i // spec.devices_per_card) * 2 // cards) for i in range(size)]
