@@ -83,6 +83,21 @@ def test_plan_refuses_bad_inputs(config_folder):
         optimum_npu.plan(huge, input_len=10, output_len=10, **SMALL)
 
 
+def test_the_plot_labels_tell_every_deployment_apart(config_folder):
+    import dataclasses
+
+    from optimum_npu.planning.planner import _plot_labels
+
+    c = optimum_npu.plan(config_folder, "RBLN-CA25", input_len=100, output_len=20, **SMALL).candidates[0]
+    same_tp_and_batch = [c, dataclasses.replace(c, attn_impl="flash_attn", kvcache_partition_len=4096),
+                         dataclasses.replace(c, prefill_chunk_size=128)]
+    labels = _plot_labels(same_tp_and_batch)
+    assert len(set(labels)) == 3, labels
+    tp, b = c.tensor_parallel_size, c.batch_size
+    assert labels[1] == f"#2 TP{tp} b{b} c{c.prefill_chunk_size} flash p4096"   # row 2 of Plan.table()
+    assert _plot_labels([c]) == [f"#1 TP{tp} b{b}"]   # nothing else to tell apart
+
+
 def test_cli_plan_prints_json_and_plots(config_folder, capsys, tmp_path):
     plot = tmp_path / "plan.png"
     code = main(["plan", str(config_folder), "--input-len", "100", "--output-len", "20", "--tensor-parallel-sizes",

@@ -77,7 +77,7 @@ class Plan:
                  f"{len(self.rejected)} rejected",
                  header, "-" * len(header)]
         for i, c in enumerate(self.candidates, 1):
-            attention = c.attn_impl if c.kvcache_partition_len is None else f"flash p{c.kvcache_partition_len}"
+            attention = _attention(c)
             lines.append(
                 f"{i:>3} {c.tensor_parallel_size:>3} {c.batch_size:>5} {c.prefill_chunk_size:>5} {attention:>16} "
                 f"{c.memory_per_device_bytes / 2**30:>11.2f} {c.ttft_s * 1e3:>9.1f} {c.tpot_s * 1e3:>8.2f} "
@@ -89,6 +89,20 @@ class Plan:
         return _objective(self.max_ttft_s, self.max_tpot_s)
 
 
+def _attention(c: Candidate) -> str:
+    return c.attn_impl if c.kvcache_partition_len is None else f"flash p{c.kvcache_partition_len}"
+
+
+def _plot_labels(candidates: list[Candidate]) -> list[str]:
+    """One distinct label per deployment: its row number in `Plan.table()`, TP and batch, and the
+    prefill chunk and attention when the deployments differ in them (two deployments of the same
+    TP and batch must not read alike)."""
+    chunks = {c.prefill_chunk_size for c in candidates}
+    attentions = {_attention(c) for c in candidates}
+    return [f"#{i} TP{c.tensor_parallel_size} b{c.batch_size}" + (f" c{c.prefill_chunk_size}" if len(chunks) > 1 else "")
+            + (f" {_attention(c)}" if len(attentions) > 1 else "") for i, c in enumerate(candidates, 1)]
+
+
 def _objective(max_ttft_s: float | None, max_tpot_s: float | None) -> str:
     bounds = ([] if max_ttft_s is None else [f"median TTFT <= {max_ttft_s:g} s"]) + (
         [] if max_tpot_s is None else [f"median TPOT <= {max_tpot_s * 1e3:g} ms"])
@@ -97,7 +111,7 @@ def _objective(max_ttft_s: float | None, max_tpot_s: float | None) -> str:
 
 def save_plot(plan: Plan, path) -> str:
     """A PNG of throughput (tokens/s per card) against latency (TPOT), one point per deployment,
-    labelled with its TP size and batch. Drawn with Pillow (a dependency of diffusers)."""
+    labelled with its table row, TP size and batch (and chunk / attention where deployments differ). Drawn with Pillow (a dependency of diffusers)."""
     from pathlib import Path
 
     from PIL import Image, ImageDraw
@@ -122,11 +136,11 @@ def save_plot(plan: Plan, path) -> str:
     draw.text((8, 20), "tokens/s per card", fill="black")
     draw.text((width / 2 - 200, 20), f"{plan.model} on {plan.npu}, {plan.input_len} in / {plan.output_len} out",
               fill="black")
-    for c, x, y in zip(plan.candidates, xs, ys):
+    for c, x, y, label in zip(plan.candidates, xs, ys, _plot_labels(plan.candidates)):
         px, py = at(x, y)
         color = "#1f77b4" if c.attn_impl == "eager" else "#ff7f0e"  # eager blue, flash orange
         draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
-        draw.text((px + 6, py - 6), f"TP{c.tensor_parallel_size} b{c.batch_size}", fill="black")
+        draw.text((px + 6, py - 6), label, fill="black")
     path = Path(path)
     image.save(path, format="PNG")
     return str(path)
