@@ -38,6 +38,22 @@ def main() -> None:
     load_example("stable-diffusion/text_to_image.py").main()
     print("\n" + "=" * 30, "5. Cosmos text-to-world with its guardrail (examples/cosmos/text_to_world.py)", "=" * 30)
     load_example("cosmos/text_to_world.py").main()
+    print("\n" + "=" * 30, "outputs", "=" * 30)
+    for where, what in OUTPUTS:
+        print(f"  {where:<36} {what}")
+    print("The PNG and GIF files are noise: the tiny diffusion components have random weights (the code paths are "
+          "real). Open a trace.json at https://ui.perfetto.dev.")
+
+
+# Where each part writes (all git-ignored; each part reuses its folder on the next run).
+OUTPUTS = [
+    ("quickstart_out/", "compiled .rbln files and traces of the three modules"),
+    ("examples/llama/tiny-llama/", "the trained tiny Llama (reused)"),
+    ("examples/llama/out/", "compiled_llama/, trace.json"),
+    ("examples/image-classification/out/", "tiny-resnet/, compiled/, trace.json"),
+    ("examples/stable-diffusion/out/", "text_to_image.png, image_to_image.png, compiled-sd/"),
+    ("examples/cosmos/out/world/", "text_to_world.gif, video_to_world.gif, checkpoints"),
+]
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def test_text_to_image_matches_diffusers(sd_folder, compiled_sd, numerics, atol)
     assert stats.denoising_steps == 4  # PNDM without PRK steps adds one
     assert stats.components["unet"].calls == 4 and stats.components["text_encoder"].calls == 2  # prompt, negative
     assert stats.components["vae"].calls == 1 and stats.device_s > stats.components["unet"].device_s > 0
+    assert "(4 unet call(s))" in str(stats) and "steps" not in str(stats)   # 3 inference steps, 4 UNet calls
 
 
 def test_guidance_stays_on_or_off_as_compiled(sd_folder, compiled_sd):

@@ -91,6 +91,23 @@ def test_llama_generate_example(tiny_llama, tmp_path, capsys):
     assert {"Neural Engine Clusters", "Task DMA"} <= tracks
 
 
+def test_the_demo_says_where_its_outputs_go_and_they_are_ignored_by_git():
+    """The demo ends with the folders it wrote (no temporary folder left behind); each is git-ignored,
+    so a newcomer's `git status` stays clean (the notebooks write to the same out/ folders)."""
+    import subprocess
+
+    demo = load_example("demo.py")
+    root = EXAMPLES.parent
+    assert load_example("image-classification/classify.py").OUT == EXAMPLES / "image-classification" / "out"
+    notebook = json.loads((EXAMPLES / "image-classification" / "image_classification_on_npu.ipynb").read_text())
+    assert any('"IMAGE_CLASSIFICATION_OUT", "out"' in "".join(cell["source"]) for cell in notebook["cells"])
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for folder, _ in demo.OUTPUTS:
+        done = subprocess.run(["git", "check-ignore", "-q", f"{folder}some_file"], cwd=root)
+        assert done.returncode == 0, f"{folder} is not ignored by git"
+
+
 def test_demo_runs_the_examples():
     demo = load_example("demo.py")
     assert callable(demo.load_example("quickstart.py").main)

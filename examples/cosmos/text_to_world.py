@@ -74,7 +74,8 @@ def main(out: Path = OUT) -> Result:
                                                          rbln_config=RBLN_CONFIG)
     video = generate(pipe, prompt=PROMPT)
     first_gif = save_gif(video, out / "text_to_world.gif", SHAPE["fps"])
-    print(f"\n{PROMPT!r} -> {first_gif} ({video.shape[0]} frames)\n{pipe.generation_stats}\n{pipe.memory_summary()}")
+    print(f"\n{PROMPT!r} -> {first_gif} ({video.shape[0]} frames of noise: the tiny components have random "
+          f"weights)\n{pipe.generation_stats}\n{pipe.memory_summary()}")
     try:
         generate(pipe, prompt="Two Zorblaxes walk by")
         refused = ""

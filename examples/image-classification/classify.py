@@ -10,14 +10,13 @@
    prints the simulated device figures and saves a Perfetto trace whose kernels show the
    fused convolutions (batch norms folded in, `conv2d+relu`, `conv2d+add+relu`).
 
-Run: python examples/image-classification/classify.py [--out-dir DIR]
+Run: python examples/image-classification/classify.py [--out-dir DIR]   (default: examples/image-classification/out/)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from transformers.models.convnext.image_processing_pil_convnext import ConvNextI
 
 from optimum_npu import RBLNAutoModelForImageClassification
 
+OUT = Path(__file__).resolve().parent / "out"   # checkpoint, compiled folder, trace (git-ignored)
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220)}
 IMAGE_SIZE = 32     # what the model sees; the drawn images are larger and get resized
 TRAIN_STEPS = 40
@@ -88,7 +88,7 @@ class Result:
 
 def main(model_dir: str | Path | None = None, out_dir: str | Path | None = None, train_steps: int = TRAIN_STEPS,
          count: int = 6) -> Result:
-    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="image-classification-"))
+    out_dir = Path(out_dir or OUT)
     model_dir = build(model_dir or out_dir / "tiny-resnet", steps=train_steps)
     print(f"checkpoint: {model_dir} ({', '.join(sorted(p.name for p in model_dir.iterdir()))})")
 

@@ -69,7 +69,8 @@ def main(out: Path = OUT) -> Result:
         print(f"  compiled {name:<13} batch {config.batch_size}, device {config.device}")
     image = generate(pipe, prompt=PROMPT)
     png = save_png(image, out / "text_to_image.png")
-    print(f"\n{PROMPT!r} -> {png}\n{pipe.generation_stats}\n{pipe.memory_summary()}")
+    print(f"\n{PROMPT!r} -> {png} (noise: the tiny components have random weights)\n{pipe.generation_stats}\n"
+          f"{pipe.memory_summary()}")
 
     compiled = Path(pipe.save_pretrained(out / "compiled-sd"))
     pipe = None  # frees its devices before the reload takes them
@@ -82,7 +83,7 @@ def main(out: Path = OUT) -> Result:
     reworked = generate(img2img, prompt="a painting of a horse", image=torch.from_numpy(image).permute(2, 0, 1)[None],
                         strength=0.6)
     save_png(reworked, out / "image_to_image.png")
-    print(f"image-to-image -> {out / 'image_to_image.png'}\n{img2img.generation_stats}")
+    print(f"image-to-image -> {out / 'image_to_image.png'} (noise too)\n{img2img.generation_stats}")
     return Result(image, reloaded_image, reworked, compiled, png)
 
 

@@ -86,8 +86,11 @@ class PipelineStats:
         return denoiser.device_s / self.denoising_steps if denoiser and self.denoising_steps else 0.0
 
     def __str__(self) -> str:
-        lines = [f"simulated generation: {self.device_s * 1e3:.3f} ms on the device "
-                 f"({self.denoising_steps} denoising steps, {self.per_step_s * 1e3:.3f} ms per step); "
+        # The denoiser's calls, not "steps": a scheduler may call it more often than num_inference_steps
+        # (PNDM: once more), and Cosmos calls it twice per step (conditional and unconditional).
+        denoiser = self.components.get(self.denoiser)
+        calls = f"{denoiser.calls} {self.denoiser} call(s)" if denoiser and denoiser.calls is not None else "no denoiser"
+        lines = [f"simulated generation: {self.device_s * 1e3:.3f} ms on the device ({calls}); "
                  f"host wall time {self.host_s:.2f} s"]
         for name, c in self.components.items():
             calls = f"{c.calls:>4} call(s) x {c.per_call_s * 1e3:10.3f} ms" if c.calls is not None else " " * 28
