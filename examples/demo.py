@@ -28,6 +28,14 @@ def load_example(relative_path: str):
 
 
 def main() -> None:
+    if not sys.stderr.isatty():
+        # In a log file, transformers' and the Hub's per-file progress bars are lines of redraws and
+        # escape codes; our compiles write one line each there (optimum_npu/compile/progress.py).
+        import huggingface_hub
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
     print("=" * 30, "1. compile and run torch modules (examples/quickstart.py)", "=" * 30)
     load_example("quickstart.py").main()
     print("\n" + "=" * 30, "2. a Llama on the simulated NPU (examples/llama/generate.py)", "=" * 30)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..sim_device.artifact import Artifact
 from ..sim_device.cost_model import CostModel, RunEstimate, estimate_run
@@ -28,6 +27,7 @@ from .frontend import Graph, export_graph
 from .fusion import Group, fuse
 from .memory_planner import plan_memory
 from .op_support import Category
+from .progress import track
 from .schedule import FLOAT_DTYPES, build_steps
 from .tensor_parallel import ShardingPlan, resident_bytes_per_rank, split_graph
 
@@ -327,11 +327,9 @@ def _traced_inputs(module, example_inputs, input_info) -> tuple:
 
 
 def _run_passes(c: Compilation, passes) -> CompiledModel:
-    with tqdm(total=len(passes), desc="Compiling", unit="pass", delay=1.0, leave=False) as progress:
-        for name, run_pass in passes:
-            progress.set_postfix_str(refresh=False, s=name)
-            run_pass(c)
-            progress.update()
+    what = f"Compiling {type(c.module).__name__}" if c.module is not None else "Compiling"
+    for _, run_pass in track(passes, what, "pass", label=lambda named: named[0], leave=False):
+        run_pass(c)
     compiled = CompiledModel(program=c.program, tensors=c.tensors)
     compiled.sharding_plan = c.sharding  # how the model was split (None for one device); not saved
     return compiled

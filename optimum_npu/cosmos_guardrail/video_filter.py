@@ -157,6 +157,13 @@ class _PooledImageEmbedding(nn.Module):
         return self.model(pixel_values=pixel_values).pooler_output
 
 
+class _SiglipVisionTower(SiglipVisionModel):
+    """SiglipVisionModel loading from a full SigLIP checkpoint (the upstream guardrail's) without a
+    load report listing every weight of the text tower as unexpected: it is not needed here."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^logit_scale$", r"^logit_bias$"]
+
+
 class RBLNSiglipVisionModel(RBLNModel):
     """SigLIP's vision tower compiled to the NPU; `forward(pixel_values)` -> `pooler_output`.
 
@@ -172,6 +179,11 @@ class RBLNSiglipVisionModel(RBLNModel):
         if getattr(hf_config, "model_type", None) == "siglip":   # a full SigLIP checkpoint: its vision tower
             hf_config = hf_config.vision_config
         super()._check_model_type(hf_config)
+
+    @classmethod
+    def _load_hf_model(cls, model_id, hf_kwargs: dict, config):
+        cls._check_before_loading(model_id, hf_kwargs)
+        return _SiglipVisionTower.from_pretrained(model_id, **hf_kwargs)
 
     @classmethod
     def _resolve_config(cls, hf_model, config, source_folder=None):

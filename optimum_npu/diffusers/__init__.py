@@ -5,19 +5,26 @@ component is a compiled model, one file per model (`models/`); a pipeline's `rbl
 one sub-config per component (`configuration.py`).
 """
 
-from .configuration import RBLNDiffusionPipelineConfig
-from .models.autoencoder_kl import RBLNAutoencoderKL, RBLNAutoencoderKLConfig
-from .models.autoencoder_kl_cosmos import RBLNAutoencoderKLCosmos, RBLNAutoencoderKLCosmosConfig
-from .models.transformer_cosmos import RBLNCosmosTransformer3DModel, RBLNCosmosTransformer3DModelConfig
-from .models.unet_2d_condition import RBLNUNet2DConditionModel, RBLNUNet2DConditionModelConfig
-from .pipelines.cosmos import (
-    RBLNCosmosTextToWorldPipeline, RBLNCosmosTextToWorldPipelineConfig, RBLNCosmosVideoToWorldPipeline,
-    RBLNCosmosVideoToWorldPipelineConfig,
-)
-from .pipelines.stable_diffusion import (
-    RBLNStableDiffusionImg2ImgPipeline, RBLNStableDiffusionImg2ImgPipelineConfig, RBLNStableDiffusionPipeline,
-    RBLNStableDiffusionPipelineConfig,
-)
+from ..quiet import dropping
+
+# Importing diffusers' pipelines makes transformers resolve every image processor class, and without
+# torchvision (which this project never installs) it warns for each that it falls back to the PIL
+# one: a notice about a choice made on purpose, in every newcomer's first run. transformers warns
+# once per class, so it stays quiet afterwards too.
+with dropping("transformers.utils.import_utils", "requires torchvision (not installed); falling back"):
+    from .configuration import RBLNDiffusionPipelineConfig
+    from .models.autoencoder_kl import RBLNAutoencoderKL, RBLNAutoencoderKLConfig
+    from .models.autoencoder_kl_cosmos import RBLNAutoencoderKLCosmos, RBLNAutoencoderKLCosmosConfig
+    from .models.transformer_cosmos import RBLNCosmosTransformer3DModel, RBLNCosmosTransformer3DModelConfig
+    from .models.unet_2d_condition import RBLNUNet2DConditionModel, RBLNUNet2DConditionModelConfig
+    from .pipelines.cosmos import (
+        RBLNCosmosTextToWorldPipeline, RBLNCosmosTextToWorldPipelineConfig, RBLNCosmosVideoToWorldPipeline,
+        RBLNCosmosVideoToWorldPipelineConfig,
+    )
+    from .pipelines.stable_diffusion import (
+        RBLNStableDiffusionImg2ImgPipeline, RBLNStableDiffusionImg2ImgPipelineConfig, RBLNStableDiffusionPipeline,
+        RBLNStableDiffusionPipelineConfig,
+    )
 
 __all__ = [
     "RBLNAutoencoderKL", "RBLNAutoencoderKLConfig", "RBLNAutoencoderKLCosmos", "RBLNAutoencoderKLCosmosConfig",

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from ..compile import CompiledModel, compile_from_torch
+from ..compile.progress import nested, track
 from ..configuration import CONFIG_NAME, InputInfo, RBLNModelConfig, check_plain_name
 from ..sim_device import Artifact, Runtime
 from ..sim_device.memory import format_gib
@@ -264,10 +264,11 @@ class RBLNModel:
     def _compile(cls, hf_model, rbln_config: RBLNModelConfig, source_folder: Path | None = None,
                  ) -> tuple[RBLNModelConfig, dict[str, CompiledModel]]:
         """Compile the graphs of `hf_model`; returns the final config and the graphs by name."""
-        rbln_config = cls._resolve_config(hf_model, rbln_config, source_folder)
+        with nested():   # e.g. a decoder's memory probe compiles a graph: part of this model's compile
+            rbln_config = cls._resolve_config(hf_model, rbln_config, source_folder)
         specs = cls._graph_specs(hf_model, rbln_config)
         graphs = {}
-        for spec in tqdm(specs, desc=f"Compiling {cls.__name__}", unit="graph", delay=1.0):
+        for spec in track(specs, f"Compiling {cls.__name__}", "graph", label=lambda spec: spec.name):
             check_plain_name("a graph name", spec.name)
             graphs[spec.name] = compile_from_torch(
                 spec.module, input_info=list(spec.input_info), npu=rbln_config.npu, dtype=rbln_config.dtype,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..quiet import dropping
+
 GUARD_WORDS = (  # words of prompts used in examples and tests, so that they are not all <unk>
     "a robot arm lifts red cube two walk by the on table in of and with blue green sky car street city "
     "person people face video"
@@ -149,15 +151,23 @@ def build_tiny_video_safety_model(folder: str | os.PathLike, input_size: int, se
 
 def build_tiny_siglip(folder: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """A tiny random SigLIP checkpoint (text and vision towers, as the real one) with its image processor."""
-    from transformers import SiglipConfig, SiglipModel
+    from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     vision = {**TINY_SIGLIP, **overrides}
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
+    # bos / eos inside the tiny vocabulary (SigLIP's defaults, 49406 / 49407, are not: transformers warns)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
-    model.save_pretrained(folder)
+        # Config objects, not dicts: from dicts SigLIP first builds a default text config, whose bos / eos
+        # lie outside its own default vocabulary (a transformers warning at every build).
+        config = SiglipConfig(text_config=SiglipTextConfig(**text), vision_config=SiglipVisionConfig(**vision))
+        model = SiglipModel(config).eval()
+    # Saving diffs the config against a default SiglipTextConfig, whose own bos / eos (49406 / 49407)
+    # lie outside its own default vocabulary (32000): transformers warns about its default, not ours.
+    with dropping("transformers.configuration_utils", "must be `None` or an integer within the vocabulary"):
+        model.save_pretrained(folder)
     size = vision["image_size"]
     SiglipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(folder)
     return Path(folder)

@@ -180,8 +180,13 @@ def build_tiny_random_llama(folder: str | Path, max_position_embeddings: int = 5
     tokenizer.model_max_length = max_position_embeddings
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
+        # llama3 RoPE scaling from a shorter original context (at most half the positions: transformers
+        # warns when it is not shorter)
+        rope = {**tiny_llama_config(tokenizer).rope_parameters,
+                "original_max_position_embeddings": min(128, max_position_embeddings // 2)}
         config = tiny_llama_config(tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   max_position_embeddings=max_position_embeddings, **config_overrides)
+                                   max_position_embeddings=max_position_embeddings,
+                                   **{"rope_parameters": rope, **config_overrides})
         model = LlamaForCausalLM(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
