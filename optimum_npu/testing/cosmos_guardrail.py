@@ -158,15 +158,14 @@ def build_tiny_siglip(folder: str | os.PathLike, seed: int = 0, **overrides) -> 
     # bos / eos inside the tiny vocabulary (SigLIP's defaults, 49406 / 49407, are not: transformers warns)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        # Config objects, not dicts: from dicts SigLIP first builds a default text config, whose bos / eos
-        # lie outside its own default vocabulary (a transformers warning at every build).
-        config = SiglipConfig(text_config=SiglipTextConfig(**text), vision_config=SiglipVisionConfig(**vision))
-        model = SiglipModel(config).eval()
-    # Saving diffs the config against a default SiglipTextConfig, whose own bos / eos (49406 / 49407)
-    # lie outside its own default vocabulary (32000): transformers warns about its default, not ours.
+    # transformers builds a default SiglipTextConfig (when building the config, and again when saving, to
+    # diff against), whose own bos / eos (49406 / 49407) lie outside its own default vocabulary (32000):
+    # it warns about its default, not about this model's ids (inside the tiny vocabulary).
     with dropping("transformers.configuration_utils", "must be `None` or an integer within the vocabulary"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            config = SiglipConfig(text_config=SiglipTextConfig(**text), vision_config=SiglipVisionConfig(**vision))
+            model = SiglipModel(config).eval()
         model.save_pretrained(folder)
     size = vision["image_size"]
     SiglipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(folder)
