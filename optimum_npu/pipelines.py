@@ -14,6 +14,7 @@ pass, then calls `transformers.pipeline`; everything else is transformers'.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,14 @@ def pipeline(task: str, model: Any, **kwargs: Any):
     model's folder unless given."""
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers import pipeline as transformers_pipeline
-    from transformers.pipelines import _resolve_impl, check_task
+    from transformers.pipelines import check_task
 
     from .modeling.auto import RBLNAutoModel
 
     if isinstance(model, (str, os.PathLike)):
         model = RBLNAutoModel.from_pretrained(model)
     folder = getattr(model, "_source_folder", None)
-    pipeline_class = kwargs.get("pipeline_class") or _resolve_impl(check_task(task)[1]["impl"])
+    pipeline_class = kwargs.get("pipeline_class") or _pipeline_class(check_task(task)[1]["impl"])
     loaders = {"tokenizer": AutoTokenizer, "image_processor": AutoImageProcessor}
     for argument, flag, marks in _PREPROCESSORS:
         wanted = getattr(pipeline_class, flag, None)
@@ -46,3 +47,11 @@ def pipeline(task: str, model: Any, **kwargs: Any):
                 any((Path(folder) / mark).is_file() for mark in marks):
             kwargs[argument] = loaders[argument].from_pretrained(folder)
     return transformers_pipeline(task, model=model, **kwargs)
+
+
+def _pipeline_class(impl):
+    """The task's pipeline class: transformers names it by class or, in newer releases, by dotted path."""
+    if isinstance(impl, str):
+        module, name = impl.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+    return impl
