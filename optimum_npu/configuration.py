@@ -38,7 +38,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from optimum_npu.sim_device.files import write_file_atomically
 from optimum_npu.sim_device.specs import DEFAULT_NPU, get_npu_spec
@@ -204,6 +204,10 @@ def _to_json(value: Any) -> Any:
 @dataclass(frozen=True, kw_only=True)
 class RBLNModelConfig:
     """Options of one compiled model. Frozen: derive changed copies with the `with_*` methods."""
+
+    # Runtime options that say what a saved folder holds (e.g. which guardrails the Cosmos checker saved),
+    # not where or how to run it: written to rbln_config.json for the model to check a load against.
+    recorded_runtime_options: ClassVar[tuple[str, ...]] = ()
 
     # --- compile-time options ---
     npu: str = DEFAULT_NPU                 # hardware preset compiled for, see sim_device.specs
@@ -378,7 +382,11 @@ class RBLNModelConfig:
 
         Compile-time options in `kwargs` are allowed only if they equal the compiled value.
         """
-        config = cls.load(folder)  # runtime options at their defaults: they are not saved
+        config = cls.load(folder)
+        # A load starts every runtime option from its default (the recorded ones too: they say what
+        # the folder holds, for the model to check) and applies the user's.
+        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in config.runtime_option_names()}
+        config = dataclasses.replace(config, **defaults)
         options, remaining = type(config).split_kwargs(kwargs)
         return config.with_runtime_options(**options), remaining
 
@@ -432,8 +440,8 @@ class RBLNModelConfig:
             "config_cls": type(self).__name__,
             "optimum_npu_version": package_version(),
             "compile_options": {k: _to_json(v) for k, v in self.compile_options.items()},
-            # Not saved (chosen at each load); the key stays for readers of older folders.
-            "runtime_options": {},
+            # Chosen at each load, never saved, except those that say what the folder holds.
+            "runtime_options": {k: _to_json(getattr(self, k)) for k in self.recorded_runtime_options},
             "graphs": {name: [[n, list(shape), dt] for n, shape, dt in infos] for name, infos in self.graphs.items()},
         }
 
@@ -493,8 +501,10 @@ class RBLNModelConfig:
                 f"{path} holds a {config_cls.__name__} (for {data.get('cls_name')}), not a {cls.__name__}: "
                 "it was compiled for a different model class."
             )
-        # Runtime options are chosen at load; those an older version saved are ignored, not applied.
-        options = dict(data["compile_options"])
+        # Runtime options are chosen at load; of those saved, only the recorded ones are read (what the
+        # folder holds); the rest (an older version saved them all) are ignored, not applied.
+        options = {**data["compile_options"],
+                   **{k: v for k, v in data["runtime_options"].items() if k in config_cls.recorded_runtime_options}}
         config_cls._check_option_names(options, prefix="", where=f"in {path}")
         try:
             config = config_cls(**options, cls_name=data.get("cls_name"), graphs=data.get("graphs", {}))

@@ -51,7 +51,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -125,6 +125,10 @@ class RBLNCosmosSafetyCheckerConfig(RBLNModelConfig):
     face_confidence: float = runtime_option(CONFIDENCE_THRESHOLD)
     on_unsafe_video: str = runtime_option("black")  # "black": replace every frame; "raise": UnsafeVideoError
     raise_on_unsafe_prompt: bool = runtime_option(False)   # check_text_safety raises UnsafePromptError
+
+    # Which guardrails a saved folder holds: recorded, so that a load can tell a part switched off at
+    # export from one whose folder went missing (see `_without_parts_not_compiled`).
+    recorded_runtime_options: ClassVar[tuple[str, ...]] = tuple(PART_SUBMODELS)
 
     def _validate(self) -> None:
         super()._validate()
