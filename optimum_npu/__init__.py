@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 # stays cheap (no transformers / diffusers import until a model class is touched).
 _EXPORTS = {
     "compile_from_torch": "optimum_npu.compile",
+    "profile": "optimum_npu.sim_device.session",
     "plan": "optimum_npu.planning.planner",
     "pipeline": "optimum_npu.pipelines",
     "CompiledModel": "optimum_npu.compile",

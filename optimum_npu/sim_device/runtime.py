@@ -53,6 +53,7 @@ from .ops import collective_ops, resolve_op
 from .profiler import DEVICE_SYNC, EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
 from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Ref, Step, StepKind, TensorShard, TensorSpec, decode_arg
 from .rank_batching import Stacked
+from .session import Session, active_session
 from .shapes import peak_unplaced_bytes
 from .specs import get_npu_spec
 from .topology import Ring
@@ -533,6 +534,14 @@ class Runtime:
                 return self._run(*args, **kwargs)
 
     def _run(self, *args, **kwargs):
+        session = active_session()
+        if session is None:
+            return self._run_steps(None, args, kwargs)
+        with session.lock:  # the host's code up to here is on the session's clock; the run is next
+            session.begin_call()
+            return self._run_steps(session, args, kwargs)
+
+    def _run_steps(self, session: Session | None, args: tuple, kwargs: dict):
         inputs = dict(zip((s.name for s in self.program.inputs), self._bind_inputs(args, kwargs)))
         env = list(self._env_template)
         for slot, value in zip(self._input_slots, inputs.values()):
@@ -546,7 +555,7 @@ class Runtime:
             _to_fp32, lambda index, op, op_args: self._record_dynamic(dynamic, index, op, op_args),
             self._collectives.all_reduce, self._collectives.all_gather,
         )
-        self._account_run(dynamic)
+        self._account_run(dynamic, session)
         outputs = []
         for spec in self.program.outputs:  # in the dtype the module returned (exact mode computes in fp32)
             slot = executable.slots.get((spec.name, 0))
@@ -573,19 +582,26 @@ class Runtime:
         entry[0] += flops
         entry[1] += read + written
 
-    def _account_run(self, dynamic: dict[int, list]) -> None:
-        """Advance the simulated clock over one run; trace each step when profiling."""
+    def _account_run(self, dynamic: dict[int, list], session: Session | None) -> None:
+        """Advance the simulated clock over one run; trace each step when profiling (this runtime's
+        profiler, or a `session.profile` recording the whole process)."""
         timeline, stats, steps = self.timeline, self.stats, self.program.steps
         start = timeline.clock_s
-        if self.profiler_active:
+        if self.profiler_active or session is not None:
+            targets = [(timeline.trace, 0.0)] if self.profiler_active else []
+            if session is not None:  # the run started at the session's clock
+                targets.append((session.trace, session.clock_s - start))
             t = start
             for i, (step, cost) in enumerate(zip(steps, self._static_cost)):
                 if cost is None:
                     cost = self.cost_model.price(step, *dynamic.get(i, (0.0, 0)))
                 t += stats.add_step(step.kind, cost)
-                self._trace_step(step, cost, t)
+                for trace, offset in targets:
+                    self._trace_step(trace, step, cost, t + offset)
             stats.overhead_s += self.cost_model.run_overhead()
             elapsed = t + self.cost_model.run_overhead() - start
+            if session is not None:
+                session.end_call(f"run {self.name}", elapsed)
         else:
             stats.add_breakdown(self._static_breakdown)
             elapsed = self._static_breakdown.total_time_s
@@ -596,10 +612,10 @@ class Runtime:
         stats.last_run_s = elapsed
         stats.total_s += elapsed
 
-    def _trace_step(self, step: Step, cost: StepCost, end: float) -> None:
-        """Add the slices of one step that ended at `end` to the trace, on every device running it
+    def _trace_step(self, trace: Trace, step: Step, cost: StepCost, end: float) -> None:
+        """Add the slices of one step that ended at `end` to `trace`, on every device running it
         (the ranks run the same step on same-size shards at the same time)."""
-        trace, start = self.timeline.trace, end - cost.total_s
+        start = end - cost.total_s
         if step.kind == StepKind.HOST:
             trace.add(HOST, step.name, start, cost.total_s, None, flops=cost.flops, bytes=cost.bytes)
             return

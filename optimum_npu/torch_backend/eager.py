@@ -259,6 +259,11 @@ def _kernel(op, *args, **kwargs):
     if name in _VIEW_OPS:
         return op.redispatch(_CPU, *args, **kwargs)
     dev = device()
+    with dev.call(str(op)):
+        return _device_op(op, name, dev, args, kwargs)
+
+
+def _device_op(op, name: str, dev: EagerDevice, args: tuple, kwargs: dict):
     if name == "aten::_copy_from":
         return _copy_from(dev, *args, **kwargs)
     if name == "aten::_fused_sdp_choice":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from ..sim_device.cost_model import CostModel, StepCost
 from ..sim_device.profiler import EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
 from ..sim_device.program import StepKind
 from ..sim_device.runtime import RuntimeStats
+from ..sim_device.session import active_session
 from ..sim_device.specs import DEFAULT_NPU, get_npu_spec
 
 NUMERICS = ("device", "exact")
@@ -80,6 +82,7 @@ class EagerDevice:
         self.trace = Trace()
         self.ops_run = 0
         self.op_counts: Counter = Counter()   # (aten op, "device" / "host") -> calls
+        self._session = None   # (session trace, its clock minus ours) during a call a session records
 
     # ---- numerics --------------------------------------------------------------------
 
@@ -137,20 +140,41 @@ class EagerDevice:
 
     # ---- time ------------------------------------------------------------------------
 
+    @contextmanager
+    def call(self, name: str):
+        """One call into the device from the host (an op): on the timeline of a recording
+        `session.profile` too, if there is one. Calls made inside a call are part of it."""
+        session = active_session()
+        if session is None or self._session is not None:
+            yield
+            return
+        with session.lock:
+            session.begin_call()
+            start = self.clock_s
+            self._session = (session.trace, session.clock_s - start)
+            try:
+                yield
+            finally:
+                self._session = None
+                session.end_call(name, self.clock_s - start)
+
     def _advance(self, kind: StepKind, name: str, cost: StepCost, **args) -> None:
         start = self.clock_s
         self.clock_s += self.stats.add_step(kind, cost)
         self.stats.total_s += cost.total_s
-        if self.settings.activate_profiler:
-            device = self.settings.device
+        targets = [(self.trace, 0.0)] if self.settings.activate_profiler else []
+        if self._session is not None:
+            targets.append(self._session)
+        device = self.settings.device
+        for trace, offset in targets:
+            at = start + offset
             if kind == StepKind.KERNEL:
-                self.trace.add(NEURAL_ENGINE, name, start, cost.compute_s, device, flops=cost.flops)
-                self.trace.add(TASK_DMA, name, start, cost.dma_s, device, bytes=cost.bytes)
+                trace.add(NEURAL_ENGINE, name, at, cost.compute_s, device, flops=cost.flops)
+                trace.add(TASK_DMA, name, at, cost.dma_s, device, bytes=cost.bytes)
             elif kind == StepKind.HOST:
-                self.trace.add(HOST, name, start, cost.total_s, None, flops=cost.flops, **args)
+                trace.add(HOST, name, at, cost.total_s, None, flops=cost.flops, **args)
             else:
-                self.trace.add(EXTERNAL_HDMA, name, start, cost.total_s, device, bytes=cost.bytes,
-                               direction=kind.value)
+                trace.add(EXTERNAL_HDMA, name, at, cost.total_s, device, bytes=cost.bytes, direction=kind.value)
 
     def kernel(self, name: str, flops: float, vector_flops: float, nbytes: int, rows: int) -> None:
         """One op run as a kernel of its own (one tiny program: its launch and sync included)."""
