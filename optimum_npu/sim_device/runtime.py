@@ -269,6 +269,7 @@ class Runtime:
         activate_profiler: bool = False,
         share_state_with: Runtime | None = None,
         name: str | None = None,
+        keep_values: bool = False,
     ):
         if tensor_type not in ("pt", "np"):
             raise ValueError(f"tensor_type must be 'pt' or 'np', got {tensor_type!r}")
@@ -286,6 +287,9 @@ class Runtime:
         self.program = program = compiled.program
         validate_program(program)  # also for in-memory programs: this is what executes
         self.name = name or "compiled"
+        # Debugging: keep every intermediate value of a run (none freed), read by `last_values`.
+        self.keep_values = keep_values
+        self._last_env: list | None = None
         self.tensor_type = tensor_type
         self.spec = get_npu_spec(program.npu)
         if share_state_with is not None:  # shared weights and KV cache: one host dtype
@@ -456,7 +460,7 @@ class Runtime:
         keep = {s.name for s in program.outputs} | set(self._state)
         frees: list[list[str]] = [[] for _ in program.steps]
         for name, i in last_use.items():
-            if name not in keep:
+            if name not in keep and not self.keep_values:
                 frees[i].append(name)
         pack = packing_available(compute)
         bound = []
@@ -556,6 +560,8 @@ class Runtime:
             self._collectives.all_reduce, self._collectives.all_gather,
         )
         self._account_run(dynamic, session)
+        if self.keep_values:
+            self._last_env = env
         outputs = []
         for spec in self.program.outputs:  # in the dtype the module returned (exact mode computes in fp32)
             slot = executable.slots.get((spec.name, 0))
@@ -661,6 +667,16 @@ class Runtime:
                 raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the program expects {spec.dtype}")
             bound.append(value)
         return bound
+
+    def last_values(self) -> dict[str, torch.Tensor]:
+        """Every value of the last run by name (rank 0's), as the device held it; needs `keep_values=True`."""
+        if not self.keep_values:
+            raise ValueError("create the runtime with keep_values=True to read a run's intermediate values")
+        if self._last_env is None:
+            raise ValueError("no run yet")
+        env = self._last_env
+        return {name: env[slot] for (name, rank), slot in self._executable.slots.items()
+                if rank == 0 and isinstance(env[slot], torch.Tensor)}
 
     # ---- profiling and lifetime ------------------------------------------------------
 
