@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compile import cache as compile_cache
 from ..compile import compile_from_torch
 from ..compile.compiler import CompiledModel
 from ..sim_device.runtime import Runtime, RuntimeStats
@@ -51,6 +52,7 @@ OPTIONS = {
     "tensor_parallel_size": 1,
     "device": None,
     "activate_profiler": False,
+    "cache": True,          # keep / reuse compiled programs in the compile cache (compile/cache.py)
 }
 
 
@@ -61,8 +63,9 @@ def checked_options(options: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for backend={BACKEND_NAME!r}; "
                          f"the options are: {', '.join(OPTIONS)}")
-    if not isinstance(options.get("activate_profiler", False), bool):
-        raise ValueError(f"option activate_profiler must be True or False, got {options['activate_profiler']!r}")
+    for flag in ("activate_profiler", "cache"):
+        if not isinstance(options.get(flag, False), bool):
+            raise ValueError(f"option {flag} must be True or False, got {options[flag]!r}")
     return {**OPTIONS, **options}
 
 
@@ -73,8 +76,9 @@ class ShapeProgram:
     compiled: CompiledModel
     runtime: Runtime
     input_shapes: list[list[int]]         # of the graph's own inputs (not its parameters / buffers)
-    compile_s: float                      # host time the compilation took
+    compile_s: float                      # host time the compilation (or the cache lookup) took
     static_versions: list[int]            # version counters of the held parameters / buffers when compiled
+    from_cache: bool = False              # loaded from the compile cache, not compiled
 
 
 @dataclass
@@ -228,16 +232,29 @@ class _RBLNGraphCallable:
         module = _GraphWithState(self.record.graph_module, self.names, static_now, constants)
         user = [a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in static_now]
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.export's notes about the wrapped graph are not the user's business
-            compiled = compile_from_torch(
-                module, example_inputs=user, npu=options["npu"], dtype=options["dtype"],
-                numerics=options["numerics"], tensor_parallel_size=options["tensor_parallel_size"],
-            )
+        target = {k: options[k] for k in ("npu", "dtype", "numerics", "tensor_parallel_size")}
+        key = self._cache_key(module, user, constants, target) if options["cache"] else None
+        compiled = compile_cache.load(key) if key else None
+        from_cache = compiled is not None
+        if compiled is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.export's notes about the wrapped graph are not the user's business
+                compiled = compile_from_torch(module, example_inputs=user, **target)
+            if key:
+                compile_cache.store(key, compiled)
         runtime = compiled.create_runtime(device=options["device"], activate_profiler=options["activate_profiler"])
         runtime.name = f"torch.compile graph {self.record.index}"
         return ShapeProgram(compiled, runtime, [list(t.shape) for t in user], time.perf_counter() - start,
-                            [t._version for t in static_now.values()])
+                            [t._version for t in static_now.values()], from_cache)
+
+    def _cache_key(self, module: _GraphWithState, user: list, constants: dict, target: dict) -> str:
+        """What the program is compiled from: the graph's code, its tensors (weights, buffers,
+        constants the graph holds), its inputs' shapes and dtypes, its fixed sizes, the target."""
+        key = compile_cache.Key().add("torch.compile graph", module.graph_module.code, sorted(target.items()),
+                                      sorted(constants.items()), [(tuple(t.shape), t.dtype) for t in user])
+        for name, tensor in sorted(module.state_dict(keep_vars=True).items()):
+            key.add(name, tensor)
+        return key.hexdigest()
 
     def _on_host(self, args):
         if not self.warned:
