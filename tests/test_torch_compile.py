@@ -173,3 +173,16 @@ def test_backend_is_registered_and_declared_as_entry_point():
     target = pyproject["project"]["entry-points"]["torch_dynamo_backends"]["rbln"]
     module, _, name = target.partition(":")
     assert getattr(importlib.import_module(module), name) is torch_backend.rbln_backend
+
+
+def test_tensor_parallel_llama_forward_is_exact_with_collectives():
+    model = make_hf_model("llama").eval()
+    ids = torch.randint(3, 256, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+        options = {"numerics": "exact", "tensor_parallel_size": 2}
+        logits = torch.compile(model, backend="rbln", options=options)(ids).logits
+    assert (logits - expected).abs().max().item() <= EXACT_ATOL
+    (graph,) = torch_backend.compiled_graphs()
+    stats = graph.stats
+    assert stats.collectives_s > 0 and [m.device for m in stats.memory] == [0, 1]
