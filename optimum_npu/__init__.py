@@ -8,7 +8,6 @@ __version__ = "0.1.0"
 # stays cheap (no transformers / diffusers import until a model class is touched).
 _EXPORTS = {
     "compile_from_torch": "optimum_npu.compile",
-    "profile": "optimum_npu.sim_device.session",
     "plan": "optimum_npu.planning.planner",
     "pipeline": "optimum_npu.pipelines",
     "CompiledModel": "optimum_npu.compile",
@@ -17,6 +16,7 @@ _EXPORTS = {
     "DeviceMemoryError": "optimum_npu.sim_device",
     "ArtifactError": "optimum_npu.sim_device",
     "devices": "optimum_npu.sim_device",
+    "profile": "optimum_npu.sim_device.session",
     "RBLNModel": "optimum_npu.modeling.base",
     "RBLNModelConfig": "optimum_npu.configuration",
     "GraphSpec": "optimum_npu.modeling.base",

@@ -90,6 +90,24 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- cache ---------------------------------------------------------------------------
+
+
+def _cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("info", "clear"), help="info: where the cache is and what it holds; "
+                   "clear: remove its compiled programs")
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .compile import cache
+
+    if args.action == "clear":
+        print(f"removed {cache.clear()} compiled program(s) from {cache.cache_dir()}")
+    else:
+        print(cache.info())
+    return 0
+
+
 # ---- compile -------------------------------------------------------------------------
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32",
@@ -406,6 +424,7 @@ def _cache(args: argparse.Namespace) -> int:
 COMMANDS = [
     Command("smi", "show the simulated devices, their memory in use and the runtimes holding it", _smi_arguments, _smi),
     Command("presets", "list the hardware presets and their figures", _presets_arguments, _presets),
+    Command("cache", "show or clear the compile cache (OPTIMUM_NPU_CACHE)", _cache_arguments, _cache),
     Command("compile", "compile a torch module to a .rbln program", _compile_arguments, _compile),
     Command("run", "run a .rbln program once on random inputs and print the simulated stats", _run_arguments, _run),
     Command("plan", "rank deployments of a decoder-only LM (TP, batch, chunk, attention) by simulated serving",
