@@ -51,9 +51,9 @@ from .executor import STACKED, BoundOp, generate
 from .host_linear import PackedLinear, PackedWeights, packing_available
 from .ops import collective_ops, resolve_op
 from .profiler import DEVICE_SYNC, EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
+from .session import Session, active_session
 from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Ref, Step, StepKind, TensorShard, TensorSpec, decode_arg
 from .rank_batching import Stacked
-from .session import Session, active_session
 from .shapes import peak_unplaced_bytes
 from .specs import get_npu_spec
 from .topology import Ring
