@@ -3,6 +3,9 @@ eager torch (references computed by the same module in fp32, without the backend
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 import tomllib
 import warnings
 from pathlib import Path
@@ -186,3 +189,30 @@ def test_tensor_parallel_llama_forward_is_exact_with_collectives():
     (graph,) = torch_backend.compiled_graphs()
     stats = graph.stats
     assert stats.collectives_s > 0 and [m.device for m in stats.memory] == [0, 1]
+
+
+def test_installed_entry_point_needs_no_import(tmp_path):
+    """The package's metadata (as pip would install it) lets a fresh process use backend="rbln"
+    without importing optimum_npu: Dynamo finds the entry point and imports the backend itself."""
+    from setuptools import build_meta
+
+    root = Path(__file__).parents[1]
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        build_meta.prepare_metadata_for_build_wheel(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    script = (
+        "import sys, torch\n"
+        "m, x = torch.nn.Linear(8, 8), torch.randn(2, 8)\n"
+        "with torch.no_grad():\n"
+        "    out = torch.compile(m, backend='rbln', options={'numerics': 'exact', 'cache': False})(x)\n"
+        "    err = (out - m(x)).abs().max().item()\n"
+        "print(int('optimum_npu.torch_backend' in sys.modules), err)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root)]))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported, err = result.stdout.split()
+    assert imported == "1" and float(err) <= EXACT_ATOL
