@@ -401,22 +401,6 @@ def _serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     os.execv(sys.executable, command)
     return 0  # not reached
-# ---- cache ---------------------------------------------------------------------------
-
-
-def _cache_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("info", "clear"), help="info: where the cache is and what it holds; "
-                   "clear: remove its compiled programs")
-
-
-def _cache(args: argparse.Namespace) -> int:
-    from .compile import cache
-
-    if args.action == "clear":
-        print(f"removed {cache.clear()} compiled program(s) from {cache.cache_dir()}")
-    else:
-        print(cache.info())
-    return 0
 
 
 # ---- entry point ---------------------------------------------------------------------
@@ -435,7 +419,6 @@ COMMANDS = [
             export_arguments, _export, split_argv=split_export_argv),
     Command("serve", "serve a compiled decoder folder with vLLM's OpenAI server (the NPU vLLM plugin)",
             _serve_arguments, _serve),
-    Command("cache", "show or clear the compile cache (OPTIMUM_NPU_CACHE)", _cache_arguments, _cache),
 ]
 
 
