@@ -19,6 +19,7 @@ batch waiting their turn. Checked:
 from __future__ import annotations
 
 import pytest
+import torch
 
 from llm_fixtures import random_prompts
 from vllm_helpers import BATCH, CHUNK, MAX_SEQ_LEN, build_compiled_llama, greedy_references, vllm
@@ -29,9 +30,22 @@ from vllm.sampling_params import SamplingParams, StructuredOutputsParams  # noqa
 NEW_TOKENS = 8
 
 
+def _run_a_multithreaded_torch_op():
+    """What a user's script does before building an LLM (and the test suite before this module): torch ops
+    on several threads start torch's OpenMP thread pool, which an engine process forked from here would
+    inherit broken (it hangs in its first parallel op). The platform has vLLM spawn its processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.ones(256, 256) @ torch.ones(256, 256)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder, model, hf_model, tokenizer = build_compiled_llama(tmp_path_factory.mktemp("vllm_engine"))
+    _run_a_multithreaded_torch_op()
     llm = vllm.LLM(model=str(folder), max_num_seqs=BATCH, max_num_batched_tokens=CHUNK, seed=0)
     yield llm, folder, model, hf_model, tokenizer
     llm.llm_engine.engine_core.shutdown()

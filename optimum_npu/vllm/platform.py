@@ -10,6 +10,7 @@ and its KV cache on the simulated devices. Host tensors are CPU tensors, hence t
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
@@ -108,6 +109,11 @@ class NPUPlatform(Platform):
         compilation.mode = CompilationMode.NONE
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         model_config.enforce_eager = True
+        # Spawn, never fork, the engine process: torch's OpenMP thread pool (GNU libgomp) does not survive
+        # a fork, so an engine forked from a process that already ran torch ops on several threads (a
+        # user's script, a notebook, a test session) hangs in its first parallel op. vLLM's CPU platform
+        # sets the same.
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         logger.info("NPU platform: serving %s (%s, TP %d, batch %d, max_seq_len %d, %d KV blocks of %d)",
                     compiled.folder, compiled.cls_name, compiled.tensor_parallel_size, compiled.batch_size,
                     compiled.max_seq_len, compiled.num_blocks, compiled.block_size)
