@@ -62,9 +62,9 @@ def test_graph_break_gives_two_programs_matching_eager(dtype, rtol):
         out = compiled(x)
     assert relative_error(out, expected) <= rtol
     assert counters["stats"]["unique_graphs"] == 2
+    graphs = torch_backend.compiled_graphs()   # before explain(), which replaces Dynamo's compiled code
     explanation = torch._dynamo.explain(TwoRegions())(x)
     assert explanation.graph_break_count == 1
-    graphs = torch_backend.compiled_graphs()
     assert len(graphs) == 2 and all(g.on_device for g in graphs)
     assert model.host_calls == 2  # eager reference + the host code between the compiled regions
     for g in graphs:

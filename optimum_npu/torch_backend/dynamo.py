@@ -30,9 +30,11 @@ write to an input) runs eagerly on the host, with a one-time warning naming the 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -134,14 +136,18 @@ class CompiledGraph:
         return [r.save_trace(path.with_name(f"{path.stem}.{i}{path.suffix}")) for i, r in enumerate(runtimes)]
 
 
-_GRAPHS: list[CompiledGraph] = []
+# Weak references: a graph (its programs, their device memory) lives as long as Dynamo keeps the compiled
+# code that calls it, not as long as the process; after torch._dynamo.reset() its device memory is free.
+_GRAPHS: list[weakref.ref[CompiledGraph]] = []
+_NUMBERS = itertools.count()
 _LOCK = threading.Lock()
 
 
 def compiled_graphs() -> list[CompiledGraph]:
-    """Every graph the `rbln` backend was given in this process, in order (see `reset`)."""
+    """Every graph the `rbln` backend was given in this process and that is still in use, in order (see `reset`)."""
     with _LOCK:
-        return list(_GRAPHS)
+        _GRAPHS[:] = [ref for ref in _GRAPHS if ref() is not None]
+        return [graph for graph in (ref() for ref in _GRAPHS) if graph is not None]
 
 
 def reset() -> None:
@@ -271,8 +277,8 @@ def rbln_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     activate_profiler (as `Runtime`)."""
     options = checked_options(options)
     with _LOCK:
-        record = CompiledGraph(index=len(_GRAPHS), options=options, graph_module=gm)
-        _GRAPHS.append(record)
+        record = CompiledGraph(index=next(_NUMBERS), options=options, graph_module=gm)
+        _GRAPHS.append(weakref.ref(record))
     return _RBLNGraphCallable(record, example_inputs)
 
 
