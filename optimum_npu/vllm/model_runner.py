@@ -10,6 +10,11 @@ does.
 
 The request bookkeeping (which requests are in the batch, their tokens and sampling state) is
 vLLM's `InputBatch`; block ids are vLLM's, shifted by one (vLLM's block 0 is its null block).
+
+Each step is also timed on the simulated serving clock (serving_clock.py): per request its
+queue time, time to first token and time per output token as the NPU would take them, logged
+when it finishes and observed in the Prometheus metrics of metrics.py with the devices'
+memory and utilisation.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
 from .decoder_steps import CompiledDecoderSteps
+from .metrics import DeviceMetrics
+from .scheduler import ARRIVALS
+from .serving_clock import ServingClock
 
 logger = logging.getLogger("vllm.optimum_npu")  # under "vllm": vLLM's log handler and level apply
 
@@ -38,16 +46,22 @@ FINISHED_TIMINGS_KEPT = 4096
 
 @dataclass
 class RequestTiming:
-    """One request on the simulated device's clock (seconds)."""
+    """One request on the simulated serving clock (seconds since the engine started)."""
 
+    arrival_s: float
     first_scheduled_s: float
     first_token_s: float | None = None
     last_token_s: float | None = None
     output_tokens: int = 0
 
     @property
+    def queue_s(self) -> float:
+        return self.first_scheduled_s - self.arrival_s
+
+    @property
     def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.first_scheduled_s
+        """From arrival, as vLLM's own time to first token (queue time included)."""
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
 
     @property
     def tpot_s(self) -> float | None:
@@ -90,7 +104,9 @@ class NPUModelRunner:
         )
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
         self.steps: CompiledDecoderSteps | None = None
-        self._pending = None  # (scheduler_output, logits, plan) between execute_model and sample_tokens
+        self.clock: ServingClock | None = None
+        self.metrics: DeviceMetrics | None = None
+        self._pending = None  # (scheduler_output, logits, plan, simulated end) between execute_model and sample_tokens
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -101,7 +117,11 @@ class NPUModelRunner:
 
         model = RBLNAutoModelForCausalLM.from_pretrained(self.model_config.model)
         self.steps = CompiledDecoderSteps(model)
-        for m in model.device_memory():
+        self.clock = ServingClock(self.steps.clock_s)
+        name = self.model_config.served_model_name
+        memory = model.device_memory()
+        self.metrics = DeviceMetrics(name if isinstance(name, str) else name[0], memory)
+        for m in memory:
             logger.info("NPU device %d (%s): %s of %s in use (weights %s, KV cache and other buffers %s)",
                         m.device, m.npu, format_gib(m.total_bytes), format_gib(m.capacity_bytes),
                         format_gib(m.weights_bytes), format_gib(m.buffers_bytes))
@@ -132,9 +152,15 @@ class NPUModelRunner:
         batch = self.input_batch
         plan = self._plan(scheduler_output)
         logits = torch.zeros((batch.num_reqs, batch.vocab_size), dtype=torch.float32)
-        clock = self.steps.clock_s()
+        # A request arriving with a scheduler other than ours (a user's scheduler_cls) has no
+        # arrival time: it counts as arriving when first scheduled.
+        arrivals = getattr(scheduler_output, ARRIVALS, {})
+        start = self.clock.begin_step(continuing=bool(scheduler_output.scheduled_cached_reqs.req_ids),
+                                      arrivals_wall=list(arrivals.values()))
         for req_id in batch.req_ids:
-            self.timings.setdefault(req_id, RequestTiming(first_scheduled_s=clock))
+            if req_id not in self.timings:
+                arrival = self.clock.simulated_time_of(arrivals[req_id]) if req_id in arrivals else start
+                self.timings[req_id] = RequestTiming(arrival_s=arrival, first_scheduled_s=start)
         for row in plan.prefills:
             req_id = batch.req_ids[row]
             start = int(batch.num_computed_tokens_cpu[row])
@@ -149,13 +175,15 @@ class NPUModelRunner:
                 positions.append(position)
                 blocks.append(self._blocks(batch.req_ids[row]))
             logits[group] = self.steps.decode(tokens, positions, blocks).float()
-        self._pending = (scheduler_output, logits, plan)
+        end = self.clock.end_step()
+        self.metrics.step(self.clock.busy_s(), end)
+        self._pending = (scheduler_output, logits, plan, end)
         return None
 
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         if self._pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        scheduler_output, logits, plan = self._pending
+        scheduler_output, logits, plan, clock = self._pending
         self._pending = None
         batch = self.input_batch
         if grammar_output is not None:
@@ -169,7 +197,6 @@ class NPUModelRunner:
             generator = batch.generators.get(row)
             if generator is not None:  # the discarded sample must not move a seeded stream (as vLLM's runner)
                 generator.set_offset(generator.get_offset() - 4)
-        clock = self.steps.clock_s()
         for row, token_ids in enumerate(sampled):
             if not token_ids:
                 continue
@@ -283,5 +310,7 @@ class NPUModelRunner:
         while len(self.finished_timings) > FINISHED_TIMINGS_KEPT:
             self.finished_timings.popitem(last=False)
         tpot = timing.tpot_s
-        logger.info("NPU request %s: simulated TTFT %.3f ms, TPOT %s, %d output tokens", req_id,
-                    timing.ttft_s * 1e3, f"{tpot * 1e3:.3f} ms" if tpot is not None else "-", timing.output_tokens)
+        self.metrics.request(timing.queue_s, timing.ttft_s, tpot)
+        logger.info("NPU request %s: simulated queue %.3f ms, TTFT %.3f ms, TPOT %s, %d output tokens", req_id,
+                    timing.queue_s * 1e3, timing.ttft_s * 1e3, f"{tpot * 1e3:.3f} ms" if tpot is not None else "-",
+                    timing.output_tokens)

@@ -18,6 +18,7 @@ from vllm.platforms.interface import Platform, PlatformEnum
 logger = logging.getLogger("vllm.optimum_npu")  # under "vllm": vLLM's log handler and level apply
 
 WORKER = "optimum_npu.vllm.worker.NPUWorker"
+SCHEDULER = "optimum_npu.vllm.scheduler.NPUScheduler"
 
 
 class NPUPlatform(Platform):
@@ -99,7 +100,10 @@ class NPUPlatform(Platform):
         if parallel_config.worker_cls == "auto":
             parallel_config.worker_cls = WORKER
         # The model runner samples each step before the next is scheduled.
-        vllm_config.scheduler_config.async_scheduling = False
+        scheduler_config = vllm_config.scheduler_config
+        scheduler_config.async_scheduling = False
+        if scheduler_config.scheduler_cls is None:  # vLLM's scheduler, telling the runner when requests arrive
+            scheduler_config.scheduler_cls = SCHEDULER
         if vllm_config.speculative_config is not None:
             raise ValueError("speculative decoding is not supported by the NPU platform; drop speculative_config")
         # No torch.compile and no CUDA graphs: the compiled NPU graphs are what runs.
