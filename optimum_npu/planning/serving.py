@@ -176,53 +176,85 @@ def _decode_step_s(times: StepTimes, buckets: list[int], running: list[_Sequence
     return times.decode_step_s(bucket, math.ceil(context))
 
 
+class _Arrivals:
+    """The requests still to arrive: all known in advance (open loop), or sent by a closed loop's
+    users, each its next request when its previous one completes."""
+
+    def __init__(self, workload: Workload):
+        self.workload = workload
+        self._heap: list[tuple[float, int, Request]] = []   # (time, order, request)
+        self._order = 0
+        if workload.concurrency is None:
+            for request in workload.requests:
+                self._push(request)
+            self.total = len(workload.requests)
+        else:
+            self.total = workload.total
+            for _ in range(min(workload.concurrency, self.total)):
+                self._push(Request(0.0, workload.input_len, workload.output_len))
+
+    def _push(self, request: Request) -> None:
+        heapq.heappush(self._heap, (request.arrival_s, self._order, request))
+        self._order += 1
+
+    def until(self, now: float) -> list[Request]:
+        """The requests arrived by `now`, in arrival order."""
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            out.append(heapq.heappop(self._heap)[2])
+        return out
+
+    def next_time(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def completed(self, now: float) -> None:
+        """A request completed at `now`: in a closed loop its user sends the next one."""
+        if self.workload.concurrency is not None and self._order < self.total:
+            self._push(Request(now, self.workload.input_len, self.workload.output_len))
+
+
 def simulate(times: StepTimes, workload: Workload, buckets: list[int],
-             host: HostOverhead = NO_HOST_OVERHEAD, prefill_with_decode: bool = False) -> ServingResult:
+             host: HostOverhead = NO_HOST_OVERHEAD, prefill_with_decode: bool = False,
+             token_budget: int | None = None, long_prefill_threshold: int | None = None) -> ServingResult:
     """Serve `workload` with decode `buckets` (the largest is the number of batch slots), the
     host doing `host`'s work before each device run.
 
     prefill_with_decode: False, a prefill chunk runs alone and the running sequences wait (the
-    RBLN serving stack's scheduler); True, each engine step runs a prompt chunk and then one
-    decode step of the sequences already running (vLLM's own scheduler, as the NPU vLLM plugin
-    uses it: optimum_npu/vllm)."""
+    RBLN serving stack's scheduler); True, vLLM's own scheduler, as the NPU vLLM plugin
+    (optimum_npu/vllm) runs it: see `_simulate_vllm`, with vLLM's `max_num_batched_tokens`
+    (token_budget, default the chunk plus one token per slot) and `long_prefill_token_threshold`
+    (default the chunk)."""
     buckets = sorted(set(buckets))
     if not buckets or buckets[0] < 1:
         raise ValueError(f"buckets must be positive batch sizes, got {buckets!r}")
+    if prefill_with_decode:
+        budget = times.chunk + buckets[-1] if token_budget is None else token_budget
+        threshold = times.chunk if long_prefill_threshold is None else long_prefill_threshold
+        for name, value in (("token_budget", budget), ("long_prefill_threshold", threshold)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "token_budget" else 0):
+                raise ValueError(f"{name} must be a {'positive' if name == 'token_budget' else 'non-negative'} "
+                                 f"int, got {value!r}")
+        return _simulate_vllm(times, _Arrivals(workload), buckets, host, budget, threshold)
+    if token_budget is not None or long_prefill_threshold is not None:
+        raise ValueError("token_budget and long_prefill_threshold are vLLM's scheduler's: pass prefill_with_decode=True")
     slots = buckets[-1]
     now = 0.0
-    arrivals: list[tuple[float, int, Request]] = []   # heap of (time, order, request)
-    order = 0
+    arrivals = _Arrivals(workload)
     done: list[Request] = []
-    if workload.concurrency is None:
-        for request in workload.requests:
-            heapq.heappush(arrivals, (request.arrival_s, order, request))
-            order += 1
-        total = len(workload.requests)
-    else:
-        total = workload.total
-        for _ in range(min(workload.concurrency, total)):
-            heapq.heappush(arrivals, (0.0, order, Request(0.0, workload.input_len, workload.output_len)))
-            order += 1
     waiting: list[Request] = []
     running: list[_Sequence] = []
     prefilling: _Sequence | None = None
     steps = chunks = 0
-    while len(done) < total:
-        while arrivals and arrivals[0][0] <= now:
-            waiting.append(heapq.heappop(arrivals)[2])
+    while len(done) < arrivals.total:
+        waiting += arrivals.until(now)
         if prefilling is None and waiting and len(running) < slots:
             prefilling = _Sequence(waiting.pop(0))
-        if prefilling is not None:  # one prefill chunk; decode waits unless prefill_with_decode
+        if prefilling is not None:  # one prefill chunk; the running sequences wait
             end = min(prefilling.prefilled + times.chunk, prefilling.request.input_len)
             sampled = end == prefilling.request.input_len  # the last chunk's logits give the first token
             now += host.step_s + host.sequence_s * sampled + times.prefill_chunk_s(prefilling.prefilled + times.chunk)
             chunks += 1
             prefilling.prefilled = end
-            if prefill_with_decode and running:  # the same engine step, after the chunk (graphs run one at a time)
-                now += host.sequence_s * len(running) + _decode_step_s(times, buckets, running)
-                steps += 1
-                for sequence in running:
-                    sequence.generated += 1
             if sampled:
                 prefilling.generated = 1
                 prefilling.request.first_token_s = now
@@ -233,15 +265,85 @@ def simulate(times: StepTimes, workload: Workload, buckets: list[int],
             steps += 1
             for sequence in running:
                 sequence.generated += 1
-        elif arrivals:
-            now = arrivals[0][0]
+        elif arrivals.next_time() is not None:
+            now = arrivals.next_time()
             continue
-        finished = [s for s in running if s.generated >= s.request.output_len]
-        for sequence in finished:
-            running.remove(sequence)
-            sequence.request.finished_s = now
-            done.append(sequence.request)
-            if workload.concurrency is not None and order < total:  # the user sends its next request
-                heapq.heappush(arrivals, (now, order, Request(now, workload.input_len, workload.output_len)))
-                order += 1
+        _retire(running, done, arrivals, now)
+    return ServingResult(done, now, steps, chunks)
+
+
+def _retire(running: list[_Sequence], done: list[Request], arrivals: _Arrivals, now: float) -> None:
+    """The sequences that have all their output tokens leave the batch at `now`."""
+    for sequence in [s for s in running if s.generated >= s.request.output_len]:
+        running.remove(sequence)
+        sequence.request.finished_s = now
+        done.append(sequence.request)
+        arrivals.completed(now)
+
+
+def _simulate_vllm(times: StepTimes, arrivals: _Arrivals, buckets: list[int], host: HostOverhead,
+                   token_budget: int, long_prefill_threshold: int) -> ServingResult:
+    """vLLM's V1 scheduler (vllm/v1/core/sched/scheduler.py, 0.32) over the compiled graphs.
+
+    Each engine step has `token_budget` tokens. The running requests (in admission order) take
+    theirs first: one for a decoding request, the rest of its prompt for a prefilling one, at
+    most `long_prefill_threshold` (applied only when more than one request is running or
+    waiting) and at most what is left. Then waiting requests are admitted, in arrival order,
+    while tokens are left and a batch slot is free, each with the tokens left: a request can
+    start its prompt with a few tokens. The NPU model runner then runs each scheduled prompt
+    piece through the compiled prefill graph, one whole chunk per `chunk` tokens or part of it
+    (positions start, start + chunk, ...: a 4-token piece costs a whole chunk), then one decode
+    step of the decoding requests; the step's tokens are all sampled at its end."""
+    slots = buckets[-1]
+    chunk = times.chunk
+    now = 0.0
+    done: list[Request] = []
+    waiting: list[Request] = []
+    running: list[_Sequence] = []
+    steps = chunks = 0
+    while len(done) < arrivals.total:
+        waiting += arrivals.until(now)
+        if not running and not waiting:
+            now = arrivals.next_time()
+            continue
+        budget = token_budget
+        threshold = long_prefill_threshold if len(running) + len(waiting) > 1 else 0
+        pieces: list[tuple[_Sequence, int]] = []   # (sequence, tokens) of the prompts scheduled
+        decoding: list[_Sequence] = []
+        for sequence in running:
+            if budget <= 0:
+                break
+            left = sequence.request.input_len - sequence.prefilled
+            if left == 0:
+                decoding.append(sequence)
+                budget -= 1
+                continue
+            n = min(threshold if 0 < threshold < left else left, budget)
+            pieces.append((sequence, n))
+            budget -= n
+        while waiting and budget > 0 and len(running) < slots:
+            sequence = _Sequence(waiting.pop(0))
+            running.append(sequence)
+            left = sequence.request.input_len
+            n = min(threshold if 0 < threshold < left else left, budget)
+            pieces.append((sequence, n))
+            budget -= n
+        device_s, sampled = 0.0, len(decoding)
+        for sequence, n in pieces:
+            for start in range(sequence.prefilled, sequence.prefilled + n, chunk):
+                device_s += times.prefill_chunk_s(start + chunk)
+                chunks += 1
+            sequence.prefilled += n
+            sampled += sequence.prefilled == sequence.request.input_len
+        if decoding:
+            device_s += _decode_step_s(times, buckets, decoding)
+            steps += 1
+        now += host.step_s + host.sequence_s * sampled + device_s
+        for sequence in decoding:
+            sequence.generated += 1
+        for sequence, _ in pieces:
+            if sequence.prefilled == sequence.request.input_len:  # the last piece's logits give the first token
+                sequence.generated = 1
+                sequence.request.first_token_s = now
+        _retire(running, done, arrivals, now)
     return ServingResult(done, now, steps, chunks)

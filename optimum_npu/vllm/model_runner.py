@@ -311,6 +311,6 @@ class NPUModelRunner:
             self.finished_timings.popitem(last=False)
         tpot = timing.tpot_s
         self.metrics.request(timing.queue_s, timing.ttft_s, tpot)
-        logger.info("NPU request %s: simulated queue %.3f ms, TTFT %.3f ms, TPOT %s, %d output tokens", req_id,
-                    timing.queue_s * 1e3, timing.ttft_s * 1e3, f"{tpot * 1e3:.3f} ms" if tpot is not None else "-",
-                    timing.output_tokens)
+        logger.info("NPU request %s: simulated arrival at %.7f s, queue %.4f ms, TTFT %.4f ms, TPOT %s, "
+                    "%d output tokens", req_id, timing.arrival_s, timing.queue_s * 1e3, timing.ttft_s * 1e3,
+                    f"{tpot * 1e3:.4f} ms" if tpot is not None else "-", timing.output_tokens)
