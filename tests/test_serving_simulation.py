@@ -56,6 +56,30 @@ def test_with_prefill_with_decode_a_chunk_and_the_running_decode_share_a_step():
     assert result.decode_steps == 5 + 1 + 9
 
 
+def test_vllm_scheduler_admits_a_waiting_prompt_with_the_tokens_left():
+    """vLLM's scheduler with a budget of 66 tokens per step, 64-token chunks, pieces capped at 64
+    while two requests are eligible; A and B (100 prompt tokens, 3 output tokens) arrive at 0.
+    Worked by hand (prefill run 10 ms whatever its tokens, decode step 1 ms):
+    step 1: A 0..63 (64 tokens), B admitted with the 2 left: 0..1; two runs -> .020
+    step 2: A 64..99 (36), B 2..31 (30 left); two runs -> .040, A's first token
+    step 3: A decodes, B 32..95 (64); one run + decode -> .051
+    step 4: A decodes (its 3rd token: done), B 96..99; one run + decode -> .062, B's first token
+    steps 5, 6: B alone decodes -> .063, .064."""
+    result = simulate(fixed_times(chunk=64), open_loop([0.0, 0.0], input_len=100, output_len=3), buckets=[2],
+                      prefill_with_decode=True, token_budget=66, long_prefill_threshold=64)
+    a, b = result.requests if result.requests[0].first_token_s < result.requests[1].first_token_s else result.requests[::-1]
+    assert (a.first_token_s, a.finished_s) == (pytest.approx(0.040), pytest.approx(0.062))
+    assert (b.first_token_s, b.finished_s) == (pytest.approx(0.062), pytest.approx(0.064))
+    assert (result.prefill_chunks, result.decode_steps) == (6, 4)
+
+
+def test_vllm_scheduler_options_need_its_mode():
+    with pytest.raises(ValueError, match="prefill_with_decode=True"):
+        simulate(fixed_times(), open_loop([0.0], 64, 2), buckets=[1], token_budget=100)
+    with pytest.raises(ValueError, match="token_budget must be a positive int"):
+        simulate(fixed_times(), open_loop([0.0], 64, 2), buckets=[1], prefill_with_decode=True, token_budget=0)
+
+
 def test_host_work_runs_before_every_device_step():
     """Worked by hand: 1 ms per step, 0.1 ms per sampled sequence. A alone: prefill (3 chunks, the
     last one samples), then 4 decode steps of one sequence."""
