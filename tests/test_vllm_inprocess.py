@@ -71,6 +71,16 @@ def test_block_size_is_the_flash_partition(served):
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
 
 
+def test_another_block_size_is_refused_naming_the_partition(served):
+    from vllm.engine.arg_utils import EngineArgs
+
+    llm, *_ = served
+    folder = llm.llm_engine.vllm_config.model_config.model
+    with pytest.raises(ValueError) as err:
+        EngineArgs(model=folder, block_size=16).create_engine_config()
+    assert "block_size=16" in str(err.value) and f"kvcache_block_size={PARTITION}" in str(err.value)
+
+
 def test_shared_prefix_reuses_the_cached_block_with_equal_tokens(served):
     """Two prompts sharing their first 4096 tokens (one KV block), one after the other: the second
     is served from the cached block (vLLM counts 4096 cached tokens; the device runs one prefill
