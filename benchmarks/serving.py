@@ -13,11 +13,13 @@ output tokens) when its previous one completes.
   `optimum-npu plan` assumes) and vLLM's own scheduler, which the NPU plugin keeps (a token
   budget per step: the running requests' decode tokens and prompt pieces first, then waiting
   requests admitted with the tokens left; the ratio column compares this one);
-- engine: vLLM (in this process) serving the compiled folder through the NPU plugin. Times are
-  read from the simulated devices' clock: a request arrives at the clock reading when it is
-  sent, its first token at the reading after the step that sampled it. vLLM is set to
-  schedule as the planner does: at most one prompt chunk of 64 tokens per step
-  (long_prefill_token_threshold) beside the running requests' decode tokens.
+- engine: vLLM (in this process) serving the compiled folder through the NPU plugin, with
+  max_num_batched_tokens 68 (a chunk and one decode token per slot) and
+  long_prefill_token_threshold 64. TTFT and TPOT are the model runner's, on its simulated
+  serving clock (optimum_npu/vllm/serving_clock.py: device time while steps run, wall time
+  while the engine has nothing to run; a request sent between two steps of a busy engine
+  arrives at the end of the first); throughput is output tokens over
+  the devices' clock from the first request to the last token.
 
 Both count device time only (the engine's host time is not on the device clock). Printed side
 by side: output tokens per simulated second, median TTFT and TPOT, and their ratio.
@@ -75,11 +77,11 @@ def engine(folder: Path, requests: int, input_len: int, output_len: int) -> dict
     runner = engine.model_executor.driver_worker.worker.model_runner
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     generator = torch.Generator().manual_seed(1)
-    arrivals: dict[str, float] = {}
+    arrivals: list[str] = []   # request ids, in the order sent
 
     def send():
         request_id = f"r{len(arrivals)}"
-        arrivals[request_id] = runner.steps.clock_s()
+        arrivals.append(request_id)
         prompt = torch.randint(3, 2048, (input_len,), generator=generator).tolist()
         engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
 

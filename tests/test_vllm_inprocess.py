@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from llm_fixtures import _one_torch_thread, make_tokenizer, random_prompts, save_source  # noqa: F401
 from vllm_helpers import greedy_references, vllm

@@ -114,6 +114,18 @@ def test_prompt_longer_than_the_context_is_a_400(server):
     assert str(MAX_SEQ_LEN) in str(err.value)
 
 
+@pytest.mark.parametrize("kwargs, status", [
+    (dict(model="no-such-model", prompt=[5, 6], max_tokens=1), 404),
+    (dict(model=NAME, prompt=[5, 6], max_tokens=-1), 400),
+    (dict(model=NAME, prompt=[5, 6], max_tokens=1, temperature=-1.0), 400),
+])
+def test_malformed_requests_are_4xx_with_a_message(server, kwargs, status):
+    client = server[0]
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(**kwargs)
+    assert err.value.status_code == status and str(err.value.message).strip()
+
+
 def _metric(base: str, name: str, **labels: str) -> float:
     """The value of a gauge / counter of /metrics: the sum of its series that carry `labels`."""
     lines = requests.get(f"{base}/metrics", timeout=30).text.splitlines()
