@@ -155,12 +155,12 @@ class NPUModelRunner:
         # A request arriving with a scheduler other than ours (a user's scheduler_cls) has no
         # arrival time: it counts as arriving when first scheduled.
         arrivals = getattr(scheduler_output, ARRIVALS, {})
-        start = self.clock.begin_step(continuing=bool(scheduler_output.scheduled_cached_reqs.req_ids),
-                                      arrivals_wall=list(arrivals.values()))
+        step_start = self.clock.begin_step(continuing=bool(scheduler_output.scheduled_cached_reqs.req_ids),
+                                           arrivals_wall=list(arrivals.values()))
         for req_id in batch.req_ids:
             if req_id not in self.timings:
-                arrival = self.clock.simulated_time_of(arrivals[req_id]) if req_id in arrivals else start
-                self.timings[req_id] = RequestTiming(arrival_s=arrival, first_scheduled_s=start)
+                arrival = self.clock.simulated_time_of(arrivals[req_id]) if req_id in arrivals else step_start
+                self.timings[req_id] = RequestTiming(arrival_s=arrival, first_scheduled_s=step_start)
         for row in plan.prefills:
             req_id = batch.req_ids[row]
             start = int(batch.num_computed_tokens_cpu[row])
