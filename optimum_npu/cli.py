@@ -379,7 +379,9 @@ def _export(args: argparse.Namespace) -> int:
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="a compiled decoder folder (saved by save_pretrained)")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="...",
-                   help="any option of vLLM's OpenAI server (--host, --port, --max-num-seqs, ...)")
+                   help="any option of vLLM's OpenAI server (--host, --port, --max-num-seqs, ...); "
+                        "--replicas N [--router round-robin|least-loaded|prefix-aware] serves N engines, each on "
+                        "its own devices, behind one endpoint on Ray Serve (default 127.0.0.1:8000)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -406,6 +408,8 @@ def _serve(args: argparse.Namespace) -> int:
         CompiledDecoder.read(args.folder)
     except (NotCompiledError, ValueError) as err:
         raise CLIError(str(err)) from None
+    if any(a == "--replicas" or a.startswith("--replicas=") for a in args.vllm_args):
+        return _serve_replicas(args)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.folder, *args.vllm_args]
     env = dict(os.environ)
     metrics_dir = None
@@ -429,6 +433,19 @@ def _serve(args: argparse.Namespace) -> int:
             server.wait()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("ray") is None:
+        raise CLIError("--replicas runs on Ray Serve, which is not installed: `make setup` installs it "
+                       "(or pip install \"optimum-npu[serve]\")")
+    from .cli_serve import serve_replicas
+    from .sim_device.memory import DeviceMemoryError
+
+    try:
+        return serve_replicas(args.folder, args.vllm_args)
+    except (ValueError, RuntimeError, TimeoutError, DeviceMemoryError) as err:
+        raise CLIError(str(err)) from None
 
 
 # ---- entry point ---------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from llm_fixtures import random_prompts
-from vllm_helpers import BATCH, MAX_SEQ_LEN, build_compiled_llama, greedy_references, vllm  # noqa: F401
+from vllm_helpers import BATCH, MAX_SEQ_LEN, build_compiled_llama, free_port, greedy_references, vllm  # noqa: F401
 
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
@@ -31,17 +30,12 @@ NAME = "tiny-llama"
 NEW_TOKENS = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_server")
     folder, model, hf_model, tokenizer = build_compiled_llama(root)
-    port = _free_port()
+    port = free_port()
     log_path = root / "server.log"
     command = [sys.executable, "-c", "from optimum_npu.cli import main; raise SystemExit(main())", "serve",
                str(folder), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", NAME,

@@ -7,6 +7,8 @@ with transformers' fp32 generate() and with the compiled model's own generate().
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
@@ -47,3 +49,10 @@ def greedy_references(model, hf_model, prompt_ids: list[int], new_tokens: int) -
         ours = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
         theirs = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
     return ours[0, len(prompt_ids):].tolist(), theirs[0, len(prompt_ids):].tolist()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers in the tests listen on loopback only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -115,7 +115,13 @@ class NPUModelRunner:
 
         from ..sim_device.memory import format_gib
 
-        model = RBLNAutoModelForCausalLM.from_pretrained(self.model_config.model)
+        from .devices import assigned_devices
+        from .folder import CompiledDecoder
+
+        compiled = CompiledDecoder.read(self.model_config.model)
+        devices = assigned_devices(compiled.tensor_parallel_size)
+        options = {} if devices is None else {"rbln_device": list(devices)}
+        model = RBLNAutoModelForCausalLM.from_pretrained(self.model_config.model, **options)
         self.steps = CompiledDecoderSteps(model)
         self.clock = ServingClock(self.steps.clock_s)
         name = self.model_config.served_model_name

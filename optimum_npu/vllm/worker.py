@@ -15,7 +15,6 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 from .model_runner import NPUModelRunner
 
 
-
 class NPUWorker(WorkerBase):
     def init_device(self) -> None:
         # No torch.distributed process group: the simulated runtime reads one as "torchrun, one
@@ -68,6 +67,13 @@ class NPUWorker(WorkerBase):
     def get_cache_block_size_bytes(self) -> int:
         specs = self.model_runner.get_kv_cache_spec()
         return sum(spec.page_size_bytes for spec in specs.values())
+
+    def simulated_timings(self) -> list[dict]:
+        """The simulated device timing of the last finished requests, oldest first (vLLM's
+        collective_rpc reaches it: the Ray Serve replicas and benchmarks read it)."""
+        return [{"request_id": req_id, "ttft_s": t.ttft_s, "tpot_s": t.tpot_s, "output_tokens": t.output_tokens,
+                 "first_scheduled_s": t.first_scheduled_s, "last_token_s": t.last_token_s}
+                for req_id, t in self.model_runner.finished_timings.items()]
 
     def check_health(self) -> None:
         """The simulated devices cannot fail."""
