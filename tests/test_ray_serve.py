@@ -11,6 +11,7 @@ to one character). Every wait is bounded.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,11 +30,62 @@ START_TIMEOUT_S = 900  # two engines start one after the other on two busy cores
 
 
 @pytest.fixture(scope="module")
-def endpoint(tmp_path_factory):
+def compiled(tmp_path_factory):
+    return build_compiled_llama(tmp_path_factory.mktemp("ray_serve"))
+
+
+def test_rbln_devices_names_the_model_devices(monkeypatch):
+    from optimum_npu.vllm.devices import assigned_devices
+
+    monkeypatch.setenv("RBLN_DEVICES", "2,3")
+    assert assigned_devices(2) == (2, 3)
+    monkeypatch.setenv("RBLN_DEVICES", "")
+    assert assigned_devices(2) is None
+    for bad in ("2", "2,2", "a,b", "2,-3"):
+        monkeypatch.setenv("RBLN_DEVICES", bad)
+        with pytest.raises(ValueError, match="RBLN_DEVICES"):
+            assigned_devices(2)
+
+
+def test_bad_application_options_are_refused_by_name(compiled):
+    from optimum_npu.cli import main
+    from optimum_npu.ray_serve.app import build_app
+
+    folder = str(compiled[0])
+    with pytest.raises(ValueError, match="replicas"):
+        build_app(folder, replicas=0)
+    with pytest.raises(ValueError, match="round-robin, least-loaded, prefix-aware"):
+        build_app(folder, router="random")
+    with pytest.raises(ValueError, match="--port"):
+        build_app(folder, vllm_args=["--port", "9000"])
+    assert main(["serve", folder, "--replicas", "0"]) == 2
+    assert main(["serve", folder, "--replicas", "2", "--router", "random"]) == 2
+
+
+def test_a_replica_whose_model_does_not_fit_fails_with_the_memory_message(compiled, monkeypatch):
+    """What a replica raises when its engine does not start because its devices lack the memory
+    (here another process's runtime holds them): the simulator's memory message, not vLLM's
+    "Engine core initialization failed"."""
+    from optimum_npu.ray_serve.engine import explain_start_failure
+    from optimum_npu.sim_device.memory import DeviceMemoryError, allocate, devices, release
+
+    monkeypatch.setenv("RBLN_DEVICES", "2,3")
+    usable = devices()[2].spec.usable_dram_bytes
+    filler = allocate("Runtime(filler.rbln)", {2: usable - 1024, 3: usable - 1024}, kind="weights")
+    try:
+        with pytest.raises(DeviceMemoryError, match=r"cannot load .* needs .* free .*filler"):
+            explain_start_failure(str(compiled[0]))
+    finally:
+        release(filler.id)
+    explain_start_failure(str(compiled[0]))  # it fits: nothing to explain, nothing raised
+
+
+@pytest.fixture(scope="module")
+def endpoint(compiled):
     from optimum_npu.ray_serve.app import build_app
     from optimum_npu.ray_serve.launch import check_devices, deploy
 
-    folder, model, hf_model, tokenizer = build_compiled_llama(tmp_path_factory.mktemp("ray_serve"))
+    folder, model, hf_model, tokenizer = compiled
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, resources={"RBLN": 4}, _node_ip_address="127.0.0.1",
              log_to_driver=False)
@@ -79,7 +131,8 @@ def test_one_endpoint_answers_the_openai_client_with_generates_tokens(endpoint):
     expected = [_reference_text(endpoint, p) for p in prompts]
 
     def complete(prompt):
-        return client.completions.create(model=NAME, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0.0).choices[0].text
+        done = client.completions.create(model=NAME, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0.0)
+        return done.choices[0].text
 
     def stream(prompt):
         chunks = client.completions.create(model=NAME, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0.0,
@@ -112,5 +165,73 @@ def test_a_bad_request_gets_vllms_4xx_through_the_endpoint(endpoint):
 
 def test_each_replica_reports_its_simulated_timing(endpoint):
     handle = serve.get_deployment_handle("NPUEngine", app_name="optimum-npu")
-    timings = handle.simulated_timings.remote().result(timeout_s=120)
-    assert timings and all(t["ttft_s"] > 0 and t["output_tokens"] >= 1 for t in timings)
+    report = handle.simulated_timings.remote().result(timeout_s=120)
+    timings = report["timings"]
+    assert report["replica"] and timings and all(t["ttft_s"] > 0 and t["output_tokens"] >= 1 for t in timings)
+
+
+def _engine_replica_actors() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::optimum-npu#NPUEngine#")]
+
+
+@pytest.mark.heavy  # a replica restart is another engine start (about a minute and a half here)
+def test_a_killed_replica_costs_only_its_in_flight_requests(endpoint):
+    """Two long streams, one per replica (round-robin); the replica of one is killed mid-stream:
+    that stream ends with an error the openai client raises, the other completes as generate()
+    says; Ray starts a new replica, and then requests succeed again on both."""
+    import threading
+
+    from optimum_npu.ray_serve.launch import APP_NAME
+
+    client = endpoint[0]
+    prompts = [p.tolist() for p in random_prompts([11, 13], seed=6)]
+    long_tokens = 100  # the context is 128
+    outcomes: dict[int, object] = {}
+    first_chunk = [threading.Event(), threading.Event()]
+
+    def stream(i):
+        try:
+            text = ""
+            for chunk in client.completions.create(model=NAME, prompt=prompts[i], max_tokens=long_tokens,
+                                                   temperature=0.0, stream=True):
+                first_chunk[i].set()
+                text += "".join(c.text for c in chunk.choices)
+            outcomes[i] = text
+        except openai.APIError as err:
+            outcomes[i] = err
+        finally:
+            first_chunk[i].set()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    assert all(e.wait(timeout=300) for e in first_chunk), "the streams did not start"
+    victim = _engine_replica_actors()[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a stream hangs after its replica was killed"
+    errors = [o for o in outcomes.values() if isinstance(o, Exception)]
+    texts = [(i, o) for i, o in outcomes.items() if isinstance(o, str)]
+    # Round-robin put one stream on each replica; the killed one's stream may have finished first.
+    assert len(errors) <= 1 and all("failed" in str(e) for e in errors)
+    for i, text in texts:
+        model, hf_model, tokenizer = endpoint[1:]
+        ours, theirs = greedy_references(model, hf_model, prompts[i], long_tokens)
+        assert text == tokenizer.decode(ours, skip_special_tokens=True) and ours == theirs
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        app = serve.status().applications[APP_NAME]
+        replicas = app.deployments["NPUEngine"].replica_states
+        replaced = victim not in _engine_replica_actors()
+        if str(app.status).endswith("RUNNING") and replicas.get("RUNNING", 0) == 2 and replaced:
+            break
+        time.sleep(3)
+    else:
+        pytest.fail("the killed replica was not replaced in time")
+    expected = _reference_text(endpoint, prompts[0])
+    for _ in range(2):  # round-robin: both replicas, the new one included
+        done = client.completions.create(model=NAME, prompt=prompts[0], max_tokens=NEW_TOKENS, temperature=0.0)
+        assert done.choices[0].text == expected

@@ -24,6 +24,26 @@ from collections.abc import AsyncIterator
 RESPONSE_IDLE_TIMEOUT_S = 600.0
 
 
+def explain_start_failure(folder: str) -> None:
+    """Raise the memory error behind a failed engine start, if that was the cause.
+
+    vLLM reports a failed start as "Engine core initialization failed. See root cause above",
+    the cause only in the engine process's log, and Ray Serve would show just that sentence. The
+    usual cause here is a model that does not fit its devices (other runtimes hold them, or the
+    folder's KV pool is too large): loading it in this process on the same devices (the failed
+    engine's memory went with its process) raises that message. Runs on failure only."""
+    from ..sim_device.memory import DeviceMemoryError
+    from ..vllm.devices import load_on_assigned_devices
+
+    try:
+        model = load_on_assigned_devices(folder)
+    except DeviceMemoryError as err:
+        raise DeviceMemoryError(f"the engine replica cannot load {folder}: {err}") from None
+    except Exception:
+        return  # not a memory problem: the caller re-raises vLLM's own error
+    model.close()
+
+
 class NPUEngine:
     """A Ray Serve deployment class (decorated by app.build_app): vLLM's OpenAI server in-process."""
 
@@ -40,10 +60,14 @@ class NPUEngine:
         validate_parsed_serve_args(args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        self.engine = AsyncLLM.from_vllm_config(
-            vllm_config=config, usage_context=UsageContext.OPENAI_API_SERVER,
-            enable_log_requests=engine_args.enable_log_requests, disable_log_stats=engine_args.disable_log_stats,
-        )
+        try:
+            self.engine = AsyncLLM.from_vllm_config(
+                vllm_config=config, usage_context=UsageContext.OPENAI_API_SERVER,
+                enable_log_requests=engine_args.enable_log_requests, disable_log_stats=engine_args.disable_log_stats,
+            )
+        except Exception:
+            explain_start_failure(args.model)
+            raise
         tasks = await self.engine.get_supported_tasks()
         self.app = build_app(args, tasks, self.engine.model_config)
         await init_app_state(self.engine, self.app.state, args, tasks)
@@ -55,11 +79,15 @@ class NPUEngine:
         """Ray Serve's health check: raises once the engine is dead, so Ray replaces the replica."""
         await self.engine.check_health()
 
-    async def simulated_timings(self) -> list[dict]:
-        """The simulated device timing of the requests this replica finished (oldest first):
-        dicts with ttft_s, tpot_s, output_tokens, read from the engine's workers."""
+    async def simulated_timings(self) -> dict:
+        """{"replica": this replica's id, "timings": the simulated device timing of the requests
+        it finished, oldest first (dicts with ttft_s, tpot_s, output_tokens, ...), read from the
+        engine's workers}."""
+        from ray import serve
+
         per_worker = await self.engine.collective_rpc("simulated_timings")
-        return [t for worker in per_worker for t in worker]
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "timings": [t for worker in per_worker for t in worker]}
 
     async def __call__(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
                        query: bytes = b"", routing_key: str | None = None) -> AsyncIterator:

@@ -31,3 +31,14 @@ def assigned_devices(tensor_parallel_size: int) -> tuple[int, ...] | None:
             f"was compiled with tensor_parallel_size={tensor_parallel_size}: give {tensor_parallel_size} distinct ids"
         )
     return ids
+
+
+def load_on_assigned_devices(folder: str):
+    """The compiled decoder of `folder`, loaded on the devices RBLN_DEVICES names (else where
+    the runtime picks); DeviceMemoryError when it does not fit them."""
+    from ..modeling.auto import RBLNAutoModelForCausalLM
+    from .folder import CompiledDecoder
+
+    devices = assigned_devices(CompiledDecoder.read(folder).tensor_parallel_size)
+    options = {} if devices is None else {"rbln_device": list(devices)}
+    return RBLNAutoModelForCausalLM.from_pretrained(folder, **options)

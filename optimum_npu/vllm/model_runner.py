@@ -111,17 +111,10 @@ class NPUModelRunner:
     # ---- loading -------------------------------------------------------------------------
 
     def load_model(self) -> None:
-        from ..modeling.auto import RBLNAutoModelForCausalLM
-
         from ..sim_device.memory import format_gib
+        from .devices import load_on_assigned_devices
 
-        from .devices import assigned_devices
-        from .folder import CompiledDecoder
-
-        compiled = CompiledDecoder.read(self.model_config.model)
-        devices = assigned_devices(compiled.tensor_parallel_size)
-        options = {} if devices is None else {"rbln_device": list(devices)}
-        model = RBLNAutoModelForCausalLM.from_pretrained(self.model_config.model, **options)
+        model = load_on_assigned_devices(self.model_config.model)
         self.steps = CompiledDecoderSteps(model)
         self.clock = ServingClock(self.steps.clock_s)
         name = self.model_config.served_model_name
