@@ -16,7 +16,12 @@ benchmarks/serving.py compiles its model (batch 4, decode buckets 1, 2 and 4, ma
   for the run, and the replicas' rates add up (they run side by side on their own devices). The
   same scaling from K instances to a card, a server and a rack.
 
-Both count device time only. The ratio column is Ray / planner.
+- one engine: benchmarks/serving.py's in-process vLLM engine on the same folder and workload,
+  which separates what vLLM's own scheduling changes (serving.py explains it) from what
+  routing several replicas adds.
+
+All count device time only. TTFT: the planner and the one engine from a request's arrival, the
+Ray replicas from the step that first scheduled it (a replica cannot see when the ingress got it).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ray_routing import replica_timings
-from serving import BATCH, BUCKETS, CHUNK, MAX_SEQ_LEN, planner
+from serving import BATCH, BUCKETS, CHUNK, MAX_SEQ_LEN, engine, planner
 
 TP = 2
 NAME = "tiny"
@@ -121,28 +126,31 @@ def main() -> None:
         del model
         vocab = AutoConfig.from_pretrained(folder).vocab_size
         served = ray_run(folder, args.replicas, requests, args.input_len, args.output_len, vocab)
+        # One engine in this process on the same workload (benchmarks/serving.py's): what separates
+        # the planner from vLLM itself, before any routing. After Ray: it turns vLLM's engine
+        # process off in this process's environment, which Ray's workers would inherit.
+        alone = engine(folder.parent, args.requests_per_replica, args.input_len, args.output_len)
 
     per_card = spec.devices_per_card / TP          # instances per card
     cards_in_rack = int(args.rack_power_kw * 1000 // spec.card_tdp_watts)
     planner_instance = planned["tokens_per_s"]
     ray_instance = served["tokens_per_s"] / args.replicas
-    rows = [
-        ("one instance (TP 2)", planner_instance, ray_instance),
-        (f"{args.replicas} instances", planner_instance * args.replicas, served["tokens_per_s"]),
-        (f"card ({spec.devices_per_card} devices)", planner_instance * per_card, ray_instance * per_card),
-        (f"server ({spec.cards_per_server} cards)", planner_instance * per_card * spec.cards_per_server,
-         ray_instance * per_card * spec.cards_per_server),
-        (f"rack ({args.rack_power_kw:g} kW, {cards_in_rack} cards)", planner_instance * per_card * cards_in_rack,
-         ray_instance * per_card * cards_in_rack),
-    ]
+    engine_instance = alone["tokens_per_s"]
+    scales = [("one instance (TP 2)", 1), (f"{args.replicas} instances", args.replicas),
+              (f"card ({spec.devices_per_card} devices)", per_card),
+              (f"server ({spec.cards_per_server} cards)", per_card * spec.cards_per_server),
+              (f"rack ({args.rack_power_kw:g} kW, {cards_in_rack} cards)", per_card * cards_in_rack)]
     print(f"\n{spec.name}: {args.input_len} in / {args.output_len} out, closed loop of {BATCH} users per instance; "
-          f"planner: {args.requests_per_replica} requests on one instance; Ray: {requests} requests on "
+          f"planner and one engine: {args.requests_per_replica} requests; Ray: {requests} requests on "
           f"{args.replicas} replicas ({served['replicas_seen']} reported), wall {served['wall_s']:.1f} s")
-    print(f"{'output tokens/s (simulated)':<32}{'planner':>12}{'Ray':>12}{'Ray/planner':>13}")
-    for label, p, r in rows:
-        print(f"{label:<32}{p:>12.1f}{r:>12.1f}{r / p:>13.3f}")
-    print(f"{'median TTFT ms':<32}{planned['ttft_s'] * 1e3:>12.3f}{served['ttft_s'] * 1e3:>12.3f}"
-          f"{served['ttft_s'] / planned['ttft_s']:>13.3f}")
+    print(f"{'output tokens/s (simulated)':<32}{'planner':>12}{'one engine':>12}{'Ray':>12}{'Ray/planner':>13}"
+          f"{'Ray/engine':>12}")
+    for label, scale in scales:
+        p, e, r = planner_instance * scale, engine_instance * scale, ray_instance * scale
+        print(f"{label:<32}{p:>12.1f}{e:>12.1f}{r:>12.1f}{r / p:>13.3f}{r / e:>12.3f}")
+    print(f"{'median TTFT ms':<32}{planned['ttft_s'] * 1e3:>12.3f}{alone['ttft_s'] * 1e3:>12.3f}"
+          f"{served['ttft_s'] * 1e3:>12.3f}{served['ttft_s'] / planned['ttft_s']:>13.3f}"
+          f"{served['ttft_s'] / alone['ttft_s']:>12.3f}")
     print(f"per replica tokens/s: {', '.join(f'{r:.1f}' for r in served['per_replica'])}")
 
 
