@@ -60,6 +60,15 @@ def test_bad_application_options_are_refused_by_name(compiled):
         build_app(folder, vllm_args=["--port", "9000"])
     assert main(["serve", folder, "--replicas", "0"]) == 2
     assert main(["serve", folder, "--replicas", "2", "--router", "random"]) == 2
+    # `serve run optimum_npu.ray_serve.app:app_builder key=value ...` hands the pairs as strings.
+    from optimum_npu.ray_serve.app import app_builder
+
+    assert app_builder({"folder": folder, "replicas": "2", "router": "prefix-aware",
+                        "vllm_args": "--max-num-seqs 4"}) is not None
+    with pytest.raises(ValueError, match="replicas"):
+        app_builder({"folder": folder, "replicas": "two"})
+    with pytest.raises(ValueError, match="unknown argument"):
+        app_builder({"folder": folder, "replica": "2"})
 
 
 def test_a_replica_whose_model_does_not_fit_fails_with_the_memory_message(compiled, monkeypatch):
