@@ -137,7 +137,7 @@ def main() -> None:
 
         vocab = AutoConfig.from_pretrained(folder).vocab_size
         prompts = workload(args.groups, args.per_group, args.suffix_len, vocab, args.seed)
-        ray.init(num_cpus=4, include_dashboard=False, resources={"RBLN": len(devices())},
+        ray.init(address="local", num_cpus=4, include_dashboard=False, resources={"RBLN": len(devices())},
                  _node_ip_address="127.0.0.1", log_to_driver=False)
         try:
             import socket

@@ -96,7 +96,7 @@ def endpoint(compiled):
 
     folder, model, hf_model, tokenizer = compiled
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, resources={"RBLN": 4}, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=4, include_dashboard=False, resources={"RBLN": 4}, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     try:
         check_devices(2, 2)

@@ -24,6 +24,7 @@ def start_ray(num_cpus: int | None = None):
     RBLN resources are this simulated machine's devices."""
     import ray
 
+    from ..quiet import dropping
     from ..sim_device.memory import devices
 
     if ray.is_initialized():
@@ -31,8 +32,12 @@ def start_ray(num_cpus: int | None = None):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
-    ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False,
-             resources={RESOURCE: len(devices())}, _node_ip_address="127.0.0.1")
+    # Ray asks the NPU driver (`rebel`) for the node's NPU type and logs a traceback at ERROR when
+    # it is missing, as it always is for simulated devices; nothing a user can act on.
+    with dropping("ray._private.accelerators.rbln", "Failed to detect RBLN NPU type"):
+        # address="local": a new instance even where `ray start` left one on this machine.
+        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False,
+                 resources={RESOURCE: len(devices())}, _node_ip_address="127.0.0.1")
 
 
 def check_devices(replicas: int, tensor_parallel_size: int) -> None:
