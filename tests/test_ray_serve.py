@@ -249,3 +249,17 @@ def test_a_killed_replica_costs_only_its_in_flight_requests(endpoint):
     for _ in range(2):  # round-robin: both replicas, the new one included
         done = client.completions.create(model=NAME, prompt=prompts[0], max_tokens=NEW_TOKENS, temperature=0.0)
         assert done.choices[0].text == expected
+
+
+def test_a_failed_deployment_is_summarised_by_the_exception_it_ends_with():
+    """Serve's message for a replica that failed to start holds the replica's whole traceback;
+    the launcher keeps its first line and the exception (measured: a replica whose devices another
+    runtime filled failed the deployment after 3 attempts, 148 s, with the DeviceMemoryError)."""
+    from optimum_npu.ray_serve.launch import _summary
+
+    message = ("The deployment failed to start 3 times in a row. Error:\nTraceback (most recent call last):\n"
+               '  File "replica.py", line 1, in initialize\n    raise\n'
+               "optimum_npu.sim_device.memory.DeviceMemoryError: needs 1 GiB on npu0, 0 free\n")
+    assert _summary(message) == ("The deployment failed to start 3 times in a row. Error: "
+                                 "optimum_npu.sim_device.memory.DeviceMemoryError: needs 1 GiB on npu0, 0 free")
+    assert _summary("Replica is unhealthy.") == "Replica is unhealthy."

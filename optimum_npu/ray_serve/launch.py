@@ -68,8 +68,17 @@ def deploy(application, timeout_s: float = START_TIMEOUT_S, name: str = APP_NAME
         if state.endswith("RUNNING"):
             return
         if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
-            details = [status.message] + [f"{d}: {s.message}" for d, s in status.deployments.items() if s.message]
-            raise RuntimeError(f"the application failed to deploy: {' | '.join(m for m in details if m)}")
+            details = [f"{d}: {_summary(s.message)}" for d, s in status.deployments.items() if s.message]
+            raise RuntimeError(f"the application failed to deploy: {' | '.join(details) or status.message}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"the application is not running after {timeout_s:.0f} s (state {state})")
         time.sleep(POLL_S)
+
+
+def _summary(message: str) -> str:
+    """Serve's message for a failed deployment, without the replica's traceback: its first line
+    and the exception the traceback ends with (e.g. the simulator's DeviceMemoryError)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 2 or not any(line.startswith("Traceback") or line.startswith("File ") for line in lines):
+        return " ".join(lines)
+    return f"{lines[0]} {lines[-1]}"
