@@ -93,12 +93,15 @@ def ray_run(folder: Path, replicas: int, requests: int, input_len: int, output_l
     finally:
         serve.shutdown()
         ray.shutdown()
-    rates, ttfts = [], []
+    rates, ttfts, in_flight = [], [], []
     for timings in per_replica.values():
         busy = max(t["last_token_s"] for t in timings) - min(t["first_scheduled_s"] for t in timings)
         rates.append(sum(t["output_tokens"] for t in timings) / busy)
         ttfts += [t["ttft_s"] for t in timings]
-    return {"tokens_per_s": sum(rates), "per_replica": rates, "ttft_s": statistics.median(ttfts),
+        # Requests in flight on the replica, averaged over its device time (the batch it ran).
+        in_flight.append(sum(t["last_token_s"] - t["first_scheduled_s"] for t in timings) / busy)
+    return {"tokens_per_s": sum(rates), "per_replica": rates, "in_flight": in_flight,
+            "ttft_s": statistics.median(ttfts),
             "tokens": tokens, "replicas_seen": len(per_replica), "wall_s": wall}
 
 
@@ -151,7 +154,8 @@ def main() -> None:
     print(f"{'median TTFT ms':<32}{planned['ttft_s'] * 1e3:>12.3f}{alone['ttft_s'] * 1e3:>12.3f}"
           f"{served['ttft_s'] * 1e3:>12.3f}{served['ttft_s'] / planned['ttft_s']:>13.3f}"
           f"{served['ttft_s'] / alone['ttft_s']:>12.3f}")
-    print(f"per replica tokens/s: {', '.join(f'{r:.1f}' for r in served['per_replica'])}")
+    print(f"per replica tokens/s: {', '.join(f'{r:.1f}' for r in served['per_replica'])}; requests in flight "
+          f"(mean over device time, of {BATCH}): {', '.join(f'{n:.2f}' for n in served['in_flight'])}")
 
 
 if __name__ == "__main__":
