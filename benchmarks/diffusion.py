@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from optimum_npu.compile import CompiledModel
 from optimum_npu.compile.compiler import ProgramTooLargeError
 from optimum_npu.diffusers.placement import CA25_SERVER_DEVICES, component_memory, place_components
-from optimum_npu.sim_device.memory import format_gib
+from optimum_npu.sim_device.stats import format_bytes
 from optimum_npu.sim_device.program import StepKind
 
 PROMPT = "a robot arm lifts a red cube"
@@ -105,7 +105,7 @@ def _compile_meta(rbln_class, module, **options):
         need = max(err.program.memory.total_bytes(r) for r in range(err.program.memory.num_devices))
         tp = err.smallest_tensor_parallel_size
         fits = f"TP {tp} would fit" if tp else "no tensor-parallel size fits"
-        return None, program.estimated_latency_s, format_gib(need), f"too large for 1 device ({fits})"
+        return None, program.estimated_latency_s, format_bytes(need), f"too large for 1 device ({fits})"
     memory = component_memory({"model": model})["model"]
     tp = model.rbln_config.tensor_parallel_size
     collectives = sum(step.kind == StepKind.COLLECTIVE for g in model.graphs.values() for step in g.program.steps)

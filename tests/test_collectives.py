@@ -10,7 +10,7 @@ import torch
 from optimum_npu.sim_device.collectives import InProcessCollectives, reduce
 from optimum_npu.sim_device.runtime import Numerics
 from optimum_npu.sim_device.specs import get_npu_spec
-from optimum_npu.sim_device.topology import Ring, default_group
+from optimum_npu.sim_device.machine import Ring, default_group
 
 # (device numerics, the smallest step above 1 halved): 1 + tiny is a tie that rounds back to 1 (to even),
 # so the three partial sums [1, tiny, tiny] give 1 added in rank order, and 1 + 2 * tiny added the other way.

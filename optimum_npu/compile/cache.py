@@ -128,10 +128,10 @@ class CacheInfo:
     max_bytes: int
 
     def __str__(self) -> str:
-        from ..sim_device.memory import format_gib
+        from ..sim_device.stats import format_bytes
 
-        return (f"{self.folder}: {self.entries} compiled program(s), {format_gib(self.bytes)} "
-                f"(bounded at {format_gib(self.max_bytes)}, {MAX_BYTES_ENV})")
+        return (f"{self.folder}: {self.entries} compiled program(s), {format_bytes(self.bytes)} "
+                f"(bounded at {format_bytes(self.max_bytes)}, {MAX_BYTES_ENV})")
 
 
 def _entries() -> list[tuple[Path, os.stat_result]]:

@@ -17,12 +17,13 @@ import torch
 
 from ..sim_device.artifact import Artifact
 from ..sim_device.cost_model import CostModel, RunEstimate, estimate_run
-from ..sim_device.memory import DeviceMemoryError, format_gib
+from ..sim_device.machine import Ring, default_group
+from ..sim_device.memory import DeviceMemoryError
 from ..sim_device.program import (
-    DEVICE_DTYPES, DTYPE_NAMES, PROGRAM_DTYPES, Program, Step, StepKind, TensorSpec, dtype_name,
+    DEVICE_DTYPES, DTYPE_NAMES, NUMERICS, PROGRAM_DTYPES, Program, Step, StepKind, TensorSpec, dtype_name,
 )
 from ..sim_device.specs import NPU_PRESETS, DEFAULT_NPU, get_npu_spec
-from ..sim_device.topology import Ring, default_group
+from ..sim_device.stats import format_bytes
 from .frontend import Graph, export_graph
 from .fusion import Group, fuse
 from .memory_planner import plan_memory
@@ -31,7 +32,6 @@ from .progress import track
 from .schedule import FLOAT_DTYPES, build_steps
 from .tensor_parallel import ShardingPlan, resident_bytes_per_rank, split_graph
 
-NUMERICS = ("device", "exact")
 
 class CompiledModel(Artifact):
     """A compiled program and its weights. `save(path)` writes the `.rbln` file,
@@ -49,7 +49,7 @@ class CompiledModel(Artifact):
         return max(plan.total_bytes(r) for r in range(plan.num_devices))
 
     def cost_model(self) -> CostModel:
-        """The cost model of one device of this program, its ranks placed as `topology.default_group` guesses."""
+        """The cost model of one device of this program, its ranks placed as `machine.default_group` guesses."""
         spec = get_npu_spec(self.program.npu)
         return CostModel(spec, ring=Ring.over(default_group(spec, self.program.tensor_parallel_size)))
 
@@ -70,7 +70,7 @@ class CompiledModel(Artifact):
         p, plan = self.program, self.program.memory
         count = {kind: sum(s.kind == kind for s in p.steps) for kind in StepKind}
         def per_rank(values: list[int]) -> str:
-            return format_gib(values[0]) if len(set(values)) == 1 else " / ".join(format_gib(v) for v in values)
+            return format_bytes(values[0]) if len(set(values)) == 1 else " / ".join(format_bytes(v) for v in values)
 
         return (
             f"{p.npu} x{p.tensor_parallel_size}, {p.device_dtype}, numerics={p.numerics}: "
@@ -214,10 +214,10 @@ def _check_fits(c: Compilation) -> None:
     split = (f"compile for tensor_parallel_size={tp} (the smallest that fits: each device then holds 1/{tp} of "
              "the split weights and KV cache)" if tp else "no tensor_parallel_size up to 32 fits either")
     raise ProgramTooLargeError(
-        f"The compiled program needs {format_gib(need)} per device (weights {format_gib(plan.weights_bytes[rank])}, "
-        f"buffers {format_gib(plan.buffers_bytes[rank])}, activations {format_gib(plan.activations_bytes[rank])}) "
+        f"The compiled program needs {format_bytes(need)} per device (weights {format_bytes(plan.weights_bytes[rank])}, "
+        f"buffers {format_bytes(plan.buffers_bytes[rank])}, activations {format_bytes(plan.activations_bytes[rank])}) "
         f"at tensor_parallel_size={program.tensor_parallel_size}, but a {npu} device has "
-        f"{format_gib(spec.usable_dram_bytes)} usable. To fit: {split}; or reduce the batch size or sequence length"
+        f"{format_bytes(spec.usable_dram_bytes)} usable. To fit: {split}; or reduce the batch size or sequence length"
         + (f", or target {' / '.join(bigger)}" if bigger else "") + ".",
         program, tp,
     )

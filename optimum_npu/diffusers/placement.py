@@ -7,7 +7,7 @@ so it works for components compiled on the meta device, without weights or runti
 component on devices of one card (its collectives stay on the card's links):
 
     compiled = RBLNCosmosTextToWorldPipeline.compile_components(meta_models, rbln_config={...})
-    placement = place_components(component_memory(compiled), "RBLN-CA25", num_devices=32)
+    placement = place_components(component_memory(compiled), "RBLN-CA25")   # a server: 32 devices
     # {"transformer": (0, 1, 2, 3), "text_encoder": (4,), "vae": (5,)}: rbln_config={"transformer": {"device": [0, 1, 2, 3]}, ...}
 """
 
@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..modeling.base import RBLNModel
-from ..sim_device.memory import format_gib
+from ..sim_device.stats import format_bytes
 from ..sim_device.specs import get_npu_spec
 
-# An ATOM-Max server: 8 RBLN-CA25 cards of 4 devices (docs/hardware.md).
-CA25_SERVER_DEVICES = 32
+# An ATOM-Max server (32 devices), as the preset says.
+CA25_SERVER_DEVICES = get_npu_spec("RBLN-CA25").devices_per_server
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ComponentMemory:
     npu: str
 
     def __str__(self) -> str:
-        return f"{format_gib(self.bytes_per_device)} x {self.tensor_parallel_size} device(s)"
+        return f"{format_bytes(self.bytes_per_device)} x {self.tensor_parallel_size} device(s)"
 
 
 def component_memory(components: Mapping[str, RBLNModel]) -> dict[str, ComponentMemory]:
@@ -48,11 +48,12 @@ def component_memory(components: Mapping[str, RBLNModel]) -> dict[str, Component
 
 
 def place_components(memory: Mapping[str, ComponentMemory], npu: str,
-                     num_devices: int = CA25_SERVER_DEVICES) -> dict[str, tuple[int, ...]]:
-    """Devices for each component (largest first, first fit) on `num_devices` devices of `npu`;
-    a tensor-parallel component takes consecutive devices within one card. ValueError naming the
-    component that does not fit."""
+                     num_devices: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Devices for each component (largest first, first fit) on `num_devices` devices of `npu`
+    (by default one server of them); a tensor-parallel component takes consecutive devices within
+    one card. ValueError naming the component that does not fit."""
     spec = get_npu_spec(npu)
+    num_devices = spec.devices_per_server if num_devices is None else num_devices
     free = [spec.usable_dram_bytes] * num_devices
     placement = {}
     for name, need in sorted(memory.items(), key=lambda item: -item[1].bytes_per_device * item[1].tensor_parallel_size):

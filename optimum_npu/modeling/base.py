@@ -37,8 +37,7 @@ from ..compile import CompiledModel, compile_from_torch
 from ..compile.progress import nested, track
 from ..configuration import CONFIG_NAME, InputInfo, RBLNModelConfig, check_plain_name
 from ..sim_device import Artifact, Runtime
-from ..sim_device.memory import format_gib
-from ..sim_device.runtime import DeviceMemoryUsage
+from ..sim_device.stats import DeviceMemoryUsage, memory_summary
 from .folder import check_manifest, load_lock, manifest_of, read_file_below, save_tree, staging_folders
 from .hf_files import auto_class_from_pretrained
 
@@ -115,7 +114,7 @@ class InferenceStats:
         return self.samples / self.device_s if self.device_s else 0.0
 
     def __str__(self) -> str:
-        memory = ", ".join(f"npu{m.device} {format_gib(m.total_bytes)}" for m in self.memory)
+        memory = memory_summary(self.memory)
         return (
             f"{self.samples} {self.unit} in {self.runs} run(s) of batch {self.compiled_batch_size}: "
             f"{self.latency_s * 1e3:.3f} ms per batch, {self.samples_per_s:.1f} {self.unit}/s (simulated) | "

@@ -4,7 +4,8 @@ This layer imports nothing else of optimum_npu.
 """
 
 from .artifact import Artifact, ArtifactError
-from .memory import Device, DeviceMemoryError, HostMemoryError, devices
+from .machine import Device, devices
+from .memory import DeviceMemoryError, HostMemoryError
 from .runtime import Runtime, RuntimeStats
 from .specs import NPU_PRESETS, NPUSpec, get_npu_spec
 

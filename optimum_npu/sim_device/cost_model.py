@@ -5,7 +5,7 @@ call `CostModel`. A device kernel streams its operands between DRAM and on-chip 
 DMA) while the neural engines compute, so it takes the larger of its compute time and its
 memory time, plus a fixed launch latency. Copies between host and device (External HDMA) go
 at the PCIe rate; host-fallback ops run at the host CPU's rate; collectives between the
-devices of a tensor-parallel group go around a ring priced by `topology.py`.
+devices of a tensor-parallel group go around a ring priced by `machine.py`.
 
 Every constant in `Calibration` is a property of the hardware (peak rates come from the
 preset, `specs.py`; efficiencies are functions of a kernel's shape), independent of the
@@ -108,7 +108,7 @@ class CostModel:
         return StepCost(seconds, flops=flops, bytes=bytes_moved)
 
     def collective(self, op: str, bytes_per_device: int, vector_flops: float) -> StepCost:
-        """A ring collective over this model's device group (see `topology.Ring`); a reduction's
+        """A ring collective over this model's device group (see `machine.Ring`); a reduction's
         additions (and a fused residual add) run on the vector units while the ring streams."""
         ring = self.ring
         if ring is None or ring.size == 1:

@@ -26,8 +26,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from .program import DEVICE_DTYPES
+
+if TYPE_CHECKING:
+    from .program import Program
 
 ENV = "OPTIMUM_NPU_HOST_MATH"
 ROUTES = ("auto", "native", "fp32")
@@ -97,6 +103,50 @@ def choose(fp32_state_bytes: int = 0) -> HostMath:
         return HostMath("native", f"{why}, but fp32 copies of the weights ({fp32_state_bytes / 2**30:.1f} GiB) "
                                   f"would take over half the free host RAM ({available / 2**30:.1f} GiB)")
     return HostMath("fp32", why)
+
+
+def for_program(program: Program) -> HostMath:
+    """The host's route for the program's float math: for bf16 device numerics, `choose` given
+    what the weights and buffers (every rank's shard of the split ones) take as fp32."""
+    if program.numerics == "exact":
+        return HostMath("fp32", "exact numerics compute in fp32")
+    if program.device_dtype != "bfloat16":
+        return HostMath("fp32", "fp16 device numerics compute in fp32 (fp16 matmuls are slow on CPUs)")
+    fp32_bytes = 0
+    for spec in program.weights + program.buffers:
+        if spec.dtype in DEVICE_DTYPES:
+            ranks = program.tensor_parallel_size if spec.name in program.tensor_shards else 1
+            fp32_bytes += sum(4 * program.local_spec(spec, rank).numel for rank in range(ranks))
+    return choose(fp32_bytes)
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How the host emulates the device's float arithmetic."""
+
+    compute_dtype: torch.dtype          # host dtype of device float tensors
+    round_to: torch.dtype | None        # rounding applied at kernel boundaries
+
+    @classmethod
+    def for_program(cls, program: Program, bf16_route: str = "native") -> Numerics:
+        """`bf16_route`: how the host computes bf16 device numerics (see `HostMath.route`)."""
+        if program.numerics == "exact":
+            return cls(torch.float32, None)
+        if program.device_dtype == "bfloat16":
+            return cls(torch.bfloat16, None) if bf16_route == "native" else cls(torch.float32, torch.bfloat16)
+        return cls(torch.float32, torch.float16)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        if self.round_to is not None:
+            t = t.to(self.round_to)
+        return t.to(self.compute_dtype)
+
+    def round(self, t: torch.Tensor) -> torch.Tensor:
+        if self.round_to is None or not t.is_floating_point() or t.dtype != self.compute_dtype:
+            return t
+        return t.to(self.round_to).to(self.compute_dtype)
 
 
 def status() -> dict:

@@ -1,13 +1,10 @@
-"""The simulated machine's devices and their DRAM.
+"""Who holds the simulated devices' DRAM: the allocation registry.
 
-Which NPUs the machine has is configuration: `OPTIMUM_NPU_SYSTEM` lists cards, e.g.
-"RBLN-CA25" (one ATOM-Max card = 4 devices, the default), "RBLN-CA25x8" (an ATOM-Max
-server: 8 cards, 32 devices, 16 per NUMA node) or "RBLN-CA12x2,RBLN-CR03".
-
-Device memory is shared between processes like real device memory: every runtime that
-loads onto a device records its allocation in a small JSON file under the state folder
-(`OPTIMUM_NPU_STATE_DIR`, default ~/.cache/optimum_npu/devices), so `optimum-npu smi` in
-another shell sees it and a second process can run out of memory.
+The devices themselves are the machine's (`machine.py`). Device memory is shared between
+processes like real device memory: every runtime that loads onto a device records its
+allocation in a small JSON file under the state folder (`OPTIMUM_NPU_STATE_DIR`, default
+~/.cache/optimum_npu/devices), so `optimum-npu smi` in another shell sees it and a second
+process can run out of memory.
 
 The folder is shared and may be the user's, so its files are untrusted input:
 - a record names its process by pid *and* start time; a record whose process has exited, or
@@ -35,74 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import pid_alive
-from .specs import NPUSpec, get_npu_spec
+from .machine import MAX_DEVICES, devices
+from .stats import format_bytes
 
-GiB = 1024**3
-
-
-@dataclass(frozen=True)
-class Device:
-    index: int           # global device number, as rbln-smi numbers them
-    spec: NPUSpec
-    card: int
-    numa_node: int
-
-    @property
-    def name(self) -> str:
-        return f"npu{self.index}"
+# The name callers outside sim_device import (vllm/, torch_backend/): the one byte formatter.
+format_gib = format_bytes
 
 
 class DeviceMemoryError(RuntimeError):
     """A program does not fit in the DRAM of the device(s) it is placed on."""
-
-
-def _system_description() -> str:
-    return os.environ.get("OPTIMUM_NPU_SYSTEM", "RBLN-CA25")
-
-
-# The registry numbers devices 0..MAX_DEVICE_INDEX: a machine has at most this many.
-MAX_DEVICES = 4096
-MAX_SYSTEM_CHARS = 1024
-
-
-def _system_cards() -> list[NPUSpec]:
-    """The cards `OPTIMUM_NPU_SYSTEM` lists, or ValueError naming the variable and what it may hold."""
-    text = _system_description()
-    example = "e.g. 'RBLN-CA25', 'RBLN-CA25x8' or 'RBLN-CA12x2,RBLN-CR03'"
-    if len(text) > MAX_SYSTEM_CHARS:
-        raise ValueError(f"OPTIMUM_NPU_SYSTEM is {len(text)} characters long (at most {MAX_SYSTEM_CHARS}): {example}")
-    cards: list[NPUSpec] = []
-    devices_so_far = 0
-    for item in text.split(","):
-        match = re.fullmatch(r"\s*([A-Za-z0-9-]+?)(?:x(\d+))?\s*", item)
-        if not match:
-            raise ValueError(f"OPTIMUM_NPU_SYSTEM={_short(text)}: each item must be NAME or NAMExCOUNT with a "
-                             f"count of 1 to {MAX_DEVICES}, {example}")
-        digits = match.group(2) or "1"
-        spec, count = get_npu_spec(match.group(1)), int(digits) if len(digits) <= 5 else MAX_DEVICES + 1
-        said = digits if len(digits) <= 5 else "more than 99999"
-        devices_so_far += count * spec.devices_per_card
-        if count < 1 or devices_so_far > MAX_DEVICES:
-            raise ValueError(f"OPTIMUM_NPU_SYSTEM={_short(text)}: {_short(item.strip())} has {said} card(s); a machine "
-                             f"has 1 to {MAX_DEVICES} devices in all ({example})")
-        cards += [spec] * count
-    return cards
-
-
-def _short(text: str) -> str:
-    return repr(text) if len(text) <= 80 else repr(text[:77] + "...")
-
-
-def devices() -> list[Device]:
-    """Every simulated device of this machine, in index order."""
-    cards = _system_cards()
-    out = []
-    for card_index, spec in enumerate(cards):
-        # A server splits its cards between two NUMA nodes (ATOM-Max server: 16 devices per node).
-        numa = 0 if len(cards) < 2 else card_index * 2 // len(cards)
-        for _ in range(spec.devices_per_card):
-            out.append(Device(index=len(out), spec=spec, card=card_index, numa_node=numa))
-    return out
 
 
 def state_dir() -> Path:
@@ -354,7 +292,7 @@ def host_memory(what: str):
         if isinstance(err, RuntimeError) and "can't allocate memory" not in str(err):
             raise
         asked = re.search(r"allocate (\d+) bytes", str(err))
-        size = f" ({format_gib(int(asked.group(1)))} more asked)" if asked else ""
+        size = f" ({format_bytes(int(asked.group(1)))} more asked)" if asked else ""
         raise HostMemoryError(
             f"the host ran out of memory {what}{size}: the simulated device fits this configuration, but this "
             "process's memory limit (ulimit -v, a container or cgroup limit) is below what the simulation holds on "
@@ -432,14 +370,6 @@ def _machine_lock(purpose: str):
 # ---- allocating, releasing, resetting -----------------------------------------------
 
 
-def format_gib(nbytes: float) -> str:
-    """Bytes in the largest binary unit that keeps them readable (GiB for model-sized figures)."""
-    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
-        if nbytes >= size / 100 or unit == "KiB" and nbytes >= 1024:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{int(nbytes)} B"
-
-
 def _warn_malformed(scan: RegistryScan) -> None:
     if scan.malformed:
         warnings.warn(
@@ -471,14 +401,14 @@ def allocate(owner: str, bytes_per_device: dict[int, int], advice: str = "", kin
             free = device.spec.usable_dram_bytes - in_use
             if need > free:
                 holders = ", ".join(
-                    f"{a.owner} (pid {a.pid}, {format_gib(a.bytes_per_device[index])})"
+                    f"{a.owner} (pid {a.pid}, {format_bytes(a.bytes_per_device[index])})"
                     for a in scan.live
                     if index in a.bytes_per_device
                 )
                 raise DeviceMemoryError(
-                    f"{owner} needs {format_gib(need)} on {device.name} ({device.spec.name}), which has "
-                    f"{format_gib(device.spec.usable_dram_bytes)} usable and {format_gib(free)} free"
-                    + (f" ({format_gib(in_use)} held by {holders})" if in_use else "")
+                    f"{owner} needs {format_bytes(need)} on {device.name} ({device.spec.name}), which has "
+                    f"{format_bytes(device.spec.usable_dram_bytes)} usable and {format_bytes(free)} free"
+                    + (f" ({format_bytes(in_use)} held by {holders})" if in_use else "")
                     + ". "
                     + (advice or "Release other runtimes on this device or pick another device.")
                 )

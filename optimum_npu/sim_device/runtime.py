@@ -33,150 +33,30 @@ a KV cache) run one at a time, under the timeline's lock.
 from __future__ import annotations
 
 import os
-import threading
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from . import host_math
 from . import memory as device_memory
 from .artifact import Artifact
 from .collectives import InProcessCollectives, ProcessGroupCollectives
 from .cost_model import CostModel, StepCost
+from .device_state import DeviceState, Timeline, ranks_here
 from .executor import STACKED, BoundOp, generate
-from .host_linear import PackedLinear, PackedWeights, packing_available
+from .host_linear import PackedLinear, packing_available
+from .host_math import Numerics, for_program as host_math_for
+from .machine import Ring, devices as machine_devices, pick_devices
 from .ops import collective_ops, resolve_op
 from .profiler import DEVICE_SYNC, EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
 from .session import Session, active_session
-from .program import DEVICE_DTYPES, PROGRAM_DTYPES, Program, Ref, Step, StepKind, TensorShard, TensorSpec, decode_arg
+from .program import PROGRAM_DTYPES, Ref, Step, StepKind, decode_arg
 from .rank_batching import Stacked
-from .shapes import peak_unplaced_bytes
 from .specs import get_npu_spec
-from .topology import Ring
+from .stats import RuntimeStats
 from .validation import validate_program
-
-
-class Timeline:
-    """The simulated clock of a set of devices and, when profiling, the trace of what ran.
-
-    Runtimes sharing a timeline share device state too (weights, KV cache): `lock`
-    serialises their runs, so two threads never interleave on that state or on the clock.
-    """
-
-    def __init__(self) -> None:
-        self.clock_s = 0.0
-        self.trace = Trace()
-        self.lock = threading.RLock()
-
-
-@dataclass(frozen=True)
-class Numerics:
-    """How the host emulates the device's float arithmetic."""
-
-    compute_dtype: torch.dtype          # host dtype of device float tensors
-    round_to: torch.dtype | None        # rounding applied at kernel boundaries
-
-    @classmethod
-    def for_program(cls, program: Program, bf16_route: str = "native") -> Numerics:
-        """`bf16_route`: how the host computes bf16 device numerics (`host_math.py`)."""
-        if program.numerics == "exact":
-            return cls(torch.float32, None)
-        if program.device_dtype == "bfloat16":
-            return cls(torch.bfloat16, None) if bf16_route == "native" else cls(torch.float32, torch.bfloat16)
-        return cls(torch.float32, torch.float16)
-
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():
-            return t
-        if self.round_to is not None:
-            t = t.to(self.round_to)
-        return t.to(self.compute_dtype)
-
-    def round(self, t: torch.Tensor) -> torch.Tensor:
-        if self.round_to is None or not t.is_floating_point() or t.dtype != self.compute_dtype:
-            return t
-        return t.to(self.round_to).to(self.compute_dtype)
-
-
-@dataclass
-class DeviceMemoryUsage:
-    device: int
-    npu: str
-    weights_bytes: int
-    buffers_bytes: int
-    activations_bytes: int           # the arena, plus the peak of host-fallback values
-    capacity_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.buffers_bytes + self.activations_bytes
-
-
-@dataclass
-class RuntimeStats:
-    """Simulated device time, cumulated over runs, and device memory."""
-
-    runs: int = 0
-    last_run_s: float = 0.0
-    total_s: float = 0.0
-    device_kernels_s: float = 0.0        # kernels on the device (compute and Task DMA overlap inside)
-    neural_engine_busy_s: float = 0.0
-    task_dma_busy_s: float = 0.0
-    external_hdma_s: float = 0.0
-    host_fallback_s: float = 0.0
-    collectives_s: float = 0.0           # Device Sync: all-reduce / all-gather between the devices
-    overhead_s: float = 0.0
-    memory: list[DeviceMemoryUsage] = field(default_factory=list)
-
-    def add_step(self, kind: StepKind, cost: StepCost) -> float:
-        """Account one step; returns how long it took."""
-        if kind == StepKind.KERNEL:
-            self.device_kernels_s += cost.total_s
-            self.neural_engine_busy_s += cost.compute_s
-            self.task_dma_busy_s += cost.dma_s
-        elif kind == StepKind.HOST:
-            self.host_fallback_s += cost.total_s
-        elif kind == StepKind.COLLECTIVE:
-            self.collectives_s += cost.total_s
-        else:
-            self.external_hdma_s += cost.total_s
-        return cost.total_s
-
-    def add_breakdown(self, other: RuntimeStats) -> None:
-        self.device_kernels_s += other.device_kernels_s
-        self.neural_engine_busy_s += other.neural_engine_busy_s
-        self.task_dma_busy_s += other.task_dma_busy_s
-        self.external_hdma_s += other.external_hdma_s
-        self.host_fallback_s += other.host_fallback_s
-        self.collectives_s += other.collectives_s
-        self.overhead_s += other.overhead_s
-
-    @property
-    def total_time_s(self) -> float:
-        """Time of the steps and overheads accounted here."""
-        return (self.device_kernels_s + self.external_hdma_s + self.host_fallback_s + self.collectives_s
-                + self.overhead_s)
-
-    def __str__(self) -> str:
-        gib = device_memory.format_gib
-        lines = [
-            f"runs: {self.runs}   simulated device time: {self.total_s * 1e3:.3f} ms total, "
-            f"{self.last_run_s * 1e3:.3f} ms last run",
-            f"  device kernels {self.device_kernels_s * 1e3:.3f} ms (neural engines busy "
-            f"{self.neural_engine_busy_s * 1e3:.3f} ms, Task DMA busy {self.task_dma_busy_s * 1e3:.3f} ms)",
-            f"  External HDMA {self.external_hdma_s * 1e3:.3f} ms, host fallback {self.host_fallback_s * 1e3:.3f} ms, "
-            f"collectives {self.collectives_s * 1e3:.3f} ms, launch/sync overhead {self.overhead_s * 1e3:.3f} ms",
-        ]
-        for m in self.memory:
-            lines.append(
-                f"  npu{m.device} ({m.npu}): {gib(m.total_bytes)} of {gib(m.capacity_bytes)} "
-                f"(weights {gib(m.weights_bytes)}, buffers {gib(m.buffers_bytes)}, activations {gib(m.activations_bytes)})"
-            )
-        return "\n".join(lines)
 
 
 def _op_callable(target: str) -> Callable:
@@ -196,69 +76,29 @@ def _to_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
 
 
-def _host_math(program: Program) -> host_math.HostMath:
-    """The host's route for the program's float math: for bf16 device numerics, `host_math.choose`
-    given what the weights and buffers (every rank's shard of the split ones) take as fp32."""
-    if program.numerics == "exact":
-        return host_math.HostMath("fp32", "exact numerics compute in fp32")
-    if program.device_dtype != "bfloat16":
-        return host_math.HostMath("fp32", "fp16 device numerics compute in fp32 (fp16 matmuls are slow on CPUs)")
-    fp32_bytes = 0
-    for spec in program.weights + program.buffers:
-        if spec.dtype in DEVICE_DTYPES:
-            ranks = program.tensor_parallel_size if spec.name in program.tensor_shards else 1
-            fp32_bytes += sum(4 * program.local_spec(spec, rank).numel for rank in range(ranks))
-    return host_math.choose(fp32_bytes)
-
-
-def cut_shard(tensor: torch.Tensor, shard: TensorShard, rank: int) -> torch.Tensor:
-    """The part of a full weight / buffer that `rank` holds (its own copy)."""
-    ranges = shard.ranges[rank]
-    if len(ranges) == 1:
-        start, length = ranges[0]
-        return tensor.narrow(shard.dim, start, length).clone()
-    return tensor.index_select(shard.dim, torch.tensor(shard.indices(rank), dtype=torch.long))
-
-
-def distributed_rank(tensor_parallel_size: int) -> int | None:
-    """This process's rank when it is one of `tensor_parallel_size` processes of an initialised
-    torch.distributed group (torchrun); None when all ranks run here."""
-    if tensor_parallel_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return None
-    world = torch.distributed.get_world_size()
-    if world != tensor_parallel_size:
+def _read_artifact(compiled: str | os.PathLike | Artifact, name: str | None) -> tuple[Artifact, str]:
+    """The artifact to run (read from its path) and the runtime's name."""
+    if isinstance(compiled, (str, os.PathLike)):
+        name = name or Path(compiled).name
+        with device_memory.host_memory(f"reading {name}"):
+            compiled = Artifact.load(compiled)
+    if not isinstance(compiled, Artifact):
+        raise TypeError(f"Runtime needs a path to a .rbln file or a compiled model, got {type(compiled).__name__}")
+    if compiled.tensors is None:
         raise ValueError(
-            f"This program was compiled for tensor_parallel_size={tensor_parallel_size}, but torch.distributed "
-            f"runs {world} processes: start torchrun with --nproc-per-node {tensor_parallel_size} (one process per "
-            "device), or run without torchrun to run every device in this process."
+            "This program was compiled on the meta device (sizes and costs only, no weights): "
+            "it cannot run. Compile a module with real weights."
         )
-    return torch.distributed.get_rank()
-
-
-class _SharedMemory:
-    """Device allocations of weights / buffers shared by several runtimes, freed with the last one."""
-
-    def __init__(self) -> None:
-        self.allocation_ids: list[str] = []
-        self.users = 0
-
-
-def _release(activations_id: str, shared: _SharedMemory) -> None:
-    device_memory.release(activations_id)
-    shared.users -= 1
-    if shared.users == 0:
-        for allocation_id in shared.allocation_ids:
-            device_memory.release(allocation_id)
-        shared.allocation_ids.clear()
+    return compiled, name or "compiled"
 
 
 class Runtime:
     """Loads a `.rbln` program onto simulated devices and runs it.
 
     `Runtime(path_or_compiled, tensor_type="pt", device=None, activate_profiler=False)`.
-    `share_state_with=other_runtime` makes this runtime use the other's weights and
-    buffers of the same names (e.g. a decoder and its prefill sharing weights and KV cache):
-    they are allocated once.
+    `share_state_with=other_runtime` (or its `.state`, a `DeviceState`) makes this runtime use
+    the other's weights and buffers of the same names, and its clock (e.g. a decoder and its
+    prefill sharing weights and KV cache): they are allocated once.
     """
 
     def __init__(
@@ -267,187 +107,52 @@ class Runtime:
         tensor_type: str = "pt",
         device: int | list[int] | None = None,
         activate_profiler: bool = False,
-        share_state_with: Runtime | None = None,
+        share_state_with: Runtime | DeviceState | None = None,
         name: str | None = None,
         keep_values: bool = False,
     ):
         if tensor_type not in ("pt", "np"):
             raise ValueError(f"tensor_type must be 'pt' or 'np', got {tensor_type!r}")
-        if isinstance(compiled, (str, os.PathLike)):
-            name = name or Path(compiled).name
-            with device_memory.host_memory(f"reading {name}"):
-                compiled = Artifact.load(compiled)
-        if not isinstance(compiled, Artifact):
-            raise TypeError(f"Runtime needs a path to a .rbln file or a compiled model, got {type(compiled).__name__}")
-        if compiled.tensors is None:
-            raise ValueError(
-                "This program was compiled on the meta device (sizes and costs only, no weights): "
-                "it cannot run. Compile a module with real weights."
-            )
+        compiled, self.name = _read_artifact(compiled, name)
         self.program = program = compiled.program
         validate_program(program)  # also for in-memory programs: this is what executes
-        self.name = name or "compiled"
         # Debugging: keep every intermediate value of a run (none freed), read by `last_values`.
         self.keep_values = keep_values
         self._last_env: list | None = None
         self.tensor_type = tensor_type
         self.spec = get_npu_spec(program.npu)
-        if share_state_with is not None:  # shared weights and KV cache: one host dtype
-            self.host_math = share_state_with.host_math
-        else:
-            self.host_math = _host_math(program)
+        state = share_state_with.state if isinstance(share_state_with, Runtime) else share_state_with
+        if state is not None and device is None:
+            device = state.device_group
+        group = pick_devices(self.spec, program.tensor_parallel_size, device)   # one device per rank
+        self.ranks = ranks_here(program.tensor_parallel_size)
+        if state is None:
+            state = DeviceState(group, self.ranks, host_math_for(program))
+        elif state.ranks != self.ranks:
+            raise ValueError(f"cannot share device state: it holds ranks {state.ranks}, this program runs {self.ranks}")
+        self.state = state
+        self.host_math = state.host_math   # shared weights and KV cache: one host dtype
         self.numerics = Numerics.for_program(program, self.host_math.route)
         self._device_float_bytes = PROGRAM_DTYPES[program.device_dtype].itemsize
-        group = self._pick_devices(device, share_state_with)   # one device per rank
-        # The ranks this process runs: all of them, or its own under torchrun.
-        own_rank = distributed_rank(program.tensor_parallel_size)
-        self.ranks = list(range(program.tensor_parallel_size)) if own_rank is None else [own_rank]
         self.device_group = group
         self.devices = [group[rank] for rank in self.ranks]
-        machine = device_memory.devices()
+        machine = machine_devices()
         self.cost_model = CostModel(self.spec, ring=Ring.over([machine[d] for d in group]))
         self.profiler_active = activate_profiler
-        # Runtimes sharing state run on the same devices one after another: one clock, one trace.
-        self.timeline = share_state_with.timeline if share_state_with is not None else Timeline()
         self.stats = RuntimeStats()
-
-        shared = share_state_with._rank_state if share_state_with is not None else [{} for _ in self.ranks]
-        owned = [spec for spec in program.weights + program.buffers if spec.name not in shared[0]]
-        for spec in owned:
-            if spec.name not in program.zero_init and spec.name not in compiled.tensors:
-                raise ValueError(
-                    f"{self.name} does not store {spec.name!r}: its weights live in a sibling artifact. "
-                    "Load that one first and pass its runtime as share_state_with="
-                )
-        # Reserve device memory first, from sizes recomputed from the tensor specs (each rank's
-        # shard), so a program that does not fit fails with DeviceMemoryError before any host
-        # tensor is created. What a run creates beyond the plan is covered too (sizes from shapes
-        # checked against the ops at validation, `shapes.derive_shapes`): host-fallback values are
-        # in no device plan, so they are reserved with the activations; intermediates inside fused
-        # kernels stay on chip on the device, so they are not reserved, but the simulator creates
-        # them on this host, so a program whose run would not fit in the device's DRAM is refused.
-        unplaced = peak_unplaced_bytes(program, (StepKind.HOST,))
-        scratch = peak_unplaced_bytes(program, (StepKind.KERNEL, StepKind.COLLECTIVE))
-        buffer_names = {b.name for b in program.buffers}
-        usage = []
-        for rank, d in zip(self.ranks, self.devices):
-            local = [program.resident_bytes(spec, rank) for spec in owned]
-            buffers = sum(n for spec, n in zip(owned, local) if spec.name in buffer_names)
-            usage.append(DeviceMemoryUsage(
-                device=d, npu=self.spec.name, weights_bytes=sum(local) - buffers, buffers_bytes=buffers,
-                activations_bytes=program.memory.activations_bytes[rank] + unplaced, capacity_bytes=self.spec.usable_dram_bytes,
-            ))
-        advice = ("Close other runtimes on the device, pick another device, or recompile with a smaller batch or "
-                  "sequence length, for an NPU with more memory (npu='RBLN-CR03'), or split over more devices with "
-                  "tensor_parallel_size.")
-        for m in usage:
-            if m.total_bytes + scratch > m.capacity_bytes:
-                raise device_memory.DeviceMemoryError(
-                    f"Runtime({self.name}) needs {device_memory.format_gib(m.total_bytes + scratch)} on npu{m.device} "
-                    f"(of which {device_memory.format_gib(scratch)} for intermediates inside kernels), more than the "
-                    f"{device_memory.format_gib(m.capacity_bytes)} a {self.spec.name} has. {advice}"
-                )
-        allocations = []
-        try:
-            if any(m.weights_bytes + m.buffers_bytes for m in usage):
-                allocations.append(device_memory.allocate(
-                    f"Runtime({self.name}) weights", {m.device: m.weights_bytes + m.buffers_bytes for m in usage},
-                    advice, kind="weights",
-                ))
-            allocations.append(device_memory.allocate(
-                f"Runtime({self.name})", {m.device: m.activations_bytes for m in usage}, advice
-            ))
-            self._stacked: dict[str, torch.Tensor] = dict(share_state_with._stacked) if share_state_with else {}
-            with device_memory.host_memory(f"loading Runtime({self.name})"):
-                self._rank_state = self._load_state(compiled, shared)
-        except BaseException:
-            for allocation in allocations:
-                device_memory.release(allocation.id)
-            raise
+        self.stats.memory, activations = state.load(compiled, self.numerics, self.spec, self.devices, self.name)
+        self._finalizer = weakref.finalize(self, state.leave, activations)
+        # This program's weights and buffers, per rank (the state may hold more, of sibling programs).
+        self._rank_state = state.tensors([s.name for s in program.weights + program.buffers])
         self._state = self._rank_state[0]  # the first rank's (replicated tensors are the same on all)
-        *state, activations = allocations
-        # Weights and buffers stay allocated while any runtime sharing them is alive.
-        self._shared_memory = share_state_with._shared_memory if share_state_with is not None else _SharedMemory()
-        self._shared_memory.allocation_ids.extend(a.id for a in state)
-        self._shared_memory.users += 1
-        self._packed_weights = share_state_with._packed_weights if share_state_with is not None else PackedWeights()
-        self._finalizer = weakref.finalize(self, _release, activations.id, self._shared_memory)
-        self.stats.memory = usage
-
         self._prepare_steps()
 
+    @property
+    def timeline(self) -> Timeline:
+        """The clock (and trace) of the devices, shared by the runtimes sharing this device state."""
+        return self.state.timeline
+
     # ---- set-up ----------------------------------------------------------------------
-
-    def _load_state(self, compiled: Artifact, shared: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """Device state of each rank this process runs: weights and buffers (its shard of the split
-        ones) in the host dtype the numerics mode computes in. Replicated tensors are one tensor
-        shared by the ranks; when several ranks run here, a split one is one rank-stacked tensor
-        (`self._stacked`, [ranks, *shard shape]) whose slices are the ranks' shards, so a matmul
-        or attention can run for all ranks in one call (`rank_batching.py`)."""
-        program = self.program
-        states: list[dict[str, torch.Tensor]] = [{} for _ in self.ranks]
-        for spec in program.weights + program.buffers:
-            shard = program.tensor_shards.get(spec.name)
-            local = program.local_spec(spec, self.ranks[0])
-            if spec.name in shared[0]:
-                for i, rank in enumerate(self.ranks):
-                    if tuple(shared[i][spec.name].shape) != local.shape:
-                        raise ValueError(
-                            f"cannot share {spec.name!r}: shape {list(shared[i][spec.name].shape)} in the other "
-                            f"runtime, {list(local.shape)} here (were the two programs compiled from the same model?)"
-                        )
-                    states[i][spec.name] = shared[i][spec.name]
-                continue
-            if shard is None:
-                states[0][spec.name] = self._device_copy(compiled, spec, self.ranks[0])
-                for state in states[1:]:
-                    state[spec.name] = states[0][spec.name]
-            elif len(self.ranks) == 1:
-                states[0][spec.name] = self._device_copy(compiled, spec, self.ranks[0])
-            else:
-                stacked = torch.stack([self._device_copy(compiled, spec, rank) for rank in self.ranks])
-                self._stacked[spec.name] = stacked
-                for i, state in enumerate(states):
-                    state[spec.name] = stacked[i]
-        return states
-
-    def _device_copy(self, compiled: Artifact, spec: TensorSpec, rank: int) -> torch.Tensor:
-        """Rank `rank`'s part of weight / buffer `spec` (its shard if split), in the host dtype the
-        numerics mode computes in; zeros for a buffer that starts zeroed."""
-        program = self.program
-        if spec.name in program.zero_init:
-            dtype = self.numerics.compute_dtype if spec.dtype in DEVICE_DTYPES else PROGRAM_DTYPES[spec.dtype]
-            return torch.zeros(program.local_spec(spec, rank).shape, dtype=dtype)
-        tensor = compiled.tensors[spec.name]
-        shard = program.tensor_shards.get(spec.name)
-        if shard is not None:
-            tensor = cut_shard(tensor, shard, rank)
-        return self.numerics.to_device(tensor) if tensor.is_floating_point() else tensor.clone()
-
-    def _pick_devices(self, device, share_state_with) -> list[int]:
-        machine = device_memory.devices()
-        needed = self.program.tensor_parallel_size
-        if share_state_with is not None and device is None:
-            device = share_state_with.device_group
-        if device is None:
-            matching = [d.index for d in machine if d.spec.name == self.spec.name]
-            if len(matching) < needed:
-                present = sorted({d.spec.name for d in machine})
-                raise ValueError(
-                    f"This program was compiled for {needed} x {self.spec.name}, but the simulated machine has "
-                    f"{len(matching)} such device(s) (it has: {', '.join(present)}). Set OPTIMUM_NPU_SYSTEM, "
-                    f"e.g. OPTIMUM_NPU_SYSTEM={self.spec.name}x{max(1, needed // self.spec.devices_per_card)}."
-                )
-            return matching[:needed]
-        indices = [device] if isinstance(device, int) else list(device)
-        if len(indices) != needed or not all(isinstance(i, int) for i in indices):
-            raise ValueError(f"device must be {needed} device index(es) for this program, got {device!r}")
-        for i in indices:
-            if not 0 <= i < len(machine):
-                raise ValueError(f"device {i} does not exist: the simulated machine has devices 0..{len(machine) - 1}")
-            if machine[i].spec.name != self.spec.name:
-                raise ValueError(f"device {i} is a {machine[i].spec.name}, this program was compiled for {self.spec.name}")
-        return indices
 
     def _prepare_steps(self) -> None:
         from .kernels import KERNEL_OPS
@@ -472,14 +177,14 @@ class Runtime:
                 fn = _op_callable(call.target)
                 if (pack and step.kind == StepKind.KERNEL and call.target == "aten.linear.default" and not call.kwargs
                         and len(args) >= 2 and type(args[1]) is Ref and args[1].name in self._state):
-                    fn = PackedLinear(self._packed_weights)  # a weight of the program: packed once on the host
+                    fn = PackedLinear(self.state.packed_weights)  # a weight of the program: packed once on the host
                 ops.append(BoundOp(fn, call.target, args, {k: decode_arg(v, float_dtype) for k, v in call.kwargs.items()},
                                    call.outputs))
             bound.append((step, ops, to_free))
         rank_count = len(self.ranks)
         split = {name for name, tensor in self._state.items()
                  if any(states[name] is not tensor for states in self._rank_state[1:])}
-        stacked = {name for name in split if name in self._stacked}
+        stacked = {name for name in split if name in self.state.stacked}
         ndims = {spec.name: len(spec.shape)
                  for spec in (*program.inputs, *program.weights, *program.buffers, *program.values.values())}
         self._executable = generate(bound, set(KERNEL_OPS), rounding=self.numerics.round_to is not None,
@@ -496,7 +201,7 @@ class Runtime:
                     self._env_template[slots[name, i]] = tensor
         for name in stacked:
             if (name, STACKED) in slots:
-                self._env_template[slots[name, STACKED]] = Stacked(self._stacked[name],
+                self._env_template[slots[name, STACKED]] = Stacked(self.state.stacked[name],
                                                                   [state[name] for state in self._rank_state])
         self._input_slots = [slots.get((spec.name, 0)) for spec in program.inputs]
 

@@ -10,24 +10,13 @@ the records no live process holds and say what was freed. `presets()` /
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
-from . import host_math, memory
+from . import host_math, machine, memory
+from .stats import format_bytes
 from .specs import GB, MB_BINARY as MiB, GiB, NPU_PRESETS, NPUSpec
 
 ESTIMATE_MARK = "*"
-
-
-def format_bytes(nbytes: float) -> str:
-    """Binary units, three significant digits or so: '0 B', '12.0 KiB', '15.70 GiB'."""
-    if nbytes < 1024:
-        return f"{int(nbytes)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        nbytes /= 1024
-        if nbytes < 1024 or unit == "TiB":
-            return f"{nbytes:.2f} {unit}" if unit == "GiB" else f"{nbytes:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def format_capacity(nbytes: int) -> str:
@@ -60,12 +49,12 @@ def status() -> dict:
 
     Read-only: records of exited processes and malformed records are counted, not removed
     (`reset()` removes them)."""
-    machine = memory.devices()
+    all_devices = machine.devices()
     scan = memory.scan_registry()
     processes = [p for a in scan.live for p in _per_device(a)]
     processes.sort(key=lambda p: (p["device"], p["pid"], p["owner"]))
     devices = []
-    for d in machine:
+    for d in all_devices:
         used = sum(p["bytes"] for p in processes if p["device"] == d.index)
         devices.append({
             "index": d.index,
@@ -81,7 +70,7 @@ def status() -> dict:
             "runtimes": sum(1 for p in processes if p["device"] == d.index and p["kind"] == "activations"),
         })
     return {
-        "system": os.environ.get("OPTIMUM_NPU_SYSTEM", "RBLN-CA25"),
+        "system": machine.system_description(),
         "state_dir": str(memory.state_dir()),
         "devices": devices,
         "processes": processes,

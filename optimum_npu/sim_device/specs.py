@@ -42,6 +42,11 @@ class NPUSpec:
     estimated: tuple[str, ...] = ()  # names of the fields above that are our estimates
 
     @property
+    def devices_per_server(self) -> int:
+        """Devices of one server of these cards: the largest tensor-parallel group."""
+        return self.devices_per_card * self.cards_per_server
+
+    @property
     def sram_bytes(self) -> int:
         return self.sram_shared_bytes + self.num_neural_engines * self.sram_per_engine_bytes
 

@@ -36,7 +36,7 @@ from ...modeling.base import RBLNModel, resolve_folder, hub_kwargs_of
 from ...modeling.hf_files import concrete_class, refuse_remote_code
 from ...modeling.folder import MODEL_INDEX, check_manifest, load_lock, manifest_of, save_tree
 from ...sim_device.files import write_file_atomically
-from ...sim_device.memory import format_gib
+from ...sim_device.stats import memory_summary
 from ..configuration import RBLNDiffusionPipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -417,6 +417,6 @@ class RBLNDiffusionPipelineMixin:
     def memory_summary(self) -> str:
         lines = []
         for name, usages in self.device_memory().items():
-            where = ", ".join(f"npu{m.device} {format_gib(m.total_bytes)}" for m in usages) or "no runtimes"
+            where = memory_summary(usages) or "no runtimes"
             lines.append(f"  {name:<34} {where}")
         return "device memory per component:\n" + "\n".join(lines)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ...compile import ProgramTooLargeError, compile_from_torch
-from ...sim_device.memory import DeviceMemoryError, format_gib
+from ...sim_device.memory import DeviceMemoryError
+from ...sim_device.stats import format_bytes
 from ...sim_device.specs import get_npu_spec
 from ..base import GraphSpec
 from .kv_cache import KVCacheLayout, is_kv_cache
@@ -105,8 +106,8 @@ class DecoderPlan:
         probe = plan.probe(hf_model)  # DeviceMemoryError before any host KV cache / RoPE table exists
         if plan.config.memory_budget is not None and probe.total_bytes > usable_bytes(plan.config):
             raise DeviceMemoryError(
-                f"The model needs {format_gib(probe.total_bytes)} per device, more than rbln_memory_budget="
-                f"{plan.config.memory_budget} of the device allows ({format_gib(usable_bytes(plan.config))}): at most "
+                f"The model needs {format_bytes(probe.total_bytes)} per device, more than rbln_memory_budget="
+                f"{plan.config.memory_budget} of the device allows ({format_bytes(usable_bytes(plan.config))}): at most "
                 f"{probe.blocks_that_fit(usable_bytes(plan.config))} KV blocks fit (rbln_kvcache_num_blocks="
                 f"{plan.layout.num_blocks}); raise the budget or lower the block count")
         plan.report_pool()
@@ -196,12 +197,12 @@ class DecoderPlan:
         blocks_that_fit = probe.blocks_that_fit(spec.usable_dram_bytes)
         tp = too_large.smallest_tensor_parallel_size
         raise DeviceMemoryError(
-            f"The model needs {format_gib(probe.total_bytes)} per device at rbln_tensor_parallel_size="
-            f"{config.tensor_parallel_size}: weights {format_gib(probe.weights_bytes)}, KV cache "
-            f"{format_gib(probe.cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
-            f"{format_gib(probe.block_bytes)}), RoPE tables and other buffers {format_gib(rope_bytes)} "
-            f"(rbln_max_seq_len={config.max_seq_len}), activations {format_gib(probe.activations_bytes)}; a "
-            f"{config.npu} device has {format_gib(spec.usable_dram_bytes)} usable. To fit: "
+            f"The model needs {format_bytes(probe.total_bytes)} per device at rbln_tensor_parallel_size="
+            f"{config.tensor_parallel_size}: weights {format_bytes(probe.weights_bytes)}, KV cache "
+            f"{format_bytes(probe.cache_bytes)} (rbln_kvcache_num_blocks={layout.num_blocks} blocks of "
+            f"{format_bytes(probe.block_bytes)}), RoPE tables and other buffers {format_bytes(rope_bytes)} "
+            f"(rbln_max_seq_len={config.max_seq_len}), activations {format_bytes(probe.activations_bytes)}; a "
+            f"{config.npu} device has {format_bytes(spec.usable_dram_bytes)} usable. To fit: "
             + (f"split over rbln_tensor_parallel_size={tp} devices (the smallest that fits), or " if tp else "")
             + f"lower rbln_kvcache_num_blocks (at most {blocks_that_fit} fit), rbln_batch_size or rbln_max_seq_len, "
             "or target an npu with more memory."

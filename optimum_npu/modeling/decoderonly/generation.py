@@ -16,8 +16,7 @@ import torch
 from transformers import GenerationMixin
 from transformers.utils import ModelOutput
 
-from ...sim_device.memory import format_gib
-from ...sim_device.runtime import DeviceMemoryUsage
+from ...sim_device.stats import DeviceMemoryUsage, memory_summary
 from .kv_cache import KVCacheExhaustedError
 
 
@@ -60,7 +59,7 @@ class GenerationStats:
         return self.batch_size * self.new_tokens / self.total_s if self.total_s else 0.0
 
     def __str__(self) -> str:
-        memory = ", ".join(f"npu{m.device} {format_gib(m.total_bytes)}" for m in self.memory)
+        memory = memory_summary(self.memory)
         return (
             f"batch {self.batch_size}, prompts {self.prompt_tokens} tokens, {self.new_tokens} new tokens per row "
             f"(decode bucket {self.decode_bucket})\n"

@@ -14,7 +14,8 @@ import dataclasses
 from pathlib import Path
 
 from ...sim_device import Artifact
-from ...sim_device.memory import DeviceMemoryError, format_gib
+from ...sim_device.memory import DeviceMemoryError
+from ...sim_device.stats import format_bytes
 from ...sim_device.program import Program
 from .compile_plan import PREFILL, MemoryProbe, blocks_within, usable_bytes
 from .kv_cache import is_kv_cache
@@ -53,8 +54,8 @@ def pool_summary(model) -> str:
     config, layout = model.rbln_config, model.kv_layout
     probe = MemoryProbe.of(model.graphs[PREFILL].program, layout.num_blocks)
     return (f"KV cache pool: {layout.describe()}\n"
-            f"per device: {format_gib(probe.block_bytes)} per block, {format_gib(probe.cache_bytes)} for the pool, "
-            f"{format_gib(probe.fixed_bytes)} for weights and the rest; {probe.blocks_that_fit(usable_bytes(config))} "
+            f"per device: {format_bytes(probe.block_bytes)} per block, {format_bytes(probe.cache_bytes)} for the pool, "
+            f"{format_bytes(probe.fixed_bytes)} for weights and the rest; {probe.blocks_that_fit(usable_bytes(config))} "
             f"blocks fit a {config.npu} device"
             + (f" within rbln_memory_budget={config.memory_budget}" if config.memory_budget is not None else "")
             + f"; every slot at full length needs {config.blocks_for_full_length}")
@@ -81,8 +82,8 @@ def resize_folder(folder: str | Path, num_blocks: int | None = None, memory_budg
     needed = max(memory.total_bytes(rank) for rank in range(memory.num_devices))
     if needed > usable_bytes(config):
         raise DeviceMemoryError(
-            f"{num_blocks} KV blocks need {format_gib(needed)} per device with the weights, other buffers and "
-            f"activations; a {config.npu} device has {format_gib(usable_bytes(config))} usable: about "
+            f"{num_blocks} KV blocks need {format_bytes(needed)} per device with the weights, other buffers and "
+            f"activations; a {config.npu} device has {format_bytes(usable_bytes(config))} usable: about "
             f"{probe.blocks_that_fit(usable_bytes(config))} blocks fit")
     type(model)._check_graphs_against_config(config, graphs, model.config)
     resized = type(model)(model.config, config, graphs, source_folder=Path(folder),
