@@ -41,6 +41,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Self
 
 from optimum_npu.sim_device.files import write_file_atomically
+from optimum_npu.sim_device.program import DEVICE_DTYPES as DTYPES, NUMERICS
 from optimum_npu.sim_device.specs import DEFAULT_NPU, get_npu_spec
 
 CONFIG_NAME = "rbln_config.json"
@@ -51,8 +52,6 @@ CONFIG_KWARG = "rbln_config"     # `from_pretrained(rbln_config={...} or a confi
 OPTION_ALIASES = {"num_devices": "tensor_parallel_size"}
 
 
-DTYPES = ("bfloat16", "float16")
-NUMERICS = ("device", "exact")   # "exact": simulator-only fp32 host math, to tell porting bugs from rounding
 
 # One graph input as the compiler sees it: (name, shape, dtype), e.g. ("input_ids", (1, 128), "int64").
 InputInfo = tuple[str, tuple[int, ...], str]
@@ -256,7 +255,7 @@ class RBLNModelConfig:
         except ValueError as err:
             raise ValueError(f"{OPTION_PREFIX}npu: {err}") from None
         check_int("tensor_parallel_size", self.tensor_parallel_size)
-        max_tp = spec.devices_per_card * spec.cards_per_server   # TP spans at most one server
+        max_tp = spec.devices_per_server   # TP spans at most one server
         if self.tensor_parallel_size > max_tp:
             raise ValueError(
                 f"{OPTION_PREFIX}tensor_parallel_size must be <= {max_tp} on {spec.name} "

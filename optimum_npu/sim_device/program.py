@@ -56,6 +56,7 @@ class StepKind(StrEnum):
 
 
 STEP_KINDS = tuple(kind.value for kind in StepKind)
+# "exact": simulator-only fp32 host math, to tell porting bugs from 16-bit rounding.
 NUMERICS = ("device", "exact")
 # Activations are placed in the arena at multiples of this many bytes.
 ARENA_ALIGNMENT = 64
