@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..sim_device.cost_model import DEFAULT_CALIBRATION
-from ..sim_device.specs import get_npu_spec
+from ..sim_device.specs import DEFAULT_NPU, get_npu_spec
 from ..modeling.decoderonly.kv_cache import KVCacheLayout, is_kv_cache
 from .meta import CompileCache, compile_decoder_on_meta, load_hf_config
 from .serving import StepTimes, closed_loop, serving_host_overhead, simulate
@@ -252,7 +252,7 @@ def _resident_bytes(program, rank: int, num_blocks: int) -> int:
     return program.memory.weights_bytes[rank] + program.memory.buffers_bytes[rank] - compiled + wanted
 
 
-def plan(model, npu: str = "RBLN-CA25", input_len: int = 2048, output_len: int = 2048, *,
+def plan(model, npu: str = DEFAULT_NPU, input_len: int = 2048, output_len: int = 2048, *,
          tensor_parallel_sizes=TENSOR_PARALLEL_SIZES, batch_sizes=BATCH_SIZES, chunk_sizes=CHUNK_SIZES,
          rack_power_w: float = 35_000.0, dtype: str = "bfloat16", max_ttft_s: float | None = None,
          max_tpot_s: float | None = None) -> Plan:
