@@ -174,6 +174,42 @@ def test_plan_prints_and_refuses_nothing_silently():
     assert "embed_tokens.weight" in text and "vocab      dim 0 -> [64, 64]" in text
 
 
+# transformers' plan names the modules of its own classes; our decoder fuses q/k/v into `qkv_proj`
+# and gate/up into `gate_up_proj` and drops the self_attn / mlp level (static_decoder.py).
+FUSED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+              "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+# transformers' TP styles in the plan's words (`replicated_with_grad_allreduce`: replicated,
+# gradients aside); an LM head whose logits are gathered, and an embedding split by rows (a tied
+# table, in transformers too), are split by vocabulary.
+STYLE_NAMES = {"colwise": "column", "rowwise": "row", "replicated_with_grad_allreduce": "replicated",
+               "colwise_gather_output": "vocab", "embedding_rowwise": "vocab"}
+PLAN_LINE = re.compile(r"^  (\S+)\s+\[[^\]]*\]\s+(\S+)")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
+def test_plan_agrees_with_transformers_tp_plan(family):
+    """The plan derived from the graph alone, as printed, splits every module transformers'
+    `base_model_tp_plan` names (and the LM head of `_tp_plan`) the way that plan says, in
+    every layer: column-parallel Q/K/V and gate/up, row-parallel o and down projections,
+    replicated per-head norms (Qwen3), a tied embedding by vocabulary (Llama here)."""
+    hf = make_hf_model(family)
+    model = RBLNAutoModelForCausalLM.from_model(hf, **OPTIONS, rbln_tensor_parallel_size=2, rbln_create_runtimes=False)
+    printed = {}
+    for line in str(model.graphs[f"decoder_batch_{OPTIONS['rbln_batch_size']}"].sharding_plan).splitlines():
+        if match := PLAN_LINE.match(line):
+            printed[match[1]] = match[2]
+    expected = {}
+    for pattern, style in hf.config.base_model_tp_plan.items():
+        leaf = FUSED_INTO.get(pattern.rsplit(".", 1)[-1], pattern.rsplit(".", 1)[-1])
+        layers = range(hf.config.num_hidden_layers) if pattern.startswith("layers.*.") else [None]
+        for layer in layers:
+            expected[leaf + ".weight" if layer is None else f"layers.{layer}.{leaf}.weight"] = STYLE_NAMES[style]
+    lm_head = "embed_tokens.weight" if hf.config.tie_word_embeddings else "lm_head.weight"
+    expected[lm_head] = STYLE_NAMES[type(hf)._tp_plan["lm_head"]]
+    assert {name: printed.get(name) for name in expected} == expected
+    assert len(expected) >= 4 * hf.config.num_hidden_layers + 1
+
+
 class Block(nn.Module):
     """A pre-norm transformer block in plain torch (no Hugging Face class)."""
 

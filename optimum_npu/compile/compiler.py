@@ -265,7 +265,7 @@ def compile_from_torch(
     dtype), ...]`; shapes are static. `dtype` is the device's 16-bit compute type.
     `numerics="exact"` keeps fp32 weights so the simulator can run in fp32 (sizes and
     costs stay those of `dtype`). `tensor_parallel_size=N` splits the model over N devices
-    (`tensor_parallel.py`). A module on the meta device compiles too: the result tells
+    (`tensor_parallel/`). A module on the meta device compiles too: the result tells
     sizes and costs (and raises if they don't fit) but cannot be saved or run.
     """
     target = _checked_target(npu, tensor_parallel_size, dtype, numerics)

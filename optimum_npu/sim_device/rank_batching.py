@@ -313,7 +313,6 @@ class CheckedElementwise:
 SHAPE_OPS: dict[str, Callable] = {
     "aten.view.default": _reshape,
     "aten.reshape.default": _reshape,
-    "aten._unsafe_view.default": _reshape,
     "aten.transpose.int": _transpose,
     "aten.slice.Tensor": _dim_at(0),
     "aten.select.int": _dim_at(0),
