@@ -1,7 +1,7 @@
 """Tensor-parallel scaling: simulated device time and memory of a Llama-3-8B-shaped model at TP 1..16,
 and the host wall time of running TP 4 in one process against TP 1.
 
-    python benchmarks/tp_scaling.py [--tp 1 2 4 8 16] [--skip-host | --host-only]
+    python benchmarks/tp_scaling.py [--tp 1 2 4 8 16] [--skip-host | --host-only] [--repeats 5]
 
 Table 1 (simulated, RBLN-CA25 devices, ranks filling ATOM-Max cards in order, bf16): the model is
 built on the meta device (no weights are materialised) with Llama-3-8B's shapes (32 layers, hidden
@@ -15,14 +15,17 @@ built on the meta device (no weights are materialised) with Llama-3-8B's shapes 
 
 Table 2 (host): a ~125M Llama (12 layers, hidden 768, 12 / 4 heads) generating 32 tokens after a
 32-token prompt at batch 1, compiled at TP 1 and at TP 4 (all four ranks in this process, each on
-its shard, in bf16): host wall time of 5 runs each, TP 1 and TP 4 interleaved after a warm-up, and
-the ratio TP 4 / TP 1 of the medians (the issue's goal: <= 1.3). It prints the host CPU and how it
+its shard, in bf16), TP 4 loaded twice: with rank batching (each matmul / attention for all ranks
+in one host call, `sim_device/rank_batching.py`) and without (OPTIMUM_NPU_RANK_BATCHING=0). Host
+wall time of --repeats runs each (default 5), the three interleaved after a warm-up, and the
+ratios TP 4 / TP 1 of the medians (the issue's goal: <= 1.3). It prints the host CPU and how it
 computes bf16 (`sim_device/host_math.py`; set OPTIMUM_NPU_HOST_MATH=native|fp32 to compare).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -34,7 +37,7 @@ from optimum_npu import RBLNLlamaForCausalLM, compile_from_torch
 from optimum_npu.compile import ProgramTooLargeError
 from optimum_npu.modeling.decoderonly.compile_plan import DecoderPlan
 from optimum_npu.sim_device.cost_model import attention_work
-from optimum_npu.sim_device import host_math
+from optimum_npu.sim_device import host_math, rank_batching
 from optimum_npu.sim_device.program import StepKind
 
 GiB = 1024**3
@@ -114,29 +117,38 @@ def host_table(repeats: int = 5) -> None:
     hf = LlamaForCausalLM(config).eval()
     ids = torch.randint(3, config.vocab_size, (1, 32))
     options = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
-    models = {tp: RBLNLlamaForCausalLM.from_model(hf, rbln_batch_size=1, rbln_max_seq_len=256,
-                                                  rbln_prefill_chunk_size=64, rbln_tensor_parallel_size=tp)
-              for tp in (1, 4)}
-    for model in models.values():
-        model.generate(ids, **options)  # warm-up
-    runs = {tp: [] for tp in models}
-    for _ in range(repeats):  # interleaved, so a burst of load from elsewhere hits both alike
-        for tp, model in models.items():
+    common = dict(rbln_batch_size=1, rbln_max_seq_len=256, rbln_prefill_chunk_size=64)
+    # TP 4 with its ranks' calls batched (rank_batching.py) and without (every op once per rank).
+    models = {"TP 1": RBLNLlamaForCausalLM.from_model(hf, **common, rbln_tensor_parallel_size=1)}
+    previous = os.environ.get(rank_batching.ENV)
+    for label, switch in (("TP 4", "1"), ("TP 4 unbatched", "0")):
+        os.environ[rank_batching.ENV] = switch   # read when the runtimes load
+        models[label] = RBLNLlamaForCausalLM.from_model(hf, **common, rbln_tensor_parallel_size=4)
+    if previous is None:
+        os.environ.pop(rank_batching.ENV)
+    else:
+        os.environ[rank_batching.ENV] = previous
+    tokens = {label: model.generate(ids, **options) for label, model in models.items()}  # warm-up
+    if not torch.equal(tokens["TP 4"], tokens["TP 4 unbatched"]):
+        raise AssertionError("rank batching changed the generated tokens")
+    runs = {label: [] for label in models}
+    for _ in range(repeats):  # interleaved, so a burst of load from elsewhere hits all alike
+        for label, model in models.items():
             started = time.perf_counter()
             model.generate(ids, **options)
-            runs[tp].append(time.perf_counter() - started)
+            runs[label].append(time.perf_counter() - started)
     print(f"\n{host_math.describe()}")
-    print("host wall time of generate (125M Llama, batch 1, 32 + 32 tokens, bf16, TP 1 and TP 4 interleaved, "
-          f"{repeats} runs each after a warm-up; simulated TPOT alongside)")
-    print(f"{'TP':>3} | {'best s':>7} {'median s':>8} {'vs TP 1':>8} | {'simulated TPOT ms':>17}")
-    best = {tp: min(r) for tp, r in runs.items()}
-    median = {tp: statistics.median(r) for tp, r in runs.items()}
-    for tp, model in models.items():
-        print(f"{tp:>3} | {best[tp]:7.3f} {median[tp]:8.3f} {median[tp] / median[1]:7.2f}x | "
+    print("host wall time of generate (125M Llama, batch 1, 32 + 32 tokens, bf16; TP 1, TP 4 and TP 4 without rank "
+          f"batching interleaved, {repeats} runs each after a warm-up; simulated TPOT alongside)")
+    print(f"{'':>14} | {'best s':>7} {'median s':>8} {'vs TP 1':>8} | {'simulated TPOT ms':>17}")
+    best = {label: min(r) for label, r in runs.items()}
+    median = {label: statistics.median(r) for label, r in runs.items()}
+    for label, model in models.items():
+        print(f"{label:>14} | {best[label]:7.3f} {median[label]:8.3f} {median[label] / median['TP 1']:7.2f}x | "
               f"{model.generation_stats.tpot_s * 1e3:17.3f}")
         model.close()
-    print(f"host time TP 4 / TP 1: {median[4] / median[1]:.2f}x median, {best[4] / best[1]:.2f}x best "
-          "(goal: at most 1.3x; the work is the same)")
+    print(f"host time TP 4 / TP 1: {median['TP 4'] / median['TP 1']:.2f}x median with rank batching, "
+          f"{median['TP 4 unbatched'] / median['TP 1']:.2f}x without (goal: at most 1.3x; the work is the same)")
 
 
 def main() -> None:
@@ -145,11 +157,12 @@ def main() -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--skip-host", action="store_true", help="only the simulated table")
     which.add_argument("--host-only", action="store_true", help="only the host wall-time table")
+    parser.add_argument("--repeats", type=int, default=5, help="host runs of each model (the median is reported)")
     args = parser.parse_args()
     if not args.host_only:
         simulated_table(args.tp)
     if not args.skip_host:
-        host_table()
+        host_table(args.repeats)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,29 @@ def test_device_numerics_at_tp4_within_16_bit_tolerance(family, dtype, rtol):
     check_device_logits(model, hf, f"{family} {dtype} TP 4", rtol)
 
 
+@pytest.mark.parametrize(("family", "tp", "dtype"), [("llama", 4, "bfloat16"), ("qwen2", 4, "float16"),
+                                                   ("llama", 8, "bfloat16")])
+def test_rank_batching_on_and_off_give_the_same_bits(family, tp, dtype, monkeypatch):
+    """All ranks' matmuls, attention and small ops in one host call (rank_batching.py), or every op
+    once per rank as each rank alone computes it (OPTIMUM_NPU_RANK_BATCHING=0): the same logits,
+    bit for bit, in device numerics, and the same generated tokens."""
+    hf = make_hf_model(family)
+    prompts = random_prompts((40, 17), seed=5)
+    cont = [hf_generate(hf, prompt, max_new_tokens=4, do_sample=False)[:-1] for prompt in prompts]
+    logits, tokens = {}, {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("OPTIMUM_NPU_RANK_BATCHING", switch)
+        model = RBLNAutoModelForCausalLM.from_model(hf, **OPTIONS, rbln_tensor_parallel_size=tp, rbln_dtype=dtype)
+        try:
+            assert all(r.rank_batching is (switch == "1") for r in model.runtimes.values())
+            logits[switch] = rbln_teacher_forced(model, prompts, cont)
+            tokens[switch] = generate(model, prompts)
+        finally:
+            model.close()
+    assert all(torch.equal(on, off) for on, off in zip(logits["1"], logits["0"]))
+    assert torch.equal(tokens["1"], tokens["0"])
+
+
 def test_device_numerics_round_the_partial_sums():
     """TP 4 in bf16 differs from TP 1 only by where it rounds (the row-parallel partial sums are
     16-bit numbers added in 16 bits), so the two are close but not bit-identical; in exact

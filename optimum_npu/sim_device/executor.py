@@ -66,8 +66,9 @@ class Executable:
 
 class _Writer:
     def __init__(self, num_ranks: int, split_state: set[str], stacked_state: set[str],
-                 ndims: dict[str, int]) -> None:
+                 ndims: dict[str, int], rank_batching: bool) -> None:
         self.num_ranks = num_ranks
+        self.rank_batching = rank_batching   # all-rank calls where they exist; else every op per rank
         self.ndims = ndims   # value name -> dimensions (the same on every rank)
         self.split = set(split_state)   # values that differ per rank
         self.listed = set(split_state)  # ... held as one slot per rank
@@ -227,7 +228,8 @@ class _Writer:
     def op(self, op: BoundOp, index: int, dynamic: bool) -> None:
         names = _ref_names((op.args, list(op.kwargs.values())))
         ranks = self.ranks_of(names)
-        if len(ranks) > 1 and not dynamic:
+        batching = len(ranks) > 1 and self.rank_batching
+        if batching and not dynamic:
             call = self.on_stacked(op)
             if call is not None:
                 self.assign(call, [name and self.slot_of(name, STACKED) for name in op.outputs])
@@ -235,7 +237,7 @@ class _Writer:
                 return
         if len(ranks) > 1:
             self.split.update(name for name in op.outputs if name)
-        batched = self.over_ranks(op) if len(ranks) > 1 else None
+        batched = self.over_ranks(op) if batching else None
         stacked_result = False
         if batched is None:
             self.need_listed(names)
@@ -319,7 +321,8 @@ def _ref_names(arg: Any) -> list[str]:
 
 def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: set[str], rounding: bool,
              num_ranks: int = 1, split_state: set[str] = frozenset(),
-             stacked_state: set[str] = frozenset(), ndims: dict[str, int] | None = None) -> Executable:
+             stacked_state: set[str] = frozenset(), ndims: dict[str, int] | None = None,
+             rank_batching: bool = True) -> Executable:
     """`steps`: (step, its bound ops, values to free after it). Ops named in `dynamic_ops`
     report their arguments to `dyn(step_index, op, args)` after running (for pricing).
 
@@ -333,8 +336,9 @@ def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: se
     activation such a call returns rank-stacked stays so through the small shape and exact
     elementwise ops that follow (one call on the stacked tensor), and is cut into the ranks'
     values only where something reads them per rank. `ndims` (value name -> dimensions) lets an
-    elementwise op on stacked values be called directly when no operand needs aligning."""
-    w = _Writer(num_ranks, split_state, stacked_state, ndims or {})
+    elementwise op on stacked values be called directly when no operand needs aligning. With
+    `rank_batching` off, every op reading a per-rank value is emitted once per rank."""
+    w = _Writer(num_ranks, split_state, stacked_state, ndims or {}, rank_batching)
     for index, (step, ops, frees) in enumerate(steps):
         if step.kind == StepKind.H2D:
             for src, dst in zip(step.inputs, step.outputs):

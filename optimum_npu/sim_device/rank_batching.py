@@ -34,6 +34,7 @@ rank (torchrun), bit for bit.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +44,16 @@ from torch import Tensor
 from .kernels import FLASH_ATTENTION, KV_CACHE_UPDATE, PAGED_ATTENTION
 
 LINEAR = "aten.linear.default"
+ENV = "OPTIMUM_NPU_RANK_BATCHING"
+
+
+def enabled() -> bool:
+    """Whether runtimes use these all-rank calls unless told (`Runtime(rank_batching=...)`):
+    OPTIMUM_NPU_RANK_BATCHING=1 (the default) or 0 (every op once per rank, as the ranks alone)."""
+    value = os.environ.get(ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV} must be '0' or '1'; got {os.environ[ENV]!r}")
+    return value == "1"
 
 
 class Stacked:

@@ -19,7 +19,8 @@ A program compiled for N devices (tensor parallelism) runs, by default, all N ra
 this process: each rank holds its shard of the split weights and KV cache and computes its
 part in the device numerics, and collectives combine the ranks' results in the device's
 precision (`collectives.py`); ops on values every rank shares run once, and the matmuls and
-attention run for all ranks in one host call (`rank_batching.py`). Under `torchrun`
+attention run for all ranks in one host call (`rank_batching.py`; `Runtime(rank_batching=False)`
+or OPTIMUM_NPU_RANK_BATCHING=0 runs every op once per rank instead, with the same bits). Under `torchrun`
 with a process group of N processes, each process runs one rank on one device and the
 collectives go through `torch.distributed`: the same artifact, the same outputs.
 
@@ -53,7 +54,7 @@ from .ops import collective_ops, resolve_op
 from .profiler import DEVICE_SYNC, EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
 from .session import Session, active_session
 from .program import PROGRAM_DTYPES, Ref, Step, StepKind, decode_arg
-from .rank_batching import Stacked
+from .rank_batching import Stacked, enabled as rank_batching_enabled
 from .specs import get_npu_spec
 from .stats import RuntimeStats
 from .validation import validate_program
@@ -110,6 +111,7 @@ class Runtime:
         share_state_with: Runtime | DeviceState | None = None,
         name: str | None = None,
         keep_values: bool = False,
+        rank_batching: bool | None = None,
     ):
         if tensor_type not in ("pt", "np"):
             raise ValueError(f"tensor_type must be 'pt' or 'np', got {tensor_type!r}")
@@ -119,6 +121,8 @@ class Runtime:
         # Debugging: keep every intermediate value of a run (none freed), read by `last_values`.
         self.keep_values = keep_values
         self._last_env: list | None = None
+        # All ranks' matmuls and attention in one host call (`rank_batching.py`); off: once per rank.
+        self.rank_batching = rank_batching_enabled() if rank_batching is None else bool(rank_batching)
         self.tensor_type = tensor_type
         self.spec = get_npu_spec(program.npu)
         state = share_state_with.state if isinstance(share_state_with, Runtime) else share_state_with
@@ -184,11 +188,12 @@ class Runtime:
         rank_count = len(self.ranks)
         split = {name for name, tensor in self._state.items()
                  if any(states[name] is not tensor for states in self._rank_state[1:])}
-        stacked = {name for name in split if name in self.state.stacked}
+        stacked = {name for name in split if name in self.state.stacked} if self.rank_batching else set()
         ndims = {spec.name: len(spec.shape)
                  for spec in (*program.inputs, *program.weights, *program.buffers, *program.values.values())}
         self._executable = generate(bound, set(KERNEL_OPS), rounding=self.numerics.round_to is not None,
-                                    num_ranks=rank_count, split_state=split, stacked_state=stacked, ndims=ndims)
+                                    num_ranks=rank_count, split_state=split, stacked_state=stacked, ndims=ndims,
+                                    rank_batching=self.rank_batching)
         if rank_count == program.tensor_parallel_size:
             self._collectives = InProcessCollectives(self.numerics.round)
         else:
