@@ -25,7 +25,8 @@ from optimum_npu.sim_device.kernels import FLASH_ATTENTION, IMPLEMENTATIONS, KV_
 from optimum_npu.sim_device.executor import STACKED
 from optimum_npu.sim_device.host_linear import PackedLinear, PackedWeights
 from optimum_npu.sim_device.rank_batching import (
-    ELEMENTWISE_OPS, SHAPE_OPS, CheckedElementwise, Stacked, all_rank_form, column_linear, elementwise, row_linear,
+    ELEMENTWISE_OPS, SHAPE_OPS, CheckedElementwise, RowsCache, Stacked, all_rank_form, column_linear, elementwise,
+    row_linear,
 )
 
 RANKS = 4
@@ -113,10 +114,11 @@ def test_batch_inputs_edited_in_place_between_calls_are_read_anew():
     tables = torch.tensor([[0, 1]], dtype=torch.int32)
     start = torch.tensor([3], dtype=torch.int32)
     q = [torch.randn(1, 2, 1, 16).bfloat16() for _ in range(RANKS)]
-    attend = IMPLEMENTATIONS[PAGED_ATTENTION]
+    attend, rows = IMPLEMENTATIONS[PAGED_ATTENTION], RowsCache()
     for table in ([0, 1], [2, 3]):
         tables[0] = torch.tensor(table)
-        outs = all_rank_form(PAGED_ATTENTION, True).run(attend, q, Stacked(k_stack), Stacked(v_stack), tables, start, 0.25, 0)
+        outs = all_rank_form(PAGED_ATTENTION, True).run(attend, q, Stacked(k_stack), Stacked(v_stack), tables, start,
+                                                        0.25, 0, rows_cache=rows)
         for r in range(RANKS):
             assert torch.equal(outs[r], attend(q[r], k_ranks[r], v_ranks[r], tables, start, 0.25, 0))
 

@@ -1,4 +1,4 @@
-"""Turn a program's steps into one straight-line Python function, once, at load time.
+"""Emit a program's steps as one straight-line Python function, once, at load time.
 
 Interpreting op by op costs a few microseconds of Python per op, which for an LLM decode
 step of ~600 small ops is as much as the math. Like torch.fx's code generation, we write
@@ -13,6 +13,15 @@ the schedule out as plain statements and compile them:
     e[21] = o[5](c[6], e[21], c[7])       # a small op once on a rank-stacked activation
     e[14], e[17], = e[21].unbind()        # a rank-stacked activation cut into the ranks' values
 
+The function is `run(x, e)`: `e` is the environment (a list of values), `x` the `RunContext`
+whose fields its first line binds to the locals above (`o`, `c`, `k`, `dev`, `rnd`, `up`,
+`dyn`, `reduce`, `gather`), so the body reads locals as fast as arguments.
+
+A value of a tensor-parallel program is held in one of a few forms (`Form`): shared by the
+ranks (one slot), per rank (one slot per rank), rank-stacked (one [N, ...] tensor), or a split
+weight's `Stacked` storage; `_Writer.forms` says which, and its transitions (`to_per_rank`,
+`produced`, `to_shared`, `release`) emit the code that moves a value between them.
+
 The generated text contains only integer indices and the fixed helper names above,
 never a name, string or number read from the artifact (those stay in the `c` / `k`
 lists), so a program's text cannot inject code. What the `o` callables are is decided
@@ -23,6 +32,8 @@ schema, every value defined before it is read).
 
 from __future__ import annotations
 
+import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,7 +42,8 @@ import torch
 from .collectives import ALL_REDUCE
 from .program import Ref, Step, StepKind
 from .rank_batching import (
-    CHECKED_ELEMENTWISE_OPS, ELEMENTWISE_OPS, SHAPE_OPS, CheckedElementwise, Stacked, all_rank_form, elementwise,
+    CHECKED_ELEMENTWISE_OPS, ELEMENTWISE_OPS, SHAPE_OPS, CheckedElementwise, RowsCache, Stacked, all_rank_form,
+    elementwise,
 )
 
 STACKED = -1   # the rank in the slot key of a split value's rank-stacked form ([N, ...]; for a split
@@ -53,15 +65,51 @@ class BoundOp:
     outputs: list[str]
 
 
+class Form(enum.Flag):
+    """How the executor holds a value of a tensor-parallel program. A value no rank holds apart
+    is shared (no flag): one slot, read by every rank. A value that differs per rank is held
+    `PER_RANK` (slots (name, rank)), `STACKED` (one [N, ...] tensor in slot (name, STACKED), as
+    an all-rank call returned it), or both once the stacked tensor was cut into per-rank views;
+    a split weight / buffer with rank-stacked storage is `PER_RANK | STORAGE` (its `Stacked` in
+    slot (name, STACKED))."""
+
+    PER_RANK = enum.auto()
+    STACKED = enum.auto()
+    STORAGE = enum.auto()
+
+
+SHARED = Form(0)
+
+
+@dataclass
+class RunContext:
+    """What the generated function calls besides its environment, bound to locals in its first line."""
+
+    ops: list[Callable]                 # o: the op callables, by index
+    constants: list                     # c: constant arguments, by index
+    kwargs: list[dict]                  # k: constant keyword arguments, by index
+    to_device: Callable                 # dev: an input cast to the device's float type
+    round: Callable                     # rnd: a kernel output rounded to the device's precision
+    to_fp32: Callable                   # up: a host-fallback input in fp32
+    price: Callable                     # dyn(step_index, op, args): a dynamic-cost op's arguments, for pricing
+    all_reduce: Callable                # reduce(per-rank values, residual)
+    all_gather: Callable                # gather(per-rank values, dim, sources)
+
+
+PROLOGUE = ("o, c, k, dev, rnd, up, dyn, reduce, gather = "
+            "x.ops, x.constants, x.kwargs, x.to_device, x.round, x.to_fp32, x.price, x.all_reduce, x.all_gather")
+
+
 @dataclass
 class Executable:
-    function: Callable            # run(e, o, c, k, dev, rnd, up, dyn, reduce, gather) -> e
+    run: Callable                 # run(x: RunContext, e: list) -> e
     slots: dict[tuple[str, int], int]   # (value name, rank) -> index in the environment list; rank 0
                                         # for a value all ranks share, STACKED for the rank-stacked
                                         # form of a split value
     ops: list[Callable] = field(default_factory=list)
     constants: list = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
+    rows_cache: RowsCache = field(default_factory=RowsCache)   # the attention forms' batch rows, per run
 
 
 class _Writer:
@@ -70,19 +118,46 @@ class _Writer:
         self.num_ranks = num_ranks
         self.rank_batching = rank_batching   # all-rank calls where they exist; else every op per rank
         self.ndims = ndims   # value name -> dimensions (the same on every rank)
-        self.split = set(split_state)   # values that differ per rank
-        self.listed = set(split_state)  # ... held as one slot per rank
-        self.stacked_acts: set[str] = set()   # ... held rank-stacked in one slot (activations)
-        self.stacked = set(stacked_state)     # split weights / buffers with `Stacked` storage
+        # The form of every value that differs per rank (absent: shared).
+        self.forms: dict[str, Form] = {
+            name: Form.PER_RANK | (Form.STORAGE if name in stacked_state else SHARED) for name in split_state}
         self.slots: dict[tuple[str, int], int] = {}
         self.ops: list[Callable] = []
         self.constants: list = []
         self.kwargs: list[dict] = []
-        self.lines = ["def run(e, o, c, k, dev, rnd, up, dyn, reduce, gather):"]
+        self.rows_cache = RowsCache()
+        self.lines = ["def run(x, e):", "    " + PROLOGUE]
         self.indent = 1
 
+    # ---- forms -------------------------------------------------------------------------
+
+    def split(self, name: str) -> bool:
+        """Whether `name` differs per rank."""
+        return name in self.forms
+
+    def held(self, name: str, form: Form) -> bool:
+        return form in self.forms.get(name, SHARED)
+
+    def to_per_rank(self, names: list[str]) -> None:
+        """Cut rank-stacked values into one slot per rank before something reads them per rank."""
+        for name in names:
+            if self.split(name) and not self.held(name, Form.PER_RANK):
+                self.cut(name)
+                self.forms[name] |= Form.PER_RANK
+
+    def produced(self, names: list[str], stacked: bool) -> None:
+        """Op outputs that differ per rank, held rank-stacked or per rank."""
+        for name in names:
+            if name:
+                keep = self.forms.get(name, SHARED) & Form.STORAGE
+                self.forms[name] = keep | (Form.STACKED if stacked else Form.PER_RANK)
+
+    def to_shared(self, name: str) -> None:
+        """A collective's result: the same on every rank."""
+        self.forms.pop(name, None)
+
     def slot(self, name: str, rank: int = 0) -> str:
-        key = (name, rank if name in self.split else 0)
+        key = (name, rank if name in self.forms else 0)
         return f"e[{self.slots.setdefault(key, len(self.slots))}]"
 
     def slot_of(self, name: str, rank: int) -> str:
@@ -114,20 +189,6 @@ class _Writer:
         """Emit: the per-rank slots of `name` released."""
         self.emit("".join(f"{self.slot(name, rank)} = " for rank in range(self.num_ranks)) + "None")
 
-    def need_listed(self, names: list[str]) -> None:
-        """Cut rank-stacked values into one slot per rank before something reads them per rank."""
-        for name in names:
-            if name in self.split and name not in self.listed:
-                self.cut(name)
-                self.listed.add(name)
-
-    def produced(self, names: list[str], stacked: bool) -> None:
-        for name in names:
-            if name:
-                self.split.add(name)
-                (self.stacked_acts if stacked else self.listed).add(name)
-                (self.listed if stacked else self.stacked_acts).discard(name)
-
     def call(self, op: BoundOp, rank: int) -> str:
         self.ops.append(op.fn)
         parts = [self.expr(a, rank) for a in op.args]
@@ -144,8 +205,8 @@ class _Writer:
         if _has_ref(list(op.kwargs.values())) or op.kwargs.get("alpha", 1) != 1:
             return None
         refs = [(i, a) for i, a in enumerate(op.args) if _has_ref(a)]
-        per_rank = [i for i, a in refs if any(n in self.split for n in _ref_names(a))]
-        if not all(n in self.stacked_acts for i in per_rank for n in _ref_names(op.args[i])):
+        per_rank = [i for i, a in refs if any(self.split(n) for n in _ref_names(a))]
+        if not all(self.held(n, Form.STACKED) for i in per_rank for n in _ref_names(op.args[i])):
             return None
         run: Callable = op.fn
         args, kwargs = list(op.args), dict(op.kwargs)
@@ -175,7 +236,7 @@ class _Writer:
             if type(arg) is list:
                 return "[" + "".join(f"{form(a)}, " for a in arg) + "]"
             if type(arg) is Ref:
-                return self.slot_of(arg.name, STACKED) if arg.name in self.split else self.slot(arg.name)
+                return self.slot_of(arg.name, STACKED) if self.split(arg.name) else self.slot(arg.name)
             return self.constant(arg)
 
         self.ops.append(run)
@@ -189,7 +250,7 @@ class _Writer:
         """One call of the op's all-rank form and whether its result is rank-stacked (None if it
         has none): per-rank values as lists, split weights / buffers as their `Stacked` storage."""
         first = op.args[0] if op.args else None
-        form_of = all_rank_form(op.target, input_per_rank=type(first) is Ref and first.name in self.split)
+        form_of = all_rank_form(op.target, input_per_rank=type(first) is Ref and self.split(first.name))
         if form_of is None or len(op.outputs) > 1 or any(
                 type(a) is list and _has_ref(a) for a in (*op.args, *op.kwargs.values())):
             return None
@@ -197,15 +258,16 @@ class _Writer:
         def form(arg: Any) -> str:
             if type(arg) is not Ref:
                 return self.constant(arg)
-            if arg.name in self.stacked:
+            if self.held(arg.name, Form.STORAGE):
                 return self.slot_of(arg.name, STACKED)
-            if arg.name in self.stacked_acts:
+            if self.held(arg.name, Form.STACKED):
                 return f"{self.constant(Stacked)}({self.slot_of(arg.name, STACKED)})"
-            if arg.name in self.split:
+            if self.split(arg.name):
                 return self.rank_slots(arg.name)
             return self.slot(arg.name)
 
-        self.ops.append(form_of.run)
+        self.ops.append(functools.partial(form_of.run, rows_cache=self.rows_cache) if form_of.reads_rows
+                        else form_of.run)
         parts = [self.constant(op.fn)] + [form(a) for a in op.args]
         if op.kwargs:
             parts.append("**{" + ", ".join(f"{self.constant(key)}: {form(v)}" for key, v in op.kwargs.items()) + "}")
@@ -213,7 +275,7 @@ class _Writer:
 
     def ranks_of(self, names: list[str]) -> range:
         """Ranks to emit an op for: all when it reads a per-rank value, else one (shared by all)."""
-        return range(self.num_ranks) if any(n in self.split for n in names) else range(1)
+        return range(self.num_ranks) if any(self.split(n) for n in names) else range(1)
 
     def assign(self, call: str, targets: list[str]) -> None:
         """`call`'s result into `targets` (one per output; empty for an output nobody reads)."""
@@ -235,12 +297,14 @@ class _Writer:
                 self.assign(call, [name and self.slot_of(name, STACKED) for name in op.outputs])
                 self.produced(op.outputs, stacked=True)
                 return
-        if len(ranks) > 1:
-            self.split.update(name for name in op.outputs if name)
+        if len(ranks) > 1:  # the outputs differ per rank: their slots are per rank from here
+            for name in op.outputs:
+                if name:
+                    self.forms.setdefault(name, SHARED)
         batched = self.over_ranks(op) if batching else None
         stacked_result = False
         if batched is None:
-            self.need_listed(names)
+            self.to_per_rank(names)
         else:
             call, stacked_result = batched
             self.emit(f"t = {call}")
@@ -256,7 +320,7 @@ class _Writer:
                 self.emit("if t is None:")
             self.indent += 1
             # The per-rank fallback reads stacked inputs cut into the ranks' values here only.
-            cut = [n for n in dict.fromkeys(names) if n in self.split and n not in self.listed]
+            cut = [n for n in dict.fromkeys(names) if self.split(n) and not self.held(n, Form.PER_RANK)]
             for name in cut:
                 self.cut(name)
         for rank in ranks:
@@ -277,14 +341,14 @@ class _Writer:
 
     def rank0(self, arg: Any) -> str:
         """Rank 0's value of `arg`, whichever form it is held in."""
-        if type(arg) is Ref and arg.name in self.stacked_acts and arg.name not in self.listed:
+        if type(arg) is Ref and self.held(arg.name, Form.STACKED) and not self.held(arg.name, Form.PER_RANK):
             return f"{self.slot_of(arg.name, STACKED)}[0]"
         return self.expr(arg)
 
     def collective(self, op: BoundOp) -> None:
         """Every rank's operand in one list; the result is the same on every rank (one slot)."""
         x, *rest = op.args
-        self.need_listed([x.name])
+        self.to_per_rank([x.name])
         (out,) = op.outputs
         if op.target == ALL_REDUCE:
             residual = rest[0] if rest else op.kwargs.get("residual")
@@ -293,20 +357,21 @@ class _Writer:
             dim, sources = rest
             self.emit(f"{self.slot(out)} = gather({self.rank_slots(x.name)}, {self.constant(dim)}, "
                       f"{self.constant(sources)})")
-        self.split.discard(out)
+        self.to_shared(out)
 
-    def free(self, name: str) -> None:
-        if name in self.stacked_acts:
+    def release(self, name: str) -> None:
+        """Emit: every form of `name` freed (after its last use)."""
+        if self.held(name, Form.STACKED):
             self.emit(f"{self.slot_of(name, STACKED)} = None")
-        if name not in self.split or name in self.listed:
+        if not self.split(name) or self.held(name, Form.PER_RANK):
             for rank in self.ranks_of([name]):
                 self.emit(f"{self.slot(name, rank)} = None")
 
     def round_output(self, name: str) -> None:
-        if name in self.stacked_acts:
+        if self.held(name, Form.STACKED):
             slot = self.slot_of(name, STACKED)
             self.emit(f"{slot} = rnd({slot})")
-        if name not in self.split or name in self.listed:
+        if not self.split(name) or self.held(name, Form.PER_RANK):
             for rank in self.ranks_of([name]):
                 self.emit(f"{self.slot(name, rank)} = rnd({self.slot(name, rank)})")
 
@@ -319,7 +384,7 @@ def _ref_names(arg: Any) -> list[str]:
     return []
 
 
-def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: set[str], rounding: bool,
+def emit_program(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: set[str], rounding: bool,
              num_ranks: int = 1, split_state: set[str] = frozenset(),
              stacked_state: set[str] = frozenset(), ndims: dict[str, int] | None = None,
              rank_batching: bool = True) -> Executable:
@@ -344,7 +409,7 @@ def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: se
             for src, dst in zip(step.inputs, step.outputs):
                 w.emit(f"{w.slot(dst)} = " + (f"dev({w.slot(src)})" if step.cast_to_device_float else w.slot(src)))
         elif step.kind == StepKind.D2H:
-            w.need_listed(list(step.inputs))
+            w.to_per_rank(list(step.inputs))
             for src, dst in zip(step.inputs, step.outputs):
                 w.emit(f"{w.slot(dst)} = {w.slot(src)}")
         elif step.kind == StepKind.COLLECTIVE:
@@ -352,7 +417,7 @@ def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: se
                 w.collective(op)
         else:
             if step.kind == StepKind.HOST:  # host fallback computes in fp32
-                w.need_listed(list(step.inputs))
+                w.to_per_rank(list(step.inputs))
                 for name in step.inputs:
                     for rank in w.ranks_of([name]):
                         w.emit(f"{w.slot(name, rank)} = up({w.slot(name, rank)})")
@@ -362,8 +427,8 @@ def generate(steps: list[tuple[Step, list[BoundOp], list[str]]], dynamic_ops: se
                 for name in step.outputs:
                     w.round_output(name)
         for name in frees:
-            w.free(name)
+            w.release(name)
     w.emit("return e")
     namespace: dict = {}
     exec(compile("\n".join(w.lines), "<rbln program>", "exec"), {"__builtins__": {}}, namespace)
-    return Executable(namespace["run"], w.slots, w.ops, w.constants, w.kwargs)
+    return Executable(namespace["run"], w.slots, w.ops, w.constants, w.kwargs, w.rows_cache)

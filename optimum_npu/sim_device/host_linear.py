@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .fast_path import VerifiedFastPath
 from .host_math import available_ram_bytes
 
 _linear = torch.ops.aten.linear.default
@@ -56,29 +57,24 @@ class PackedLinear:
 
     The choice is made per weight (a call site of a tensor-parallel program runs with each rank's
     shard) and host thread count (oneDNN splits the work by threads) on the first such call and
-    kept: a program's call site always sees the same shapes.
+    kept (`fast_path.VerifiedFastPath`): a program's call site always sees the same shapes.
     """
 
     def __init__(self, weights: PackedWeights) -> None:
         self._weights = weights
-        self._packed: dict[tuple[int, int], Tensor | None] = {}   # (id(weight), threads) -> packed copy, or None
+        self._fast_path = VerifiedFastPath()
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        key = (id(weight), torch.get_num_threads())
-        packed = self._packed.get(key, False)
-        if packed is None:
-            return _linear(x, weight, bias)
-        if packed is not False:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
-        out = _linear(x, weight, bias)
+        return self._fast_path((id(weight), torch.get_num_threads()), self._packed, _linear, x, weight, bias)
+
+    def _packed(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """The linear with the packed weight; None where there is none (or oneDNN refuses it)."""
+        if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+            return None
         packed = self._weights.get(weight, max(1, x.numel() // max(1, x.shape[-1])))
-        if packed is not None and x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype):
-            try:
-                same = torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], ""), out)
-            except RuntimeError:
-                same = False
-            packed = packed if same else None
-        else:
-            packed = None
-        self._packed[key] = packed
-        return out
+        if packed is None:
+            return None
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+        except RuntimeError:
+            return None

@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .fast_path import VerifiedFastPath
 from .kernels import FLASH_ATTENTION, KV_CACHE_UPDATE, PAGED_ATTENTION
 
 LINEAR = "aten.linear.default"
@@ -63,7 +64,7 @@ class Stacked:
     `shards` are the ranks' views of it and `flat` the parts end to end (for a weight, one matrix
     of every rank's output features; for an activation, every rank's rows as one batch), each
     made once, on first use: the host's packed-weight cache (`host_linear.py`) knows a weight by
-    its tensor object. `one_matmul` remembers where a row-parallel linear may run as one matmul
+    its tensor object. `one_matmul` knows where a row-parallel linear may run as one matmul
     (`row_linear`)."""
 
     __slots__ = ("tensor", "_shards", "_flat", "one_matmul")
@@ -72,7 +73,7 @@ class Stacked:
         self.tensor = tensor
         self._shards = shards
         self._flat = None
-        self.one_matmul: dict[tuple, bool] = {}
+        self.one_matmul = VerifiedFastPath()
 
     @property
     def shards(self) -> list[Tensor]:
@@ -121,34 +122,54 @@ def row_linear(matmul: Callable, x, weight, bias=None) -> list[Tensor] | None:
     own shard (kept apart: the all-reduce adds them in the device's precision).
 
     The one-matmul form is kept only where it gives each rank's bits: the host's matmul may pick
-    another kernel for more rows (fp32 at one row does), so the first call of each row count and
-    thread count compares it with the per-rank calls and remembers the verdict on the weight."""
+    another kernel for more rows (fp32 at one row does), so each row count and thread count is
+    checked on its first call (`Stacked.one_matmul`, a `VerifiedFastPath` of the weight)."""
     if not (isinstance(weight, Stacked) and weight.tensor.dim() == 3 and isinstance(x, (list, Stacked))
             and bias is None):
         return None
-    ranks, out_features, in_features = weight.tensor.shape
+    ranks, _, in_features = weight.tensor.shape
     shape = x.tensor.shape[1:] if isinstance(x, Stacked) else x[0].shape
     if len(shape) < 2 or shape[-1] != in_features:
         return None
     rows = shape.numel() // in_features
-    verdict_key = (rows, weight.tensor.dtype, torch.get_num_threads())
-    verdict = weight.one_matmul.get(verdict_key)
-    if rows * ranks > ROWS_FOR_ONE_MATMUL or verdict is False:
-        return [matmul(part, shard) for part, shard in zip(_parts(x), weight.shards)]
+    if rows * ranks > ROWS_FOR_ONE_MATMUL:
+        return _rank_by_rank(matmul, x, weight)
+    return weight.one_matmul((rows, weight.tensor.dtype, torch.get_num_threads()), _one_matmul, _rank_by_rank,
+                             matmul, x, weight)
+
+
+def _rank_by_rank(matmul: Callable, x, weight: Stacked) -> list[Tensor]:
+    return [matmul(part, shard) for part, shard in zip(_parts(x), weight.shards)]
+
+
+def _one_matmul(matmul: Callable, x, weight: Stacked) -> tuple[Tensor, ...]:
+    """Every rank's rows against every rank's weights in one matmul; each rank keeps its block."""
+    ranks, out_features, in_features = weight.tensor.shape
+    shape = x.tensor.shape[1:] if isinstance(x, Stacked) else x[0].shape
+    rows = shape.numel() // in_features
     every_row = x.tensor.reshape(ranks * rows, in_features) if isinstance(x, Stacked) else torch.cat(
         [part.reshape(rows, in_features) for part in x])
     every = matmul(every_row.contiguous(), weight.flat)
     # rank r's block: rows r*rows.., columns r*out_features..; the diagonal of the rank x rank grid
     grid = every.view(ranks, rows, ranks, out_features).diagonal(dim1=0, dim2=2)   # [rows, out, ranks]
-    blocks = grid.movedim(-1, 0).view(ranks, *shape[:-1], out_features).unbind()
-    if verdict is None:
-        alone = [matmul(part, shard) for part, shard in zip(_parts(x), weight.shards)]
-        weight.one_matmul[verdict_key] = all(torch.equal(a, b) for a, b in zip(alone, blocks))
-        return alone
-    return blocks
+    return grid.movedim(-1, 0).view(ranks, *shape[:-1], out_features).unbind()
 
 
-def _ranks_as_rows(k_cache: Stacked, block_tables, start_pos, attention_mask):
+class RowsCache:
+    """The rows `_ranks_as_rows` built last, for the inputs they were built from: every layer of a
+    run passes the same batch inputs, so they are built once per run. One per executable, emptied
+    after each run (`Runtime`), so it never holds a run's tensors past it."""
+
+    __slots__ = ("key", "inputs", "rows")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.key = self.inputs = self.rows = None
+
+
+def _ranks_as_rows(k_cache: Stacked, block_tables, start_pos, attention_mask, cache: RowsCache | None):
     """The stacked caches as one cache of N x blocks, and the batch inputs repeated per rank with
     each rank's block tables shifted to its blocks. None if the batch inputs are not shared
     tensors, or some table entry is outside a rank's blocks (the per-rank kernels then say which)."""
@@ -156,17 +177,15 @@ def _ranks_as_rows(k_cache: Stacked, block_tables, start_pos, attention_mask):
             attention_mask is None or isinstance(attention_mask, Tensor)):
         return None
     ranks, blocks = k_cache.tensor.shape[:2]
-    # Every layer of a step passes the same batch inputs: build the rows once per step. The key
-    # holds the tensors themselves (so their ids stay theirs) and their in-place version counters.
-    # (Tensors made under torch.inference_mode have no version counter: those are not cached.)
-    global _last_rows
+    # The key holds the tensors' ids and in-place version counters; the cache holds the tensors
+    # themselves (so their ids stay theirs). Tensors made under torch.inference_mode have no
+    # version counter: those are not cached.
     try:
         key = (ranks, blocks, *((id(t), t._version) for t in (block_tables, start_pos, attention_mask) if t is not None))
     except RuntimeError:
         key = None
-    last_key, _, rows = _last_rows
-    if key is not None and last_key == key:
-        return rows
+    if cache is not None and key is not None and cache.key == key:
+        return cache.rows
     if block_tables.numel() and (int(block_tables.min()) < 0 or int(block_tables.max()) >= blocks):
         rows = None
     else:
@@ -174,22 +193,20 @@ def _ranks_as_rows(k_cache: Stacked, block_tables, start_pos, attention_mask):
         tables = (block_tables.unsqueeze(0) + offsets.view(-1, 1, 1)).flatten(0, 1)
         mask = None if attention_mask is None else attention_mask.repeat(ranks, 1)
         rows = tables, start_pos.repeat(ranks), mask
-    if key is not None:
-        _last_rows = key, (block_tables, start_pos, attention_mask), rows
+    if cache is not None and key is not None:
+        cache.key, cache.inputs, cache.rows = key, (block_tables, start_pos, attention_mask), rows
     return rows
-
-
-_last_rows: tuple = (None, None, None)   # (key, the inputs it was built from, rows)
 
 
 def _is_rank_form(per_rank: list, *stacked) -> bool:
     return all(isinstance(x, (list, Stacked)) for x in per_rank) and all(isinstance(s, Stacked) for s in stacked)
 
 
-def kv_cache_update(update: Callable, k_cache, v_cache, k, v, block_tables, start_pos) -> list[None] | None:
+def kv_cache_update(update: Callable, k_cache, v_cache, k, v, block_tables, start_pos,
+                    rows_cache: RowsCache | None = None) -> list[None] | None:
     if not _is_rank_form([k, v], k_cache, v_cache):
         return None
-    rows = _ranks_as_rows(k_cache, block_tables, start_pos, None)
+    rows = _ranks_as_rows(k_cache, block_tables, start_pos, None, rows_cache)
     if rows is None:
         return None
     tables, starts, _ = rows
@@ -201,12 +218,13 @@ def _attention(scalars: int) -> Callable:
     """paged_attention / flash_attention over every rank's heads: the ranks as rows of one batch.
     `scalars`: how many scalar arguments follow start_pos (scale, sliding_window (, partition_len))."""
 
-    def over_ranks(kernel: Callable, q, k_cache, v_cache, block_tables, start_pos, *rest, attention_mask=None):
+    def over_ranks(kernel: Callable, q, k_cache, v_cache, block_tables, start_pos, *rest, attention_mask=None,
+                   rows_cache: RowsCache | None = None):
         if len(rest) > scalars:  # the mask given by position
             *rest, attention_mask = rest
         if not _is_rank_form([q], k_cache, v_cache):
             return None
-        rows = _ranks_as_rows(k_cache, block_tables, start_pos, attention_mask)
+        rows = _ranks_as_rows(k_cache, block_tables, start_pos, attention_mask, rows_cache)
         if rows is None:
             return None
         tables, starts, mask = rows
@@ -221,16 +239,18 @@ class AllRankForm:
     """How an op runs for all ranks in one call: `run(fn, *args, **kwargs)`, where `fn` is the
     callable the op runs per rank (so the all-rank call computes with the same kernel). It returns
     None when the arguments are not in the form it handles, else the ranks' results: one
-    rank-stacked tensor ([N, ...]) if `stacked_result`, else a list."""
+    rank-stacked tensor ([N, ...]) if `stacked_result`, else a list. A form that `reads_rows` takes
+    a `rows_cache=` (`RowsCache`) to build the batch inputs once per run."""
 
     run: Callable
     stacked_result: bool
+    reads_rows: bool = False
 
 
 _FORMS = {
-    KV_CACHE_UPDATE: AllRankForm(kv_cache_update, stacked_result=False),
-    PAGED_ATTENTION: AllRankForm(_attention(scalars=2), stacked_result=True),
-    FLASH_ATTENTION: AllRankForm(_attention(scalars=3), stacked_result=True),
+    KV_CACHE_UPDATE: AllRankForm(kv_cache_update, stacked_result=False, reads_rows=True),
+    PAGED_ATTENTION: AllRankForm(_attention(scalars=2), stacked_result=True, reads_rows=True),
+    FLASH_ATTENTION: AllRankForm(_attention(scalars=3), stacked_result=True, reads_rows=True),
 }
 _COLUMN = AllRankForm(column_linear, stacked_result=True)
 _ROW = AllRankForm(row_linear, stacked_result=False)
@@ -305,20 +325,21 @@ class CheckedElementwise:
     those shapes gave each rank the bits the rank computes alone; elsewhere once per rank."""
 
     def __init__(self) -> None:
-        self.verdicts: dict[tuple, bool] = {}
+        self.fast_path = VerifiedFastPath()
+
+    @property
+    def verdicts(self) -> dict:
+        return self.fast_path.verdicts
 
     def __call__(self, fn, *args, stacked: tuple[int, ...], **kwargs):
         key = (torch.get_num_threads(), *((a.shape, a.stride(), a.dtype) for a in args if isinstance(a, Tensor)))
-        verdict = self.verdicts.get(key)
-        if verdict is not False:
-            out = elementwise(fn, *args, stacked=stacked, **kwargs)
-            if verdict:
-                return out
-        alone = [fn(*(a[r] if i in stacked else a for i, a in enumerate(args)), **kwargs)
-                 for r in range(args[stacked[0]].shape[0])]
-        if verdict is None:
-            self.verdicts[key] = all(torch.equal(out[r], part) for r, part in enumerate(alone))
-        return torch.stack(alone)
+        return self.fast_path(key, elementwise, _each_rank, fn, *args, stacked=stacked, **kwargs)
+
+
+def _each_rank(fn, *args, stacked: tuple[int, ...], **kwargs) -> Tensor:
+    """The op on each rank's slice alone, the results stacked."""
+    return torch.stack([fn(*(a[r] if i in stacked else a for i, a in enumerate(args)), **kwargs)
+                        for r in range(args[stacked[0]].shape[0])])
 
 
 SHAPE_OPS: dict[str, Callable] = {

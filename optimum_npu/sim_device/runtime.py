@@ -46,7 +46,7 @@ from .artifact import Artifact
 from .collectives import InProcessCollectives, ProcessGroupCollectives
 from .cost_model import CostModel, StepCost
 from .device_state import DeviceState, Timeline, ranks_here
-from .executor import STACKED, BoundOp, generate
+from .executor import STACKED, BoundOp, RunContext, emit_program
 from .host_linear import PackedLinear, packing_available
 from .host_math import Numerics, for_program as host_math_for
 from .machine import Ring, devices as machine_devices, pick_devices
@@ -191,14 +191,18 @@ class Runtime:
         stacked = {name for name in split if name in self.state.stacked} if self.rank_batching else set()
         ndims = {spec.name: len(spec.shape)
                  for spec in (*program.inputs, *program.weights, *program.buffers, *program.values.values())}
-        self._executable = generate(bound, set(KERNEL_OPS), rounding=self.numerics.round_to is not None,
-                                    num_ranks=rank_count, split_state=split, stacked_state=stacked, ndims=ndims,
-                                    rank_batching=self.rank_batching)
+        self._executable = executable = emit_program(
+            bound, set(KERNEL_OPS), rounding=self.numerics.round_to is not None, num_ranks=rank_count,
+            split_state=split, stacked_state=stacked, ndims=ndims, rank_batching=self.rank_batching)
         if rank_count == program.tensor_parallel_size:
-            self._collectives = InProcessCollectives(self.numerics.round)
+            collectives = InProcessCollectives(self.numerics.round)
         else:
-            self._collectives = ProcessGroupCollectives(self.numerics.round)
-        slots = self._executable.slots
+            collectives = ProcessGroupCollectives(self.numerics.round)
+        self._context = RunContext(
+            ops=executable.ops, constants=executable.constants, kwargs=executable.kwargs,
+            to_device=self.numerics.to_device, round=self.numerics.round, to_fp32=_to_fp32, price=self._record_dynamic,
+            all_reduce=collectives.all_reduce, all_gather=collectives.all_gather)
+        slots = executable.slots
         self._env_template = [None] * len(slots)
         for i, states in enumerate(self._rank_state):
             for name, tensor in states.items():
@@ -261,15 +265,14 @@ class Runtime:
         for slot, value in zip(self._input_slots, inputs.values()):
             if slot is not None:
                 env[slot] = value
-        dynamic: dict[int, list] = {}   # step index -> [flops, bytes] of its attention ops
+        self._dynamic: dict[int, list] = {}   # step index -> [flops, bytes] of its attention ops
         self._run_costs: dict = {}
-        executable, numerics = self._executable, self.numerics
-        executable.function(
-            env, executable.ops, executable.constants, executable.kwargs, numerics.to_device, numerics.round,
-            _to_fp32, lambda index, op, op_args: self._record_dynamic(dynamic, index, op, op_args),
-            self._collectives.all_reduce, self._collectives.all_gather,
-        )
-        self._account_run(dynamic, session)
+        executable = self._executable
+        try:
+            executable.run(self._context, env)
+        finally:
+            executable.rows_cache.clear()
+        self._account_run(self._dynamic, session)
         if self.keep_values:
             self._last_env = env
         outputs = []
@@ -282,8 +285,8 @@ class Runtime:
             outputs = [o.float().numpy() if o.dtype == torch.bfloat16 else o.numpy() for o in outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def _record_dynamic(self, dynamic: dict, step_index: int, op: BoundOp, args: tuple) -> None:
-        """Attention reads only the KV in use: price it from this run's positions."""
+    def _record_dynamic(self, step_index: int, op: BoundOp, args: tuple) -> None:
+        """Attention reads only the KV in use: price it from this run's positions (into `_dynamic`)."""
         from .kernels import attention_cost
 
         # Every layer of a run reads the same position inputs: price each distinct call once per
@@ -294,7 +297,7 @@ class Runtime:
         if key not in self._run_costs:
             self._run_costs[key] = attention_cost(op.target, args, float_bytes=self._device_float_bytes)
         flops, read, written = self._run_costs[key]
-        entry = dynamic.setdefault(step_index, [0.0, 0])
+        entry = self._dynamic.setdefault(step_index, [0.0, 0])
         entry[0] += flops
         entry[1] += read + written
 
