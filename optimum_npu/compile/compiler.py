@@ -33,9 +33,13 @@ from .schedule import FLOAT_DTYPES, build_steps
 from .tensor_parallel import ShardingPlan, resident_bytes_per_rank, split_graph
 
 
+@dataclass(repr=False)
 class CompiledModel(Artifact):
     """A compiled program and its weights. `save(path)` writes the `.rbln` file,
     `create_runtime(...)` loads it onto simulated devices."""
+
+    # How the model was split over devices (None for one device, or when loaded: it is not saved).
+    sharding_plan: ShardingPlan | None = field(default=None, compare=False)
 
     def create_runtime(self, tensor_type: str = "pt", device=None, activate_profiler: bool = False, **kwargs):
         from ..sim_device.runtime import Runtime
@@ -330,6 +334,4 @@ def _run_passes(c: Compilation, passes) -> CompiledModel:
     what = f"Compiling {type(c.module).__name__}" if c.module is not None else "Compiling"
     for _, run_pass in track(passes, what, "pass", label=lambda named: named[0], leave=False):
         run_pass(c)
-    compiled = CompiledModel(program=c.program, tensors=c.tensors)
-    compiled.sharding_plan = c.sharding  # how the model was split (None for one device); not saved
-    return compiled
+    return CompiledModel(program=c.program, tensors=c.tensors, sharding_plan=c.sharding)

@@ -171,7 +171,7 @@ def attention_work(program: Program, step: Step, kv_len: int) -> tuple[float, in
     for op in step.ops:
         if op.target in KERNEL_OPS:
             args = tuple(meta(decode_arg(a, torch.bfloat16)) for a in op.args)
-            batch = args[4].shape[0]  # block_tables [batch, blocks] of every kernel op
+            batch = args[4].shape[0]  # the batch: block_tables of kv_cache_update, start_pos of the attention ops
             f, read, written = attention_cost(op.target, args, float_bytes=float_bytes, kv_lengths=[kv_len] * batch)
             flops, nbytes = flops + f, nbytes + read + written
     return flops, nbytes
