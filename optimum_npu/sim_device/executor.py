@@ -288,6 +288,8 @@ class _Writer:
                 self.emit(f"{target} = t[{position}]")
 
     def op(self, op: BoundOp, index: int, dynamic: bool) -> None:
+        """Emit one op: once if it reads only shared values; else on its rank-stacked inputs, or
+        through its all-rank form with a per-rank fallback, or once per rank."""
         names = _ref_names((op.args, list(op.kwargs.values())))
         ranks = self.ranks_of(names)
         batching = len(ranks) > 1 and self.rank_batching
@@ -302,42 +304,49 @@ class _Writer:
                 if name:
                     self.forms.setdefault(name, SHARED)
         batched = self.over_ranks(op) if batching else None
-        stacked_result = False
         if batched is None:
             self.to_per_rank(names)
+            self.per_rank_calls(op, ranks)
+            stacked_result = False
         else:
-            call, stacked_result = batched
-            self.emit(f"t = {call}")
-            if op.outputs and op.outputs[0]:
-                self.emit("if t is not None:")
-                if stacked_result:
-                    self.emit(f"    {self.slot_of(op.outputs[0], STACKED)} = t")
-                else:
-                    for rank in ranks:
-                        self.emit(f"    {self.slot(op.outputs[0], rank)} = t[{rank}]")
-                self.emit("else:")
-            else:
-                self.emit("if t is None:")
-            self.indent += 1
-            # The per-rank fallback reads stacked inputs cut into the ranks' values here only.
-            cut = [n for n in dict.fromkeys(names) if self.split(n) and not self.held(n, Form.PER_RANK)]
-            for name in cut:
-                self.cut(name)
-        for rank in ranks:
-            self.assign(self.call(op, rank), [name and self.slot(name, rank) for name in op.outputs])
-        if batched is not None:
-            for name in cut:
-                self.clear_ranks(name)
-        if stacked_result and op.outputs and op.outputs[0]:  # the per-rank fallback's results, stacked
-            name = op.outputs[0]
-            self.emit(f"{self.slot_of(name, STACKED)} = {self.constant(torch.stack)}({self.rank_slots(name)})")
-            self.clear_ranks(name)
-        self.indent = 1
+            stacked_result = self.all_rank_call(op, ranks, names, *batched)
         if len(ranks) > 1:
             self.produced(op.outputs, stacked=stacked_result)
         if dynamic:  # priced once, from rank 0's arguments: every rank does the same work
             self.ops.append(op)  # the BoundOp itself, so `dyn` knows which op it prices
             self.emit(f"dyn({index}, o[{len(self.ops) - 1}], ({''.join(self.rank0(a) + ', ' for a in op.args)}))")
+
+    def per_rank_calls(self, op: BoundOp, ranks: range) -> None:
+        for rank in ranks:
+            self.assign(self.call(op, rank), [name and self.slot(name, rank) for name in op.outputs])
+
+    def all_rank_call(self, op: BoundOp, ranks: range, names: list[str], call: str, stacked_result: bool) -> bool:
+        """Emit the op's all-rank `call` and, where it returns None, the per-rank calls (reading
+        stacked inputs cut into the ranks' values there only). Returns whether the result is stacked."""
+        self.emit(f"t = {call}")
+        output = op.outputs[0] if op.outputs else None
+        if output:
+            self.emit("if t is not None:")
+            if stacked_result:
+                self.emit(f"    {self.slot_of(output, STACKED)} = t")
+            else:
+                for rank in ranks:
+                    self.emit(f"    {self.slot(output, rank)} = t[{rank}]")
+            self.emit("else:")
+        else:
+            self.emit("if t is None:")
+        self.indent += 1
+        cut = [n for n in dict.fromkeys(names) if self.split(n) and not self.held(n, Form.PER_RANK)]
+        for name in cut:
+            self.cut(name)
+        self.per_rank_calls(op, ranks)
+        for name in cut:
+            self.clear_ranks(name)
+        if stacked_result and output:  # the per-rank fallback's results, stacked
+            self.emit(f"{self.slot_of(output, STACKED)} = {self.constant(torch.stack)}({self.rank_slots(output)})")
+            self.clear_ranks(output)
+        self.indent = 1
+        return stacked_result
 
     def rank0(self, arg: Any) -> str:
         """Rank 0's value of `arg`, whichever form it is held in."""
