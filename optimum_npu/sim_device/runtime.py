@@ -77,6 +77,37 @@ def _to_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
 
 
+class _DynamicCosts:
+    """What the attention ops of one run read: they read only the KV in use, so they are priced from
+    the run's positions. (Not a method of the runtime: the run context holds `record`, and a bound
+    method would make a cycle that keeps a dropped runtime, and its device memory, until the next
+    garbage collection.)"""
+
+    def __init__(self, float_bytes: int) -> None:
+        self.float_bytes = float_bytes
+        self.steps: dict[int, list] = {}   # step index -> [flops, bytes] of its attention ops
+        self.costs: dict = {}
+
+    def record(self, step_index: int, op: BoundOp, args: tuple) -> None:
+        from .kernels import attention_cost
+
+        # Every layer of a run reads the same position inputs: price each distinct call once per
+        # run (index tensors by identity, data tensors by shape, scalars by value).
+        key = (op.target, *(
+            (id(a) if not a.is_floating_point() else tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args
+        ))
+        if key not in self.costs:
+            self.costs[key] = attention_cost(op.target, args, float_bytes=self.float_bytes)
+        flops, read, written = self.costs[key]
+        entry = self.steps.setdefault(step_index, [0.0, 0])
+        entry[0] += flops
+        entry[1] += read + written
+
+    def start(self) -> None:
+        """A run begins: no figures yet."""
+        self.steps, self.costs = {}, {}
+
+
 def _read_artifact(compiled: str | os.PathLike | Artifact, name: str | None) -> tuple[Artifact, str]:
     """The artifact to run (read from its path) and the runtime's name."""
     if isinstance(compiled, (str, os.PathLike)):
@@ -137,7 +168,7 @@ class Runtime:
         self.state = state
         self.host_math = state.host_math   # shared weights and KV cache: one host dtype
         self.numerics = Numerics.for_program(program, self.host_math.route)
-        self._device_float_bytes = PROGRAM_DTYPES[program.device_dtype].itemsize
+        self._dynamic = _DynamicCosts(PROGRAM_DTYPES[program.device_dtype].itemsize)
         self.device_group = group
         self.devices = [group[rank] for rank in self.ranks]
         machine = machine_devices()
@@ -200,7 +231,7 @@ class Runtime:
             collectives = ProcessGroupCollectives(self.numerics.round)
         self._context = RunContext(
             ops=executable.ops, constants=executable.constants, kwargs=executable.kwargs,
-            to_device=self.numerics.to_device, round=self.numerics.round, to_fp32=_to_fp32, price=self._record_dynamic,
+            to_device=self.numerics.to_device, round=self.numerics.round, to_fp32=_to_fp32, price=self._dynamic.record,
             all_reduce=collectives.all_reduce, all_gather=collectives.all_gather)
         slots = executable.slots
         self._env_template = [None] * len(slots)
@@ -265,14 +296,13 @@ class Runtime:
         for slot, value in zip(self._input_slots, inputs.values()):
             if slot is not None:
                 env[slot] = value
-        self._dynamic: dict[int, list] = {}   # step index -> [flops, bytes] of its attention ops
-        self._run_costs: dict = {}
         executable = self._executable
+        self._dynamic.start()
         try:
             executable.run(self._context, env)
         finally:
             executable.rows_cache.clear()
-        self._account_run(self._dynamic, session)
+        self._account_run(self._dynamic.steps, session)
         if self.keep_values:
             self._last_env = env
         outputs = []
@@ -284,22 +314,6 @@ class Runtime:
         if self.tensor_type == "np":
             outputs = [o.float().numpy() if o.dtype == torch.bfloat16 else o.numpy() for o in outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
-    def _record_dynamic(self, step_index: int, op: BoundOp, args: tuple) -> None:
-        """Attention reads only the KV in use: price it from this run's positions (into `_dynamic`)."""
-        from .kernels import attention_cost
-
-        # Every layer of a run reads the same position inputs: price each distinct call once per
-        # run (index tensors by identity, data tensors by shape, scalars by value).
-        key = (op.target, *(
-            (id(a) if not a.is_floating_point() else tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args
-        ))
-        if key not in self._run_costs:
-            self._run_costs[key] = attention_cost(op.target, args, float_bytes=self._device_float_bytes)
-        flops, read, written = self._run_costs[key]
-        entry = self._dynamic.setdefault(step_index, [0.0, 0])
-        entry[0] += flops
-        entry[1] += read + written
 
     def _account_run(self, dynamic: dict[int, list], session: Session | None) -> None:
         """Advance the simulated clock over one run; trace each step when profiling (this runtime's
