@@ -193,6 +193,24 @@ def test_runtime_context_manager_and_garbage_collection_free_memory(state_dir):
     assert device_memory.used_bytes(0) == 0
 
 
+@pytest.mark.parametrize("tp", [1, 4])
+def test_a_dropped_runtime_frees_its_memory_without_waiting_for_a_garbage_collection(state_dir, tp):
+    """A runtime holds no reference cycle (its generated code's context does not point back at it),
+    so the last reference going frees its device memory at once, after a run too."""
+    import gc
+
+    compiled = compile_from_torch(nn.Linear(128, 128), example_inputs=[torch.randn(2, 128)], tensor_parallel_size=tp)
+    gc.disable()
+    try:
+        runtime = Runtime(compiled)
+        runtime(torch.randn(2, 128))
+        assert device_memory.used_bytes(0) > 0
+        del runtime
+        assert device_memory.used_bytes(0) == 0
+    finally:
+        gc.enable()
+
+
 def test_buffers_are_device_state(state_dir):
     class WithBuffers(nn.Module):
         def __init__(self):
