@@ -219,6 +219,7 @@ class RBLNModelConfig:
     create_runtimes: bool = runtime_option(True)       # False: compile / load without devices
     device: int | tuple[int, ...] | None = runtime_option(None)  # device id, or one id per TP rank
     activate_profiler: bool = runtime_option(False)
+    cache: bool = runtime_option(True)                 # export: reuse / keep programs in the compile cache
 
     # --- filled by the model after compiling; saved, not user options ---
     cls_name: str | None = _internal_field(default=None)  # the RBLN model class, e.g. "RBLNLlamaForCausalLM"
@@ -269,6 +270,7 @@ class RBLNModelConfig:
 
         check_bool("create_runtimes", self.create_runtimes)
         check_bool("activate_profiler", self.activate_profiler)
+        check_bool("cache", self.cache)
         self._validate_device()
 
         if self.cls_name is not None and not isinstance(self.cls_name, str):

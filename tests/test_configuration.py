@@ -88,7 +88,7 @@ def test_defaults():
         "RBLN-CA25", 1, "bfloat16", "device", 1,
     )
     assert (config.create_runtimes, config.device, config.activate_profiler) == (True, None, False)
-    assert RBLNModelConfig.runtime_option_names() == ("create_runtimes", "device", "activate_profiler")
+    assert RBLNModelConfig.runtime_option_names() == ("create_runtimes", "device", "activate_profiler", "cache")
     assert "max_seq_len" in Cfg.compile_option_names() and "graphs" not in Cfg.option_names()
 
 

@@ -24,6 +24,7 @@ from ..sim_device.program import (
 )
 from ..sim_device.specs import NPU_PRESETS, DEFAULT_NPU, get_npu_spec
 from ..sim_device.stats import format_bytes
+from . import cache as compile_cache
 from .frontend import Graph, export_graph
 from .fusion import Group, fuse
 from .memory_planner import plan_memory
@@ -40,6 +41,7 @@ class CompiledModel(Artifact):
 
     # How the model was split over devices (None for one device, or when loaded: it is not saved).
     sharding_plan: ShardingPlan | None = field(default=None, compare=False)
+    from_cache = False     # loaded from the compile cache instead of compiled (not saved)
 
     def create_runtime(self, tensor_type: str = "pt", device=None, activate_profiler: bool = False, **kwargs):
         from ..sim_device.runtime import Runtime
@@ -262,6 +264,7 @@ def compile_from_torch(
     tensor_parallel_size: int = 1,
     dtype: str | torch.dtype = "bfloat16",
     numerics: str = "device",
+    cache: bool = False,
 ) -> CompiledModel:
     """Compile `module` for the simulated NPU.
 
@@ -271,9 +274,36 @@ def compile_from_torch(
     costs stay those of `dtype`). `tensor_parallel_size=N` splits the model over N devices
     (`tensor_parallel/`). A module on the meta device compiles too: the result tells
     sizes and costs (and raises if they don't fit) but cannot be saved or run.
+
+    `cache=True`: the program is looked up in the compile cache (`cache.py`) and stored there
+    when compiled, keyed by the module (`Key.add_module`: its code, attributes and weights), the
+    inputs' names, shapes and dtypes, and the target. A program from the cache has
+    `from_cache=True`. A module on the meta device is cached as its program alone (sizes and
+    costs, as it compiles).
     """
     target = _checked_target(npu, tensor_parallel_size, dtype, numerics)
-    return _run_passes(Compilation(*_traced_inputs(module, example_inputs, input_info), *target), PASSES)
+    traced = _traced_inputs(module, example_inputs, input_info)
+    key = _cache_key(*traced, target) if cache else None
+    if key is not None:
+        compiled = compile_cache.load(key)
+        if compiled is not None:
+            compiled.from_cache = True
+            return compiled
+    compiled = _run_passes(Compilation(*traced, *target), PASSES)
+    if key is not None:
+        compile_cache.store(key, compiled)
+    return compiled
+
+
+def _cache_key(module, example_inputs, input_names, target) -> str | None:
+    """The compile cache's key of one `compile_from_torch` call. Inputs count by name, shape and
+    dtype only: torch.export traces with fake tensors of them. None: a module the key cannot describe."""
+    key = compile_cache.Key().add("compile_from_torch", target, input_names,
+                                  [(tuple(t.shape), t.dtype) for t in example_inputs])
+    try:
+        return key.add_module(module).hexdigest()
+    except compile_cache.Uncacheable:
+        return None
 
 
 def export(

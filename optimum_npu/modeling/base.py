@@ -272,6 +272,7 @@ class RBLNModel:
             graphs[spec.name] = compile_from_torch(
                 spec.module, input_info=list(spec.input_info), npu=rbln_config.npu, dtype=rbln_config.dtype,
                 numerics=rbln_config.numerics, tensor_parallel_size=rbln_config.tensor_parallel_size,
+                cache=rbln_config.cache,
             )
         return rbln_config, graphs
 

@@ -185,7 +185,7 @@ class DecoderPlan:
         try:
             program = compile_from_torch(prefill.module, input_info=list(prefill.input_info), npu=config.npu,
                                          dtype=config.dtype, numerics=config.numerics,
-                                         tensor_parallel_size=config.tensor_parallel_size).program
+                                         tensor_parallel_size=config.tensor_parallel_size, cache=config.cache).program
             too_large = None
         except ProgramTooLargeError as error:
             program, too_large = error.program, error

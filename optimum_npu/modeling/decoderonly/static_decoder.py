@@ -87,6 +87,9 @@ class DecoderLayer(nn.Module):
     output projection and activation are the HF modules themselves.
     """
 
+    # Object ids of this process, never read by forward: not part of a compile cache key.
+    cache_key_ignores = ("merged_parameter_ids",)
+
     def __init__(self, hf_layer: nn.Module, copy_weights: bool = True):
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
