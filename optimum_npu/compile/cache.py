@@ -121,7 +121,7 @@ def _code_of(obj) -> tuple[str, str]:
     name = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
     try:
         path = inspect.getsourcefile(obj)
-    except TypeError:  # a builtin: its name is its code
+    except (TypeError, OSError):  # a builtin (or code without a file): its name is its code
         path = None
     return name, _file_digest(path) if path else "builtin"
 
