@@ -137,19 +137,71 @@ def test_changed_weights_recompile():
 
 
 def test_unsupported_graph_runs_on_host_with_one_warning():
-    def writes_its_input(x):
-        x.mul_(2.0)  # the compiler refuses programs that write their inputs
+    def writes_a_slice_of_its_input(x):
+        x[1:].mul_(2.0)  # a write through a view of an input: the compiler refuses it
         return x + 1.0
 
-    compiled = torch.compile(writes_its_input, backend="rbln")
+    compiled = torch.compile(writes_a_slice_of_its_input, backend="rbln")
+    x = torch.ones(3)
     with pytest.warns(UserWarning, match="runs on the host"):
-        out = compiled(torch.ones(3))
-    assert torch.equal(out, torch.full((3,), 3.0))
+        out = compiled(x)
+    assert torch.equal(out, torch.tensor([2.0, 3.0, 3.0])) and torch.equal(x, torch.tensor([1.0, 2.0, 2.0]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compiled(torch.ones(3))  # warned once
     (graph,) = torch_backend.compiled_graphs()
     assert not graph.on_device and "input" in graph.fallback_reason and graph.host_runs == 2
+
+
+def test_in_place_write_to_an_input_runs_on_the_device_and_reaches_the_input():
+    def writes_its_input(x, rows, y):
+        x.mul_(2.0)
+        rows.index_copy_(0, torch.tensor([2, 0]), y)
+        return x + 1.0
+
+    x, rows, y = torch.ones(3), torch.zeros(4, 2), torch.arange(4.0).reshape(2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.compile(writes_its_input, backend="rbln", options={"numerics": "exact"})(x, rows, y)
+    assert torch.equal(out, torch.full((3,), 3.0)) and torch.equal(x, torch.full((3,), 2.0))
+    assert torch.equal(rows, torch.tensor([[2.0, 3.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    (graph,) = torch_backend.compiled_graphs()
+    assert graph.on_device and graph.host_runs == 0
+
+
+def greedy(model, ids, steps: int):
+    """Greedy generate with a static cache: the tokens, and each step's logits."""
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, cache_implementation="static",
+                         return_dict_in_generate=True, output_logits=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("numerics,dtype,tol", [("exact", "bfloat16", None), ("device", "bfloat16", BF16_RTOL),
+                                                ("device", "float16", FP16_RTOL)])
+def test_static_cache_generate_runs_on_the_device_with_eager_tokens(numerics, dtype, tol):
+    model = make_hf_model("llama").eval()
+    ids = torch.randint(3, 256, (1, 7))
+    steps = 8
+    with torch.no_grad():
+        expected, ref_logits = greedy(model, ids, steps)
+        model.forward = torch.compile(model.forward, backend="rbln", options={"numerics": numerics, "dtype": dtype})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no graph falls back to the host
+            tokens, _ = greedy(model, ids, steps)
+    graphs = torch_backend.compiled_graphs()
+    assert len(graphs) == 2 and all(g.on_device and g.host_runs == 0 for g in graphs)  # prefill, decode
+    assert [g.stats.runs for g in graphs] == [1, steps - 1]
+    if tol is None:
+        assert torch.equal(tokens, expected)
+        return
+    # 16-bit logits are within tol * max|logit| of fp32's, so the fp32 choice is certain only where its
+    # margin over the runner-up exceeds twice that; tokens are compared up to the first step where it does not.
+    top2 = ref_logits[0].topk(2, dim=-1).values
+    certain = (top2[:, 0] - top2[:, 1]) > 2 * tol * ref_logits[0].abs().amax(dim=-1)
+    compared = int(certain.long().cumprod(0).sum())
+    assert torch.equal(tokens[0, :compared], expected[0, :compared])
+    if dtype == "float16":
+        assert compared >= 1  # the comparison is not empty
 
 
 def test_unknown_option_is_refused_naming_the_options():

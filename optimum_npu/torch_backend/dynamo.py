@@ -23,13 +23,16 @@ Weights: a compiled program holds its own copy of the weights. Dynamo does not g
 values, so every call checks that the parameters and buffers it gets are the tensors the program
 was compiled from, unchanged (same object, same version counter); otherwise it compiles again.
 
-A graph the compiler cannot take (an op neither the device nor the host fallback runs, an in-place
-write to an input) runs eagerly on the host, with a one-time warning naming the reason; its
+In-place writes to a graph's inputs (a transformers StaticCache's `index_copy_`) are made out of
+place and copied back into the inputs on the host after each run (`_functional`). A graph the
+compiler cannot take (an op neither the device nor the host fallback runs, a write through a view
+of an input) runs eagerly on the host, with a one-time warning naming the reason; its
 `CompiledGraph.fallback_reason` says so too. Inference only: outputs carry no autograd history.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 import time
@@ -190,6 +193,60 @@ def _is_static(t) -> bool:
     return isinstance(t, torch.nn.Parameter) or getattr(t, "_dynamo_static_input_type", None) is not None
 
 
+def _functional(gm: torch.fx.GraphModule, static: set[int]) -> tuple[torch.fx.GraphModule, list[int], int]:
+    """`gm` with its in-place writes to its inputs made out of place: (the new graph, the indices
+    of the inputs it writes, in the order their new values follow the graph's own outputs, the
+    number of its own outputs). The caller runs the new graph and copies each new value into its
+    input on the host, which is what the writes did.
+
+    Why: a compiled program writes only its own buffers, while a transformers StaticCache is
+    handed to Dynamo's graph as inputs (`keys / values.index_copy_(2, cache_position, ...)`,
+    `cumulative_length.add_(n)`, through a no-op `.to(device)` alias in the first call). Rewritten:
+    an in-place Tensor method (`x.add_(y)`) whose tensor is an input or a `.to()` of one (which
+    returns the tensor itself when nothing changes, as here) becomes the out-of-place method, and
+    every later use of that input (or alias) reads the new value. Anything else that writes an
+    input (through a slice, a `torch.*_` function, `copy_` into a view) is left as it is: the
+    compiler refuses it and the graph runs on the host, as before."""
+    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    index = {n: i for i, n in enumerate(placeholders) if i not in static}
+    root: dict[torch.fx.Node, torch.fx.Node] = {n: n for n in index}   # alias -> the input it is
+    current: dict[torch.fx.Node, torch.fx.Node] = {}                    # input -> its latest value
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.op != "call_method" or not node.args or node.args[0] not in root:
+            continue
+        base = root[node.args[0]]
+        if node.target == "to" and all(isinstance(a, torch.device) or (isinstance(a, str) and a == "cpu")
+                                       for a in list(node.args[1:]) + list(node.kwargs.values())):
+            root[node] = base  # a device-only .to() of a CPU tensor: the tensor itself
+            continue
+        name = node.target
+        if not (name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1])):
+            continue
+        with graph.inserting_after(node):
+            new = graph.call_method(name[:-1], node.args, node.kwargs)
+        new.meta = dict(node.meta)
+        for alias in [a for a, r in root.items() if r is base]:  # later readers of the input see the new value
+            for user in list(alias.users):
+                if user not in (node, new) and order[user] > order[node]:
+                    user.replace_input_with(alias, new)
+        for user in list(node.users):  # and so do readers of what the in-place method returned
+            user.replace_input_with(node, new)
+        graph.erase_node(node)
+        order[new] = order.pop(node)
+        current[base] = new
+        root[new] = base
+    output = next(n for n in graph.nodes if n.op == "output")
+    own = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    written = [base for base in placeholders if base in current]
+    output.args = (tuple(own + [current[b] for b in written]),)
+    graph.lint()
+    gm.recompile()
+    return gm, [index[b] for b in written], len(own)
+
+
 class _RBLNGraphCallable:
     """What the backend returns for one graph: runs it on the device, compiling per input shape."""
 
@@ -199,6 +256,7 @@ class _RBLNGraphCallable:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.names = [f"state_{i}_{n.name}"[:120] for i, n in enumerate(placeholders)]
         self.static = {i: t for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and _is_static(t)}
+        self.functional, self.written, self.own_outputs = _functional(gm, set(self.static))
         self.warned = False
 
     def __call__(self, *args):
@@ -223,7 +281,10 @@ class _RBLNGraphCallable:
         self.static = static_now
         user = [a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in static_now]
         out = program.runtime(*user)
-        return list(out) if isinstance(out, tuple) else [out]
+        out = list(out) if isinstance(out, tuple) else [out]
+        for i, value in zip(self.written, out[self.own_outputs:]):
+            args[i].copy_(value)  # what the graph's in-place writes to its inputs did (see _functional)
+        return out[:self.own_outputs]
 
     def _state_unchanged(self, program: ShapeProgram, static_now: dict) -> bool:
         return all(static_now[i] is self.static[i] for i in static_now) and \
@@ -235,7 +296,7 @@ class _RBLNGraphCallable:
         non_tensor = [type(a).__name__ for a in args if not isinstance(a, (torch.Tensor, int, torch.SymInt))]
         if non_tensor:
             raise TypeError(f"graph inputs of type {', '.join(non_tensor)} are not supported")
-        module = _GraphWithState(self.record.graph_module, self.names, static_now, constants)
+        module = _GraphWithState(self.functional, self.names, static_now, constants)
         user = [a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in static_now]
         start = time.perf_counter()
         target = {k: options[k] for k in ("npu", "dtype", "numerics", "tensor_parallel_size")}
