@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..configuration import CONFIG_NAME, RBLNModelConfig, check_plain_name, read_json_object, read_regular_file
+from ..configuration import CONFIG_NAME, RBLNModelConfig, check_plain_name
+from ..untrusted_files import read_json_object, read_regular_file
 from ..sim_device.files import pid_alive, write_file_atomically
 
 STAGING_MARK = ".optimum-npu-staging"

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..configuration import read_json_object
+from ..untrusted_files import read_json_object
 from .folder import staging_folders
 
 # The files transformers reads to decide which class (and which code) serves a folder.

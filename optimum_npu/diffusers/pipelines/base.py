@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ...configuration import CONFIG_NAME, read_json_object
+from ...configuration import CONFIG_NAME
+from ...untrusted_files import read_json_object
 from ...modeling.base import RBLNModel
 from ...modeling.hf_files import hub_kwargs_of, resolve_folder
 from ...modeling.hf_files import concrete_class, refuse_remote_code
