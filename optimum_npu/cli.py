@@ -200,7 +200,7 @@ def _compile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", "-i", action="append", required=True, metavar="NAME:SHAPE[:DTYPE]",
                    help="one per forward argument, in order, e.g. x:1x16:float32 (SHAPE also as 1,16; DTYPE default float32)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.rbln", help="where to write the compiled program")
-    p.add_argument("--npu", default=None, help="hardware preset (default RBLN-CA25; see `optimum-npu presets`)")
+    p.add_argument("--npu", default=None, help="hardware preset (see `optimum-npu presets`, which names the default)")
     p.add_argument("--dtype", default="bfloat16", help="device compute dtype: bfloat16 (default) or float16")
     p.add_argument("--numerics", default="device", help="device (default) or exact (fp32 on the host, simulator only)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="devices to split the model over")
@@ -300,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a Hub id, a folder or a config.json of a decoder-only LM")
-    p.add_argument("--npu", default="RBLN-CA25", help="hardware preset (see `presets`)")
+    p.add_argument("--npu", default=None, help="hardware preset (see `optimum-npu presets`, which names the default)")
     p.add_argument("--input-len", type=int, required=True, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, required=True, help="generated tokens per request")
     p.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=None, metavar="N")
@@ -317,11 +317,12 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     from .planning import planner
+    from .sim_device.specs import DEFAULT_NPU
 
     options = {name: tuple(value) for name, value in (
         ("tensor_parallel_sizes", args.tensor_parallel_sizes), ("batch_sizes", args.batch_sizes),
         ("chunk_sizes", args.chunk_sizes)) if value}
-    result = planner.plan(args.model, args.npu, args.input_len, args.output_len,
+    result = planner.plan(args.model, args.npu or DEFAULT_NPU, args.input_len, args.output_len,
                           rack_power_w=args.rack_power_kw * 1000, max_ttft_s=args.max_ttft_s,
                           max_tpot_s=None if args.max_tpot_ms is None else args.max_tpot_ms / 1000, **options)
     if args.json:

@@ -207,7 +207,7 @@ def _class_of_hf_config(model: str, config: dict, names: list[str]) -> Any:
 
 def _source_json(model: str, filename: str, hub_kwargs: dict) -> dict | None:
     """`filename` of a local folder or a Hub repository as a JSON object; None if it has no such file."""
-    from .configuration import read_json_object
+    from .untrusted_files import read_json_object
 
     local = Path(model)
     if local.is_dir():
@@ -274,7 +274,8 @@ def _shown(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
 
 def compiled_options(folder: Path) -> dict[str, Any]:
     """The compile options a saved folder records: its own, and each component's (pipelines)."""
-    from .configuration import CONFIG_NAME, read_json_object
+    from .configuration import CONFIG_NAME
+    from .untrusted_files import read_json_object
 
     data = read_json_object(folder / CONFIG_NAME)
     shown = {"class": data.get("cls_name"), "compile_options": data.get("compile_options")}

@@ -58,7 +58,7 @@ import torch
 
 from ..configuration import CONFIG_KWARG, CONFIG_NAME, OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, \
     check_int, runtime_option
-from ..modeling.base import HUB_KWARGS, resolve_folder, hub_kwargs_of
+from ..modeling.hf_files import HUB_KWARGS, hub_kwargs_of, resolve_folder
 from ..modeling.hf_files import auto_class_from_pretrained, refuse_remote_code
 from ..modeling.folder import check_manifest, load_lock, manifest_of, save_tree
 from .blocklist import Blocklist

@@ -116,7 +116,7 @@ class RBLNLlamaGuard3:
         from transformers import AutoConfig, AutoTokenizer
 
         from ..modeling.auto import RBLNAutoModelForCausalLM
-        from ..modeling.base import resolve_folder
+        from ..modeling.hf_files import resolve_folder
         from ..modeling.hf_files import auto_class_from_pretrained
 
         folder = resolve_folder(model_id, hub_kwargs)   # a local folder, checked for remote code before each Auto class

@@ -14,7 +14,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..configuration import RBLNModelConfig
-from .base import RBLNModel, hub_kwargs_of, is_compiled_folder, model_class_named, model_classes, resolve_folder
+from .base import RBLNModel
+from .folder import is_compiled_folder
+from .hf_files import hub_kwargs_of, resolve_folder
+from .registry import model_class_named, model_classes
 from .decoderonly.families import RBLNDecoderOnlyModelForCausalLM
 from .encoders import RBLNTextEncoderModel
 from .hf_files import auto_class_from_pretrained

@@ -14,7 +14,7 @@ from typing import Callable
 
 from . import host_math, machine, memory
 from .stats import format_bytes
-from .specs import GB, MB_BINARY as MiB, GiB, NPU_PRESETS, NPUSpec
+from .specs import DEFAULT_NPU, GB, MB_BINARY as MiB, GiB, NPU_PRESETS, NPUSpec
 
 ESTIMATE_MARK = "*"
 
@@ -233,4 +233,5 @@ def format_presets() -> str:
         right=set(range(2, 2 + len(_PRESET_COLUMNS))),
     )
     out.append(f"{ESTIMATE_MARK} estimate (not published by the vendor); other figures from Rebellions' product briefs.")
+    out.append(f"Default preset (when no npu is given): {DEFAULT_NPU}")
     return "\n".join(out)

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ...configuration import CONFIG_NAME, read_json_object
-from ...modeling.base import RBLNModel, resolve_folder, hub_kwargs_of
+from ...configuration import CONFIG_NAME
+from ...untrusted_files import read_json_object
+from ...modeling.base import RBLNModel
+from ...modeling.hf_files import hub_kwargs_of, resolve_folder
 from ...modeling.hf_files import concrete_class, refuse_remote_code
 from ...modeling.folder import MODEL_INDEX, check_manifest, load_lock, manifest_of, save_tree
 from ...sim_device.files import write_file_atomically
