@@ -148,8 +148,11 @@ class RBLNLlavaForConditionalGeneration(RBLNModel):
         hf_model.eval()
         vision, graphs = cls._compile(hf_model, vision, source_folder)
         specs = {name: [(s.name, list(s.shape), s.dtype) for s in g.program.inputs] for name, g in graphs.items()}
-        language_model = RBLNAutoModelForCausalLM.from_model(_causal_lm(hf_model),
-                                                             rbln_config=config.part_options(LANGUAGE_MODEL))
+        try:
+            language_model = RBLNAutoModelForCausalLM.from_model(_causal_lm(hf_model),
+                                                                 rbln_config=config.part_options(LANGUAGE_MODEL))
+        except (TypeError, ValueError) as err:   # name the part whose options are wrong
+            raise type(err)(f"{CONFIG_KWARG}[{LANGUAGE_MODEL!r}]: {err}") from None
         config = dataclasses.replace(config, vision_tower=vision.with_compiled(cls_name=cls.__name__, graphs=specs),
                                      language_model=language_model.rbln_config)
         config = config.with_compiled(cls_name=cls.__name__, graphs=specs)
