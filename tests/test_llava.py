@@ -125,3 +125,48 @@ def test_image_tokens_and_images_must_agree(source, compiled):
                           pixel_values=inputs["pixel_values"], max_new_tokens=2)
     with pytest.raises(ValueError, match="pixel_values must be a float tensor"):
         compiled.generate(**{**inputs, "pixel_values": inputs["pixel_values"][:, :, :8]}, max_new_tokens=2)
+
+
+@pytest.mark.heavy  # another tiny checkpoint and its compile: ~40 s on a busy 2-core machine
+def test_a_siglip_tower_two_feature_layers_and_a_qwen2_text_model(tmp_path):
+    """The other vision tower LLaVA-style models use (SigLIP: no CLS row, the "full" strategy), features of two
+    layers concatenated, and another decoder family for the text: the same greedy tokens as transformers."""
+    from transformers import LlavaForConditionalGeneration
+
+    source = build_tiny_llava(tmp_path / "siglip-qwen2", vision_model_type="siglip_vision_model",
+                              text_model_type="qwen2", vision_feature_layer=[-2, -1],
+                              vision_feature_select_strategy="full")
+    model = RBLNAutoModelForImageTextToText.from_pretrained(source, export=True, rbln_numerics="exact",
+                                                            rbln_batch_size=2, rbln_language_model={"max_seq_len": 128})
+    assert type(model.language_model).__name__ == "RBLNQwen2ForCausalLM"
+    inputs = _inputs(source)
+    reference = LlavaForConditionalGeneration.from_pretrained(source).eval()
+    with torch.no_grad():
+        want = reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False), want)
+    model.close()
+
+
+@pytest.mark.heavy  # a second compile of the tiny checkpoint, in bf16
+def test_device_numerics_first_step_logits_within_tolerance(source):
+    """bf16 on the device: the first-step logits of each prompt (image features included) against fp32
+    transformers, within the decoders' bf16 bound (tests/test_llm_parity.py: 10% of max |logit|, mean
+    error a quarter of that, the same top-1 where transformers' margin is clear)."""
+    from transformers import LlavaForConditionalGeneration
+
+    rtol = 0.10
+    model = RBLNLlavaForConditionalGeneration.from_pretrained(source, export=True, rbln_batch_size=2,
+                                                              rbln_language_model={"max_seq_len": 128})
+    inputs = _inputs(source)
+    settings = dict(max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    reference = LlavaForConditionalGeneration.from_pretrained(source).eval()
+    with torch.no_grad():
+        expected = reference.generate(**inputs, **settings).logits[0]
+    logits = model.generate(**inputs, **settings).logits[0]
+    model.close()
+    scale = expected.abs().amax(dim=-1, keepdim=True)
+    error = (logits - expected).abs() / scale
+    assert error.max() <= rtol and error.mean(dim=-1).max() <= 0.25 * rtol
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.5 * rtol * scale[:, 0]
+    assert (logits.argmax(-1) == expected.argmax(-1))[clear].all()
