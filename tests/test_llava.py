@@ -99,6 +99,20 @@ def test_save_and_load_without_recompiling(source, compiled, tmp_path, monkeypat
         RBLNAutoModel.from_pretrained(folder, rbln_config={"language_model": {"max_seq_len": 64}})
 
 
+def test_the_image_text_to_text_pipeline(source, compiled):
+    """transformers' pipeline, the processor from the model's folder: its answer is the greedy tokens'."""
+    from optimum_npu import pipeline
+
+    pipe = pipeline("image-text-to-text", model=compiled)
+    image = Image.fromarray((np.random.RandomState(1).rand(16, 16, 3) * 255).astype("uint8"))
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]
+    answer = pipe(text=chat, max_new_tokens=NEW_TOKENS, do_sample=False)[0]["generated_text"][-1]
+    inputs = pipe.processor(images=image, text=pipe.processor.apply_chat_template(chat, add_generation_prompt=True),
+                            return_tensors="pt")
+    tokens = compiled.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert answer == {"role": "assistant", "content": pipe.processor.decode(tokens, skip_special_tokens=True)}
+
+
 def test_the_auto_classes_pick_it_from_model_type(source):
     assert RBLNAutoModelForImageTextToText.class_for(source, export=True) is RBLNLlavaForConditionalGeneration
     assert RBLNAutoModel.class_for(source, export=True) is RBLNLlavaForConditionalGeneration

@@ -35,6 +35,7 @@ from transformers import LlavaForConditionalGeneration
 from ..configuration import CONFIG_KWARG, CONFIG_NAME, OPTION_PREFIX, RBLNModelConfig, submodule
 from ..sim_device import Runtime
 from .base import GraphSpec, RBLNModel, sum_memory
+from .transformers_pipelines import list_for_pipelines
 from .decoderonly.configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
 
 IMAGE_PREFILL = "image_prefill"       # the vision graph (its file: image_prefill.rbln)
@@ -270,3 +271,6 @@ class RBLNLlavaForConditionalGeneration(RBLNModel):
     def close(self) -> None:
         self.language_model.close()
         super().close()
+
+
+list_for_pipelines("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING", [RBLNLlavaForConditionalGeneration])
