@@ -57,6 +57,10 @@ _EXPORTS = {
     "RBLNQwen2ForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNQwen3ForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNMistralForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    "RBLNLlavaForConditionalGeneration": "optimum_npu.modeling.llava",
+    "RBLNLlavaForConditionalGenerationConfig": "optimum_npu.modeling.llava",
+    "RBLNLlavaVisionTowerConfig": "optimum_npu.modeling.llava",
+    "RBLNAutoModelForImageTextToText": "optimum_npu.modeling.auto",
     # The Cosmos guardrail and its sub-models.
     "RBLNStableDiffusionPipeline": "optimum_npu.diffusers",
     "RBLNStableDiffusionImg2ImgPipeline": "optimum_npu.diffusers",
@@ -112,6 +116,7 @@ MODEL_TYPES = {
     "siglip_vision_model": ("RBLNSiglipVisionModel",),
     "cosmos_retinaface": ("RBLNRetinaFace",),
     "cosmos_video_safety": ("RBLNVideoSafetyModel",),
+    "llava": ("RBLNLlavaForConditionalGeneration",),
 }
 
 __all__ = sorted(_EXPORTS)

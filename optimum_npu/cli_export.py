@@ -258,11 +258,12 @@ def resulting_config(cls: Any, options: dict[str, Any]) -> dict[str, Any]:
     """The options `cls.from_pretrained(..., export=True, rbln_config=options)` starts from, validated
     as it validates them (null: decided from the checkpoint when compiling)."""
     if cls.__name__ == GUARDRAIL_CLASS:
-        from .cosmos_guardrail.checker import RBLNCosmosSafetyCheckerConfig, _split_submodel_options
+        from .cosmos_guardrail.checker import RBLNCosmosSafetyCheckerConfig
 
-        own, per_model = _split_submodel_options(options)
-        config, _ = RBLNCosmosSafetyCheckerConfig.from_kwargs({"rbln_config": own})
-        return {**_shown(cls, config.to_json_dict()), "submodels": per_model}
+        config, _ = RBLNCosmosSafetyCheckerConfig.from_kwargs({"rbln_config": options})
+        # Each network's options as given (what it compiles with is decided when its checkpoint is read).
+        shown = {k: v for k, v in _shown(cls, config.to_json_dict()).items() if k != "components"}
+        return {**shown, "submodels": {name: dict(given) for name, given in config.submodule_options.items()}}
     config, _ = cls.config_class.from_kwargs({"rbln_config": options})
     return _shown(cls, config.to_json_dict())
 

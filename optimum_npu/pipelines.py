@@ -23,6 +23,7 @@ from typing import Any
 _PREPROCESSORS = (
     ("tokenizer", "_load_tokenizer", ("tokenizer_config.json", "tokenizer.json")),
     ("image_processor", "_load_image_processor", ("preprocessor_config.json",)),
+    ("processor", "_load_processor", ("processor_config.json",)),
 )
 
 
@@ -30,7 +31,7 @@ def pipeline(task: str, model: Any, **kwargs: Any):
     """`transformers.pipeline(task, model=model, **kwargs)` where `model` is a compiled model or a
     compiled folder (loaded with `RBLNAutoModel`), its tokenizer / image processor loaded from the
     model's folder unless given."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
     from transformers import pipeline as transformers_pipeline
     from transformers.pipelines import check_task
 
@@ -40,7 +41,7 @@ def pipeline(task: str, model: Any, **kwargs: Any):
         model = RBLNAutoModel.from_pretrained(model)
     folder = getattr(model, "_source_folder", None)
     pipeline_class = kwargs.get("pipeline_class") or _pipeline_class(check_task(task)[1]["impl"])
-    loaders = {"tokenizer": AutoTokenizer, "image_processor": AutoImageProcessor}
+    loaders = {"tokenizer": AutoTokenizer, "image_processor": AutoImageProcessor, "processor": AutoProcessor}
     for argument, flag, marks in _PREPROCESSORS:
         wanted = getattr(pipeline_class, flag, None)
         if kwargs.get(argument) is None and wanted and folder is not None and \

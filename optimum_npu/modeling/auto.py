@@ -22,12 +22,14 @@ from .decoderonly.families import RBLNDecoderOnlyModelForCausalLM
 from .encoders import RBLNTextEncoderModel
 from .hf_files import auto_class_from_pretrained
 from .image_classification import RBLNModelForImageClassification
+from .llava import RBLNLlavaForConditionalGeneration
 
 # Task name (as transformers pipelines name them) -> the generic class of that task.
 TASKS: dict[str, type[RBLNModel]] = {
     "text-generation": RBLNDecoderOnlyModelForCausalLM,
     "image-classification": RBLNModelForImageClassification,
     "feature-extraction": RBLNTextEncoderModel,
+    "image-text-to-text": RBLNLlavaForConditionalGeneration,
 }
 
 
@@ -96,3 +98,7 @@ class RBLNAutoModelForImageClassification(_RBLNAutoClass):
 
 class RBLNAutoModelForTextEncoding(_RBLNAutoClass):
     base_class = RBLNTextEncoderModel
+
+
+class RBLNAutoModelForImageTextToText(_RBLNAutoClass):
+    base_class = RBLNLlavaForConditionalGeneration

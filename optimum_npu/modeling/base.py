@@ -37,8 +37,8 @@ from ..compile import CompiledModel, compile_from_torch
 from ..compile.progress import nested, track
 from ..configuration import CONFIG_NAME, InputInfo, RBLNModelConfig, check_plain_name
 from ..sim_device import Artifact, Runtime
-from ..sim_device.stats import DeviceMemoryUsage, memory_summary
-from .folder import (check_manifest, check_save_target, is_compiled_folder, load_lock, manifest_of, read_file_below,
+from ..sim_device.stats import DeviceMemoryUsage, memory_summary, sum_memory
+from .folder import (check_manifest, check_relative_path, check_save_target, is_compiled_folder, load_lock, manifest_of, read_file_below,
                      save_tree, staging_folders)
 from .hf_files import MAX_SOURCE_FILE_BYTES, SOURCE_FILES, auto_class_from_pretrained, hub_kwargs_of, resolve_folder
 from .registry import MODEL_REGISTRY, model_class_named, model_classes
@@ -246,14 +246,7 @@ class RBLNModel:
 
     def device_memory(self) -> list[DeviceMemoryUsage]:
         """Device memory per device, summed over this model's runtimes."""
-        per_device: dict[int, DeviceMemoryUsage] = {}
-        for runtime in self.runtimes.values():
-            for m in runtime.stats.memory:
-                total = per_device.setdefault(m.device, DeviceMemoryUsage(m.device, m.npu, 0, 0, 0, m.capacity_bytes))
-                total.weights_bytes += m.weights_bytes
-                total.buffers_bytes += m.buffers_bytes
-                total.activations_bytes += m.activations_bytes
-        return [per_device[d] for d in sorted(per_device)]
+        return sum_memory(m for runtime in self.runtimes.values() for m in runtime.stats.memory)
 
     def save_trace(self, path: str | os.PathLike = "trace.json") -> str:
         """The profiler trace of everything this model ran (needs rbln_activate_profiler=True)."""
@@ -393,12 +386,20 @@ class RBLNModel:
         if config.create_runtimes:
             config.check_devices_exist()
         graph_files = {name: f"{name}.rbln" for name in config.graphs}  # plain names: checked by the config
-        check_manifest(folder, needed=[*graph_files.values(), "config.json"], nested=False)
+        # A model with sub-models (a VLM's language model) keeps them in sub-folders, listed in its manifest.
+        check_manifest(folder, needed=[*graph_files.values(), "config.json"], nested=bool(config.submodule_classes()))
         hf_config, generation_config = target._load_hf_configs(folder)
         target._check_model_type(hf_config)
         graphs = {name: Artifact.load(folder / filename) for name, filename in graph_files.items()}
         target._check_graphs_against_config(config, graphs, hf_config)
-        return target(hf_config, config, graphs, source_folder=folder, generation_config=generation_config)
+        config, parts = target._load_submodels(folder, config)
+        return target(hf_config, config, graphs, source_folder=folder, generation_config=generation_config, **parts)
+
+    @classmethod
+    def _load_submodels(cls, folder: Path, config: RBLNModelConfig) -> tuple[RBLNModelConfig, dict[str, Any]]:
+        """A model made of several compiled models loads the others here (from its sub-folders): returns the
+        config with their sub-configs and the keyword arguments its __init__ takes them as. None by default."""
+        return config, {}
 
     @classmethod
     def _check_graphs_against_config(cls, config: RBLNModelConfig, graphs: dict[str, Artifact], hf_config=None) -> None:
@@ -485,7 +486,7 @@ class RBLNModel:
         mode = folder.stat().st_mode & 0o666
         manifest = manifest_of(folder)
         for name in manifest:
-            check_plain_name("a saved file name", name)
+            check_relative_path("a saved file name", name)
             os.chmod(folder / name, mode)
         self.rbln_config.save(folder, files=manifest)
 
