@@ -42,6 +42,8 @@ PROGRAM_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool,
+    # an 8-bit KV cache (rbln_quantization kv_caches="fp8"): kept as it is, never widened to the device float
+    "float8_e4m3fn": torch.float8_e4m3fn,
 }
 DTYPE_NAMES = {v: k for k, v in PROGRAM_DTYPES.items()}
 DEVICE_DTYPES = ("bfloat16", "float16")

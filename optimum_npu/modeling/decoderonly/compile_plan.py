@@ -31,6 +31,13 @@ PREFILL = "prefill"
 DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def kv_cache_dtype(config) -> torch.dtype:
+    """The KV cache's element type: the device's 16 bits, or float8 e4m3 with rbln_quantization
+    kv_caches="fp8" (half the bytes: twice the blocks in the same memory)."""
+    quantization = config.quantization_spec
+    return torch.float8_e4m3fn if quantization and quantization.kv_caches == "fp8" else DEVICE_DTYPE[config.dtype]
+
+
 def decoder_graph_name(batch: int) -> str:
     return f"decoder_batch_{batch}"
 
@@ -146,9 +153,7 @@ class DecoderPlan:
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        """The KV cache's element type: the device's 16 bits, or float8 e4m3 with kv_caches="fp8"."""
-        quantization = self.config.quantization_spec
-        return torch.float8_e4m3fn if quantization and quantization.kv_caches == "fp8" else DEVICE_DTYPE[self.config.dtype]
+        return kv_cache_dtype(self.config)
 
     def _device_layers(self, hf_model):
         """The model's layers in device form, their projections packed when the weights are quantised."""
