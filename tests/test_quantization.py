@@ -10,12 +10,14 @@
 """
 
 import copy
+import json
 
 import pytest
 import torch
 
 from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from llm_fixtures import hf_config, hf_generate, hf_logits, random_prompts, rbln_teacher_forced, save_source
+import optimum_npu
 from optimum_npu import RBLNAutoModelForCausalLM
 from optimum_npu.modeling.quantization import Quantization, fake_quantize_, quantize_rtn
 from optimum_npu.planning.meta import compile_decoder_on_meta
@@ -199,3 +201,48 @@ def test_device_memory_of_an_8b_shaped_model_is_the_packed_bytes_and_scales(bf16
     total = bf16["prefill"].program.memory.weights_bytes[0]
     byte_ratio = (total - saving) / total
     assert byte_ratio <= step_quant / step_bf16 <= 1.0, (step_quant / step_bf16, byte_ratio)
+
+
+# --------------------------------------------------------------------------- the planner
+
+
+@pytest.mark.heavy   # ~20 s on a busy machine: 12 small compilations and 3 serving simulations
+def test_plan_takes_quantization_as_a_dimension(tmp_path, capsys):
+    from optimum_npu.cli import main
+
+    hf_config("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4).save_pretrained(tmp_path)
+    assert main(["plan", str(tmp_path), "--npu", "RBLN-CA12", "--input-len", "100", "--output-len", "20",
+                 "--tensor-parallel-sizes", "1", "--batch-sizes", "1", "--chunk-sizes", "64", "--json",
+                 "--quantization", "16bit", "w8a16", '{"weights": "int4", "group_size": 64}']) == 0
+    candidates = json.loads(capsys.readouterr().out)
+    by_quant = {c["quantization"]: c for c in candidates}
+    assert set(by_quant) == {"16bit", "w8a16", "w4a16 g64"}
+    memory = [by_quant[q]["memory_per_device_bytes"] for q in ("16bit", "w8a16", "w4a16 g64")]
+    assert memory[0] > memory[1] > memory[2]
+
+
+def test_plan_refuses_an_unknown_quantization_naming_the_known_ones(tmp_path, capsys):
+    from optimum_npu.cli import main
+
+    hf_config("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="quantization 'w3a16' is not one of 16bit, w8a16, w4a16"):
+        optimum_npu.plan(tmp_path, input_len=100, output_len=20, quantizations=["w3a16"])
+    assert main(["plan", str(tmp_path), "--input-len", "100", "--output-len", "20", "--quantization", "{bad"]) != 0
+    assert "--quantization '{bad' is not a valid JSON object" in capsys.readouterr().err
+
+
+LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                  num_hidden_layers=80, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+@pytest.mark.heavy   # ~60 s: 70B-wide graphs compiled on the meta device for 3 sizes x 2 quantisations
+def test_llama_70b_in_w4a16_fits_on_fewer_devices_and_decodes_faster():
+    result = optimum_npu.plan(hf_config("llama", **LLAMA3_70B), "RBLN-CA25", input_len=1024, output_len=128,
+                              tensor_parallel_sizes=(4, 8, 16), batch_sizes=(1,), chunk_sizes=(128,),
+                              quantizations=("16bit", "w4a16"))
+    eager = [c for c in result.candidates if c.attn_impl == "eager"]
+    smallest = {q: min(c.tensor_parallel_size for c in eager if c.quantization == q) for q in ("16bit", "w4a16 g128")}
+    assert smallest == {"16bit": 16, "w4a16 g128": 4}   # 141 GB of bf16 weights need 16 ATOMs; int4, 4
+    at_16 = {c.quantization: c for c in eager if c.tensor_parallel_size == 16}
+    assert at_16["w4a16 g128"].memory_per_device_bytes < 0.35 * at_16["16bit"].memory_per_device_bytes
+    assert at_16["w4a16 g128"].tpot_s < at_16["16bit"].tpot_s

@@ -109,6 +109,11 @@ class Quantization:
     def quantizes_weights(self) -> bool:
         return self.weights != "fp16"
 
+    @property
+    def weight_bits(self) -> int:
+        """Bits of a quantised projection's weight (16: not quantised)."""
+        return {"int4": 4, "int8": 8, "fp8": 8, "fp16": 16}[self.weights]
+
     def check_in_features(self, sizes: Mapping[str, int]) -> None:
         """ValueError unless the group divides every quantised layer's input size (`sizes`: what
         each is, e.g. {"hidden_size": 4096, "intermediate_size": 14336})."""
@@ -126,6 +131,31 @@ class Quantization:
     def describe(self) -> str:
         group = f" g{self.group_size}" if self.group_size else ""
         return f"weights {self.weights}{group}, activations {self.activations}, kv_caches {self.kv_caches}"
+
+
+# Names the planner and the command line take for a quantisation (`optimum-npu plan --quantization`).
+NAMED = {"16bit": None, "w8a16": {"weights": "int8"}, "w4a16": {"weights": "int4"}, "fp8": {"weights": "fp8"},
+         "kv-fp8": {"kv_caches": "fp8"}, "w4a16-kv-fp8": {"weights": "int4", "kv_caches": "fp8"}}
+
+
+def named(value: Any) -> Quantization | None:
+    """A quantisation from a name of `NAMED` ("w4a16", "16bit", ...), an option dict or None."""
+    if isinstance(value, str):
+        if value not in NAMED:
+            raise ValueError(f"quantization {value!r} is not one of {', '.join(NAMED)} (or an {OPTION} dict)")
+        value = NAMED[value]
+    return Quantization.parse(value)
+
+
+def label(quantization: Quantization | None) -> str:
+    """A short name of a quantisation for tables: "16bit", "w4a16 g128", "w8a16 kv-fp8", ..."""
+    if quantization is None:
+        return "16bit"
+    weights = {"int4": "w4", "int8": "w8", "fp8": "wfp8", "fp16": "w16"}[quantization.weights]
+    activations = {"int8": "a8", "fp8": "afp8", "fp16": "a16"}[quantization.activations]
+    group = f" g{quantization.group_size}" if quantization.group_size else ""
+    kv = " kv-fp8" if quantization.kv_caches == "fp8" else ""
+    return f"{weights}{activations}{group}{kv}"
 
 
 def normalize_option(value: Any) -> dict[str, Any] | None:
