@@ -212,6 +212,18 @@ class QuantizedLinear(nn.Module):
             qweight, scales = quantize_rtn(linear.weight, fmt, group_size, scale_dtype)
         return cls(qweight, scales, linear.bias, fmt, group_size)
 
+    @classmethod
+    def concatenated(cls, linears) -> QuantizedLinear:
+        """One packed linear computing the given ones side by side (Q/K/V, gate/up): their packed rows
+        and scales end to end (each row has its own scales, so rows concatenate as they are)."""
+        kinds = {(q.fmt, q.group_size, q.in_features) for q in linears}
+        if len(kinds) != 1 or not all(isinstance(q, QuantizedLinear) for q in linears):
+            raise ValueError(f"cannot merge projections of different quantisations: {sorted(kinds)}")
+        biases = [q.bias if q.bias is not None else torch.zeros(q.out_features) for q in linears]
+        bias = torch.cat(biases) if any(q.bias is not None for q in linears) else None
+        return cls(torch.cat([q.qweight for q in linears]), torch.cat([q.scales for q in linears]), bias,
+                   linears[0].fmt, linears[0].group_size)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the device computes with, in fp32."""
         return dequantize(self.qweight, self.scales.float(), self.fmt, self.group_size)
