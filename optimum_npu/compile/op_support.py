@@ -80,6 +80,8 @@ class Work:
     gathered_elements: int = 0
     # Rows (M) of a matrix product [M, K] x [K, N]: the output's elements over N (0: not a matmul).
     rows: int = 0
+    # The matrix engines' number format of `flops`: "16bit", or "int8" / "fp8" (W8A8), each at its rate.
+    matmul_format: str = "16bit"
 
 
 # Ops that read rows of their first argument picked by an index tensor, one output element each.
@@ -101,6 +103,11 @@ def count_work(target: str, category: Category, args: tuple, out) -> Work:
             rows_out = args[2].shape[0]
             features = args[0].shape[-1]
             return Work(2.0 * out_numel * features, float(rows_out * features), rows=out_numel // rows_out)
+        if name == "rbln.quant_linear":
+            # 8-bit products; quantising the input (a max and a divide per element) and rescaling the output
+            rows_out, features = args[1].shape[0], args[0].shape[-1]
+            return Work(2.0 * out_numel * features, 3.0 * _numel(args[0]) + 2.0 * out_numel,
+                        rows=out_numel // rows_out, matmul_format=args[4])
         if name == "linear":
             bias = out_numel if len(args) > 2 and args[2] is not None else 0
             return Work(2.0 * out_numel * args[1].shape[1], bias, rows=out_numel // args[1].shape[0])

@@ -9,7 +9,9 @@ The option follows optimum-rbln 0.12's `RBLNQuantizationConfig`:
 - weights: "int8" (w8a16, one scale per output channel unless a group is given), "int4"
   (w4a16, one scale per `group_size` input features; default 128, as GPTQ / AWQ "g128"),
   "fp8" (float8 e4m3 with one scale per output channel), or "fp16" (the model's 16 bits);
-- activations: "fp16" (the 16-bit compute type), "int8" / "fp8" (W8A8, see `activations`);
+- activations: "fp16" (the 16-bit compute type), or "int8" / "fp8" (W8A8: with weights of the same
+  format, per channel; each projection's input quantised per token on the fly, the products at the
+  preset's int8 / fp8 rate: `rbln::quant_linear`; fp8 only on an NPU with fp8 arithmetic);
 - kv_caches: "fp16", or "fp8" (float8 e4m3: half the KV bytes);
 - the older `{"precision": "w4a16"}` (also "w8a16", "w8a8") names weights and activations at once.
 
@@ -99,6 +101,10 @@ class Quantization:
         if weights in ("fp8", "fp16") and group:
             raise ValueError(f"{OPTION}['group_size'] applies to int4 / int8 weights; {weights!r} weights take one "
                              "scale per output channel (drop group_size)")
+        if activations != "fp16" and (weights, group) != (activations, 0):
+            raise ValueError(f"{OPTION}: {activations} activations (W8A8) multiply {activations} weights with one scale "
+                             f"per output channel in the 8-bit matrix engines: set 'weights': {activations!r} without "
+                             f"a group_size (got weights {weights!r}, group_size {group})")
         return cls(weights, activations, kv_caches, group)
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +141,7 @@ class Quantization:
 
 # Names the planner and the command line take for a quantisation (`optimum-npu plan --quantization`).
 NAMED = {"16bit": None, "w8a16": {"weights": "int8"}, "w4a16": {"weights": "int4"}, "fp8": {"weights": "fp8"},
+         "w8a8": {"weights": "int8", "activations": "int8"}, "fp8-w8a8": {"weights": "fp8", "activations": "fp8"},
          "kv-fp8": {"kv_caches": "fp8"}, "w4a16-kv-fp8": {"weights": "int4", "kv_caches": "fp8"}}
 
 
@@ -192,16 +199,17 @@ class QuantizedLinear(nn.Module):
     16-bit Linear by round-to-nearest, or from a pre-quantised checkpoint's tensors (`from_packed`)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, fmt: str,
-                 group_size: int):
+                 group_size: int, activations: str = "fp16"):
         super().__init__()
-        self.fmt, self.group_size = fmt, group_size
+        self.fmt, self.group_size, self.activations = fmt, group_size, activations
         self.qweight = nn.Parameter(qweight, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.out_features, self.in_features = scales.shape[0], qweight.shape[1] * STORAGE[fmt][1]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int, scale_dtype: torch.dtype) -> QuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int, scale_dtype: torch.dtype,
+                    activations: str = "fp16") -> QuantizedLinear:
         rows, cols = linear.weight.shape
         if linear.weight.is_meta:  # shapes only (the planner's and the memory probe's graphs)
             storage, per_element = STORAGE[fmt]
@@ -210,7 +218,7 @@ class QuantizedLinear(nn.Module):
                 scales = torch.empty(rows, 1 if group_size == 0 else cols // group_size)
         else:
             qweight, scales = quantize_rtn(linear.weight, fmt, group_size, scale_dtype)
-        return cls(qweight, scales, linear.bias, fmt, group_size)
+        return cls(qweight, scales, linear.bias, fmt, group_size, activations)
 
     @classmethod
     def concatenated(cls, linears) -> QuantizedLinear:
@@ -222,18 +230,21 @@ class QuantizedLinear(nn.Module):
         biases = [q.bias if q.bias is not None else torch.zeros(q.out_features) for q in linears]
         bias = torch.cat(biases) if any(q.bias is not None for q in linears) else None
         return cls(torch.cat([q.qweight for q in linears]), torch.cat([q.scales for q in linears]), bias,
-                   linears[0].fmt, linears[0].group_size)
+                   linears[0].fmt, linears[0].group_size, linears[0].activations)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the device computes with, in fp32."""
         return dequantize(self.qweight, self.scales.float(), self.fmt, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations != "fp16":   # W8A8: the input quantised per token, 8-bit products
+            return torch.ops.rbln.quant_linear(x, self.qweight, self.scales, self.bias, self.fmt)
         return torch.ops.rbln.dequant_linear(x, self.qweight, self.scales, self.bias, self.fmt, self.group_size)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.fmt}{group}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weights={self.fmt}{group}, "
+                f"activations={self.activations}")
 
 
 DEVICE_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # the device decoder layer's projections
@@ -249,7 +260,7 @@ def quantize_layers(layers: nn.ModuleList, quantization: Quantization | None, sc
             linear = getattr(layer, name)
             if isinstance(linear, nn.Linear):
                 setattr(layer, name, QuantizedLinear.from_linear(linear, quantization.weights, quantization.group_size,
-                                                                 scale_dtype))
+                                                                 scale_dtype, quantization.activations))
     return layers
 
 

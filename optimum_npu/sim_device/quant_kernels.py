@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 DEQUANT_LINEAR = "rbln.dequant_linear.default"
-QUANT_OPS = (DEQUANT_LINEAR,)
+QUANT_LINEAR = "rbln.quant_linear.default"
+QUANT_OPS = (DEQUANT_LINEAR, QUANT_LINEAR)
 
 # Packed weight formats, and the storage dtype and number of weights per stored element of each.
 WEIGHT_FORMATS = ("int8", "int4", "fp8")
@@ -86,7 +87,44 @@ def _(x, qweight, scales, bias, fmt, group_size):
     return x.new_empty((*x.shape[:-1], rows))
 
 
-IMPLEMENTATIONS = {DEQUANT_LINEAR: dequant_linear._init_fn}
+ACTIVATION_FORMATS = ("int8", "fp8")
+
+
+def quantize_per_token(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
+    """(values in fp32, scales [..., 1]) of x quantised per token (each row of its last dimension) by
+    its largest magnitude: int8 symmetric in [-127, 127], or float8 e4m3 (saturating at 448)."""
+    wide = x.float()
+    scales = wide.abs().amax(-1, keepdim=True) / QMAX[fmt]
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    ratio = wide / scales
+    if fmt == "int8":
+        return ratio.round().clamp(-QMAX[fmt], QMAX[fmt]), scales
+    return ratio.clamp(-QMAX[fmt], QMAX[fmt]).to(FP8).float(), scales
+
+
+@torch.library.custom_op("rbln::quant_linear", mutates_args=())
+def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, fmt: str) -> Tensor:
+    """W8A8: x quantised per token to `fmt` (int8 / fp8) on the fly, multiplied by the 8-bit weight
+    (one scale per output channel, [N, 1]) in the 8-bit matrix engines, the products accumulated
+    wide (int32 / fp32: emulated in fp32) and rescaled by both scales to the input's dtype.
+    The activation scale is taken over the features this device holds (a row-parallel split
+    quantises each rank's slice with its own scales, as vLLM's tensor-parallel W8A8 does)."""
+    if fmt not in ACTIVATION_FORMATS:
+        raise ValueError(f"quant_linear: format must be one of {ACTIVATION_FORMATS}, got {fmt!r}")
+    values, x_scales = quantize_per_token(x, fmt)
+    weight = unpacked_values(qweight, fmt).float()
+    out = (values @ weight.T) * x_scales * scales.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@quant_linear.register_fake
+def _(x, qweight, scales, bias, fmt):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+IMPLEMENTATIONS = {DEQUANT_LINEAR: dequant_linear._init_fn, QUANT_LINEAR: quant_linear._init_fn}
 
 
 def weight_elements(qweight_shape: tuple[int, ...], fmt: str) -> int:

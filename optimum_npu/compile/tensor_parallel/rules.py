@@ -80,6 +80,8 @@ def _linear_operands(node: Node, args: list) -> tuple[str | None, str | None, st
     if op_packet(node.target) == "rbln.dequant_linear":
         per_element = STORAGE[args[4]][1]
         return ref(args[1]), ref(args[2]), ref(args[3]) if len(args) > 3 else None, per_element, args[5]
+    if op_packet(node.target) == "rbln.quant_linear":   # W8A8: 8-bit weights, one scale per output row
+        return ref(args[1]), ref(args[2]), ref(args[3]) if len(args) > 3 else None, 1, 0
     return ref(args[1]), None, ref(args[2]) if len(args) > 2 else None, 1, 0
 
 
@@ -474,7 +476,7 @@ def _batched_matmul(s: Splitter, node: Node, args: list, kwargs: dict) -> None:
 
 
 RULES = {
-    "aten.linear": _linear, "rbln.dequant_linear": _linear,
+    "aten.linear": _linear, "rbln.dequant_linear": _linear, "rbln.quant_linear": _linear,
     "aten.embedding": _embedding,
     "aten.view": _reshape, "aten.reshape": _reshape,
     "aten.flatten": _flatten_like, "aten.unflatten": _flatten_like,
