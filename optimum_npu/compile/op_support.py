@@ -108,6 +108,10 @@ def count_work(target: str, category: Category, args: tuple, out) -> Work:
             rows_out, features = args[1].shape[0], args[0].shape[-1]
             return Work(2.0 * out_numel * features, 3.0 * _numel(args[0]) + 2.0 * out_numel,
                         rows=out_numel // rows_out, matmul_format=args[4])
+        if name == "rbln.quant_conv2d":
+            weight = args[1]   # [Cout, Cin / groups, kh, kw]: each output element a dot product of that size
+            return Work(2.0 * out_numel * math.prod(weight.shape[1:]), 3.0 * _numel(args[0]) + 2.0 * out_numel,
+                        rows=out_numel // max(1, outs[0].shape[1]), matmul_format=args[8])
         if name == "linear":
             bias = out_numel if len(args) > 2 and args[2] is not None else 0
             return Work(2.0 * out_numel * args[1].shape[1], bias, rows=out_numel // args[1].shape[0])

@@ -27,7 +27,8 @@ from torch import Tensor
 
 DEQUANT_LINEAR = "rbln.dequant_linear.default"
 QUANT_LINEAR = "rbln.quant_linear.default"
-QUANT_OPS = (DEQUANT_LINEAR, QUANT_LINEAR)
+QUANT_CONV2D = "rbln.quant_conv2d.default"
+QUANT_OPS = (DEQUANT_LINEAR, QUANT_LINEAR, QUANT_CONV2D)
 
 # Packed weight formats, and the storage dtype and number of weights per stored element of each.
 WEIGHT_FORMATS = ("int8", "int4", "fp8")
@@ -124,7 +125,33 @@ def _(x, qweight, scales, bias, fmt):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-IMPLEMENTATIONS = {DEQUANT_LINEAR: dequant_linear._init_fn, QUANT_LINEAR: quant_linear._init_fn}
+@torch.library.custom_op("rbln::quant_conv2d", mutates_args=())
+def quant_conv2d(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int, fmt: str) -> Tensor:
+    """A W8A8 convolution: each image of x quantised to `fmt` by its own largest magnitude (one scale
+    per image, on the fly), convolved with the 8-bit weight [Cout, Cin / groups, kh, kw] (one scale
+    per output channel, [Cout, 1]) in the 8-bit engines, accumulated wide, rescaled by both scales."""
+    if fmt not in ACTIVATION_FORMATS:
+        raise ValueError(f"quant_conv2d: format must be one of {ACTIVATION_FORMATS}, got {fmt!r}")
+    flat = x.float().flatten(1)
+    values, x_scales = quantize_per_token(flat, fmt)
+    values = values.reshape(x.shape)
+    weight = unpacked_values(qweight.flatten(1), fmt).float().reshape(qweight.shape)
+    out = torch.nn.functional.conv2d(values, weight, None, stride, padding, dilation, groups)
+    out = out * x_scales.reshape(-1, 1, 1, 1) * scales.float().reshape(1, -1, 1, 1)
+    if bias is not None:
+        out = out + bias.float().reshape(1, -1, 1, 1)
+    return out.to(x.dtype)
+
+
+@quant_conv2d.register_fake
+def _(x, qweight, scales, bias, stride, padding, dilation, groups, fmt):
+    weight = torch.empty(qweight.shape, dtype=x.dtype, device=x.device)
+    return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+
+IMPLEMENTATIONS = {DEQUANT_LINEAR: dequant_linear._init_fn, QUANT_LINEAR: quant_linear._init_fn,
+                   QUANT_CONV2D: quant_conv2d._init_fn}
 
 
 def weight_elements(qweight_shape: tuple[int, ...], fmt: str) -> int:
