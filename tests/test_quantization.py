@@ -295,3 +295,39 @@ def test_llama_70b_in_w4a16_fits_on_fewer_devices_and_decodes_faster():
     at_16 = {c.quantization: c for c in eager if c.tensor_parallel_size == 16}
     assert at_16["w4a16 g128"].memory_per_device_bytes < 0.35 * at_16["16bit"].memory_per_device_bytes
     assert at_16["w4a16 g128"].tpot_s < at_16["16bit"].tpot_s
+
+
+# --------------------------------------------------------------------------- quality
+
+
+@pytest.mark.heavy   # trains the tiny Llama (~40 s on a quiet machine)
+def test_rtn_int8_is_near_lossless_and_int4_g128_a_small_increase(tmp_path):
+    """On the tiny Llama trained on the repository's corpus and held-out generated stories: the
+    fp32 model with the device's dequantised weights (what exact numerics computes, tested above)."""
+    import math
+    import random
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from optimum_npu.testing.llama import build_tiny_llama, story
+
+    folder = build_tiny_llama(tmp_path / "tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rng = random.Random(1)   # the corpus is built from seed 0: these stories are new
+    rows = []
+    while len(rows) < 16:
+        text = tokenizer(" ".join(story(rng) for _ in range(3))).input_ids
+        if len(text) >= 96:
+            rows.append(text[:96])
+    ids = torch.tensor(rows)
+    fp32 = LlamaForCausalLM.from_pretrained(folder).float().eval()
+
+    def perplexity(model):
+        with torch.no_grad():
+            return math.exp(model(input_ids=ids, labels=ids).loss.item())
+
+    base = perplexity(fp32)
+    int8 = perplexity(fake_quantize_(copy.deepcopy(fp32), {"weights": "int8"}, torch.bfloat16))
+    int4 = perplexity(fake_quantize_(copy.deepcopy(fp32), {"weights": "int4", "group_size": 128}, torch.bfloat16))
+    assert abs(int8 / base - 1) < 0.005
+    assert abs(int4 / base - 1) < 0.05
