@@ -313,6 +313,19 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="latency objective: drop deployments whose median time per output token is longer")
     p.add_argument("--json", action="store_true", help="print the candidates as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="write throughput vs latency, one point per deployment")
+    p.add_argument("--quantization", nargs="+", default=None, metavar="Q",
+                   help="low-precision settings to weigh: 16bit (default), w8a16, w4a16, fp8, kv-fp8, w4a16-kv-fp8, "
+                        "or an rbln_quantization JSON object")
+
+
+def _plan_quantization(text: str):
+    """A `--quantization` value: a name the planner knows, or a JSON rbln_quantization object."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--quantization {text!r} is not a valid JSON object: {error}") from None
+    return text
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -322,6 +335,8 @@ def _plan(args: argparse.Namespace) -> int:
     options = {name: tuple(value) for name, value in (
         ("tensor_parallel_sizes", args.tensor_parallel_sizes), ("batch_sizes", args.batch_sizes),
         ("chunk_sizes", args.chunk_sizes)) if value}
+    if args.quantization:
+        options["quantizations"] = [_plan_quantization(text) for text in args.quantization]
     result = planner.plan(args.model, args.npu or DEFAULT_NPU, args.input_len, args.output_len,
                           rack_power_w=args.rack_power_kw * 1000, max_ttft_s=args.max_ttft_s,
                           max_tpot_s=None if args.max_tpot_ms is None else args.max_tpot_ms / 1000, **options)

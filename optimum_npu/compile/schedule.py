@@ -132,6 +132,7 @@ class Scheduler:
             + sum(self.values[n.outputs[0]].nbytes for n in group.nodes if n.mutates and n.outputs[0]),
             dynamic_cost=any(n.category is Category.ATTENTION for n in group.nodes),
             matmul_rows=max(group.nodes, key=lambda n: n.work.flops).work.rows,
+            matmul_format=max(group.nodes, key=lambda n: n.work.flops).work.matmul_format,
         )
         if step.dynamic_cost:
             self._price_attention(step, group.nodes)

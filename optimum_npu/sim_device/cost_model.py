@@ -91,9 +91,12 @@ class CostModel:
         self.cal = calibration
         self.ring = ring
 
-    def kernel(self, flops: float, vector_flops: float, bytes_moved: int, matmul_rows: int = 0) -> StepCost:
+    def kernel(self, flops: float, vector_flops: float, bytes_moved: int, matmul_rows: int = 0,
+               matmul_format: str = "16bit") -> StepCost:
+        """A device kernel; its matrix work at the peak rate of its number format (8-bit W8A8 products
+        at the int8 / fp8 rate), its vector work at a fraction of the 16-bit peak."""
         peak = self.spec.peak_flops_16bit
-        compute = (flops / (peak * self.cal.matmul_utilisation(matmul_rows))
+        compute = (flops / (self.spec.matmul_rate(matmul_format) * self.cal.matmul_utilisation(matmul_rows))
                    + vector_flops / (peak * self.cal.vector_fraction_of_peak))
         dma = bytes_moved / (self.spec.dram_bandwidth * self.cal.dram_peak_utilisation) + self.cal.dma_setup_s
         return StepCost(max(compute, dma) + self.cal.kernel_launch_s, compute_s=compute, dma_s=dma,
@@ -128,7 +131,7 @@ class CostModel:
         flops = step.flops if flops is None else flops
         bytes_moved = step.bytes_read + step.bytes_written if bytes_moved is None else bytes_moved
         if step.kind == StepKind.KERNEL:
-            return self.kernel(flops, step.vector_flops, bytes_moved, step.matmul_rows)
+            return self.kernel(flops, step.vector_flops, bytes_moved, step.matmul_rows, step.matmul_format)
         if step.kind == StepKind.HOST:
             return self.host(flops + step.vector_flops, bytes_moved)
         if step.kind == StepKind.COLLECTIVE:

@@ -95,12 +95,20 @@ def op_packet(target: str) -> str:
 
 
 def kernel_ops() -> tuple[str, ...]:
-    """The device's own ops ('rbln.*'): attention kernels and collectives; importing their
-    modules registers them with torch."""
+    """The device's own ops ('rbln.*'): attention kernels, the dequantising matmul and
+    collectives; importing their modules registers them with torch."""
     from .collectives import COLLECTIVE_OPS
     from .kernels import KERNEL_OPS
+    from .quant_kernels import QUANT_OPS
 
-    return KERNEL_OPS + COLLECTIVE_OPS
+    return KERNEL_OPS + QUANT_OPS + COLLECTIVE_OPS
+
+
+def quant_ops() -> tuple[str, ...]:
+    """The device's matmul kernels on packed low-precision weights ('rbln.dequant_linear')."""
+    from .quant_kernels import QUANT_OPS
+
+    return QUANT_OPS
 
 
 def collective_ops() -> tuple[str, ...]:

@@ -42,8 +42,12 @@ PROGRAM_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool,
+    # an 8-bit KV cache (rbln_quantization kv_caches="fp8"): kept as it is, never widened to the device float
+    "float8_e4m3fn": torch.float8_e4m3fn,
 }
 DTYPE_NAMES = {v: k for k, v in PROGRAM_DTYPES.items()}
+# Number formats of the matrix engines a kernel's products may run in (`Step.matmul_format`).
+MATMUL_FORMATS = ("16bit", "int8", "fp8")
 DEVICE_DTYPES = ("bfloat16", "float16")
 
 
@@ -127,6 +131,9 @@ class Step:
     # Rows (M) of the step's main matrix product, which sets how well the matrix engines are
     # used (cost_model.Calibration.matmul_utilisation); 0 when the step has none.
     matmul_rows: int = 0
+    # The number format of the step's matrix work (`flops`), whose peak rate prices it: "16bit",
+    # or "int8" / "fp8" for a W8A8 matmul (`NPUSpec.matmul_rate`).
+    matmul_format: str = "16bit"
 
 
 @dataclass

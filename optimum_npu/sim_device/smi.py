@@ -193,6 +193,7 @@ _PRESET_COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[NPUSpec], str]]] = {
     "DRAM BW": (("dram_bandwidth",), lambda s: f"{s.dram_bandwidth / 1e9:g} GB/s"),
     "TFLOPS bf16": (("peak_flops_16bit",), lambda s: f"{s.peak_flops_16bit / 1e12:g}"),
     "TOPS int8": (("peak_ops_int8",), lambda s: f"{s.peak_ops_int8 / 1e12:g}"),
+    "TFLOPS fp8": (("peak_flops_fp8",), lambda s: "-" if s.peak_flops_fp8 is None else f"{s.peak_flops_fp8 / 1e12:g}"),
     "SRAM": (
         ("sram_shared_bytes", "sram_per_engine_bytes", "num_neural_engines"),
         lambda s: f"{format_capacity(s.sram_shared_bytes)} + {s.num_neural_engines}x{format_capacity(s.sram_per_engine_bytes)}",
@@ -204,7 +205,7 @@ _PRESET_COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[NPUSpec], str]]] = {
 
 _PRESET_FIELDS = (
     "product", "devices_per_card", "dram_bytes", "usable_dram_bytes", "dram_bandwidth", "peak_flops_16bit",
-    "peak_ops_int8", "sram_shared_bytes", "sram_per_engine_bytes", "num_neural_engines", "pcie_bandwidth",
+    "peak_ops_int8", "peak_flops_fp8", "sram_shared_bytes", "sram_per_engine_bytes", "num_neural_engines", "pcie_bandwidth",
     "device_link_bandwidth", "card_tdp_watts",
 )
 

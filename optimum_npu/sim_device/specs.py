@@ -40,6 +40,16 @@ class NPUSpec:
     # vllm-rbln, `get_maximum_num_blocks`: `align_2MB`; docs/performance-model.md).
     dram_page_bytes: int = 2 * MB_BINARY
     estimated: tuple[str, ...] = ()  # names of the fields above that are our estimates
+    # fp8 FLOP/s per device; None: the device has no fp8 matrix arithmetic (the ATOM die's brief lists
+    # fp16/bf16 and int8 rates only), so fp8 activations are refused on it.
+    peak_flops_fp8: float | None = None
+
+    def matmul_rate(self, fmt: str) -> float:
+        """Peak matrix-engine rate of `fmt` ("16bit", "int8", "fp8"), per device."""
+        rate = {"16bit": self.peak_flops_16bit, "int8": self.peak_ops_int8, "fp8": self.peak_flops_fp8}[fmt]
+        if rate is None:
+            raise ValueError(f"{self.name} has no {fmt} matrix arithmetic (its rates: 16-bit and int8)")
+        return rate
 
     @property
     def devices_per_server(self) -> int:
@@ -97,8 +107,8 @@ NPU_PRESETS: dict[str, NPUSpec] = {
         **{**_ATOM_DIE, "devices_per_card": 4},
     ),
     # REBEL-Quad: 4 chiplets presented as one device, 144 GB HBM3E (140 usable, docs/hardware.md),
-    # 4.8 TB/s. Compute: vendor figure of ~2 PFLOPS FP8 dense, so ~1 PFLOPS fp16/bf16 and
-    # ~2 POPS int8 (estimates); SRAM, link and TDP are estimates too.
+    # 4.8 TB/s. Compute: vendor figure of ~2 PFLOPS FP8 dense (peak_flops_fp8), so ~1 PFLOPS
+    # fp16/bf16 and ~2 POPS int8 (estimates); SRAM, link and TDP are estimates too.
     "RBLN-CR03": NPUSpec(
         name="RBLN-CR03",
         product="REBEL-Quad (RBLN-CR03)",
@@ -108,6 +118,7 @@ NPU_PRESETS: dict[str, NPUSpec] = {
         dram_bandwidth=4.8 * TB,
         peak_flops_16bit=1000 * TFLOPS,
         peak_ops_int8=2000 * TFLOPS,
+        peak_flops_fp8=2000 * TFLOPS,
         sram_shared_bytes=256 * MB_BINARY,
         sram_per_engine_bytes=4 * MB_BINARY,
         num_neural_engines=32,

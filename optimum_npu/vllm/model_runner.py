@@ -33,6 +33,7 @@ from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
+from ..modeling.decoderonly.compile_plan import kv_cache_dtype
 from .decoder_steps import CompiledDecoderSteps
 from .metrics import DeviceMetrics
 from .scheduler import ARRIVALS
@@ -40,7 +41,6 @@ from .serving_clock import ServingClock
 
 logger = logging.getLogger("vllm.optimum_npu")  # under "vllm": vLLM's log handler and level apply
 
-DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 FINISHED_TIMINGS_KEPT = 4096
 
 
@@ -135,7 +135,7 @@ class NPUModelRunner:
         reported as full attention: the compiled graphs apply the window and keep every block."""
         hf = self.model_config.hf_text_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        dtype = DEVICE_DTYPE[self.steps.model.rbln_config.dtype]
+        dtype = kv_cache_dtype(self.steps.model.rbln_config)   # float8 e4m3 for an fp8 KV cache
         spec = FullAttentionSpec(block_size=self.block_size, num_kv_heads=hf.num_key_value_heads,
                                  head_size=head_dim, dtype=dtype)
         return {f"model.layers.{i}.self_attn.attn": spec for i in range(hf.num_hidden_layers)}

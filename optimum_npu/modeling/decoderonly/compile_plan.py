@@ -21,6 +21,7 @@ from ...sim_device.memory import DeviceMemoryError
 from ...sim_device.stats import format_bytes
 from ...sim_device.specs import get_npu_spec
 from ..base import GraphSpec
+from ..quantization import quantize_layers
 from .kv_cache import KVCacheLayout, is_kv_cache
 from .static_decoder import StaticDecoder, make_kv_caches, merge_layers, rope_tables
 
@@ -28,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 PREFILL = "prefill"
 DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_cache_dtype(config) -> torch.dtype:
+    """The KV cache's element type: the device's 16 bits, or float8 e4m3 with rbln_quantization
+    kv_caches="fp8" (half the bytes: twice the blocks in the same memory)."""
+    quantization = config.quantization_spec
+    return torch.float8_e4m3fn if quantization and quantization.kv_caches == "fp8" else DEVICE_DTYPE[config.dtype]
 
 
 def decoder_graph_name(batch: int) -> str:
@@ -139,19 +147,27 @@ class DecoderPlan:
 
     def graph_specs(self, hf_model) -> list[GraphSpec]:
         """The graphs to compile, holding the model's weights, zero KV caches and its RoPE tables."""
-        kv_caches = make_kv_caches(self.layout, DEVICE_DTYPE[self.config.dtype])
+        kv_caches = make_kv_caches(self.layout, self.kv_dtype)
         rope = rope_tables(hf_model, self.config.max_seq_len)
-        return self._graphs(hf_model, merge_layers(hf_model), kv_caches, rope)
+        return self._graphs(hf_model, self._device_layers(hf_model), kv_caches, rope)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return kv_cache_dtype(self.config)
+
+    def _device_layers(self, hf_model):
+        """The model's layers in device form, their projections packed when the weights are quantised."""
+        return quantize_layers(merge_layers(hf_model), self.config.quantization_spec, DEVICE_DTYPE[self.config.dtype])
 
     def meta_graph_specs(self, hf_class) -> list[GraphSpec]:
         """The same graphs on the meta device (shapes only: they compile to sizes and costs, never
         run), built from `hf_class` (the transformers model class) and the HF config."""
         with torch.device("meta"):
             meta_model = hf_class(self.hf_config)
-            caches = [tuple(torch.empty(self.layout.block_shape, dtype=DEVICE_DTYPE[self.config.dtype]) for _ in "kv")
+            caches = [tuple(torch.empty(self.layout.block_shape, dtype=self.kv_dtype) for _ in "kv")
                       for _ in range(self.layout.num_layers)]
             rope = tuple(torch.empty(self.config.max_seq_len, self.layout.head_dim) for _ in ("cos", "sin"))
-            return self._graphs(meta_model, merge_layers(meta_model), caches, rope)
+            return self._graphs(meta_model, self._device_layers(meta_model), caches, rope)
 
     def _graphs(self, hf_model, layers, kv_caches, rope) -> list[GraphSpec]:
         config, max_blocks = self.config, self.layout.max_blocks_per_seq

@@ -20,10 +20,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from optimum_npu.configuration import OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, check_int
+from optimum_npu.modeling.quantization import Quantization, normalize_option
+from optimum_npu.sim_device.specs import get_npu_spec
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +57,19 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
     decoder_batch_sizes: tuple[int, ...] | None = None  # decode graphs to compile; None: (batch_size,)
     use_inputs_embeds: bool = False           # the prefill graph takes embeddings instead of token ids
     use_attention_mask: bool = False          # pass an explicit attention mask (else derived from positions)
+    # optimum-rbln's rbln_quantization: {"weights": "int4", "group_size": 128, "kv_caches": "fp8", ...}
+    # (modeling/quantization.py); stored as its canonical dict. None: every weight and the KV cache in 16 bits.
+    quantization: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def _validate(self) -> None:
         super()._validate()
+        self._set("quantization", normalize_option(self.quantization))
+        if self.quantization is not None and self.quantization["activations"] == "fp8":
+            try:
+                get_npu_spec(self.npu).matmul_rate("fp8")
+            except ValueError as error:
+                raise ValueError(f"{_P}quantization: fp8 activations need fp8 matrix arithmetic, but {error}; use "
+                                 f"'activations': 'int8', or an npu with fp8 (RBLN-CR03)") from None
         # Each option on its own.
         check_int("max_seq_len", self.max_seq_len, allow_none=True)
         check_int("prefill_chunk_size", self.prefill_chunk_size)
@@ -193,6 +206,11 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
                                "`optimum-npu kv-blocks`, or compile again.", path, key, data[key], serving[key])
 
     @property
+    def quantization_spec(self) -> Quantization | None:
+        """The parsed `quantization` option (None: nothing quantised)."""
+        return Quantization.parse(self.quantization)
+
+    @property
     def blocks_for_full_length(self) -> int:
         """KV blocks needed for every batch slot to reach max_seq_len."""
         return _blocks_for_full_length(self.batch_size, self.max_seq_len, self.kvcache_block_size)
@@ -231,6 +249,12 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
         if num_blocks is None:
             num_blocks = _blocks_for_full_length(self.batch_size, max_seq_len, block)
         decoder_batch_sizes = self.decoder_batch_sizes if self.decoder_batch_sizes is not None else (self.batch_size,)
+        quantization = self.quantization_spec
+        if quantization is not None:
+            head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+            quantization.check_in_features({"hidden_size": hf_config.hidden_size,
+                                            "num_attention_heads * head_dim": hf_config.num_attention_heads * head_dim,
+                                            "intermediate_size": hf_config.intermediate_size})
         # replace() re-runs _validate(), which now checks every rule on the resolved values.
         return dataclasses.replace(
             self,

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from ...sim_device import Runtime
 from ..base import GraphSpec, RBLNModel
+from ..quantized_checkpoints import take_packed_linears, with_checkpoint_quantization
 from .compile_plan import PREFILL, DecoderPlan, decoder_graph_name
 from .configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
 from .generation import GenerationStats, RBLNDecoderOnlyGenerationMixin
@@ -101,11 +102,12 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                 f"{model_id} (model_type {model_type!r}) is not a {cls.hf_class.__name__} checkpoint: {found}. "
                 "Load it with the RBLN class of its family, or RBLNAutoModelForCausalLM."
             )
+        take_packed_linears(hf_model)   # a compressed-tensors checkpoint: its packed projections, as they are
         return hf_model
 
     @classmethod
     def _resolve_config(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig, source_folder=None):
-        return DecoderPlan.for_model(hf_model, config).config
+        return DecoderPlan.for_model(hf_model, with_checkpoint_quantization(config, hf_model)).config
 
     @classmethod
     def _graph_specs(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig) -> list[GraphSpec]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...sim_device import kernels  # noqa: F401  (registers torch.ops.rbln.*)
+from ..quantization import QuantizedLinear
 from .kv_cache import KVCacheLayout
 
 
@@ -63,6 +64,8 @@ def _merge_linears(*linears: nn.Linear, copy_weights: bool = True) -> nn.Linear:
     """One Linear computing the given ones side by side (outputs concatenated): its weight (and
     bias) the HF ones end to end, never initialised on its own (left on the meta device without
     `copy_weights`)."""
+    if isinstance(linears[0], QuantizedLinear):  # a pre-quantised checkpoint's packed projections
+        return QuantizedLinear.concatenated(linears)
     weight = linears[0].weight
     with torch.device("meta"):
         merged = nn.Linear(weight.shape[1], sum(lin.out_features for lin in linears),
