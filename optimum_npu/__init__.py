@@ -57,6 +57,8 @@ _EXPORTS = {
     "RBLNQwen2ForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNQwen3ForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNMistralForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    "RBLNLoRAConfig": "optimum_npu.modeling.decoderonly.lora",
+    "RBLNLoRAAdapterConfig": "optimum_npu.modeling.decoderonly.lora",
     # The Cosmos guardrail and its sub-models.
     "RBLNStableDiffusionPipeline": "optimum_npu.diffusers",
     "RBLNStableDiffusionImg2ImgPipeline": "optimum_npu.diffusers",

@@ -22,6 +22,8 @@ from ...sim_device.stats import format_bytes
 from ...sim_device.specs import get_npu_spec
 from ..base import GraphSpec
 from .kv_cache import KVCacheLayout, is_kv_cache
+from .lora_layers import attach_lora
+from .lora_weights import meta_stacked_weights, projection_shapes, resolve_adapters, stacked_weights
 from .static_decoder import StaticDecoder, make_kv_caches, merge_layers, rope_tables
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,10 @@ class DecoderPlan:
         the KV block pool sized from the device memory left after the weights. Checks that the
         weights, KV cache and RoPE tables fit a device before any of them exists on the host."""
         blocks_left_to_memory = config.kvcache_num_blocks is None
-        plan = cls(hf_model.config, config.finalize(hf_model.config))
+        config = config.finalize(hf_model.config)
+        if config.lora_config is not None and not config.lora_config.is_resolved:  # reads the adapter folders
+            config = dataclasses.replace(config, lora_config=resolve_adapters(config.lora_config, hf_model))
+        plan = cls(hf_model.config, config)
         merge_layers(hf_model, copy_weights=False)  # refuses a model with parameters the decoder would not use
         if blocks_left_to_memory and (plan.config.attn_impl == "flash_attn" or plan.config.memory_budget is not None):
             plan = plan.size_pool(hf_model)
@@ -141,7 +146,10 @@ class DecoderPlan:
         """The graphs to compile, holding the model's weights, zero KV caches and its RoPE tables."""
         kv_caches = make_kv_caches(self.layout, DEVICE_DTYPE[self.config.dtype])
         rope = rope_tables(hf_model, self.config.max_seq_len)
-        return self._graphs(hf_model, merge_layers(hf_model), kv_caches, rope)
+        layers = merge_layers(hf_model)
+        if self.config.lora_config is not None:
+            attach_lora(layers, stacked_weights(self.config.lora_config, hf_model), projection_shapes(hf_model))
+        return self._graphs(hf_model, layers, kv_caches, rope)
 
     def meta_graph_specs(self, hf_class) -> list[GraphSpec]:
         """The same graphs on the meta device (shapes only: they compile to sizes and costs, never
@@ -151,7 +159,10 @@ class DecoderPlan:
             caches = [tuple(torch.empty(self.layout.block_shape, dtype=DEVICE_DTYPE[self.config.dtype]) for _ in "kv")
                       for _ in range(self.layout.num_layers)]
             rope = tuple(torch.empty(self.config.max_seq_len, self.layout.head_dim) for _ in ("cos", "sin"))
-            return self._graphs(meta_model, merge_layers(meta_model), caches, rope)
+            layers = merge_layers(meta_model)
+            if self.config.lora_config is not None:
+                attach_lora(layers, meta_stacked_weights(self.config.lora_config, meta_model), projection_shapes(meta_model))
+            return self._graphs(meta_model, layers, caches, rope)
 
     def _graphs(self, hf_model, layers, kv_caches, rope) -> list[GraphSpec]:
         config, max_blocks = self.config, self.layout.max_blocks_per_seq
@@ -162,12 +173,13 @@ class DecoderPlan:
                 "input_ids", (batch, tokens), "int64")
             mask = [("attention_mask", (batch, config.max_seq_len), "int32")] if config.use_attention_mask else []
             position = [("query_position", (1,), "int64")] if prefill else []
+            lora = [("adapter_slots", (batch,), "int32")] if config.lora_config is not None else []
             return [first, ("start_pos", (batch,), "int32"), ("block_tables", (batch, max_blocks), "int32"),
-                    *position, *mask]
+                    *position, *mask, *lora]
 
         def graph(name: str, phase: str, input_info) -> GraphSpec:
             module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
-                                   config.use_inputs_embeds, config.use_attention_mask)
+                                   config.use_inputs_embeds, config.use_attention_mask, config.lora_config is not None)
             return GraphSpec(name, tuple(input_info), module)
 
         specs = [graph(PREFILL, PREFILL, inputs(1, config.prefill_chunk_size, prefill=True))]

@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Self
 
 from optimum_npu.configuration import OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, check_int
 
+from .lora import RBLNLoRAConfig
+
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLS = ("eager", "flash_attn")
@@ -54,6 +56,7 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
     decoder_batch_sizes: tuple[int, ...] | None = None  # decode graphs to compile; None: (batch_size,)
     use_inputs_embeds: bool = False           # the prefill graph takes embeddings instead of token ids
     use_attention_mask: bool = False          # pass an explicit attention mask (else derived from positions)
+    lora_config: RBLNLoRAConfig | None = None # LoRA adapters compiled in, chosen per request (lora.py)
 
     def _validate(self) -> None:
         super()._validate()
@@ -83,6 +86,10 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
         check_bool("use_inputs_embeds", self.use_inputs_embeds)
         check_bool("use_attention_mask", self.use_attention_mask)
         self._validate_decoder_batch_sizes()
+        self._set("lora_config", RBLNLoRAConfig.coerce(self.lora_config))
+        if self.lora_config is not None and self.tensor_parallel_size > 1:
+            raise ValueError(f"{_P}lora_config with {_P}tensor_parallel_size={self.tensor_parallel_size}: LoRA "
+                             "adapters compile for one device only so far; use tensor_parallel_size=1")
 
         # Rules between options that can be checked as soon as the options are given.
         if self.attn_impl == "eager" and self.kvcache_partition_len is not None:

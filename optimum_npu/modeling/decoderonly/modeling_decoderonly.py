@@ -66,6 +66,9 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
         self.runner = DecoderRunner(self._runtime, self.kv_layout, rbln_config, hf_config.vocab_size)
         self.generation_stats = GenerationStats()
         self._stats_in_progress: GenerationStats | None = None
+        # LoRA adapter slots: set_adapter()'s choice, and the running generate()'s (generation.py).
+        self._adapter_choice: list[int] | int | None = None
+        self._generation_adapters: list[int] | int | None = None
         # Reentrant: generate() holds it while transformers calls forward() on the same thread.
         self._lock = threading.RLock()
 
@@ -138,6 +141,8 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                 (f"max_seq_len={config.max_seq_len} / kvcache_block_size={config.kvcache_block_size}", "block_tables",
                  1, max_blocks_per_seq),
                 (f"max_seq_len={config.max_seq_len}", "rope_cos", 0, config.max_seq_len),
+                ("lora_config=" + ("None" if config.lora_config is None else f"{config.lora_config.num_slots - 1} "
+                                   "adapter(s)"), "adapter_slots", "absent" if config.lora_config is None else 0, batch),
             ]
             if name == PREFILL:
                 facts.append((f"prefill_chunk_size={config.prefill_chunk_size}", first, 1, config.prefill_chunk_size))
