@@ -56,8 +56,10 @@ def _folder(adapter: RBLNLoRAAdapterConfig) -> Path:
         raise ValueError(f"{OPTION}: adapter {adapter.lora_name!r} has only adapter_model.bin, a pickle, which is "
                          f"never loaded (it can run code); save it as {WEIGHTS_FILE} (PEFT's default)")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
+        if not (folder / name).exists():
             raise ValueError(f"{OPTION}: adapter {adapter.lora_name!r} has no {name} in {adapter.lora_path}")
+        if not (folder / name).is_file():   # a FIFO or a device would block or never end
+            raise ValueError(f"{OPTION}: adapter {adapter.lora_name!r}: {folder / name} is not a regular file")
     return folder
 
 
@@ -93,7 +95,10 @@ def _read_weights(adapter: RBLNLoRAAdapterConfig, folder: Path, shapes: dict[str
     """{(layer, projection): (A [r, in], B [out, r])} of an adapter with a resolved r, every key and
     shape checked."""
     path = folder / WEIGHTS_FILE
-    r = adapter.r
+    r, widest = adapter.r, max(max(shape) for shape in shapes.values())
+    if r > widest:  # a rank above every dimension factors nothing (and would allow a huge file below)
+        raise ValueError(f"{OPTION}: adapter {adapter.lora_name!r}: r={r} is larger than the model's widest "
+                         f"projection ({widest}); it was not trained for this model")
     # fp32 A and B of every projection of every layer: the most a rank-r adapter of this model holds.
     most = num_layers * sum(r * (i + o) for i, o in shapes.values()) * 4 + HEADER_ALLOWANCE
     raw = read_regular_file(path, most, f"rank-{r} LoRA adapter of this model ({most} bytes at most)")
