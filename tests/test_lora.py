@@ -18,13 +18,15 @@ from safetensors.torch import load_file, save_file
 
 from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from llm_fixtures import (
+    LORA_ADAPTERS as ADAPTERS,
     hf_generate,
     hf_logits,
     left_pad,
+    lora_config_of as lora_config,
     peft_merged_model,
     random_prompts,
     rbln_teacher_forced,
-    save_lora_adapter,
+    save_lora_adapters,
     save_source,
 )
 from optimum_npu import RBLNAutoModelForCausalLM, RBLNLoRAAdapterConfig, RBLNLoRAConfig
@@ -41,9 +43,6 @@ OPTIONS = dict(rbln_batch_size=3, rbln_max_seq_len=128, rbln_prefill_chunk_size=
 EXACT_LOGITS_ATOL = 1e-4
 NEW_TOKENS = 8
 PROMPT_LENGTHS = (70, 23, 9)   # 70 > the prefill chunk: two chunks
-# (lora_int_id, name, targets, r, PEFT options)
-ADAPTERS = ((1, "attn", ["q_proj", "v_proj", "down_proj"], 4, {}),
-            (2, "mlp", ["k_proj", "o_proj", "gate_proj", "up_proj"], 8, {"use_rslora": True}))
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +50,7 @@ def folders(tmp_path_factory):
     """(base checkpoint folder, {lora_int_id: adapter folder})."""
     root = tmp_path_factory.mktemp("lora")
     source, _ = save_source(root / "base", "llama")
-    adapters = {i: save_lora_adapter(root / name, "llama", targets, r, seed=i, **extra)
-                for i, name, targets, r, extra in ADAPTERS}
-    return source, adapters
-
-
-def lora_config(adapters) -> RBLNLoRAConfig:
-    return RBLNLoRAConfig(adapters=[RBLNLoRAAdapterConfig(i, name, str(adapters[i])) for i, name, *_ in ADAPTERS])
+    return source, save_lora_adapters(root, "llama")
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +277,27 @@ def test_a_hostile_adapter_stops_the_export(folders, tmp_path):
     """The same checks run when from_pretrained(export=True) compiles (before any graph is)."""
     text = _hostile(folders, tmp_path, _edit_config(use_dora=True), compile_it=True)
     assert re.search("rbln_lora_config: adapter 'edited' .*use_dora=True: not supported", text), text
+
+
+# ---- what the vLLM plugin reads from a LoRA folder (no engine: tests/test_vllm_lora.py starts one) -----
+
+
+def test_vllm_side_selects_compiled_adapters_by_lora_int_id(model, plain, tmp_path):
+    from types import SimpleNamespace
+
+    from optimum_npu.vllm.decoder_steps import CompiledDecoderSteps
+    from optimum_npu.vllm.folder import CompiledDecoder, _fit_lora, check_adapter
+
+    compiled = CompiledDecoder.read(model.save_pretrained(tmp_path / "with_lora"))
+    assert compiled.lora_adapters == ((1, "attn"), (2, "mlp"))
+    check_adapter(compiled, SimpleNamespace(lora_int_id=2, lora_name="any name"))
+    with pytest.raises(ValueError, match=r"lora_int_id 3, but the folder .* compiled with the LoRA adapters "
+                                         r"1 \(attn\), 2 \(mlp\) \(rbln_lora_config\)"):
+        check_adapter(compiled, SimpleNamespace(lora_int_id=3, lora_name="x"))
+    with pytest.raises(ValueError, match="compiled adapter 1 is 'attn' and 'mlp' is another.*--lora-modules"):
+        check_adapter(compiled, SimpleNamespace(lora_int_id=1, lora_name="mlp"))
+    steps = CompiledDecoderSteps(model)
+    assert [steps.adapter_slot(r) for r in (None, SimpleNamespace(lora_int_id=2, lora_name="mlp"))] == [0, 2]
+    plain_folder = CompiledDecoder.read(plain.save_pretrained(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="enable_lora=True, but the folder .* has no LoRA adapters compiled in"):
+        _fit_lora(SimpleNamespace(max_loras=1), plain_folder)
