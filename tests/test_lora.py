@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from folder_edits import edit_rbln_config, refresh_manifest
 from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
 from llm_fixtures import (
     LORA_ADAPTERS as ADAPTERS,
@@ -150,6 +151,17 @@ def test_saved_folder_loads_without_the_adapter_folders(model, folders, referenc
 
 def _no_compiling(*args, **kwargs):
     raise AssertionError("loading a compiled folder compiled something")
+
+
+def test_a_folder_whose_config_lists_other_adapters_is_refused(model, tmp_path):
+    saved = Path(model.save_pretrained(tmp_path / "compiled"))
+    edit_rbln_config(saved, lambda data: data["compile_options"]["lora_config"]["adapters"].append(
+        {"lora_int_id": 3, "lora_name": "added", "lora_path": "x", "r": 4, "lora_alpha": 8,
+         "target_modules": ["q_proj"], "use_rslora": False, "scaling_factor": 1.0}))
+    refresh_manifest(saved)
+    with pytest.raises(ValueError, match="lora_config has 3 adapter.*should stack 4 LoRA slots, but it stacks "
+                                         r"\[3\]"):
+        RBLNAutoModelForCausalLM.from_pretrained(saved, rbln_create_runtimes=False)
 
 
 def test_the_low_rank_matmuls_are_priced(model, plain):
@@ -301,3 +313,48 @@ def test_vllm_side_selects_compiled_adapters_by_lora_int_id(model, plain, tmp_pa
     plain_folder = CompiledDecoder.read(plain.save_pretrained(tmp_path / "plain"))
     with pytest.raises(ValueError, match="enable_lora=True, but the folder .* has no LoRA adapters compiled in"):
         _fit_lora(SimpleNamespace(max_loras=1), plain_folder)
+
+
+# ---- heavy: the other families, and device numerics ---------------------------------------------
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_families_equal_peft_merged_model(tmp_path, family):
+    """Qwen2 (q/k/v bias), Qwen3 (q/k norms, head_dim 32: q_proj is 64 -> 128) and Mistral
+    (sliding window): one adapter per row, each row's tokens those of PEFT's merged model."""
+    source, _ = save_source(tmp_path / "base", family)
+    adapters = save_lora_adapters(tmp_path, family)
+    compiled = RBLNAutoModelForCausalLM.from_pretrained(source, export=True, rbln_lora_config=lora_config(adapters),
+                                                        **OPTIONS)
+    prompts, chosen = random_prompts(PROMPT_LENGTHS, seed=5), [1, 2, 0]
+    tokens = generate(compiled, prompts, lora_int_id=chosen)
+    compiled.close()
+    for row, (prompt, adapter) in enumerate(zip(prompts, chosen)):
+        reference = peft_merged_model(family, adapters.get(adapter))
+        assert torch.equal(tokens[row], hf_generate(reference, prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+
+
+# As test_llm_parity's BF16_LOGITS_RTOL: bf16 keeps an 8-bit mantissa; the device is off by 3-6% of
+# the row's largest |logit| on these tiny models (measured there), the tolerance 2x that.
+BF16_LOGITS_RTOL = 0.10
+
+
+@pytest.mark.heavy
+def test_device_numerics_within_the_bf16_tolerance(folders, references):
+    """bf16 on the device, adapters included: teacher-forced logits of each row within 10% of the
+    row's largest |logit| of PEFT's fp32 merged model."""
+    source, adapters = folders
+    options = {**OPTIONS, "rbln_numerics": "device", "rbln_dtype": "bfloat16"}
+    compiled = RBLNAutoModelForCausalLM.from_pretrained(source, export=True, rbln_lora_config=lora_config(adapters),
+                                                        **options)
+    prompts, chosen = random_prompts(PROMPT_LENGTHS, seed=9), [1, 2, 0]
+    continuations = [hf_generate(references[a], p, max_new_tokens=NEW_TOKENS, do_sample=False)
+                     for p, a in zip(prompts, chosen)]
+    compiled.set_adapter(chosen)
+    logits = rbln_teacher_forced(compiled, prompts, [c[:-1] for c in continuations])
+    compiled.close()
+    for row, (prompt, adapter) in enumerate(zip(prompts, chosen)):
+        expected = hf_logits(references[adapter], torch.cat([prompt, continuations[row][:-1]]))[prompt.shape[0] - 1:]
+        bound = BF16_LOGITS_RTOL * expected.abs().amax(-1, keepdim=True)
+        assert ((logits[row] - expected).abs() <= bound).all(), f"row {row} (adapter {adapter})"

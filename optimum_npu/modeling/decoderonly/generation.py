@@ -207,7 +207,7 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
                              "per row, or a single one for all")
         return list(choice[:rows])
 
-    def generate(self, inputs=None, generation_config=None, lora_int_id=None, **kwargs):
+    def generate(self, inputs=None, generation_config=None, *, lora_int_id=None, **kwargs):
         """transformers' `generate`, on the simulated NPU. Beam search is not supported.
 
         lora_int_id: with LoRA adapters compiled in, the adapter of every row (a lora_int_id or

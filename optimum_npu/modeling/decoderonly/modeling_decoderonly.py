@@ -43,6 +43,16 @@ def _check_program_facts(graph: str, program, facts) -> None:
             )
 
 
+def _check_adapter_slots(program, lora_config) -> None:
+    """The stacked LoRA weights must hold one slot per adapter rbln_config.json lists, plus the base."""
+    slots = sorted({spec.shape[0] for spec in program.weights if ".lora." in spec.name})
+    if slots != [lora_config.num_slots]:
+        raise ValueError(
+            f"rbln_config.json says lora_config has {lora_config.num_slots - 1} adapter(s), so prefill.rbln should "
+            f"stack {lora_config.num_slots} LoRA slots, but it stacks {slots or 'none'}: the folder's files do not "
+            "belong together; recompile with export=True")
+
+
 class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel):
     """A compiled decoder-only LM; `generate()` as in transformers.
 
@@ -155,6 +165,8 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                 facts.append((f"kvcache_num_blocks={config.kvcache_num_blocks}", cache, 0, config.kvcache_num_blocks))
                 facts.append((f"kvcache_block_size={config.kvcache_block_size}", cache, 2, config.kvcache_block_size))
             _check_program_facts(name, artifact.program, facts)
+            if name == PREFILL and config.lora_config is not None:   # the weights live in the prefill file
+                _check_adapter_slots(artifact.program, config.lora_config)
 
     def _external_tensors(self, graph_name: str) -> tuple[str, ...]:
         if graph_name == PREFILL:
