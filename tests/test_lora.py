@@ -6,6 +6,7 @@ transformers) in exact numerics; lora_int_id 0 with the base model. Two adapters
 ranks and targets (one rsLoRA) share one compiled model, batch 3.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -181,6 +182,19 @@ def test_the_low_rank_matmuls_are_priced(model, plain):
         extra = sum(s.flops for s in with_lora.steps) - sum(s.flops for s in without.steps)
         assert extra == rows * per_token, graph
         assert estimate_run(with_lora, cost, kv_len=32).total_s > estimate_run(without, cost, kv_len=32).total_s
+
+
+def test_the_planner_prices_adapters_from_their_shapes(model):
+    """On the meta device (the planner's compile), a resolved rbln_lora_config is priced from its
+    shapes, no adapter folder read: the same programs' FLOPs as the compiled model's."""
+    from optimum_npu.planning.meta import compile_decoder_on_meta
+
+    resolved = dataclasses.replace(model.rbln_config.lora_config, adapters=tuple(
+        dataclasses.replace(a, lora_path="/nonexistent") for a in model.rbln_config.lora_config.adapters))
+    _, graphs = compile_decoder_on_meta(model.config, check_memory=False, rbln_lora_config=resolved,
+                                        **{k: v for k, v in OPTIONS.items() if k != "rbln_numerics"})
+    for name in ("prefill", "decoder_batch_3"):
+        assert sum(s.flops for s in graphs[name].program.steps) == sum(s.flops for s in model.graphs[name].program.steps)
 
 
 # ---- bad options and hostile adapter folders -------------------------------------------------

@@ -147,8 +147,11 @@ class DecoderPlan:
         kv_caches = make_kv_caches(self.layout, DEVICE_DTYPE[self.config.dtype])
         rope = rope_tables(hf_model, self.config.max_seq_len)
         layers = merge_layers(hf_model)
-        if self.config.lora_config is not None:
-            attach_lora(layers, stacked_weights(self.config.lora_config, hf_model), projection_shapes(hf_model))
+        lora = self.config.lora_config
+        if lora is not None:  # a model on the meta device (the planner's) gets the shapes, no adapter file read
+            on_meta = next(hf_model.parameters()).is_meta
+            stacks = meta_stacked_weights(lora, hf_model) if on_meta else stacked_weights(lora, hf_model)
+            attach_lora(layers, stacks, projection_shapes(hf_model))
         return self._graphs(hf_model, layers, kv_caches, rope)
 
     def meta_graph_specs(self, hf_class) -> list[GraphSpec]:
