@@ -146,13 +146,7 @@ class DecoderPlan:
         """The graphs to compile, holding the model's weights, zero KV caches and its RoPE tables."""
         kv_caches = make_kv_caches(self.layout, DEVICE_DTYPE[self.config.dtype])
         rope = rope_tables(hf_model, self.config.max_seq_len)
-        layers = merge_layers(hf_model)
-        lora = self.config.lora_config
-        if lora is not None:  # a model on the meta device (the planner's) gets the shapes, no adapter file read
-            on_meta = next(hf_model.parameters()).is_meta
-            stacks = meta_stacked_weights(lora, hf_model) if on_meta else stacked_weights(lora, hf_model)
-            attach_lora(layers, stacks, projection_shapes(hf_model))
-        return self._graphs(hf_model, layers, kv_caches, rope)
+        return self._graphs(hf_model, merge_layers(hf_model), kv_caches, rope)
 
     def meta_graph_specs(self, hf_class) -> list[GraphSpec]:
         """The same graphs on the meta device (shapes only: they compile to sizes and costs, never
@@ -162,12 +156,20 @@ class DecoderPlan:
             caches = [tuple(torch.empty(self.layout.block_shape, dtype=DEVICE_DTYPE[self.config.dtype]) for _ in "kv")
                       for _ in range(self.layout.num_layers)]
             rope = tuple(torch.empty(self.config.max_seq_len, self.layout.head_dim) for _ in ("cos", "sin"))
-            layers = merge_layers(meta_model)
-            if self.config.lora_config is not None:
-                attach_lora(layers, meta_stacked_weights(self.config.lora_config, meta_model), projection_shapes(meta_model))
-            return self._graphs(meta_model, layers, caches, rope)
+            return self._graphs(meta_model, merge_layers(meta_model), caches, rope)
+
+    def _attach_adapters(self, hf_model, layers) -> None:
+        """The compiled LoRA adapters beside the layers' matmuls (lora_layers.py); on the meta
+        device (a probe, the planner) their shapes only, no adapter folder read."""
+        lora = self.config.lora_config
+        if lora is None:
+            return
+        on_meta = next(hf_model.parameters()).is_meta
+        stacks = meta_stacked_weights(lora, hf_model) if on_meta else stacked_weights(lora, hf_model)
+        attach_lora(layers, stacks, projection_shapes(hf_model))
 
     def _graphs(self, hf_model, layers, kv_caches, rope) -> list[GraphSpec]:
+        self._attach_adapters(hf_model, layers)
         config, max_blocks = self.config, self.layout.max_blocks_per_seq
         hidden = self.hf_config.hidden_size
 

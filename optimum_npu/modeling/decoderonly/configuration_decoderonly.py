@@ -53,10 +53,10 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
     kvcache_block_size: int | None = None     # None: max_seq_len (eager) / kvcache_partition_len (flash)
     kvcache_num_blocks: int | None = None     # None: every slot at full length (flash: as many as memory holds)
     memory_budget: float | None = None        # fraction of a device's usable memory the model may take (None: 1.0)
+    lora_config: RBLNLoRAConfig | None = None # LoRA adapters compiled in, chosen per request (lora.py)
     decoder_batch_sizes: tuple[int, ...] | None = None  # decode graphs to compile; None: (batch_size,)
     use_inputs_embeds: bool = False           # the prefill graph takes embeddings instead of token ids
     use_attention_mask: bool = False          # pass an explicit attention mask (else derived from positions)
-    lora_config: RBLNLoRAConfig | None = None # LoRA adapters compiled in, chosen per request (lora.py)
 
     def _validate(self) -> None:
         super()._validate()
