@@ -285,6 +285,8 @@ FIRST_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     (_edit_config(peft_type="IA3"), "peft_type is 'IA3'; only 'LORA'"),
     (_edit_config(r=8), r"expected finite float .* \(r=8, the model's"),
     (_edit_config(r=10**9), "r=1000000000 is larger than"),
+    (_edit_config(r="4"), "r of adapter 'edited' must be a positive int; got '4'"),
+    (_edit_config(lora_alpha=-1), "lora_alpha of adapter 'edited' must be a positive number"),
     (_edit_weights(lambda t: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)})),
      "holds 'base_model.model.lm_head.lora_A.weight', not a LoRA weight of a decoder projection"),
     (_edit_weights(lambda t: t.pop(FIRST_A)), "layer 0 q_proj has lora_B without its lora_A"),

@@ -79,8 +79,9 @@ def _read_config(adapter: RBLNLoRAAdapterConfig, folder: Path) -> RBLNLoRAAdapte
     used = [key for key in UNSUPPORTED if data.get(key) not in (None, False, [], {})]
     if used:
         fail(f"{', '.join(f'{k}={data[k]!r}' for k in used)}: not supported (these must be unset)")
-    r = adapter.r if adapter.r is not None else data.get("r")
-    alpha = adapter.lora_alpha if adapter.lora_alpha is not None else data.get("lora_alpha", r)
+    # A key the file leaves out has PEFT's LoraConfig default (r=8, lora_alpha=8, no rsLoRA), as PEFT reads it.
+    r = adapter.r if adapter.r is not None else data.get("r", 8)
+    alpha = adapter.lora_alpha if adapter.lora_alpha is not None else data.get("lora_alpha", 8)
     rslora = adapter.use_rslora if adapter.use_rslora is not None else data.get("use_rslora", False)
     if adapter.r is not None and data.get("r") not in (None, adapter.r):
         fail(f"r={adapter.r} was given, but the adapter was trained with r={data.get('r')}")
