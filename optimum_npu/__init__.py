@@ -61,6 +61,8 @@ _EXPORTS = {
     "RBLNLlavaForConditionalGenerationConfig": "optimum_npu.modeling.llava",
     "RBLNLlavaVisionTowerConfig": "optimum_npu.modeling.llava",
     "RBLNAutoModelForImageTextToText": "optimum_npu.modeling.auto",
+    "RBLNLoRAConfig": "optimum_npu.modeling.decoderonly.lora",
+    "RBLNLoRAAdapterConfig": "optimum_npu.modeling.decoderonly.lora",
     # The Cosmos guardrail and its sub-models.
     "RBLNStableDiffusionPipeline": "optimum_npu.diffusers",
     "RBLNStableDiffusionImg2ImgPipeline": "optimum_npu.diffusers",

@@ -220,7 +220,10 @@ def _resolve_aliases(options: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _to_json(value: Any) -> Any:
-    """Tuples (how the frozen config stores sequences) become JSON lists."""
+    """Tuples (how the frozen config stores sequences) become JSON lists; an option that is an
+    object of its own (e.g. a LoRA config) writes itself (`to_json()`)."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
     return value

@@ -165,15 +165,16 @@ class NPUModelRunner:
             start = int(batch.num_computed_tokens_cpu[row])
             end = start + scheduler_output.num_scheduled_tokens[req_id]
             tokens = torch.from_numpy(batch.token_ids_cpu[row, :end].astype(np.int64))
-            logits[row] = self.steps.prefill(tokens, self._blocks(req_id), start).float()
+            logits[row] = self.steps.prefill(tokens, self._blocks(req_id), start, self._adapter(req_id)).float()
         for group in self._decode_groups(plan.decodes):
-            tokens, positions, blocks = [], [], []
+            tokens, positions, blocks, adapters = [], [], [], []
             for row in group:
                 position = int(batch.num_computed_tokens_cpu[row])
                 tokens.append(int(batch.token_ids_cpu[row, position]))
                 positions.append(position)
                 blocks.append(self._blocks(batch.req_ids[row]))
-            logits[group] = self.steps.decode(tokens, positions, blocks).float()
+                adapters.append(self._adapter(batch.req_ids[row]))
+            logits[group] = self.steps.decode(tokens, positions, blocks, adapters).float()
         end = self.clock.end_step()
         self.metrics.step(self.clock.busy_s(), end)
         self._pending = (scheduler_output, logits, plan, end)
@@ -241,6 +242,10 @@ class NPUModelRunner:
     def _blocks(self, req_id: str) -> list[int]:
         """The request's blocks as compiled block ids (vLLM's ids less its null block 0)."""
         return [block - 1 for block in self.requests[req_id].block_ids[0]]
+
+    def _adapter(self, req_id: str) -> int:
+        """The compiled LoRA adapter slot of the request's LoRARequest (0: none)."""
+        return self.steps.adapter_slot(self.requests[req_id].lora_request)
 
     # ---- vLLM's request bookkeeping ------------------------------------------------------
 

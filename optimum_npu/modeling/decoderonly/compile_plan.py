@@ -23,6 +23,8 @@ from ...sim_device.specs import get_npu_spec
 from ..base import GraphSpec
 from ..quantization import quantize_layers
 from .kv_cache import KVCacheLayout, is_kv_cache
+from .lora_layers import attach_lora
+from .lora_weights import meta_stacked_weights, projection_shapes, resolve_adapters, stacked_weights
 from .static_decoder import StaticDecoder, make_kv_caches, merge_layers, rope_tables
 
 logger = logging.getLogger(__name__)
@@ -107,7 +109,10 @@ class DecoderPlan:
         the KV block pool sized from the device memory left after the weights. Checks that the
         weights, KV cache and RoPE tables fit a device before any of them exists on the host."""
         blocks_left_to_memory = config.kvcache_num_blocks is None
-        plan = cls(hf_model.config, config.finalize(hf_model.config))
+        config = config.finalize(hf_model.config)
+        if config.lora_config is not None and not config.lora_config.is_resolved:  # reads the adapter folders
+            config = dataclasses.replace(config, lora_config=resolve_adapters(config.lora_config, hf_model))
+        plan = cls(hf_model.config, config)
         merge_layers(hf_model, copy_weights=False)  # refuses a model with parameters the decoder would not use
         if blocks_left_to_memory and (plan.config.attn_impl == "flash_attn" or plan.config.memory_budget is not None):
             plan = plan.size_pool(hf_model)
@@ -169,7 +174,18 @@ class DecoderPlan:
             rope = tuple(torch.empty(self.config.max_seq_len, self.layout.head_dim) for _ in ("cos", "sin"))
             return self._graphs(meta_model, self._device_layers(meta_model), caches, rope)
 
+    def _attach_adapters(self, hf_model, layers) -> None:
+        """The compiled LoRA adapters beside the layers' matmuls (lora_layers.py); on the meta
+        device (a probe, the planner) their shapes only, no adapter folder read."""
+        lora = self.config.lora_config
+        if lora is None:
+            return
+        on_meta = next(hf_model.parameters()).is_meta
+        stacks = meta_stacked_weights(lora, hf_model) if on_meta else stacked_weights(lora, hf_model)
+        attach_lora(layers, stacks, projection_shapes(hf_model))
+
     def _graphs(self, hf_model, layers, kv_caches, rope) -> list[GraphSpec]:
+        self._attach_adapters(hf_model, layers)
         config, max_blocks = self.config, self.layout.max_blocks_per_seq
         hidden = self.hf_config.hidden_size
 
@@ -178,12 +194,13 @@ class DecoderPlan:
                 "input_ids", (batch, tokens), "int64")
             mask = [("attention_mask", (batch, config.max_seq_len), "int32")] if config.use_attention_mask else []
             position = [("query_position", (1,), "int64")] if prefill else []
+            lora = [("adapter_slots", (batch,), "int32")] if config.lora_config is not None else []
             return [first, ("start_pos", (batch,), "int32"), ("block_tables", (batch, max_blocks), "int32"),
-                    *position, *mask]
+                    *position, *mask, *lora]
 
         def graph(name: str, phase: str, input_info) -> GraphSpec:
             module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
-                                   config.use_inputs_embeds, config.use_attention_mask)
+                                   config.use_inputs_embeds, config.use_attention_mask, config.lora_config is not None)
             return GraphSpec(name, tuple(input_info), module)
 
         specs = [graph(PREFILL, PREFILL, inputs(1, config.prefill_chunk_size, prefill=True))]

@@ -28,6 +28,8 @@ from optimum_npu.configuration import OPTION_PREFIX, RBLNModelConfig, check_bool
 from optimum_npu.modeling.quantization import Quantization, normalize_option
 from optimum_npu.sim_device.specs import get_npu_spec
 
+from .lora import RBLNLoRAConfig
+
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLS = ("eager", "flash_attn")
@@ -54,6 +56,7 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
     kvcache_block_size: int | None = None     # None: max_seq_len (eager) / kvcache_partition_len (flash)
     kvcache_num_blocks: int | None = None     # None: every slot at full length (flash: as many as memory holds)
     memory_budget: float | None = None        # fraction of a device's usable memory the model may take (None: 1.0)
+    lora_config: RBLNLoRAConfig | None = None # LoRA adapters compiled in, chosen per request (lora.py)
     decoder_batch_sizes: tuple[int, ...] | None = None  # decode graphs to compile; None: (batch_size,)
     use_inputs_embeds: bool = False           # the prefill graph takes embeddings instead of token ids
     use_attention_mask: bool = False          # pass an explicit attention mask (else derived from positions)
@@ -96,6 +99,10 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
         check_bool("use_inputs_embeds", self.use_inputs_embeds)
         check_bool("use_attention_mask", self.use_attention_mask)
         self._validate_decoder_batch_sizes()
+        self._set("lora_config", RBLNLoRAConfig.coerce(self.lora_config))
+        if self.lora_config is not None and self.tensor_parallel_size > 1:
+            raise ValueError(f"{_P}lora_config with {_P}tensor_parallel_size={self.tensor_parallel_size}: LoRA "
+                             "adapters compile for one device only so far; use tensor_parallel_size=1")
 
         # Rules between options that can be checked as soon as the options are given.
         if self.attn_impl == "eager" and self.kvcache_partition_len is not None:

@@ -44,6 +44,16 @@ def _check_program_facts(graph: str, program, facts) -> None:
             )
 
 
+def _check_adapter_slots(program, lora_config) -> None:
+    """The stacked LoRA weights must hold one slot per adapter rbln_config.json lists, plus the base."""
+    slots = sorted({spec.shape[0] for spec in program.weights if ".lora." in spec.name})
+    if slots != [lora_config.num_slots]:
+        raise ValueError(
+            f"rbln_config.json says lora_config has {lora_config.num_slots - 1} adapter(s), so prefill.rbln should "
+            f"stack {lora_config.num_slots} LoRA slots, but it stacks {slots or 'none'}: the folder's files do not "
+            "belong together; recompile with export=True")
+
+
 class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel):
     """A compiled decoder-only LM; `generate()` as in transformers.
 
@@ -67,6 +77,9 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
         self.runner = DecoderRunner(self._runtime, self.kv_layout, rbln_config, hf_config.vocab_size)
         self.generation_stats = GenerationStats()
         self._stats_in_progress: GenerationStats | None = None
+        # LoRA adapter slots: set_adapter()'s choice, and the running generate()'s (generation.py).
+        self._adapter_choice: list[int] | int | None = None
+        self._generation_adapters: list[int] | int | None = None
         # Reentrant: generate() holds it while transformers calls forward() on the same thread.
         self._lock = threading.RLock()
 
@@ -140,6 +153,8 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                 (f"max_seq_len={config.max_seq_len} / kvcache_block_size={config.kvcache_block_size}", "block_tables",
                  1, max_blocks_per_seq),
                 (f"max_seq_len={config.max_seq_len}", "rope_cos", 0, config.max_seq_len),
+                ("lora_config=" + ("None" if config.lora_config is None else f"{config.lora_config.num_slots - 1} "
+                                   "adapter(s)"), "adapter_slots", "absent" if config.lora_config is None else 0, batch),
             ]
             if name == PREFILL:
                 facts.append((f"prefill_chunk_size={config.prefill_chunk_size}", first, 1, config.prefill_chunk_size))
@@ -152,6 +167,8 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                 facts.append((f"kvcache_num_blocks={config.kvcache_num_blocks}", cache, 0, config.kvcache_num_blocks))
                 facts.append((f"kvcache_block_size={config.kvcache_block_size}", cache, 2, config.kvcache_block_size))
             _check_program_facts(name, artifact.program, facts)
+            if name == PREFILL and config.lora_config is not None:   # the weights live in the prefill file
+                _check_adapter_slots(artifact.program, config.lora_config)
 
     def _external_tensors(self, graph_name: str) -> tuple[str, ...]:
         if graph_name == PREFILL:

@@ -33,6 +33,7 @@ class DecoderRunner:
         self.vocab_size = vocab_size
         self.use_inputs_embeds: bool = config.use_inputs_embeds
         self.use_attention_mask: bool = config.use_attention_mask
+        self.lora_config = config.lora_config   # None: compiled without adapters
 
     @property
     def clock_s(self) -> float:
@@ -70,14 +71,15 @@ class DecoderRunner:
         return starts
 
     def prefill(self, tokens: torch.Tensor, block_table: torch.Tensor, start: int = 0,
-                embeds: torch.Tensor | None = None) -> torch.Tensor:
+                embeds: torch.Tensor | None = None, adapter_slot: int = 0) -> torch.Tensor:
         """Prefill positions start .. start+n-1 of one sequence.
 
         tokens: [n] int64 (tokens before `start` are already in the KV cache: an earlier chunk, a
         prefix-cache hit); embeds: [n, hidden] instead of token ids for a model compiled with
         use_inputs_embeds (None: looked up on the host from the compiled embedding table);
         block_table: [k] int32 block ids, k <= max_blocks_per_seq (padded here). Runs the compiled
-        prefill graph chunk by chunk; returns the fp32 logits [vocab] of the last token."""
+        prefill graph chunk by chunk; returns the fp32 logits [vocab] of the last token. adapter_slot:
+        the compiled LoRA adapter to apply (`adapter_slots`; 0: none)."""
         source = self._step_input(tokens, embeds)
         length = source.shape[0]
         if length == 0:
@@ -93,6 +95,7 @@ class DecoderRunner:
                              f"{self.layout.blocks_for(start + length)}")
         chunk = self.prefill_chunk_size
         runtime = self.runtime(PREFILL)
+        lora = self._adapter_input([adapter_slot], 1)
         logits = None
         for chunk_start in self.prefill_starts(start, length, covered):
             piece = source[chunk_start - start : chunk_start - start + chunk]
@@ -101,14 +104,15 @@ class DecoderRunner:
             padded[:valid] = piece
             extra = [self._visible_keys([chunk_start + valid])] if self.use_attention_mask else []
             logits = runtime.run(padded[None], torch.tensor([chunk_start], dtype=torch.int32), table,
-                                 torch.tensor([valid - 1], dtype=torch.int64), *extra)
+                                 torch.tensor([valid - 1], dtype=torch.int64), *extra, *lora)
         return logits[0, -1]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-               embeds: torch.Tensor | None = None) -> torch.Tensor:
+               embeds: torch.Tensor | None = None, adapter_slots: list[int] | None = None) -> torch.Tensor:
         """One decode step of B sequences: tokens [B] int64 (or embeds [B, hidden]) at positions [B]
-        (the position of each token), block_tables [B, k] int32. Runs the smallest compiled decode
-        bucket >= B (padding rows write nothing); returns fp32 logits [B, vocab]."""
+        (the position of each token), block_tables [B, k] int32, adapter_slots [B] each row's LoRA
+        adapter (None: none). Runs the smallest compiled decode bucket >= B (padding rows write
+        nothing); returns fp32 logits [B, vocab]."""
         source = self._step_input(tokens, embeds)
         batch = source.shape[0]
         positions = [int(p) for p in positions]
@@ -126,6 +130,10 @@ class DecoderRunner:
         tables = torch.zeros((bucket, self.layout.max_blocks_per_seq), dtype=torch.int32)
         tables[:batch] = self._pad_tables(block_tables)
         extra = [self._visible_keys([p + 1 for p in positions] + [0] * (bucket - batch))] if self.use_attention_mask else []
+        slots = [0] * batch if adapter_slots is None else [int(s) for s in adapter_slots]
+        if len(slots) != batch:
+            raise ValueError(f"decode got {batch} tokens and {len(slots)} adapter slots; give one per sequence")
+        extra += self._adapter_input(slots + [0] * (bucket - batch), bucket)
         return self.runtime(decoder_graph_name(bucket)).run(ids, start, tables, *extra)[:batch, -1]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -166,6 +174,19 @@ class DecoderRunner:
         tables = torch.zeros((rows, self.layout.max_blocks_per_seq), dtype=torch.int32)
         tables[:, :width] = block_tables
         return tables
+
+    def _adapter_input(self, slots: list[int], rows: int) -> list[torch.Tensor]:
+        """The adapter_slots input of a graph of `rows` rows ([] for a model without adapters, which
+        only runs slot 0, the base model)."""
+        if self.lora_config is None:
+            if any(slots):
+                raise ValueError("this model was compiled without LoRA adapters (rbln_lora_config); it runs the "
+                                 "base model only")
+            return []
+        if any(not 0 <= s < self.lora_config.num_slots for s in slots):
+            raise ValueError(f"adapter slots {slots} must be in 0..{self.lora_config.num_slots - 1} (the compiled "
+                             "adapters; RBLNLoRAConfig.slot_of maps a lora_int_id to its slot)")
+        return [torch.tensor(slots[:rows], dtype=torch.int32)]
 
     def _visible_keys(self, lengths: list[int]) -> torch.Tensor:
         """The attention_mask input: row b sees key positions 0 .. lengths[b]-1."""

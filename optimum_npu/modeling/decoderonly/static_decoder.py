@@ -15,6 +15,7 @@ Inputs of a graph:
     block_tables int32 [batch, max_blocks_per_seq]
     query_position int64 [1]           prefill only: which token of the chunk to return logits for
     attention_mask int32 [batch, max_seq_len]   with use_attention_mask only: 1 = key position visible
+    adapter_slots int32 [batch]        with LoRA adapters only: each row's adapter (0 = none; lora_layers.py)
 Output: logits [batch, 1, vocab].
 """
 
@@ -109,10 +110,18 @@ class DecoderLayer(nn.Module):
         # The HF parameters copied into the merged matmuls (ids only: no second reference to them).
         merged = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
         self.merged_parameter_ids = frozenset(id(p) for linear in merged for p in linear.parameters())
+        self.lora = None  # matmul name -> LoRADelta, when compiled with adapters (lora_layers.attach_lora)
 
-    def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+    def project(self, name: str, hidden: torch.Tensor, adapter_slots: torch.Tensor | None) -> torch.Tensor:
+        """The matmul `name` (qkv_proj, o_proj, gate_up_proj, down_proj), plus its adapters' delta."""
+        out = getattr(self, name)(hidden)
+        if self.lora is not None and name in self.lora:
+            out = out + self.lora[name](hidden, adapter_slots)
+        return out
+
+    def mlp(self, hidden: torch.Tensor, adapter_slots: torch.Tensor | None = None) -> torch.Tensor:
+        gate, up = self.project("gate_up_proj", hidden, adapter_slots).chunk(2, dim=-1)
+        return self.project("down_proj", self.act_fn(gate) * up, adapter_slots)
 
 
 def merge_layers(causal_lm: nn.Module, copy_weights: bool = True) -> nn.ModuleList:
@@ -153,6 +162,7 @@ class StaticDecoder(nn.Module):
         partition_len: int | None = None,
         use_inputs_embeds: bool = False,
         use_attention_mask: bool = False,
+        use_lora: bool = False,
     ):
         super().__init__()
         if phase not in ("prefill", "decode"):
@@ -164,6 +174,7 @@ class StaticDecoder(nn.Module):
         self.partition_len = partition_len
         self.use_inputs_embeds = use_inputs_embeds
         self.use_attention_mask = use_attention_mask
+        self.use_lora = use_lora
         self.embed_tokens = decoder.embed_tokens
         self.layers = layers
         self.norm = decoder.norm
@@ -180,9 +191,10 @@ class StaticDecoder(nn.Module):
             self.register_buffer(f"k_cache_{i}", k_cache, persistent=False)
             self.register_buffer(f"v_cache_{i}", v_cache, persistent=False)
 
-    def _attention(self, layer_index: int, layer: DecoderLayer, hidden, cos, sin, start_pos, block_tables, mask):
+    def _attention(self, layer_index: int, layer: DecoderLayer, hidden, cos, sin, start_pos, block_tables, mask,
+                   adapter_slots=None):
         batch, tokens, _ = hidden.shape
-        q, k, v = layer.qkv_proj(hidden).split(layer.qkv_sizes, dim=-1)
+        q, k, v = layer.project("qkv_proj", hidden, adapter_slots).split(layer.qkv_sizes, dim=-1)
         q = q.reshape(batch, tokens, self.num_heads, self.head_dim)
         k = k.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
@@ -202,13 +214,15 @@ class StaticDecoder(nn.Module):
         else:
             out = torch.ops.rbln.paged_attention(q, k_cache, v_cache, block_tables, start_pos, self.scale, window, mask)
         out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-        return layer.o_proj(out)
+        return layer.project("o_proj", out, adapter_slots)
 
     def forward(self, inputs, start_pos, block_tables, *extra_inputs):
-        # The graph's inputs are positional: prefill adds query_position, then the mask if used.
+        # The graph's inputs are positional: prefill adds query_position, then the mask if used, then
+        # the adapter slots with LoRA.
         extra = list(extra_inputs)
         query_position = extra.pop(0) if self.phase == "prefill" else None
         attention_mask = extra.pop(0) if self.use_attention_mask else None
+        adapter_slots = extra.pop(0) if self.use_lora else None
         hidden = inputs if self.use_inputs_embeds else self.embed_tokens(inputs)
         tokens = hidden.shape[1]
         # Padding rows have start_pos < 0; any valid table index will do for them.
@@ -218,9 +232,10 @@ class StaticDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(i, layer, hidden, cos, sin, start_pos, block_tables, attention_mask)
+            hidden = residual + self._attention(i, layer, hidden, cos, sin, start_pos, block_tables, attention_mask,
+                                                adapter_slots)
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden), adapter_slots)
         if query_position is not None:  # prefill: only the last prompt token's logits are needed
             hidden = hidden.index_select(1, query_position)
         return self.lm_head(self.norm(hidden))
