@@ -15,6 +15,10 @@ GB = 1000**3
 TB = 1000**4
 MB_BINARY = 1024**2
 TFLOPS = 1e12
+# System DRAM the firmware keeps before a program allocates (optimum-rbln `get_available_dram`):
+# 288 MiB per ATOM device, 1 GiB per REBEL chiplet.
+ATOM_RESERVED_BYTES = 288 * MB_BINARY
+REBEL_RESERVED_BYTES_PER_CHIPLET = GiB
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,14 @@ class NPUSpec:
 # ATOM die, the building block of CA12 / CA22 / CA25.
 # 16 GiB GDDR6 at 256 GB/s, 32 TFLOPS fp16/bf16, 128 TOPS int8, 8 neural engines with
 # 4 MB local memory each and 32 MB shared memory: ATOM product brief (docs/hardware.md).
-# 15.7 GiB usable of 16: what rbln-smi reports as total memory on an ATOM device.
+# Usable: 16 GiB less the 288 MiB of system DRAM the firmware keeps, 16,877,879,296 bytes: what an
+# RBLN-CA22 reports, and what optimum-rbln's `get_available_dram` (utils/runtime_utils.py) gives an
+# ATOM device before it sizes a KV cache (docs/hardware.md).
 # PCIe Gen5 x16: 64 GB/s per direction (PCI-SIG Gen5 x16 figure, cited in the ATOM-Max brief).
 _ATOM_DIE = dict(
     devices_per_card=1,
     dram_bytes=16 * GiB,
-    usable_dram_bytes=int(15.7 * GiB),
+    usable_dram_bytes=16 * GiB - ATOM_RESERVED_BYTES,
     dram_bandwidth=256 * GB,
     peak_flops_16bit=32 * TFLOPS,
     peak_ops_int8=128 * TFLOPS,
@@ -96,15 +102,16 @@ NPU_PRESETS: dict[str, NPUSpec] = {
         estimated=("device_link_bandwidth",),
         **{**_ATOM_DIE, "devices_per_card": 4},
     ),
-    # REBEL-Quad: 4 chiplets presented as one device, 144 GB HBM3E (140 usable, docs/hardware.md),
+    # REBEL-Quad: 4 chiplets presented as one device, 144 GB HBM3E (144 GiB in optimum-rbln's estimators,
+    # less 1 GiB of system DRAM per chiplet: 140 GiB usable, docs/hardware.md),
     # 4.8 TB/s. Compute: vendor figure of ~2 PFLOPS FP8 dense, so ~1 PFLOPS fp16/bf16 and
     # ~2 POPS int8 (estimates); SRAM, link and TDP are estimates too.
     "RBLN-CR03": NPUSpec(
         name="RBLN-CR03",
         product="REBEL-Quad (RBLN-CR03)",
         devices_per_card=1,
-        dram_bytes=144 * GB,
-        usable_dram_bytes=140 * GB,
+        dram_bytes=144 * GiB,
+        usable_dram_bytes=144 * GiB - 4 * REBEL_RESERVED_BYTES_PER_CHIPLET,
         dram_bandwidth=4.8 * TB,
         peak_flops_16bit=1000 * TFLOPS,
         peak_ops_int8=2000 * TFLOPS,
