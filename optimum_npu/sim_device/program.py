@@ -127,6 +127,9 @@ class Step:
     # Rows (M) of the step's main matrix product, which sets how well the matrix engines are
     # used (cost_model.Calibration.matmul_utilisation); 0 when the step has none.
     matmul_rows: int = 0
+    # Sequences a paged-attention kernel processes one after the other (each has its own block table
+    # and KV length, so each sets up its own KV transfers); 0 for every other step.
+    sequences: int = 0
 
 
 @dataclass

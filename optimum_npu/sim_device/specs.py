@@ -86,10 +86,14 @@ NPU_PRESETS: dict[str, NPUSpec] = {
     # An ATOM server holds 16 cards (the vendor's Llama-3-8B server figure is for 16 ATOM cards).
     "RBLN-CA12": NPUSpec(name="RBLN-CA12", product="ATOM (RBLN-CA12)", card_tdp_watts=130.0, cards_per_server=16,
                          **_ATOM_DIE),
-    # ATOM+ card, single device; same die figures (docs/hardware.md). TDP and server: estimates, as CA12.
+    # ATOM+ card, single device; same die figures (docs/hardware.md). Its host link trains at PCIe
+    # Gen5 x8 (32 GT/s x8: 32 GB/s per direction, rbln-smi on a CA22, docs/performance-model.md).
+    # TDP: calibrated with the power model on public CA22 card power (sim_device/power.py: what the
+    # card would draw with its engines at peak and its DRAM at full bandwidth; no ATOM+ figure is
+    # published); server: an estimate, as CA12.
     "RBLN-CA22": NPUSpec(
-        name="RBLN-CA22", product="ATOM+ (RBLN-CA22)", card_tdp_watts=130.0, cards_per_server=16,
-        estimated=("card_tdp_watts", "cards_per_server"), **_ATOM_DIE
+        name="RBLN-CA22", product="ATOM+ (RBLN-CA22)", card_tdp_watts=56.0, cards_per_server=16,
+        estimated=("card_tdp_watts", "cards_per_server"), **{**_ATOM_DIE, "pcie_bandwidth": 32 * GB}
     ),
     # ATOM-Max card: 4 ATOM dies = 4 devices, 64 GiB / 1 TB/s / 128 TFLOPS per card, 350 W,
     # PCIe Gen5 x16 to the host (ATOM-Max brief). The dies talk through the card's PCIe
