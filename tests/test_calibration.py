@@ -50,3 +50,31 @@ def test_qwen3_4b_tensor_parallel_4_points_are_the_measured_ones():
     Qwen3-4B on an RBLN-CA25 card at TP 4, as measured (docs/hardware.md)."""
     for name, unit, measured, predicted in calibration.qwen_rows(decode_context=1088):
         assert predicted == pytest.approx(measured, rel=TOLERANCE), name
+
+
+def test_a_token_embedding_looked_up_on_the_host_takes_no_device_memory():
+    """optimum-rbln's decoders look the token embedding up on the host and compile from inputs_embeds,
+    so the table takes no device DRAM; with rbln_use_inputs_embeds ours does the same: the device holds
+    the table's 2 MiB pages fewer (an untied Llama: the LM head, a separate tensor, stays)."""
+    from transformers import LlamaConfig
+
+    from optimum_npu.planning.meta import compile_decoder_on_meta
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    table_pages = -(-32000 * 256 * 2 // (2 * 2**20)) * 2 * 2**20  # bf16 table in whole 2 MiB pages
+    device = {}
+    for on_host in (False, True):
+        _, graphs = compile_decoder_on_meta(config, check_memory=False, rbln_max_seq_len=256, rbln_batch_size=1,
+                                            rbln_use_inputs_embeds=on_host, rbln_npu="RBLN-CA22")
+        device[on_host] = {name: g.device_bytes for name, g in graphs.items()}
+    assert {name: device[False][name] - device[True][name] for name in device[False]} == {
+        name: table_pages for name in device[False]}
+
+
+@pytest.mark.heavy  # Llama-3.1-8B (32 layers) and Llama-3.2-1B on the meta device
+def test_llama_device_memory_is_the_measured_one():
+    """Device memory on one RBLN-CA22: Llama-3.1-8B at max_seq_len 512, batch 1 (14,630 MiB) and
+    Llama-3.2-1B at max_seq_len 8192, batch 4 (3.4 GiB), within 5%."""
+    for name, unit, measured, predicted in calibration.memory_rows():
+        assert predicted == pytest.approx(measured, rel=0.05), name

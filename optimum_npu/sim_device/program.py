@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +164,12 @@ def resident_bytes(spec: TensorSpec, shard: TensorShard | None, rank: int, npu: 
     return npu.resident_bytes(local_spec(spec, shard, rank).nbytes)
 
 
+def host_only_weights(weights: list[TensorSpec], steps: list[Step]) -> set[str]:
+    """The names of `weights` that no step reads (a step reads a weight where it lives, on the device)."""
+    read = {name for step in steps for name in step.inputs}
+    return {spec.name for spec in weights if spec.name not in read}
+
+
 @dataclass
 class MemoryPlan:
     """Device DRAM one program needs, per device (one entry per tensor-parallel rank)."""
@@ -206,10 +213,20 @@ class Program:
         return local_spec(spec, self.tensor_shards.get(spec.name), rank)
 
     def resident_bytes(self, spec: TensorSpec, rank: int = 0) -> int:
-        """DRAM rank `rank` allocates for weight / buffer `spec`: its shard, in the NPU's pages."""
+        """DRAM rank `rank` allocates for weight / buffer `spec`: its shard, in the NPU's pages; none
+        for a weight no step reads (`host_only_weights`)."""
         from .specs import get_npu_spec
 
+        if spec.name in self.host_only_weights:
+            return 0
         return resident_bytes(spec, self.tensor_shards.get(spec.name), rank, get_npu_spec(self.npu))
+
+    @cached_property
+    def host_only_weights(self) -> frozenset[str]:
+        """Weights no step of the program reads: they stay in host memory, where the host uses them
+        (a decoder compiled with use_inputs_embeds looks its token embedding up on the host, as
+        optimum-rbln's decoders do), and take no device DRAM."""
+        return frozenset(host_only_weights(self.weights, self.steps))
 
     def to_json(self) -> dict:
         return asdict(self)
