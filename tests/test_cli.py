@@ -139,7 +139,7 @@ def test_presets_list_figures_and_estimates(capsys):
     for name in ("RBLN-CA12", "RBLN-CA22", "RBLN-CA25", "RBLN-CR03"):
         assert name in text
     cr03 = next(line for line in text.splitlines() if line.startswith("| RBLN-CR03"))
-    assert "144 GB (140 GB)" in cr03 and "4800 GB/s" in cr03 and "1000*" in cr03
+    assert "144 GiB (140 GiB)" in cr03 and "4800 GB/s" in cr03 and "1000*" in cr03
     ca25 = next(line for line in text.splitlines() if line.startswith("| RBLN-CA25"))
     assert "16 GiB" in ca25 and " 32 " in ca25 and "350 W " in ca25 and "* estimate" in text
     assert main(["smi", "--presets"]) == 0

@@ -158,6 +158,8 @@ class Scheduler:
             if f:  # QK^T and PV: the query rows sharing a KV head ([B, Hq, T, D] against [.., Hkv, .., D])
                 q, k_cache = node.fake_args[0], node.fake_args[1]
                 step.matmul_rows = q.shape[1] // k_cache.shape[1] * q.shape[2]
+            # args[4]: block_tables [B, blocks] of the cache update, start_pos [B] of the attention ops
+            step.sequences = max(step.sequences, node.fake_args[4].shape[0])
         step.flops, step.bytes_read, step.bytes_written = flops, read, written
         step.vector_flops = 0.0
 

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
+from ..sim_device import power
 from ..sim_device.cost_model import DEFAULT_CALIBRATION
 from ..sim_device.specs import DEFAULT_NPU, get_npu_spec
 from ..modeling.decoderonly.kv_cache import KVCacheLayout, is_kv_cache
@@ -51,7 +52,8 @@ class Candidate:
     tokens_per_s_per_card: float
     tokens_per_s_per_server: float
     tokens_per_s_per_rack: float  # as many cards as the rack's power budget feeds
-    tokens_per_s_per_watt: float  # card power (TDP) only
+    tokens_per_s_per_watt: float  # over the card's simulated power (sim_device/power.py), host and server excluded
+    card_watts: float             # that power: idle plus what the deployment's utilisation draws
     devices: int
 
     def as_dict(self) -> dict:
@@ -221,7 +223,21 @@ class _ScaledGraph:
     def estimate(self, kv_len: int):
         a, b = self.one.estimate(kv_len=kv_len), self.two.estimate(kv_len=kv_len)
         return dataclasses.replace(a, per_kind_s={k: _scaled(a.per_kind_s[k], b.per_kind_s[k], self.layers)
-                                                  for k in a.per_kind_s})
+                                                  for k in a.per_kind_s},
+                                   flops=_scaled(a.flops, b.flops, self.layers),
+                                   dram_bytes=_scaled(a.dram_bytes, b.dram_bytes, self.layers))
+
+
+def _card_watts(spec, graphs: dict, served, batch: int, input_len: int, output_len: int) -> float:
+    """Average power of a card serving as `served` did (power.card_watts): each device's FLOPs and
+    DRAM bytes over the run's wall time. The work of the run's decode steps is priced at the batch's
+    bucket and the mean context of a request's decode (input_len + output_len / 2), its prefill chunks
+    at half the prompt: attention is linear in the context, so the means price the totals."""
+    decode = graphs[f"decoder_batch_{batch}"].estimate(kv_len=input_len + output_len // 2)
+    prefill = graphs["prefill"].estimate(kv_len=max(1, input_len // 2))
+    flops = served.decode_steps * decode.flops + served.prefill_chunks * prefill.flops
+    nbytes = served.decode_steps * decode.dram_bytes + served.prefill_chunks * prefill.dram_bytes
+    return power.card_watts(spec, *power.utilisation(spec, flops, nbytes, served.makespan_s))
 
 
 def _device_bytes(one: dict, two: dict, layers: int, num_blocks: int, batch: int) -> int:
@@ -352,6 +368,7 @@ def plan(model, npu: str = DEFAULT_NPU, input_len: int = 2048, output_len: int =
                             continue
                         rate = served.output_tokens_per_s
                         per_card = rate * spec.devices_per_card / tp
+                        watts = _card_watts(spec, graphs, served, batch, input_len, output_len)
                         cards_in_rack = int(rack_power_w // spec.card_tdp_watts)
                         candidates.append(Candidate(
                             tensor_parallel_size=tp, batch_size=batch, quantization=quant, prefill_chunk_size=chunk,
@@ -362,7 +379,7 @@ def plan(model, npu: str = DEFAULT_NPU, input_len: int = 2048, output_len: int =
                             tokens_per_s=rate, tokens_per_s_per_card=per_card,
                             tokens_per_s_per_server=per_card * spec.cards_per_server,
                             tokens_per_s_per_rack=per_card * cards_in_rack,
-                            tokens_per_s_per_watt=per_card / spec.card_tdp_watts, devices=tp,
+                            tokens_per_s_per_watt=per_card / watts, card_watts=watts, devices=tp,
                         ))
     if not candidates:
         reasons = "; ".join(rejected[-4:] if max_ttft_s or max_tpot_s else rejected[:4])

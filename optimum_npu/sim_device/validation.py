@@ -130,7 +130,7 @@ _STEP = _object({
     "kind": _step_kind, "name": _string, "inputs": _list_of(_string), "outputs": _list_of(_string),
     "ops": _list_of(_OP), "flops": _amount, "vector_flops": _amount, "bytes_read": _count,
     "bytes_written": _count, "cast_to_device_float": _flag, "dynamic_cost": _flag,
-}, optional={"matmul_rows": _count, "matmul_format": _matmul_format})
+}, optional={"matmul_rows": _count, "matmul_format": _matmul_format, "sequences": _count})
 _MEMORY = _object({
     "weights_bytes": _list_of(_count), "buffers_bytes": _list_of(_count),
     "activations_bytes": _list_of(_count), "offsets": _map_of(_count),
