@@ -19,12 +19,14 @@ from .decoderonly.families import RBLNDecoderOnlyModelForCausalLM
 from .encoders import RBLNTextEncoderModel
 from .hf_files import auto_class_from_pretrained
 from .image_classification import RBLNModelForImageClassification
+from .seq2seq.modeling_seq2seq import RBLNModelForSeq2SeqLM
 
 # Task name (as transformers pipelines name them) -> the generic class of that task.
 TASKS: dict[str, type[RBLNModel]] = {
     "text-generation": RBLNDecoderOnlyModelForCausalLM,
     "image-classification": RBLNModelForImageClassification,
     "feature-extraction": RBLNTextEncoderModel,
+    "text2text-generation": RBLNModelForSeq2SeqLM,
 }
 
 
@@ -93,3 +95,7 @@ class RBLNAutoModelForImageClassification(_RBLNAutoClass):
 
 class RBLNAutoModelForTextEncoding(_RBLNAutoClass):
     base_class = RBLNTextEncoderModel
+
+
+class RBLNAutoModelForSeq2SeqLM(_RBLNAutoClass):
+    base_class = RBLNModelForSeq2SeqLM
