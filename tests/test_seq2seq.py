@@ -53,9 +53,17 @@ RBLN_CLASS = {"t5": RBLNT5ForConditionalGeneration, "bart": RBLNBartForCondition
 
 
 @pytest.fixture(scope="module", params=["t5", "bart"])
-def exact(request):
+def exact(request, tmp_path_factory):
+    """(HF model, its compiled model in exact numerics, the checkpoint folder with a tokenizer)."""
+    from optimum_npu.testing.diffusers import _tiny_t5_tokenizer
+
     hf = make(request.param)
-    return hf, RBLN_CLASS[request.param].from_model(hf, rbln_numerics="exact", **OPTIONS)
+    source = tmp_path_factory.mktemp(request.param) / "checkpoint"
+    hf.save_pretrained(source)
+    _tiny_t5_tokenizer().save_pretrained(source)
+    model = RBLNAutoModelForSeq2SeqLM.from_pretrained(source, export=True, rbln_numerics="exact", **OPTIONS)
+    assert type(model) is RBLN_CLASS[request.param]   # T5: from the architectures, not the T5 encoder class
+    return hf, model, source
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +75,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_greedy_tokens_equal_transformers(exact):
-    hf, model = exact
+    hf, model, _ = exact
     ids, mask = batch()
     expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     assert len(set(expected[0].tolist())) > 3, "the tiny model should not repeat one token"
@@ -81,7 +89,7 @@ def test_greedy_tokens_equal_transformers(exact):
 
 
 def test_forward_logits_equal_transformers(exact):
-    hf, model = exact
+    hf, model, _ = exact
     ids, mask = batch()
     decoder_ids = torch.randint(2, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
     out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
@@ -101,14 +109,8 @@ def test_device_numerics_logits_within_bf16_tolerance():
     assert (logits - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
-def test_save_and_load_without_recompiling_with_the_tokenizer(tmp_path, monkeypatch):
-    from optimum_npu.testing.diffusers import _tiny_t5_tokenizer
-
-    source = tmp_path / "t5"
-    make("t5").save_pretrained(source)
-    _tiny_t5_tokenizer().save_pretrained(source)
-    model = RBLNAutoModelForSeq2SeqLM.from_pretrained(source, export=True, rbln_numerics="exact", **OPTIONS)
-    assert type(model) is RBLNT5ForConditionalGeneration   # the architectures, not the T5 encoder class
+def test_save_and_load_without_recompiling_with_the_tokenizer(exact, tmp_path, monkeypatch):
+    hf, model, source = exact
     ids, mask = batch()
     before = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
     folder = model.save_pretrained(tmp_path / "compiled")
@@ -118,10 +120,10 @@ def test_save_and_load_without_recompiling_with_the_tokenizer(tmp_path, monkeypa
 
     monkeypatch.setattr(base, "compile_from_torch", refuse)
     loaded = RBLNAutoModel.from_pretrained(folder)
-    assert type(loaded) is RBLNT5ForConditionalGeneration
+    assert type(loaded) is type(model)
     assert torch.equal(loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6), before)
-    tokens = AutoTokenizer.from_pretrained(folder)(["a prompt"], return_tensors="pt")
-    assert loaded.generate(**tokens, max_new_tokens=3).shape[0] == 1
+    tokens = AutoTokenizer.from_pretrained(folder)(["a prompt"], return_tensors="pt")   # the checkpoint's tokenizer
+    assert torch.equal(loaded.generate(**tokens, max_new_tokens=3), hf.generate(**tokens, max_new_tokens=3))
 
 
 def test_auto_classes_pick_the_family_from_the_model_type(tmp_path):
@@ -137,7 +139,7 @@ def test_auto_classes_pick_the_family_from_the_model_type(tmp_path):
 
 
 def test_bad_options_and_inputs_are_clear_errors(exact):
-    hf, model = exact
+    hf, model, _ = exact
     t5 = make("t5")
     with pytest.raises(ValueError, match="rbln_enc_max_seq_len is not set and T5ForConditionalGeneration has no"):
         RBLNT5ForConditionalGeneration.from_model(t5, rbln_dec_max_seq_len=8)

@@ -20,6 +20,7 @@ from .encoders import RBLNTextEncoderModel
 from .hf_files import auto_class_from_pretrained
 from .image_classification import RBLNModelForImageClassification
 from .seq2seq.modeling_seq2seq import RBLNModelForSeq2SeqLM
+from .seq2seq.whisper import RBLNWhisperForConditionalGeneration
 
 # Task name (as transformers pipelines name them) -> the generic class of that task.
 TASKS: dict[str, type[RBLNModel]] = {
@@ -27,6 +28,7 @@ TASKS: dict[str, type[RBLNModel]] = {
     "image-classification": RBLNModelForImageClassification,
     "feature-extraction": RBLNTextEncoderModel,
     "text2text-generation": RBLNModelForSeq2SeqLM,
+    "automatic-speech-recognition": RBLNWhisperForConditionalGeneration,
 }
 
 
@@ -99,3 +101,7 @@ class RBLNAutoModelForTextEncoding(_RBLNAutoClass):
 
 class RBLNAutoModelForSeq2SeqLM(_RBLNAutoClass):
     base_class = RBLNModelForSeq2SeqLM
+
+
+class RBLNAutoModelForSpeechSeq2Seq(_RBLNAutoClass):
+    base_class = RBLNWhisperForConditionalGeneration

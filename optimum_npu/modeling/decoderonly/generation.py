@@ -73,7 +73,8 @@ def refuse_beam_search(generation_config, kwargs: dict) -> None:
     config = generation_config
     num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) if config is not None else 1)
     if num_beams and num_beams > 1:
-        raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling")
+        raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling "
+                         "(num_beams=1; in a transformers pipeline: generate_kwargs={'num_beams': 1})")
 
 
 class DeviceCacheGenerationMixin(GenerationMixin):

@@ -66,6 +66,24 @@ def bart_style_layer(layer: nn.Module, pre_norm: bool) -> DecoderLayer:
                         FeedForward(layer.fc1, layer.activation_fn, layer.fc2), pre_norm)
 
 
+def bart_style_shape(hf_config) -> Seq2SeqShape:
+    return Seq2SeqShape(hf_config.decoder_layers, hf_config.decoder_attention_heads,
+                        hf_config.d_model // hf_config.decoder_attention_heads)
+
+
+def bart_style_graphs(cls, hf_model, config, encode: nn.Module, embed: nn.Module, head: nn.Module, pre_norm: bool,
+                      encoder_shared: nn.Module | None, decoder_shared: nn.Module | None):
+    """The two graphs of a BART-style model (`hf_model.model.decoder.layers` of BART / Whisper layers)."""
+    self_caches, cross_caches = cls._caches(hf_model.config, config)
+    shape = cls._shape(hf_model.config)
+    hf_layers = list(hf_model.model.decoder.layers)
+    encoder = EncoderGraph(encoder_shared, encode, [EncoderLayerKV(bart_attention(l.encoder_attn)) for l in hf_layers],
+                           cross_caches, shape.num_heads, shape.head_dim, config.batch_size)
+    decoder = DecoderGraph(decoder_shared, embed, [bart_style_layer(l, pre_norm) for l in hf_layers], head, None,
+                           {**self_caches, **cross_caches}, config.batch_size, config.dec_max_seq_len)
+    return encoder, decoder
+
+
 # ---- T5 ------------------------------------------------------------------------------------
 
 
@@ -165,8 +183,7 @@ class RBLNBartForConditionalGeneration(RBLNModelForSeq2SeqLM):
 
     @classmethod
     def _shape(cls, hf_config) -> Seq2SeqShape:
-        return Seq2SeqShape(hf_config.decoder_layers, hf_config.decoder_attention_heads,
-                            hf_config.d_model // hf_config.decoder_attention_heads)
+        return bart_style_shape(hf_config)
 
     @classmethod
     def _position_limits(cls, hf_config):
@@ -174,19 +191,12 @@ class RBLNBartForConditionalGeneration(RBLNModelForSeq2SeqLM):
 
     @classmethod
     def _graph_modules(cls, hf_model, config):
-        self_caches, cross_caches = cls._caches(hf_model.config, config)
-        shape = cls._shape(hf_model.config)
-        model = hf_model.model
-        hf_layers = list(model.decoder.layers)
-        layers = [bart_style_layer(layer, pre_norm=False) for layer in hf_layers]
-        encoder = EncoderGraph(model.shared, TextEncoder(model.encoder),
-                               [EncoderLayerKV(bart_attention(layer.encoder_attn)) for layer in hf_layers], cross_caches, shape.num_heads, shape.head_dim, config.batch_size)
-        decoder_stack = model.decoder
-        embed = TokenAndPositionEmbedding(decoder_stack.embed_tokens, decoder_stack.embed_positions,
-                                          decoder_stack.embed_positions.offset, decoder_stack.layernorm_embedding)
-        decoder = DecoderGraph(model.shared, embed, layers, BartHead(hf_model.lm_head, hf_model.final_logits_bias),
-                               None, {**self_caches, **cross_caches}, config.batch_size, config.dec_max_seq_len)
-        return encoder, decoder
+        model, stack = hf_model.model, hf_model.model.decoder
+        embed = TokenAndPositionEmbedding(stack.embed_tokens, stack.embed_positions, stack.embed_positions.offset,
+                                          stack.layernorm_embedding)
+        return bart_style_graphs(cls, hf_model, config, TextEncoder(model.encoder), embed,
+                                 BartHead(hf_model.lm_head, hf_model.final_logits_bias), pre_norm=False,
+                                 encoder_shared=model.shared, decoder_shared=model.shared)
 
 
 list_for_pipelines("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING",
