@@ -17,18 +17,18 @@ from ..configuration import RBLNModelConfig
 from .base import RBLNModel, hub_kwargs_of, is_compiled_folder, model_class_named, model_classes, resolve_folder
 from .decoderonly.families import RBLNDecoderOnlyModelForCausalLM
 from .encoders import RBLNTextEncoderModel
-from .hf_files import auto_class_from_pretrained
-from .image_classification import RBLNModelForImageClassification
 from .seq2seq.modeling_seq2seq import RBLNModelForSeq2SeqLM
 from .seq2seq.whisper import RBLNWhisperForConditionalGeneration
+from .hf_files import auto_class_from_pretrained
+from .image_classification import RBLNModelForImageClassification
 
 # Task name (as transformers pipelines name them) -> the generic class of that task.
 TASKS: dict[str, type[RBLNModel]] = {
     "text-generation": RBLNDecoderOnlyModelForCausalLM,
-    "image-classification": RBLNModelForImageClassification,
-    "feature-extraction": RBLNTextEncoderModel,
     "text2text-generation": RBLNModelForSeq2SeqLM,
     "automatic-speech-recognition": RBLNWhisperForConditionalGeneration,
+    "image-classification": RBLNModelForImageClassification,
+    "feature-extraction": RBLNTextEncoderModel,
 }
 
 
@@ -91,6 +91,14 @@ class RBLNAutoModelForCausalLM(_RBLNAutoClass):
     base_class = RBLNDecoderOnlyModelForCausalLM
 
 
+class RBLNAutoModelForSeq2SeqLM(_RBLNAutoClass):
+    base_class = RBLNModelForSeq2SeqLM
+
+
+class RBLNAutoModelForSpeechSeq2Seq(_RBLNAutoClass):
+    base_class = RBLNWhisperForConditionalGeneration
+
+
 class RBLNAutoModelForImageClassification(_RBLNAutoClass):
     base_class = RBLNModelForImageClassification
 
@@ -98,10 +106,3 @@ class RBLNAutoModelForImageClassification(_RBLNAutoClass):
 class RBLNAutoModelForTextEncoding(_RBLNAutoClass):
     base_class = RBLNTextEncoderModel
 
-
-class RBLNAutoModelForSeq2SeqLM(_RBLNAutoClass):
-    base_class = RBLNModelForSeq2SeqLM
-
-
-class RBLNAutoModelForSpeechSeq2Seq(_RBLNAutoClass):
-    base_class = RBLNWhisperForConditionalGeneration
