@@ -105,4 +105,3 @@ class RBLNAutoModelForImageClassification(_RBLNAutoClass):
 
 class RBLNAutoModelForTextEncoding(_RBLNAutoClass):
     base_class = RBLNTextEncoderModel
-
