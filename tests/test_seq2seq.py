@@ -13,6 +13,9 @@ of 7 tokens, one padded to 5. Reference: the HF model in fp32 (its own generate 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from llm_fixtures import _one_torch_thread  # noqa: F401  (module fixture)
@@ -99,9 +102,10 @@ def test_forward_logits_equal_transformers(exact):
                                expected.encoder_last_hidden_state[mask.bool()], atol=1e-4, rtol=1e-4)
 
 
-def test_device_numerics_logits_within_bf16_tolerance():
-    hf = make("t5", varied=False)
-    model = RBLNT5ForConditionalGeneration.from_model(hf, **OPTIONS)   # device numerics, bf16
+@pytest.mark.parametrize("family", ["t5", pytest.param("bart", marks=pytest.mark.heavy)])
+def test_device_numerics_logits_within_bf16_tolerance(family):
+    hf = make(family, varied=False)
+    model = RBLN_CLASS[family].from_model(hf, **OPTIONS)   # device numerics, bf16
     ids, mask = batch()
     decoder_ids = torch.randint(2, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
     logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
@@ -124,6 +128,16 @@ def test_save_and_load_without_recompiling_with_the_tokenizer(exact, tmp_path, m
     assert torch.equal(loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6), before)
     tokens = AutoTokenizer.from_pretrained(folder)(["a prompt"], return_tensors="pt")   # the checkpoint's tokenizer
     assert torch.equal(loaded.generate(**tokens, max_new_tokens=3), hf.generate(**tokens, max_new_tokens=3))
+
+
+def test_a_folder_whose_options_contradict_its_graphs_is_refused(exact, tmp_path):
+    _, model, _ = exact
+    folder = Path(model.save_pretrained(tmp_path / "compiled"))
+    data = json.loads((folder / "rbln_config.json").read_text())
+    data["compile_options"]["dec_max_seq_len"] = 8   # the decoder's self-attention cache holds 16 positions
+    (folder / "rbln_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="dec_max_seq_len=8.*do not belong together"):
+        RBLNAutoModel.from_pretrained(folder, rbln_create_runtimes=False)
 
 
 def test_auto_classes_pick_the_family_from_the_model_type(tmp_path):

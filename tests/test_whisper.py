@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from llm_fixtures import _one_torch_thread  # noqa: F401  (module fixture)
-from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+from transformers import AutoProcessor, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers import pipeline as transformers_pipeline
 
 from optimum_npu import (
@@ -76,6 +76,8 @@ def test_asr_pipeline_on_the_compiled_folder(model, source, tmp_path, monkeypatc
         raise AssertionError("loading a compiled folder must not compile")
 
     monkeypatch.setattr(base, "compile_from_torch", refuse)
+    processor = AutoProcessor.from_pretrained(folder)   # the feature extractor and tokenizer saved with the graphs
+    assert processor.feature_extractor.nb_max_frames == 100 and processor.tokenizer.pad_token == "<|endoftext|>"
     assert type(RBLNAutoModel.from_pretrained(folder, rbln_create_runtimes=False)) is RBLNWhisperForConditionalGeneration
     asr = pipeline("automatic-speech-recognition", model=folder)   # feature extractor and tokenizer from the folder
     reference = transformers_pipeline("automatic-speech-recognition", model=str(source))
