@@ -91,6 +91,16 @@ def test_greedy_tokens_equal_transformers(exact):
     assert torch.equal(alone, hf.generate(input_ids=ids[1:, :5], max_new_tokens=12, do_sample=False))
 
 
+def test_sampling_with_a_seed_equals_transformers(exact):
+    hf, model, _ = exact
+    ids, mask = batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, temperature=1.5)
+    torch.manual_seed(7)
+    expected = hf.generate(**kwargs)
+    torch.manual_seed(7)
+    assert torch.equal(model.generate(**kwargs), expected)
+
+
 def test_forward_logits_equal_transformers(exact):
     hf, model, _ = exact
     ids, mask = batch()
