@@ -32,6 +32,7 @@ from optimum_npu import (
     RBLNWhisperForConditionalGeneration,
     compile_from_torch,
 )
+from optimum_npu.modeling.seq2seq.modeling_seq2seq import device_bytes
 
 MODELS = {
     # name: (RBLN class, HF class, HF config, rbln options)
@@ -58,13 +59,6 @@ def compile_on_meta(rbln_class, hf_class, hf_config, options: dict):
         specs = rbln_class._graph_specs(hf_model, config)
     return config, {spec.name: compile_from_torch(spec.module, input_info=list(spec.input_info), npu=config.npu,
                                                   dtype=config.dtype, cache=False) for spec in specs}
-
-
-def device_bytes(encoder, decoder) -> int:
-    """Both programs on one device: tensors of one name (the shared embedding, the cross cache) once."""
-    held = {s.name for s in encoder.weights + encoder.buffers}
-    shared = sum(decoder.resident_bytes(s, 0) for s in decoder.weights + decoder.buffers if s.name in held)
-    return encoder.memory.total_bytes(0) + decoder.memory.total_bytes(0) - shared
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from llm_fixtures import _one_torch_thread  # noqa: F401  (module fixture)
 from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 from optimum_npu import (
+    DeviceMemoryError,
     RBLNAutoModel,
     RBLNAutoModelForSeq2SeqLM,
     RBLNBartForConditionalGeneration,
@@ -175,6 +176,9 @@ def test_bad_options_and_inputs_are_clear_errors(exact):
         RBLNT5ForConditionalGeneration.from_model(t5, rbln_enc_max_seq_len=0, rbln_dec_max_seq_len=8)
     with pytest.raises(ValueError, match="Did you mean rbln_dec_max_seq_len"):
         RBLNT5ForConditionalGeneration.from_model(t5, rbln_dec_max_seqlen=8)
+    with pytest.raises(DeviceMemoryError, match="needs at least 16.* lower rbln_batch_size, rbln_dec_max_seq_len"):
+        RBLNT5ForConditionalGeneration.from_model(t5, rbln_batch_size=8192, rbln_enc_max_seq_len=4096,
+                                                  rbln_dec_max_seq_len=4096)   # refused before any cache exists
     with pytest.raises(ValueError, match="rbln_tensor_parallel_size must be 1"):
         RBLNT5ForConditionalGeneration.from_model(t5, rbln_tensor_parallel_size=2, **OPTIONS)
     ids, mask = batch()

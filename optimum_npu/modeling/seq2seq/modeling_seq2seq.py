@@ -18,6 +18,7 @@ encoder's inputs (`_encoder_input_info`); this file does the rest.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,8 +26,12 @@ from typing import Any, ClassVar
 import torch
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
+from ...compile import ProgramTooLargeError
 from ...configuration import OPTION_PREFIX
 from ...sim_device import Runtime
+from ...sim_device.memory import DeviceMemoryError
+from ...sim_device.specs import get_npu_spec
+from ...sim_device.stats import format_bytes
 from ..base import GraphSpec, RBLNModel
 from ..encoders import check_token_ids
 from ..decoderonly.compile_plan import DEVICE_DTYPE
@@ -134,6 +139,39 @@ class RBLNModelForSeq2SeqLM(DeviceCacheGenerationMixin, RBLNModel):
         batch = config.batch_size
         return [("decoder_input_ids", (batch, 1), "int64"), ("positions", (batch,), "int32"),
                 ("encoder_attention_mask", (batch, config.enc_max_seq_len), "int64")]
+
+    @classmethod
+    def _compile(cls, hf_model, rbln_config, source_folder=None):
+        """The base's compile, checked to fit one device (both programs together: the decoder shares the
+        encoder's weights and cross cache), else a DeviceMemoryError naming the options that size them;
+        weights and caches are checked before the caches are created on the host."""
+        resolved = cls._resolve_config(hf_model, rbln_config, source_folder)
+        # Before any cache exists on the host: the weights and both caches alone (16-bit) must fit.
+        shape = cls._shape(hf_model.config)
+        cache_elements = sum(layout.num_layers * 2 * math.prod(layout.block_shape)
+                             for layout in (shape.self_cache(resolved), shape.cross_cache(resolved)))
+        at_least = 2 * (cache_elements + sum(p.numel() for p in hf_model.parameters()))
+        if at_least > get_npu_spec(resolved.npu).usable_dram_bytes:
+            raise DeviceMemoryError(cls._too_large_message(resolved, at_least))
+        try:
+            config, graphs = super()._compile(hf_model, rbln_config, source_folder)
+        except ProgramTooLargeError as error:   # one program alone is too large; its advice would be TP
+            raise DeviceMemoryError(cls._too_large_message(resolved, error.program.memory.total_bytes(0))) from None
+        need = device_bytes(graphs[ENCODER].program, graphs[DECODER].program)
+        if need > get_npu_spec(config.npu).usable_dram_bytes:
+            raise DeviceMemoryError(cls._too_large_message(config, need))
+        return config, graphs
+
+    @classmethod
+    def _too_large_message(cls, config, need: int) -> str:
+        usable = get_npu_spec(config.npu).usable_dram_bytes
+        return (f"{cls.__name__} needs at least {format_bytes(need)} of one device (the encoder and decoder "
+                f"programs: weights, the self-attention cache of rbln_batch_size={config.batch_size} x "
+                f"rbln_dec_max_seq_len={config.dec_max_seq_len} positions, the cross-attention cache of "
+                f"rbln_enc_max_seq_len={config.enc_max_seq_len} positions, activations); a {config.npu} device has "
+                f"{format_bytes(usable)} usable. To fit: lower rbln_batch_size, rbln_dec_max_seq_len or "
+                "rbln_enc_max_seq_len, or target an npu with more memory (an encoder-decoder model runs on one "
+                "device: tensor parallelism is not supported for it).")
 
     @classmethod
     def _graph_specs(cls, hf_model, config) -> list[GraphSpec]:
@@ -361,6 +399,14 @@ class RBLNModelForSeq2SeqLM(DeviceCacheGenerationMixin, RBLNModel):
             raise ValueError(f"this generation feeds the decoder {needed} tokens (prefix {prefix_len} + "
                              f"max_new_tokens / max_length), more than {OPTION_PREFIX}dec_max_seq_len={limit}; lower "
                              f"max_new_tokens or recompile with a larger {OPTION_PREFIX}dec_max_seq_len")
+
+
+def device_bytes(encoder, decoder) -> int:
+    """Device memory of both programs on one device: tensors of one name (the shared embedding, the
+    cross-attention cache) once, each program's activations apart (each runtime has its own)."""
+    held = {s.name for s in encoder.weights + encoder.buffers}
+    shared = sum(decoder.resident_bytes(s, 0) for s in decoder.weights + decoder.buffers if s.name in held)
+    return encoder.memory.total_bytes(0) + decoder.memory.total_bytes(0) - shared
 
 
 def check_every_parameter_used(hf_model: torch.nn.Module, graphs: tuple[torch.nn.Module, ...]) -> None:
