@@ -190,5 +190,9 @@ def test_bad_options_and_inputs_are_clear_errors(exact):
         model.generate(input_ids=ids, max_new_tokens=17)
     with pytest.raises(ValueError, match="beam search"):
         model.generate(input_ids=ids, num_beams=2)
+    with pytest.raises(ValueError, match="encoder_outputs must be what this model's encoder returned last"):
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=True, num_return_sequences=2)
+    with pytest.raises(ValueError, match="encoder_outputs must be what this model's encoder returned last"):
+        model(encoder_outputs=hf.get_encoder()(ids), decoder_input_ids=ids[:, :1])
     with pytest.raises(ValueError, match="outside this model's vocabulary"):
         model.generate(input_ids=ids + VOCAB, max_new_tokens=2)

@@ -99,6 +99,7 @@ class RBLNModelForSeq2SeqLM(DeviceCacheGenerationMixin, RBLNModel):
         self.generation_stats = GenerationStats()
         self._stats_in_progress: GenerationStats | None = None
         self._encoder_mask: torch.Tensor | None = None   # the mask of the batch in the cross cache
+        self._encoded: torch.Tensor | None = None        # the last hidden state _encode returned for it
         self._lock = threading.RLock()
 
     # ---- to be provided by a family -------------------------------------------------------
@@ -271,7 +272,8 @@ class RBLNModelForSeq2SeqLM(DeviceCacheGenerationMixin, RBLNModel):
                 self._stats_in_progress.prompt_tokens = mask.sum(-1).tolist()
             self._encoder_mask = mask
             length = inputs.shape[1] if self.main_input_name == "input_ids" else hidden.shape[1]
-            return BaseModelOutput(last_hidden_state=hidden[:rows, :length])
+            self._encoded = hidden[:rows, :length]
+            return BaseModelOutput(last_hidden_state=self._encoded)
 
     def _decode_step(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """One decoder run: tokens [rows] at `positions` -> fp32 logits [rows, vocab]."""
@@ -333,6 +335,12 @@ class RBLNModelForSeq2SeqLM(DeviceCacheGenerationMixin, RBLNModel):
                 if inputs is None:
                     raise ValueError(f"forward() needs {self.main_input_name} (or encoder_outputs from generate())")
                 encoder_outputs = self._encode(inputs, attention_mask)
+            elif self._encoded is None or encoder_outputs[0] is not self._encoded:
+                raise ValueError(
+                    "encoder_outputs must be what this model's encoder returned last (model.get_encoder()(...), "
+                    "as generate() calls it): the decoder reads the cross-attention cache the encoder filled on the "
+                    "device, not the tensor passed. Pass the encoder inputs instead (and num_return_sequences=1: "
+                    "expanded encoder outputs are not supported)")
             self._check_rows(decoder_input_ids.shape[0])
             if rbln_positions is None:   # the whole prefix, from position 0
                 logits = self._decode_tokens(decoder_input_ids, 0)
