@@ -15,9 +15,11 @@ written by the device's `rbln::kv_cache_update` kernel) in its simplest layout: 
 batch slot, as long as the sequence (block b is slot b), as optimum-rbln lays out Whisper's
 self-attention cache. A row whose position is < 0 is padding and writes nothing.
 
-Attention is computed densely over the whole compiled length (masked), so that families with an
-additive position bias (T5's relative buckets) and without one share one path; the decoder's
-device time follows `dec_max_seq_len`, not the tokens generated so far.
+Self-attention runs the device's paged attention kernel (`rbln::paged_attention`, as the
+decoder-only models), priced by the positions written so far; a family with an additive position
+bias (T5's relative buckets), which the kernel does not take, attends densely over the whole
+compiled `dec_max_seq_len` (masked) instead. Cross-attention is dense over the encoder's
+positions (masked by its attention mask): every step reads all of them.
 
 A family says where its parts are (`Seq2SeqParts`: the encoder, each decoder layer's modules,
 the embedding and the head); every module here reuses the HF modules themselves, so the
@@ -165,9 +167,11 @@ class DecoderGraph(nn.Module):
     def forward(self, decoder_input_ids: torch.Tensor, positions: torch.Tensor, encoder_attention_mask: torch.Tensor):
         position = positions.long().clamp(min=0)   # padding rows: any valid position will do
         hidden = self.embed(decoder_input_ids, position)
-        visible_self = (self.key_positions[None, :] <= position[:, None])[:, None, None, :]   # [B, 1, 1, L]
         visible_cross = encoder_attention_mask.bool()[:, None, None, :]
-        bias = self.self_bias(position) if self.self_bias is not None else None
+        bias = visible_self = None
+        if self.self_bias is not None:   # the dense path: the bias, and which cache positions each row sees
+            bias = self.self_bias(position)
+            visible_self = (self.key_positions[None, :] <= position[:, None])[:, None, None, :]   # [B, 1, 1, L]
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = getattr(self, f"self_k_{i}"), getattr(self, f"self_v_{i}")
             cross_k, cross_v = getattr(self, f"cross_k_{i}"), getattr(self, f"cross_v_{i}")
@@ -178,7 +182,12 @@ class DecoderGraph(nn.Module):
                 k = split_heads(layer.self_k(x), heads, dim)
                 v = split_heads(layer.self_v(x), heads, dim)
                 torch.ops.rbln.kv_cache_update(k_cache, v_cache, k, v, self.self_slots, positions)
-                return layer.self_o(merge_heads(attend(q, k_cache, v_cache, layer.self_scale, visible_self, bias)))
+                if bias is None:   # the device's paged kernel: it reads the positions written so far
+                    out = torch.ops.rbln.paged_attention(q, k_cache, v_cache, self.self_slots, positions,
+                                                         layer.self_scale, 0, None)
+                else:   # an additive bias, which the kernel does not take: dense over the whole cache, masked
+                    out = attend(q, k_cache, v_cache, layer.self_scale, visible_self, bias)
+                return layer.self_o(merge_heads(out))
 
             def cross_attention(x, layer=layer, cross_k=cross_k, cross_v=cross_v):
                 q = split_heads(layer.cross_q(x), heads, dim)
