@@ -68,7 +68,36 @@ class GenerationStats:
         )
 
 
-class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
+def refuse_beam_search(generation_config, kwargs: dict) -> None:
+    """ValueError for a generate() call asking for beam search, which the compiled decoders do not run."""
+    config = generation_config
+    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) if config is not None else 1)
+    if num_beams and num_beams > 1:
+        raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling "
+                         "(num_beams=1; in a transformers pipeline: generate_kwargs={'num_beams': 1})")
+
+
+class DeviceCacheGenerationMixin(GenerationMixin):
+    """transformers' GenerationMixin for a compiled model whose caches live on the device: no HF cache
+    object, no logits_to_keep, no eager model to tune. Shared by the decoder-only and encoder-decoder models."""
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def _prepare_cache_for_generation(self, *args, **kwargs) -> None:
+        """The KV cache lives on the device; there is no HF cache object to prepare."""
+
+    def _supports_logits_to_keep(self) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def _optimize_model_for_decode(self):
+        """The compiled graphs are what runs; there is no eager model to tune for decode."""
+        yield
+
+
+class RBLNDecoderOnlyGenerationMixin(DeviceCacheGenerationMixin):
     """What transformers' `generate()` needs from a compiled decoder. The model provides
     `runner` (a DecoderRunner), `block_manager`, `rbln_config`, `config`, `_lock`,
     `_stats_in_progress`, `generation_stats` and `device_memory()`."""
@@ -136,21 +165,6 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
 
     # ---- transformers GenerationMixin hooks ---------------------------------------------
 
-    @classmethod
-    def can_generate(cls) -> bool:
-        return True
-
-    def _prepare_cache_for_generation(self, *args, **kwargs) -> None:
-        """The KV cache lives on the device; there is no HF cache object to prepare."""
-
-    def _supports_logits_to_keep(self) -> bool:
-        return False
-
-    @contextlib.contextmanager
-    def _optimize_model_for_decode(self):
-        """The compiled graphs are what runs; there is no eager model to tune for decode."""
-        yield
-
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None,
                                       rbln_positions=None, **kwargs):
         if rbln_positions is None:
@@ -214,9 +228,7 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
         lora_name; 0 / "base": none) or a list of them, one per row (default: `set_adapter`'s)."""
         adapters = None if lora_int_id is None else self._slots_of(lora_int_id)
         config = generation_config or self.generation_config
-        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) if config is not None else 1)
-        if num_beams and num_beams > 1:
-            raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling")
+        refuse_beam_search(config, kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         self._check_inputs(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"))
         lengths, max_new = self._check_generation_length(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"),
