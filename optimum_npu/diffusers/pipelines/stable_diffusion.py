@@ -37,12 +37,13 @@ class RBLNStableDiffusionPipelineConfig(RBLNDiffusionPipelineConfig):
 
     pipeline_name: ClassVar[str] = "RBLNStableDiffusionPipeline"
     uses_vae_encoder: ClassVar[bool] = False
+    default_guidance_scale: ClassVar[float] = DEFAULT_GUIDANCE_SCALE   # the diffusers __call__'s default
 
     def _pipeline_defaults(self, models: Mapping[str, Any]) -> dict[str, Any]:
         # As the diffusers pipeline: the image is the UNet's sample size times the VAE's scale.
         side = models["unet"].config.sample_size * RBLNAutoencoderKL.scale_factor(models["vae"].config)
         return {"height": side, "width": side, "max_seq_len": models["tokenizer"].model_max_length,
-                "guidance_scale": DEFAULT_GUIDANCE_SCALE}
+                "guidance_scale": self.default_guidance_scale}
 
     def _component_options(self, models: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         scale = RBLNAutoencoderKL.scale_factor(models["vae"].config)
@@ -76,7 +77,11 @@ class RBLNStableDiffusionPipelineMixin(RBLNDiffusionPipelineMixin):
         """Text-to-image and image-to-image run the same compiled components; image-to-image also
         encodes its input image, so it needs a VAE compiled with its encoder."""
         config = getattr(pipeline, "rbln_config", None)
-        if not isinstance(config, RBLNStableDiffusionPipelineConfig) or isinstance(config, cls.config_class):
+        if not isinstance(config, RBLNStableDiffusionPipelineConfig):
+            return config
+        if config.component_classes() != cls.config_class.component_classes():
+            return None   # another family's components (SD / SDXL / ControlNet): from_pipe refuses it
+        if isinstance(config, cls.config_class):
             return config
         if cls.config_class.uses_vae_encoder and "encoder" not in pipeline.vae.graphs:
             raise ValueError(
@@ -90,14 +95,18 @@ class RBLNStableDiffusionPipelineMixin(RBLNDiffusionPipelineMixin):
         arguments = self._call_arguments(args, kwargs)
         self._check_guidance(arguments["guidance_scale"])
         if "height" in arguments:   # text-to-image; image-to-image takes the size of its image
-            self._check_size(arguments["height"], arguments["width"])
+            self._check_size(arguments["height"], arguments["width"], self._default_size(arguments))
         return super().__call__(*args, **kwargs)
 
-    def _check_size(self, height: int | None, width: int | None) -> None:
+    def _default_size(self, arguments: dict[str, Any]) -> tuple[int, int]:
+        """(height, width) diffusers generates when the call gives none: the UNet's sample size in pixels."""
+        side = self.unet.config.sample_size * self.vae_scale_factor
+        return side, side
+
+    def _check_size(self, height: int | None, width: int | None, default: tuple[int, int]) -> None:
         """ValueError in the caller's terms (pixels) if the image size differs from the compiled one,
         before the UNet refuses its latents' shape."""
-        side = self.unet.config.sample_size * self.vae_scale_factor   # what diffusers picks for None
-        height, width = height or side, width or side
+        height, width = height or default[0], width or default[1]
         compiled = (self.rbln_config.height, self.rbln_config.width)
         if (height, width) != compiled:
             raise ValueError(
