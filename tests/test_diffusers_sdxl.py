@@ -10,7 +10,6 @@ from diffusers import (
     ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline,
 )
 
-import optimum_npu.modeling.base
 from optimum_npu import (
     RBLNControlNetModel, RBLNStableDiffusionControlNetPipeline, RBLNStableDiffusionPipeline,
     RBLNStableDiffusionXLControlNetPipeline, RBLNStableDiffusionXLPipeline,
@@ -18,6 +17,8 @@ from optimum_npu import (
 from optimum_npu.testing.diffusers import (
     build_tiny_controlnet, build_tiny_stable_diffusion, build_tiny_stable_diffusion_xl,
 )
+
+from no_compiling import forbid_compiling
 
 PROMPT = "a red cube on a mat"
 # Exact numerics run the fp32 graphs diffusers runs; what differs is only the order of float sums
@@ -34,13 +35,6 @@ def _run(pipe, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     kwargs.setdefault("num_inference_steps", 3)
     return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
-
-
-def _no_compiling(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a compiled folder was recompiled")
-
-    monkeypatch.setattr(optimum_npu.modeling.base, "compile_from_torch", refuse)
 
 
 def _control_image(seed: int, side: int = 16) -> torch.Tensor:
@@ -91,7 +85,7 @@ def test_sdxl_saves_as_a_diffusers_folder_and_loads_without_recompiling(compiled
     nested = json.loads((tmp_path / "compiled" / "rbln_config.json").read_text())["components"]
     assert nested["unet"]["compile_options"]["text_embeds_size"] == 32
     before = _run(compiled_sdxl, output_type="latent", num_inference_steps=2)
-    _no_compiling(monkeypatch)
+    forbid_compiling(monkeypatch)
     loaded = RBLNStableDiffusionXLPipeline.from_pretrained(target, rbln_config={"text_encoder_2": {"device": 1}})
     assert loaded.text_encoder_2.runtimes["model"].devices == [1]
     np.testing.assert_array_equal(_run(loaded, output_type="latent", num_inference_steps=2), before)
@@ -184,7 +178,7 @@ def test_controlnet_pipeline_round_trip(compiled_controlnet_sd, tmp_path, monkey
     index = json.loads((tmp_path / "compiled" / "model_index.json").read_text())
     assert index["controlnet"][1] == "RBLNControlNetModel" and index["unet"][1] == "RBLNUNet2DConditionModel"
     before = _run(compiled_controlnet_sd, image=_control_image(1), output_type="latent", num_inference_steps=2)
-    _no_compiling(monkeypatch)
+    forbid_compiling(monkeypatch)
     loaded = RBLNStableDiffusionControlNetPipeline.from_pretrained(target)
     np.testing.assert_array_equal(_run(loaded, image=_control_image(1), output_type="latent", num_inference_steps=2),
                                   before)

@@ -5,6 +5,8 @@
   processor), as `StableDiffusionPipeline.save_pretrained` writes it.
 - `build_tiny_stable_diffusion_xl(folder)`: an SDXL pipeline folder (two CLIP text encoders and
   tokenizers, the UNet with the added text / time embedding, VAE, Euler scheduler).
+- `build_tiny_stable_diffusion_3(folder)`: an SD3 pipeline folder (two CLIP text encoders with
+  projection, a T5 encoder, their tokenizers, the MMDiT transformer, VAE, flow-matching scheduler).
 - `build_tiny_controlnet(folder)`: a ControlNet for the tiny SD (or, with `xl=True`, SDXL) UNet.
 - `build_tiny_cosmos(folder)`: a Cosmos text/video-to-world pipeline folder (T5 encoder and
   tokenizer, Cosmos transformer, Cosmos video VAE, EDM scheduler), without a safety checker.
@@ -70,13 +72,13 @@ def _tiny_sd_safety_checker():
     return checker, processor
 
 
-def _tiny_vae(sample_size: int):
+def _tiny_vae(sample_size: int, **options):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         sample_size=sample_size, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
         block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, **options,
     )
 
 
@@ -154,6 +156,41 @@ def build_tiny_stable_diffusion_xl(folder: str | os.PathLike, *, seed: int = 0, 
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          timestep_spacing="leading", steps_offset=1),
         force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def build_tiny_stable_diffusion_3(folder: str | os.PathLike, *, seed: int = 0, sample_size: int = 16,
+                                  max_seq_len: int = 16) -> str:
+    """Write a tiny Stable Diffusion 3 pipeline (random weights) to `folder`; returns its path.
+
+    As SD3: two CLIP text encoders with projection (their penultimate hidden states, 32 wide each,
+    padded to the T5 width of 64; their pooled projections, 32 each, the pooled embedding of 64), a
+    T5 encoder, an MMDiT transformer of one joint block, a VAE with SD3's latent scale and shift
+    (downsampling by 2), the flow-matching Euler scheduler. CLIP prompts are padded to `max_seq_len`.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, t5_tokenizer = _tiny_clip_tokenizer(max_seq_len), _tiny_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+        pos_embed_max_size=sample_size,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(sample_size, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                      use_post_quant_conv=False),
+        text_encoder=_tiny_clip_text_encoder(tokenizer, max_seq_len, with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=_tiny_clip_text_encoder(tokenizer, max_seq_len, with_projection=True), tokenizer_2=tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(folder)
     return str(folder)

@@ -46,18 +46,28 @@ class RBLNStableDiffusionPipelineConfig(RBLNDiffusionPipelineConfig):
                 "guidance_scale": self.default_guidance_scale}
 
     def _component_options(self, models: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        scale = RBLNAutoencoderKL.scale_factor(models["vae"].config)
-        if self.height % scale or self.width % scale:
-            raise ValueError(f"rbln_height / rbln_width must be multiples of {scale} (the VAE's scale factor); "
-                             f"got {self.height} x {self.width}")
-        cfg_factor = 2 if self.guidance_scale > 1 else 1  # prompt and negative prompt in one UNet call
         return {
             "text_encoder": {"batch_size": self.batch_size, "max_seq_len": self.max_seq_len},
-            "unet": {"batch_size": self.batch_size * cfg_factor, "max_seq_len": self.max_seq_len,
-                     "sample_size": (self.height // scale, self.width // scale)},
+            "unet": {"batch_size": denoiser_batch(self), "max_seq_len": self.max_seq_len,
+                     "sample_size": latent_size(self, models)},
             "vae": {"batch_size": self.batch_size, "sample_size": (self.height, self.width),
                     "uses_encoder": self.uses_vae_encoder},
         }
+
+
+def latent_size(config: RBLNDiffusionPipelineConfig, models: Mapping[str, Any]) -> tuple[int, int]:
+    """The latent (height, width) of the pipeline's image size, through its VAE's compression."""
+    scale = RBLNAutoencoderKL.scale_factor(models["vae"].config)
+    if config.height % scale or config.width % scale:
+        raise ValueError(f"rbln_height / rbln_width must be multiples of {scale} (the VAE's scale factor); "
+                         f"got {config.height} x {config.width}")
+    return config.height // scale, config.width // scale
+
+
+def denoiser_batch(config: RBLNDiffusionPipelineConfig) -> int:
+    """The denoiser's batch: classifier-free guidance runs the prompt and the negative prompt in one call."""
+    return config.batch_size * (2 if config.guidance_scale > 1 else 1)
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,8 +134,8 @@ class RBLNStableDiffusionPipelineMixin(RBLNDiffusionPipelineMixin):
         state = lambda scale: "on (> 1)" if scale > 1 else "off (<= 1)"  # noqa: E731
         raise ValueError(
             f"guidance_scale={guidance_scale} turns classifier-free guidance {state(guidance_scale)}, but this "
-            f"pipeline was compiled with rbln_guidance_scale={compiled}, guidance {state(compiled)}: its UNet takes "
-            f"{self.unet.rbln_config.batch_size} latent row(s) per call. Call it with a guidance_scale "
+            f"pipeline was compiled with rbln_guidance_scale={compiled}, guidance {state(compiled)}: its {self.denoiser} "
+            f"takes {getattr(self, self.denoiser).rbln_config.batch_size} latent row(s) per call. Call it with a guidance_scale "
             f"{'> 1' if compiled > 1 else '<= 1'}, or recompile (export=True) with rbln_guidance_scale={guidance_scale}.")
 
 
