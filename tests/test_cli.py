@@ -473,7 +473,7 @@ def test_export_cosmos_pipeline_with_its_guardrail(tmp_path, capsys):
     assert _saved_options(checker_out / "llamaGuard3")["compile_options"]["max_seq_len"] == 128
     out = tmp_path / "cosmos-rbln"
     assert main(["export", source, "-o", str(out), "--safety-checker", str(checker_out), "--height", "16",
-                 "--width", "16", "--num_frames", "9", "--fps", "24", "--max_seq_len", "16",
+                 "--width", "16", "--num_frames", "9", "--max_seq_len", "16",
                  "--transformer.tensor_parallel_size", "2"]) == 0
     saved = _saved_options(out)
     assert saved["cls_name"] == "RBLNCosmosTextToWorldPipeline"

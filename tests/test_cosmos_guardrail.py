@@ -770,7 +770,7 @@ def test_checker_guards_the_cosmos_pipeline(checker, tmp_path):
 
     pipe = RBLNCosmosTextToWorldPipeline.from_pretrained(
         build_tiny_cosmos(tmp_path / "cosmos"), export=True, safety_checker=checker,
-        rbln_config={"height": 16, "width": 16, "num_frames": 9, "fps": 24, "max_seq_len": 16})
+        rbln_config={"height": 16, "width": 16, "num_frames": 9, "max_seq_len": 16})
     pipe.set_progress_bar_config(disable=True)
     call = dict(height=16, width=16, num_frames=9, fps=24, max_sequence_length=16, num_inference_steps=1,
                 output_type="np")

@@ -72,7 +72,7 @@ class RBLNDiffusionPipelineConfig(RBLNModelConfig):
     height: int | None = None           # pixels
     width: int | None = None
     num_frames: int | None = None       # video pipelines: frames of the generated video
-    fps: int | None = None              # video pipelines: the transformer's RoPE depends on it
+    fps: int | None = None              # deprecated (Cosmos: a call-time argument); accepted with a warning
     max_seq_len: int | None = None      # prompt tokens (the tokenizer pads to it)
     guidance_scale: float | None = None  # > 1: classifier-free guidance
 

@@ -218,10 +218,13 @@ class RBLNModel:
     def can_generate(cls) -> bool:
         return False
 
-    def _run_graph(self, name: str, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _run_graph(self, name: str, inputs: list[torch.Tensor], shared: tuple[torch.Tensor, ...] = ()
+                   ) -> tuple[torch.Tensor, ...]:
         """Run graph `name` on `inputs` (batch first) of any number of rows: a smaller batch than
         compiled is padded (with copies of its last row) and sliced back, a larger one split into
-        compiled-size runs. Records the call in `inference_stats`."""
+        compiled-size runs. `shared` inputs have no batch dimension (the same for every row, e.g.
+        positional tables computed on the host) and follow `inputs` in every run. Records the call
+        in `inference_stats`."""
         runtime = self._runtime(name)
         compiled = runtime.program.inputs[0].shape[0]
         rows = inputs[0].shape[0]
@@ -234,7 +237,7 @@ class RBLNModel:
                 valid = chunk[0].shape[0]
                 if valid < compiled:
                     chunk = [torch.cat([t, t[-1:].expand(compiled - valid, *t.shape[1:])]) for t in chunk]
-                out = runtime.run(*chunk)
+                out = runtime.run(*chunk, *shared)
                 device_s += runtime.stats.last_run_s
                 pieces.append([o[:valid] for o in (out if isinstance(out, tuple) else (out,))])
         outputs = tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*pieces))

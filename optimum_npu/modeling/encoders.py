@@ -193,6 +193,11 @@ class RBLNTextEncoderModel(RBLNModel):
         result = self.output_class(**fields)
         return result if return_dict is not False else result.to_tuple()
 
+    def modules(self):
+        """Itself, as a torch module's `modules()` would list it: diffusers' pipelines walk a text encoder's
+        modules for offloading hooks to find where its inputs go (`get_module_execution_device`)."""
+        return iter((self,))
+
     def _run_final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The model's final norm (`final_norm`) on hidden states [batch, tokens, hidden]."""
         if FINAL_NORM_GRAPH not in self.graphs:

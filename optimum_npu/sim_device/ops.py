@@ -46,7 +46,7 @@ DEVICE_OP_PACKETS: dict[str, str] = {
     "reduction": "all amax amin any argmax argmin cumsum linalg_vector_norm logsumexp max mean min prod std sum var",
     "layout": """
         view reshape permute transpose t unsqueeze squeeze expand expand_as slice select flatten unflatten
-        split split_with_sizes chunk unbind cat stack narrow repeat repeat_interleave flip roll constant_pad_nd pad movedim
+        split split_with_sizes chunk unbind cat concat concatenate stack narrow repeat repeat_interleave flip roll constant_pad_nd pad movedim
     """,
     "norm": """
         layer_norm group_norm batch_norm rms_norm instance_norm softmax log_softmax native_layer_norm

@@ -486,7 +486,7 @@ RULES = {
     "aten.split": _cut, "aten.split_with_sizes": _cut, "aten.chunk": _cut,
     "aten.slice": _slice_like, "aten.select": _slice_like, "aten.index_select": _slice_like,
     "aten.narrow": _slice_like,
-    "aten.cat": _cat,
+    "aten.cat": _cat, "aten.concat": _cat, "aten.concatenate": _cat,   # torch.concat / concatenate: cat's aliases
     "aten.unbind": _unbind,
     "aten.repeat_interleave": _repeat_interleave,
     "aten.mean": _reduction, "aten.sum": _reduction, "aten.amax": _reduction, "aten.amin": _reduction,
