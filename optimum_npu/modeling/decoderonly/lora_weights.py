@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from optimum_npu.configuration import read_json_object, read_regular_file
+from optimum_npu.untrusted_files import read_json_object, read_regular_file
 
 from .lora import OPTION, PROJECTIONS, RBLNLoRAAdapterConfig, RBLNLoRAConfig
 
