@@ -219,4 +219,6 @@ def peft_merged_model(family: str, adapter: Path | None):
     model = make_hf_model(family)
     if adapter is None:
         return model
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    # torch_device: PEFT otherwise loads onto torch.accelerator's device, which is the eager `rbln`
+    # device once a test has registered it (torch_backend), and safetensors cannot load there.
+    return PeftModel.from_pretrained(model, str(adapter), torch_device="cpu").merge_and_unload().eval()
