@@ -33,14 +33,17 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .moe import MOE_EXPERTS, moe_cost, moe_experts
+
 # Canonical names of the ops, as `str(torch.ops.rbln.<op>.default)` spells them (and as
 # FX nodes of an exported graph show them).
-KERNEL_OPS = (
+KV_CACHE_UPDATE, PAGED_ATTENTION, FLASH_ATTENTION = (
     "rbln.kv_cache_update.default",
     "rbln.paged_attention.default",
     "rbln.flash_attention.default",
 )
-KV_CACHE_UPDATE, PAGED_ATTENTION, FLASH_ATTENTION = KERNEL_OPS
+# The mixture-of-experts kernel lives in moe.py; it is a device kernel like these (priced per run).
+KERNEL_OPS = (KV_CACHE_UPDATE, PAGED_ATTENTION, FLASH_ATTENTION, MOE_EXPERTS)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -133,7 +136,7 @@ def _read_positions(cache: Tensor, block_tables: Tensor, first: int, end: int) -
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, start_pos: Tensor, first_key: int, scale: float, sliding_window: int,
-            attention_mask: Tensor | None) -> Tensor:
+            attention_mask: Tensor | None, softcap: float = 0.0) -> Tensor:
     """Attention of q [B, Hq, T, D] over k, v [B, Hkv, L, D] holding key positions first_key..first_key+L-1.
 
     The math is torch's scaled_dot_product_attention with GQA: on CPU it is itself a flash
@@ -148,7 +151,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, start_pos: Tensor, first_key: int, 
     same_start = min(starts) == max(starts)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if (num_tokens > 1 and same_start and first_key < starts[0] and first_key + length == starts[0] + num_tokens
-            and sliding_window == 0 and attention_mask is None):
+            and sliding_window == 0 and attention_mask is None and not softcap):
         return _attend_prefix_then_chunk(q, k, v, starts[0] - first_key, scale)
     mask, causal = None, False
     every_key_visible = same_start and first_key + length == starts[0] + 1 and num_tokens == 1
@@ -169,9 +172,30 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, start_pos: Tensor, first_key: int, 
                 # cancel a NaN, so zero them (k and v may be views of the cache: copies)
                 k = _zero_unwritten_(k.clone(), query_pos, first_key)
                 v = _zero_unwritten_(v.clone(), query_pos, first_key)
+    if softcap:
+        return _attend_softcapped(q, k, v, mask, causal, scale, softcap)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def _attend_softcapped(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float,
+                       softcap: float) -> Tensor:
+    """Attention with logit soft-capping (Gemma 2): scores become softcap * tanh(scores / softcap)
+    before the mask and the softmax. The cap acts on each score, so no flash kernel's running
+    statistics apply: the scores are formed whole (a softmax in fp32, as the device's kernel does)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        tokens, length = scores.shape[-2:]
+        mask = torch.ones(tokens, length, dtype=torch.bool).tril(length - tokens)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
 
 
 def _attend_prefix_then_chunk(q: Tensor, k: Tensor, v: Tensor, prefix: int, scale: float) -> Tensor:
@@ -211,7 +235,7 @@ def _first_visible_key(start_pos: Tensor, sliding_window: int) -> int:
 
 
 def _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask,
-                          what: str) -> Tensor:
+                          what: str, softcap: float = 0.0) -> Tensor:
     """Both attention kernels: read the KV positions the chunk can see, then `_attend`.
 
     Every sequence is read up to the longest one in the batch (shorter ones are masked), so
@@ -223,7 +247,7 @@ def _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, s
         if rows.numel():
             out[rows] = _attention_over_cache(q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale,
                                               sliding_window, None if attention_mask is None else attention_mask[rows],
-                                              what)
+                                              what, softcap)
         return out
     num_tokens = q.shape[2]
     query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
@@ -231,7 +255,7 @@ def _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, s
     first, end = _first_visible_key(start_pos, sliding_window), int(query_pos.max()) + 1
     k = _read_positions(k_cache, block_tables, first, end)
     v = _read_positions(v_cache, block_tables, first, end)
-    return _attend(q, k, v, start_pos, first, scale, sliding_window, attention_mask)
+    return _attend(q, k, v, start_pos, first, scale, sliding_window, attention_mask, softcap)
 
 
 # The Python implementations behind the custom ops. The runtime calls these directly: the
@@ -296,19 +320,21 @@ def paged_attention(
     scale: float,
     sliding_window: int,
     attention_mask: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Causal (optionally sliding-window) attention of q [B, Hq, T, D] over the paged cache.
 
     `attention_mask` [B, max positions], if given, additionally hides the keys where it is 0
-    (graphs compiled with rbln_use_attention_mask take it as an input).
-    Rows with start_pos < 0 are padding: they read nothing and output zeros.
+    (graphs compiled with rbln_use_attention_mask take it as an input). `softcap` > 0 caps
+    each score at softcap * tanh(score / softcap) before the softmax (Gemma 2's
+    attn_logit_softcapping). Rows with start_pos < 0 are padding: they read nothing and output zeros.
     """
     return _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask,
-                                 "paged_attention")
+                                 "paged_attention", softcap)
 
 
 @paged_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask=None):
+def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask=None, softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -326,6 +352,7 @@ def flash_attention(
     sliding_window: int,
     partition_len: int,
     attention_mask: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> Tensor:
     """paged_attention over KV partitions: one partition is one cache block (block_size ==
     partition_len), and the softmax is combined across partitions online (running max and
@@ -340,11 +367,12 @@ def flash_attention(
             f"flash_attention: partition_len ({partition_len}) must equal the KV cache block size ({k_cache.shape[2]})"
         )
     return _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask,
-                                 "flash_attention")
+                                 "flash_attention", softcap)
 
 
 @flash_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, partition_len, attention_mask=None):
+def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, partition_len, attention_mask=None,
+      softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -352,6 +380,7 @@ IMPLEMENTATIONS = {
     KV_CACHE_UPDATE: kv_cache_update._init_fn,
     PAGED_ATTENTION: paged_attention._init_fn,
     FLASH_ATTENTION: flash_attention._init_fn,
+    MOE_EXPERTS: moe_experts._init_fn,
 }
 
 
@@ -407,6 +436,8 @@ def attention_cost(op_name: str, args: tuple, float_bytes: int | None = None,
         return float_bytes if float_bytes and tensor.is_floating_point() else tensor.element_size()
 
     name = str(op_name)
+    if name == MOE_EXPERTS:
+        return moe_cost(args, float_bytes)
     if name == KV_CACHE_UPDATE:
         k_cache, v_cache, k, v, block_tables, start_pos = args[:6]
         bytes_read = _nbytes(k) + _nbytes(v) + _nbytes(block_tables) + _nbytes(start_pos)

@@ -22,12 +22,18 @@ from ...sim_device.stats import format_bytes
 from ...sim_device.specs import get_npu_spec
 from ..base import GraphSpec
 from .kv_cache import KVCacheLayout, is_kv_cache
-from .static_decoder import StaticDecoder, make_kv_caches, merge_layers, rope_tables
+from .layouts import layout_for
+from .static_decoder import StaticDecoder, make_kv_caches, merge_layers
 
 logger = logging.getLogger(__name__)
 
 PREFILL = "prefill"
 DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rope_tables(hf_model, max_seq_len: int) -> dict:
+    """The model's RoPE tables by kind (none for learned positions), from its family's layout."""
+    return layout_for(hf_model.config).rope_tables(hf_model, max_seq_len)
 
 
 def decoder_graph_name(batch: int) -> str:
@@ -150,7 +156,7 @@ class DecoderPlan:
             meta_model = hf_class(self.hf_config)
             caches = [tuple(torch.empty(self.layout.block_shape, dtype=DEVICE_DTYPE[self.config.dtype]) for _ in "kv")
                       for _ in range(self.layout.num_layers)]
-            rope = tuple(torch.empty(self.config.max_seq_len, self.layout.head_dim) for _ in ("cos", "sin"))
+            rope = layout_for(self.hf_config).rope_tables(meta_model, self.config.max_seq_len)  # meta tensors
             return self._graphs(meta_model, merge_layers(meta_model), caches, rope)
 
     def _graphs(self, hf_model, layers, kv_caches, rope) -> list[GraphSpec]:

@@ -291,3 +291,31 @@ class RBLNQwen3ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
 
 class RBLNMistralForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
     """Options of RBLNMistralForCausalLM. The sliding window comes from the HF config, not an option."""
+
+
+class RBLNPhi3ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNPhi3ForCausalLM."""
+
+
+class RBLNGPT2LMHeadModelConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNGPT2LMHeadModel. max_seq_len defaults to the checkpoint's n_positions."""
+
+
+class RBLNOPTForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNOPTForCausalLM."""
+
+
+class RBLNGemma2ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNGemma2ForCausalLM. Sliding-window layers and soft caps come from the HF config."""
+
+
+class RBLNGemma3ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNGemma3ForCausalLM (Gemma 3's text decoder, model_type gemma3_text)."""
+
+
+class RBLNMixtralForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNMixtralForCausalLM."""
+
+
+class RBLNQwen3MoeForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNQwen3MoeForCausalLM."""

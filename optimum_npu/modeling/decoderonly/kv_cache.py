@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .layouts import layout_for
+
 
 def is_kv_cache(name: str) -> bool:
     """The per-layer K / V cache buffers of a compiled decoder graph (StaticDecoder's names)."""
@@ -45,7 +47,8 @@ class KVCacheLayout:
         """From the HF model config and a finalized decoder config."""
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         return cls(num_layers=hf_config.num_hidden_layers, num_blocks=config.kvcache_num_blocks,
-                   num_kv_heads=hf_config.num_key_value_heads, block_size=config.kvcache_block_size,
+                   num_kv_heads=layout_for(hf_config).num_kv_heads(hf_config),
+                   block_size=config.kvcache_block_size,
                    head_dim=head_dim, max_seq_len=config.max_seq_len)
 
     @property

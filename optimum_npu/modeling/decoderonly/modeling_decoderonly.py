@@ -84,7 +84,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
         layers_kept = hf_model.config.num_hidden_layers
 
         def unexpected(key: str) -> bool:
-            layer = re.match(r"(?:model\.)?layers\.(\d+)\.", key)
+            layer = re.match(r"(?:model\.|transformer\.|model\.decoder\.)?(?:layers|h)\.(\d+)\.", key)
             return layer is None or int(layer[1]) < layers_kept
 
         mismatched = [entry[0] if isinstance(entry, (list, tuple)) else entry for entry in info.get("mismatched_keys", [])]
@@ -137,8 +137,9 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                  None if config.use_attention_mask else "absent", None),
                 (f"max_seq_len={config.max_seq_len} / kvcache_block_size={config.kvcache_block_size}", "block_tables",
                  1, max_blocks_per_seq),
-                (f"max_seq_len={config.max_seq_len}", "rope_cos", 0, config.max_seq_len),
             ]
+            if any(spec.name == "rope_cos" for spec in artifact.program.buffers):  # not with learned positions
+                facts.append((f"max_seq_len={config.max_seq_len}", "rope_cos", 0, config.max_seq_len))
             if name == PREFILL:
                 facts.append((f"prefill_chunk_size={config.prefill_chunk_size}", first, 1, config.prefill_chunk_size))
             if config.use_attention_mask:

@@ -18,6 +18,7 @@ from .compile_plan import PREFILL, decoder_graph_name
 from .kv_cache import KVCacheLayout
 
 EMBEDDING = "embed_tokens.weight"
+EMBED_SCALE = "embed_tokens.embed_scale"  # Gemma's scaled embedding
 
 
 class DecoderRunner:
@@ -129,8 +130,13 @@ class DecoderRunner:
         return self.runtime(decoder_graph_name(bucket)).run(ids, start, tables, *extra)[:batch, -1]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Host-side embedding lookup (fp32), for models compiled with use_inputs_embeds."""
-        return torch.nn.functional.embedding(tokens, self.embedding_weight.float())
+        """Host-side embedding lookup (fp32), for models compiled with use_inputs_embeds; scaled as the
+        family's embedding module scales it (Gemma: sqrt(hidden), a buffer of the graph)."""
+        embeds = torch.nn.functional.embedding(tokens, self.embedding_weight.float())
+        prefill = self.runtime(PREFILL)
+        if EMBED_SCALE in {s.name for s in prefill.program.buffers}:
+            embeds = embeds * prefill.tensor(EMBED_SCALE).float()
+        return embeds
 
     @property
     def embedding_weight(self) -> torch.Tensor:

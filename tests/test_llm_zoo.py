@@ -1,0 +1,150 @@
+"""The decoder families beyond Llama's four, each against the fp32 Hugging Face model it was
+compiled from (the tolerances are test_llm_parity.py's, stated there):
+
+- numerics="exact": the auto class picks the family from the checkpoint's model_type; greedy
+  generate on a left-padded batch is token-identical to HF (each row against HF on its own
+  prompt), the teacher-forced logits within fp32 rounding; the folder saved and loaded back
+  without compiling generates the same tokens (GPT-2 in the default tier, the rest heavy).
+- device numerics (bf16, fp16; heavy tier): teacher-forced logits of the prefill and 11 decode
+  steps within BF16_LOGITS_RTOL / FP16_LOGITS_RTOL of max |logit| of HF fp32, top-1 agreeing where
+  HF's margin is clear.
+
+Families: Phi-3 (fused qkv / gate_up, partial RoPE), GPT-2 (learned positions, LayerNorm, GELU,
+Conv1D), OPT (positions from row 2; pre-LN, and OPT-350m's post-LN with projected embeddings),
+Gemma 2 (sliding-window and global layers, scaled embedding, sandwich norms, attention-score and
+final-logit soft caps), Gemma 3 text (per-head Q/K norms, a local and a global RoPE), Mixtral
+and Qwen3-MoE (router, top-k experts; test_moe.py tests the kernel, its price and TP).
+"""
+
+import pytest
+import torch
+
+from llm_fixtures import _one_torch_thread  # noqa: F401  (an autouse fixture)
+from llm_fixtures import hf_generate, hf_logits, make_hf_model, random_prompts, rbln_teacher_forced, save_source
+from optimum_npu import RBLNAutoModelForCausalLM
+from optimum_npu.modeling import base
+from test_llm_parity import DEVICE_RTOL, EXACT_LOGITS_ATOL, assert_close, check_device_logits, compile_model, rbln_generate
+
+# family -> the class RBLNAutoModelForCausalLM must pick from its model_type
+ZOO_CLASSES = {
+    "phi3": "RBLNPhi3ForCausalLM",
+    "gpt2": "RBLNGPT2LMHeadModel",
+    "opt": "RBLNOPTForCausalLM",
+    "opt_post_ln": "RBLNOPTForCausalLM",
+    "gemma2": "RBLNGemma2ForCausalLM",
+    "gemma3": "RBLNGemma3ForCausalLM",
+    "mixtral": "RBLNMixtralForCausalLM",
+    "qwen3_moe": "RBLNQwen3MoeForCausalLM",
+}
+NEW_TOKENS = 8
+PROMPT_LENGTHS = (70, 9)  # 70 > the prefill chunk (64): two chunks
+
+
+@pytest.fixture(scope="module")
+def zoo_sources(tmp_path_factory):
+    return {family: save_source(tmp_path_factory.mktemp(family), family) for family in ZOO_CLASSES}
+
+
+def check_exact_parity(model, hf, what: str) -> torch.Tensor:
+    """Greedy tokens identical to HF row by row, teacher-forced logits within fp32 rounding; the tokens."""
+    prompts = random_prompts(PROMPT_LENGTHS, seed=1)
+    new, _ = rbln_generate(model, prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
+    continuations = []
+    for row, prompt in enumerate(prompts):
+        expected = hf_generate(hf, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert new[row].tolist() == expected.tolist(), f"{what} row {row} (prompt of {prompt.shape[0]})"
+        continuations.append(expected[:5])
+    assert len(set(new.flatten().tolist())) > NEW_TOKENS // 2, "degenerate: the random model repeats one token"
+    for prompt, cont, logits in zip(prompts, continuations, rbln_teacher_forced(model, prompts, continuations)):
+        expected = hf_logits(hf, torch.cat([prompt, cont]))[prompt.shape[0] - 1:]
+        assert_close(logits, expected, EXACT_LOGITS_ATOL, f"{what} exact logits, prompt {prompt.shape[0]}")
+    return new
+
+
+@pytest.mark.parametrize("family", list(ZOO_CLASSES))
+def test_exact_greedy_generate_is_token_identical_to_hf(zoo_sources, family):
+    folder, hf = zoo_sources[family]
+    model = compile_model(folder, rbln_batch_size=2, rbln_numerics="exact")  # the auto class, from model_type
+    try:
+        assert type(model).__name__ == ZOO_CLASSES[family]
+        check_exact_parity(model, hf, family)
+    finally:
+        model.close()
+
+
+# GPT-2 in the default tier: its graphs have no RoPE tables, which the load checks of a folder must allow.
+@pytest.mark.parametrize("family", [f if f == "gpt2" else pytest.param(f, marks=pytest.mark.heavy) for f in ZOO_CLASSES])
+def test_saved_folder_loads_without_compiling(zoo_sources, family, tmp_path, monkeypatch):
+    folder, _ = zoo_sources[family]
+    prompts = random_prompts(PROMPT_LENGTHS, seed=1)
+    model = compile_model(folder, rbln_batch_size=2, rbln_numerics="exact")
+    try:
+        tokens, _ = rbln_generate(model, prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
+        model.save_pretrained(tmp_path / "compiled")
+    finally:
+        model.close()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compile_from_torch was called while loading a compiled folder")
+
+    monkeypatch.setattr(base, "compile_from_torch", refuse)
+    loaded = RBLNAutoModelForCausalLM.from_pretrained(tmp_path / "compiled")
+    try:
+        assert type(loaded).__name__ == ZOO_CLASSES[family]
+        again, _ = rbln_generate(loaded, prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(again, tokens)
+    finally:
+        loaded.close()
+
+
+def test_partial_rope_and_positions_matter(zoo_sources):
+    """Guards the parity tests: Phi-3 with RoPE over whole heads, and GPT-2 / OPT with their position
+    tables zeroed, generate other tokens (so the tests see those features)."""
+    prompt = random_prompts(PROMPT_LENGTHS, seed=1)[0]
+    for family in ("phi3", "gpt2", "opt"):
+        _, hf = zoo_sources[family]
+        expected = hf_generate(hf, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+        if family == "phi3":
+            broken = make_hf_model(family, partial_rotary_factor=1.0)
+            broken.load_state_dict(hf.state_dict())
+        else:
+            broken = make_hf_model(family)
+            table = broken.transformer.wpe if family == "gpt2" else broken.model.decoder.embed_positions
+            with torch.no_grad():
+                table.weight.zero_()
+        assert hf_generate(broken, prompt, max_new_tokens=NEW_TOKENS, do_sample=False).tolist() != expected.tolist(), family
+
+
+def test_gemma_features_matter(zoo_sources):
+    """Guards the Gemma parity tests: without the attention soft cap (Gemma 2), the sliding window
+    (both), or with Gemma 3's local RoPE replaced by the global one, HF generates other tokens;
+    without the final-logit cap (monotonic: the same tokens) the logits differ far beyond the
+    exact tolerance."""
+    prompt = random_prompts(PROMPT_LENGTHS, seed=1)[0]
+    _, gemma2 = zoo_sources["gemma2"]
+    uncapped = make_hf_model("gemma2", final_logit_softcapping=None)
+    uncapped.load_state_dict(gemma2.state_dict())
+    assert (hf_logits(uncapped, prompt) - hf_logits(gemma2, prompt)).abs().max() > 100 * EXACT_LOGITS_ATOL
+    changes = {
+        "gemma2": [dict(attn_logit_softcapping=None), dict(sliding_window=256)],
+        "gemma3": [dict(sliding_window=256), dict(rope_parameters={
+            kind: {"rope_type": "default", "rope_theta": 1_000_000.0} for kind in ("sliding_attention", "full_attention")
+        })],
+    }
+    for family, overrides in changes.items():
+        _, hf = zoo_sources[family]
+        expected = hf_generate(hf, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+        for override in overrides:
+            changed = make_hf_model(family, **override)
+            changed.load_state_dict(hf.state_dict())
+            tokens = hf_generate(changed, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert tokens.tolist() != expected.tolist(), (family, override)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("family", list(ZOO_CLASSES))
+def test_device_numerics_teacher_forced_logits_within_tolerance(zoo_sources, family, dtype):
+    folder, hf = zoo_sources[family]
+    model = compile_model(folder, rbln_batch_size=2, rbln_numerics="device", rbln_dtype=dtype)
+    check_device_logits(model, hf, f"{family} {dtype}", DEVICE_RTOL[dtype])
