@@ -71,6 +71,13 @@ _EXPORTS = {
     "RBLNQwen3MoeForCausalLM": "optimum_npu.modeling.decoderonly.families",
     "RBLNMixtralForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     "RBLNQwen3MoeForCausalLMConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    "RBLNDecoderOnlyModel": "optimum_npu.modeling.decoderonly.modeling_headless",
+    "RBLNDecoderOnlyModelForSequenceClassification": "optimum_npu.modeling.decoderonly.modeling_headless",
+    "RBLNQwen3Model": "optimum_npu.modeling.decoderonly.modeling_headless",
+    "RBLNQwen3ForSequenceClassification": "optimum_npu.modeling.decoderonly.modeling_headless",
+    "RBLNDecoderOnlyModelConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    "RBLNQwen3ModelConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
+    "RBLNQwen3ForSequenceClassificationConfig": "optimum_npu.modeling.decoderonly.configuration_decoderonly",
     # The Cosmos guardrail and its sub-models.
     "RBLNStableDiffusionPipeline": "optimum_npu.diffusers",
     "RBLNStableDiffusionImg2ImgPipeline": "optimum_npu.diffusers",
@@ -108,7 +115,7 @@ _EXPORTS = {
 MODEL_TYPES = {
     "llama": ("RBLNLlamaForCausalLM",),
     "qwen2": ("RBLNQwen2ForCausalLM",),
-    "qwen3": ("RBLNQwen3ForCausalLM",),
+    "qwen3": ("RBLNQwen3ForCausalLM", "RBLNQwen3Model", "RBLNQwen3ForSequenceClassification"),
     "mistral": ("RBLNMistralForCausalLM",),
     "phi3": ("RBLNPhi3ForCausalLM",),
     "gpt2": ("RBLNGPT2LMHeadModel",),

@@ -319,3 +319,27 @@ class RBLNMixtralForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
 
 class RBLNQwen3MoeForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
     """Options of RBLNQwen3MoeForCausalLM."""
+
+
+class RBLNDecoderOnlyModelConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of a headless decoder (an embedding model, a sequence classifier): a prefill graph only,
+    the causal LM's options otherwise (`decoder_batch_sizes` stays unset: there is no decode graph)."""
+
+    def _validate_decoder_batch_sizes(self) -> None:
+        if self.decoder_batch_sizes:
+            raise ValueError(f"{_P}decoder_batch_sizes: a headless decoder compiles no decode graphs; leave it unset "
+                             f"(got {self.decoder_batch_sizes!r})")
+        if self.decoder_batch_sizes is not None:
+            self._set("decoder_batch_sizes", ())
+
+    def finalize(self, hf_config: Any) -> Self:
+        return RBLNDecoderOnlyModelForCausalLMConfig.finalize(dataclasses.replace(self, decoder_batch_sizes=()),
+                                                              hf_config)
+
+
+class RBLNQwen3ModelConfig(RBLNDecoderOnlyModelConfig):
+    """Options of RBLNQwen3Model."""
+
+
+class RBLNQwen3ForSequenceClassificationConfig(RBLNDecoderOnlyModelConfig):
+    """Options of RBLNQwen3ForSequenceClassification."""

@@ -177,12 +177,26 @@ class DecoderParts:
     logit_softcap: float = 0.0          # final-logit soft cap (Gemma 2)
     copied: set[int] = field(default_factory=set)
 
+    @property
+    def all_tokens(self) -> bool:
+        """A headless model: the hidden states of every token are the output, not one token's logits."""
+        return isinstance(self.lm_head, nn.Identity)
+
 
 class DecoderLayout:
     """How to read the parts of one family's HF causal LM (`parts(causal_lm)`), and its RoPE tables."""
 
     def decoder(self, causal_lm: nn.Module) -> nn.Module:
-        return causal_lm.model
+        """The HF base model (a headless checkpoint, e.g. Qwen3Model, is its own)."""
+        return getattr(causal_lm, "model", causal_lm)
+
+    def head(self, causal_lm: nn.Module) -> nn.Module:
+        """What turns the final hidden states into the output: the LM head, a classifier's score
+        (sequence classification), or nothing (a headless model outputs the hidden states)."""
+        for name in ("lm_head", "score"):
+            if isinstance(getattr(causal_lm, name, None), nn.Module):
+                return getattr(causal_lm, name)
+        return nn.Identity()
 
     def num_kv_heads(self, config) -> int:
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -226,7 +240,7 @@ class LlamaLayout(DecoderLayout):
         kinds = self.rope_kinds(config)
         layers = [self.layer(hf_layer, config, kinds[i], copy_weights)
                   for i, hf_layer in enumerate(self.hf_layers(causal_lm))]
-        return DecoderParts(embed=decoder.embed_tokens, final_norm=decoder.norm, lm_head=causal_lm.lm_head,
+        return DecoderParts(embed=decoder.embed_tokens, final_norm=decoder.norm, lm_head=self.head(causal_lm),
                             layers=layers, logit_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0))
 
     def rope_kinds(self, config) -> list[str | None]:

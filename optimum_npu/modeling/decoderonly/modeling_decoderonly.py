@@ -43,29 +43,18 @@ def _check_program_facts(graph: str, program, facts) -> None:
             )
 
 
-class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel):
-    """A compiled decoder-only LM; `generate()` as in transformers.
-
-    Thread safety: one model has one KV cache and one block manager, so calls on it are
-    serialised by a lock: two threads calling `generate()` (or `forward()`) on the same model
-    run one after the other, each getting the tokens it would get alone. For parallel
-    generation, load one model per thread, or pass the prompts as one batch. A hand-written
-    loop of `forward()` steps holds the lock one step at a time only: do not interleave
-    such loops from several threads.
-    """
+class RBLNDecoderOnlyModelBase(RBLNModel):
+    """What every compiled decoder shares (the causal LM and the headless models of
+    modeling_headless.py): the graphs of a `DecoderPlan`, their paged KV cache, the runner."""
 
     config_class: ClassVar[type] = RBLNDecoderOnlyModelForCausalLMConfig
     main_input_name = "input_ids"
-    _is_stateful = False
-    _supports_cache_class = False
 
     def __init__(self, hf_config, rbln_config, graphs, source_folder=None, generation_config=None):
         super().__init__(hf_config, rbln_config, graphs, source_folder, generation_config)
         self.kv_layout = KVCacheLayout.from_config(hf_config, rbln_config)
         self.block_manager = BlockManager.for_layout(self.kv_layout, num_slots=rbln_config.batch_size)
         self.runner = DecoderRunner(self._runtime, self.kv_layout, rbln_config, hf_config.vocab_size)
-        self.generation_stats = GenerationStats()
-        self._stats_in_progress: GenerationStats | None = None
         # Reentrant: generate() holds it while transformers calls forward() on the same thread.
         self._lock = threading.RLock()
 
@@ -168,3 +157,25 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                 runtimes[name] = Runtime(self.graphs[name], activate_profiler=c.activate_profiler,
                                          share_state_with=prefill, name=f"{type(self).__name__}.{name}")
         return runtimes
+
+
+class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNDecoderOnlyModelBase):
+    """A compiled decoder-only LM; `generate()` as in transformers.
+
+    Thread safety: one model has one KV cache and one block manager, so calls on it are
+    serialised by a lock: two threads calling `generate()` (or `forward()`) on the same model
+    run one after the other, each getting the tokens it would get alone. For parallel
+    generation, load one model per thread, or pass the prompts as one batch. A hand-written
+    loop of `forward()` steps holds the lock one step at a time only: do not interleave
+    such loops from several threads.
+    """
+
+    config_class: ClassVar[type] = RBLNDecoderOnlyModelForCausalLMConfig
+    main_input_name = "input_ids"
+    _is_stateful = False
+    _supports_cache_class = False
+
+    def __init__(self, hf_config, rbln_config, graphs, source_folder=None, generation_config=None):
+        super().__init__(hf_config, rbln_config, graphs, source_folder, generation_config)
+        self.generation_stats = GenerationStats()
+        self._stats_in_progress: GenerationStats | None = None

@@ -17,7 +17,8 @@ Inputs of a graph:
     block_tables int32 [batch, max_blocks_per_seq]
     query_position int64 [1]           prefill only: which token of the chunk to return logits for
     attention_mask int32 [batch, max_seq_len]   with use_attention_mask only: 1 = key position visible
-Output: logits [batch, 1, vocab].
+Output: logits [batch, 1, vocab] (a sequence classifier: its scores; a headless model: the
+hidden states of every token of the chunk, [1, T, hidden]).
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ class StaticDecoder(nn.Module):
         self.norm = parts.final_norm
         self.lm_head = parts.lm_head
         self.logit_softcap = parts.logit_softcap
+        self.all_tokens = parts.all_tokens
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = layout_for(config).num_kv_heads(config)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -228,7 +230,7 @@ class StaticDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             hidden = layer.block(hidden, lambda lay, x, i=i: self._attention(i, lay, x, rope, start_pos, block_tables,
                                                                               attention_mask))
-        if query_position is not None:  # prefill: only the last prompt token's logits are needed
+        if query_position is not None and not self.all_tokens:  # prefill: only the last prompt token's logits
             hidden = hidden.index_select(1, query_position)
         logits = self.lm_head(self.norm(hidden))
         if self.logit_softcap:  # Gemma 2: final_logit_softcapping
