@@ -148,3 +148,63 @@ def test_device_numerics_teacher_forced_logits_within_tolerance(zoo_sources, fam
     folder, hf = zoo_sources[family]
     model = compile_model(folder, rbln_batch_size=2, rbln_numerics="device", rbln_dtype=dtype)
     check_device_logits(model, hf, f"{family} {dtype}", DEVICE_RTOL[dtype])
+
+
+# --------------------------------------------------------------------------- the sliding-window (ring) cache
+
+RING_CASES = {"mistral": "sliding_window", "gemma3": "hybrid"}  # every layer windowed / some
+
+
+@pytest.fixture(scope="module")
+def ring_sources(tmp_path_factory):
+    return {family: save_source(tmp_path_factory.mktemp(f"{family}_ring"), family) for family in RING_CASES}
+
+
+@pytest.mark.parametrize("family", list(RING_CASES))
+def test_ring_cache_is_token_identical_and_window_sized(ring_sources, family, tmp_path):
+    """cache_impl sliding_window / hybrid: the windowed layers keep a ring of window + chunk - 1
+    positions per sequence (the others the full paged cache); prompts of 150 and 23 tokens (three
+    chunks, the ring wrapping several times) generate transformers' tokens, also after a reload."""
+    folder, hf = ring_sources[family]
+    window, chunk = hf.config.sliding_window, 64
+    model = compile_model(folder, rbln_batch_size=2, rbln_numerics="exact", rbln_cache_impl=RING_CASES[family])
+    prompts = random_prompts((150, 23), seed=6)
+    try:
+        config = model.rbln_config
+        assert (config.cache_impl, config.sliding_window) == (RING_CASES[family], window)
+        windowed = [i for i, kind in enumerate(getattr(hf.config, "layer_types", None) or [])
+                    if kind == "sliding_attention"] or list(range(hf.config.num_hidden_layers))
+        assert list(config.sliding_window_layers) == windowed
+        shapes = {s.name: tuple(s.shape) for s in model.graphs["prefill"].program.buffers}
+        for layer in range(hf.config.num_hidden_layers):
+            positions = window + chunk - 1 if layer in windowed else 256
+            assert shapes[f"k_cache_{layer}"][2] == shapes[f"v_cache_{layer}"][2] == positions, layer
+        tokens, _ = rbln_generate(model, prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
+        for row, prompt in enumerate(prompts):
+            assert tokens[row].tolist() == hf_generate(hf, prompt, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+        model.save_pretrained(tmp_path / "compiled")
+    finally:
+        model.close()
+    loaded = RBLNAutoModelForCausalLM.from_pretrained(tmp_path / "compiled")
+    try:
+        assert loaded.rbln_config.cache_impl == RING_CASES[family]
+        again, _ = rbln_generate(loaded, prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(again, tokens)
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize(("family", "options", "message"), [
+    ("llama", dict(rbln_cache_impl="hybrid"), "has no sliding-window layers; use 'static'"),
+    ("gemma3", dict(rbln_cache_impl="sliding_window"), "only layers \\[0\\] of 2 have a window; use 'hybrid'"),
+    ("mistral", dict(rbln_cache_impl="hybrid"), "every layer has a window; use 'sliding_window'"),
+    ("mistral", dict(rbln_cache_impl="sliding_window", rbln_sliding_window=8), "the model's window is 16"),
+    ("gemma3", dict(rbln_cache_impl="hybrid", rbln_sliding_window_layers=[1]), "windowed layers are \\[0\\]"),
+    ("mistral", dict(rbln_sliding_window=16), "with cache_impl='static' they are the model's own"),
+    ("mistral", dict(rbln_cache_impl="sliding_window", rbln_use_attention_mask=True), "needs rbln_cache_impl='static'"),
+    ("mistral", dict(rbln_cache_impl="ring"), "cache_impl"),
+])
+def test_ring_cache_options_are_checked_against_the_model(family, options, message):
+    with pytest.raises(ValueError, match=message):
+        RBLNAutoModelForCausalLM.from_model(make_hf_model(family), rbln_batch_size=1, rbln_max_seq_len=256,
+                                            rbln_prefill_chunk_size=64, rbln_create_runtimes=False, **options)

@@ -493,6 +493,7 @@ RULES = {
     "rbln.kv_cache_update": _kv_cache_update,
     "rbln.paged_attention": _paged_attention, "rbln.flash_attention": _paged_attention,
     "rbln.moe_experts": _moe_experts,
+    "rbln.local_kv_cache_update": _kv_cache_update, "rbln.local_attention": _paged_attention,
     "aten.scaled_dot_product_attention": _sdpa,
     "aten.matmul": _batched_matmul, "aten.bmm": _batched_matmul,
 }

@@ -154,8 +154,8 @@ class DecoderPlan:
         run), built from `hf_class` (the transformers model class) and the HF config."""
         with torch.device("meta"):
             meta_model = hf_class(self.hf_config)
-            caches = [tuple(torch.empty(self.layout.block_shape, dtype=DEVICE_DTYPE[self.config.dtype]) for _ in "kv")
-                      for _ in range(self.layout.num_layers)]
+            caches = [tuple(torch.empty(self.layout.layer_shape(i), dtype=DEVICE_DTYPE[self.config.dtype]) for _ in "kv")
+                      for i in range(self.layout.num_layers)]
             rope = layout_for(self.hf_config).rope_tables(meta_model, self.config.max_seq_len)  # meta tensors
             return self._graphs(meta_model, merge_layers(meta_model), caches, rope)
 
@@ -173,7 +173,7 @@ class DecoderPlan:
 
         def graph(name: str, phase: str, input_info) -> GraphSpec:
             module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
-                                   config.use_inputs_embeds, config.use_attention_mask)
+                                   config.use_inputs_embeds, config.use_attention_mask, config.ring_layers)
             return GraphSpec(name, tuple(input_info), module)
 
         specs = [graph(PREFILL, PREFILL, inputs(1, config.prefill_chunk_size, prefill=True))]

@@ -27,6 +27,15 @@ from torch import nn
 _LAYOUTS: dict[str, DecoderLayout] = {}
 
 
+def layer_sliding_windows(config) -> list[int]:
+    """Per-layer sliding window (0 = full attention), from the HF config."""
+    window = getattr(config, "sliding_window", None) or 0
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return [window] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else 0 for kind in layer_types]
+
+
 def layout_for(config) -> DecoderLayout:
     return _LAYOUTS.get(getattr(config, "model_type", None), LLAMA_LAYOUT)
 

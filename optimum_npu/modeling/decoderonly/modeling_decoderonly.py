@@ -138,7 +138,11 @@ class RBLNDecoderOnlyModelBase(RBLNModel):
                 raise ValueError(f"{name}.rbln has no KV cache buffers: it is not a decoder graph; recompile with export=True")
             for cache in caches:
                 facts.append((f"kvcache_num_blocks={config.kvcache_num_blocks}", cache, 0, config.kvcache_num_blocks))
-                facts.append((f"kvcache_block_size={config.kvcache_block_size}", cache, 2, config.kvcache_block_size))
+                if int(cache.rsplit("_", 1)[1]) in config.ring_layers:  # a ring of the window (cache_impl)
+                    facts.append((f"sliding_window={config.sliding_window} / prefill_chunk_size="
+                                  f"{config.prefill_chunk_size}", cache, 2, config.ring_len))
+                else:
+                    facts.append((f"kvcache_block_size={config.kvcache_block_size}", cache, 2, config.kvcache_block_size))
             _check_program_facts(name, artifact.program, facts)
 
     def _external_tensors(self, graph_name: str) -> tuple[str, ...]:

@@ -28,14 +28,14 @@ from torch import nn
 
 from ...sim_device import kernels  # noqa: F401  (registers torch.ops.rbln.*)
 from .kv_cache import KVCacheLayout
-from .layouts import DecoderParts, LayerParts, layout_for
+from .layouts import DecoderParts, LayerParts, layer_sliding_windows, layout_for
 
 
 def make_kv_caches(layout: KVCacheLayout, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One (K, V) pair per layer, zeros, shared by every graph of a model."""
     return [
-        (torch.zeros(layout.block_shape, dtype=dtype), torch.zeros(layout.block_shape, dtype=dtype))
-        for _ in range(layout.num_layers)
+        (torch.zeros(layout.layer_shape(i), dtype=dtype), torch.zeros(layout.layer_shape(i), dtype=dtype))
+        for i in range(layout.num_layers)
     ]
 
 
@@ -52,15 +52,6 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
         return x * cos + _rotate_half(x) * sin
     turned, kept = x[..., :rotary], x[..., rotary:]
     return torch.cat((turned * cos + _rotate_half(turned) * sin, kept), dim=-1)
-
-
-def layer_sliding_windows(config) -> list[int]:
-    """Per-layer sliding window (0 = full attention), from the HF config."""
-    window = getattr(config, "sliding_window", None) or 0
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:
-        return [window] * config.num_hidden_layers
-    return [window if kind == "sliding_attention" else 0 for kind in layer_types]
 
 
 class DecoderLayer(nn.Module):
@@ -153,6 +144,7 @@ class StaticDecoder(nn.Module):
         partition_len: int | None = None,
         use_inputs_embeds: bool = False,
         use_attention_mask: bool = False,
+        ring_layers: tuple[int, ...] = (),
     ):
         super().__init__()
         if phase not in ("prefill", "decode"):
@@ -174,6 +166,7 @@ class StaticDecoder(nn.Module):
         self.num_kv_heads = layout_for(config).num_kv_heads(config)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.sliding_windows = layer_sliding_windows(config)
+        self.ring_layers = tuple(ring_layers)  # their K/V in a ring of the window (cache_impl sliding_window / hybrid)
         # Registered under the same names in every graph, so graphs share them on the device: the
         # first kind of table as rope_cos / rope_sin, others (Gemma 3's local RoPE) with their kind.
         self.rope_buffers: dict[str, tuple[str, str]] = {}
@@ -200,9 +193,14 @@ class StaticDecoder(nn.Module):
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         k_cache = getattr(self, f"k_cache_{layer_index}")
         v_cache = getattr(self, f"v_cache_{layer_index}")
-        torch.ops.rbln.kv_cache_update(k_cache, v_cache, k, v, block_tables, start_pos)
         window = self.sliding_windows[layer_index]
         capped = (layer.softcap,) if layer.softcap else ()  # only when used: the ops' default otherwise
+        if layer_index in self.ring_layers:
+            torch.ops.rbln.local_kv_cache_update(k_cache, v_cache, k, v, block_tables, start_pos)
+            out = torch.ops.rbln.local_attention(q, k_cache, v_cache, block_tables, start_pos, layer.scale, window, *capped)
+            out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+            return layer.o_proj(out)
+        torch.ops.rbln.kv_cache_update(k_cache, v_cache, k, v, block_tables, start_pos)
         if self.attn_impl == "flash_attn":
             out = torch.ops.rbln.flash_attention(
                 q, k_cache, v_cache, block_tables, start_pos, layer.scale, window, self.partition_len, mask, *capped
