@@ -18,10 +18,13 @@ differently (`GPT2Layout`, `OPTLayout`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # model_type -> layout; families not listed use the Llama one.
 _LAYOUTS: dict[str, DecoderLayout] = {}
@@ -229,6 +232,7 @@ class DecoderLayout:
         if not kinds:
             return {}
         rotary = self.decoder(causal_lm).rotary_emb
+        _warn_length_dependent_rope(causal_lm.config, max_seq_len)
         device = next(iter(rotary.buffers())).device
         positions = torch.arange(max_seq_len, device=device)[None, :]
         probe = torch.zeros(1, 1, dtype=torch.float32, device=device)  # only its dtype and device are read
@@ -238,6 +242,20 @@ class DecoderLayout:
                 cos, sin = rotary(probe, positions) if kind == "default" else rotary(probe, positions, kind)
                 tables[kind] = (cos[0].float(), sin[0].float())
         return tables
+
+
+def _warn_length_dependent_rope(config, max_seq_len: int) -> None:
+    """transformers recomputes longrope / dynamic RoPE per forward from the sequence's length; the
+    device's tables are computed once for max_seq_len positions, so past the original context they
+    hold the long-context frequencies for every position, as vLLM uses them."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    if rope.get("rope_type") in ("longrope", "dynamic") and original and max_seq_len > original:
+        logger.warning("%s RoPE with rbln_max_seq_len=%d above original_max_position_embeddings=%d: the tables hold "
+                       "the long-context frequencies for every position, whereas transformers uses the original "
+                       "ones for sequences up to %d tokens (outputs of such sequences differ from transformers'); "
+                       "compile with rbln_max_seq_len=%d to match it there", rope["rope_type"], max_seq_len, original,
+                       original, original)
 
 
 class LlamaLayout(DecoderLayout):
