@@ -36,6 +36,7 @@ ZOO_CLASSES = {
     "mixtral": "RBLNMixtralForCausalLM",
     "qwen3_moe": "RBLNQwen3MoeForCausalLM",
 }
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 NEW_TOKENS = 8
 PROMPT_LENGTHS = (70, 9)  # 70 > the prefill chunk (64): two chunks
 
@@ -149,9 +150,8 @@ def test_gemma_features_matter(zoo_sources):
 def test_device_numerics_teacher_forced_logits_within_tolerance(zoo_sources, family, dtype):
     folder, hf = zoo_sources[family]
     model = compile_model(folder, rbln_batch_size=2, rbln_numerics="device", rbln_dtype=dtype)
-    moe = any(hasattr(layer.mlp, "experts") for layer in hf.model.layers) if hasattr(hf, "model") else False
     check_device_logits(model, hf, f"{family} {dtype}", DEVICE_RTOL[dtype],
-                        checked_steps=routing_clear_steps(hf) if moe else None)
+                        checked_steps=routing_clear_steps(hf) if family in MOE_FAMILIES else None)
 
 
 # Routing is discrete: where a token's k-th and (k+1)-th experts are nearly tied, 16-bit rounding may
@@ -247,3 +247,30 @@ def test_ring_cache_options_are_checked_against_the_model(family, options, messa
     with pytest.raises(ValueError, match=message):
         RBLNAutoModelForCausalLM.from_model(make_hf_model(family), rbln_batch_size=1, rbln_max_seq_len=256,
                                             rbln_prefill_chunk_size=64, rbln_create_runtimes=False, **options)
+
+
+@pytest.mark.heavy
+def test_ring_cache_and_soft_caps_split_by_heads_at_tp2(ring_sources):
+    """Gemma 2 with its hybrid ring cache and soft caps at tensor_parallel_size=2: the ring buffers split
+    by KV heads like the paged ones, greedy tokens still transformers'."""
+    hf = make_hf_model("gemma2")
+    model = RBLNAutoModelForCausalLM.from_model(hf, rbln_batch_size=2, rbln_max_seq_len=256, rbln_prefill_chunk_size=64,
+                                                rbln_numerics="exact", rbln_tensor_parallel_size=2,
+                                                rbln_cache_impl="hybrid")
+    try:
+        shards = model.graphs["decoder_batch_2"].program.tensor_shards
+        assert shards["k_cache_0"].dim == 1 and shards["k_cache_1"].dim == 1  # the ring (layer 0) and the paged cache
+        prompts = random_prompts((150, 23), seed=6)
+        tokens, _ = rbln_generate(model, prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
+        for row, prompt in enumerate(prompts):
+            assert tokens[row].tolist() == hf_generate(hf, prompt, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+    finally:
+        model.close()
+
+
+def test_a_bidirectional_gemma_is_refused():
+    """EmbeddingGemma-style configs attend to later tokens: the causal NPU decoder refuses them."""
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        RBLNAutoModelForCausalLM.from_model(make_hf_model("gemma3", use_bidirectional_attention=True),
+                                            rbln_batch_size=1, rbln_max_seq_len=256, rbln_prefill_chunk_size=64,
+                                            rbln_create_runtimes=False)

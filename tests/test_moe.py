@@ -92,17 +92,21 @@ def test_price_follows_the_experts_the_tokens_touch():
     assert times[2] < times[4]
 
 
-def test_experts_split_across_devices_under_tensor_parallelism():
-    hf = make_hf_model("mixtral")
+@pytest.mark.parametrize("family", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.heavy)])
+def test_experts_split_across_devices_under_tensor_parallelism(family):
+    hf = make_hf_model(family)
+    sparse = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]  # Qwen3-MoE: layer 1
     model = RBLNAutoModelForCausalLM.from_model(hf, rbln_batch_size=2, rbln_max_seq_len=256, rbln_prefill_chunk_size=64,
                                                 rbln_tensor_parallel_size=2, rbln_numerics="exact")
     try:
         program = model.graphs["decoder_batch_2"].program
         shards = program.tensor_shards
         half = [[[0, EXPERTS // 2]], [[EXPERTS // 2, EXPERTS // 2]]]
-        for name in ("layers.0.moe.experts.gate_up_proj", "layers.0.moe.experts.down_proj", "layers.0.moe.expert_ids"):
-            assert shards[name].dim == 0 and shards[name].ranges == half, name
-        assert "layers.0.moe.gate.weight" not in shards  # every device routes with the whole router
+        for layer in sparse:
+            for part in ("experts.gate_up_proj", "experts.down_proj", "expert_ids"):
+                name = f"layers.{layer}.moe.{part}"
+                assert shards[name].dim == 0 and shards[name].ranges == half, name
+            assert f"layers.{layer}.moe.gate.weight" not in shards  # every device routes with the whole router
         prompts = random_prompts((70, 23), seed=3)
         tokens, _ = rbln_generate(model, prompts, max_new_tokens=8, do_sample=False)
         for row, prompt in enumerate(prompts):

@@ -264,6 +264,9 @@ class LlamaLayout(DecoderLayout):
 
     def parts(self, causal_lm: nn.Module, copy_weights: bool = True) -> DecoderParts:
         config, decoder = causal_lm.config, self.decoder(causal_lm)
+        if getattr(config, "use_bidirectional_attention", False):
+            raise ValueError(f"{type(causal_lm).__name__} with use_bidirectional_attention=True (an encoder such as "
+                             "EmbeddingGemma) attends to later tokens; the NPU decoder is causal")
         kinds = self.rope_kinds(config)
         layers = [self.layer(hf_layer, config, kinds[i], copy_weights)
                   for i, hf_layer in enumerate(self.hf_layers(causal_lm))]
