@@ -36,7 +36,7 @@ demo: setup
 	$(PY) examples/demo.py
 
 test: setup
-	$(PY) -m pytest -q -m "not heavy"
+	$(PY) -m pytest -q -m "not heavy" --durations=25  # the slowest tests: the suite must stay within 20 min on 2 cores
 	ATEN_CPU_CAPABILITY=$$($(PY) -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'DEFAULT' else 'default')") \
 		$(PY) -m pytest -q -m "not heavy" -p no:cacheprovider $(PARITY_TESTS)
 

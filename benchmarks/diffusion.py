@@ -70,13 +70,13 @@ def host_rows(repeats: int, folder) -> list[tuple[str, float, float, float, floa
     rows = []
     sd = build_tiny_stable_diffusion(folder / "sd", sample_size=32)
     cosmos = build_tiny_cosmos(folder / "cosmos")
-    shape = {"height": 32, "width": 32, "num_frames": 9, "fps": 24}
+    shape = {"height": 32, "width": 32, "num_frames": 9}
     cases = [
         ("tiny SD 32x32, 10 steps", StableDiffusionPipeline, RBLNStableDiffusionPipeline, sd,
          {"rbln_config": {"height": 32, "width": 32}}, {"num_inference_steps": 10}, {}),
         ("tiny Cosmos 9x32x32, 6 steps", CosmosTextToWorldPipeline, RBLNCosmosTextToWorldPipeline, cosmos,
          {"rbln_config": {**shape, "max_seq_len": 32}},
-         {**shape, "num_inference_steps": 6, "max_sequence_length": 32, "negative_prompt": "static"},
+         {**shape, "fps": 24, "num_inference_steps": 6, "max_sequence_length": 32, "negative_prompt": "static"},
          {"safety_checker": PassingChecker()}),
     ]
     for name, theirs_class, ours_class, source, options, call, extra in cases:
@@ -141,9 +141,9 @@ def device_rows():
         cosmos_vae = AutoencoderKLCosmos()         # and Cosmos-1.0-Tokenizer-CV8x8x8's
     cosmos = [("text encoder", RBLNT5EncoderModel, t5, 2, {"rbln_max_seq_len": 512}),
               ("transformer (x2 per step)", RBLNCosmosTransformer3DModel, transformer, 2 * 36,
-               {"rbln_max_seq_len": 512, "rbln_sample_size": (16, 88, 160), "rbln_fps": 30}),
+               {"rbln_max_seq_len": 512, "rbln_sample_size": (16, 88, 160)}),
               ("transformer TP 4 (x2)", RBLNCosmosTransformer3DModel, transformer, 2 * 36,
-               {"rbln_max_seq_len": 512, "rbln_sample_size": (16, 88, 160), "rbln_fps": 30,
+               {"rbln_max_seq_len": 512, "rbln_sample_size": (16, 88, 160),
                 "rbln_tensor_parallel_size": 4}),
               ("VAE decoder", RBLNAutoencoderKLCosmos, cosmos_vae, 1, {"rbln_sample_size": (121, 704, 1280)})]
     placements = {}

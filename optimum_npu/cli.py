@@ -200,7 +200,7 @@ def _compile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", "-i", action="append", required=True, metavar="NAME:SHAPE[:DTYPE]",
                    help="one per forward argument, in order, e.g. x:1x16:float32 (SHAPE also as 1,16; DTYPE default float32)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.rbln", help="where to write the compiled program")
-    p.add_argument("--npu", default=None, help="hardware preset (default RBLN-CA25; see `optimum-npu presets`)")
+    p.add_argument("--npu", default=None, help="hardware preset (see `optimum-npu presets`, which names the default)")
     p.add_argument("--dtype", default="bfloat16", help="device compute dtype: bfloat16 (default) or float16")
     p.add_argument("--numerics", default="device", help="device (default) or exact (fp32 on the host, simulator only)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="devices to split the model over")
@@ -300,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a Hub id, a folder or a config.json of a decoder-only LM")
-    p.add_argument("--npu", default="RBLN-CA25", help="hardware preset (see `presets`)")
+    p.add_argument("--npu", default=None, help="hardware preset (see `optimum-npu presets`, which names the default)")
     p.add_argument("--input-len", type=int, required=True, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, required=True, help="generated tokens per request")
     p.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=None, metavar="N")
@@ -313,15 +313,31 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="latency objective: drop deployments whose median time per output token is longer")
     p.add_argument("--json", action="store_true", help="print the candidates as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="write throughput vs latency, one point per deployment")
+    p.add_argument("--quantization", nargs="+", default=None, metavar="Q",
+                   help="low-precision settings to weigh: 16bit (default), w8a16, w4a16, fp8, kv-fp8, w4a16-kv-fp8, "
+                        "or an rbln_quantization JSON object")
+
+
+def _plan_quantization(text: str):
+    """A `--quantization` value: a name the planner knows, or a JSON rbln_quantization object."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--quantization {text!r} is not a valid JSON object: {error}") from None
+    return text
 
 
 def _plan(args: argparse.Namespace) -> int:
     from .planning import planner
+    from .sim_device.specs import DEFAULT_NPU
 
     options = {name: tuple(value) for name, value in (
         ("tensor_parallel_sizes", args.tensor_parallel_sizes), ("batch_sizes", args.batch_sizes),
         ("chunk_sizes", args.chunk_sizes)) if value}
-    result = planner.plan(args.model, args.npu, args.input_len, args.output_len,
+    if args.quantization:
+        options["quantizations"] = [_plan_quantization(text) for text in args.quantization]
+    result = planner.plan(args.model, args.npu or DEFAULT_NPU, args.input_len, args.output_len,
                           rack_power_w=args.rack_power_kw * 1000, max_ttft_s=args.max_ttft_s,
                           max_tpot_s=None if args.max_tpot_ms is None else args.max_tpot_ms / 1000, **options)
     if args.json:

@@ -207,7 +207,7 @@ def _class_of_hf_config(model: str, config: dict, names: list[str]) -> Any:
 
 def _source_json(model: str, filename: str, hub_kwargs: dict) -> dict | None:
     """`filename` of a local folder or a Hub repository as a JSON object; None if it has no such file."""
-    from .configuration import read_json_object
+    from .untrusted_files import read_json_object
 
     local = Path(model)
     if local.is_dir():
@@ -258,11 +258,12 @@ def resulting_config(cls: Any, options: dict[str, Any]) -> dict[str, Any]:
     """The options `cls.from_pretrained(..., export=True, rbln_config=options)` starts from, validated
     as it validates them (null: decided from the checkpoint when compiling)."""
     if cls.__name__ == GUARDRAIL_CLASS:
-        from .cosmos_guardrail.checker import RBLNCosmosSafetyCheckerConfig, _split_submodel_options
+        from .cosmos_guardrail.checker import RBLNCosmosSafetyCheckerConfig
 
-        own, per_model = _split_submodel_options(options)
-        config, _ = RBLNCosmosSafetyCheckerConfig.from_kwargs({"rbln_config": own})
-        return {**_shown(cls, config.to_json_dict()), "submodels": per_model}
+        config, _ = RBLNCosmosSafetyCheckerConfig.from_kwargs({"rbln_config": options})
+        # Each network's options as given (what it compiles with is decided when its checkpoint is read).
+        shown = {k: v for k, v in _shown(cls, config.to_json_dict()).items() if k != "components"}
+        return {**shown, "submodels": {name: dict(given) for name, given in config.submodule_options.items()}}
     config, _ = cls.config_class.from_kwargs({"rbln_config": options})
     return _shown(cls, config.to_json_dict())
 
@@ -274,7 +275,8 @@ def _shown(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
 
 def compiled_options(folder: Path) -> dict[str, Any]:
     """The compile options a saved folder records: its own, and each component's (pipelines)."""
-    from .configuration import CONFIG_NAME, read_json_object
+    from .configuration import CONFIG_NAME
+    from .untrusted_files import read_json_object
 
     data = read_json_object(folder / CONFIG_NAME)
     shown = {"class": data.get("cls_name"), "compile_options": data.get("compile_options")}

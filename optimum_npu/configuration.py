@@ -25,6 +25,28 @@ Users pass options in three equivalent ways; `rbln_*` kwargs win over the dict /
 A subclass adds its own compile-time options by declaring plain dataclass fields; runtime
 options are declared with `runtime_option(...)`. Every subclass is registered by class name
 so that `RBLNModelConfig.load(folder)` can rebuild the right class from the JSON.
+
+Nested configs (a pipeline's components, the guardrail's networks, an encoder-decoder's two
+halves, a vision tower beside a language model) are typed `submodule(...)` fields:
+
+    @dataclass(frozen=True, kw_only=True)
+    class RBLNMyPipelineConfig(RBLNModelConfig):
+        broadcast_options: ClassVar = ("npu", "dtype", "numerics", "create_runtimes", "activate_profiler")
+        text_encoder: RBLNCLIPTextModelConfig | None = submodule(RBLNCLIPTextModelConfig)
+        unet: RBLNUNet2DConditionModelConfig | None = submodule(RBLNUNet2DConditionModelConfig)
+
+    from_pretrained(..., rbln_config={"dtype": "float16", "unet": {"batch_size": 2}})  # or rbln_unet={...}
+    RBLNMyPipelineConfig(unet={"batch_size": 2})       # a dict: the user's options for that sub-config
+    RBLNMyPipelineConfig(unet=RBLNUNet2DConditionModelConfig(...))   # an object: that exact sub-config
+
+A sub-config given as a dict is validated at once (an unknown name is an error naming
+`rbln_config['unet']`, the closest valid name and every valid one) and what the user set is kept in
+`submodule_options`: `options_for_submodule(name, derived)` gives the options a sub-model is
+compiled or loaded with: the parent's `broadcast_options` the user set, then what the parent derives
+for it (`derived`), then the user's own for it (which win). rbln_config.json nests each sub-config
+present under "components" and the user's per-sub-config options under "requested"; `load(folder,
+submodules)` reads them back and checks sub-configs loaded from their own folders against the
+nested copies.
 """
 
 from __future__ import annotations
@@ -34,13 +56,13 @@ import difflib
 import json
 import os
 import re
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Self
 
 from optimum_npu.sim_device.files import write_file_atomically
+from optimum_npu.untrusted_files import read_json_object
 from optimum_npu.sim_device.program import DEVICE_DTYPES as DTYPES, NUMERICS
 from optimum_npu.sim_device.specs import DEFAULT_NPU, get_npu_spec
 
@@ -62,7 +84,8 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 # Field kinds, kept in each dataclass field's metadata. A field without a kind is a compile-time option.
 _KIND = "optimum_npu_kind"
-_COMPILE, _RUNTIME, _INTERNAL = "compile", "runtime", "internal"
+_COMPILE, _RUNTIME, _INTERNAL, _SUBMODULE = "compile", "runtime", "internal", "submodule"
+_SUBMODULE_CLASS = "optimum_npu_submodule_class"   # field metadata: the config class of a submodule field
 
 # Every RBLNModelConfig subclass, by class name: `load()` resolves "config_cls" through it.
 CONFIG_REGISTRY: dict[str, type[RBLNModelConfig]] = {}
@@ -71,6 +94,12 @@ CONFIG_REGISTRY: dict[str, type[RBLNModelConfig]] = {}
 def runtime_option(default: Any) -> Any:
     """Declare a RUNTIME option: it may change when a compiled folder is loaded."""
     return field(default=default, metadata={_KIND: _RUNTIME})
+
+
+def submodule(config_class: type[RBLNModelConfig]) -> Any:
+    """Declare a nested sub-config (see the module docstring): None, or a `config_class` instance;
+    built from a dict of the user's options for it."""
+    return field(default=None, metadata={_KIND: _SUBMODULE, _SUBMODULE_CLASS: config_class})
 
 
 def _internal_field(**kwargs: Any) -> Any:
@@ -191,7 +220,10 @@ def _resolve_aliases(options: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _to_json(value: Any) -> Any:
-    """Tuples (how the frozen config stores sequences) become JSON lists."""
+    """Tuples (how the frozen config stores sequences) become JSON lists; an option that is an
+    object of its own (e.g. a LoRA config) writes itself (`to_json()`)."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
     return value
@@ -207,6 +239,9 @@ class RBLNModelConfig:
     # Runtime options that say what a saved folder holds (e.g. which guardrails the Cosmos checker saved),
     # not where or how to run it: written to rbln_config.json for the model to check a load against.
     recorded_runtime_options: ClassVar[tuple[str, ...]] = ()
+    # Options of this config passed on to every submodule whose own options do not set them, when the
+    # user set them here (e.g. a pipeline's npu / dtype); see `options_for_submodule`.
+    broadcast_options: ClassVar[tuple[str, ...]] = ()
 
     # --- compile-time options ---
     npu: str = DEFAULT_NPU                 # hardware preset compiled for, see sim_device.specs
@@ -226,6 +261,8 @@ class RBLNModelConfig:
     graphs: Mapping[str, tuple[InputInfo, ...]] = _internal_field(
         default_factory=dict, hash=False  # a mapping is not hashable; the other fields identify the config
     )
+    # What the user set for each submodule ({name: {option: value}}): it wins over what the parent derives.
+    submodule_options: Mapping[str, Mapping[str, Any]] = _internal_field(default_factory=dict, hash=False, repr=False)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -276,6 +313,34 @@ class RBLNModelConfig:
         if self.cls_name is not None and not isinstance(self.cls_name, str):
             raise TypeError(f"cls_name must be a str or None; got {self.cls_name!r}")
         self._set("graphs", _normalize_graphs(self.graphs))
+        self._validate_submodules()
+
+    def _validate_submodules(self) -> None:
+        """Each submodule field: None, a config of its class, or a dict of the user's options for it (built
+        into that config now, so that a bad value is an error before anything is loaded or compiled)."""
+        classes = self.submodule_classes()
+        if not isinstance(self.submodule_options, Mapping):
+            raise TypeError(f"submodule_options must map submodule names to option dicts; got {self.submodule_options!r}")
+        chosen = {}
+        for name, options in self.submodule_options.items():
+            if name not in classes or not isinstance(options, Mapping):
+                raise ValueError(f"submodule_options must map submodules of {type(self).__name__} ({', '.join(classes)}) "
+                                 f"to option dicts; got {name!r}: {options!r}")
+            chosen[name] = dict(options)
+        for name, config_class in classes.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                options = _submodule_dict(type(self), name, value)
+                chosen[name] = {**chosen.get(name, {}), **options}
+                try:
+                    value = config_class(**chosen[name])
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"{CONFIG_KWARG}[{name!r}]: {err}") from None
+                self._set(name, value)
+            elif value is not None and not isinstance(value, config_class):
+                raise TypeError(f"{CONFIG_KWARG}[{name!r}] must be a dict of {name}'s options or a "
+                                f"{config_class.__name__}; got {value!r}")
+        self._set("submodule_options", chosen)
 
     def _validate_device(self) -> None:
         device = self.device
@@ -319,9 +384,30 @@ class RBLNModelConfig:
         return cls.compile_option_names() + cls.runtime_option_names()
 
     @classmethod
+    def submodule_classes(cls) -> dict[str, type[RBLNModelConfig]]:
+        """The nested sub-configs and the config class of each, e.g. {"unet": RBLNUNet2DConditionModelConfig}."""
+        return {f.name: f.metadata[_SUBMODULE_CLASS] for f in dataclasses.fields(cls)
+                if f.metadata.get(_KIND) == _SUBMODULE}
+
+    @property
+    def submodules(self) -> dict[str, RBLNModelConfig | None]:
+        return {name: getattr(self, name) for name in self.submodule_classes()}
+
+    @classmethod
     def _check_option_names(cls, names: Any, *, prefix: str, where: str) -> None:
-        """ValueError for the first unknown option, with the closest valid name and the full list."""
-        check_option_names(cls.__name__, names, cls.option_names(), prefix=prefix, where=where)
+        """ValueError for the first unknown option (or submodule), with the closest valid name and the full list."""
+        check_option_names(cls.__name__, names, cls.option_names() + tuple(cls.submodule_classes()), prefix=prefix,
+                           where=where)
+
+    def options_for_submodule(self, name: str, derived: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The `rbln_config` of submodule `name`: the `broadcast_options` the user set on this config, then
+        `derived` (what the parent computes for it, e.g. a doubled batch), then the user's own options for it."""
+        if name not in self.submodule_classes():
+            raise ValueError(f"{type(self).__name__} has no submodule {name!r}; submodules: "
+                             f"{', '.join(self.submodule_classes())}")
+        chosen = self.explicit_options()
+        inherited = {key: chosen[key] for key in self.broadcast_options if key in chosen}
+        return {**inherited, **(derived or {}), **self.submodule_options.get(name, {})}
 
     # --- building from from_pretrained kwargs --------------------------------------------------
 
@@ -329,11 +415,12 @@ class RBLNModelConfig:
         """The options whose value differs from the class default: what the user chose."""
         chosen = {}
         for f in dataclasses.fields(self):
-            if f.metadata.get(_KIND, _COMPILE) == _INTERNAL:
+            if f.metadata.get(_KIND, _COMPILE) in (_INTERNAL, _SUBMODULE):
                 continue
             value = getattr(self, f.name)
             if f.default is dataclasses.MISSING or value != f.default:
                 chosen[f.name] = value
+        chosen.update({name: dict(options) for name, options in self.submodule_options.items()})
         return chosen
 
     @classmethod
@@ -365,6 +452,10 @@ class RBLNModelConfig:
                 f"{CONFIG_KWARG} must be a dict or a {cls.__name__}; got {type(base).__name__}"
             )
         cls._check_option_names(overrides, prefix=OPTION_PREFIX, where="in kwargs")
+        for name in cls.submodule_classes():   # a submodule's options: from rbln_config, then rbln_<name>={...}
+            parts = [_submodule_dict(cls, name, source[name]) for source in (options, overrides) if name in source]
+            if parts:
+                overrides[name] = {key: value for part in parts for key, value in part.items()}
         options.update(overrides)
         return options, remaining
 
@@ -397,6 +488,17 @@ class RBLNModelConfig:
         """A copy with runtime options changed. Compile-time options must keep their compiled value."""
         self._check_option_names(options, prefix=OPTION_PREFIX, where="")
         compile_names = self.compile_option_names()
+        nested, chosen = {}, {k: dict(v) for k, v in self.submodule_options.items()}
+        for name in self.submodule_classes():
+            if name not in options:
+                continue
+            given = _submodule_dict(type(self), name, options.pop(name))
+            chosen[name] = {**chosen.get(name, {}), **given}
+            if getattr(self, name) is not None:   # a compiled sub-config: its compile-time options are fixed too
+                try:
+                    nested[name] = getattr(self, name).with_runtime_options(**given)
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"{CONFIG_KWARG}[{name!r}]: {err}") from None
         for name, value in options.items():
             if name not in compile_names or value is None:  # None means "not given" for compile options
                 continue
@@ -410,7 +512,15 @@ class RBLNModelConfig:
                     f"requested {value!r}); recompile with export=True to change it."
                 )
         runtime = {name: value for name, value in options.items() if name not in compile_names}
-        return dataclasses.replace(self, **runtime)
+        return dataclasses.replace(self, **runtime, **nested, submodule_options=chosen)
+
+    def with_loaded_submodules(self, loaded: Mapping[str, RBLNModelConfig | None], path: str) -> Self:
+        """A copy whose sub-configs are `loaded` (those of the sub-models loaded from their own folders: what
+        runs; None: not loaded), each checked against the copy nested here, if any (`path`: the file it came
+        from, for the error)."""
+        check = {name: sub for name, sub in loaded.items() if sub is not None and getattr(self, name) is not None}
+        self._nested_from_json(self.to_json_dict(), path, check)
+        return dataclasses.replace(self, **loaded)
 
     def with_compiled(self, *, cls_name: str, graphs: Mapping[str, Sequence[InputInfo]]) -> Self:
         """A copy recording what was compiled: the model class name and each graph's input specs."""
@@ -444,7 +554,26 @@ class RBLNModelConfig:
             # Chosen at each load, never saved, except those that say what the folder holds.
             "runtime_options": {k: _to_json(getattr(self, k)) for k in self.recorded_runtime_options},
             "graphs": {name: [[n, list(shape), dt] for n, shape, dt in infos] for name, infos in self.graphs.items()},
+            **self._submodules_json(),
         }
+
+    def _submodules_json(self) -> dict[str, Any]:
+        """The nested sub-configs ("components") and the compile-time options the user set for each
+        ("requested": they win over what the parent derives, at a load too), for a config with submodules."""
+        if not self.submodule_classes():
+            return {}
+        return {
+            "components": {name: sub.to_json_dict() for name, sub in self.submodules.items() if sub is not None},
+            "requested": {name: {k: _to_json(v) for k, v in options.items()}
+                          for name, options in self._compile_time_requests(self.submodule_options).items()},
+        }
+
+    @classmethod
+    def _compile_time_requests(cls, requested: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """`requested` without runtime options: those are chosen at each load, never saved (nor read back)."""
+        classes = cls.submodule_classes()
+        return {name: {k: v for k, v in options.items() if k not in classes[name].runtime_option_names()}
+                for name, options in requested.items() if name in classes and isinstance(options, Mapping)}
 
     def save(self, folder: str | os.PathLike, files: Mapping[str, Any] | None = None) -> str:
         """Write `folder/rbln_config.json` atomically (a reader never sees half a file). Returns its path.
@@ -489,10 +618,12 @@ class RBLNModelConfig:
         return data
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> Self:
+    def load(cls, folder: str | os.PathLike, submodules: Mapping[str, RBLNModelConfig] | None = None) -> Self:
         """Read `folder/rbln_config.json` into the config class named in it.
 
-        Called on a subclass, the saved class must be that class or one of its subclasses.
+        Called on a subclass, the saved class must be that class or one of its subclasses. `submodules`
+        (sub-configs loaded from their own folders: what runs) replace the nested copies, and must agree
+        with them on every compile-time option.
         """
         path = os.path.join(folder, CONFIG_NAME)
         data = cls.read_json(folder)
@@ -502,18 +633,60 @@ class RBLNModelConfig:
                 f"{path} holds a {config_cls.__name__} (for {data.get('cls_name')}), not a {cls.__name__}: "
                 "it was compiled for a different model class."
             )
+        return config_cls._from_json_dict(data, path, submodules or {})
+
+    @classmethod
+    def _from_json_dict(cls, data: Mapping[str, Any], path: str, submodules: Mapping[str, RBLNModelConfig]) -> Self:
+        """The config of the (checked) JSON object `data` of the file `path`, a nested one for each submodule."""
         # Runtime options are chosen at load; of those saved, only the recorded ones are read (what the
         # folder holds); the rest (an older version saved them all) are ignored, not applied.
         options = {**data["compile_options"],
-                   **{k: v for k, v in data["runtime_options"].items() if k in config_cls.recorded_runtime_options}}
-        config_cls._check_option_names(options, prefix="", where=f"in {path}")
+                   **{k: v for k, v in data["runtime_options"].items() if k in cls.recorded_runtime_options}}
+        cls._check_option_names(options, prefix="", where=f"in {path}")
+        nested = cls._nested_from_json(data, path, submodules)
+        options = {k: v for k, v in options.items() if k not in nested}
+        requested = data.get("requested", {})
+        if not isinstance(requested, dict) or not all(isinstance(v, dict) for v in requested.values()):
+            raise ValueError(f"{path} is malformed: 'requested' must map submodules to their options; got {requested!r}")
         try:
-            config = config_cls(**options, cls_name=data.get("cls_name"), graphs=data.get("graphs", {}))
+            config = cls(**options, **nested, cls_name=data.get("cls_name"), graphs=data.get("graphs", {}),
+                         submodule_options=cls._compile_time_requests(requested))
         except (TypeError, ValueError) as err:
             error_type = ValueError if isinstance(err, ValueError) else TypeError
             raise error_type(f"{path}: {err}") from None
         config.check_top_level_keys(data, path)
         return config
+
+    @classmethod
+    def _nested_from_json(cls, data: Mapping[str, Any], path: str,
+                          loaded: Mapping[str, RBLNModelConfig]) -> dict[str, RBLNModelConfig]:
+        """{submodule: config} of the "components" of `data`; one in `loaded` is used instead of its nested
+        copy, which must hold the same compile options (else the folder was edited or mixed)."""
+        classes = cls.submodule_classes()
+        components = data.get("components", {})
+        check_option_names(cls.__name__, components, tuple(classes), prefix="", where=f"in {path} (components)")
+        check_option_names(cls.__name__, loaded, tuple(classes), prefix="", where="(loaded submodules)")
+        nested = {}
+        for name, saved in components.items():
+            if not isinstance(saved, dict) or not {"config_cls", "compile_options"} <= set(saved) or not isinstance(
+                    saved.get("compile_options"), dict):
+                raise ValueError(f"{path} is malformed: components[{name!r}] must be a saved config; got {saved!r}")
+            if name in loaded:
+                if saved["compile_options"] != {k: _to_json(v) for k, v in loaded[name].compile_options.items()}:
+                    raise ValueError(
+                        f"{path} and {name}/{CONFIG_NAME} disagree on {name}'s compile options: the folder was edited "
+                        "or mixed from two models; compile it again (export=True).")
+                nested[name] = loaded[name]
+                continue
+            sub_cls = _lookup_config_class(saved["config_cls"])
+            if not issubclass(sub_cls, classes[name]):
+                raise ValueError(f"{path}: components[{name!r}] is a {sub_cls.__name__}, not a {classes[name].__name__}")
+            nested[name] = sub_cls._from_json_dict({"runtime_options": {}, **saved}, f"{path} (components[{name!r}])", {})
+        missing = set(loaded) - set(components)
+        if missing:
+            raise ValueError(f"{path} records no {', '.join(sorted(missing))} in its components: it was saved without "
+                             "them; compile it again (export=True).")
+        return nested
 
     # --- the machine ----------------------------------------------------------------------------
 
@@ -542,35 +715,6 @@ class RBLNModelConfig:
                 )
 
 
-MAX_JSON_BYTES = 64 * 1024 * 1024   # far more than any config file; a link to /dev/zero or a huge file is not one
-
-
-def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> bytes:
-    """The bytes of `path` if it is a regular file (a FIFO or a device such as /dev/zero is a ValueError,
-    not waited on or read forever) of at most `max_bytes`, counted as read (st_size says 0 for /proc files)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # O_NONBLOCK: opening a FIFO does not hang
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"{path} is not a regular file: not a {what}")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ValueError(f"{path} is larger than {max_bytes} bytes: not a {what}")
-    return data
-
-
-def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON object in the (untrusted) file `path`; any malformed content is a ValueError naming it.
-    Read only if regular, at most MAX_JSON_BYTES (`read_regular_file`)."""
-    raw = read_regular_file(path, MAX_JSON_BYTES, "config file")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{path} is malformed: not valid JSON ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is malformed: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 # The top-level keys of rbln_config.json and their JSON types ("files": the folder's manifest).
 _JSON_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "cls_name": (str, type(None)),
@@ -580,7 +724,24 @@ _JSON_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "runtime_options": (dict,),
     "graphs": (dict,),
     "files": (dict,),
+    "components": (dict,),    # nested sub-configs (configs with submodules)
+    "requested": (dict,),     # the user's options for each sub-config
 }
+
+
+def _submodule_dict(owner: type[RBLNModelConfig], name: str, value: Any) -> dict[str, Any]:
+    """The user's options for submodule `name` of `owner` as a dict (a config object counts by its
+    non-default values), their names checked against the submodule's config class."""
+    config_class = owner.submodule_classes()[name]
+    if isinstance(value, RBLNModelConfig):
+        if not isinstance(value, config_class):
+            raise TypeError(f"{CONFIG_KWARG}[{name!r}] must be a {config_class.__name__}; got {type(value).__name__}")
+        value = value.explicit_options()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{CONFIG_KWARG}[{name!r}] must be a dict of {name}'s options or a {config_class.__name__}; "
+                        f"got {value!r}")
+    config_class._check_option_names(value, prefix="", where=f"in {CONFIG_KWARG}[{name!r}]")
+    return dict(value)
 
 
 # The base class is a valid config on its own (a model with no extra options).

@@ -229,3 +229,49 @@ def rbln_teacher_forced(model, prompts: list[torch.Tensor], continuations: list[
             model.block_manager.free(slot)
     stacked = torch.stack(logits, dim=1)  # [batch, steps + 1, vocab]
     return [stacked[r] for r in range(len(prompts))]
+
+
+# Two LoRA adapters of the tiny models, with different ranks and targets, one rsLoRA:
+# (lora_int_id, lora_name, target modules, r, other PEFT options).
+LORA_ADAPTERS = ((1, "attn", ["q_proj", "v_proj", "down_proj"], 4, {}),
+                 (2, "mlp", ["k_proj", "o_proj", "gate_proj", "up_proj"], 8, {"use_rslora": True}))
+
+
+def save_lora_adapters(root: Path, family: str) -> dict[int, Path]:
+    """LORA_ADAPTERS built by PEFT for `family` under root: {lora_int_id: folder}."""
+    return {i: save_lora_adapter(root / name, family, targets, r, seed=i, **extra)
+            for i, name, targets, r, extra in LORA_ADAPTERS}
+
+
+def lora_config_of(adapters: dict[int, Path]):
+    """The RBLNLoRAConfig compiling LORA_ADAPTERS from their folders."""
+    from optimum_npu import RBLNLoRAAdapterConfig, RBLNLoRAConfig
+
+    return RBLNLoRAConfig(adapters=[RBLNLoRAAdapterConfig(i, name, str(adapters[i])) for i, name, *_ in LORA_ADAPTERS])
+
+
+def save_lora_adapter(folder: Path, family: str, targets: list[str], r: int, seed: int, **lora_options) -> Path:
+    """A PEFT LoRA adapter folder for `make_hf_model(family)`, built with PEFT itself (its own
+    adapter_config.json and adapter_model.safetensors). PEFT starts lora_B at zero (no effect);
+    both factors are drawn at random here, large enough to change greedy tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(make_hf_model(family), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                                  **lora_options))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.3)
+    peft_model.save_pretrained(folder)
+    return Path(folder)
+
+
+def peft_merged_model(family: str, adapter: Path | None):
+    """The fp32 HF model with the adapter merged into its weights by PEFT (None: the base model)."""
+    from peft import PeftModel
+
+    model = make_hf_model(family)
+    if adapter is None:
+        return model
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()

@@ -139,7 +139,7 @@ def test_presets_list_figures_and_estimates(capsys):
     for name in ("RBLN-CA12", "RBLN-CA22", "RBLN-CA25", "RBLN-CR03"):
         assert name in text
     cr03 = next(line for line in text.splitlines() if line.startswith("| RBLN-CR03"))
-    assert "144 GB (140 GB)" in cr03 and "4800 GB/s" in cr03 and "1000*" in cr03
+    assert "144 GiB (140 GiB)" in cr03 and "4800 GB/s" in cr03 and "1000*" in cr03
     ca25 = next(line for line in text.splitlines() if line.startswith("| RBLN-CA25"))
     assert "16 GiB" in ca25 and " 32 " in ca25 and "350 W " in ca25 and "* estimate" in text
     assert main(["smi", "--presets"]) == 0
@@ -473,7 +473,7 @@ def test_export_cosmos_pipeline_with_its_guardrail(tmp_path, capsys):
     assert _saved_options(checker_out / "llamaGuard3")["compile_options"]["max_seq_len"] == 128
     out = tmp_path / "cosmos-rbln"
     assert main(["export", source, "-o", str(out), "--safety-checker", str(checker_out), "--height", "16",
-                 "--width", "16", "--num_frames", "9", "--fps", "24", "--max_seq_len", "16",
+                 "--width", "16", "--num_frames", "9", "--max_seq_len", "16",
                  "--transformer.tensor_parallel_size", "2"]) == 0
     saved = _saved_options(out)
     assert saved["cls_name"] == "RBLNCosmosTextToWorldPipeline"

@@ -111,3 +111,33 @@ def test_bad_cache_size_setting_is_refused(monkeypatch):
     monkeypatch.setenv(cache.MAX_BYTES_ENV, "4GB")
     with pytest.raises(ValueError, match="OPTIMUM_NPU_CACHE_MAX_BYTES must be a number of bytes"):
         cache.max_bytes()
+
+
+class MLP(torch.nn.Module):
+    """Column then row parallel under tensor parallelism: a plan with both styles and one all-reduce."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def test_a_cached_tensor_parallel_program_keeps_its_sharding_plan():
+    from optimum_npu.compile.compiler import compile_from_torch
+
+    model, x = MLP().eval(), torch.randn(2, 32)
+    first = compile_from_torch(model, example_inputs=[x], tensor_parallel_size=2, cache=True)
+    second = compile_from_torch(model, example_inputs=[x], tensor_parallel_size=2, cache=True)
+    assert second.from_cache and not getattr(first, "from_cache", False)
+    assert "column" in str(first.sharding_plan) and "row" in str(first.sharding_plan)
+    assert str(second.sharding_plan) == str(first.sharding_plan)  # shapes and shards from the program
+    (entry,) = cache.cache_dir().glob("*.rbln")
+    data = entry.read_bytes()
+    at = data.index(b'"sharding_plan":"')
+    # A plan that names a tensor the program lacks: the entry is ignored and rebuilt, never half-read.
+    entry.write_bytes(data[:at] + data[at:].replace(b"up.weight", b"up.weighX", 1))
+    with pytest.warns(UserWarning, match="ignoring entry.*names no tensor of the program"):
+        third = compile_from_torch(model, example_inputs=[x], tensor_parallel_size=2, cache=True)
+    assert not getattr(third, "from_cache", False) and str(third.sharding_plan) == str(first.sharding_plan)

@@ -73,7 +73,7 @@ def test_cosmos_transformer_matches_torch_without_torchvision(folders, monkeypat
 
     transformer = CosmosTransformer3DModel.from_pretrained(f"{folders[1]}/transformer").eval()
     compiled = RBLNCosmosTransformer3DModel.from_model(
-        transformer, rbln_sample_size=(3, 4, 4), rbln_max_seq_len=16, rbln_fps=24, rbln_uses_condition_mask=True, **EXACT)
+        transformer, rbln_sample_size=(3, 4, 4), rbln_max_seq_len=16, rbln_uses_condition_mask=True, **EXACT)
     assert isinstance(compiled, ModelMixin) and (compiled.device, compiled.dtype) == (transformer.device, transformer.dtype)
     x, text, condition = _randn(1, 4, 3, 4, 4), _randn(1, 16, 32, seed=1), torch.zeros(1, 1, 3, 4, 4)
     condition[:, :, 0] = 1
@@ -83,14 +83,32 @@ def test_cosmos_transformer_matches_torch_without_torchvision(folders, monkeypat
         InterpolationMode=types.SimpleNamespace(NEAREST="nearest"),
         functional=types.SimpleNamespace(resize=lambda t, size, interpolation: F.interpolate(t, size, mode=interpolation))),
         raising=False)
-    with torch.no_grad():
-        expected = transformer(x, torch.tensor([0.3]), text, fps=24, condition_mask=condition, padding_mask=padding).sample
-    ours = compiled(x, torch.tensor([0.3]), text, fps=24, condition_mask=condition, padding_mask=padding).sample
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="compiled for rbln_fps=24"):
-        compiled(x, torch.tensor([0.3]), text, fps=30, condition_mask=condition, padding_mask=padding)
+    # fps is a call-time argument, as in diffusers: it scales the temporal rotary positions, computed on the host.
+    results = {}
+    for fps in (24, 8, None):
+        with torch.no_grad():
+            expected = transformer(x, torch.tensor([0.3]), text, fps=fps, condition_mask=condition,
+                                   padding_mask=padding).sample
+        ours = compiled(x, torch.tensor([0.3]), text, fps=fps, condition_mask=condition, padding_mask=padding).sample
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+        results[fps] = ours
+    assert (results[24] - results[8]).abs().max() > 1e-3   # the frame rate reaches the result
+    with pytest.raises(ValueError, match="fps must be a positive number"):
+        compiled(x, torch.tensor([0.3]), text, fps=0, condition_mask=condition, padding_mask=padding)
     with pytest.raises(ValueError, match="max_sequence_length=16"):
         compiled(x, torch.tensor([0.3]), _randn(1, 8, 32), fps=24, condition_mask=condition, padding_mask=padding)
+
+
+def test_a_compile_time_fps_is_deprecated_and_ignored():
+    """optimum-rbln deprecated rbln_fps (the RoPE is computed on the host, fps is given at each call): accepted
+    with a FutureWarning, for the transformer and the Cosmos pipelines, and not kept."""
+    from optimum_npu import RBLNCosmosTextToWorldPipelineConfig, RBLNCosmosTransformer3DModelConfig
+
+    with pytest.warns(FutureWarning, match="rbln_fps is deprecated and ignored.*pass fps= when calling"):
+        assert RBLNCosmosTransformer3DModelConfig(fps=24).fps is None
+    with pytest.warns(FutureWarning, match="rbln_fps is deprecated"):
+        config, _ = RBLNCosmosTextToWorldPipelineConfig.from_kwargs({"rbln_fps": 24, "rbln_height": 16})
+    assert config.fps is None and "fps" not in config.explicit_options()
 
 
 def test_cosmos_vae_matches_torch(folders):

@@ -43,7 +43,7 @@ def test_components_compiled_on_meta_report_their_memory():
         }
     compiled = RBLNCosmosTextToWorldPipeline.compile_components(
         models, rbln_create_runtimes=False,
-        rbln_config={"height": 16, "width": 16, "num_frames": 9, "fps": 24, "max_seq_len": 16, "vae": {"batch_size": 2}})
+        rbln_config={"height": 16, "width": 16, "num_frames": 9, "max_seq_len": 16, "vae": {"batch_size": 2}})
     memory = component_memory(compiled)
     transformer_weights = sum(p.numel() for p in models["transformer"].parameters()) * 2  # bf16
     assert memory["transformer"].bytes_per_device > transformer_weights

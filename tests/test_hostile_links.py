@@ -58,14 +58,14 @@ def test_a_model_save_replaces_a_link_at_a_file_it_writes(model, tmp_path, outsi
 
 
 def test_config_files_are_read_with_a_cap_and_only_if_regular(model, tmp_path, monkeypatch):
-    from optimum_npu import configuration
+    from optimum_npu import untrusted_files
 
     os.mkfifo(tmp_path / "fifo.json")   # opening it to read would wait for a writer
     for path in ("/dev/zero", tmp_path / "fifo.json"):   # reading /dev/zero would never end
         with pytest.raises(ValueError, match="is not a regular file"):
-            configuration.read_json_object(path)
+            untrusted_files.read_json_object(path)
     target = Path(model.save_pretrained(tmp_path / "compiled"))
-    monkeypatch.setattr(configuration, "MAX_JSON_BYTES", 1000)   # rbln_config.json is larger
+    monkeypatch.setattr(untrusted_files, "MAX_JSON_BYTES", 1000)   # rbln_config.json is larger
     with pytest.raises(ValueError, match=f"{CONFIG_NAME} is larger than 1000 bytes: not a config file"):
         RBLNLlamaForCausalLM.from_pretrained(target, rbln_create_runtimes=False)
 

@@ -1,7 +1,7 @@
 """Device memory (compile-time sizing on the meta device, runtime allocation accounting)
 and the cost model, checked against figures computed here from the hardware's published
-numbers (docs/hardware.md: an ATOM die has 256 GB/s DRAM bandwidth, 32 TFLOPS bf16/fp16, 15.7 GiB
-usable DRAM; an ATOM-Max card talks to the host over PCIe Gen5 x16 at 64 GB/s) and the
+numbers (docs/hardware.md: an ATOM die has 256 GB/s DRAM bandwidth, 32 TFLOPS bf16/fp16, 16,877,879,296
+bytes of usable DRAM as an RBLN-CA22 reports it; an ATOM-Max card talks to the host over PCIe Gen5 x16 at 64 GB/s) and the
 calibration constants of `optimum_npu.sim_device.cost_model.Calibration`.
 """
 
@@ -25,7 +25,7 @@ from shared_modules import PreNormBlock, load_trace
 GiB = 1024**3
 ATOM_DRAM_BW = 256e9          # bytes/s per device
 ATOM_PEAK_16BIT = 32e12       # FLOP/s per device
-ATOM_USABLE_GIB = 15.7
+ATOM_USABLE_BYTES = 16_877_879_296  # what an RBLN-CA22 reports: 16 GiB less 288 MiB of system DRAM
 PCIE_GEN5_X16 = 64e9          # bytes/s per direction
 CAL = Calibration()
 US = 1e-6
@@ -130,6 +130,30 @@ def test_auto_sized_flash_kv_pool_is_the_most_blocks_that_fit():
         compile_decoder_on_meta(config, rbln_kvcache_num_blocks=blocks + 1, **options)
 
 
+@pytest.mark.parametrize("per_tensor_block, tensors", [(768 * 1024, 64), (3 * 2**20 // 2, 36), (5 * 2**20, 8), (2**20, 2)])
+def test_kv_pool_counts_each_cache_tensor_in_whole_dram_pages(per_tensor_block, tensors):
+    """The fast form of the test above: the KV pool's size against the allocation rule Rebellions' own
+    estimators use (every K / V cache tensor of a page or more takes whole 2 MiB pages, `align_2MB`),
+    counted here by brute force over block counts, not by the closed form under test. A pool sized by
+    the bytes alone (ignoring the page slack) is larger than the rule allows in most of these cases."""
+    from optimum_npu.modeling.decoderonly.compile_plan import MemoryProbe
+
+    page, fixed = 2 * 2**20, 3 * GiB + 12345
+    for free in (10 * 2**20, 333 * 2**20 + 7, 2 * GiB + 2**20 + 5, 5 * GiB):
+        usable = fixed + free
+
+        def fits(blocks: int) -> bool:
+            size = blocks * per_tensor_block
+            return fixed + tensors * (size if size < page else -(-size // page) * page) <= usable
+
+        expected = 0
+        while fits(expected + 1):
+            expected += 1
+        probe = MemoryProbe(weights_bytes=fixed, cache_bytes=0, block_bytes=per_tensor_block * tensors, fixed_bytes=fixed,
+                            activations_bytes=0, cache_tensors=tensors, page_bytes=page)
+        assert probe.blocks_that_fit(usable) == expected, (per_tensor_block, tensors, free)
+
+
 def test_huge_model_does_not_fit_one_atom():
     module = _huge_meta_model()
     assert 2 * n_params(module) == 20 * GiB
@@ -137,7 +161,7 @@ def test_huge_model_does_not_fit_one_atom():
         compile_from_torch(module, input_info=[("x", [1, 16384], "bfloat16")])
     message = str(info.value)
     assert "20.00 GiB" in message                       # needed
-    assert f"{ATOM_USABLE_GIB:.2f} GiB" in message      # available on one RBLN-CA25 device
+    assert f"{ATOM_USABLE_BYTES / GiB:.2f} GiB" in message      # available on one RBLN-CA25 device
     assert "tensor_parallel_size" in message and "RBLN-CR03" in message  # what to do
 
 
@@ -166,7 +190,7 @@ def test_runtime_memory_accounting(state_dir, dtype, numerics):
     assert usage.device == 0 and usage.npu == "RBLN-CA25"
     assert usage.weights_bytes == 2 * n_params(module)  # 16-bit on the device, also in exact mode
     assert usage.buffers_bytes == 0
-    assert usage.capacity_bytes == int(ATOM_USABLE_GIB * GiB)
+    assert usage.capacity_bytes == ATOM_USABLE_BYTES
     assert usage.total_bytes == compiled.device_bytes
     assert device_memory.used_bytes(0) == usage.total_bytes
     second = Runtime(compiled)
@@ -269,13 +293,13 @@ def test_allocation_that_does_not_fit(state_dir):
         device_memory.allocate("x", {0: 20 * GiB})
     message = str(info.value)
     assert "x needs 20.00 GiB" in message and "npu0" in message
-    assert f"{ATOM_USABLE_GIB:.2f} GiB usable" in message and f"{ATOM_USABLE_GIB:.2f} GiB free" in message
+    assert f"{ATOM_USABLE_BYTES / GiB:.2f} GiB usable" in message and f"{ATOM_USABLE_BYTES / GiB:.2f} GiB free" in message
     assert device_memory.used_bytes(0) == 0
 
 
 def test_runtime_on_a_full_device(state_dir):
     compiled = compile_from_torch(nn.Linear(1024, 1024), example_inputs=[torch.randn(4, 1024)])  # 2 MiB
-    hog = device_memory.allocate("Runtime(hog.rbln)", {0: int(ATOM_USABLE_GIB * GiB) - 2**20})
+    hog = device_memory.allocate("Runtime(hog.rbln)", {0: ATOM_USABLE_BYTES - 2**20})
     try:
         assert device_memory.used_bytes(1) == 0
         with pytest.raises(DeviceMemoryError) as info:
@@ -332,7 +356,7 @@ def test_presets_are_the_published_figures():
     spec = optimum_npu.sim_device.get_npu_spec("RBLN-CA25")
     assert spec.dram_bandwidth == ATOM_DRAM_BW and spec.peak_flops_16bit == ATOM_PEAK_16BIT
     assert spec.pcie_bandwidth == PCIE_GEN5_X16 and spec.devices_per_card == 4
-    assert spec.usable_dram_bytes == int(ATOM_USABLE_GIB * GiB)
+    assert spec.usable_dram_bytes == ATOM_USABLE_BYTES
 
 
 def test_batch_one_linear_is_memory_bound(tmp_path):

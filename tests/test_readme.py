@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from optimum_npu.testing import build_tiny_image_classifier, build_tiny_random_llama
+from optimum_npu.testing.seq2seq import build_tiny_t5, build_tiny_whisper
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -30,6 +31,8 @@ README = ROOT / "README.md"
 STAND_INS = {
     "meta-llama/Llama-3.1-8B": lambda folder: build_tiny_random_llama(folder, max_position_embeddings=8192),
     "microsoft/resnet-50": build_tiny_image_classifier,
+    "google-t5/t5-small": build_tiny_t5,
+    "openai/whisper-tiny": build_tiny_whisper,
 }
 SKIP_MARK = re.compile(r"<!-- readme-test: skip (.+?) -->\s*$")
 # A quoted "owner/name" string: what a Hub id looks like (file names such as "trace.json" have no slash).

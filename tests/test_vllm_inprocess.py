@@ -11,12 +11,11 @@ Tensor parallelism 2, batch 2, 256-token prefill chunks, exact numerics.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from llm_fixtures import _one_torch_thread, make_tokenizer, random_prompts, save_source  # noqa: F401
-from vllm_helpers import greedy_references, vllm
+from vllm_helpers import engines_in_this_process, greedy_references, vllm
 
 from vllm.sampling_params import SamplingParams  # noqa: E402  (after the importorskip in vllm_helpers)
 
@@ -38,21 +37,12 @@ def served(tmp_path_factory):
     )
     folder = root / "compiled"
     model.save_pretrained(folder)
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    vllm.envs.disable_envs_cache()  # an engine in this process caches vLLM's environment when it starts
-    try:
+    with engines_in_this_process():
         llm = vllm.LLM(model=str(folder), max_num_seqs=BATCH, max_num_batched_tokens=CHUNK, seed=0,
                        served_model_name=NAME)
         runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
         yield llm, runner, model, hf_model
         llm.llm_engine.engine_core.shutdown()
-    finally:
-        vllm.envs.disable_envs_cache()
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
 
 
 def _device_time_s(model) -> float:

@@ -7,6 +7,8 @@ with transformers' fp32 generate() and with the compiled model's own generate().
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 
 import pytest
@@ -56,3 +58,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def engines_in_this_process():
+    """vLLM engines built inside run in the test's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the
+    model runner can be read, and an error raised for a request reaches the caller."""
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    vllm.envs.disable_envs_cache()  # an engine in this process caches vLLM's environment when it starts
+    try:
+        yield
+    finally:
+        vllm.envs.disable_envs_cache()
+        if saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved

@@ -32,7 +32,8 @@ from optimum_npu.testing import build_tiny_cosmos, build_tiny_cosmos_guardrail
 OUT = Path(__file__).resolve().parent / "out" / "world"
 PROMPT = "a robot arm lifts a red cube"
 # A tiny video (Cosmos-Predict1 makes 121 frames of 704 x 1280 at 30 fps).
-SHAPE = {"num_frames": 9, "height": 32, "width": 32, "fps": 24, "max_seq_len": 32}
+SHAPE = {"num_frames": 9, "height": 32, "width": 32, "max_seq_len": 32}
+FPS = 24   # a call-time argument: it scales the transformer's temporal positions (computed on the host)
 RBLN_CONFIG = {**SHAPE, "text_encoder": {"device": 2}, "transformer": {"device": 3}, "vae": {"device": 2}}
 
 
@@ -54,7 +55,7 @@ def save_gif(frames: np.ndarray, path: Path, fps: int, scale: int = 4) -> Path:
 
 def generate(pipe, **kwargs) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
-    call = {k: SHAPE[k] for k in ("num_frames", "height", "width", "fps")}
+    call = {**{k: SHAPE[k] for k in ("num_frames", "height", "width")}, "fps": FPS}
     out = pipe(**kwargs, **call, negative_prompt="static, blurry, low quality", num_inference_steps=4,
                max_sequence_length=SHAPE["max_seq_len"],
                generator=torch.Generator().manual_seed(0), output_type="np")
@@ -73,7 +74,7 @@ def main(out: Path = OUT) -> Result:
     pipe = RBLNCosmosTextToWorldPipeline.from_pretrained(text_to_world, export=True, safety_checker=checker,
                                                          rbln_config=RBLN_CONFIG)
     video = generate(pipe, prompt=PROMPT)
-    first_gif = save_gif(video, out / "text_to_world.gif", SHAPE["fps"])
+    first_gif = save_gif(video, out / "text_to_world.gif", FPS)
     print(f"\n{PROMPT!r} -> {first_gif} ({video.shape[0]} frames of noise: the tiny components have random "
           f"weights)\n{pipe.generation_stats}\n{pipe.memory_summary()}")
     try:
@@ -88,7 +89,7 @@ def main(out: Path = OUT) -> Result:
                                                           rbln_config=RBLN_CONFIG)
     first_frame = Image.fromarray((video[0] * 255).round().astype(np.uint8))
     continued = generate(pipe, prompt=PROMPT, image=first_frame)
-    second_gif = save_gif(continued, out / "video_to_world.gif", SHAPE["fps"])
+    second_gif = save_gif(continued, out / "video_to_world.gif", FPS)
     print(f"\nvideo-to-world from the first frame -> {second_gif}\n{pipe.generation_stats}")
     return Result(video, continued, refused, (first_gif, second_gif))
 

@@ -41,6 +41,7 @@ DEFAULT_MAX_BYTES = 4 * 1024**3
 ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.rbln")
 KEY_FIELD = "cache_key"   # in the artifact's `versions`: the key the entry was stored under
 META_FIELD = "meta_device"  # in `versions`: "1" for a program compiled on the meta device (no weights)
+PLAN_FIELD = "sharding_plan"  # in `versions`: a tensor-parallel program's plan (`ShardingPlan.to_json`)
 
 
 def cache_dir() -> Path:
@@ -217,6 +218,7 @@ def load(key: str):
         artifact = Artifact.load(path)
         if artifact.versions.get(KEY_FIELD) != key:
             raise ArtifactError(f"{path} does not record the key it is stored under")
+        plan = _plan_of(artifact)
     except (ArtifactError, OSError, ValueError) as e:
         warnings.warn(f"compile cache: ignoring entry {path.name}: {e}; compiling it again")
         return None
@@ -227,7 +229,23 @@ def load(key: str):
     program, tensors = artifact.program, artifact.tensors
     if artifact.versions.get(META_FIELD) == "1":  # a meta-device program: sizes and costs, no weights
         program, tensors = dataclasses.replace(program, external=[]), None
-    return CompiledModel(program=program, tensors=tensors, versions=artifact.versions)
+    return CompiledModel(program=program, tensors=tensors, versions=artifact.versions, sharding_plan=plan)
+
+
+def _plan_of(artifact: Artifact):
+    """The sharding plan an entry recorded (None for a single-device program)."""
+    from .tensor_parallel.plan import ShardingPlan
+
+    text = artifact.versions.get(PLAN_FIELD)
+    if text is None:
+        return None
+    program = artifact.program
+    shapes = {s.name: s.shape for s in program.weights + program.buffers}
+    plan = ShardingPlan.from_json(text, shapes, program.tensor_shards)
+    if plan.tensor_parallel_size != program.tensor_parallel_size:
+        raise ValueError(f"its sharding plan is for {plan.tensor_parallel_size} devices, the program for "
+                         f"{program.tensor_parallel_size}")
+    return plan
 
 
 def store(key: str, compiled) -> Path | None:
@@ -236,6 +254,8 @@ def store(key: str, compiled) -> Path | None:
     folder = cache_dir()
     path = folder / f"{key}.rbln"
     versions = {"optimum_npu": _package_version(), "torch": torch.__version__.split("+")[0], KEY_FIELD: key}
+    if getattr(compiled, "sharding_plan", None) is not None:
+        versions[PLAN_FIELD] = compiled.sharding_plan.to_json()
     program, tensors = compiled.program, compiled.tensors
     if tensors is None:
         # Compiled on the meta device (e.g. a decoder's memory probe): kept without a payload, its

@@ -11,7 +11,8 @@ neighbour (the classic greedy-by-size planner); the arena's size is the peak.
 
 from __future__ import annotations
 
-from ..sim_device.program import MemoryPlan, Step, StepKind, TensorShard, TensorSpec, aligned, resident_bytes
+from ..sim_device.program import (MemoryPlan, Step, StepKind, TensorShard, TensorSpec, aligned, host_only_weights,
+                                  resident_bytes)
 from ..sim_device.specs import DEFAULT_NPU, NPUSpec, get_npu_spec
 
 WRITES_DRAM = (StepKind.KERNEL, StepKind.COLLECTIVE, StepKind.H2D)
@@ -27,9 +28,12 @@ def plan_memory(
     shards: dict[str, TensorShard] | None = None, tensor_parallel_size: int = 1, npu: str = DEFAULT_NPU,
 ) -> MemoryPlan:
     """`weights` / `buffers` in full shapes, each taking whole DRAM pages of `npu` from a page on
-    (`NPUSpec.resident_bytes`); `values` as one device sees them."""
+    (`NPUSpec.resident_bytes`), but for weights no step reads (they stay on the host,
+    `Program.host_only_weights`); `values` as one device sees them."""
     spec = get_npu_spec(npu)
     shards = shards or {}
+    on_host = host_only_weights(weights, steps)
+    weights = [w for w in weights if w.name not in on_host]
     resident = {s.name for s in weights + buffers}
     first: dict[str, int] = {}
     last: dict[str, int] = {}

@@ -5,7 +5,8 @@ what the runtime accepts. An op of `ops.DEVICE_OP_PACKETS` runs on the device; o
 `ops.HOST_FALLBACK_OP_PACKETS` runs on the CPU between device segments, with the copies
 that implies; any other op is refused at compile time. The category drives fusion:
 
-- MATMUL   matrix-engine ops (linear, matmul, conv): a kernel of their own, with an epilogue
+- MATMUL   matrix-engine ops (linear, matmul, conv, `rbln::dequant_linear` on packed low-precision
+           weights): a kernel of their own, with an epilogue
 - NORM     normalisations and softmax: one kernel each
 - POINTWISE element-wise math and casts: fused into the kernel producing their input
 - REDUCTION sums, means, max: fused like pointwise ops
@@ -54,6 +55,8 @@ def categorize(target: str) -> Category:
     """The category of op `target`; ValueError for an op the runtime would refuse to run."""
     if target in device_ops.collective_ops():
         return Category.COLLECTIVE
+    if target in device_ops.quant_ops():
+        return Category.MATMUL
     if target in device_ops.kernel_ops():
         return Category.ATTENTION
     packet = op_packet(target)
@@ -77,6 +80,8 @@ class Work:
     gathered_elements: int = 0
     # Rows (M) of a matrix product [M, K] x [K, N]: the output's elements over N (0: not a matmul).
     rows: int = 0
+    # The matrix engines' number format of `flops`: "16bit", or "int8" / "fp8" (W8A8), each at its rate.
+    matmul_format: str = "16bit"
 
 
 # Ops that read rows of their first argument picked by an index tensor, one output element each.
@@ -93,6 +98,20 @@ def count_work(target: str, category: Category, args: tuple, out) -> Work:
     out_numel = sum(_numel(o) for o in outs if hasattr(o, "shape"))
     name = op_packet(target).removeprefix("aten.")
     if category is Category.MATMUL:
+        if name == "rbln.dequant_linear":
+            # the matmul, plus one multiply per weight to dequantise it on chip (the scales' work)
+            rows_out = args[2].shape[0]
+            features = args[0].shape[-1]
+            return Work(2.0 * out_numel * features, float(rows_out * features), rows=out_numel // rows_out)
+        if name == "rbln.quant_linear":
+            # 8-bit products; quantising the input (a max and a divide per element) and rescaling the output
+            rows_out, features = args[1].shape[0], args[0].shape[-1]
+            return Work(2.0 * out_numel * features, 3.0 * _numel(args[0]) + 2.0 * out_numel,
+                        rows=out_numel // rows_out, matmul_format=args[4])
+        if name == "rbln.quant_conv2d":
+            weight = args[1]   # [Cout, Cin / groups, kh, kw]: each output element a dot product of that size
+            return Work(2.0 * out_numel * math.prod(weight.shape[1:]), 3.0 * _numel(args[0]) + 2.0 * out_numel,
+                        rows=out_numel // max(1, outs[0].shape[1]), matmul_format=args[8])
         if name == "linear":
             bias = out_numel if len(args) > 2 and args[2] is not None else 0
             return Work(2.0 * out_numel * args[1].shape[1], bias, rows=out_numel // args[1].shape[0])

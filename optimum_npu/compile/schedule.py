@@ -132,6 +132,7 @@ class Scheduler:
             + sum(self.values[n.outputs[0]].nbytes for n in group.nodes if n.mutates and n.outputs[0]),
             dynamic_cost=any(n.category is Category.ATTENTION for n in group.nodes),
             matmul_rows=max(group.nodes, key=lambda n: n.work.flops).work.rows,
+            matmul_format=max(group.nodes, key=lambda n: n.work.flops).work.matmul_format,
         )
         if step.dynamic_cost:
             self._price_attention(step, group.nodes)
@@ -158,6 +159,8 @@ class Scheduler:
                 # QK^T and PV: the query rows sharing a KV head ([B, Hq, T, D] against [.., Hkv, .., D])
                 q, k_cache = node.fake_args[0], node.fake_args[1]
                 step.matmul_rows = q.shape[1] // k_cache.shape[1] * q.shape[2]
+            # args[4]: block_tables [B, blocks] of the cache update, start_pos [B] of the attention ops
+            step.sequences = max(step.sequences, node.fake_args[4].shape[0])
         step.flops, step.bytes_read, step.bytes_written = flops, read, written
         step.vector_flops = 0.0
 

@@ -46,7 +46,6 @@ that part is switched off explicitly at load (`rbln_guard_llm=False`, ...): the 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -57,12 +56,14 @@ import numpy as np
 import torch
 
 from ..configuration import CONFIG_KWARG, CONFIG_NAME, OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, \
-    check_int, runtime_option
-from ..modeling.base import HUB_KWARGS, resolve_folder, hub_kwargs_of
+    check_int, runtime_option, submodule
+from ..modeling.decoderonly.configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
+from ..modeling.hf_files import HUB_KWARGS, hub_kwargs_of, resolve_folder
 from ..modeling.hf_files import auto_class_from_pretrained, refuse_remote_code
 from ..modeling.folder import check_manifest, load_lock, manifest_of, save_tree
 from .blocklist import Blocklist
-from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, UPSTREAM_CHECKPOINT, RBLNRetinaFace, RetinaFaceFilter
+from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, UPSTREAM_CHECKPOINT, RBLNRetinaFace, RBLNRetinaFaceConfig, \
+    RetinaFaceFilter
 from .guard_llm import DEFAULT_MODEL_ID as GUARD_MODEL_ID
 from .guard_llm import RBLNLlamaGuard3
 from .video_filter import (
@@ -70,7 +71,9 @@ from .video_filter import (
     DEFAULT_SIGLIP_ID,
     UPSTREAM_SAFETY_FILTER,
     RBLNSiglipVisionModel,
+    RBLNSiglipVisionModelConfig,
     RBLNVideoSafetyModel,
+    RBLNVideoSafetyModelConfig,
     VideoContentSafetyFilter,
     check_video_frames,
 )
@@ -112,9 +115,17 @@ class UnsafeVideoError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class RBLNCosmosSafetyCheckerConfig(RBLNModelConfig):
-    """The checker's own options. npu / dtype / numerics / create_runtimes / activate_profiler /
-    device are passed on to every sub-model, batch_size to the video ones (frames per run); each
-    sub-model's `rbln_config[<name>]` sets its own (see `SUBMODEL_FOLDERS` for the names)."""
+    """The checker's own options, and one sub-config per network (`submodule` fields, named as in
+    `SUBMODEL_FOLDERS`). npu / dtype / numerics / create_runtimes / activate_profiler / device are
+    passed on to every sub-model, batch_size to the video ones (frames per run); each sub-model's
+    `rbln_config[<name>]` sets its own."""
+
+    broadcast_options: ClassVar[tuple[str, ...]] = BROADCAST_OPTIONS
+    # The guard LLM's family (Llama, Qwen, ...) is read from its checkpoint: any decoder's config.
+    llamaguard3: RBLNDecoderOnlyModelForCausalLMConfig | None = submodule(RBLNDecoderOnlyModelForCausalLMConfig)
+    siglip_encoder: RBLNSiglipVisionModelConfig | None = submodule(RBLNSiglipVisionModelConfig)
+    video_safety_model: RBLNVideoSafetyModelConfig | None = submodule(RBLNVideoSafetyModelConfig)
+    face_blur_filter: RBLNRetinaFaceConfig | None = submodule(RBLNRetinaFaceConfig)
 
     blocklist: bool = runtime_option(True)          # the keyword guardrail
     guard_llm: bool = runtime_option(True)          # the guard LLM (LlamaGuard3)
@@ -145,31 +156,17 @@ class RBLNCosmosSafetyCheckerConfig(RBLNModelConfig):
     def enabled_submodels(self) -> list[str]:
         return [name for part, names in PART_SUBMODELS.items() if getattr(self, part) for name in names]
 
+    def submodel_options(self) -> dict[str, dict]:
+        """Each sub-model's rbln_config: its own options over the checker's broadcast ones (and the
+        checker's batch_size, frames per run, for the video networks)."""
+        derived = {name: {"batch_size": self.batch_size} for name in VIDEO_SUBMODELS
+                   if "batch_size" in self.explicit_options()}
+        return {name: self.options_for_submodule(name, derived.get(name)) for name in SUBMODEL_FOLDERS}
+
 
 def _part_folders(part: str) -> list[str]:
     """The folders of a compiled checker that hold guardrail `part`."""
     return [SUBMODEL_FOLDERS[n] for n in PART_SUBMODELS[part]] or [BLOCKLIST_FOLDER]
-
-
-def _split_submodel_options(rbln_config: Any) -> tuple[Any, dict[str, dict]]:
-    """(the checker's own rbln_config, {sub-model: its options}) from a user's rbln_config dict."""
-    if not isinstance(rbln_config, dict):
-        return rbln_config, {}
-    own, per_model = {}, {}
-    valid = RBLNCosmosSafetyCheckerConfig.option_names()
-    for key, value in rbln_config.items():
-        if key in SUBMODEL_FOLDERS:
-            if not isinstance(value, dict):
-                raise TypeError(f"{CONFIG_KWARG}[{key!r}] must be a dict of that sub-model's options; got {value!r}")
-            per_model[key] = dict(value)
-        elif key in valid:
-            own[key] = value
-        else:
-            close = difflib.get_close_matches(str(key), [*SUBMODEL_FOLDERS, *valid], n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"Unknown key {key!r} in {CONFIG_KWARG} of RBLNCosmosSafetyChecker.{hint} Sub-models: "
-                             f"{', '.join(SUBMODEL_FOLDERS)}; options: {', '.join(valid)}")
-    return own, per_model
 
 
 class RBLNCosmosSafetyChecker:
@@ -195,19 +192,19 @@ class RBLNCosmosSafetyChecker:
                         **kwargs: Any) -> RBLNCosmosSafetyChecker:
         """Compile a guardrail checkpoint (export=True) or load a compiled checker folder."""
         hub_kwargs = hub_kwargs_of(kwargs, pop=True)
-        own, per_model = _split_submodel_options(kwargs.pop(CONFIG_KWARG, None))
-        given = own.explicit_options() if isinstance(own, RBLNModelConfig) else dict(own or {})
+        own = kwargs.get(CONFIG_KWARG)
+        given = own.explicit_options() if isinstance(own, RBLNModelConfig) else dict(own or {}) if isinstance(
+            own, dict) else {}
         asked = {**given, **{k.removeprefix(OPTION_PREFIX): v for k, v in kwargs.items()
                              if k.startswith(OPTION_PREFIX)}}
-        kwargs[CONFIG_KWARG] = own
         folder = resolve_folder(model_id, hub_kwargs)
         if export:
-            return cls._build(folder, model_id, kwargs, per_model, asked, export, hub_kwargs)
+            return cls._build(folder, model_id, kwargs, asked, export, hub_kwargs)
         with load_lock(folder):   # every file read while no save moves files in (a re-save finishes first)
-            return cls._build(folder, model_id, kwargs, per_model, asked, export, hub_kwargs)
+            return cls._build(folder, model_id, kwargs, asked, export, hub_kwargs)
 
     @classmethod
-    def _build(cls, folder: Path, model_id, kwargs: dict, per_model: dict, asked: dict, export: bool,
+    def _build(cls, folder: Path, model_id, kwargs: dict, asked: dict, export: bool,
                hub_kwargs: dict) -> RBLNCosmosSafetyChecker:
         """The checker compiled from the checkpoint `folder` (export), or loaded from the compiled one."""
         if export:
@@ -223,7 +220,7 @@ class RBLNCosmosSafetyChecker:
         if leftover:
             raise TypeError(f"unexpected arguments {sorted(leftover)}; options are rbln_* or {CONFIG_KWARG}={{...}}, "
                             f"hub arguments {', '.join(HUB_KWARGS)}")
-        options = cls._submodel_options(config, per_model)
+        options = config.submodel_options()
         for name in SUBMODEL_FOLDERS:  # before compiling or loading anything: no folder of it names code to run
             if (folder / SUBMODEL_FOLDERS[name]).is_dir():
                 refuse_remote_code(folder / SUBMODEL_FOLDERS[name])
@@ -235,7 +232,14 @@ class RBLNCosmosSafetyChecker:
         parts = cls._load_parts(folder, config, options, export, hub_kwargs)
         if export:
             config = config.with_compiled(cls_name=cls.__name__, graphs={})
-        return cls(config, *parts)
+        checker = cls(config, *parts)
+        # The sub-configs are those of the networks built (what runs and is saved); at a load, the
+        # copies nested in rbln_config.json must agree with them.
+        built = {name: model.rbln_config for name, model in checker._submodels().items()}
+        built = {name: built.get(name) for name in SUBMODEL_FOLDERS}
+        checker.rbln_config = dataclasses.replace(config, **built) if export else config.with_loaded_submodules(
+            built, str(folder / CONFIG_NAME))
+        return checker
 
     @staticmethod
     def _without_parts_not_compiled(folder: Path, config, asked: dict) -> RBLNCosmosSafetyCheckerConfig:
@@ -271,18 +275,6 @@ class RBLNCosmosSafetyChecker:
             logger.warning("Cosmos guardrail: %s not in the compiled folder %s (switched off when it was saved)",
                            ", ".join(off), folder)
         return dataclasses.replace(config, **off)
-
-    @staticmethod
-    def _submodel_options(config: RBLNCosmosSafetyCheckerConfig, per_model: dict[str, dict]) -> dict[str, dict]:
-        """Each sub-model's rbln_config: its own options over the checker's broadcast ones."""
-        chosen = config.explicit_options()
-        options = {}
-        for name in SUBMODEL_FOLDERS:
-            inherited = {k: chosen[k] for k in BROADCAST_OPTIONS if k in chosen}
-            if name in VIDEO_SUBMODELS and "batch_size" in chosen:
-                inherited["batch_size"] = chosen["batch_size"]
-            options[name] = {**inherited, **per_model.get(name, {})}
-        return options
 
     @classmethod
     def _load_parts(cls, folder: Path, config, options: dict[str, dict], export: bool, hub_kwargs: dict):

@@ -116,7 +116,7 @@ class RBLNLlamaGuard3:
         from transformers import AutoConfig, AutoTokenizer
 
         from ..modeling.auto import RBLNAutoModelForCausalLM
-        from ..modeling.base import resolve_folder
+        from ..modeling.hf_files import resolve_folder
         from ..modeling.hf_files import auto_class_from_pretrained
 
         folder = resolve_folder(model_id, hub_kwargs)   # a local folder, checked for remote code before each Auto class
@@ -127,6 +127,11 @@ class RBLNLlamaGuard3:
         model = RBLNAutoModelForCausalLM.from_pretrained(folder, export=export, rbln_config=options)
         tokenizer = auto_class_from_pretrained(AutoTokenizer, folder)
         return cls(model, tokenizer)
+
+    @property
+    def rbln_config(self):
+        """The compiled decoder's options."""
+        return self.model.rbln_config
 
     def save_pretrained(self, folder: str | os.PathLike, *, exist_ok: bool = False) -> str:
         """The compiled decoder folder; it carries the tokenizer files of the checkpoint it came from."""

@@ -1,4 +1,4 @@
-"""diffusers pipelines and models on the simulated NPU: Stable Diffusion and the Cosmos world models.
+"""diffusers pipelines and models on the simulated NPU: Stable Diffusion (1.x/2.x, XL, 3), ControlNet and the Cosmos world models.
 
 Pipelines are diffusers' pipeline classes with compiled components (`pipelines/`); each
 component is a compiled model, one file per model (`models/`); a pipeline's `rbln_config` holds
@@ -14,9 +14,15 @@ from ..quiet import dropping
 with dropping("transformers.utils.import_utils", "requires torchvision (not installed); falling back"):
     from .configuration import RBLNDiffusionPipelineConfig
     from .models.autoencoder_kl import RBLNAutoencoderKL, RBLNAutoencoderKLConfig
+    from .models.controlnet import RBLNControlNetModel, RBLNControlNetModelConfig
     from .models.autoencoder_kl_cosmos import RBLNAutoencoderKLCosmos, RBLNAutoencoderKLCosmosConfig
+    from .models.transformer_sd3 import RBLNSD3Transformer2DModel, RBLNSD3Transformer2DModelConfig
     from .models.transformer_cosmos import RBLNCosmosTransformer3DModel, RBLNCosmosTransformer3DModelConfig
     from .models.unet_2d_condition import RBLNUNet2DConditionModel, RBLNUNet2DConditionModelConfig
+    from .pipelines.controlnet import (
+        RBLNStableDiffusionControlNetPipeline, RBLNStableDiffusionControlNetPipelineConfig,
+        RBLNStableDiffusionXLControlNetPipeline, RBLNStableDiffusionXLControlNetPipelineConfig,
+    )
     from .pipelines.cosmos import (
         RBLNCosmosTextToWorldPipeline, RBLNCosmosTextToWorldPipelineConfig, RBLNCosmosVideoToWorldPipeline,
         RBLNCosmosVideoToWorldPipelineConfig,
@@ -25,6 +31,8 @@ with dropping("transformers.utils.import_utils", "requires torchvision (not inst
         RBLNStableDiffusionImg2ImgPipeline, RBLNStableDiffusionImg2ImgPipelineConfig, RBLNStableDiffusionPipeline,
         RBLNStableDiffusionPipelineConfig,
     )
+    from .pipelines.stable_diffusion_3 import RBLNStableDiffusion3Pipeline, RBLNStableDiffusion3PipelineConfig
+    from .pipelines.stable_diffusion_xl import RBLNStableDiffusionXLPipeline, RBLNStableDiffusionXLPipelineConfig
 
 __all__ = [
     "RBLNAutoencoderKL", "RBLNAutoencoderKLConfig", "RBLNAutoencoderKLCosmos", "RBLNAutoencoderKLCosmosConfig",
@@ -32,5 +40,9 @@ __all__ = [
     "RBLNCosmosTransformer3DModelConfig", "RBLNCosmosVideoToWorldPipeline", "RBLNCosmosVideoToWorldPipelineConfig",
     "RBLNDiffusionPipelineConfig", "RBLNStableDiffusionImg2ImgPipeline", "RBLNStableDiffusionImg2ImgPipelineConfig",
     "RBLNStableDiffusionPipeline", "RBLNStableDiffusionPipelineConfig", "RBLNUNet2DConditionModel",
-    "RBLNUNet2DConditionModelConfig",
+    "RBLNUNet2DConditionModelConfig", "RBLNStableDiffusionXLPipeline", "RBLNStableDiffusionXLPipelineConfig",
+    "RBLNControlNetModel", "RBLNControlNetModelConfig", "RBLNStableDiffusionControlNetPipeline",
+    "RBLNStableDiffusionControlNetPipelineConfig", "RBLNStableDiffusionXLControlNetPipeline",
+    "RBLNStableDiffusionXLControlNetPipelineConfig", "RBLNSD3Transformer2DModel", "RBLNSD3Transformer2DModelConfig",
+    "RBLNStableDiffusion3Pipeline", "RBLNStableDiffusion3PipelineConfig",
 ]

@@ -14,17 +14,26 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..configuration import RBLNModelConfig
-from .base import RBLNModel, hub_kwargs_of, is_compiled_folder, model_class_named, model_classes, resolve_folder
+from .base import RBLNModel
+from .folder import is_compiled_folder
+from .hf_files import hub_kwargs_of, resolve_folder
+from .registry import model_class_named, model_classes
 from .decoderonly.families import RBLNDecoderOnlyModelForCausalLM
 from .encoders import RBLNTextEncoderModel
+from .seq2seq.modeling_seq2seq import RBLNModelForSeq2SeqLM
+from .seq2seq.whisper import RBLNWhisperForConditionalGeneration
 from .hf_files import auto_class_from_pretrained
 from .image_classification import RBLNModelForImageClassification
+from .llava import RBLNLlavaForConditionalGeneration
 
 # Task name (as transformers pipelines name them) -> the generic class of that task.
 TASKS: dict[str, type[RBLNModel]] = {
     "text-generation": RBLNDecoderOnlyModelForCausalLM,
+    "text2text-generation": RBLNModelForSeq2SeqLM,
+    "automatic-speech-recognition": RBLNWhisperForConditionalGeneration,
     "image-classification": RBLNModelForImageClassification,
     "feature-extraction": RBLNTextEncoderModel,
+    "image-text-to-text": RBLNLlavaForConditionalGeneration,
 }
 
 
@@ -88,9 +97,21 @@ class RBLNAutoModelForCausalLM(_RBLNAutoClass):
     base_class = RBLNDecoderOnlyModelForCausalLM
 
 
+class RBLNAutoModelForSeq2SeqLM(_RBLNAutoClass):
+    base_class = RBLNModelForSeq2SeqLM
+
+
+class RBLNAutoModelForSpeechSeq2Seq(_RBLNAutoClass):
+    base_class = RBLNWhisperForConditionalGeneration
+
+
 class RBLNAutoModelForImageClassification(_RBLNAutoClass):
     base_class = RBLNModelForImageClassification
 
 
 class RBLNAutoModelForTextEncoding(_RBLNAutoClass):
     base_class = RBLNTextEncoderModel
+
+
+class RBLNAutoModelForImageTextToText(_RBLNAutoClass):
+    base_class = RBLNLlavaForConditionalGeneration

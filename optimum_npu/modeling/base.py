@@ -37,49 +37,11 @@ from ..compile import CompiledModel, compile_from_torch
 from ..compile.progress import nested, track
 from ..configuration import CONFIG_NAME, InputInfo, RBLNModelConfig, check_plain_name
 from ..sim_device import Artifact, Runtime
-from ..sim_device.stats import DeviceMemoryUsage, memory_summary
-from .folder import check_manifest, load_lock, manifest_of, read_file_below, save_tree, staging_folders
-from .hf_files import auto_class_from_pretrained
-
-# Every RBLNModel subclass by class name, registered when its class statement runs. Lookups go
-# through the functions below, which first import our classes from the static tables of
-# optimum_npu/__init__.py, so that an answer never depends on what was imported before; classes
-# defined elsewhere (a user's own family) are found once defined.
-MODEL_REGISTRY: dict[str, type[RBLNModel]] = {}
-
-
-def model_class_named(name: str) -> type[RBLNModel] | None:
-    """The RBLN model class called `name` (as rbln_config.json records it), or None."""
-    import optimum_npu
-
-    if name in optimum_npu._EXPORTS:
-        found = getattr(optimum_npu, name)
-        return found if isinstance(found, type) and issubclass(found, RBLNModel) else None
-    return MODEL_REGISTRY.get(name)
-
-
-def model_classes(model_type: str | None = None) -> list[type[RBLNModel]]:
-    """The RBLN model classes that compile checkpoints (those with an hf_class), the static table's
-    first in its order (the default class of a model_type before its variants), then classes defined
-    elsewhere; only those of `model_type` if given."""
-    import optimum_npu
-
-    names = [n for mt, ns in optimum_npu.MODEL_TYPES.items() if model_type in (None, mt) for n in ns]
-    ours = [model_class_named(n) for n in names]
-    others = [c for c in MODEL_REGISTRY.values() if c not in ours and c.hf_class is not None
-              and model_type in (None, c.hf_model_type())]
-    return ours + others
-
-# Files from the source checkpoint that travel with the compiled model: tokenizer, image
-# processor, feature extractor and processor files, so that `AutoTokenizer` / `AutoImageProcessor`
-# / `pipeline(...)` load from a compiled folder as from the checkpoint.
-SOURCE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "vocab.txt", "merges.txt", "added_tokens.json", "spiece.model", "chat_template.jinja", "chat_template.json",
-    "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
-    "feature_extractor_config.json",
-)
-
+from ..sim_device.stats import DeviceMemoryUsage, memory_summary, sum_memory
+from .folder import (check_manifest, check_relative_path, check_save_target, is_compiled_folder, load_lock, manifest_of, read_file_below,
+                     save_tree, staging_folders)
+from .hf_files import MAX_SOURCE_FILE_BYTES, SOURCE_FILES, auto_class_from_pretrained, hub_kwargs_of, resolve_folder
+from .registry import MODEL_REGISTRY, model_class_named, model_classes
 
 @dataclass(frozen=True)
 class GraphSpec:
@@ -119,76 +81,6 @@ class InferenceStats:
             f"{self.samples} {self.unit} in {self.runs} run(s) of batch {self.compiled_batch_size}: "
             f"{self.latency_s * 1e3:.3f} ms per batch, {self.samples_per_s:.1f} {self.unit}/s (simulated) | "
             f"device memory: {memory} | host wall time {self.host_s * 1e3:.1f} ms"
-        )
-
-
-# The largest tokenizer / processor file copied from a checkpoint (tokenizer.json files are tens of MB).
-MAX_SOURCE_FILE_BYTES = 512 * 1024 * 1024
-
-# from_pretrained kwargs that say where on the Hub to look, not how to build the model.
-HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
-
-
-def hub_kwargs_of(kwargs: dict, pop: bool = False) -> dict:
-    return {k: (kwargs.pop(k) if pop else kwargs[k]) for k in HUB_KWARGS if k in kwargs}
-
-
-def resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict) -> Path:
-    """A local folder as is; a Hub id through the standard cache (works offline from the cache)."""
-    path = Path(model_id)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{model_id} is a file, not a model folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    interrupted = staging_folders(path)
-    hint = f" An interrupted save left {interrupted[0]}; save the model again." if interrupted else ""
-    try:
-        validate_repo_id(str(model_id))
-    except HFValidationError:
-        raise ValueError(f"{model_id}: no such folder, and not a Hugging Face Hub model id either.{hint}") from None
-    try:
-        return Path(snapshot_download(str(model_id), **hub_kwargs))
-    except Exception as err:  # whatever the Hub said, add that we looked for a folder first
-        err.add_note(f"There is no local folder {model_id!r} either.{hint}")
-        raise
-
-
-def is_compiled_folder(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / CONFIG_NAME).is_file()
-
-
-# ---- the folder on disk ---------------------------------------------------------------------
-
-# A checkpoint's weight files (transformers, diffusers, torch, GGUF...): a folder holding one is
-# a checkpoint, and saving a compiled model into it needs `exist_ok=True`.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
-
-
-def _check_save_target(target: Path, exist_ok: bool) -> None:
-    """Refuse a target whose content we could damage: a file, a checkpoint, a foreign folder."""
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"Cannot save into {target}: it is a file, not a folder. Nothing was written.")
-    if not target.exists() or exist_ok:
-        return
-    # An interrupted save of ours into this folder leaves its staging folder inside: the folder is ours.
-    staging = [p for p in staging_folders(target) if p.parent == target]
-    contents = [p for p in target.iterdir() if p not in staging]
-    weights = sorted(p.name for p in contents if p.name.endswith(WEIGHT_SUFFIXES))
-    if weights:
-        raise ValueError(
-            f"Cannot save into {target}: it holds a checkpoint's weights ({', '.join(weights[:3])}). Saving there "
-            "would replace its config.json, generation_config.json and tokenizer files with the compiled model's. "
-            "Save into another folder, or pass save_pretrained(..., exist_ok=True) to add the compiled files "
-            "(the weights and other files are kept)."
-        )
-    if contents and not is_compiled_folder(target) and not staging:
-        raise ValueError(
-            f"Cannot save into {target}: it is not empty and is not a compiled model folder (no {CONFIG_NAME}). "
-            "Save into a new or empty folder, or pass save_pretrained(..., exist_ok=True) to add the compiled "
-            "files there (other files are kept)."
         )
 
 
@@ -326,10 +218,13 @@ class RBLNModel:
     def can_generate(cls) -> bool:
         return False
 
-    def _run_graph(self, name: str, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _run_graph(self, name: str, inputs: list[torch.Tensor], shared: tuple[torch.Tensor, ...] = ()
+                   ) -> tuple[torch.Tensor, ...]:
         """Run graph `name` on `inputs` (batch first) of any number of rows: a smaller batch than
         compiled is padded (with copies of its last row) and sliced back, a larger one split into
-        compiled-size runs. Records the call in `inference_stats`."""
+        compiled-size runs. `shared` inputs have no batch dimension (the same for every row, e.g.
+        positional tables computed on the host) and follow `inputs` in every run. Records the call
+        in `inference_stats`."""
         runtime = self._runtime(name)
         compiled = runtime.program.inputs[0].shape[0]
         rows = inputs[0].shape[0]
@@ -342,7 +237,7 @@ class RBLNModel:
                 valid = chunk[0].shape[0]
                 if valid < compiled:
                     chunk = [torch.cat([t, t[-1:].expand(compiled - valid, *t.shape[1:])]) for t in chunk]
-                out = runtime.run(*chunk)
+                out = runtime.run(*chunk, *shared)
                 device_s += runtime.stats.last_run_s
                 pieces.append([o[:valid] for o in (out if isinstance(out, tuple) else (out,))])
         outputs = tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*pieces))
@@ -354,14 +249,7 @@ class RBLNModel:
 
     def device_memory(self) -> list[DeviceMemoryUsage]:
         """Device memory per device, summed over this model's runtimes."""
-        per_device: dict[int, DeviceMemoryUsage] = {}
-        for runtime in self.runtimes.values():
-            for m in runtime.stats.memory:
-                total = per_device.setdefault(m.device, DeviceMemoryUsage(m.device, m.npu, 0, 0, 0, m.capacity_bytes))
-                total.weights_bytes += m.weights_bytes
-                total.buffers_bytes += m.buffers_bytes
-                total.activations_bytes += m.activations_bytes
-        return [per_device[d] for d in sorted(per_device)]
+        return sum_memory(m for runtime in self.runtimes.values() for m in runtime.stats.memory)
 
     def save_trace(self, path: str | os.PathLike = "trace.json") -> str:
         """The profiler trace of everything this model ran (needs rbln_activate_profiler=True)."""
@@ -501,12 +389,20 @@ class RBLNModel:
         if config.create_runtimes:
             config.check_devices_exist()
         graph_files = {name: f"{name}.rbln" for name in config.graphs}  # plain names: checked by the config
-        check_manifest(folder, needed=[*graph_files.values(), "config.json"], nested=False)
+        # A model with sub-models (a VLM's language model) keeps them in sub-folders, listed in its manifest.
+        check_manifest(folder, needed=[*graph_files.values(), "config.json"], nested=bool(config.submodule_classes()))
         hf_config, generation_config = target._load_hf_configs(folder)
         target._check_model_type(hf_config)
         graphs = {name: Artifact.load(folder / filename) for name, filename in graph_files.items()}
         target._check_graphs_against_config(config, graphs, hf_config)
-        return target(hf_config, config, graphs, source_folder=folder, generation_config=generation_config)
+        config, parts = target._load_submodels(folder, config)
+        return target(hf_config, config, graphs, source_folder=folder, generation_config=generation_config, **parts)
+
+    @classmethod
+    def _load_submodels(cls, folder: Path, config: RBLNModelConfig) -> tuple[RBLNModelConfig, dict[str, Any]]:
+        """A model made of several compiled models loads the others here (from its sub-folders): returns the
+        config with their sub-configs and the keyword arguments its __init__ takes them as. None by default."""
+        return config, {}
 
     @classmethod
     def _check_graphs_against_config(cls, config: RBLNModelConfig, graphs: dict[str, Artifact], hf_config=None) -> None:
@@ -575,7 +471,7 @@ class RBLNModel:
         other files is refused unless `exist_ok=True` (its other files are kept either way);
         a file is always refused.
         """
-        return str(save_tree(save_directory, self._write_files, lambda target: _check_save_target(target, exist_ok)))
+        return str(save_tree(save_directory, self._write_files, lambda target: check_save_target(target, exist_ok)))
 
     def _write_files(self, folder: Path) -> None:
         """Every file of the compiled model into the (empty, new) `folder`, the manifest last."""
@@ -593,7 +489,7 @@ class RBLNModel:
         mode = folder.stat().st_mode & 0o666
         manifest = manifest_of(folder)
         for name in manifest:
-            check_plain_name("a saved file name", name)
+            check_relative_path("a saved file name", name)
             os.chmod(folder / name, mode)
         self.rbln_config.save(folder, files=manifest)
 

@@ -58,6 +58,25 @@ class RBLNT5EncoderModelConfig(RBLNTextEncoderConfig):
 FINAL_NORM_GRAPH = "final_layer_norm"
 
 
+def check_token_ids(input_ids, max_len: int, option: str, vocab: int) -> int:
+    """The length of `input_ids`, after checking it is a batch of token ids a graph compiled for `max_len`
+    tokens (the option `rbln_<option>`) and a vocabulary of `vocab` can take."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an integer tensor [batch, tokens]; got {got}")
+    rows, length = input_ids.shape
+    if rows == 0 or length == 0:
+        raise ValueError(f"input_ids is empty (shape {(rows, length)})")
+    if length > max_len:
+        raise ValueError(
+            f"input_ids has {length} tokens, more than {OPTION_PREFIX}{option}={max_len} the model was compiled for; "
+            f"truncate the input (tokenizer max_length) or recompile with a larger {OPTION_PREFIX}{option}"
+        )
+    if ((input_ids < 0) | (input_ids >= vocab)).any():
+        raise ValueError(f"input_ids holds token ids outside this model's vocabulary [0, {vocab})")
+    return length
+
+
 class _EncoderGraph(torch.nn.Module):
     """The exported graph: the HF encoder on (input_ids, attention_mask, *extra inputs),
     returning the chosen output fields, then each layer's hidden states if asked."""
@@ -174,6 +193,11 @@ class RBLNTextEncoderModel(RBLNModel):
         result = self.output_class(**fields)
         return result if return_dict is not False else result.to_tuple()
 
+    def modules(self):
+        """Itself, as a torch module's `modules()` would list it: diffusers' pipelines walk a text encoder's
+        modules for offloading hooks to find where its inputs go (`get_module_execution_device`)."""
+        return iter((self,))
+
     def _run_final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The model's final norm (`final_norm`) on hidden states [batch, tokens, hidden]."""
         if FINAL_NORM_GRAPH not in self.graphs:
@@ -190,22 +214,7 @@ class RBLNTextEncoderModel(RBLNModel):
 
     def _check_ids(self, input_ids) -> int:
         """The length of `input_ids`, after checking it is a batch of token ids the model can take."""
-        max_len = self.rbln_config.max_seq_len
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be an integer tensor [batch, tokens]; got {got}")
-        rows, length = input_ids.shape
-        if rows == 0 or length == 0:
-            raise ValueError(f"input_ids is empty (shape {(rows, length)})")
-        if length > max_len:
-            raise ValueError(
-                f"input_ids has {length} tokens, more than rbln_max_seq_len={max_len} the model was compiled for; "
-                "truncate the input (tokenizer max_length) or recompile with a larger rbln_max_seq_len"
-            )
-        vocab = self.config.vocab_size
-        if ((input_ids < 0) | (input_ids >= vocab)).any():
-            raise ValueError(f"input_ids holds token ids outside this model's vocabulary [0, {vocab})")
-        return length
+        return check_token_ids(input_ids, self.rbln_config.max_seq_len, "max_seq_len", self.config.vocab_size)
 
     def _pad(self, name: str, tensor, value: int, shape: tuple[int, int]) -> torch.Tensor:
         """`tensor` (of `shape`, that of input_ids) padded on the right with `value` to rbln_max_seq_len, as int64."""

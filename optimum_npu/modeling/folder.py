@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..configuration import CONFIG_NAME, RBLNModelConfig, check_plain_name, read_json_object, read_regular_file
+from ..configuration import CONFIG_NAME, RBLNModelConfig, check_plain_name
+from ..untrusted_files import read_json_object, read_regular_file
 from ..sim_device.files import pid_alive, write_file_atomically
 
 STAGING_MARK = ".optimum-npu-staging"
@@ -388,3 +389,37 @@ def write_file_below(root: str | os.PathLike, relative: str, data: bytes) -> Non
     check_writable_tree(root, [relative])
     (root / relative).parent.mkdir(parents=True, exist_ok=True)
     write_file_atomically(root / relative, data)
+
+
+def is_compiled_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+# A checkpoint's weight files (transformers, diffusers, torch, GGUF...): a folder holding one is
+# a checkpoint, and saving a compiled model into it needs `exist_ok=True`.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+
+def check_save_target(target: Path, exist_ok: bool) -> None:
+    """Refuse a target whose content we could damage: a file, a checkpoint, a foreign folder."""
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"Cannot save into {target}: it is a file, not a folder. Nothing was written.")
+    if not target.exists() or exist_ok:
+        return
+    # An interrupted save of ours into this folder leaves its staging folder inside: the folder is ours.
+    staging = [p for p in staging_folders(target) if p.parent == target]
+    contents = [p for p in target.iterdir() if p not in staging]
+    weights = sorted(p.name for p in contents if p.name.endswith(WEIGHT_SUFFIXES))
+    if weights:
+        raise ValueError(
+            f"Cannot save into {target}: it holds a checkpoint's weights ({', '.join(weights[:3])}). Saving there "
+            "would replace its config.json, generation_config.json and tokenizer files with the compiled model's. "
+            "Save into another folder, or pass save_pretrained(..., exist_ok=True) to add the compiled files "
+            "(the weights and other files are kept)."
+        )
+    if contents and not is_compiled_folder(target) and not staging:
+        raise ValueError(
+            f"Cannot save into {target}: it is not empty and is not a compiled model folder (no {CONFIG_NAME}). "
+            "Save into a new or empty folder, or pass save_pretrained(..., exist_ok=True) to add the compiled "
+            "files there (other files are kept)."
+        )

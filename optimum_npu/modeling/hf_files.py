@@ -11,6 +11,9 @@ from the folder could read it), is refused with a `RemoteCodeError`. No prompt, 
 `auto_class_from_pretrained(AutoX, folder)` is the one way our code calls an Auto class on a folder.
 `concrete_class(...)` resolves a class named by a file (a pipeline's model_index.json) only to
 an allowlisted concrete class: never an Auto class, which would follow `auto_map` in turn.
+
+Also here: where a model id leads (`resolve_folder`: a local folder, else the Hub's cache) and which
+of a checkpoint's files travel with the compiled model (`SOURCE_FILES`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..configuration import read_json_object
+from ..untrusted_files import read_json_object
+from .folder import staging_folders
 
 # The files transformers reads to decide which class (and which code) serves a folder.
 CONFIG_FILES = (
@@ -103,3 +107,47 @@ def concrete_class(module: Any, class_name: str, what: str) -> type:
         raise ValueError(f"{what}: {module.__name__}.{class_name} is not a tokenizer, processor, scheduler or model "
                          "class")
     return found
+
+
+# Files from the source checkpoint that travel with the compiled model: tokenizer, image
+# processor, feature extractor and processor files, so that `AutoTokenizer` / `AutoImageProcessor`
+# / `pipeline(...)` load from a compiled folder as from the checkpoint.
+SOURCE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "vocab.txt", "merges.txt", "added_tokens.json", "spiece.model", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
+    "feature_extractor_config.json",
+)
+
+# The largest tokenizer / processor file copied from a checkpoint (tokenizer.json files are tens of MB).
+MAX_SOURCE_FILE_BYTES = 512 * 1024 * 1024
+
+# from_pretrained kwargs that say where on the Hub to look, not how to build the model.
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
+
+
+def hub_kwargs_of(kwargs: dict, pop: bool = False) -> dict:
+    return {k: (kwargs.pop(k) if pop else kwargs[k]) for k in HUB_KWARGS if k in kwargs}
+
+
+def resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict) -> Path:
+    """A local folder as is; a Hub id through the standard cache (works offline from the cache)."""
+    path = Path(model_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{model_id} is a file, not a model folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    interrupted = staging_folders(path)
+    hint = f" An interrupted save left {interrupted[0]}; save the model again." if interrupted else ""
+    try:
+        validate_repo_id(str(model_id))
+    except HFValidationError:
+        raise ValueError(f"{model_id}: no such folder, and not a Hugging Face Hub model id either.{hint}") from None
+    try:
+        return Path(snapshot_download(str(model_id), **hub_kwargs))
+    except Exception as err:  # whatever the Hub said, add that we looked for a folder first
+        err.add_note(f"There is no local folder {model_id!r} either.{hint}")
+        raise

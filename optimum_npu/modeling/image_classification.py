@@ -18,6 +18,7 @@ produces (preprocessor_config.json), else the model config's `image_size`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -42,7 +43,10 @@ from transformers.modeling_outputs import ImageClassifierOutput, ImageClassifier
 from transformers.models.swin.modeling_swin import SwinImageClassifierOutput
 
 from ..configuration import OPTION_PREFIX, RBLNModelConfig
+from ..sim_device.program import PROGRAM_DTYPES
 from .base import RBLNModel
+from .quantization import Quantization, normalize_option
+from .quantized_convolutions import quantize_convolutions_
 from .transformers_pipelines import list_for_pipelines
 
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
@@ -76,10 +80,17 @@ class RBLNModelForImageClassificationConfig(RBLNModelConfig):
     """Options of a compiled image classifier (plus the base npu / dtype / batch_size / ...)."""
 
     image_size: tuple[int, int] | None = None   # (height, width); None: from the image processor / config
+    # W8A8 convolutions: {"weights": "int8", "activations": "int8"} (modeling/quantized_convolutions.py)
+    quantization: Mapping | None = dataclasses.field(default=None, hash=False)
 
     def _validate(self) -> None:
         super()._validate()
         self._set("image_size", normalize_image_size(self.image_size))
+        self._set("quantization", normalize_option(self.quantization))
+        spec = Quantization.parse(self.quantization)
+        if spec is not None and (spec.activations == "fp16" or spec.kv_caches != "fp16"):
+            raise ValueError(f"{OPTION_PREFIX}quantization of an image classifier is W8A8: {{'weights': 'int8', "
+                             f"'activations': 'int8'}} (or 'fp8' for both); got {self.quantization}")
 
 
 class _LogitsGraph(torch.nn.Module):
@@ -145,6 +156,9 @@ class RBLNModelForImageClassification(RBLNModel):
 
     @classmethod
     def _export_module(cls, hf_model, config) -> torch.nn.Module:
+        quantization = Quantization.parse(config.quantization)
+        if quantization is not None:   # on a copy: from_model's model is the caller's
+            hf_model = quantize_convolutions_(copy.deepcopy(hf_model), quantization, PROGRAM_DTYPES[config.dtype])
         return _LogitsGraph(hf_model)
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs):

@@ -1,8 +1,8 @@
 """`optimum_npu.plan(...)`: which configuration of a decoder-only model should I deploy?
 
 For a model (a Hub id, a folder, a `config.json` or a transformers config), an NPU and a
-workload (input and output lengths), the planner enumerates deployments (tensor-parallel
-size, batch size = decode bucket, prefill chunk, attention mode), discards those that do not
+workload (input and output lengths), the planner enumerates deployments (quantisation,
+tensor-parallel size, batch size = decode bucket, prefill chunk, attention mode), discards those that do not
 fit a device, and prices the rest with the device's cost model through a serving simulation
 (`serving.simulate`: continuous batching at a concurrency of the batch size, the host's serving
 work between steps included). A latency objective (`max_ttft_s`, `max_tpot_s`: bounds on the
@@ -20,9 +20,11 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
+from ..sim_device import power
 from ..sim_device.cost_model import DEFAULT_CALIBRATION
 from ..sim_device.specs import DEFAULT_NPU, get_npu_spec
 from ..modeling.decoderonly.kv_cache import KVCacheLayout, is_kv_cache
+from ..modeling.quantization import label as quantization_label, named as named_quantization
 from .meta import CompileCache, compile_decoder_on_meta, load_hf_config
 from .serving import StepTimes, closed_loop, serving_host_overhead, simulate
 
@@ -38,6 +40,7 @@ class Candidate:
 
     tensor_parallel_size: int
     batch_size: int
+    quantization: str             # "16bit", "w4a16 g128", ... (`modeling.quantization.label`)
     prefill_chunk_size: int
     attn_impl: str
     kvcache_partition_len: int | None
@@ -49,7 +52,8 @@ class Candidate:
     tokens_per_s_per_card: float
     tokens_per_s_per_server: float
     tokens_per_s_per_rack: float  # as many cards as the rack's power budget feeds
-    tokens_per_s_per_watt: float  # card power (TDP) only
+    tokens_per_s_per_watt: float  # over the card's simulated power (sim_device/power.py), host and server excluded
+    card_watts: float             # that power: idle plus what the deployment's utilisation draws
     devices: int
 
     def as_dict(self) -> dict:
@@ -69,7 +73,7 @@ class Plan:
     max_tpot_s: float | None = None
 
     def table(self) -> str:
-        header = (f"{'#':>3} {'TP':>3} {'batch':>5} {'chunk':>5} {'attention':>16} {'mem/dev GiB':>11} {'TTFT ms':>9} "
+        header = (f"{'#':>3} {'quant':>10} {'TP':>3} {'batch':>5} {'chunk':>5} {'attention':>16} {'mem/dev GiB':>11} {'TTFT ms':>9} "
                   f"{'TPOT ms':>8} {'tok/s inst':>10} {'tok/s card':>10} {'tok/s server':>12} {'tok/s rack':>10} "
                   f"{'tok/s/W':>7}")
         lines = [f"{self.model} on {self.npu}, input {self.input_len} / output {self.output_len} tokens; "
@@ -79,7 +83,7 @@ class Plan:
         for i, c in enumerate(self.candidates, 1):
             attention = _attention(c)
             lines.append(
-                f"{i:>3} {c.tensor_parallel_size:>3} {c.batch_size:>5} {c.prefill_chunk_size:>5} {attention:>16} "
+                f"{i:>3} {c.quantization:>10} {c.tensor_parallel_size:>3} {c.batch_size:>5} {c.prefill_chunk_size:>5} {attention:>16} "
                 f"{c.memory_per_device_bytes / 2**30:>11.2f} {c.ttft_s * 1e3:>9.1f} {c.tpot_s * 1e3:>8.2f} "
                 f"{c.tokens_per_s:>10.1f} {c.tokens_per_s_per_card:>10.1f} {c.tokens_per_s_per_server:>12.1f} "
                 f"{c.tokens_per_s_per_rack:>10.0f} {c.tokens_per_s_per_watt:>7.2f}")
@@ -99,8 +103,10 @@ def _plot_labels(candidates: list[Candidate]) -> list[str]:
     TP and batch must not read alike)."""
     chunks = {c.prefill_chunk_size for c in candidates}
     attentions = {_attention(c) for c in candidates}
+    quantizations = {c.quantization for c in candidates}
     return [f"#{i} TP{c.tensor_parallel_size} b{c.batch_size}" + (f" c{c.prefill_chunk_size}" if len(chunks) > 1 else "")
-            + (f" {_attention(c)}" if len(attentions) > 1 else "") for i, c in enumerate(candidates, 1)]
+            + (f" {_attention(c)}" if len(attentions) > 1 else "")
+            + (f" {c.quantization}" if len(quantizations) > 1 else "") for i, c in enumerate(candidates, 1)]
 
 
 def _objective(max_ttft_s: float | None, max_tpot_s: float | None) -> str:
@@ -217,7 +223,21 @@ class _ScaledGraph:
     def estimate(self, kv_len: int):
         a, b = self.one.estimate(kv_len=kv_len), self.two.estimate(kv_len=kv_len)
         return dataclasses.replace(a, per_kind_s={k: _scaled(a.per_kind_s[k], b.per_kind_s[k], self.layers)
-                                                  for k in a.per_kind_s})
+                                                  for k in a.per_kind_s},
+                                   flops=_scaled(a.flops, b.flops, self.layers),
+                                   dram_bytes=_scaled(a.dram_bytes, b.dram_bytes, self.layers))
+
+
+def _card_watts(spec, graphs: dict, served, batch: int, input_len: int, output_len: int) -> float:
+    """Average power of a card serving as `served` did (power.card_watts): each device's FLOPs and
+    DRAM bytes over the run's wall time. The work of the run's decode steps is priced at the batch's
+    bucket and the mean context of a request's decode (input_len + output_len / 2), its prefill chunks
+    at half the prompt: attention is linear in the context, so the means price the totals."""
+    decode = graphs[f"decoder_batch_{batch}"].estimate(kv_len=input_len + output_len // 2)
+    prefill = graphs["prefill"].estimate(kv_len=max(1, input_len // 2))
+    flops = served.decode_steps * decode.flops + served.prefill_chunks * prefill.flops
+    nbytes = served.decode_steps * decode.dram_bytes + served.prefill_chunks * prefill.dram_bytes
+    return power.card_watts(spec, *power.utilisation(spec, flops, nbytes, served.makespan_s))
 
 
 def _device_bytes(one: dict, two: dict, layers: int, num_blocks: int, batch: int) -> int:
@@ -255,10 +275,12 @@ def _resident_bytes(program, rank: int, num_blocks: int) -> int:
 def plan(model, npu: str = DEFAULT_NPU, input_len: int = 2048, output_len: int = 2048, *,
          tensor_parallel_sizes=TENSOR_PARALLEL_SIZES, batch_sizes=BATCH_SIZES, chunk_sizes=CHUNK_SIZES,
          rack_power_w: float = 35_000.0, dtype: str = "bfloat16", max_ttft_s: float | None = None,
-         max_tpot_s: float | None = None) -> Plan:
+         max_tpot_s: float | None = None, quantizations=("16bit",)) -> Plan:
     """Rank the deployments of `model` on `npu` for requests of `input_len` prompt and
     `output_len` generated tokens, keeping those whose median TTFT / TPOT are within
-    `max_ttft_s` / `max_tpot_s` (None: unbounded); see the module docstring."""
+    `max_ttft_s` / `max_tpot_s` (None: unbounded); see the module docstring. `quantizations`:
+    the low-precision settings to weigh against each other, each a name ("16bit", "w8a16",
+    "w4a16", "fp8", "kv-fp8", ...: `modeling.quantization.NAMED`) or an rbln_quantization dict."""
     spec = get_npu_spec(npu)
     for name, value in (("max_ttft_s", max_ttft_s), ("max_tpot_s", max_tpot_s)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
@@ -275,6 +297,10 @@ def plan(model, npu: str = DEFAULT_NPU, input_len: int = 2048, output_len: int =
         raise ValueError(f"rack_power_w (optimum-npu plan --rack-power-kw, in kW) must be a number of watts from "
                          f"{spec.card_tdp_watts:g} (one {npu} card) to 1e9, got {rack_power_w!r}")
     batch_sizes = tuple(sorted(set(batch_sizes)))
+    if isinstance(quantizations, (str, dict)) or not quantizations:
+        raise ValueError(f"quantizations must be a non-empty list of names or rbln_quantization dicts, got "
+                         f"{quantizations!r}")
+    quantizations = list({quantization_label(q): q for q in map(named_quantization, quantizations)}.values())
     hf_config = load_hf_config(model)
     check_decoder_config(hf_config)
     name = model if isinstance(model, str) else (getattr(hf_config, "_name_or_path", "") or hf_config.model_type)
@@ -284,66 +310,77 @@ def plan(model, npu: str = DEFAULT_NPU, input_len: int = 2048, output_len: int =
     if limit is not None and needed > limit:
         raise ValueError(f"input_len + output_len = {needed} is longer than the model's max_position_embeddings "
                          f"({limit}): no max_seq_len can serve it")
-    weight_bytes = _parameter_count(hf_config) * 2  # 16-bit weights
+    parameters = _parameter_count(hf_config)
     host = serving_host_overhead(hf_config.vocab_size, DEFAULT_CALIBRATION.host_bandwidth)
     candidates, rejected = [], []
     one_layer, two_layers = _with_layers(hf_config, 1), _with_layers(hf_config, 2)
     cache = CompileCache()  # each distinct graph exported once, compiled once per tensor-parallel size
-    for attn_impl in ("eager", "flash_attn"):
-        max_seq_len = _max_seq_len(needed, attn_impl)
-        if max_seq_len is None or (limit is not None and max_seq_len > limit):
-            rejected.append(f"{attn_impl}: no max_seq_len of this attention mode holds {needed} positions within "
-                            f"the model's {limit}")
-            continue
-        for tp in tensor_parallel_sizes:
-            if weight_bytes / tp > spec.usable_dram_bytes:
-                rejected.append(f"TP {tp}, {attn_impl}: the weights alone need {weight_bytes / tp / 2**30:.1f} GiB "
-                                f"per device, {spec.usable_dram_bytes / 2**30:.1f} usable")
+    for quantization in quantizations:
+        # a lower bound of the weights' bytes: every parameter at the quantised width (no scales)
+        weight_bytes = parameters * (16 if quantization is None else quantization.weight_bits) / 8
+        quant = quantization_label(quantization)
+        for attn_impl in ("eager", "flash_attn"):
+            max_seq_len = _max_seq_len(needed, attn_impl)
+            if max_seq_len is None or (limit is not None and max_seq_len > limit):
+                rejected.append(f"{attn_impl}: no max_seq_len of this attention mode holds {needed} positions within "
+                                f"the model's {limit}")
                 continue
-            for chunk in chunk_sizes:
-                options = dict(rbln_npu=npu, rbln_dtype=dtype, rbln_tensor_parallel_size=tp,
-                               rbln_batch_size=max(batch_sizes), rbln_decoder_batch_sizes=list(batch_sizes),
-                               rbln_max_seq_len=max_seq_len, rbln_prefill_chunk_size=chunk, rbln_attn_impl=attn_impl)
-                if attn_impl == "flash_attn":
-                    options["rbln_kvcache_partition_len"] = PARTITION_LEN
-                try:
-                    # The pool: every slot at full length (the config's default).
-                    config, one = compile_decoder_on_meta(one_layer, check_memory=False, cache=cache, **options)
-                    _, two = compile_decoder_on_meta(two_layers, check_memory=False, cache=cache, **options)
-                except ValueError as error:
-                    rejected.append(f"TP {tp}, chunk {chunk}, {attn_impl}: {str(error).splitlines()[0]}")
+            for tp in tensor_parallel_sizes:
+                if weight_bytes / tp > spec.usable_dram_bytes:
+                    rejected.append(f"{quant}, TP {tp}, {attn_impl}: the weights alone need at least "
+                                    f"{weight_bytes / tp / 2**30:.1f} GiB per device, "
+                                    f"{spec.usable_dram_bytes / 2**30:.1f} usable")
                     continue
-                layout = KVCacheLayout.from_config(one_layer, config)
-                graphs = {name: _ScaledGraph(one[name], two[name], layers) for name in one}
-                times = StepTimes.from_graphs(graphs, chunk, max_seq_len, grid=max(256, max_seq_len // 16))
-                for batch in batch_sizes:
-                    num_blocks = batch * layout.max_blocks_per_seq
-                    memory = _device_bytes(one, two, layers, num_blocks, batch)
-                    what = f"TP {tp}, batch {batch}, chunk {chunk}, {attn_impl}"
-                    if memory > spec.usable_dram_bytes:
-                        rejected.append(f"{what}: needs {memory / 2**30:.1f} GiB per device, "
-                                        f"{spec.usable_dram_bytes / 2**30:.1f} usable")
+                for chunk in chunk_sizes:
+                    options = dict(rbln_npu=npu, rbln_dtype=dtype, rbln_tensor_parallel_size=tp,
+                                   rbln_batch_size=max(batch_sizes), rbln_decoder_batch_sizes=list(batch_sizes),
+                                   rbln_max_seq_len=max_seq_len, rbln_prefill_chunk_size=chunk,
+                                   rbln_attn_impl=attn_impl)
+                    if attn_impl == "flash_attn":
+                        options["rbln_kvcache_partition_len"] = PARTITION_LEN
+                    if quantization is not None:
+                        options["rbln_quantization"] = quantization.to_json()
+                    try:
+                        # The pool: every slot at full length (the config's default).
+                        config, one = compile_decoder_on_meta(one_layer, check_memory=False, cache=cache, **options)
+                        _, two = compile_decoder_on_meta(two_layers, check_memory=False, cache=cache, **options)
+                    except ValueError as error:
+                        rejected.append(f"{quant}, TP {tp}, chunk {chunk}, {attn_impl}: {str(error).splitlines()[0]}")
                         continue
-                    served = simulate(times, closed_loop(batch, 2 * batch, input_len, output_len),
-                                      buckets=[b for b in batch_sizes if b <= batch], host=host)
-                    ttft, tpot = served.percentile("ttft_s", 50), served.percentile("tpot_s", 50)
-                    if (max_ttft_s is not None and ttft > max_ttft_s) or (max_tpot_s is not None and tpot > max_tpot_s):
-                        rejected.append(f"{what}: median TTFT {ttft:.2f} s, TPOT {tpot * 1e3:.1f} ms break the "
-                                        f"objective ({_objective(max_ttft_s, max_tpot_s)})")
-                        continue
-                    rate = served.output_tokens_per_s
-                    per_card = rate * spec.devices_per_card / tp
-                    cards_in_rack = int(rack_power_w // spec.card_tdp_watts)
-                    candidates.append(Candidate(
-                        tensor_parallel_size=tp, batch_size=batch, prefill_chunk_size=chunk, attn_impl=attn_impl,
-                        kvcache_partition_len=PARTITION_LEN if attn_impl == "flash_attn" else None,
-                        max_seq_len=max_seq_len, memory_per_device_bytes=memory,
-                        ttft_s=ttft, tpot_s=tpot,
-                        tokens_per_s=rate, tokens_per_s_per_card=per_card,
-                        tokens_per_s_per_server=per_card * spec.cards_per_server,
-                        tokens_per_s_per_rack=per_card * cards_in_rack,
-                        tokens_per_s_per_watt=per_card / spec.card_tdp_watts, devices=tp,
-                    ))
+                    layout = KVCacheLayout.from_config(one_layer, config)
+                    graphs = {name: _ScaledGraph(one[name], two[name], layers) for name in one}
+                    times = StepTimes.from_graphs(graphs, chunk, max_seq_len, grid=max(256, max_seq_len // 16))
+                    for batch in batch_sizes:
+                        num_blocks = batch * layout.max_blocks_per_seq
+                        memory = _device_bytes(one, two, layers, num_blocks, batch)
+                        what = f"{quant}, TP {tp}, batch {batch}, chunk {chunk}, {attn_impl}"
+                        if memory > spec.usable_dram_bytes:
+                            rejected.append(f"{what}: needs {memory / 2**30:.1f} GiB per device, "
+                                            f"{spec.usable_dram_bytes / 2**30:.1f} usable")
+                            continue
+                        served = simulate(times, closed_loop(batch, 2 * batch, input_len, output_len),
+                                          buckets=[b for b in batch_sizes if b <= batch], host=host)
+                        ttft, tpot = served.percentile("ttft_s", 50), served.percentile("tpot_s", 50)
+                        if ((max_ttft_s is not None and ttft > max_ttft_s)
+                                or (max_tpot_s is not None and tpot > max_tpot_s)):
+                            rejected.append(f"{what}: median TTFT {ttft:.2f} s, TPOT {tpot * 1e3:.1f} ms break the "
+                                            f"objective ({_objective(max_ttft_s, max_tpot_s)})")
+                            continue
+                        rate = served.output_tokens_per_s
+                        per_card = rate * spec.devices_per_card / tp
+                        watts = _card_watts(spec, graphs, served, batch, input_len, output_len)
+                        cards_in_rack = int(rack_power_w // spec.card_tdp_watts)
+                        candidates.append(Candidate(
+                            tensor_parallel_size=tp, batch_size=batch, quantization=quant, prefill_chunk_size=chunk,
+                            attn_impl=attn_impl,
+                            kvcache_partition_len=PARTITION_LEN if attn_impl == "flash_attn" else None,
+                            max_seq_len=max_seq_len, memory_per_device_bytes=memory,
+                            ttft_s=ttft, tpot_s=tpot,
+                            tokens_per_s=rate, tokens_per_s_per_card=per_card,
+                            tokens_per_s_per_server=per_card * spec.cards_per_server,
+                            tokens_per_s_per_rack=per_card * cards_in_rack,
+                            tokens_per_s_per_watt=per_card / watts, card_watts=watts, devices=tp,
+                        ))
     if not candidates:
         reasons = "; ".join(rejected[-4:] if max_ttft_s or max_tpot_s else rejected[:4])
         raise ValueError(f"no deployment of {name} fits {npu} for {input_len} + {output_len} tokens: {reasons}")

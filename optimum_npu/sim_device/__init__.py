@@ -8,7 +8,7 @@ This layer imports nothing else of optimum_npu. Its modules, by job:
 | the machine | `specs` (presets), `machine` (devices, cards, NUMA, links), `memory` (who holds DRAM), `smi` |
 | loading | `device_state` (per-rank tensors, allocations, the clock), `host_math` (host numerics) |
 | running | `runtime` (bind inputs, run, account), `executor` (emits a program's code), `rank_batching`, `kernels`, `collectives`, `host_linear` |
-| time and reports | `cost_model`, `profiler`, `session`, `stats` |
+| time, power and reports | `cost_model`, `power`, `profiler`, `session`, `stats` |
 """
 
 from .artifact import Artifact, ArtifactError

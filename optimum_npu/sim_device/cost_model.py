@@ -33,29 +33,39 @@ class Calibration:
     # pays a pipeline fill / drain worth `matmul_fill_rows` rows. Large products sustain
     # `matmul_peak_utilisation` of the spec-sheet peak. Utilisation at M rows:
     #     u(M) = matmul_peak_utilisation * M / (ceil(M / tile) * tile + fill)
+    # u(1) = 0.025, u(8) = 0.2, u(128) = 0.53, u(1024) = 0.59: a decode step of up to 8 sequences
+    # is bound by streaming its weights (the engines need about a third of that time), and a
+    # 128-token prefill chunk runs at 90% of a 1024-token one's rate per token.
     matmul_peak_utilisation: float = 0.60
     matmul_tile_rows: int = 8
-    matmul_fill_rows: int = 48
+    matmul_fill_rows: int = 16
     # Element-wise and reduction work runs on the vector units (estimate: 1/16 of the matrix
     # peak; these kernels are memory-bound, so the figure rarely matters).
     vector_fraction_of_peak: float = 1 / 16
     # DRAM <-> SRAM streaming (Task DMA): large transfers sustain `dram_peak_utilisation` of the
     # spec-sheet bandwidth; each kernel's transfers also pay a fixed setup latency, so a small
     # kernel streams at a lower effective rate (efficiency by transfer size).
-    dram_peak_utilisation: float = 0.93
-    dma_setup_s: float = 1.0e-6
-    # Command submission per kernel (the order of a GPU kernel launch).
-    kernel_launch_s: float = 2e-6
-    # PCIe Gen5 x16 host transfers reach ~80% of the link rate, plus a descriptor / doorbell
-    # latency per transfer (estimates).
+    dram_peak_utilisation: float = 0.95
+    dma_setup_s: float = 0.5e-6
+    # Command submission per kernel: the compiler schedules the whole graph ahead, so the command
+    # processor queues the next kernel while one runs; what is left is its dispatch.
+    kernel_launch_s: float = 0.5e-6
+    # Paged attention handles the sequences of a batch one after the other (each has its own block
+    # table and KV length): each sets up its own KV transfers, per attention kernel and layer.
+    attention_sequence_setup_s: float = 2e-6
+    # PCIe host transfers reach ~80% of the link rate, plus a descriptor / doorbell latency per
+    # transfer (estimates).
     pcie_efficiency: float = 0.80
     hdma_latency_s: float = 5e-6
     # Host fallback: fp32 on one core of the host CPU (estimate for a server core with AVX-512).
     host_flops: float = 50e9
     host_bandwidth: float = 20e9
     host_op_overhead_s: float = 5e-6
-    # Per-run submission and completion sync between host driver and device (estimate).
-    run_overhead_s: float = 10e-6
+    # The host's share of every run, as a user times `model(inputs)` on the synchronous runtime:
+    # the runtime call (argument checks, submitting the run to the driver) and waiting for the
+    # completion interrupt. The copies in and out are steps of their own (HDMA, priced at the
+    # PCIe rate above). Estimate, checked end to end on ResNet-50 and BERT-base (batch 1, CA22).
+    run_overhead_s: float = 20e-6
 
     def matmul_utilisation(self, rows: int) -> float:
         """Fraction of the matrix engines' peak a product with `rows` rows (M) achieves."""
@@ -91,11 +101,15 @@ class CostModel:
         self.cal = calibration
         self.ring = ring
 
-    def kernel(self, flops: float, vector_flops: float, bytes_moved: int, matmul_rows: int = 0) -> StepCost:
+    def kernel(self, flops: float, vector_flops: float, bytes_moved: int, matmul_rows: int = 0,
+               matmul_format: str = "16bit", sequences: int = 0) -> StepCost:
+        """A device kernel; its matrix work at the peak rate of its number format (8-bit W8A8 products
+        at the int8 / fp8 rate), its vector work at a fraction of the 16-bit peak."""
         peak = self.spec.peak_flops_16bit
-        compute = (flops / (peak * self.cal.matmul_utilisation(matmul_rows))
+        compute = (flops / (self.spec.matmul_rate(matmul_format) * self.cal.matmul_utilisation(matmul_rows))
                    + vector_flops / (peak * self.cal.vector_fraction_of_peak))
-        dma = bytes_moved / (self.spec.dram_bandwidth * self.cal.dram_peak_utilisation) + self.cal.dma_setup_s
+        dma = (bytes_moved / (self.spec.dram_bandwidth * self.cal.dram_peak_utilisation) + self.cal.dma_setup_s
+               + sequences * self.cal.attention_sequence_setup_s)
         return StepCost(max(compute, dma) + self.cal.kernel_launch_s, compute_s=compute, dma_s=dma,
                         flops=flops + vector_flops, bytes=bytes_moved)
 
@@ -128,7 +142,8 @@ class CostModel:
         flops = step.flops if flops is None else flops
         bytes_moved = step.bytes_read + step.bytes_written if bytes_moved is None else bytes_moved
         if step.kind == StepKind.KERNEL:
-            return self.kernel(flops, step.vector_flops, bytes_moved, step.matmul_rows)
+            return self.kernel(flops, step.vector_flops, bytes_moved, step.matmul_rows, step.matmul_format,
+                               step.sequences)
         if step.kind == StepKind.HOST:
             return self.host(flops + step.vector_flops, bytes_moved)
         if step.kind == StepKind.COLLECTIVE:
@@ -144,6 +159,8 @@ class RunEstimate:
     kv_len: int | None                  # KV positions per sequence attention was priced at; None: full capacity
     per_kind_s: dict[StepKind, float]   # step time by step kind
     overhead_s: float                   # per-run submission and sync
+    flops: float = 0.0                  # device FLOPs (matrix and vector units) of one device's run
+    dram_bytes: float = 0.0             # bytes its kernels stream between DRAM and SRAM (the power model's)
 
     @property
     def total_s(self) -> float:
@@ -181,10 +198,15 @@ def estimate_run(program: Program, cost_model: CostModel, kv_len: int | None = N
     """Price one run of `program` step by step with `cost_model`, as the runtime's clock does;
     attention at `kv_len` positions per sequence (None: the full capacity, the compile-time worst case)."""
     per_kind = {kind: 0.0 for kind in StepKind}
+    flops = dram_bytes = 0.0
     for step in program.steps:
         if step.dynamic_cost and kv_len is not None:
             cost = cost_model.price(step, *attention_work(program, step, kv_len))
         else:
             cost = cost_model.price(step)
         per_kind[step.kind] += cost.total_s
-    return RunEstimate(kv_len, per_kind, cost_model.run_overhead())
+        if step.kind in (StepKind.KERNEL, StepKind.COLLECTIVE):
+            flops += cost.flops
+        if step.kind == StepKind.KERNEL:
+            dram_bytes += cost.bytes
+    return RunEstimate(kv_len, per_kind, cost_model.run_overhead(), flops, dram_bytes)

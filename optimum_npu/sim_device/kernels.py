@@ -20,7 +20,9 @@ Position p of sequence b is stored at block block_tables[b, p // block_size], of
 p % block_size.
 
 Numerics: matmuls run in the input dtype (bf16 in -> bf16 matmuls), softmax statistics
-(max, sum, normalisation) in fp32, as the device does.
+(max, sum, normalisation) in fp32, as the device does. A cache may be float8 e4m3
+(rbln_quantization kv_caches="fp8"): K and V are rounded to it when written (saturating at
++-448, as torch's cast does) and widened to the query's dtype when read.
 
 This module imports only torch and the standard library (the sim_device layer knows
 nothing of the rest of the package).
@@ -519,7 +521,9 @@ def attention_cost(op_name: str, args: tuple, float_bytes: int | None = None,
         return tensor.numel() * _element_size(tensor)
 
     def _element_size(tensor: Tensor) -> int:
-        return float_bytes if float_bytes and tensor.is_floating_point() else tensor.element_size()
+        # an fp8 KV cache is one byte on the device and on the host alike
+        wide = tensor.is_floating_point() and tensor.element_size() > 1
+        return float_bytes if float_bytes and wide else tensor.element_size()
 
     name = str(op_name)
     if name == MOE_EXPERTS:

@@ -36,8 +36,13 @@ ACROSS_NUMA_LATENCY_S = 4.0e-6      # plus the inter-socket link
 # Peer-to-peer traffic across sockets reaches about half the PCIe rate (estimate: the
 # inter-socket link is shared with memory traffic and forwards PCIe writes less efficiently).
 ACROSS_NUMA_BANDWIDTH_FRACTION = 0.5
-# Ring collectives keep ~80% of the link rate busy with payload (estimate, as for HDMA).
-LINK_EFFICIENCY = 0.80
+# Payload fraction of a device-to-device link in a ring collective. Fitted: the one public
+# multi-device measurement (Qwen3-4B at TP 4 on an ATOM-Max card, docs/performance-model.md)
+# prefills at what the single-device points (ResNet-50, BERT-base on CA22) say the engines
+# deliver only if its 72 all-reduces per 128-token chunk move ~13 GB/s per link: partial sums go
+# die to die through the card's PCIe switch as DMA writes, each ring step waiting on the previous
+# one's completion flag. No public collective figure for these cards exists to check it by.
+LINK_EFFICIENCY = 0.20
 
 
 @dataclass(frozen=True)

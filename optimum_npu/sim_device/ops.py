@@ -46,7 +46,7 @@ DEVICE_OP_PACKETS: dict[str, str] = {
     "reduction": "all amax amin any argmax argmin cumsum linalg_vector_norm logsumexp max mean min prod std sum var",
     "layout": """
         view reshape permute transpose t unsqueeze squeeze expand expand_as slice select flatten unflatten
-        split split_with_sizes chunk unbind cat stack narrow repeat repeat_interleave flip roll constant_pad_nd pad movedim
+        split split_with_sizes chunk unbind cat concat concatenate stack narrow repeat repeat_interleave flip roll constant_pad_nd pad movedim
     """,
     "norm": """
         layer_norm group_norm batch_norm rms_norm instance_norm softmax log_softmax native_layer_norm
@@ -95,12 +95,20 @@ def op_packet(target: str) -> str:
 
 
 def kernel_ops() -> tuple[str, ...]:
-    """The device's own ops ('rbln.*'): attention kernels and collectives; importing their
-    modules registers them with torch."""
+    """The device's own ops ('rbln.*'): attention kernels, the dequantising matmul and
+    collectives; importing their modules registers them with torch."""
     from .collectives import COLLECTIVE_OPS
     from .kernels import KERNEL_OPS
+    from .quant_kernels import QUANT_OPS
 
-    return KERNEL_OPS + COLLECTIVE_OPS
+    return KERNEL_OPS + QUANT_OPS + COLLECTIVE_OPS
+
+
+def quant_ops() -> tuple[str, ...]:
+    """The device's matmul kernels on packed low-precision weights ('rbln.dequant_linear')."""
+    from .quant_kernels import QUANT_OPS
+
+    return QUANT_OPS
 
 
 def collective_ops() -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +43,12 @@ PROGRAM_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool,
+    # an 8-bit KV cache (rbln_quantization kv_caches="fp8"): kept as it is, never widened to the device float
+    "float8_e4m3fn": torch.float8_e4m3fn,
 }
 DTYPE_NAMES = {v: k for k, v in PROGRAM_DTYPES.items()}
+# Number formats of the matrix engines a kernel's products may run in (`Step.matmul_format`).
+MATMUL_FORMATS = ("16bit", "int8", "fp8")
 DEVICE_DTYPES = ("bfloat16", "float16")
 
 
@@ -127,6 +132,12 @@ class Step:
     # Rows (M) of the step's main matrix product, which sets how well the matrix engines are
     # used (cost_model.Calibration.matmul_utilisation); 0 when the step has none.
     matmul_rows: int = 0
+    # The number format of the step's matrix work (`flops`), whose peak rate prices it: "16bit",
+    # or "int8" / "fp8" for a W8A8 matmul (`NPUSpec.matmul_rate`).
+    matmul_format: str = "16bit"
+    # Sequences a paged-attention kernel processes one after the other (each has its own block table
+    # and KV length, so each sets up its own KV transfers); 0 for every other step.
+    sequences: int = 0
 
 
 @dataclass
@@ -158,6 +169,12 @@ def resident_bytes(spec: TensorSpec, shard: TensorShard | None, rank: int, npu: 
     """DRAM rank `rank` allocates for weight / buffer `spec` split by `shard`: its part, in whole pages
     of `npu`. The one rule the memory plan, the tensor-parallel advice and the planner all count by."""
     return npu.resident_bytes(local_spec(spec, shard, rank).nbytes)
+
+
+def host_only_weights(weights: list[TensorSpec], steps: list[Step]) -> set[str]:
+    """The names of `weights` that no step reads (a step reads a weight where it lives, on the device)."""
+    read = {name for step in steps for name in step.inputs}
+    return {spec.name for spec in weights if spec.name not in read}
 
 
 @dataclass
@@ -203,10 +220,20 @@ class Program:
         return local_spec(spec, self.tensor_shards.get(spec.name), rank)
 
     def resident_bytes(self, spec: TensorSpec, rank: int = 0) -> int:
-        """DRAM rank `rank` allocates for weight / buffer `spec`: its shard, in the NPU's pages."""
+        """DRAM rank `rank` allocates for weight / buffer `spec`: its shard, in the NPU's pages; none
+        for a weight no step reads (`host_only_weights`)."""
         from .specs import get_npu_spec
 
+        if spec.name in self.host_only_weights:
+            return 0
         return resident_bytes(spec, self.tensor_shards.get(spec.name), rank, get_npu_spec(self.npu))
+
+    @cached_property
+    def host_only_weights(self) -> frozenset[str]:
+        """Weights no step of the program reads: they stay in host memory, where the host uses them
+        (a decoder compiled with use_inputs_embeds looks its token embedding up on the host, as
+        optimum-rbln's decoders do), and take no device DRAM."""
+        return frozenset(host_only_weights(self.weights, self.steps))
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -359,6 +359,8 @@ SHAPE_OPS: dict[str, Callable] = {
     "aten.split_with_sizes.default": _dim_at(1),
     "aten.chunk.default": _dim_at(1),
     "aten.cat.default": _dim_at(0),   # its first argument: a list of stacked tensors
+    "aten.concat.default": _dim_at(0),   # torch.concat / concatenate: cat's aliases
+    "aten.concatenate.default": _dim_at(0),
 }
 """Ops on one stacked tensor (or, for cat, a list of them) and non-tensor arguments: each entry
 rewrites the op's arguments (`rewrite(args, kwargs, ranks)`, None if it cannot) for the same op

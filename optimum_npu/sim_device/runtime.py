@@ -68,8 +68,9 @@ def _op_callable(target: str) -> Callable:
         return op  # collective steps are emitted as calls to the runtime's collectives, not this
     if target.startswith("rbln."):
         from .kernels import IMPLEMENTATIONS
+        from .quant_kernels import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
-        return IMPLEMENTATIONS[target]
+        return {**IMPLEMENTATIONS, **QUANT_IMPLEMENTATIONS}[target]
     return op
 
 

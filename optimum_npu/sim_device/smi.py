@@ -14,7 +14,7 @@ from typing import Callable
 
 from . import host_math, machine, memory
 from .stats import format_bytes
-from .specs import GB, MB_BINARY as MiB, GiB, NPU_PRESETS, NPUSpec
+from .specs import DEFAULT_NPU, GB, MB_BINARY as MiB, GiB, NPU_PRESETS, NPUSpec
 
 ESTIMATE_MARK = "*"
 
@@ -193,6 +193,7 @@ _PRESET_COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[NPUSpec], str]]] = {
     "DRAM BW": (("dram_bandwidth",), lambda s: f"{s.dram_bandwidth / 1e9:g} GB/s"),
     "TFLOPS bf16": (("peak_flops_16bit",), lambda s: f"{s.peak_flops_16bit / 1e12:g}"),
     "TOPS int8": (("peak_ops_int8",), lambda s: f"{s.peak_ops_int8 / 1e12:g}"),
+    "TFLOPS fp8": (("peak_flops_fp8",), lambda s: "-" if s.peak_flops_fp8 is None else f"{s.peak_flops_fp8 / 1e12:g}"),
     "SRAM": (
         ("sram_shared_bytes", "sram_per_engine_bytes", "num_neural_engines"),
         lambda s: f"{format_capacity(s.sram_shared_bytes)} + {s.num_neural_engines}x{format_capacity(s.sram_per_engine_bytes)}",
@@ -204,7 +205,7 @@ _PRESET_COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[NPUSpec], str]]] = {
 
 _PRESET_FIELDS = (
     "product", "devices_per_card", "dram_bytes", "usable_dram_bytes", "dram_bandwidth", "peak_flops_16bit",
-    "peak_ops_int8", "sram_shared_bytes", "sram_per_engine_bytes", "num_neural_engines", "pcie_bandwidth",
+    "peak_ops_int8", "peak_flops_fp8", "sram_shared_bytes", "sram_per_engine_bytes", "num_neural_engines", "pcie_bandwidth",
     "device_link_bandwidth", "card_tdp_watts",
 )
 
@@ -233,4 +234,5 @@ def format_presets() -> str:
         right=set(range(2, 2 + len(_PRESET_COLUMNS))),
     )
     out.append(f"{ESTIMATE_MARK} estimate (not published by the vendor); other figures from Rebellions' product briefs.")
+    out.append(f"Default preset (when no npu is given): {DEFAULT_NPU}")
     return "\n".join(out)

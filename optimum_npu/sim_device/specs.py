@@ -15,6 +15,10 @@ GB = 1000**3
 TB = 1000**4
 MB_BINARY = 1024**2
 TFLOPS = 1e12
+# System DRAM the firmware keeps before a program allocates (optimum-rbln `get_available_dram`):
+# 288 MiB per ATOM device, 1 GiB per REBEL chiplet.
+ATOM_RESERVED_BYTES = 288 * MB_BINARY
+REBEL_RESERVED_BYTES_PER_CHIPLET = GiB
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,16 @@ class NPUSpec:
     # vllm-rbln, `get_maximum_num_blocks`: `align_2MB`; docs/performance-model.md).
     dram_page_bytes: int = 2 * MB_BINARY
     estimated: tuple[str, ...] = ()  # names of the fields above that are our estimates
+    # fp8 FLOP/s per device; None: the device has no fp8 matrix arithmetic (the ATOM die's brief lists
+    # fp16/bf16 and int8 rates only), so fp8 activations are refused on it.
+    peak_flops_fp8: float | None = None
+
+    def matmul_rate(self, fmt: str) -> float:
+        """Peak matrix-engine rate of `fmt` ("16bit", "int8", "fp8"), per device."""
+        rate = {"16bit": self.peak_flops_16bit, "int8": self.peak_ops_int8, "fp8": self.peak_flops_fp8}[fmt]
+        if rate is None:
+            raise ValueError(f"{self.name} has no {fmt} matrix arithmetic (its rates: 16-bit and int8)")
+        return rate
 
     @property
     def devices_per_server(self) -> int:
@@ -59,12 +73,14 @@ class NPUSpec:
 # ATOM die, the building block of CA12 / CA22 / CA25.
 # 16 GiB GDDR6 at 256 GB/s, 32 TFLOPS fp16/bf16, 128 TOPS int8, 8 neural engines with
 # 4 MB local memory each and 32 MB shared memory: ATOM product brief (docs/hardware.md).
-# 15.7 GiB usable of 16: what rbln-smi reports as total memory on an ATOM device.
+# Usable: 16 GiB less the 288 MiB of system DRAM the firmware keeps, 16,877,879,296 bytes: what an
+# RBLN-CA22 reports, and what optimum-rbln's `get_available_dram` (utils/runtime_utils.py) gives an
+# ATOM device before it sizes a KV cache (docs/hardware.md).
 # PCIe Gen5 x16: 64 GB/s per direction (PCI-SIG Gen5 x16 figure, cited in the ATOM-Max brief).
 _ATOM_DIE = dict(
     devices_per_card=1,
     dram_bytes=16 * GiB,
-    usable_dram_bytes=int(15.7 * GiB),
+    usable_dram_bytes=16 * GiB - ATOM_RESERVED_BYTES,
     dram_bandwidth=256 * GB,
     peak_flops_16bit=32 * TFLOPS,
     peak_ops_int8=128 * TFLOPS,
@@ -80,10 +96,14 @@ NPU_PRESETS: dict[str, NPUSpec] = {
     # An ATOM server holds 16 cards (the vendor's Llama-3-8B server figure is for 16 ATOM cards).
     "RBLN-CA12": NPUSpec(name="RBLN-CA12", product="ATOM (RBLN-CA12)", card_tdp_watts=130.0, cards_per_server=16,
                          **_ATOM_DIE),
-    # ATOM+ card, single device; same die figures (docs/hardware.md). TDP and server: estimates, as CA12.
+    # ATOM+ card, single device; same die figures (docs/hardware.md). Its host link trains at PCIe
+    # Gen5 x8 (32 GT/s x8: 32 GB/s per direction, rbln-smi on a CA22, docs/performance-model.md).
+    # TDP: calibrated with the power model on public CA22 card power (sim_device/power.py: what the
+    # card would draw with its engines at peak and its DRAM at full bandwidth; no ATOM+ figure is
+    # published); server: an estimate, as CA12.
     "RBLN-CA22": NPUSpec(
-        name="RBLN-CA22", product="ATOM+ (RBLN-CA22)", card_tdp_watts=130.0, cards_per_server=16,
-        estimated=("card_tdp_watts", "cards_per_server"), **_ATOM_DIE
+        name="RBLN-CA22", product="ATOM+ (RBLN-CA22)", card_tdp_watts=56.0, cards_per_server=16,
+        estimated=("card_tdp_watts", "cards_per_server"), **{**_ATOM_DIE, "pcie_bandwidth": 32 * GB}
     ),
     # ATOM-Max card: 4 ATOM dies = 4 devices, 64 GiB / 1 TB/s / 128 TFLOPS per card, 350 W,
     # PCIe Gen5 x16 to the host (ATOM-Max brief). The dies talk through the card's PCIe
@@ -96,18 +116,20 @@ NPU_PRESETS: dict[str, NPUSpec] = {
         estimated=("device_link_bandwidth",),
         **{**_ATOM_DIE, "devices_per_card": 4},
     ),
-    # REBEL-Quad: 4 chiplets presented as one device, 144 GB HBM3E (140 usable, docs/hardware.md),
-    # 4.8 TB/s. Compute: vendor figure of ~2 PFLOPS FP8 dense, so ~1 PFLOPS fp16/bf16 and
+    # REBEL-Quad: 4 chiplets presented as one device, 144 GB HBM3E (144 GiB in optimum-rbln's estimators,
+    # less 1 GiB of system DRAM per chiplet: 140 GiB usable, docs/hardware.md),
+    # 4.8 TB/s. Compute: vendor figure of ~2 PFLOPS FP8 dense (peak_flops_fp8), so ~1 PFLOPS fp16/bf16 and
     # ~2 POPS int8 (estimates); SRAM, link and TDP are estimates too.
     "RBLN-CR03": NPUSpec(
         name="RBLN-CR03",
         product="REBEL-Quad (RBLN-CR03)",
         devices_per_card=1,
-        dram_bytes=144 * GB,
-        usable_dram_bytes=140 * GB,
+        dram_bytes=144 * GiB,
+        usable_dram_bytes=144 * GiB - 4 * REBEL_RESERVED_BYTES_PER_CHIPLET,
         dram_bandwidth=4.8 * TB,
         peak_flops_16bit=1000 * TFLOPS,
         peak_ops_int8=2000 * TFLOPS,
+        peak_flops_fp8=2000 * TFLOPS,
         sram_shared_bytes=256 * MB_BINARY,
         sram_per_engine_bytes=4 * MB_BINARY,
         num_neural_engines=32,

@@ -44,6 +44,17 @@ def memory_summary(usages: list[DeviceMemoryUsage]) -> str:
     return ", ".join(f"npu{m.device} {format_bytes(m.total_bytes)}" for m in usages)
 
 
+def sum_memory(usages) -> list[DeviceMemoryUsage]:
+    """`DeviceMemoryUsage`s summed per device, by device id (a model's runtimes, a model and its sub-models)."""
+    per_device: dict[int, DeviceMemoryUsage] = {}
+    for m in usages:
+        total = per_device.setdefault(m.device, DeviceMemoryUsage(m.device, m.npu, 0, 0, 0, m.capacity_bytes))
+        total.weights_bytes += m.weights_bytes
+        total.buffers_bytes += m.buffers_bytes
+        total.activations_bytes += m.activations_bytes
+    return [per_device[d] for d in sorted(per_device)]
+
+
 @dataclass
 class RuntimeStats:
     """Simulated device time, cumulated over runs, and device memory."""

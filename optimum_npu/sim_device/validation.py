@@ -24,7 +24,7 @@ from typing import Callable
 
 from .ops import check_op_arguments, check_op_outputs, collective_ops
 from .program import (
-    DEVICE_DTYPES, NUMERICS, PROGRAM_DTYPES, STEP_KINDS, ArtifactError, Program, Step, StepKind, TensorSpec, aligned,
+    DEVICE_DTYPES, MATMUL_FORMATS, NUMERICS, PROGRAM_DTYPES, STEP_KINDS, ArtifactError, Program, Step, StepKind, TensorSpec, aligned,
 )
 from .shapes import derive_shapes
 from .specs import NPU_PRESETS
@@ -119,13 +119,18 @@ def _object(required: dict[str, Check], optional: dict[str, Check] | None = None
     return check
 
 
+def _matmul_format(value, where: str) -> None:
+    if value not in MATMUL_FORMATS:
+        _fail(where, f"must be one of {MATMUL_FORMATS}, got {value!r}")
+
+
 _TENSOR_SPEC = _object({"name": _string, "shape": _list_of(_count), "dtype": _string})
 _OP = _object({"target": _string, "args": _json_list, "kwargs": _json_object, "outputs": _list_of(_optional_name)})
 _STEP = _object({
     "kind": _step_kind, "name": _string, "inputs": _list_of(_string), "outputs": _list_of(_string),
     "ops": _list_of(_OP), "flops": _amount, "vector_flops": _amount, "bytes_read": _count,
     "bytes_written": _count, "cast_to_device_float": _flag, "dynamic_cost": _flag,
-}, optional={"matmul_rows": _count})
+}, optional={"matmul_rows": _count, "matmul_format": _matmul_format, "sequences": _count})
 _MEMORY = _object({
     "weights_bytes": _list_of(_count), "buffers_bytes": _list_of(_count),
     "activations_bytes": _list_of(_count), "offsets": _map_of(_count),

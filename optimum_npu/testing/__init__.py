@@ -12,6 +12,7 @@ paths are real. One module per family:
                          (`build_tiny_guard_llm`, `build_tiny_siglip`, `build_tiny_video_safety_model`,
                          `build_tiny_retinaface`)
 - `diffusers.py`         `build_tiny_stable_diffusion(folder)`, `build_tiny_cosmos(folder)`: pipeline folders
+- `llava.py`             `build_tiny_llava(folder)`: a random LLaVA (CLIP vision + projector + Llama), its processor
 """
 
 from .cosmos_guardrail import (
@@ -23,10 +24,11 @@ from .cosmos_guardrail import (
 )
 from .diffusers import build_tiny_cosmos, build_tiny_stable_diffusion
 from .llama import build_tiny_llama, build_tiny_random_llama
+from .llava import build_tiny_llava
 from .vision import build_tiny_image_classifier
 
 __all__ = [
     "build_tiny_cosmos", "build_tiny_cosmos_guardrail", "build_tiny_guard_llm", "build_tiny_image_classifier",
-    "build_tiny_llama", "build_tiny_random_llama", "build_tiny_retinaface", "build_tiny_siglip",
+    "build_tiny_llama", "build_tiny_llava", "build_tiny_random_llama", "build_tiny_retinaface", "build_tiny_siglip",
     "build_tiny_stable_diffusion", "build_tiny_video_safety_model",
 ]

@@ -3,6 +3,11 @@
 - `build_tiny_stable_diffusion(folder)`: a Stable Diffusion pipeline folder (CLIP text encoder
   and tokenizer, UNet, VAE, PNDM scheduler, and optionally the safety checker with its CLIP image
   processor), as `StableDiffusionPipeline.save_pretrained` writes it.
+- `build_tiny_stable_diffusion_xl(folder)`: an SDXL pipeline folder (two CLIP text encoders and
+  tokenizers, the UNet with the added text / time embedding, VAE, Euler scheduler).
+- `build_tiny_stable_diffusion_3(folder)`: an SD3 pipeline folder (two CLIP text encoders with
+  projection, a T5 encoder, their tokenizers, the MMDiT transformer, VAE, flow-matching scheduler).
+- `build_tiny_controlnet(folder)`: a ControlNet for the tiny SD (or, with `xl=True`, SDXL) UNet.
 - `build_tiny_cosmos(folder)`: a Cosmos text/video-to-world pipeline folder (T5 encoder and
   tokenizer, Cosmos transformer, Cosmos video VAE, EDM scheduler), without a safety checker.
 """
@@ -67,6 +72,16 @@ def _tiny_sd_safety_checker():
     return checker, processor
 
 
+def _tiny_vae(sample_size: int, **options):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=sample_size, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, **options,
+    )
+
+
 def build_tiny_stable_diffusion(folder: str | os.PathLike, *, seed: int = 0, sample_size: int = 16,
                                 max_seq_len: int = 16, safety_checker: bool = False) -> str:
     """Write a tiny Stable Diffusion pipeline (random weights) to `folder`; returns its path.
@@ -75,27 +90,18 @@ def build_tiny_stable_diffusion(folder: str | os.PathLike, *, seed: int = 0, sam
     prompts are padded to `max_seq_len` tokens (the tokenizer's model_max_length).
     `safety_checker=True` adds Stable Diffusion's safety checker and its feature extractor.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     tokenizer = _tiny_clip_tokenizer(max_seq_len)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=max_seq_len, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = _tiny_clip_text_encoder(tokenizer, max_seq_len)
     unet = UNet2DConditionModel(
         sample_size=sample_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
         attention_head_dim=4,
     )
-    vae = AutoencoderKL(
-        sample_size=sample_size, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-    )
+    vae = _tiny_vae(sample_size)
     scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
     checker, feature_extractor = _tiny_sd_safety_checker() if safety_checker else (None, None)
     pipe = StableDiffusionPipeline(
@@ -103,6 +109,110 @@ def build_tiny_stable_diffusion(folder: str | os.PathLike, *, seed: int = 0, sam
         safety_checker=checker, feature_extractor=feature_extractor, requires_safety_checker=safety_checker,
     )
     pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def _tiny_clip_text_encoder(tokenizer, max_seq_len: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=max_seq_len, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_sdxl_unet(sample_size: int):
+    """An SDXL-shaped UNet: cross-attention over both encoders' hidden states (32 + 32), the added
+    embedding of the pooled text embedding (32) and 6 time ids of 8 each."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64, norm_num_groups=8,
+    )
+
+
+def build_tiny_stable_diffusion_xl(folder: str | os.PathLike, *, seed: int = 0, sample_size: int = 16,
+                                   max_seq_len: int = 16) -> str:
+    """Write a tiny SDXL pipeline (random weights) to `folder`; returns its path.
+
+    As SDXL: a CLIP text encoder and a CLIP text encoder with projection (whose pooled, projected
+    output is the added text embedding), each with its tokenizer; a UNet taking both encoders'
+    penultimate hidden states and the added text / time embedding; the VAE downsamples by 2.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_clip_tokenizer(max_seq_len)
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(sample_size), text_encoder=_tiny_clip_text_encoder(tokenizer, max_seq_len),
+        text_encoder_2=_tiny_clip_text_encoder(tokenizer, max_seq_len, with_projection=True), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=_tiny_sdxl_unet(sample_size),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         timestep_spacing="leading", steps_offset=1),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def build_tiny_stable_diffusion_3(folder: str | os.PathLike, *, seed: int = 0, sample_size: int = 16,
+                                  max_seq_len: int = 16) -> str:
+    """Write a tiny Stable Diffusion 3 pipeline (random weights) to `folder`; returns its path.
+
+    As SD3: two CLIP text encoders with projection (their penultimate hidden states, 32 wide each,
+    padded to the T5 width of 64; their pooled projections, 32 each, the pooled embedding of 64), a
+    T5 encoder, an MMDiT transformer of one joint block, a VAE with SD3's latent scale and shift
+    (downsampling by 2), the flow-matching Euler scheduler. CLIP prompts are padded to `max_seq_len`.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, t5_tokenizer = _tiny_clip_tokenizer(max_seq_len), _tiny_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+        pos_embed_max_size=sample_size,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(sample_size, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                      use_post_quant_conv=False),
+        text_encoder=_tiny_clip_text_encoder(tokenizer, max_seq_len, with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=_tiny_clip_text_encoder(tokenizer, max_seq_len, with_projection=True), tokenizer_2=tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def build_tiny_controlnet(folder: str | os.PathLike, unet_folder: str | os.PathLike, *, seed: int = 0) -> str:
+    """Write a ControlNet for the UNet saved in `unet_folder` (a tiny SD or SDXL pipeline's `unet/`)
+    to `folder`: its down path mirrors the UNet's (`ControlNetModel.from_unet`), its conditioning
+    embedding takes RGB images at the pipeline's pixel size (one stride-2 convolution: the tiny VAE's
+    factor). Its zero-initialised output convolutions are filled with random weights, so that the
+    control image changes the result (a trained ControlNet's do too)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(unet_folder),
+                                           conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]:
+            for parameter in block.parameters():
+                parameter.normal_(0.0, 0.2)
+    controlnet.save_pretrained(folder)
     return str(folder)
 
 

@@ -37,7 +37,6 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..compile.op_support import Category, categorize, count_work
-from ..sim_device.program import StepKind
 from .eager_device import EagerDevice, EagerSettings
 
 DEVICE_TYPE = "rbln"

@@ -27,12 +27,11 @@ import torch
 from ..sim_device import memory as device_memory
 from ..sim_device.cost_model import CostModel, StepCost
 from ..sim_device.profiler import EXTERNAL_HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Trace
-from ..sim_device.program import StepKind
+from ..sim_device.program import NUMERICS, StepKind
 from ..sim_device.runtime import RuntimeStats
 from ..sim_device.session import active_session
 from ..sim_device.specs import DEFAULT_NPU, get_npu_spec
 
-NUMERICS = ("device", "exact")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 RESERVATION_CHUNK = 64 * 1024**2  # bytes the registry reservation grows by, at least
 

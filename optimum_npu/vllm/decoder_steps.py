@@ -42,25 +42,39 @@ class CompiledDecoderSteps:
         self.prefill_chunk_size = self.runner.prefill_chunk_size
         self.decoder_batch_sizes = tuple(sorted(self.runner.decoder_batch_sizes))
 
+    def adapter_slot(self, lora_request) -> int:
+        """The compiled slot of a request's LoRA adapter (vLLM's LoRARequest; None: the base model).
+        ValueError naming the compiled adapters for one the folder does not have."""
+        if lora_request is None:
+            return 0
+        lora = self.model.rbln_config.lora_config
+        if lora is None:
+            raise ValueError(f"LoRARequest {lora_request.lora_name!r} (lora_int_id {lora_request.lora_int_id}), but "
+                             "the served folder has no LoRA adapters compiled in (rbln_lora_config)")
+        return lora.slot_of(lora_request.lora_int_id)
+
     def clock_s(self) -> float:
         """The simulated devices' clock (seconds of device time since the runtimes were created)."""
         return self.runner.clock_s
 
-    def prefill(self, tokens: torch.Tensor, blocks: list[int], start: int) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, blocks: list[int], start: int, adapter_slot: int = 0) -> torch.Tensor:
         """Logits [vocab] of the last token after computing positions start..len(tokens)-1;
         `tokens` is the whole sequence so far (positions 0..)."""
         end = tokens.shape[0]
         owned_end = min(len(blocks) * self.block_size, self.max_seq_len)
         first = prefill_windows(start, end, self.prefill_chunk_size, owned_end)[0]
         with self.model._lock:  # the model's runtimes serve one caller at a time
-            return self.runner.prefill(tokens[first:], torch.tensor(blocks, dtype=torch.int32), start=first)
+            return self.runner.prefill(tokens[first:], torch.tensor(blocks, dtype=torch.int32), start=first,
+                                       adapter_slot=adapter_slot)
 
-    def decode(self, tokens: list[int], positions: list[int], blocks: list[list[int]]) -> torch.Tensor:
-        """Logits [B, vocab]: token b at positions[b] of the sequence owning blocks[b]."""
+    def decode(self, tokens: list[int], positions: list[int], blocks: list[list[int]],
+               adapter_slots: list[int] | None = None) -> torch.Tensor:
+        """Logits [B, vocab]: token b at positions[b] of the sequence owning blocks[b], with the
+        LoRA adapter of slot adapter_slots[b] (None: none)."""
         width = max(len(row) for row in blocks)
         tables = torch.zeros((len(blocks), width), dtype=torch.int32)
         for row, row_blocks in enumerate(blocks):
             tables[row, : len(row_blocks)] = torch.tensor(row_blocks, dtype=torch.int32)
         with self.model._lock:
             return self.runner.decode(torch.tensor(tokens, dtype=torch.int64),
-                                      torch.tensor(positions, dtype=torch.int64), tables)
+                                      torch.tensor(positions, dtype=torch.int64), tables, adapter_slots=adapter_slots)

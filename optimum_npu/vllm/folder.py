@@ -54,6 +54,7 @@ class CompiledDecoder:
     dtype: str
     npu: str
     ring_cache: bool = False  # cache_impl sliding_window / hybrid: a sequence's ring is the row of its first block
+    lora_adapters: tuple[tuple[int, str], ...] = ()   # (lora_int_id, lora_name) of each compiled LoRA adapter
 
     @classmethod
     def read(cls, folder: str) -> CompiledDecoder:
@@ -84,7 +85,12 @@ class CompiledDecoder:
             decoder_batch_sizes=tuple(config.decoder_batch_sizes),
             tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype, npu=config.npu,
             ring_cache=bool(config.ring_layers),
+            lora_adapters=() if config.lora_config is None else tuple(
+                (a.lora_int_id, a.lora_name) for a in config.lora_config.adapters),
         )
+
+    def describe_adapters(self) -> str:
+        return ", ".join(f"{i} ({name})" for i, name in self.lora_adapters) or "none"
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -100,6 +106,7 @@ def fit_vllm_config(vllm_config, compiled: CompiledDecoder) -> None:
     parallel_config = vllm_config.parallel_config
     where = f"the folder {compiled.folder} was compiled with"
 
+    _fit_lora(vllm_config.lora_config, compiled)
     if parallel_config.tensor_parallel_size != 1 or parallel_config.pipeline_parallel_size != 1:
         raise ValueError(
             f"tensor_parallel_size={parallel_config.tensor_parallel_size} / pipeline_parallel_size="
@@ -173,3 +180,38 @@ def fit_vllm_config(vllm_config, compiled: CompiledDecoder) -> None:
             f"{where} kvcache_num_blocks={compiled.num_blocks} blocks of {compiled.block_size} tokens, fewer than "
             f"one sequence of max_model_len={model_config.max_model_len} needs; lower max_model_len"
         )
+
+
+def _fit_lora(lora_config, compiled: CompiledDecoder) -> None:
+    """LoRA adapters are compiled in (rbln_lora_config): vLLM's enable_lora selects among them by
+    LoRARequest.lora_int_id and loads none of its own."""
+    if lora_config is None:
+        if compiled.lora_adapters:
+            logger.info("the folder has LoRA adapters %s compiled in: serve with enable_lora=True (--enable-lora) "
+                        "to select them by lora_int_id", compiled.describe_adapters())
+        return
+    if not compiled.lora_adapters:
+        raise ValueError(f"enable_lora=True, but the folder {compiled.folder} has no LoRA adapters compiled in: "
+                         "adapters are fixed at compile time on the NPU; compile the folder with "
+                         "rbln_lora_config=RBLNLoRAConfig(adapters=[...]), or serve it without enable_lora")
+    if lora_config.max_loras < len(compiled.lora_adapters):
+        logger.info("max_loras=%d: vLLM runs at most that many of the %d compiled adapters in one step (every "
+                    "compiled adapter can share a step: set max_loras=%d)", lora_config.max_loras,
+                    len(compiled.lora_adapters), len(compiled.lora_adapters))
+
+
+def check_adapter(compiled, lora_request) -> None:
+    """ValueError unless the folder was compiled with the LoRARequest's adapter: its lora_int_id
+    selects it, and a name given with it must be the compiled adapter's (vLLM's OpenAI server
+    numbers --lora-modules 1, 2, ... in the order given: listed in another order, a name would
+    select another adapter)."""
+    compiled_ids = dict(compiled.lora_adapters)
+    lora_id, name = lora_request.lora_int_id, lora_request.lora_name
+    if lora_id not in compiled_ids:
+        raise ValueError(f"LoRARequest {name!r} has lora_int_id {lora_id}, but the folder {compiled.folder} was "
+                         f"compiled with the LoRA adapters {compiled.describe_adapters()} (rbln_lora_config): "
+                         "adapters are fixed at compile time; use one of those ids or recompile with the adapter")
+    if name != compiled_ids[lora_id] and name in compiled_ids.values():
+        raise ValueError(f"LoRARequest {name!r} has lora_int_id {lora_id}, but the compiled adapter {lora_id} is "
+                         f"{compiled_ids[lora_id]!r} and {name!r} is another ({compiled.describe_adapters()}); "
+                         "give --lora-modules in the order of their compiled ids")

@@ -33,6 +33,7 @@ from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
+from ..modeling.decoderonly.compile_plan import kv_cache_dtype
 from .decoder_steps import CompiledDecoderSteps
 from .metrics import DeviceMetrics
 from .scheduler import ARRIVALS
@@ -40,7 +41,6 @@ from .serving_clock import ServingClock
 
 logger = logging.getLogger("vllm.optimum_npu")  # under "vllm": vLLM's log handler and level apply
 
-DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 FINISHED_TIMINGS_KEPT = 4096
 
 
@@ -135,7 +135,7 @@ class NPUModelRunner:
         reported as full attention: the compiled graphs apply the window and keep every block."""
         hf = self.model_config.hf_text_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        dtype = DEVICE_DTYPE[self.steps.model.rbln_config.dtype]
+        dtype = kv_cache_dtype(self.steps.model.rbln_config)   # float8 e4m3 for an fp8 KV cache
         spec = FullAttentionSpec(block_size=self.block_size, num_kv_heads=hf.num_key_value_heads,
                                  head_size=head_dim, dtype=dtype)
         return {f"model.layers.{i}.self_attn.attn": spec for i in range(hf.num_hidden_layers)}
@@ -165,15 +165,16 @@ class NPUModelRunner:
             start = int(batch.num_computed_tokens_cpu[row])
             end = start + scheduler_output.num_scheduled_tokens[req_id]
             tokens = torch.from_numpy(batch.token_ids_cpu[row, :end].astype(np.int64))
-            logits[row] = self.steps.prefill(tokens, self._blocks(req_id), start).float()
+            logits[row] = self.steps.prefill(tokens, self._blocks(req_id), start, self._adapter(req_id)).float()
         for group in self._decode_groups(plan.decodes):
-            tokens, positions, blocks = [], [], []
+            tokens, positions, blocks, adapters = [], [], [], []
             for row in group:
                 position = int(batch.num_computed_tokens_cpu[row])
                 tokens.append(int(batch.token_ids_cpu[row, position]))
                 positions.append(position)
                 blocks.append(self._blocks(batch.req_ids[row]))
-            logits[group] = self.steps.decode(tokens, positions, blocks).float()
+                adapters.append(self._adapter(batch.req_ids[row]))
+            logits[group] = self.steps.decode(tokens, positions, blocks, adapters).float()
         end = self.clock.end_step()
         self.metrics.step(self.clock.busy_s(), end)
         self._pending = (scheduler_output, logits, plan, end)
@@ -241,6 +242,10 @@ class NPUModelRunner:
     def _blocks(self, req_id: str) -> list[int]:
         """The request's blocks as compiled block ids (vLLM's ids less its null block 0)."""
         return [block - 1 for block in self.requests[req_id].block_ids[0]]
+
+    def _adapter(self, req_id: str) -> int:
+        """The compiled LoRA adapter slot of the request's LoRARequest (0: none)."""
+        return self.steps.adapter_slot(self.requests[req_id].lora_request)
 
     # ---- vLLM's request bookkeeping ------------------------------------------------------
 

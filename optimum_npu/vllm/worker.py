@@ -75,6 +75,24 @@ class NPUWorker(WorkerBase):
                  "first_scheduled_s": t.first_scheduled_s, "last_token_s": t.last_token_s}
                 for req_id, t in self.model_runner.finished_timings.items()]
 
+    # LoRA adapters are compiled into the folder (rbln_lora_config): "loading" one checks that it
+    # is there; they stay resident on the devices.
+    def add_lora(self, lora_request) -> bool:
+        from .folder import CompiledDecoder, check_adapter
+
+        check_adapter(CompiledDecoder.read(self.model_config.model), lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return lora_id in self.list_loras()   # compiled in: nothing to free
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return lora_id in self.list_loras()   # always resident
+
+    def list_loras(self) -> set[int]:
+        lora = self.model_runner.get_model().rbln_config.lora_config
+        return set() if lora is None else {a.lora_int_id for a in lora.adapters}
+
     def check_health(self) -> None:
         """The simulated devices cannot fail."""
 

@@ -8,6 +8,7 @@ splitter then all-gathers the node's sharded inputs and runs it replicated.
 
 - linear: column-parallel on a replicated input (by whole heads of each part of a fused
   projection), row-parallel on an input sharded by features (a Partial result, all-reduced);
+  a packed low-precision linear (`rbln.dequant_linear`) alike, its scales split with its weight;
 - embedding: by vocabulary (Megatron-LM's `VocabParallelEmbedding`);
 - views, transposes, cuts, slices, reductions and norms over unsharded dimensions,
   element-wise math: the placement carried through;
@@ -26,6 +27,7 @@ import torch
 from ...sim_device.collectives import ALL_REDUCE
 from ...sim_device.ops import DEVICE_OPS, op_packet
 from ...sim_device.program import TensorSpec
+from ...sim_device.quant_kernels import STORAGE
 from ..frontend import Node
 from ..op_support import Category, Work
 from .placement import (
@@ -71,42 +73,63 @@ def normalize_dim(d: int, ndim: int) -> int:
 # ---- the rules -------------------------------------------------------------------------------
 
 
+def _linear_operands(node: Node, args: list) -> tuple[str | None, str | None, str | None, int, int]:
+    """(weight, scales, bias, weights per stored element, group) of a linear layer: `aten.linear`
+    (x, weight, bias), or `rbln.dequant_linear` (x, packed weight, scales, bias, format, group) whose
+    packed weight splits like a weight (int4: two input features per stored byte) and whose scales
+    follow it (by output rows; by input groups, whole groups only, for a row-parallel split)."""
+    if op_packet(node.target) == "rbln.dequant_linear":
+        per_element = STORAGE[args[4]][1]
+        return ref(args[1]), ref(args[2]), ref(args[3]) if len(args) > 3 else None, per_element, args[5]
+    if op_packet(node.target) == "rbln.quant_linear":   # W8A8: 8-bit weights, one scale per output row
+        return ref(args[1]), ref(args[2]), ref(args[3]) if len(args) > 3 else None, 1, 0
+    return ref(args[1]), None, ref(args[2]) if len(args) > 2 else None, 1, 0
+
+
 def _linear(s: Splitter, node: Node, args: list, kwargs: dict) -> None:
     x = ref(args[0])
-    weight = ref(args[1])
-    bias = ref(args[2]) if len(args) > 2 else None
+    weight, scales, bias, per_element, group = _linear_operands(node, args)
     layout = s.layout[x]
     ndim = len(s.shape(x))
     (out,) = node.outputs
     weight_layout = s.placement(weight) if weight is not None else REPLICATE
-    if layout == REPLICATE and isinstance(weight_layout, Shard) and weight_layout.dim == 0 and not bias:
+    if layout == REPLICATE and isinstance(weight_layout, Shard) and weight_layout.dim == 0 and not bias and not scales:
         s.emit(node, args, kwargs, [Shard(ndim - 1, weight_layout.ranges)])  # a tied LM head: logits by vocabulary
         return
-    if weight is None or layout == PARTIAL or weight_layout != REPLICATE:
+    if weight is None or layout == PARTIAL or weight_layout != REPLICATE or (scales and s.placement(scales) != REPLICATE):
         raise CannotSplit("linear")
     if layout == REPLICATE:
         ranges, sizes, note = _column_plan(s, out)
         if weight in s.keep_whole:
             ranges, note = None, s.keep_whole[weight]
-        if ranges is None or s.uses.get(weight) != 1 or (bias and s.uses.get(bias) != 1):
+        if ranges is None or s.uses.get(weight) != 1 or (bias and s.uses.get(bias) != 1) or (
+                scales and s.uses.get(scales) != 1):
             if s.uses.get(weight) == 1 and weight not in s.planned:
                 s.planned[weight] = TensorPlan(weight, s.shape(weight), "replicated", note=note or "used elsewhere")
             s.emit(node, args, kwargs, [REPLICATE])
             return
         s.shard_resident(weight, 0, ranges, "column", split_sizes=sizes, note=note)
-        if bias:
-            s.shard_resident(bias, 0, ranges, "column")
+        for companion in (scales, bias):
+            if companion:
+                s.shard_resident(companion, 0, ranges, "column")
         s.emit(node, args, kwargs, [Shard(ndim - 1, ranges)])
-        s.origin[out] = frozenset({weight} | ({bias} if bias else set()))
+        s.origin[out] = frozenset({weight} | ({bias} if bias else set()) | ({scales} if scales else set()))
         return
     if layout.dim != ndim - 1:  # split rows of the input (batch / tokens): each rank its rows
         s.emit(node, args, kwargs, [layout])
         return
-    in_features = s.shape(weight)[1]
+    in_features = s.shape(weight)[1] * per_element
     if s.uses.get(weight) != 1 or not layout.is_partition_of(in_features):
         raise CannotSplit("row-parallel needs each input feature on exactly one rank")
-    s.shard_resident(weight, 1, layout.ranges, "row", note="partial sums all-reduced")
-    s.emit(node, args[:2], kwargs, [PARTIAL])
+    weight_ranges = scale_ranges(layout.ranges, 1, per_element)     # CannotSplit through a packed byte
+    scale_ranges_ = scale_ranges(layout.ranges, 1, group) if scales and group else None  # ... or a group
+    s.shard_resident(weight, 1, weight_ranges, "row", note="partial sums all-reduced")
+    if scale_ranges_ is not None:
+        s.shard_resident(scales, 1, scale_ranges_, "row", note="the scales of each rank's input groups")
+    elif scales:  # one scale per output row: every rank scales its partial sums alike
+        s.planned.setdefault(scales, TensorPlan(scales, s.shape(scales), "replicated", note="per-row scales"))
+    partial_args = args[:2] if scales is None else [*args[:3], None, *args[4:]]
+    s.emit(node, partial_args, kwargs, [PARTIAL])
     full = tuple(s.meta[out].shape)
     reduced = s.collective(ALL_REDUCE, out, [], f"{out}@all_reduce", full,
                            (s.n - 1) * math.prod(full), "all_reduce")
@@ -475,7 +498,7 @@ def _batched_matmul(s: Splitter, node: Node, args: list, kwargs: dict) -> None:
 
 
 RULES = {
-    "aten.linear": _linear,
+    "aten.linear": _linear, "rbln.dequant_linear": _linear, "rbln.quant_linear": _linear,
     "aten.embedding": _embedding,
     "aten.view": _reshape, "aten.reshape": _reshape,
     "aten.flatten": _flatten_like, "aten.unflatten": _flatten_like,
@@ -485,7 +508,7 @@ RULES = {
     "aten.split": _cut, "aten.split_with_sizes": _cut, "aten.chunk": _cut,
     "aten.slice": _slice_like, "aten.select": _slice_like, "aten.index_select": _slice_like,
     "aten.narrow": _slice_like,
-    "aten.cat": _cat,
+    "aten.cat": _cat, "aten.concat": _cat, "aten.concatenate": _cat,   # torch.concat / concatenate: cat's aliases
     "aten.unbind": _unbind,
     "aten.repeat_interleave": _repeat_interleave,
     "aten.mean": _reduction, "aten.sum": _reduction, "aten.amax": _reduction, "aten.amin": _reduction,

@@ -95,6 +95,17 @@ class RBLNDiffusersModel(RBLNModel, ModelMixin, ConfigMixin):
         (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+class WithoutDiffusersLayers:
+    """A base to put between `RBLNDiffusersModel` and a diffusers class a compiled model must also be an
+    instance of (diffusers' ControlNet pipelines check `isinstance(controlnet, ControlNetModel)` at every
+    step): `RBLNModel.__init__`'s cooperative `super().__init__()` reaches this one, which sets up the torch
+    module without the diffusers class's `__init__` (that would build its layers, with random weights, on
+    the host). The compiled class's own methods come first; the diffusers class only answers isinstance."""
+
+    def __init__(self):
+        ModelMixin.__init__(self)
+
+
 def reject_unsupported(model: str, **arguments: Any) -> None:
     """TypeError naming the first argument a compiled graph cannot take (given and not None)."""
     for name, value in arguments.items():

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ...configuration import CONFIG_NAME, read_json_object
-from ...modeling.base import RBLNModel, resolve_folder, hub_kwargs_of
+from ...configuration import CONFIG_NAME
+from ...untrusted_files import read_json_object
+from ...modeling.base import RBLNModel
+from ...modeling.hf_files import hub_kwargs_of, resolve_folder
 from ...modeling.hf_files import concrete_class, refuse_remote_code
 from ...modeling.folder import MODEL_INDEX, check_manifest, load_lock, manifest_of, save_tree
 from ...sim_device.files import write_file_atomically
@@ -150,8 +152,9 @@ class RBLNDiffusionPipelineMixin:
         return read_json_object(path)
 
     @classmethod
-    def _components_in(cls, index: dict[str, Any]) -> dict[str, tuple[str | None, str | None]]:
-        """{component: (library, class name)} of a model_index.json, checked for shape."""
+    def _components_in(cls, index: dict[str, Any], given: Any = ()) -> dict[str, tuple[str | None, str | None]]:
+        """{component: (library, class name)} of a model_index.json, checked for shape; a compiled component
+        in `given` (the user's, e.g. a ControlNet beside a Stable Diffusion folder) need not be in it."""
         init_names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         components = {}
         for name, value in index.items():
@@ -163,7 +166,7 @@ class RBLNDiffusionPipelineMixin:
             if len(value) != 2 or not all(v is None or isinstance(v, str) for v in value):
                 raise ValueError(f"{MODEL_INDEX}: component {name!r} must be [library, class name]; got {value!r}")
             components[name] = (value[0], value[1])
-        missing = [name for name in cls.rbln_classes if name not in components]
+        missing = [name for name in cls.rbln_classes if name not in components and name not in given]
         if missing:
             raise ValueError(f"{MODEL_INDEX} lacks the component(s) {missing} that {cls.__name__} compiles")
         return components
@@ -203,12 +206,15 @@ class RBLNDiffusionPipelineMixin:
 
     @classmethod
     def _export(cls, folder: Path, index: dict, config: RBLNDiffusionPipelineConfig, given: dict):
-        components = cls._components_in(index)
+        components = cls._components_in(index, given)
         models = {}
         for name, rbln_class in cls.rbln_classes.items():
-            if name in given:
-                raise ValueError(f"{name}= cannot replace a component that export=True compiles; compile it with "
-                                 f"{rbln_class.__name__} and load the compiled pipeline with it instead")
+            if name in given:   # the user's model, compiled in place of the folder's (as diffusers takes controlnet=)
+                if not isinstance(given[name], rbln_class.hf_class) or isinstance(given[name], rbln_class):
+                    raise ValueError(f"{name}= at export must be a {rbln_class.hf_class.__name__} to compile (export=True "
+                                     f"compiles it with {rbln_class.__name__}); got a {type(given[name]).__name__}")
+                models[name] = given.pop(name)
+                continue
             _, class_name = components[name]
             if class_name != rbln_class.hf_class.__name__:
                 raise ValueError(f"{MODEL_INDEX}: {name} is a {class_name}; {cls.__name__} compiles a "

@@ -16,6 +16,7 @@ as diffusers' do: there is no unguarded mode.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -26,12 +27,13 @@ from ...cosmos_guardrail.checker import PROMPT_REFUSED
 from ...modeling.encoders import RBLNT5EncoderModel, RBLNT5EncoderModelConfig
 from ..configuration import RBLNDiffusionPipelineConfig, component
 from ..models.autoencoder_kl_cosmos import RBLNAutoencoderKLCosmos, RBLNAutoencoderKLCosmosConfig, latent_size
-from ..models.transformer_cosmos import RBLNCosmosTransformer3DModel, RBLNCosmosTransformer3DModelConfig
+from ..models.transformer_cosmos import (
+    FPS_DEPRECATION, RBLNCosmosTransformer3DModel, RBLNCosmosTransformer3DModelConfig,
+)
 from .base import RBLNDiffusionPipelineMixin
 
 # diffusers' CosmosTextToWorldPipeline.__call__ defaults (Cosmos-Predict1: 704 x 1280, 121 frames).
-COSMOS_DEFAULTS = {"height": 704, "width": 1280, "num_frames": 121, "fps": 30, "max_seq_len": 512,
-                   "guidance_scale": 7.0}
+COSMOS_DEFAULTS = {"height": 704, "width": 1280, "num_frames": 121, "max_seq_len": 512, "guidance_scale": 7.0}
 CHECKER_CLASS = "RBLNCosmosSafetyChecker"
 HOW_TO_GUARD = (
     "Pass one: safety_checker=RBLNCosmosSafetyChecker.from_pretrained(<guardrail checkpoint or compiled folder>, "
@@ -50,6 +52,12 @@ class RBLNCosmosTextToWorldPipelineConfig(RBLNDiffusionPipelineConfig):
     pipeline_name: ClassVar[str] = "RBLNCosmosTextToWorldPipeline"
     conditions_on_video: ClassVar[bool] = False   # video-to-world: VAE encoder and condition mask
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fps is not None:   # a call-time argument now (pipe(..., fps=...)), as in diffusers
+            warnings.warn(FPS_DEPRECATION, FutureWarning, stacklevel=3)
+            object.__setattr__(self, "fps", None)
+
     def _pipeline_defaults(self, models: Mapping[str, Any]) -> dict[str, Any]:
         return dict(COSMOS_DEFAULTS)
 
@@ -65,7 +73,7 @@ class RBLNCosmosTextToWorldPipelineConfig(RBLNDiffusionPipelineConfig):
         return {
             "text_encoder": {"batch_size": self.batch_size, "max_seq_len": self.max_seq_len},
             "transformer": {"batch_size": self.batch_size, "sample_size": latent_size(vae, *video),
-                            "max_seq_len": self.max_seq_len, "fps": self.fps,
+                            "max_seq_len": self.max_seq_len,
                             "uses_condition_mask": self.conditions_on_video},
             "vae": {"batch_size": self.batch_size, "sample_size": video, "uses_encoder": self.conditions_on_video},
         }

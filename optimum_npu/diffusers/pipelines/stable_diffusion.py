@@ -37,26 +37,37 @@ class RBLNStableDiffusionPipelineConfig(RBLNDiffusionPipelineConfig):
 
     pipeline_name: ClassVar[str] = "RBLNStableDiffusionPipeline"
     uses_vae_encoder: ClassVar[bool] = False
+    default_guidance_scale: ClassVar[float] = DEFAULT_GUIDANCE_SCALE   # the diffusers __call__'s default
 
     def _pipeline_defaults(self, models: Mapping[str, Any]) -> dict[str, Any]:
         # As the diffusers pipeline: the image is the UNet's sample size times the VAE's scale.
         side = models["unet"].config.sample_size * RBLNAutoencoderKL.scale_factor(models["vae"].config)
         return {"height": side, "width": side, "max_seq_len": models["tokenizer"].model_max_length,
-                "guidance_scale": DEFAULT_GUIDANCE_SCALE}
+                "guidance_scale": self.default_guidance_scale}
 
     def _component_options(self, models: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        scale = RBLNAutoencoderKL.scale_factor(models["vae"].config)
-        if self.height % scale or self.width % scale:
-            raise ValueError(f"rbln_height / rbln_width must be multiples of {scale} (the VAE's scale factor); "
-                             f"got {self.height} x {self.width}")
-        cfg_factor = 2 if self.guidance_scale > 1 else 1  # prompt and negative prompt in one UNet call
         return {
             "text_encoder": {"batch_size": self.batch_size, "max_seq_len": self.max_seq_len},
-            "unet": {"batch_size": self.batch_size * cfg_factor, "max_seq_len": self.max_seq_len,
-                     "sample_size": (self.height // scale, self.width // scale)},
+            "unet": {"batch_size": denoiser_batch(self), "max_seq_len": self.max_seq_len,
+                     "sample_size": latent_size(self, models)},
             "vae": {"batch_size": self.batch_size, "sample_size": (self.height, self.width),
                     "uses_encoder": self.uses_vae_encoder},
         }
+
+
+def latent_size(config: RBLNDiffusionPipelineConfig, models: Mapping[str, Any]) -> tuple[int, int]:
+    """The latent (height, width) of the pipeline's image size, through its VAE's compression."""
+    scale = RBLNAutoencoderKL.scale_factor(models["vae"].config)
+    if config.height % scale or config.width % scale:
+        raise ValueError(f"rbln_height / rbln_width must be multiples of {scale} (the VAE's scale factor); "
+                         f"got {config.height} x {config.width}")
+    return config.height // scale, config.width // scale
+
+
+def denoiser_batch(config: RBLNDiffusionPipelineConfig) -> int:
+    """The denoiser's batch: classifier-free guidance runs the prompt and the negative prompt in one call."""
+    return config.batch_size * (2 if config.guidance_scale > 1 else 1)
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,7 +87,11 @@ class RBLNStableDiffusionPipelineMixin(RBLNDiffusionPipelineMixin):
         """Text-to-image and image-to-image run the same compiled components; image-to-image also
         encodes its input image, so it needs a VAE compiled with its encoder."""
         config = getattr(pipeline, "rbln_config", None)
-        if not isinstance(config, RBLNStableDiffusionPipelineConfig) or isinstance(config, cls.config_class):
+        if not isinstance(config, RBLNStableDiffusionPipelineConfig):
+            return config
+        if config.component_classes() != cls.config_class.component_classes():
+            return None   # another family's components (SD / SDXL / ControlNet): from_pipe refuses it
+        if isinstance(config, cls.config_class):
             return config
         if cls.config_class.uses_vae_encoder and "encoder" not in pipeline.vae.graphs:
             raise ValueError(
@@ -90,14 +105,18 @@ class RBLNStableDiffusionPipelineMixin(RBLNDiffusionPipelineMixin):
         arguments = self._call_arguments(args, kwargs)
         self._check_guidance(arguments["guidance_scale"])
         if "height" in arguments:   # text-to-image; image-to-image takes the size of its image
-            self._check_size(arguments["height"], arguments["width"])
+            self._check_size(arguments["height"], arguments["width"], self._default_size(arguments))
         return super().__call__(*args, **kwargs)
 
-    def _check_size(self, height: int | None, width: int | None) -> None:
+    def _default_size(self, arguments: dict[str, Any]) -> tuple[int, int]:
+        """(height, width) diffusers generates when the call gives none: the UNet's sample size in pixels."""
+        side = self.unet.config.sample_size * self.vae_scale_factor
+        return side, side
+
+    def _check_size(self, height: int | None, width: int | None, default: tuple[int, int]) -> None:
         """ValueError in the caller's terms (pixels) if the image size differs from the compiled one,
         before the UNet refuses its latents' shape."""
-        side = self.unet.config.sample_size * self.vae_scale_factor   # what diffusers picks for None
-        height, width = height or side, width or side
+        height, width = height or default[0], width or default[1]
         compiled = (self.rbln_config.height, self.rbln_config.width)
         if (height, width) != compiled:
             raise ValueError(
@@ -115,8 +134,8 @@ class RBLNStableDiffusionPipelineMixin(RBLNDiffusionPipelineMixin):
         state = lambda scale: "on (> 1)" if scale > 1 else "off (<= 1)"  # noqa: E731
         raise ValueError(
             f"guidance_scale={guidance_scale} turns classifier-free guidance {state(guidance_scale)}, but this "
-            f"pipeline was compiled with rbln_guidance_scale={compiled}, guidance {state(compiled)}: its UNet takes "
-            f"{self.unet.rbln_config.batch_size} latent row(s) per call. Call it with a guidance_scale "
+            f"pipeline was compiled with rbln_guidance_scale={compiled}, guidance {state(compiled)}: its {self.denoiser} "
+            f"takes {getattr(self, self.denoiser).rbln_config.batch_size} latent row(s) per call. Call it with a guidance_scale "
             f"{'> 1' if compiled > 1 else '<= 1'}, or recompile (export=True) with rbln_guidance_scale={guidance_scale}.")
 
 

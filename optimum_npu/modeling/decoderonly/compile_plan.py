@@ -21,8 +21,11 @@ from ...sim_device.memory import DeviceMemoryError
 from ...sim_device.stats import format_bytes
 from ...sim_device.specs import get_npu_spec
 from ..base import GraphSpec
+from ..quantization import quantize_layers
 from .kv_cache import KVCacheLayout, is_kv_cache
 from .layouts import layout_for
+from .lora_layers import attach_lora
+from .lora_weights import meta_stacked_weights, projection_shapes, resolve_adapters, stacked_weights
 from .static_decoder import StaticDecoder, make_kv_caches, merge_layers
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,13 @@ DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 def rope_tables(hf_model, max_seq_len: int) -> dict:
     """The model's RoPE tables by kind (none for learned positions), from its family's layout."""
     return layout_for(hf_model.config).rope_tables(hf_model, max_seq_len)
+
+
+def kv_cache_dtype(config) -> torch.dtype:
+    """The KV cache's element type: the device's 16 bits, or float8 e4m3 with rbln_quantization
+    kv_caches="fp8" (half the bytes: twice the blocks in the same memory)."""
+    quantization = config.quantization_spec
+    return torch.float8_e4m3fn if quantization and quantization.kv_caches == "fp8" else DEVICE_DTYPE[config.dtype]
 
 
 def decoder_graph_name(batch: int) -> str:
@@ -105,7 +115,10 @@ class DecoderPlan:
         the KV block pool sized from the device memory left after the weights. Checks that the
         weights, KV cache and RoPE tables fit a device before any of them exists on the host."""
         blocks_left_to_memory = config.kvcache_num_blocks is None
-        plan = cls(hf_model.config, config.finalize(hf_model.config))
+        config = config.finalize(hf_model.config)
+        if config.lora_config is not None and not config.lora_config.is_resolved:  # reads the adapter folders
+            config = dataclasses.replace(config, lora_config=resolve_adapters(config.lora_config, hf_model))
+        plan = cls(hf_model.config, config)
         merge_layers(hf_model, copy_weights=False)  # refuses a model with parameters the decoder would not use
         if blocks_left_to_memory and (plan.config.attn_impl == "flash_attn" or plan.config.memory_budget is not None):
             plan = plan.size_pool(hf_model)
@@ -145,21 +158,42 @@ class DecoderPlan:
 
     def graph_specs(self, hf_model) -> list[GraphSpec]:
         """The graphs to compile, holding the model's weights, zero KV caches and its RoPE tables."""
-        kv_caches = make_kv_caches(self.layout, DEVICE_DTYPE[self.config.dtype])
+        kv_caches = make_kv_caches(self.layout, self.kv_dtype)
         rope = rope_tables(hf_model, self.config.max_seq_len)
-        return self._graphs(hf_model, merge_layers(hf_model), kv_caches, rope)
+        return self._graphs(hf_model, self._device_layers(hf_model), kv_caches, rope)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return kv_cache_dtype(self.config)
+
+    def _device_layers(self, hf_model):
+        """The model's parts in device form, the layers' projections packed when the weights are quantised."""
+        parts = merge_layers(hf_model)
+        quantize_layers(parts.layers, self.config.quantization_spec, DEVICE_DTYPE[self.config.dtype])
+        return parts
 
     def meta_graph_specs(self, hf_class) -> list[GraphSpec]:
         """The same graphs on the meta device (shapes only: they compile to sizes and costs, never
         run), built from `hf_class` (the transformers model class) and the HF config."""
         with torch.device("meta"):
             meta_model = hf_class(self.hf_config)
-            caches = [tuple(torch.empty(self.layout.layer_shape(i), dtype=DEVICE_DTYPE[self.config.dtype]) for _ in "kv")
+            caches = [tuple(torch.empty(self.layout.layer_shape(i), dtype=self.kv_dtype) for _ in "kv")
                       for i in range(self.layout.num_layers)]
             rope = layout_for(self.hf_config).rope_tables(meta_model, self.config.max_seq_len)  # meta tensors
-            return self._graphs(meta_model, merge_layers(meta_model), caches, rope)
+            return self._graphs(meta_model, self._device_layers(meta_model), caches, rope)
+
+    def _attach_adapters(self, hf_model, layers) -> None:
+        """The compiled LoRA adapters beside the layers' matmuls (lora_layers.py); on the meta
+        device (a probe, the planner) their shapes only, no adapter folder read."""
+        lora = self.config.lora_config
+        if lora is None:
+            return
+        on_meta = next(hf_model.parameters()).is_meta
+        stacks = meta_stacked_weights(lora, hf_model) if on_meta else stacked_weights(lora, hf_model)
+        attach_lora(layers, stacks, projection_shapes(hf_model))
 
     def _graphs(self, hf_model, layers, kv_caches, rope) -> list[GraphSpec]:
+        self._attach_adapters(hf_model, layers.layers)
         config, max_blocks = self.config, self.layout.max_blocks_per_seq
         hidden = self.hf_config.hidden_size
 
@@ -168,12 +202,14 @@ class DecoderPlan:
                 "input_ids", (batch, tokens), "int64")
             mask = [("attention_mask", (batch, config.max_seq_len), "int32")] if config.use_attention_mask else []
             position = [("query_position", (1,), "int64")] if prefill else []
+            lora = [("adapter_slots", (batch,), "int32")] if config.lora_config is not None else []
             return [first, ("start_pos", (batch,), "int32"), ("block_tables", (batch, max_blocks), "int32"),
-                    *position, *mask]
+                    *position, *mask, *lora]
 
         def graph(name: str, phase: str, input_info) -> GraphSpec:
             module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
-                                   config.use_inputs_embeds, config.use_attention_mask, config.ring_layers)
+                                   config.use_inputs_embeds, config.use_attention_mask,
+                                   use_lora=config.lora_config is not None, ring_layers=config.ring_layers)
             return GraphSpec(name, tuple(input_info), module)
 
         specs = [graph(PREFILL, PREFILL, inputs(1, config.prefill_chunk_size, prefill=True))]

@@ -20,10 +20,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from optimum_npu.configuration import OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, check_int
+from optimum_npu.modeling.quantization import Quantization, normalize_option
+from optimum_npu.sim_device.specs import get_npu_spec
+
+from .lora import RBLNLoRAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
     kvcache_block_size: int | None = None     # None: max_seq_len (eager) / kvcache_partition_len (flash)
     kvcache_num_blocks: int | None = None     # None: every slot at full length (flash: as many as memory holds)
     memory_budget: float | None = None        # fraction of a device's usable memory the model may take (None: 1.0)
+    lora_config: RBLNLoRAConfig | None = None # LoRA adapters compiled in, chosen per request (lora.py)
     decoder_batch_sizes: tuple[int, ...] | None = None  # decode graphs to compile; None: (batch_size,)
     use_inputs_embeds: bool = False           # the prefill graph takes embeddings instead of token ids
     use_attention_mask: bool = False          # pass an explicit attention mask (else derived from positions)
@@ -61,9 +67,19 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
     cache_impl: str | None = None
     sliding_window: int | None = None               # None: the model's (it must be the model's)
     sliding_window_layers: tuple[int, ...] | None = None  # None: the model's windowed layers (idem)
+    # optimum-rbln's rbln_quantization: {"weights": "int4", "group_size": 128, "kv_caches": "fp8", ...}
+    # (modeling/quantization.py); stored as its canonical dict. None: every weight and the KV cache in 16 bits.
+    quantization: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def _validate(self) -> None:
         super()._validate()
+        self._set("quantization", normalize_option(self.quantization))
+        if self.quantization is not None and self.quantization["activations"] == "fp8":
+            try:
+                get_npu_spec(self.npu).matmul_rate("fp8")
+            except ValueError as error:
+                raise ValueError(f"{_P}quantization: fp8 activations need fp8 matrix arithmetic, but {error}; use "
+                                 f"'activations': 'int8', or an npu with fp8 (RBLN-CR03)") from None
         # Each option on its own.
         check_int("max_seq_len", self.max_seq_len, allow_none=True)
         check_int("prefill_chunk_size", self.prefill_chunk_size)
@@ -107,6 +123,10 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
             raise ValueError(f"{_P}use_attention_mask=True needs {_P}cache_impl='static' (the ring cache of "
                              f"cache_impl={self.cache_impl!r} takes no mask)")
         self._validate_decoder_batch_sizes()
+        self._set("lora_config", RBLNLoRAConfig.coerce(self.lora_config))
+        if self.lora_config is not None and self.tensor_parallel_size > 1:
+            raise ValueError(f"{_P}lora_config with {_P}tensor_parallel_size={self.tensor_parallel_size}: LoRA "
+                             "adapters compile for one device only so far; use tensor_parallel_size=1")
 
         # Rules between options that can be checked as soon as the options are given.
         if self.attn_impl == "eager" and self.kvcache_partition_len is not None:
@@ -217,6 +237,11 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
                                "`optimum-npu kv-blocks`, or compile again.", path, key, data[key], serving[key])
 
     @property
+    def quantization_spec(self) -> Quantization | None:
+        """The parsed `quantization` option (None: nothing quantised)."""
+        return Quantization.parse(self.quantization)
+
+    @property
     def blocks_for_full_length(self) -> int:
         """KV blocks needed for every batch slot to reach max_seq_len."""
         return _blocks_for_full_length(self.batch_size, self.max_seq_len, self.kvcache_block_size)
@@ -255,6 +280,14 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
         if num_blocks is None:
             num_blocks = _blocks_for_full_length(self.batch_size, max_seq_len, block)
         decoder_batch_sizes = self.decoder_batch_sizes if self.decoder_batch_sizes is not None else (self.batch_size,)
+        quantization = self.quantization_spec
+        if quantization is not None:
+            head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+            features = {"hidden_size": hf_config.hidden_size,
+                        "num_attention_heads * head_dim": hf_config.num_attention_heads * head_dim}
+            if getattr(hf_config, "intermediate_size", None):  # (GPT-2's and OPT's configs name it otherwise)
+                features["intermediate_size"] = hf_config.intermediate_size
+            quantization.check_in_features(features)
         cache_impl, window, window_layers = self._sliding_window_options(hf_config)
         # replace() re-runs _validate(), which now checks every rule on the resolved values.
         return dataclasses.replace(

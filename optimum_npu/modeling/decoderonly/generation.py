@@ -68,7 +68,36 @@ class GenerationStats:
         )
 
 
-class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
+def refuse_beam_search(generation_config, kwargs: dict) -> None:
+    """ValueError for a generate() call asking for beam search, which the compiled decoders do not run."""
+    config = generation_config
+    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) if config is not None else 1)
+    if num_beams and num_beams > 1:
+        raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling "
+                         "(num_beams=1; in a transformers pipeline: generate_kwargs={'num_beams': 1})")
+
+
+class DeviceCacheGenerationMixin(GenerationMixin):
+    """transformers' GenerationMixin for a compiled model whose caches live on the device: no HF cache
+    object, no logits_to_keep, no eager model to tune. Shared by the decoder-only and encoder-decoder models."""
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def _prepare_cache_for_generation(self, *args, **kwargs) -> None:
+        """The KV cache lives on the device; there is no HF cache object to prepare."""
+
+    def _supports_logits_to_keep(self) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def _optimize_model_for_decode(self):
+        """The compiled graphs are what runs; there is no eager model to tune for decode."""
+        yield
+
+
+class RBLNDecoderOnlyGenerationMixin(DeviceCacheGenerationMixin):
     """What transformers' `generate()` needs from a compiled decoder. The model provides
     `runner` (a DecoderRunner), `block_manager`, `rbln_config`, `config`, `_lock`,
     `_stats_in_progress`, `generation_stats` and `device_memory()`."""
@@ -92,7 +121,8 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
         self.runner.bucket_for(len(rows))  # a batch no decode graph holds is refused before any block moves
         for slot, position in zip(rows, rbln_positions):
             self.block_manager.allocate(slot, position + 1)
-        logits = self.runner.decode(input_ids[:, -1], torch.tensor(rbln_positions), self.block_manager.block_tables(rows))
+        logits = self.runner.decode(input_ids[:, -1], torch.tensor(rbln_positions), self.block_manager.block_tables(rows),
+                                    adapter_slots=self._adapter_slots(len(rows)))
         if stats is not None:
             stats.decode_s += self.runner.clock_s - clock_before
             stats.decode_steps += 1
@@ -111,6 +141,7 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
             raise ValueError("inputs_embeds needs a model compiled with rbln_use_inputs_embeds=True")
         self.block_manager.free_all()
         clock_before = self.runner.clock_s
+        adapter_slots = self._adapter_slots(rows)
         logits, positions = [], []
         for row in range(rows):
             keep = attention_mask[row].bool() if attention_mask is not None else slice(None)
@@ -124,7 +155,7 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
             # The blocks the padded chunks write, so that the padding writes land in this row's own blocks.
             self.block_manager.allocate(row, self.runner.prefill_starts(0, length)[-1] + c.prefill_chunk_size)
             table = torch.tensor(self.block_manager.block_table(row), dtype=torch.int32)
-            logits.append(self.runner.prefill(tokens, table, 0, embeds))
+            logits.append(self.runner.prefill(tokens, table, 0, embeds, adapter_slot=adapter_slots[row]))
             positions.append(length)
         if stats is not None:
             stats.prefill_s += self.runner.clock_s - clock_before
@@ -133,21 +164,6 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
         return RBLNCausalLMOutput(logits=torch.stack(logits)[:, None], next_positions=positions)
 
     # ---- transformers GenerationMixin hooks ---------------------------------------------
-
-    @classmethod
-    def can_generate(cls) -> bool:
-        return True
-
-    def _prepare_cache_for_generation(self, *args, **kwargs) -> None:
-        """The KV cache lives on the device; there is no HF cache object to prepare."""
-
-    def _supports_logits_to_keep(self) -> bool:
-        return False
-
-    @contextlib.contextmanager
-    def _optimize_model_for_decode(self):
-        """The compiled graphs are what runs; there is no eager model to tune for decode."""
-        yield
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None,
                                       rbln_positions=None, **kwargs):
@@ -170,12 +186,49 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
         if unknown:
             raise ValueError(f"generate() got arguments this model does not use: {sorted(unknown)}")
 
-    def generate(self, inputs=None, generation_config=None, **kwargs):
-        """transformers' `generate`, on the simulated NPU. Beam search is not supported."""
+    # ---- LoRA adapters (compiled in with rbln_lora_config) ----------------------------------
+
+    def set_adapter(self, adapter) -> None:
+        """The LoRA adapter(s) later `generate()` / `forward()` calls use when not given
+        `lora_int_id`: a lora_int_id or lora_name for every row, a list of them (one per row), or
+        None (the base model)."""
+        self._adapter_choice = None if adapter is None else self._slots_of(adapter)
+
+    def _slots_of(self, adapter) -> list[int] | int:
+        """lora_int_id / lora_name (or a list / 1-D tensor of them, one per row) -> compiled slot(s)."""
+        lora = self.rbln_config.lora_config
+        if lora is None:
+            raise ValueError("lora_int_id needs a model compiled with LoRA adapters (rbln_lora_config); this one "
+                             "runs the base model only")
+        if isinstance(adapter, torch.Tensor):
+            if adapter.dim() > 1 or adapter.is_floating_point():
+                raise ValueError(f"lora_int_id must be an int, a name or a 1-D list of them; got a tensor "
+                                 f"{adapter.dtype} {list(adapter.shape)}")
+            adapter = adapter.tolist()
+        if isinstance(adapter, (list, tuple)):
+            return [lora.slot_of(a) for a in adapter]
+        return lora.slot_of(adapter)
+
+    def _adapter_slots(self, rows: int) -> list[int]:
+        """Each row's adapter slot: this generate()'s lora_int_id, else set_adapter's, else the base."""
+        choice = self._generation_adapters if self._generation_adapters is not None else self._adapter_choice
+        if choice is None:
+            return [0] * rows
+        if isinstance(choice, int):
+            return [choice] * rows
+        if len(choice) < rows:
+            raise ValueError(f"lora_int_id names {len(choice)} adapter(s) for a batch of {rows} rows; give one "
+                             "per row, or a single one for all")
+        return list(choice[:rows])
+
+    def generate(self, inputs=None, generation_config=None, *, lora_int_id=None, **kwargs):
+        """transformers' `generate`, on the simulated NPU. Beam search is not supported.
+
+        lora_int_id: with LoRA adapters compiled in, the adapter of every row (a lora_int_id or
+        lora_name; 0 / "base": none) or a list of them, one per row (default: `set_adapter`'s)."""
+        adapters = None if lora_int_id is None else self._slots_of(lora_int_id)
         config = generation_config or self.generation_config
-        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) if config is not None else 1)
-        if num_beams and num_beams > 1:
-            raise ValueError("beam search (num_beams > 1) is not supported on the NPU decoder; use greedy or sampling")
+        refuse_beam_search(config, kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         self._check_inputs(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"))
         lengths, max_new = self._check_generation_length(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"),
@@ -184,10 +237,13 @@ class RBLNDecoderOnlyGenerationMixin(GenerationMixin):
         self._check_kv_pool(lengths, max_new)
         with self._lock:  # the KV cache, the block manager and the stats belong to one generation at a time
             self._stats_in_progress = stats
+            self._generation_adapters = adapters
             try:
+                self._adapter_slots(len(lengths))   # one adapter per row, checked before any device work
                 return super().generate(inputs=inputs, generation_config=generation_config, **kwargs)
             finally:
                 self._stats_in_progress = None
+                self._generation_adapters = None
                 self.block_manager.free_all()
                 stats.memory = self.device_memory()
                 self.generation_stats = stats

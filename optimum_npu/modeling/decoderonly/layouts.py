@@ -58,6 +58,10 @@ def merge_linears(*linears: nn.Module, copy_weights: bool = True) -> nn.Linear:
     """One Linear computing the given ones side by side (outputs concatenated): its weight (and
     bias) the HF ones end to end, never initialised on its own (left on the meta device without
     `copy_weights`)."""
+    from ..quantization import QuantizedLinear
+
+    if isinstance(linears[0], QuantizedLinear):  # a pre-quantised checkpoint's packed projections
+        return QuantizedLinear.concatenated(linears)
     weight = linears[0].weight
     with torch.device("meta"):
         merged = nn.Linear(weight.shape[1], sum(lin.out_features for lin in linears),

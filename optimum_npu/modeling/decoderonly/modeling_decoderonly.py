@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from ...sim_device import Runtime
 from ..base import GraphSpec, RBLNModel
+from ..quantized_checkpoints import take_packed_linears, with_checkpoint_quantization
 from .compile_plan import PREFILL, DecoderPlan, decoder_graph_name
 from .configuration_decoderonly import RBLNDecoderOnlyModelForCausalLMConfig
 from .generation import GenerationStats, RBLNDecoderOnlyGenerationMixin
@@ -41,6 +42,16 @@ def _check_program_facts(graph: str, program, facts) -> None:
                 f"rbln_config.json says {said}, so {graph}.rbln should have {wanted} {tensor}, but it has {has}: "
                 "the folder's files do not belong together; recompile with export=True"
             )
+
+
+def _check_adapter_slots(program, lora_config) -> None:
+    """The stacked LoRA weights must hold one slot per adapter rbln_config.json lists, plus the base."""
+    slots = sorted({spec.shape[0] for spec in program.weights if ".lora." in spec.name})
+    if slots != [lora_config.num_slots]:
+        raise ValueError(
+            f"rbln_config.json says lora_config has {lora_config.num_slots - 1} adapter(s), so prefill.rbln should "
+            f"stack {lora_config.num_slots} LoRA slots, but it stacks {slots or 'none'}: the folder's files do not "
+            "belong together; recompile with export=True")
 
 
 class RBLNDecoderOnlyModelBase(RBLNModel):
@@ -90,11 +101,12 @@ class RBLNDecoderOnlyModelBase(RBLNModel):
                 f"{model_id} (model_type {model_type!r}) is not a {cls.hf_class.__name__} checkpoint: {found}. "
                 "Load it with the RBLN class of its family, or RBLNAutoModelForCausalLM."
             )
+        take_packed_linears(hf_model)   # a compressed-tensors checkpoint: its packed projections, as they are
         return hf_model
 
     @classmethod
     def _resolve_config(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig, source_folder=None):
-        return DecoderPlan.for_model(hf_model, config).config
+        return DecoderPlan.for_model(hf_model, with_checkpoint_quantization(config, hf_model)).config
 
     @classmethod
     def _graph_specs(cls, hf_model, config: RBLNDecoderOnlyModelForCausalLMConfig) -> list[GraphSpec]:
@@ -126,6 +138,8 @@ class RBLNDecoderOnlyModelBase(RBLNModel):
                  None if config.use_attention_mask else "absent", None),
                 (f"max_seq_len={config.max_seq_len} / kvcache_block_size={config.kvcache_block_size}", "block_tables",
                  1, max_blocks_per_seq),
+                ("lora_config=" + ("None" if config.lora_config is None else f"{config.lora_config.num_slots - 1} "
+                                   "adapter(s)"), "adapter_slots", "absent" if config.lora_config is None else 0, batch),
             ]
             if any(spec.name == "rope_cos" for spec in artifact.program.buffers):  # not with learned positions
                 facts.append((f"max_seq_len={config.max_seq_len}", "rope_cos", 0, config.max_seq_len))
@@ -144,6 +158,8 @@ class RBLNDecoderOnlyModelBase(RBLNModel):
                 else:
                     facts.append((f"kvcache_block_size={config.kvcache_block_size}", cache, 2, config.kvcache_block_size))
             _check_program_facts(name, artifact.program, facts)
+            if name == PREFILL and config.lora_config is not None:   # the weights live in the prefill file
+                _check_adapter_slots(artifact.program, config.lora_config)
 
     def _external_tensors(self, graph_name: str) -> tuple[str, ...]:
         if graph_name == PREFILL:
@@ -183,3 +199,6 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNDecode
         super().__init__(hf_config, rbln_config, graphs, source_folder, generation_config)
         self.generation_stats = GenerationStats()
         self._stats_in_progress: GenerationStats | None = None
+        # LoRA adapter slots: set_adapter()'s choice, and the running generate()'s (generation.py).
+        self._adapter_choice: list[int] | int | None = None
+        self._generation_adapters: list[int] | int | None = None

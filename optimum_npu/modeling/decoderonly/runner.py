@@ -34,6 +34,7 @@ class DecoderRunner:
         self.vocab_size = vocab_size
         self.use_inputs_embeds: bool = config.use_inputs_embeds
         self.use_attention_mask: bool = config.use_attention_mask
+        self.lora_config = config.lora_config   # None: compiled without adapters
 
     @property
     def clock_s(self) -> float:
@@ -71,14 +72,15 @@ class DecoderRunner:
         return starts
 
     def prefill(self, tokens: torch.Tensor, block_table: torch.Tensor, start: int = 0,
-                embeds: torch.Tensor | None = None) -> torch.Tensor:
+                embeds: torch.Tensor | None = None, adapter_slot: int = 0) -> torch.Tensor:
         """Prefill positions start .. start+n-1 of one sequence.
 
         tokens: [n] int64 (tokens before `start` are already in the KV cache: an earlier chunk, a
         prefix-cache hit); embeds: [n, hidden] instead of token ids for a model compiled with
         use_inputs_embeds (None: looked up on the host from the compiled embedding table);
         block_table: [k] int32 block ids, k <= max_blocks_per_seq (padded here). Runs the compiled
-        prefill graph chunk by chunk; returns the fp32 logits [vocab] of the last token."""
+        prefill graph chunk by chunk; returns the fp32 logits [vocab] of the last token. adapter_slot:
+        the compiled LoRA adapter to apply (`adapter_slots`; 0: none)."""
         source = self._step_input(tokens, embeds)
         length = source.shape[0]
         if length == 0:
@@ -93,7 +95,7 @@ class DecoderRunner:
                              f"{covered} positions; prefilling up to position {start + length - 1} needs "
                              f"{self.layout.blocks_for(start + length)}")
         logits = None
-        for _, _, logits in self._prefill_chunks(source, table, start, covered):
+        for _, _, logits in self._prefill_chunks(source, table, start, covered, adapter_slot):
             pass
         return logits[0, -1]
 
@@ -107,17 +109,20 @@ class DecoderRunner:
             raise ValueError(f"a sequence of {length} tokens: it must have 1 .. rbln_max_seq_len={self.max_seq_len}")
         table = self._pad_tables(block_table.reshape(1, -1))
         hidden = None
-        for chunk_start, valid, out in self._prefill_chunks(source, table, 0, block_table.numel() * self.layout.block_size):
+        covered = block_table.numel() * self.layout.block_size
+        for chunk_start, valid, out in self._prefill_chunks(source, table, 0, covered):
             if hidden is None:
                 hidden = torch.empty((length, out.shape[-1]), dtype=torch.float32)
             hidden[chunk_start : chunk_start + valid] = out[0, :valid].float()  # a shifted-back chunk rewrites the same
         return hidden
 
-    def _prefill_chunks(self, source: torch.Tensor, table: torch.Tensor, start: int, covered: int):
-        """Run the prefill graph over positions start .. start+len(source)-1 of one sequence; yields
-        (first position, valid tokens, output) per compiled chunk."""
+    def _prefill_chunks(self, source: torch.Tensor, table: torch.Tensor, start: int, covered: int,
+                        adapter_slot: int = 0):
+        """Run the prefill graph over positions start .. start+len(source)-1 of one sequence (with LoRA
+        adapter `adapter_slot`, 0: none); yields (first position, valid tokens, output) per compiled chunk."""
         chunk = self.prefill_chunk_size
         runtime = self.runtime(PREFILL)
+        lora = self._adapter_input([adapter_slot], 1)
         for chunk_start in self.prefill_starts(start, source.shape[0], covered):
             piece = source[chunk_start - start : chunk_start - start + chunk]
             valid = piece.shape[0]
@@ -125,13 +130,14 @@ class DecoderRunner:
             padded[:valid] = piece
             extra = [self._visible_keys([chunk_start + valid])] if self.use_attention_mask else []
             yield chunk_start, valid, runtime.run(padded[None], torch.tensor([chunk_start], dtype=torch.int32), table,
-                                                  torch.tensor([valid - 1], dtype=torch.int64), *extra)
+                                                  torch.tensor([valid - 1], dtype=torch.int64), *extra, *lora)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-               embeds: torch.Tensor | None = None) -> torch.Tensor:
+               embeds: torch.Tensor | None = None, adapter_slots: list[int] | None = None) -> torch.Tensor:
         """One decode step of B sequences: tokens [B] int64 (or embeds [B, hidden]) at positions [B]
-        (the position of each token), block_tables [B, k] int32. Runs the smallest compiled decode
-        bucket >= B (padding rows write nothing); returns fp32 logits [B, vocab]."""
+        (the position of each token), block_tables [B, k] int32, adapter_slots [B] each row's LoRA
+        adapter (None: none). Runs the smallest compiled decode bucket >= B (padding rows write
+        nothing); returns fp32 logits [B, vocab]."""
         source = self._step_input(tokens, embeds)
         batch = source.shape[0]
         positions = [int(p) for p in positions]
@@ -149,6 +155,10 @@ class DecoderRunner:
         tables = torch.zeros((bucket, self.layout.max_blocks_per_seq), dtype=torch.int32)
         tables[:batch] = self._pad_tables(block_tables)
         extra = [self._visible_keys([p + 1 for p in positions] + [0] * (bucket - batch))] if self.use_attention_mask else []
+        slots = [0] * batch if adapter_slots is None else [int(s) for s in adapter_slots]
+        if len(slots) != batch:
+            raise ValueError(f"decode got {batch} tokens and {len(slots)} adapter slots; give one per sequence")
+        extra += self._adapter_input(slots + [0] * (bucket - batch), bucket)
         return self.runtime(decoder_graph_name(bucket)).run(ids, start, tables, *extra)[:batch, -1]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -194,6 +204,19 @@ class DecoderRunner:
         tables = torch.zeros((rows, self.layout.max_blocks_per_seq), dtype=torch.int32)
         tables[:, :width] = block_tables
         return tables
+
+    def _adapter_input(self, slots: list[int], rows: int) -> list[torch.Tensor]:
+        """The adapter_slots input of a graph of `rows` rows ([] for a model without adapters, which
+        only runs slot 0, the base model)."""
+        if self.lora_config is None:
+            if any(slots):
+                raise ValueError("this model was compiled without LoRA adapters (rbln_lora_config); it runs the "
+                                 "base model only")
+            return []
+        if any(not 0 <= s < self.lora_config.num_slots for s in slots):
+            raise ValueError(f"adapter slots {slots} must be in 0..{self.lora_config.num_slots - 1} (the compiled "
+                             "adapters; RBLNLoRAConfig.slot_of maps a lora_int_id to its slot)")
+        return [torch.tensor(slots[:rows], dtype=torch.int32)]
 
     def _visible_keys(self, lengths: list[int]) -> torch.Tensor:
         """The attention_mask input: row b sees key positions 0 .. lengths[b]-1."""

@@ -17,6 +17,7 @@ Inputs of a graph:
     block_tables int32 [batch, max_blocks_per_seq]
     query_position int64 [1]           prefill only: which token of the chunk to return logits for
     attention_mask int32 [batch, max_seq_len]   with use_attention_mask only: 1 = key position visible
+    adapter_slots int32 [batch]        with LoRA adapters only: each row's adapter (0 = none; lora_layers.py)
 Output: logits [batch, 1, vocab] (a sequence classifier: its scores; a headless model: the
 hidden states of every token of the chunk, [1, T, hidden]).
 """
@@ -28,7 +29,7 @@ from torch import nn
 
 from ...sim_device import kernels  # noqa: F401  (registers torch.ops.rbln.*)
 from .kv_cache import KVCacheLayout
-from .layouts import DecoderParts, LayerParts, layer_sliding_windows, layout_for
+from .layouts import DecoderParts, GatedMLP, LayerParts, layer_sliding_windows, layout_for
 
 
 def make_kv_caches(layout: KVCacheLayout, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -87,18 +88,29 @@ class DecoderLayer(nn.Module):
         self.rope_kind = parts.rope_kind
         # The HF parameters copied into new modules (ids only: no second reference to them).
         self.merged_parameter_ids = frozenset(parts.copied)
+        self.lora = None  # matmul name -> LoRADelta, when compiled with adapters (lora_layers.attach_lora)
 
-    def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
+    def project(self, name: str, hidden: torch.Tensor, adapter_slots: torch.Tensor | None) -> torch.Tensor:
+        """The matmul `name` (qkv_proj, o_proj, gate_up_proj, down_proj), plus its adapters' delta."""
+        out = getattr(self, name)(hidden)
+        if self.lora is not None and name in self.lora:
+            out = out + self.lora[name](hidden, adapter_slots)
+        return out
+
+    def mlp(self, hidden: torch.Tensor, adapter_slots: torch.Tensor | None = None) -> torch.Tensor:
+        if self.lora is not None and self.mlp_type is GatedMLP:  # adapters on gate_up_proj / down_proj
+            gate, up = self.project("gate_up_proj", hidden, adapter_slots).chunk(2, dim=-1)
+            return self.project("down_proj", self.act_fn(gate) * up, adapter_slots)
         return self.mlp_type.forward(self, hidden)
 
-    def block(self, hidden: torch.Tensor, attention) -> torch.Tensor:
+    def block(self, hidden: torch.Tensor, attention, adapter_slots: torch.Tensor | None = None) -> torch.Tensor:
         """The layer on `hidden`, with `attention(layer, x)` the attention sub-block."""
         if self.norm_after:  # post-LN (OPT-350m): normalise after each residual add
             hidden = self.input_layernorm(hidden + attention(self, hidden))
-            return self.post_attention_layernorm(hidden + self.mlp(hidden))
+            return self.post_attention_layernorm(hidden + self.mlp(hidden, adapter_slots))
         out = attention(self, self.input_layernorm(hidden))
         hidden = hidden + (out if self.post_attn_norm is None else self.post_attn_norm(out))
-        out = self.mlp(self.post_attention_layernorm(hidden))
+        out = self.mlp(self.post_attention_layernorm(hidden), adapter_slots)
         return hidden + (out if self.post_mlp_norm is None else self.post_mlp_norm(out))
 
 
@@ -144,6 +156,7 @@ class StaticDecoder(nn.Module):
         partition_len: int | None = None,
         use_inputs_embeds: bool = False,
         use_attention_mask: bool = False,
+        use_lora: bool = False,
         ring_layers: tuple[int, ...] = (),
     ):
         super().__init__()
@@ -155,6 +168,7 @@ class StaticDecoder(nn.Module):
         self.partition_len = partition_len
         self.use_inputs_embeds = use_inputs_embeds
         self.use_attention_mask = use_attention_mask
+        self.use_lora = use_lora
         self.embed_tokens = parts.embed
         self.embed_positions = parts.positions
         self.layers = parts.layers
@@ -179,9 +193,10 @@ class StaticDecoder(nn.Module):
             self.register_buffer(f"k_cache_{i}", k_cache, persistent=False)
             self.register_buffer(f"v_cache_{i}", v_cache, persistent=False)
 
-    def _attention(self, layer_index: int, layer: DecoderLayer, hidden, rope, start_pos, block_tables, mask):
+    def _attention(self, layer_index: int, layer: DecoderLayer, hidden, rope, start_pos, block_tables, mask,
+                   adapter_slots=None):
         batch, tokens, _ = hidden.shape
-        q, k, v = layer.qkv_proj(hidden).split(layer.qkv_sizes, dim=-1)
+        q, k, v = layer.project("qkv_proj", hidden, adapter_slots).split(layer.qkv_sizes, dim=-1)
         q = q.reshape(batch, tokens, self.num_heads, self.head_dim)
         k = k.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
@@ -199,7 +214,7 @@ class StaticDecoder(nn.Module):
             torch.ops.rbln.local_kv_cache_update(k_cache, v_cache, k, v, block_tables, start_pos)
             out = torch.ops.rbln.local_attention(q, k_cache, v_cache, block_tables, start_pos, layer.scale, window, *capped)
             out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-            return layer.o_proj(out)
+            return layer.project("o_proj", out, adapter_slots)
         torch.ops.rbln.kv_cache_update(k_cache, v_cache, k, v, block_tables, start_pos)
         if self.attn_impl == "flash_attn":
             out = torch.ops.rbln.flash_attention(
@@ -209,13 +224,15 @@ class StaticDecoder(nn.Module):
             out = torch.ops.rbln.paged_attention(q, k_cache, v_cache, block_tables, start_pos, layer.scale, window, mask,
                                                  *capped)
         out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-        return layer.o_proj(out)
+        return layer.project("o_proj", out, adapter_slots)
 
     def forward(self, inputs, start_pos, block_tables, *extra_inputs):
-        # The graph's inputs are positional: prefill adds query_position, then the mask if used.
+        # The graph's inputs are positional: prefill adds query_position, then the mask if used, then
+        # the adapter slots with LoRA.
         extra = list(extra_inputs)
         query_position = extra.pop(0) if self.phase == "prefill" else None
         attention_mask = extra.pop(0) if self.use_attention_mask else None
+        adapter_slots = extra.pop(0) if self.use_lora else None
         hidden = inputs if self.use_inputs_embeds else self.embed_tokens(inputs)
         tokens = hidden.shape[1]
         # Padding rows have start_pos < 0; any valid table index will do for them.
@@ -227,7 +244,8 @@ class StaticDecoder(nn.Module):
                 for kind, (cos, sin) in self.rope_buffers.items()}
         for i, layer in enumerate(self.layers):
             hidden = layer.block(hidden, lambda lay, x, i=i: self._attention(i, lay, x, rope, start_pos, block_tables,
-                                                                              attention_mask))
+                                                                              attention_mask, adapter_slots),
+                                 adapter_slots)
         if query_position is not None and not self.all_tokens:  # prefill: only the last prompt token's logits
             hidden = hidden.index_select(1, query_position)
         logits = self.lm_head(self.norm(hidden))
