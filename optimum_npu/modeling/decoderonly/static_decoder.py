@@ -101,6 +101,9 @@ class DecoderLayer(nn.Module):
         if self.lora is not None and self.mlp_type is GatedMLP:  # adapters on gate_up_proj / down_proj
             gate, up = self.project("gate_up_proj", hidden, adapter_slots).chunk(2, dim=-1)
             return self.project("down_proj", self.act_fn(gate) * up, adapter_slots)
+        if self.lora is not None and any(name in self.lora for name in ("gate_up_proj", "down_proj")):
+            raise ValueError(f"LoRA adapters target gate/up/down projections, but this family's MLP is a "
+                             f"{self.mlp_type.__name__}: the decoder applies adapters to gated MLPs only")
         return self.mlp_type.forward(self, hidden)
 
     def block(self, hidden: torch.Tensor, attention, adapter_slots: torch.Tensor | None = None) -> torch.Tensor:
