@@ -119,3 +119,10 @@ def test_experts_split_across_devices_under_tensor_parallelism(family):
 def test_an_activation_the_kernel_lacks_is_refused(bad):
     with pytest.raises(ValueError, match="hidden_act is 'gelu_new'"):
         SparseMoE(mixtral_block(), bad, renormalize=True)
+
+
+def test_weight_quantisation_of_experts_is_refused():
+    with pytest.raises(ValueError, match="does not reach a mixture of experts"):
+        RBLNAutoModelForCausalLM.from_model(make_hf_model("mixtral"), rbln_batch_size=1, rbln_max_seq_len=256,
+                                            rbln_prefill_chunk_size=64, rbln_create_runtimes=False,
+                                            rbln_quantization={"weights": "int8"})
