@@ -14,14 +14,28 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,18 +78,59 @@ FAMILIES = {
 }
 
 
+# Families whose configs name their sizes another way (or have no GQA): full kwargs, not merged with _COMMON.
+_TOKENS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=None, pad_token_id=PAD)
+ZOO = {
+    # Llama's layer with fused qkv_proj / gate_up_proj, RoPE on half of each head
+    "phi3": (Phi3Config, Phi3ForCausalLM, dict(_COMMON, partial_rotary_factor=0.5, tie_word_embeddings=False)),
+    # learned absolute positions, LayerNorm, GELU, Conv1D projections, tied head
+    "gpt2": (GPT2Config, GPT2LMHeadModel, dict(_TOKENS, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256,
+                                                activation_function="gelu_new", initializer_range=0.2)),
+    # learned positions from row 2, pre-LN, ReLU
+    "opt": (OPTConfig, OPTForCausalLM, dict(_TOKENS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64,
+                                            init_std=0.2)),
+    # OPT-350m's shape: post-LN (norms after the residual add), embeddings projected in and out
+    "opt_post_ln": (OPTConfig, OPTForCausalLM, dict(_TOKENS, hidden_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, ffn_dim=128, max_position_embeddings=256,
+                                                    word_embed_proj_dim=32, do_layer_norm_before=False,
+                                                    init_std=0.2)),
+    # sliding-window and global layers, scaled embedding, sandwich norms, attention and final-logit soft caps
+    # (HF applies the attention cap in its eager attention only); untied: a tied random Gemma repeats one token
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(
+        _COMMON, head_dim=16, sliding_window=MISTRAL_WINDOW, query_pre_attn_scalar=16,
+        attn_logit_softcapping=2.0, final_logit_softcapping=5.0, attn_implementation="eager",
+        tie_word_embeddings=False)),
+    # Gemma 2's layout with per-head Q/K norms, one RoPE per layer type (local base 10k, global 1M), no soft caps
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        _COMMON, head_dim=32, sliding_window=MISTRAL_WINDOW, query_pre_attn_scalar=32,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="eager",
+        tie_word_embeddings=False)),
+    # 4 experts, top-2 (renormalised), Mistral's window
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(
+        _COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=MISTRAL_WINDOW, tie_word_embeddings=False)),
+    # 4 experts, top-2 not renormalised, a dense first layer (mlp_only_layers), Q/K norms
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(
+        _COMMON, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, norm_topk_prob=False,
+        mlp_only_layers=[0], tie_word_embeddings=False)),
+}
+
+
 def hf_config(family: str, **overrides):
+    if family in ZOO:
+        config_cls, _, kwargs = ZOO[family]
+        return config_cls(**{**kwargs, **overrides})
     config_cls, _, extra = FAMILIES[family]
     return config_cls(**{**_COMMON, **extra, **overrides})
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides):
     """A random fp32 HF model of `family`, the same for the same seed whatever ran before."""
-    _, model_cls, _ = FAMILIES[family]
+    _, model_cls, _ = ZOO[family] if family in ZOO else FAMILIES[family]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(hf_config(family, **overrides))
-        if family == "qwen3":
+        if family in ("qwen3", "gemma3"):
             # q_norm / k_norm weights start at ones; random ones make a dropped or swapped norm weight visible.
             with torch.no_grad():
                 for name, param in model.named_parameters():

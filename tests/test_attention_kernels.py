@@ -292,7 +292,9 @@ def cost_args(start_pos, num_tokens, device="cpu", dtype=torch.bfloat16):
 
 def test_kernel_op_names_are_canonical():
     assert KERNEL_OPS == tuple(
-        str(getattr(torch.ops.rbln, name).default) for name in ("kv_cache_update", "paged_attention", "flash_attention")
+        str(getattr(torch.ops.rbln, name).default) for name in ("kv_cache_update", "paged_attention", "flash_attention",
+                                                                "local_kv_cache_update", "local_attention",
+                                                                "moe_experts")
     )
 
 

@@ -299,10 +299,10 @@ def test_auto_class_picks_the_family_from_the_hf_config(tmp_path):
 
 
 def test_auto_class_refuses_an_unsupported_model_type(tmp_path):
-    from transformers import GPT2Config
+    from transformers import BloomConfig
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="gpt2.*not supported"):
+    BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="bloom.*not supported"):
         RBLNAutoModelForCausalLM.from_pretrained(tmp_path, export=True)
 
 

@@ -149,8 +149,9 @@ def test_device_numerics_with_flash_attention(long_context_sources):
     check_device_logits(model, hf, "llama bf16 flash", BF16_LOGITS_RTOL)
 
 
-def check_device_logits(model, hf, what, rtol):
-    """Teacher-forced logits of `model` (closed afterwards) against fp32 HF, prefill and 11 decode steps."""
+def check_device_logits(model, hf, what, rtol, checked_steps=None):
+    """Teacher-forced logits of `model` (closed afterwards) against fp32 HF, prefill and 11 decode steps
+    (only those `checked_steps(sequence, first_step)` marks, a bool per step, if given)."""
     prompts = random_prompts((70, 23), seed=2)
     # HF's greedy tokens are fed back at every step, so both sides see the same sequence.
     continuations = [hf_generate(hf, p, max_new_tokens=12, do_sample=False)[:-1] for p in prompts]
@@ -163,6 +164,9 @@ def check_device_logits(model, hf, what, rtol):
         row = f"{what}, prompt of {prompt.shape[0]}"
         expected = hf_logits(hf, torch.cat([prompt, cont]))[prompt.shape[0] - 1:]  # prefill + each decode step
         assert logits.shape == expected.shape == (cont.shape[0] + 1, hf.config.vocab_size)
+        if checked_steps is not None:
+            keep = checked_steps(torch.cat([prompt, cont]), prompt.shape[0] - 1)
+            logits, expected = logits[keep], expected[keep]
         scale = expected.abs().amax(dim=-1, keepdim=True)
         error = (logits - expected).abs()
         worst = (error / scale).max().item()

@@ -69,4 +69,5 @@ def test_the_decoder_base_class_knows_its_families_in_a_fresh_process(tmp_path):
         from optimum_npu.modeling.decoderonly.modeling_decoderonly import RBLNDecoderOnlyModelForCausalLM
         print(" ".join(sorted(RBLNDecoderOnlyModelForCausalLM._model_types())))
     """, tmp_path)
-    assert out.split() == ["llama", "mistral", "qwen2", "qwen3"]
+    assert out.split() == ["gemma2", "gemma3_text", "gpt2", "llama", "mistral", "mixtral", "opt", "phi3", "qwen2",
+                           "qwen3", "qwen3_moe"]

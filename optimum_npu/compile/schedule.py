@@ -149,13 +149,14 @@ class Scheduler:
 
     def _price_attention(self, step: Step, nodes: list[Node]) -> None:
         """Worst case (every sequence at full length) for the compile-time estimate."""
-        from ..sim_device.kernels import attention_cost
+        from ..sim_device.kernels import ATTENTION_OPS, attention_cost
 
         flops = read = written = 0
         for node in nodes:
             f, r, w = attention_cost(node.target, node.fake_args, float_bytes=dtype_size(self.device_dtype))
             flops, read, written = flops + f, read + r, written + w
-            if f:  # QK^T and PV: the query rows sharing a KV head ([B, Hq, T, D] against [.., Hkv, .., D])
+            if f and node.target in ATTENTION_OPS:
+                # QK^T and PV: the query rows sharing a KV head ([B, Hq, T, D] against [.., Hkv, .., D])
                 q, k_cache = node.fake_args[0], node.fake_args[1]
                 step.matmul_rows = q.shape[1] // k_cache.shape[1] * q.shape[2]
             # args[4]: block_tables [B, blocks] of the cache update, start_pos [B] of the attention ops

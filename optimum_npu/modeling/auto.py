@@ -55,7 +55,7 @@ class _RBLNAutoClass:
         return cls.class_for_config(auto_class_from_pretrained(AutoConfig, folder), task)
 
     @classmethod
-    def class_for_config(cls, hf_config, task: str | None = None) -> type[RBLNModel]:
+    def class_for_config(cls, hf_config, task: str | None = None, architectures=None) -> type[RBLNModel]:
         base_class = cls._base_for(task)
         model_type = getattr(hf_config, "model_type", None)
         candidates = [c for c in model_classes(model_type) if issubclass(c, base_class)] if isinstance(model_type, str) else []
@@ -65,7 +65,7 @@ class _RBLNAutoClass:
             raise ValueError(
                 f"model_type {model_type!r} is not supported by {cls.__name__} yet; supported: {', '.join(supported)}"
             )
-        architectures = getattr(hf_config, "architectures", None) or []
+        architectures = architectures or getattr(hf_config, "architectures", None) or []
         named = [c for c in candidates if c.hf_class.__name__ in architectures]
         return (named or candidates)[0]
 
@@ -85,7 +85,8 @@ class _RBLNAutoClass:
 
     @classmethod
     def from_model(cls, hf_model, task: str | None = None, **kwargs):
-        return cls.class_for_config(hf_model.config, task).from_model(hf_model, **kwargs)
+        # The model's own class first (a model built from a config has no `architectures`).
+        return cls.class_for_config(hf_model.config, task, [type(hf_model).__name__]).from_model(hf_model, **kwargs)
 
 
 class RBLNAutoModel(_RBLNAutoClass):

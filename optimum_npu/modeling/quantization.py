@@ -247,7 +247,9 @@ class QuantizedLinear(nn.Module):
                 f"activations={self.activations}")
 
 
-DEVICE_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # the device decoder layer's projections
+# the device decoder layer's projections (fc_in / fc_out: the plain MLP of GPT-2 and OPT; a family's layer
+# has those of its layout)
+DEVICE_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "fc_in", "fc_out")
 
 
 def quantize_layers(layers: nn.ModuleList, quantization: Quantization | None, scale_dtype: torch.dtype) -> nn.ModuleList:
@@ -257,7 +259,7 @@ def quantize_layers(layers: nn.ModuleList, quantization: Quantization | None, sc
         return layers
     for layer in layers:
         for name in DEVICE_LINEARS:
-            linear = getattr(layer, name)
+            linear = getattr(layer, name, None)
             if isinstance(linear, nn.Linear):
                 setattr(layer, name, QuantizedLinear.from_linear(linear, quantization.weights, quantization.group_size,
                                                                  scale_dtype, quantization.activations))

@@ -35,14 +35,21 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .moe import MOE_EXPERTS, moe_cost, moe_experts
+
 # Canonical names of the ops, as `str(torch.ops.rbln.<op>.default)` spells them (and as
 # FX nodes of an exported graph show them).
-KERNEL_OPS = (
+KV_CACHE_UPDATE, PAGED_ATTENTION, FLASH_ATTENTION, LOCAL_KV_CACHE_UPDATE, LOCAL_ATTENTION = (
     "rbln.kv_cache_update.default",
     "rbln.paged_attention.default",
     "rbln.flash_attention.default",
+    "rbln.local_kv_cache_update.default",
+    "rbln.local_attention.default",
 )
-KV_CACHE_UPDATE, PAGED_ATTENTION, FLASH_ATTENTION = KERNEL_OPS
+# The mixture-of-experts kernel lives in moe.py; it is a device kernel like these (priced per run).
+KERNEL_OPS = (KV_CACHE_UPDATE, PAGED_ATTENTION, FLASH_ATTENTION, LOCAL_KV_CACHE_UPDATE, LOCAL_ATTENTION, MOE_EXPERTS)
+ATTENTION_OPS = (PAGED_ATTENTION, FLASH_ATTENTION, LOCAL_ATTENTION)
+CACHE_UPDATE_OPS = (KV_CACHE_UPDATE, LOCAL_KV_CACHE_UPDATE)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -135,7 +142,7 @@ def _read_positions(cache: Tensor, block_tables: Tensor, first: int, end: int) -
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, start_pos: Tensor, first_key: int, scale: float, sliding_window: int,
-            attention_mask: Tensor | None) -> Tensor:
+            attention_mask: Tensor | None, softcap: float = 0.0) -> Tensor:
     """Attention of q [B, Hq, T, D] over k, v [B, Hkv, L, D] holding key positions first_key..first_key+L-1.
 
     The math is torch's scaled_dot_product_attention with GQA: on CPU it is itself a flash
@@ -150,7 +157,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, start_pos: Tensor, first_key: int, 
     same_start = min(starts) == max(starts)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if (num_tokens > 1 and same_start and first_key < starts[0] and first_key + length == starts[0] + num_tokens
-            and sliding_window == 0 and attention_mask is None):
+            and sliding_window == 0 and attention_mask is None and not softcap):
         return _attend_prefix_then_chunk(q, k, v, starts[0] - first_key, scale)
     mask, causal = None, False
     every_key_visible = same_start and first_key + length == starts[0] + 1 and num_tokens == 1
@@ -171,9 +178,30 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, start_pos: Tensor, first_key: int, 
                 # cancel a NaN, so zero them (k and v may be views of the cache: copies)
                 k = _zero_unwritten_(k.clone(), query_pos, first_key)
                 v = _zero_unwritten_(v.clone(), query_pos, first_key)
+    if softcap:
+        return _attend_softcapped(q, k, v, mask, causal, scale, softcap)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def _attend_softcapped(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float,
+                       softcap: float) -> Tensor:
+    """Attention with logit soft-capping (Gemma 2): scores become softcap * tanh(scores / softcap)
+    before the mask and the softmax. The cap acts on each score, so no flash kernel's running
+    statistics apply: the scores are formed whole (a softmax in fp32, as the device's kernel does)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        tokens, length = scores.shape[-2:]
+        mask = torch.ones(tokens, length, dtype=torch.bool).tril(length - tokens)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
 
 
 def _attend_prefix_then_chunk(q: Tensor, k: Tensor, v: Tensor, prefix: int, scale: float) -> Tensor:
@@ -213,7 +241,7 @@ def _first_visible_key(start_pos: Tensor, sliding_window: int) -> int:
 
 
 def _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask,
-                          what: str) -> Tensor:
+                          what: str, softcap: float = 0.0) -> Tensor:
     """Both attention kernels: read the KV positions the chunk can see, then `_attend`.
 
     Every sequence is read up to the longest one in the batch (shorter ones are masked), so
@@ -225,7 +253,7 @@ def _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, s
         if rows.numel():
             out[rows] = _attention_over_cache(q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale,
                                               sliding_window, None if attention_mask is None else attention_mask[rows],
-                                              what)
+                                              what, softcap)
         return out
     num_tokens = q.shape[2]
     query_pos = _chunk_positions(start_pos, num_tokens)  # [B, T]
@@ -233,7 +261,7 @@ def _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, s
     first, end = _first_visible_key(start_pos, sliding_window), int(query_pos.max()) + 1
     k = _read_positions(k_cache, block_tables, first, end)
     v = _read_positions(v_cache, block_tables, first, end)
-    return _attend(q, k, v, start_pos, first, scale, sliding_window, attention_mask)
+    return _attend(q, k, v, start_pos, first, scale, sliding_window, attention_mask, softcap)
 
 
 # The Python implementations behind the custom ops. The runtime calls these directly: the
@@ -274,10 +302,14 @@ def kv_cache_update(
     _check_positions_fit(positions, block_tables, block_size, "kv_cache_update")
     physical = block_tables.long().gather(1, positions // block_size)  # [B, T]
     _check_physical_blocks(physical, k_cache.shape[0], "kv_cache_update")
-    offset = positions % block_size
-    # The two index tensors are separated by a slice, so the indexed view is [B, T, H, D].
-    k_cache[physical, :, offset] = k.transpose(1, 2).to(k_cache.dtype)
-    v_cache[physical, :, offset] = v.transpose(1, 2).to(v_cache.dtype)
+    _write_at(k_cache, v_cache, physical, positions % block_size, k, v)
+
+
+def _write_at(k_cache: Tensor, v_cache: Tensor, blocks: Tensor, offsets: Tensor, k: Tensor, v: Tensor) -> None:
+    """k, v [B, H, T, D] into cache[blocks, :, offsets] (blocks [B, T] or [B, 1], offsets [B, T]).
+    The two index tensors are separated by a slice, so the indexed view is [B, T, H, D]."""
+    k_cache[blocks, :, offsets] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = v.transpose(1, 2).to(v_cache.dtype)
 
 
 @kv_cache_update.register_fake
@@ -298,19 +330,21 @@ def paged_attention(
     scale: float,
     sliding_window: int,
     attention_mask: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Causal (optionally sliding-window) attention of q [B, Hq, T, D] over the paged cache.
 
     `attention_mask` [B, max positions], if given, additionally hides the keys where it is 0
-    (graphs compiled with rbln_use_attention_mask take it as an input).
-    Rows with start_pos < 0 are padding: they read nothing and output zeros.
+    (graphs compiled with rbln_use_attention_mask take it as an input). `softcap` > 0 caps
+    each score at softcap * tanh(score / softcap) before the softmax (Gemma 2's
+    attn_logit_softcapping). Rows with start_pos < 0 are padding: they read nothing and output zeros.
     """
     return _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask,
-                                 "paged_attention")
+                                 "paged_attention", softcap)
 
 
 @paged_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask=None):
+def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask=None, softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -328,6 +362,7 @@ def flash_attention(
     sliding_window: int,
     partition_len: int,
     attention_mask: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> Tensor:
     """paged_attention over KV partitions: one partition is one cache block (block_size ==
     partition_len), and the softmax is combined across partitions online (running max and
@@ -342,11 +377,88 @@ def flash_attention(
             f"flash_attention: partition_len ({partition_len}) must equal the KV cache block size ({k_cache.shape[2]})"
         )
     return _attention_over_cache(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, attention_mask,
-                                 "flash_attention")
+                                 "flash_attention", softcap)
 
 
 @flash_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, partition_len, attention_mask=None):
+def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, partition_len, attention_mask=None,
+      softcap=0.0):
+    return torch.empty_like(q)
+
+
+# --------------------------------------------------------------------------- the sliding-window (local) cache
+
+
+@torch.library.custom_op("rbln::local_kv_cache_update", mutates_args=("k_cache", "v_cache"))
+def local_kv_cache_update(
+    k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, block_tables: Tensor, start_pos: Tensor
+) -> None:
+    """Write k, v [batch, kv_heads, T, head_dim] at positions start_pos[b] + t into the ring of the
+    sliding-window cache [num_blocks, kv_heads, ring, head_dim] that sequence b owns: the row of its
+    first block (block_tables[b, 0]), position p at p % ring. A layer that sees only the last
+    `window` positions needs no more: with ring >= window + T - 1 a chunk's writes never overwrite
+    a position any of its queries (or a later one) still sees. Rows with start_pos < 0 write nothing."""
+    rows = _valid_rows(start_pos)
+    if rows is not None:
+        k, v, block_tables, start_pos = k[rows], v[rows], block_tables[rows], start_pos[rows]
+    if start_pos.numel() == 0:
+        return
+    ring, tokens = k_cache.shape[2], k.shape[2]
+    if tokens > ring:
+        raise ValueError(f"local_kv_cache_update: a chunk of {tokens} tokens does not fit a ring of {ring} positions")
+    owners = block_tables[:, 0].long()
+    _check_physical_blocks(owners, k_cache.shape[0], "local_kv_cache_update")
+    _write_at(k_cache, v_cache, owners[:, None], _chunk_positions(start_pos, tokens) % ring, k, v)
+
+
+@local_kv_cache_update.register_fake
+def _(k_cache, v_cache, k, v, block_tables, start_pos) -> None:
+    return None
+
+
+@torch.library.custom_op("rbln::local_attention", mutates_args=())
+def local_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    start_pos: Tensor,
+    scale: float,
+    sliding_window: int,
+    softcap: float = 0.0,
+) -> Tensor:
+    """Sliding-window attention of q [B, Hq, T, D] over each sequence's ring (`local_kv_cache_update`):
+    a query at position p sees keys p - sliding_window + 1 .. p, read from the ring (the
+    window + T - 1 positions the chunk's queries see). Rows with start_pos < 0 output zeros."""
+    rows = _valid_rows(start_pos)
+    if rows is not None:
+        out = torch.zeros_like(q)
+        if rows.numel():
+            out[rows] = local_attention(q[rows], k_cache, v_cache, block_tables[rows], start_pos[rows], scale,
+                                        sliding_window, softcap)
+        return out
+    ring, tokens = k_cache.shape[2], q.shape[2]
+    span = sliding_window + tokens - 1
+    if sliding_window <= 0 or span > ring:
+        raise ValueError(f"local_attention: a window of {sliding_window} with chunks of {tokens} tokens needs a ring of "
+                         f"at least {span} positions; the cache has {ring}")
+    owners = block_tables[:, 0].long()
+    _check_physical_blocks(owners, k_cache.shape[0], "local_attention")
+    query_pos = _chunk_positions(start_pos, tokens)                                                 # [B, T]
+    key_pos = start_pos.long()[:, None] - sliding_window + 1 + torch.arange(span)[None, :]         # [B, span]
+    slots = key_pos % ring
+    k = k_cache[owners[:, None], :, slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, span, D]
+    v = v_cache[owners[:, None], :, slots].transpose(1, 2).to(q.dtype)
+    keys, queries = key_pos[:, None, :], query_pos[:, :, None]
+    mask = ((keys <= queries) & (keys > queries - sliding_window) & (keys >= 0))[:, None]  # [B, 1, T, span]
+    if softcap:
+        return _attend_softcapped(q, k, v, mask, False, scale, softcap)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+@local_attention.register_fake
+def _(q, k_cache, v_cache, block_tables, start_pos, scale, sliding_window, softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -354,6 +466,9 @@ IMPLEMENTATIONS = {
     KV_CACHE_UPDATE: kv_cache_update._init_fn,
     PAGED_ATTENTION: paged_attention._init_fn,
     FLASH_ATTENTION: flash_attention._init_fn,
+    LOCAL_KV_CACHE_UPDATE: local_kv_cache_update._init_fn,
+    LOCAL_ATTENTION: local_attention._init_fn,
+    MOE_EXPERTS: moe_experts._init_fn,
 }
 
 
@@ -411,13 +526,15 @@ def attention_cost(op_name: str, args: tuple, float_bytes: int | None = None,
         return float_bytes if float_bytes and wide else tensor.element_size()
 
     name = str(op_name)
-    if name == KV_CACHE_UPDATE:
+    if name == MOE_EXPERTS:
+        return moe_cost(args, float_bytes)
+    if name in CACHE_UPDATE_OPS:
         k_cache, v_cache, k, v, block_tables, start_pos = args[:6]
         bytes_read = _nbytes(k) + _nbytes(v) + _nbytes(block_tables) + _nbytes(start_pos)
         bytes_written = (k.numel() * _element_size(k_cache)) + (v.numel() * _element_size(v_cache))
         return 0.0, bytes_read, bytes_written
 
-    if name in (PAGED_ATTENTION, FLASH_ATTENTION):
+    if name in ATTENTION_OPS:
         q, k_cache, v_cache, block_tables, start_pos, _scale, sliding_window = args[:7]
         _, num_heads, num_tokens, head_dim = q.shape
         _, num_kv_heads, block_size, _ = k_cache.shape

@@ -216,19 +216,23 @@ def kv_cache_update(update: Callable, k_cache, v_cache, k, v, block_tables, star
 
 def _attention(scalars: int) -> Callable:
     """paged_attention / flash_attention over every rank's heads: the ranks as rows of one batch.
-    `scalars`: how many scalar arguments follow start_pos (scale, sliding_window (, partition_len))."""
+    `scalars`: how many scalar arguments follow start_pos (scale, sliding_window (, partition_len)); then
+    come the mask and the soft cap, if given by position."""
 
     def over_ranks(kernel: Callable, q, k_cache, v_cache, block_tables, start_pos, *rest, attention_mask=None,
-                   rows_cache: RowsCache | None = None):
-        if len(rest) > scalars:  # the mask given by position
-            *rest, attention_mask = rest
+                   softcap=0.0, rows_cache: RowsCache | None = None):
+        rest, tail = list(rest[:scalars]), list(rest[scalars:])
+        if tail:
+            attention_mask = tail.pop(0)
+        if tail:
+            softcap = tail.pop(0)
         if not _is_rank_form([q], k_cache, v_cache):
             return None
         rows = _ranks_as_rows(k_cache, block_tables, start_pos, attention_mask, rows_cache)
         if rows is None:
             return None
         tables, starts, mask = rows
-        out = kernel(_rows(q), k_cache.flat, v_cache.flat, tables, starts, *rest, attention_mask=mask)
+        out = kernel(_rows(q), k_cache.flat, v_cache.flat, tables, starts, *rest, attention_mask=mask, softcap=softcap)
         return out.reshape(k_cache.tensor.shape[0], -1, *out.shape[1:])
 
     return over_ranks

@@ -91,15 +91,20 @@ class _DynamicCosts:
 
     def record(self, step_index: int, op: BoundOp, args: tuple) -> None:
         from .kernels import attention_cost
+        from .moe import MOE_EXPERTS
 
-        # Every layer of a run reads the same position inputs: price each distinct call once per
-        # run (index tensors by identity, data tensors by shape, scalars by value).
-        key = (op.target, *(
-            (id(a) if not a.is_floating_point() else tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args
-        ))
-        if key not in self.costs:
-            self.costs[key] = attention_cost(op.target, args, float_bytes=self.float_bytes)
-        flops, read, written = self.costs[key]
+        if op.target == MOE_EXPERTS:  # priced by the experts this layer's tokens pick: every call apart
+            flops, read, written = attention_cost(op.target, args, float_bytes=self.float_bytes)
+        else:
+            # Every layer of a run reads the same position inputs: price each distinct call once per
+            # run (index tensors by identity, data tensors by shape, scalars by value).
+            key = (op.target, *(
+                (id(a) if not a.is_floating_point() else tuple(a.shape)) if isinstance(a, torch.Tensor) else a
+                for a in args
+            ))
+            if key not in self.costs:
+                self.costs[key] = attention_cost(op.target, args, float_bytes=self.float_bytes)
+            flops, read, written = self.costs[key]
         entry = self.steps.setdefault(step_index, [0.0, 0])
         entry[0] += flops
         entry[1] += read + written

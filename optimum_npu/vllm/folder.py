@@ -53,6 +53,7 @@ class CompiledDecoder:
     tensor_parallel_size: int
     dtype: str
     npu: str
+    ring_cache: bool = False  # cache_impl sliding_window / hybrid: a sequence's ring is the row of its first block
     lora_adapters: tuple[tuple[int, str], ...] = ()   # (lora_int_id, lora_name) of each compiled LoRA adapter
 
     @classmethod
@@ -74,12 +75,16 @@ class CompiledDecoder:
             raise ValueError(f"{folder} cannot be served by vLLM on the NPU: {err}") from None
         if not config.is_resolved:
             raise ValueError(f"{path / CONFIG_NAME} does not give every decoder option; recompile the folder")
+        if not config.decoder_batch_sizes:
+            raise ValueError(f"{folder} holds a headless decoder ({config.cls_name}: no decode graph); vLLM on the NPU "
+                             "serves causal LMs only")
         return cls(
             folder=str(folder), cls_name=str(config.cls_name), batch_size=config.batch_size,
             max_seq_len=config.max_seq_len, block_size=config.kvcache_block_size,
             num_blocks=config.kvcache_num_blocks, prefill_chunk_size=config.prefill_chunk_size,
             decoder_batch_sizes=tuple(config.decoder_batch_sizes),
             tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype, npu=config.npu,
+            ring_cache=bool(config.ring_layers),
             lora_adapters=() if config.lora_config is None else tuple(
                 (a.lora_int_id, a.lora_name) for a in config.lora_config.adapters),
         )
@@ -136,6 +141,13 @@ def fit_vllm_config(vllm_config, compiled: CompiledDecoder) -> None:
             f"{compiled.block_size}; leave block_size unset or set it to {compiled.block_size}"
         )
     cache_config.block_size = compiled.block_size
+    if cache_config.enable_prefix_caching and compiled.ring_cache:
+        # Two requests sharing a cached first block would share one sliding-window ring.
+        logger.warning("prefix caching is turned off: %s keeps its sliding-window layers in a ring per sequence "
+                       "(rbln_cache_impl=sliding_window / hybrid), the ring of a sequence's first block, which "
+                       "requests sharing a prefix would share; compile with rbln_cache_impl='static' to share "
+                       "prefixes", compiled.folder)
+        cache_config.enable_prefix_caching = False
     if cache_config.enable_prefix_caching and compiled.block_size >= compiled.max_seq_len:
         # vLLM's prefix cache shares whole blocks, and a request computes at least its last token.
         logger.info("prefix caching cannot reuse any block: a KV block of %d tokens holds a whole sequence (eager "

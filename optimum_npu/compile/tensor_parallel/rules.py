@@ -12,7 +12,8 @@ splitter then all-gathers the node's sharded inputs and runs it replicated.
 - embedding: by vocabulary (Megatron-LM's `VocabParallelEmbedding`);
 - views, transposes, cuts, slices, reductions and norms over unsharded dimensions,
   element-wise math: the placement carried through;
-- the KV cache and attention: by heads.
+- the KV cache and attention: by heads;
+- the mixture-of-experts kernel: by experts (partial sums all-reduced).
 """
 
 from __future__ import annotations
@@ -450,6 +451,27 @@ def _paged_attention(s: Splitter, node: Node, args: list, kwargs: dict) -> None:
     s.emit(node, args, kwargs, [q_layout])
 
 
+def _moe_experts(s: Splitter, node: Node, args: list, kwargs: dict) -> None:
+    """Expert parallelism: rank r holds experts [r*E/N, (r+1)*E/N) (their weights and ids split
+    alike), routes every token with the whole router, computes the tokens routed to its own
+    experts, and the partial sums are all-reduced."""
+    hidden, router, expert_ids, gate_up, down = (ref(a) for a in args[:5])
+    (out,) = node.outputs
+    if any(s.placement(name) != REPLICATE for name in (hidden, router)):
+        raise CannotSplit("the MoE kernel routes the whole hidden state with the whole router")
+    experts = s.shape(gate_up)[0]
+    if experts % s.n:
+        raise CannotSplit(f"{experts} experts do not split evenly over {s.n} devices")
+    ranges = even_ranges(0, experts, s.n)
+    for name in (expert_ids, gate_up, down):
+        if not s.shard_resident(name, 0, ranges, "experts", note="experts split across devices, partial sums all-reduced"):
+            raise CannotSplit("expert weights are read unsplit elsewhere")
+    s.emit(node, args, kwargs, [PARTIAL])
+    full = tuple(s.meta[out].shape)
+    s.rename[out] = s.collective(ALL_REDUCE, out, [], f"{out}@all_reduce", full, (s.n - 1) * math.prod(full),
+                                 "all_reduce")
+
+
 def _sdpa(s: Splitter, node: Node, args: list, kwargs: dict) -> None:
     q, k, v = (ref(a) for a in args[:3])
     q_layout, kv_layout = _heads(s, q), _heads(s, k)
@@ -493,6 +515,8 @@ RULES = {
     "aten.softmax": _norm, "aten.log_softmax": _norm, "aten.layer_norm": _norm, "aten.rms_norm": _norm,
     "rbln.kv_cache_update": _kv_cache_update,
     "rbln.paged_attention": _paged_attention, "rbln.flash_attention": _paged_attention,
+    "rbln.moe_experts": _moe_experts,
+    "rbln.local_kv_cache_update": _kv_cache_update, "rbln.local_attention": _paged_attention,
     "aten.scaled_dot_product_attention": _sdpa,
     "aten.matmul": _batched_matmul, "aten.bmm": _batched_matmul,
 }
@@ -500,4 +524,4 @@ RULES.update({packet: _elementwise for packet, category in DEVICE_OPS.items() if
 RULES["aten.type_as"] = _type_as
 
 # Rules that may shard a replicated input's consumer (they split weights): tried on every node.
-CREATES_SHARDS = (_linear, _embedding)
+CREATES_SHARDS = (_linear, _embedding, _moe_experts)

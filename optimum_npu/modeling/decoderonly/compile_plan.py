@@ -23,14 +23,20 @@ from ...sim_device.specs import get_npu_spec
 from ..base import GraphSpec
 from ..quantization import quantize_layers
 from .kv_cache import KVCacheLayout, is_kv_cache
+from .layouts import layout_for
 from .lora_layers import attach_lora
 from .lora_weights import meta_stacked_weights, projection_shapes, resolve_adapters, stacked_weights
-from .static_decoder import StaticDecoder, make_kv_caches, merge_layers, rope_tables
+from .static_decoder import StaticDecoder, make_kv_caches, merge_layers
 
 logger = logging.getLogger(__name__)
 
 PREFILL = "prefill"
 DEVICE_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rope_tables(hf_model, max_seq_len: int) -> dict:
+    """The model's RoPE tables by kind (none for learned positions), from its family's layout."""
+    return layout_for(hf_model.config).rope_tables(hf_model, max_seq_len)
 
 
 def kv_cache_dtype(config) -> torch.dtype:
@@ -161,17 +167,23 @@ class DecoderPlan:
         return kv_cache_dtype(self.config)
 
     def _device_layers(self, hf_model):
-        """The model's layers in device form, their projections packed when the weights are quantised."""
-        return quantize_layers(merge_layers(hf_model), self.config.quantization_spec, DEVICE_DTYPE[self.config.dtype])
+        """The model's parts in device form, the layers' projections packed when the weights are quantised."""
+        parts = merge_layers(hf_model)
+        quantization = self.config.quantization_spec
+        if quantization is not None and quantization.quantizes_weights and any(hasattr(l, "moe") for l in parts.layers):
+            raise ValueError("rbln_quantization of the weights does not reach a mixture of experts' expert weights "
+                             "yet (they would stay 16-bit); compile this model without weight quantisation")
+        quantize_layers(parts.layers, quantization, DEVICE_DTYPE[self.config.dtype])
+        return parts
 
     def meta_graph_specs(self, hf_class) -> list[GraphSpec]:
         """The same graphs on the meta device (shapes only: they compile to sizes and costs, never
         run), built from `hf_class` (the transformers model class) and the HF config."""
         with torch.device("meta"):
             meta_model = hf_class(self.hf_config)
-            caches = [tuple(torch.empty(self.layout.block_shape, dtype=self.kv_dtype) for _ in "kv")
-                      for _ in range(self.layout.num_layers)]
-            rope = tuple(torch.empty(self.config.max_seq_len, self.layout.head_dim) for _ in ("cos", "sin"))
+            caches = [tuple(torch.empty(self.layout.layer_shape(i), dtype=self.kv_dtype) for _ in "kv")
+                      for i in range(self.layout.num_layers)]
+            rope = layout_for(self.hf_config).rope_tables(meta_model, self.config.max_seq_len)  # meta tensors
             return self._graphs(meta_model, self._device_layers(meta_model), caches, rope)
 
     def _attach_adapters(self, hf_model, layers) -> None:
@@ -185,7 +197,7 @@ class DecoderPlan:
         attach_lora(layers, stacks, projection_shapes(hf_model))
 
     def _graphs(self, hf_model, layers, kv_caches, rope) -> list[GraphSpec]:
-        self._attach_adapters(hf_model, layers)
+        self._attach_adapters(hf_model, layers.layers)
         config, max_blocks = self.config, self.layout.max_blocks_per_seq
         hidden = self.hf_config.hidden_size
 
@@ -200,7 +212,8 @@ class DecoderPlan:
 
         def graph(name: str, phase: str, input_info) -> GraphSpec:
             module = StaticDecoder(hf_model, layers, kv_caches, rope, phase, config.attn_impl, config.kvcache_partition_len,
-                                   config.use_inputs_embeds, config.use_attention_mask, config.lora_config is not None)
+                                   config.use_inputs_embeds, config.use_attention_mask,
+                                   use_lora=config.lora_config is not None, ring_layers=config.ring_layers)
             return GraphSpec(name, tuple(input_info), module)
 
         specs = [graph(PREFILL, PREFILL, inputs(1, config.prefill_chunk_size, prefill=True))]

@@ -33,6 +33,7 @@ from .lora import RBLNLoRAConfig
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLS = ("eager", "flash_attn")
+CACHE_IMPLS = ("static", "sliding_window", "hybrid")
 
 # Limits of the real stack (optimum-rbln), kept so code that compiles here compiles there.
 MAX_EAGER_SEQ_LEN = 32_768          # eager attention materializes the whole sequence per block
@@ -60,6 +61,12 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
     decoder_batch_sizes: tuple[int, ...] | None = None  # decode graphs to compile; None: (batch_size,)
     use_inputs_embeds: bool = False           # the prefill graph takes embeddings instead of token ids
     use_attention_mask: bool = False          # pass an explicit attention mask (else derived from positions)
+    # Where the sliding-window layers keep K/V: "static" (None): the paged cache of max_seq_len
+    # positions, keys outside the window masked; "sliding_window" (every layer windowed, Mistral) /
+    # "hybrid" (some, Gemma): a ring of sliding_window + prefill_chunk_size - 1 positions per sequence.
+    cache_impl: str | None = None
+    sliding_window: int | None = None               # None: the model's (it must be the model's)
+    sliding_window_layers: tuple[int, ...] | None = None  # None: the model's windowed layers (idem)
     # optimum-rbln's rbln_quantization: {"weights": "int4", "group_size": 128, "kv_caches": "fp8", ...}
     # (modeling/quantization.py); stored as its canonical dict. None: every weight and the KV cache in 16 bits.
     quantization: Mapping[str, Any] | None = field(default=None, hash=False)
@@ -98,6 +105,23 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
                              f"it); got {self.memory_budget!r}")
         check_bool("use_inputs_embeds", self.use_inputs_embeds)
         check_bool("use_attention_mask", self.use_attention_mask)
+        check_choice("cache_impl", self.cache_impl, (None, *CACHE_IMPLS))
+        check_int("sliding_window", self.sliding_window, allow_none=True)
+        layers = self.sliding_window_layers
+        if layers is not None:
+            if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)):
+                raise TypeError(f"{_P}sliding_window_layers must be a list of layer indices; got {layers!r}")
+            for index in layers:
+                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                    raise ValueError(f"{_P}sliding_window_layers must hold layer indices >= 0; got {layers!r}")
+            self._set("sliding_window_layers", tuple(sorted(set(layers))))
+        if self.cache_impl in (None, "static") and (self.sliding_window is not None or layers is not None):
+            raise ValueError(f"{_P}sliding_window / {_P}sliding_window_layers size the ring cache of "
+                             f"{_P}cache_impl='sliding_window' or 'hybrid'; with cache_impl="
+                             f"{self.cache_impl or 'static'!r} they are the model's own: drop them")
+        if self.cache_impl in ("sliding_window", "hybrid") and self.use_attention_mask:
+            raise ValueError(f"{_P}use_attention_mask=True needs {_P}cache_impl='static' (the ring cache of "
+                             f"cache_impl={self.cache_impl!r} takes no mask)")
         self._validate_decoder_batch_sizes()
         self._set("lora_config", RBLNLoRAConfig.coerce(self.lora_config))
         if self.lora_config is not None and self.tensor_parallel_size > 1:
@@ -259,12 +283,18 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
         quantization = self.quantization_spec
         if quantization is not None:
             head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-            quantization.check_in_features({"hidden_size": hf_config.hidden_size,
-                                            "num_attention_heads * head_dim": hf_config.num_attention_heads * head_dim,
-                                            "intermediate_size": hf_config.intermediate_size})
+            features = {"hidden_size": hf_config.hidden_size,
+                        "num_attention_heads * head_dim": hf_config.num_attention_heads * head_dim}
+            if getattr(hf_config, "intermediate_size", None):  # (GPT-2's and OPT's configs name it otherwise)
+                features["intermediate_size"] = hf_config.intermediate_size
+            quantization.check_in_features(features)
+        cache_impl, window, window_layers = self._sliding_window_options(hf_config)
         # replace() re-runs _validate(), which now checks every rule on the resolved values.
         return dataclasses.replace(
             self,
+            cache_impl=cache_impl,
+            sliding_window=window,
+            sliding_window_layers=window_layers,
             max_seq_len=max_seq_len,
             attn_impl=attn_impl,
             kvcache_partition_len=partition,
@@ -272,6 +302,47 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
             kvcache_num_blocks=num_blocks,
             decoder_batch_sizes=decoder_batch_sizes,
         )
+
+    def _sliding_window_options(self, hf_config: Any) -> tuple[str, int | None, tuple[int, ...] | None]:
+        """(cache_impl, sliding_window, sliding_window_layers), checked against the model: a ring cache
+        holds the model's own windowed layers with the model's window (another window would change
+        what the layers attend to, so it is refused, not obeyed)."""
+        from .layouts import layer_sliding_windows
+
+        cache_impl = self.cache_impl or "static"
+        if cache_impl == "static":
+            return cache_impl, None, None
+        windows = layer_sliding_windows(hf_config)
+        windowed = tuple(i for i, w in enumerate(windows) if w)
+        if not windowed:
+            raise ValueError(f"{_P}cache_impl={cache_impl!r}: this model has no sliding-window layers; use 'static'")
+        if len({windows[i] for i in windowed}) > 1:
+            raise ValueError(f"{_P}cache_impl={cache_impl!r}: the model's layers have different windows "
+                             f"{sorted({windows[i] for i in windowed})}; use 'static'")
+        if self.sliding_window is not None and self.sliding_window != windows[windowed[0]]:
+            raise ValueError(f"{_P}sliding_window={self.sliding_window}: the model's window is {windows[windowed[0]]} "
+                             "(another one would change what its layers attend to); leave it unset")
+        if self.sliding_window_layers is not None and tuple(self.sliding_window_layers) != windowed:
+            raise ValueError(f"{_P}sliding_window_layers={list(self.sliding_window_layers)}: the model's windowed "
+                             f"layers are {list(windowed)}; leave it unset")
+        every = len(windowed) == len(windows)
+        if cache_impl == "sliding_window" and not every:
+            raise ValueError(f"{_P}cache_impl='sliding_window' rings every layer, but only layers {list(windowed)} of "
+                             f"{len(windows)} have a window; use 'hybrid'")
+        if cache_impl == "hybrid" and every:
+            raise ValueError(f"{_P}cache_impl='hybrid' mixes ring and full caches, but every layer has a window; use "
+                             "'sliding_window'")
+        return cache_impl, windows[windowed[0]], windowed
+
+    @property
+    def ring_layers(self) -> tuple[int, ...]:
+        """The layers whose K/V live in a ring of `ring_len` positions (none with cache_impl 'static')."""
+        return () if self.cache_impl in (None, "static") else tuple(self.sliding_window_layers or ())
+
+    @property
+    def ring_len(self) -> int:
+        """Positions of a ring: a chunk's queries see the window's last positions and the chunk's own."""
+        return (self.sliding_window or 0) + self.prefill_chunk_size - 1
 
     def resolve_num_blocks(self, free_bytes_per_device: int, bytes_per_block: int) -> int:
         """How many KV blocks to allocate when the user left kvcache_num_blocks unset.
@@ -322,3 +393,55 @@ class RBLNQwen3ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
 
 class RBLNMistralForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
     """Options of RBLNMistralForCausalLM. The sliding window comes from the HF config, not an option."""
+
+
+class RBLNPhi3ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNPhi3ForCausalLM."""
+
+
+class RBLNGPT2LMHeadModelConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNGPT2LMHeadModel. max_seq_len defaults to the checkpoint's n_positions."""
+
+
+class RBLNOPTForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNOPTForCausalLM."""
+
+
+class RBLNGemma2ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNGemma2ForCausalLM. Sliding-window layers and soft caps come from the HF config."""
+
+
+class RBLNGemma3ForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNGemma3ForCausalLM (Gemma 3's text decoder, model_type gemma3_text)."""
+
+
+class RBLNMixtralForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNMixtralForCausalLM."""
+
+
+class RBLNQwen3MoeForCausalLMConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of RBLNQwen3MoeForCausalLM."""
+
+
+class RBLNDecoderOnlyModelConfig(RBLNDecoderOnlyModelForCausalLMConfig):
+    """Options of a headless decoder (an embedding model, a sequence classifier): a prefill graph only,
+    the causal LM's options otherwise (`decoder_batch_sizes` stays unset: there is no decode graph)."""
+
+    def _validate_decoder_batch_sizes(self) -> None:
+        if self.decoder_batch_sizes:
+            raise ValueError(f"{_P}decoder_batch_sizes: a headless decoder compiles no decode graphs; leave it unset "
+                             f"(got {self.decoder_batch_sizes!r})")
+        if self.decoder_batch_sizes is not None:
+            self._set("decoder_batch_sizes", ())
+
+    def finalize(self, hf_config: Any) -> Self:
+        return RBLNDecoderOnlyModelForCausalLMConfig.finalize(dataclasses.replace(self, decoder_batch_sizes=()),
+                                                              hf_config)
+
+
+class RBLNQwen3ModelConfig(RBLNDecoderOnlyModelConfig):
+    """Options of RBLNQwen3Model."""
+
+
+class RBLNQwen3ForSequenceClassificationConfig(RBLNDecoderOnlyModelConfig):
+    """Options of RBLNQwen3ForSequenceClassification."""

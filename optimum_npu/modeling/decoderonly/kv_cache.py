@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .layouts import layout_for
+
 
 def is_kv_cache(name: str) -> bool:
     """The per-layer K / V cache buffers of a compiled decoder graph (StaticDecoder's names)."""
@@ -39,14 +41,18 @@ class KVCacheLayout:
     block_size: int
     head_dim: int
     max_seq_len: int
+    ring_layers: tuple[int, ...] = ()   # layers whose K/V live in a per-sequence ring (cache_impl sliding_window / hybrid)
+    ring_len: int = 0
 
     @classmethod
     def from_config(cls, hf_config, config) -> KVCacheLayout:
         """From the HF model config and a finalized decoder config."""
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         return cls(num_layers=hf_config.num_hidden_layers, num_blocks=config.kvcache_num_blocks,
-                   num_kv_heads=hf_config.num_key_value_heads, block_size=config.kvcache_block_size,
-                   head_dim=head_dim, max_seq_len=config.max_seq_len)
+                   num_kv_heads=layout_for(hf_config).num_kv_heads(hf_config),
+                   block_size=config.kvcache_block_size,
+                   head_dim=head_dim, max_seq_len=config.max_seq_len, ring_layers=config.ring_layers,
+                   ring_len=config.ring_len if config.ring_layers else 0)
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -56,9 +62,17 @@ class KVCacheLayout:
     def block_shape(self) -> tuple[int, int, int, int]:
         return (self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
 
+    def layer_shape(self, layer: int) -> tuple[int, int, int, int]:
+        """Layer `layer`'s K (and V) cache: the paged block shape, or [num_blocks, kv_heads, ring, head_dim]
+        for a ring layer (the ring of a sequence is the row of its first block)."""
+        if layer in self.ring_layers:
+            return (self.num_blocks, self.num_kv_heads, self.ring_len, self.head_dim)
+        return self.block_shape
+
     def bytes_per_block(self, dtype_bytes: int = 2) -> int:
         """One block of every layer, K and V (all devices together)."""
-        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * dtype_bytes
+        positions = sum(self.layer_shape(i)[2] for i in range(self.num_layers))
+        return 2 * self.num_kv_heads * positions * self.head_dim * dtype_bytes
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold positions 0..num_tokens-1."""

@@ -23,7 +23,8 @@ from .kv_cache import is_kv_cache
 # The kernels that take a KV cache whole and index it by block table: their results do not depend on
 # how many blocks the cache has.
 BLOCK_COUNT_FREE_OPS = frozenset({"rbln.kv_cache_update.default", "rbln.paged_attention.default",
-                                  "rbln.flash_attention.default"})
+                                  "rbln.flash_attention.default", "rbln.local_kv_cache_update.default",
+                                  "rbln.local_attention.default"})
 
 
 def resize_program(program: Program, num_blocks: int, graph: str) -> Program:

@@ -54,32 +54,18 @@ def _check_adapter_slots(program, lora_config) -> None:
             "belong together; recompile with export=True")
 
 
-class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel):
-    """A compiled decoder-only LM; `generate()` as in transformers.
-
-    Thread safety: one model has one KV cache and one block manager, so calls on it are
-    serialised by a lock: two threads calling `generate()` (or `forward()`) on the same model
-    run one after the other, each getting the tokens it would get alone. For parallel
-    generation, load one model per thread, or pass the prompts as one batch. A hand-written
-    loop of `forward()` steps holds the lock one step at a time only: do not interleave
-    such loops from several threads.
-    """
+class RBLNDecoderOnlyModelBase(RBLNModel):
+    """What every compiled decoder shares (the causal LM and the headless models of
+    modeling_headless.py): the graphs of a `DecoderPlan`, their paged KV cache, the runner."""
 
     config_class: ClassVar[type] = RBLNDecoderOnlyModelForCausalLMConfig
     main_input_name = "input_ids"
-    _is_stateful = False
-    _supports_cache_class = False
 
     def __init__(self, hf_config, rbln_config, graphs, source_folder=None, generation_config=None):
         super().__init__(hf_config, rbln_config, graphs, source_folder, generation_config)
         self.kv_layout = KVCacheLayout.from_config(hf_config, rbln_config)
         self.block_manager = BlockManager.for_layout(self.kv_layout, num_slots=rbln_config.batch_size)
         self.runner = DecoderRunner(self._runtime, self.kv_layout, rbln_config, hf_config.vocab_size)
-        self.generation_stats = GenerationStats()
-        self._stats_in_progress: GenerationStats | None = None
-        # LoRA adapter slots: set_adapter()'s choice, and the running generate()'s (generation.py).
-        self._adapter_choice: list[int] | int | None = None
-        self._generation_adapters: list[int] | int | None = None
         # Reentrant: generate() holds it while transformers calls forward() on the same thread.
         self._lock = threading.RLock()
 
@@ -98,7 +84,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
         layers_kept = hf_model.config.num_hidden_layers
 
         def unexpected(key: str) -> bool:
-            layer = re.match(r"(?:model\.)?layers\.(\d+)\.", key)
+            layer = re.match(r"(?:model\.|transformer\.|model\.decoder\.)?(?:layers|h)\.(\d+)\.", key)
             return layer is None or int(layer[1]) < layers_kept
 
         mismatched = [entry[0] if isinstance(entry, (list, tuple)) else entry for entry in info.get("mismatched_keys", [])]
@@ -152,10 +138,11 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                  None if config.use_attention_mask else "absent", None),
                 (f"max_seq_len={config.max_seq_len} / kvcache_block_size={config.kvcache_block_size}", "block_tables",
                  1, max_blocks_per_seq),
-                (f"max_seq_len={config.max_seq_len}", "rope_cos", 0, config.max_seq_len),
                 ("lora_config=" + ("None" if config.lora_config is None else f"{config.lora_config.num_slots - 1} "
                                    "adapter(s)"), "adapter_slots", "absent" if config.lora_config is None else 0, batch),
             ]
+            if any(spec.name == "rope_cos" for spec in artifact.program.buffers):  # not with learned positions
+                facts.append((f"max_seq_len={config.max_seq_len}", "rope_cos", 0, config.max_seq_len))
             if name == PREFILL:
                 facts.append((f"prefill_chunk_size={config.prefill_chunk_size}", first, 1, config.prefill_chunk_size))
             if config.use_attention_mask:
@@ -165,7 +152,11 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                 raise ValueError(f"{name}.rbln has no KV cache buffers: it is not a decoder graph; recompile with export=True")
             for cache in caches:
                 facts.append((f"kvcache_num_blocks={config.kvcache_num_blocks}", cache, 0, config.kvcache_num_blocks))
-                facts.append((f"kvcache_block_size={config.kvcache_block_size}", cache, 2, config.kvcache_block_size))
+                if int(cache.rsplit("_", 1)[1]) in config.ring_layers:  # a ring of the window (cache_impl)
+                    facts.append((f"sliding_window={config.sliding_window} / prefill_chunk_size="
+                                  f"{config.prefill_chunk_size}", cache, 2, config.ring_len))
+                else:
+                    facts.append((f"kvcache_block_size={config.kvcache_block_size}", cache, 2, config.kvcache_block_size))
             _check_program_facts(name, artifact.program, facts)
             if name == PREFILL and config.lora_config is not None:   # the weights live in the prefill file
                 _check_adapter_slots(artifact.program, config.lora_config)
@@ -186,3 +177,28 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNModel)
                 runtimes[name] = Runtime(self.graphs[name], activate_profiler=c.activate_profiler,
                                          share_state_with=prefill, name=f"{type(self).__name__}.{name}")
         return runtimes
+
+
+class RBLNDecoderOnlyModelForCausalLM(RBLNDecoderOnlyGenerationMixin, RBLNDecoderOnlyModelBase):
+    """A compiled decoder-only LM; `generate()` as in transformers.
+
+    Thread safety: one model has one KV cache and one block manager, so calls on it are
+    serialised by a lock: two threads calling `generate()` (or `forward()`) on the same model
+    run one after the other, each getting the tokens it would get alone. For parallel
+    generation, load one model per thread, or pass the prompts as one batch. A hand-written
+    loop of `forward()` steps holds the lock one step at a time only: do not interleave
+    such loops from several threads.
+    """
+
+    config_class: ClassVar[type] = RBLNDecoderOnlyModelForCausalLMConfig
+    main_input_name = "input_ids"
+    _is_stateful = False
+    _supports_cache_class = False
+
+    def __init__(self, hf_config, rbln_config, graphs, source_folder=None, generation_config=None):
+        super().__init__(hf_config, rbln_config, graphs, source_folder, generation_config)
+        self.generation_stats = GenerationStats()
+        self._stats_in_progress: GenerationStats | None = None
+        # LoRA adapter slots: set_adapter()'s choice, and the running generate()'s (generation.py).
+        self._adapter_choice: list[int] | int | None = None
+        self._generation_adapters: list[int] | int | None = None

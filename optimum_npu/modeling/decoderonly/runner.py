@@ -18,6 +18,7 @@ from .compile_plan import PREFILL, decoder_graph_name
 from .kv_cache import KVCacheLayout
 
 EMBEDDING = "embed_tokens.weight"
+EMBED_SCALE = "embed_tokens.embed_scale"  # Gemma's scaled embedding
 
 
 class DecoderRunner:
@@ -93,19 +94,43 @@ class DecoderRunner:
             raise ValueError(f"the block table of {block_table.numel()} block(s) of {self.layout.block_size} covers "
                              f"{covered} positions; prefilling up to position {start + length - 1} needs "
                              f"{self.layout.blocks_for(start + length)}")
+        logits = None
+        for _, _, logits in self._prefill_chunks(source, table, start, covered, adapter_slot):
+            pass
+        return logits[0, -1]
+
+    def prefill_hidden(self, tokens: torch.Tensor, block_table: torch.Tensor,
+                       embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """A headless model's prefill of one whole sequence (as `prefill` from position 0): the
+        fp32 hidden states [n, hidden] of every token, chunk by chunk."""
+        source = self._step_input(tokens, embeds)
+        length = source.shape[0]
+        if not 0 < length <= self.max_seq_len:
+            raise ValueError(f"a sequence of {length} tokens: it must have 1 .. rbln_max_seq_len={self.max_seq_len}")
+        table = self._pad_tables(block_table.reshape(1, -1))
+        hidden = None
+        covered = block_table.numel() * self.layout.block_size
+        for chunk_start, valid, out in self._prefill_chunks(source, table, 0, covered):
+            if hidden is None:
+                hidden = torch.empty((length, out.shape[-1]), dtype=torch.float32)
+            hidden[chunk_start : chunk_start + valid] = out[0, :valid].float()  # a shifted-back chunk rewrites the same
+        return hidden
+
+    def _prefill_chunks(self, source: torch.Tensor, table: torch.Tensor, start: int, covered: int,
+                        adapter_slot: int = 0):
+        """Run the prefill graph over positions start .. start+len(source)-1 of one sequence (with LoRA
+        adapter `adapter_slot`, 0: none); yields (first position, valid tokens, output) per compiled chunk."""
         chunk = self.prefill_chunk_size
         runtime = self.runtime(PREFILL)
         lora = self._adapter_input([adapter_slot], 1)
-        logits = None
-        for chunk_start in self.prefill_starts(start, length, covered):
+        for chunk_start in self.prefill_starts(start, source.shape[0], covered):
             piece = source[chunk_start - start : chunk_start - start + chunk]
             valid = piece.shape[0]
             padded = torch.zeros((chunk, *piece.shape[1:]), dtype=piece.dtype)
             padded[:valid] = piece
             extra = [self._visible_keys([chunk_start + valid])] if self.use_attention_mask else []
-            logits = runtime.run(padded[None], torch.tensor([chunk_start], dtype=torch.int32), table,
-                                 torch.tensor([valid - 1], dtype=torch.int64), *extra, *lora)
-        return logits[0, -1]
+            yield chunk_start, valid, runtime.run(padded[None], torch.tensor([chunk_start], dtype=torch.int32), table,
+                                                  torch.tensor([valid - 1], dtype=torch.int64), *extra, *lora)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
                embeds: torch.Tensor | None = None, adapter_slots: list[int] | None = None) -> torch.Tensor:
@@ -137,8 +162,13 @@ class DecoderRunner:
         return self.runtime(decoder_graph_name(bucket)).run(ids, start, tables, *extra)[:batch, -1]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Host-side embedding lookup (fp32), for models compiled with use_inputs_embeds."""
-        return torch.nn.functional.embedding(tokens, self.embedding_weight.float())
+        """Host-side embedding lookup (fp32), for models compiled with use_inputs_embeds; scaled as the
+        family's embedding module scales it (Gemma: sqrt(hidden), a buffer of the graph)."""
+        embeds = torch.nn.functional.embedding(tokens, self.embedding_weight.float())
+        prefill = self.runtime(PREFILL)
+        if EMBED_SCALE in {s.name for s in prefill.program.buffers}:
+            embeds = embeds * prefill.tensor(EMBED_SCALE).float()
+        return embeds
 
     @property
     def embedding_weight(self) -> torch.Tensor:
