@@ -138,8 +138,13 @@ def test_exact_numerics_equal_the_dequantised_fp32_model(source, quantization, t
         model.close()
 
 
+# Device numerics (bf16) against fp32 on the same dequantised weights: test_llm_parity's bound for bf16,
+# a fraction of the row's largest |logit| (the device dequantises to bf16 and multiplies in bf16).
+BF16_LOGITS_RTOL = 0.10
+
+
 def test_saved_folder_holds_the_packed_weights_and_reloads(source, tmp_path):
-    folder, _ = source
+    folder, hf = source
     model = compile_model(folder, rbln_quantization=INT4_G32)
     ids = torch.tensor([random_prompts((12,), seed=2)[0].tolist()])
     try:
@@ -154,6 +159,12 @@ def test_saved_folder_holds_the_packed_weights_and_reloads(source, tmp_path):
         weights = {spec.name: spec.dtype for spec in loaded.graphs["prefill"].program.weights}
         assert sum(dtype == "uint8" for dtype in weights.values()) == 4 * 2   # 4 projections x 2 layers
         assert torch.equal(loaded.generate(input_ids=ids, max_new_tokens=6, do_sample=False), expected)
+        # the bf16 device against fp32 transformers on the dequantised weights
+        reference = fake_quantize_(copy.deepcopy(hf), INT4_G32, torch.bfloat16)
+        prompt, cont = ids[0], expected[0, ids.shape[1]:-1]
+        (logits,) = rbln_teacher_forced(loaded, [prompt], [cont])
+        wanted = hf_logits(reference, torch.cat([prompt, cont]))[prompt.shape[0] - 1:]
+        assert ((logits - wanted).abs().amax(-1) <= BF16_LOGITS_RTOL * wanted.abs().amax(-1)).all()
     finally:
         loaded.close()
 
