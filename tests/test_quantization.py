@@ -172,41 +172,54 @@ def test_saved_folder_holds_the_packed_weights_and_reloads(source, tmp_path):
 # --------------------------------------------------------------------------- a compressed-tensors checkpoint
 
 
-def _compressed_tensors_checkpoint(folder, model, group: int):
-    """`model` written as llm-compressor writes an int4 model: compressed-tensors' own
-    quantisation config, scales (the largest magnitude of each group over 7, computed here) and
-    its pack-quantized compressor (int4 packed eight per int32)."""
+# compressed-tensors layouts: (format, bits, type, group (0: per channel), largest magnitude, what we compile)
+CT_INT4_G32 = ("pack-quantized", 4, "int", 32, 7, ("int4", 32))
+CT_INT8 = ("int-quantized", 8, "int", 0, 127, ("int8", 0))
+CT_FP8 = ("float-quantized", 8, "float", 0, 448, ("fp8", 0))
+
+
+def _compressed_tensors_checkpoint(folder, model, layout):
+    """`model` written as llm-compressor writes a quantised model: compressed-tensors' own
+    quantisation config, scales (the largest magnitude of each group / channel over the format's,
+    computed here) and its compressor of `layout` (int4: packed eight per int32)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config,
     )
 
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+    fmt, bits, kind, group, qmax, _ = layout
+    strategy = dict(strategy="group", group_size=group) if group else dict(strategy="channel")
+    weights = QuantizationArgs(num_bits=bits, type=kind, symmetric=True, **strategy)
     apply_quantization_config(model, QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]))
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "weight_scale"):
                 rows, cols = module.weight.shape
-                amax = module.weight.reshape(rows, cols // group, group).abs().amax(-1)
-                module.weight_scale.copy_((amax / 7).to(torch.bfloat16).float())   # as a bf16 checkpoint stores them
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+                width = group or cols
+                amax = module.weight.reshape(rows, cols // width, width).abs().amax(-1)
+                scale = (amax / qmax).to(torch.bfloat16).float()   # as a bf16 checkpoint stores them
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(folder)
     compressor.update_config(folder)
     return folder
 
 
-def test_a_compressed_tensors_int4_checkpoint_runs_as_transformers_loads_it(tmp_path):
+@pytest.mark.parametrize("layout", [CT_INT4_G32, pytest.param(CT_INT8, marks=pytest.mark.heavy),
+                                    pytest.param(CT_FP8, marks=pytest.mark.heavy)], ids=lambda layout: layout[0])
+def test_a_compressed_tensors_checkpoint_runs_as_transformers_loads_it(tmp_path, layout):
     from transformers import LlamaForCausalLM
 
     from llm_fixtures import make_hf_model
 
-    folder = _compressed_tensors_checkpoint(tmp_path / "w4a16", make_hf_model("llama"), group=32)
+    folder = _compressed_tensors_checkpoint(tmp_path / "quantised", make_hf_model("llama"), layout)
     reference = LlamaForCausalLM.from_pretrained(folder)   # transformers' CompressedTensorsHfQuantizer
     model = compile_model(folder, rbln_numerics="exact")
     try:
-        assert model.rbln_config.quantization["weights"] == "int4" and model.rbln_config.quantization["group_size"] == 32
+        quantization = model.rbln_config.quantization
+        assert (quantization["weights"], quantization["group_size"]) == layout[-1]
         prompts = random_prompts((23, 9), seed=1)
         continuations = [hf_generate(reference, p, max_new_tokens=5, do_sample=False)[:-1] for p in prompts]
         for prompt, cont, logits in zip(prompts, continuations, rbln_teacher_forced(model, prompts, continuations)):
@@ -214,8 +227,9 @@ def test_a_compressed_tensors_int4_checkpoint_runs_as_transformers_loads_it(tmp_
             assert (logits - expected).abs().max() <= EXACT_LOGITS_ATOL
     finally:
         model.close()
-    with pytest.raises(ValueError, match="the checkpoint holds int4 weights \(group_size 32, compressed-tensors\)"):
-        compile_model(folder, rbln_quantization={"weights": "int8"})
+    if layout is CT_INT4_G32:
+        with pytest.raises(ValueError, match=r"the checkpoint holds int4 weights \(group_size 32, compressed-tensors\)"):
+            compile_model(folder, rbln_quantization={"weights": "int8"})
 
 
 # --------------------------------------------------------------------------- memory and time
