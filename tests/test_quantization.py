@@ -67,6 +67,13 @@ def test_bad_values_are_errors_naming_the_allowed_ones(value, match):
         Quantization.parse(value)
 
 
+def test_fp8_weights_need_a_device_with_fp8():
+    with pytest.raises(ValueError, match="fp8 weights need a device with fp8 arithmetic, and RBLN-CA25 has none"):
+        compile_decoder_on_meta(hf_config("llama"), rbln_npu="RBLN-CA25", rbln_quantization={"weights": "fp8"})
+    compile_decoder_on_meta(hf_config("llama"), rbln_npu="RBLN-CR03", rbln_quantization={"weights": "fp8"},
+                            rbln_max_seq_len=128, check_memory=False)
+
+
 def test_a_group_that_does_not_divide_the_hidden_size_is_refused(source):
     folder, _ = source
     with pytest.raises(ValueError, match=r"group_size'\]=48 does not divide hidden_size=64.*allowed here: 32, 64"):
@@ -117,11 +124,14 @@ def test_fp8_weights_are_torch_float8_e4m3fn_of_the_scaled_weight():
     pytest.param({"weights": "int8"}, 2, marks=pytest.mark.heavy),
     pytest.param({"weights": "fp8"}, 1, marks=pytest.mark.heavy),
 ])
-def test_exact_numerics_equal_the_dequantised_fp32_model(source, quantization, tp):
+def test_exact_numerics_equal_the_dequantised_fp32_model(source, monkeypatch, quantization, tp):
     folder, hf = source
+    npu = "RBLN-CR03" if quantization["weights"] == "fp8" else "RBLN-CA25"   # fp8 where the preset has it
+    monkeypatch.setenv("OPTIMUM_NPU_SYSTEM", f"{npu}x1")
     reference = fake_quantize_(copy.deepcopy(hf), quantization, torch.bfloat16)
     prompts = random_prompts((23, 9), seed=1)
-    model = compile_model(folder, rbln_numerics="exact", rbln_quantization=quantization, rbln_tensor_parallel_size=tp)
+    model = compile_model(folder, rbln_numerics="exact", rbln_quantization=quantization, rbln_tensor_parallel_size=tp,
+                          rbln_npu=npu)
     try:
         ids = torch.stack([p[-9:] for p in prompts])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
@@ -209,14 +219,16 @@ def _compressed_tensors_checkpoint(folder, model, layout):
 
 @pytest.mark.parametrize("layout", [CT_INT4_G32, pytest.param(CT_INT8, marks=pytest.mark.heavy),
                                     pytest.param(CT_FP8, marks=pytest.mark.heavy)], ids=lambda layout: layout[0])
-def test_a_compressed_tensors_checkpoint_runs_as_transformers_loads_it(tmp_path, layout):
+def test_a_compressed_tensors_checkpoint_runs_as_transformers_loads_it(tmp_path, monkeypatch, layout):
     from transformers import LlamaForCausalLM
 
     from llm_fixtures import make_hf_model
 
     folder = _compressed_tensors_checkpoint(tmp_path / "quantised", make_hf_model("llama"), layout)
     reference = LlamaForCausalLM.from_pretrained(folder)   # transformers' CompressedTensorsHfQuantizer
-    model = compile_model(folder, rbln_numerics="exact")
+    npu = "RBLN-CR03" if layout is CT_FP8 else "RBLN-CA25"   # fp8 where the preset has it
+    monkeypatch.setenv("OPTIMUM_NPU_SYSTEM", f"{npu}x1")
+    model = compile_model(folder, rbln_numerics="exact", rbln_npu=npu)
     try:
         quantization = model.rbln_config.quantization
         assert (quantization["weights"], quantization["group_size"]) == layout[-1]

@@ -101,8 +101,8 @@ def test_w8a8_needs_per_channel_weights_of_its_format(value, match):
         Quantization.parse(value)
 
 
-def test_fp8_activations_are_refused_on_a_device_without_fp8_arithmetic():
-    with pytest.raises(ValueError, match="fp8 activations need fp8 matrix arithmetic, but RBLN-CA25 has no fp8"):
+def test_fp8_w8a8_is_refused_on_a_device_without_fp8_arithmetic():
+    with pytest.raises(ValueError, match="fp8 weights need a device with fp8 arithmetic, and RBLN-CA25 has none"):
         compile_decoder_on_meta(hf_config("llama"), rbln_npu="RBLN-CA25",
                                 rbln_quantization={"weights": "fp8", "activations": "fp8"})
 
