@@ -51,6 +51,8 @@ bench: setup
 	$(PY) benchmarks/guardrail.py
 	$(PY) benchmarks/calibration.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/quantization_speed.py
+	$(PY) benchmarks/quantization_quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import random
 from pathlib import Path
 
@@ -34,7 +35,7 @@ SETTINGS = [
     ("w8a16", {"weights": "int8"}),
     ("w4a16 g128", {"weights": "int4", "group_size": 128}),
     ("w4a16 g32", {"weights": "int4", "group_size": 32}),
-    ("fp8 weights", {"weights": "fp8"}),
+    ("fp8 weights (REBEL)", {"weights": "fp8"}),   # fp8 where the preset has it: RBLN-CR03
     ("w8a8 int8", {"weights": "int8", "activations": "int8"}),
     ("bf16 + fp8 KV", {"kv_caches": "fp8"}),
 ]
@@ -93,9 +94,10 @@ def quality_table(folder: Path, ids: torch.Tensor) -> list[tuple[str, float, flo
 
     rows = [row("fp32 (transformers)", reference)]
     for label, quantization in SETTINGS:
+        fp8 = quantization is not None and "fp8" in (quantization.get("weights"), quantization.get("activations"))
         model = RBLNLlamaForCausalLM.from_pretrained(
             folder, export=True, rbln_batch_size=ids.shape[0], rbln_max_seq_len=256, rbln_prefill_chunk_size=64,
-            rbln_quantization=quantization, rbln_cache=False)
+            rbln_quantization=quantization, rbln_cache=False, rbln_npu="RBLN-CR03" if fp8 else "RBLN-CA25")
         try:
             rows.append(row(label, teacher_forced_logits(model, ids)))
         finally:
@@ -134,6 +136,7 @@ def main() -> None:
     from optimum_npu.testing.llama import build_tiny_llama
 
     torch.set_num_threads(1)
+    os.environ.setdefault("OPTIMUM_NPU_SYSTEM", "RBLN-CA25,RBLN-CR03")   # fp8 runs on the REBEL preset
     folder = build_tiny_llama(args.folder)
     ids = held_out_ids(AutoTokenizer.from_pretrained(folder), args.stories, args.length)
     print(f"{args.stories} held-out stories x {args.length} tokens ({ids.shape[0] * (ids.shape[1] - 1)} predicted)\n")

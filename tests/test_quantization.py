@@ -67,6 +67,14 @@ def test_bad_values_are_errors_naming_the_allowed_ones(value, match):
         Quantization.parse(value)
 
 
+def test_fp8_weights_need_a_device_with_fp8():
+    from optimum_npu import RBLNLlamaForCausalLMConfig
+
+    with pytest.raises(ValueError, match="fp8 weights need a device with fp8 arithmetic, and RBLN-CA25 has none"):
+        RBLNLlamaForCausalLMConfig(npu="RBLN-CA25", quantization={"weights": "fp8"})
+    assert RBLNLlamaForCausalLMConfig(npu="RBLN-CR03", quantization={"weights": "fp8"}).quantization["weights"] == "fp8"
+
+
 def test_a_group_that_does_not_divide_the_hidden_size_is_refused(source):
     folder, _ = source
     with pytest.raises(ValueError, match=r"group_size'\]=48 does not divide hidden_size=64.*allowed here: 32, 64"):
@@ -117,11 +125,14 @@ def test_fp8_weights_are_torch_float8_e4m3fn_of_the_scaled_weight():
     pytest.param({"weights": "int8"}, 2, marks=pytest.mark.heavy),
     pytest.param({"weights": "fp8"}, 1, marks=pytest.mark.heavy),
 ])
-def test_exact_numerics_equal_the_dequantised_fp32_model(source, quantization, tp):
+def test_exact_numerics_equal_the_dequantised_fp32_model(source, monkeypatch, quantization, tp):
     folder, hf = source
+    npu = "RBLN-CR03" if quantization["weights"] == "fp8" else "RBLN-CA25"   # fp8 where the preset has it
+    monkeypatch.setenv("OPTIMUM_NPU_SYSTEM", f"{npu}x1")
     reference = fake_quantize_(copy.deepcopy(hf), quantization, torch.bfloat16)
     prompts = random_prompts((23, 9), seed=1)
-    model = compile_model(folder, rbln_numerics="exact", rbln_quantization=quantization, rbln_tensor_parallel_size=tp)
+    model = compile_model(folder, rbln_numerics="exact", rbln_quantization=quantization, rbln_tensor_parallel_size=tp,
+                          rbln_npu=npu)
     try:
         ids = torch.stack([p[-9:] for p in prompts])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
@@ -138,8 +149,13 @@ def test_exact_numerics_equal_the_dequantised_fp32_model(source, quantization, t
         model.close()
 
 
+# Device numerics (bf16) against fp32 on the same dequantised weights: test_llm_parity's bound for bf16,
+# a fraction of the row's largest |logit| (the device dequantises to bf16 and multiplies in bf16).
+BF16_LOGITS_RTOL = 0.10
+
+
 def test_saved_folder_holds_the_packed_weights_and_reloads(source, tmp_path):
-    folder, _ = source
+    folder, hf = source
     model = compile_model(folder, rbln_quantization=INT4_G32)
     ids = torch.tensor([random_prompts((12,), seed=2)[0].tolist()])
     try:
@@ -154,6 +170,12 @@ def test_saved_folder_holds_the_packed_weights_and_reloads(source, tmp_path):
         weights = {spec.name: spec.dtype for spec in loaded.graphs["prefill"].program.weights}
         assert sum(dtype == "uint8" for dtype in weights.values()) == 4 * 2   # 4 projections x 2 layers
         assert torch.equal(loaded.generate(input_ids=ids, max_new_tokens=6, do_sample=False), expected)
+        # the bf16 device against fp32 transformers on the dequantised weights
+        reference = fake_quantize_(copy.deepcopy(hf), INT4_G32, torch.bfloat16)
+        prompt, cont = ids[0], expected[0, ids.shape[1]:-1]
+        (logits,) = rbln_teacher_forced(loaded, [prompt], [cont])
+        wanted = hf_logits(reference, torch.cat([prompt, cont]))[prompt.shape[0] - 1:]
+        assert ((logits - wanted).abs().amax(-1) <= BF16_LOGITS_RTOL * wanted.abs().amax(-1)).all()
     finally:
         loaded.close()
 
@@ -161,41 +183,56 @@ def test_saved_folder_holds_the_packed_weights_and_reloads(source, tmp_path):
 # --------------------------------------------------------------------------- a compressed-tensors checkpoint
 
 
-def _compressed_tensors_checkpoint(folder, model, group: int):
-    """`model` written as llm-compressor writes an int4 model: compressed-tensors' own
-    quantisation config, scales (the largest magnitude of each group over 7, computed here) and
-    its pack-quantized compressor (int4 packed eight per int32)."""
+# compressed-tensors layouts: (format, bits, type, group (0: per channel), largest magnitude, what we compile)
+CT_INT4_G32 = ("pack-quantized", 4, "int", 32, 7, ("int4", 32))
+CT_INT8 = ("int-quantized", 8, "int", 0, 127, ("int8", 0))
+CT_FP8 = ("float-quantized", 8, "float", 0, 448, ("fp8", 0))
+
+
+def _compressed_tensors_checkpoint(folder, model, layout):
+    """`model` written as llm-compressor writes a quantised model: compressed-tensors' own
+    quantisation config, scales (the largest magnitude of each group / channel over the format's,
+    computed here) and its compressor of `layout` (int4: packed eight per int32)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config,
     )
 
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+    fmt, bits, kind, group, qmax, _ = layout
+    strategy = dict(strategy="group", group_size=group) if group else dict(strategy="channel")
+    weights = QuantizationArgs(num_bits=bits, type=kind, symmetric=True, **strategy)
     apply_quantization_config(model, QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]))
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "weight_scale"):
                 rows, cols = module.weight.shape
-                amax = module.weight.reshape(rows, cols // group, group).abs().amax(-1)
-                module.weight_scale.copy_((amax / 7).to(torch.bfloat16).float())   # as a bf16 checkpoint stores them
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+                width = group or cols
+                amax = module.weight.reshape(rows, cols // width, width).abs().amax(-1)
+                scale = (amax / qmax).to(torch.bfloat16).float()   # as a bf16 checkpoint stores them
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(folder)
     compressor.update_config(folder)
     return folder
 
 
-def test_a_compressed_tensors_int4_checkpoint_runs_as_transformers_loads_it(tmp_path):
+@pytest.mark.parametrize("layout", [CT_INT4_G32, pytest.param(CT_INT8, marks=pytest.mark.heavy),
+                                    pytest.param(CT_FP8, marks=pytest.mark.heavy)], ids=lambda layout: layout[0])
+def test_a_compressed_tensors_checkpoint_runs_as_transformers_loads_it(tmp_path, monkeypatch, layout):
     from transformers import LlamaForCausalLM
 
     from llm_fixtures import make_hf_model
 
-    folder = _compressed_tensors_checkpoint(tmp_path / "w4a16", make_hf_model("llama"), group=32)
+    folder = _compressed_tensors_checkpoint(tmp_path / "quantised", make_hf_model("llama"), layout)
     reference = LlamaForCausalLM.from_pretrained(folder)   # transformers' CompressedTensorsHfQuantizer
-    model = compile_model(folder, rbln_numerics="exact")
+    npu = "RBLN-CR03" if layout is CT_FP8 else "RBLN-CA25"   # fp8 where the preset has it
+    monkeypatch.setenv("OPTIMUM_NPU_SYSTEM", f"{npu}x1")
+    model = compile_model(folder, rbln_numerics="exact", rbln_npu=npu)
     try:
-        assert model.rbln_config.quantization["weights"] == "int4" and model.rbln_config.quantization["group_size"] == 32
+        quantization = model.rbln_config.quantization
+        assert (quantization["weights"], quantization["group_size"]) == layout[-1]
         prompts = random_prompts((23, 9), seed=1)
         continuations = [hf_generate(reference, p, max_new_tokens=5, do_sample=False)[:-1] for p in prompts]
         for prompt, cont, logits in zip(prompts, continuations, rbln_teacher_forced(model, prompts, continuations)):
@@ -203,8 +240,9 @@ def test_a_compressed_tensors_int4_checkpoint_runs_as_transformers_loads_it(tmp_
             assert (logits - expected).abs().max() <= EXACT_LOGITS_ATOL
     finally:
         model.close()
-    with pytest.raises(ValueError, match="the checkpoint holds int4 weights \(group_size 32, compressed-tensors\)"):
-        compile_model(folder, rbln_quantization={"weights": "int8"})
+    if layout is CT_INT4_G32:
+        with pytest.raises(ValueError, match=r"the checkpoint holds int4 weights \(group_size 32, compressed-tensors\)"):
+            compile_model(folder, rbln_quantization={"weights": "int8"})
 
 
 # --------------------------------------------------------------------------- memory and time

@@ -19,7 +19,14 @@ from optimum_npu.planning.meta import compile_decoder_on_meta
 from optimum_npu.sim_device.cost_model import Calibration
 from optimum_npu.sim_device.specs import get_npu_spec
 
-EXACT_LOGITS_ATOL = 1e-4   # test_llm_parity's bound: fp32 on both sides, other summation orders
+# Both sides compute in fp32, but in other summation orders, and quantising an activation is
+# discontinuous: a value within fp32 noise of a rounding boundary (x / scale = k + 0.5) can round
+# to a neighbour on one side only. One such flip moves the logits by up to ~0.5% of the largest
+# |logit| (measured: every projection input perturbed by 1e-6 relative), while on average they stay
+# within fp32 noise. So: the mean error at fp32 noise, the largest within 2% (W8A8 itself moves the
+# logits by ~6% of the largest here, checked below).
+MEAN_ERROR_RTOL = 1e-4
+MAX_ERROR_RTOL = 0.02
 QMAX = {"int8": 127.0, "fp8": 448.0}
 ROW_PARALLEL = ("o_proj", "down_proj")   # their input features are split over tensor-parallel ranks
 
@@ -76,8 +83,11 @@ def test_exact_numerics_equal_a_w8a8_fp32_model(source, monkeypatch, quantizatio
         continuations = [hf_generate(reference, p, max_new_tokens=5, do_sample=False)[:-1] for p in prompts]
         for prompt, cont, logits in zip(prompts, continuations, rbln_teacher_forced(model, prompts, continuations)):
             expected = hf_logits(reference, torch.cat([prompt, cont]))[prompt.shape[0] - 1:]
-            assert (logits - expected).abs().max() <= EXACT_LOGITS_ATOL
-            assert (hf_logits(hf, torch.cat([prompt, cont]))[prompt.shape[0] - 1:] - expected).abs().max() > 1e-3
+            scale = expected.abs().max()
+            assert (logits - expected).abs().mean() <= MEAN_ERROR_RTOL * scale
+            assert (logits - expected).abs().max() <= MAX_ERROR_RTOL * scale
+            plain = hf_logits(hf, torch.cat([prompt, cont]))[prompt.shape[0] - 1:]
+            assert (plain - expected).abs().max() > 2 * MAX_ERROR_RTOL * scale   # W8A8 itself is visible
     finally:
         model.close()
 
@@ -91,8 +101,8 @@ def test_w8a8_needs_per_channel_weights_of_its_format(value, match):
         Quantization.parse(value)
 
 
-def test_fp8_activations_are_refused_on_a_device_without_fp8_arithmetic():
-    with pytest.raises(ValueError, match="fp8 activations need fp8 matrix arithmetic, but RBLN-CA25 has no fp8"):
+def test_fp8_w8a8_is_refused_on_a_device_without_fp8_arithmetic():
+    with pytest.raises(ValueError, match="fp8 weights need a device with fp8 arithmetic, and RBLN-CA25 has none"):
         compile_decoder_on_meta(hf_config("llama"), rbln_npu="RBLN-CA25",
                                 rbln_quantization={"weights": "fp8", "activations": "fp8"})
 

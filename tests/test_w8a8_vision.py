@@ -15,7 +15,11 @@ from transformers import ResNetConfig, ResNetForImageClassification
 from optimum_npu import RBLNResNetForImageClassification
 from test_vision import make
 
-EXACT_ATOL = 1e-4   # fp32 on both sides; other summation orders
+# fp32 on both sides, other summation orders; quantising activations is discontinuous, so an
+# activation within fp32 noise of a rounding boundary may round apart (test_w8a8's reasoning):
+# the mean error at fp32 noise, the largest within 2% of the largest |logit|.
+MEAN_ERROR_RTOL = 1e-4
+MAX_ERROR_RTOL = 0.02
 
 
 def w8a8_resnet_reference(model):
@@ -57,8 +61,10 @@ def test_a_w8a8_resnet_in_exact_numerics_equals_the_w8a8_fp32_model():
             expected = w8a8_resnet_reference(hf)(pixel_values=pixels).logits
             plain = hf(pixel_values=pixels).logits
         logits = model(pixels).logits
-        assert (logits - expected).abs().max() <= EXACT_ATOL
-        assert (plain - expected).abs().max() > 1e-3   # the quantisation is visible
+        scale = expected.abs().max()
+        assert (logits - expected).abs().mean() <= MEAN_ERROR_RTOL * scale
+        assert (logits - expected).abs().max() <= MAX_ERROR_RTOL * scale
+        assert (plain - expected).abs().max() > 1e-3 * scale   # the quantisation is visible
         assert isinstance(hf.resnet.embedder.embedder.normalization, torch.nn.BatchNorm2d)   # the caller's model kept
     finally:
         model.close()

@@ -45,7 +45,7 @@ from transformers.models.swin.modeling_swin import SwinImageClassifierOutput
 from ..configuration import OPTION_PREFIX, RBLNModelConfig
 from ..sim_device.program import PROGRAM_DTYPES
 from .base import RBLNModel
-from .quantization import Quantization, normalize_option
+from .quantization import Quantization, check_fp8_support, normalize_option
 from .quantized_convolutions import quantize_convolutions_
 from .transformers_pipelines import list_for_pipelines
 
@@ -87,6 +87,7 @@ class RBLNModelForImageClassificationConfig(RBLNModelConfig):
         super()._validate()
         self._set("image_size", normalize_image_size(self.image_size))
         self._set("quantization", normalize_option(self.quantization))
+        check_fp8_support(self.quantization, self.npu)
         spec = Quantization.parse(self.quantization)
         if spec is not None and (spec.activations == "fp16" or spec.kv_caches != "fp16"):
             raise ValueError(f"{OPTION_PREFIX}quantization of an image classifier is W8A8: {{'weights': 'int8', "

@@ -8,7 +8,8 @@ The option follows optimum-rbln 0.12's `RBLNQuantizationConfig`:
 
 - weights: "int8" (w8a16, one scale per output channel unless a group is given), "int4"
   (w4a16, one scale per `group_size` input features; default 128, as GPTQ / AWQ "g128"),
-  "fp8" (float8 e4m3 with one scale per output channel), or "fp16" (the model's 16 bits);
+  "fp8" (float8 e4m3 with one scale per output channel; on an NPU with fp8 arithmetic), or "fp16"
+  (the model's 16 bits);
 - activations: "fp16" (the 16-bit compute type), or "int8" / "fp8" (W8A8: with weights of the same
   format, per channel; each projection's input quantised per token on the fly, the products at the
   preset's int8 / fp8 rate: `rbln::quant_linear`; fp8 only on an NPU with fp8 arithmetic);
@@ -163,6 +164,21 @@ def label(quantization: Quantization | None) -> str:
     group = f" g{quantization.group_size}" if quantization.group_size else ""
     kv = " kv-fp8" if quantization.kv_caches == "fp8" else ""
     return f"{weights}{activations}{group}{kv}"
+
+
+def check_fp8_support(option: Mapping[str, Any] | None, npu: str) -> None:
+    """ValueError unless `npu` has fp8 arithmetic when the (normalized) option puts weights or activations
+    in fp8: the ATOM briefs list 16-bit and int8 rates only, so fp8 runs on REBEL (the issue's "fp8
+    weights where the preset has fp8"). An fp8 KV cache is a storage format and is allowed everywhere."""
+    from ..sim_device.specs import get_npu_spec
+
+    if option is None or "fp8" not in (option["weights"], option["activations"]):
+        return
+    spec = get_npu_spec(npu)
+    if spec.peak_flops_fp8 is None:
+        what = "weights" if option["weights"] == "fp8" else "activations"
+        raise ValueError(f"{OPTION}: fp8 {what} need a device with fp8 arithmetic, and {npu} has none (its rates: "
+                         f"16-bit and int8); use int8 / int4 {what}, or an npu with fp8 (RBLN-CR03)")
 
 
 def normalize_option(value: Any) -> dict[str, Any] | None:

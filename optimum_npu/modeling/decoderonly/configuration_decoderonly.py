@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from optimum_npu.configuration import OPTION_PREFIX, RBLNModelConfig, check_bool, check_choice, check_int
-from optimum_npu.modeling.quantization import Quantization, normalize_option
-from optimum_npu.sim_device.specs import get_npu_spec
+from optimum_npu.modeling.quantization import Quantization, check_fp8_support, normalize_option
 
 from .lora import RBLNLoRAConfig
 
@@ -74,12 +73,7 @@ class RBLNDecoderOnlyModelForCausalLMConfig(RBLNModelConfig):
     def _validate(self) -> None:
         super()._validate()
         self._set("quantization", normalize_option(self.quantization))
-        if self.quantization is not None and self.quantization["activations"] == "fp8":
-            try:
-                get_npu_spec(self.npu).matmul_rate("fp8")
-            except ValueError as error:
-                raise ValueError(f"{_P}quantization: fp8 activations need fp8 matrix arithmetic, but {error}; use "
-                                 f"'activations': 'int8', or an npu with fp8 (RBLN-CR03)") from None
+        check_fp8_support(self.quantization, self.npu)
         # Each option on its own.
         check_int("max_seq_len", self.max_seq_len, allow_none=True)
         check_int("prefill_chunk_size", self.prefill_chunk_size)
