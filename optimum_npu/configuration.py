@@ -398,13 +398,19 @@ class RBLNModelConfig:
 
     def options_for_submodule(self, name: str, derived: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The `rbln_config` of submodule `name`: the `broadcast_options` the user set on this config, then
-        `derived` (what the parent computes for it, e.g. a doubled batch), then the user's own options for it."""
+        what the parent derives for it (`derived`, by default `derived_submodule_options(name)`; e.g. a
+        doubled batch), then the user's own options for it."""
         if name not in self.submodule_classes():
             raise ValueError(f"{type(self).__name__} has no submodule {name!r}; submodules: "
                              f"{', '.join(self.submodule_classes())}")
         chosen = self.explicit_options()
         inherited = {key: chosen[key] for key in self.broadcast_options if key in chosen}
-        return {**inherited, **(derived or {}), **self.submodule_options.get(name, {})}
+        derived = self.derived_submodule_options(name) if derived is None else derived
+        return {**inherited, **derived, **self.submodule_options.get(name, {})}
+
+    def derived_submodule_options(self, name: str) -> dict[str, Any]:
+        """What this config's own options imply for submodule `name` (a subclass says; none by default)."""
+        return {}
 
     # --- building from from_pretrained kwargs --------------------------------------------------
 
