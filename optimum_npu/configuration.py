@@ -43,7 +43,7 @@ A sub-config given as a dict is validated at once (an unknown name is an error n
 `rbln_config['unet']`, the closest valid name and every valid one) and what the user set is kept in
 `submodule_options`: `options_for_submodule(name, derived)` gives the options a sub-model is
 compiled or loaded with: the parent's `broadcast_options` the user set, then what the parent derives
-for it (`derived`), then the user's own for it (which win). rbln_config.json nests each sub-config
+for it (its `derived_submodule_options(name)` hook, or `derived`), then the user's own for it (which win). rbln_config.json nests each sub-config
 present under "components" and the user's per-sub-config options under "requested"; `load(folder,
 submodules)` reads them back and checks sub-configs loaded from their own folders against the
 nested copies.
