@@ -257,20 +257,20 @@ def concrete_class(cls: Any, model: str, hub_kwargs: dict) -> Any:
 def resulting_config(cls: Any, options: dict[str, Any]) -> dict[str, Any]:
     """The options `cls.from_pretrained(..., export=True, rbln_config=options)` starts from, validated
     as it validates them (null: decided from the checkpoint when compiling)."""
+    from .configuration import _to_json
+
     if cls.__name__ == GUARDRAIL_CLASS:
-        from .cosmos_guardrail.checker import RBLNCosmosSafetyCheckerConfig
-
-        config, _ = RBLNCosmosSafetyCheckerConfig.from_kwargs({"rbln_config": options})
-        # Each network's options as given (what it compiles with is decided when its checkpoint is read).
-        shown = {k: v for k, v in _shown(cls, config.to_json_dict()).items() if k != "components"}
-        return {**shown, "submodels": {name: dict(given) for name, given in config.submodule_options.items()}}
-    config, _ = cls.config_class.from_kwargs({"rbln_config": options})
-    return _shown(cls, config.to_json_dict())
-
-
-def _shown(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
-    keys = ("config_cls", "compile_options", "runtime_options", "components")
-    return {"class": cls.__name__, **{k: data[k] for k in keys if k in data}}
+        from .cosmos_guardrail.checker import RBLNCosmosSafetyCheckerConfig as config_class
+    else:
+        config_class = cls.config_class
+    config, _ = config_class.from_kwargs({"rbln_config": options})
+    data = config.to_json_dict()
+    shown = {"class": cls.__name__, **{k: data[k] for k in ("config_cls", "compile_options", "runtime_options")}}
+    if config.submodule_classes():
+        # Each part's options as they reach it; the rest is decided from the checkpoint when it compiles.
+        shown["components"] = {name: {k: _to_json(v) for k, v in config.options_for_submodule(name).items()}
+                               for name in config.submodule_classes()}
+    return shown
 
 
 def compiled_options(folder: Path) -> dict[str, Any]:

@@ -43,7 +43,7 @@ A sub-config given as a dict is validated at once (an unknown name is an error n
 `rbln_config['unet']`, the closest valid name and every valid one) and what the user set is kept in
 `submodule_options`: `options_for_submodule(name, derived)` gives the options a sub-model is
 compiled or loaded with: the parent's `broadcast_options` the user set, then what the parent derives
-for it (`derived`), then the user's own for it (which win). rbln_config.json nests each sub-config
+for it (its `derived_submodule_options(name)` hook, or `derived`), then the user's own for it (which win). rbln_config.json nests each sub-config
 present under "components" and the user's per-sub-config options under "requested"; `load(folder,
 submodules)` reads them back and checks sub-configs loaded from their own folders against the
 nested copies.
@@ -401,13 +401,19 @@ class RBLNModelConfig:
 
     def options_for_submodule(self, name: str, derived: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The `rbln_config` of submodule `name`: the `broadcast_options` the user set on this config, then
-        `derived` (what the parent computes for it, e.g. a doubled batch), then the user's own options for it."""
+        what the parent derives for it (`derived`, by default `derived_submodule_options(name)`; e.g. a
+        doubled batch), then the user's own options for it."""
         if name not in self.submodule_classes():
             raise ValueError(f"{type(self).__name__} has no submodule {name!r}; submodules: "
                              f"{', '.join(self.submodule_classes())}")
         chosen = self.explicit_options()
         inherited = {key: chosen[key] for key in self.broadcast_options if key in chosen}
-        return {**inherited, **(derived or {}), **self.submodule_options.get(name, {})}
+        derived = self.derived_submodule_options(name) if derived is None else derived
+        return {**inherited, **derived, **self.submodule_options.get(name, {})}
+
+    def derived_submodule_options(self, name: str) -> dict[str, Any]:
+        """What this config's own options imply for submodule `name` (a subclass says; none by default)."""
+        return {}
 
     # --- building from from_pretrained kwargs --------------------------------------------------
 

@@ -113,6 +113,25 @@ def test_the_image_text_to_text_pipeline(source, compiled):
     assert answer == {"role": "assistant", "content": pipe.processor.decode(tokens, skip_special_tokens=True)}
 
 
+def test_a_folder_whose_parts_do_not_belong_together_is_refused(compiled, tmp_path):
+    """rbln_config.json nests the language model's options; its language_model/ compiled with others (the
+    folder edited or mixed) does not load, nor does one whose language_model/ lost a file."""
+    import shutil
+
+    folder = tmp_path / "compiled"
+    compiled.save_pretrained(folder)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    data = json.loads((mixed / "rbln_config.json").read_text())
+    data["components"]["language_model"]["compile_options"]["dtype"] = "float16"
+    (mixed / "rbln_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="disagree on language_model's compile options"):
+        RBLNAutoModel.from_pretrained(mixed, rbln_create_runtimes=False)
+    (folder / "language_model" / "decoder_batch_2.rbln").unlink()
+    with pytest.raises(ValueError, match="language_model/decoder_batch_2.rbln is missing"):
+        RBLNAutoModel.from_pretrained(folder, rbln_create_runtimes=False)
+
+
 def test_the_auto_classes_pick_it_from_model_type(source):
     assert RBLNAutoModelForImageTextToText.class_for(source, export=True) is RBLNLlavaForConditionalGeneration
     assert RBLNAutoModel.class_for(source, export=True) is RBLNLlavaForConditionalGeneration

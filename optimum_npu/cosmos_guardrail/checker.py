@@ -156,12 +156,11 @@ class RBLNCosmosSafetyCheckerConfig(RBLNModelConfig):
     def enabled_submodels(self) -> list[str]:
         return [name for part, names in PART_SUBMODELS.items() if getattr(self, part) for name in names]
 
-    def submodel_options(self) -> dict[str, dict]:
-        """Each sub-model's rbln_config: its own options over the checker's broadcast ones (and the
-        checker's batch_size, frames per run, for the video networks)."""
-        derived = {name: {"batch_size": self.batch_size} for name in VIDEO_SUBMODELS
-                   if "batch_size" in self.explicit_options()}
-        return {name: self.options_for_submodule(name, derived.get(name)) for name in SUBMODEL_FOLDERS}
+    def derived_submodule_options(self, name: str) -> dict:
+        """The checker's batch_size (frames per run) for the video networks."""
+        if name in VIDEO_SUBMODELS and "batch_size" in self.explicit_options():
+            return {"batch_size": self.batch_size}
+        return {}
 
 
 def _part_folders(part: str) -> list[str]:
@@ -220,7 +219,7 @@ class RBLNCosmosSafetyChecker:
         if leftover:
             raise TypeError(f"unexpected arguments {sorted(leftover)}; options are rbln_* or {CONFIG_KWARG}={{...}}, "
                             f"hub arguments {', '.join(HUB_KWARGS)}")
-        options = config.submodel_options()
+        options = {name: config.options_for_submodule(name) for name in SUBMODEL_FOLDERS}
         for name in SUBMODEL_FOLDERS:  # before compiling or loading anything: no folder of it names code to run
             if (folder / SUBMODEL_FOLDERS[name]).is_dir():
                 refuse_remote_code(folder / SUBMODEL_FOLDERS[name])

@@ -70,12 +70,10 @@ class RBLNLlavaForConditionalGenerationConfig(RBLNModelConfig):
             raise ValueError(f"{CONFIG_KWARG}['language_model']['use_inputs_embeds'] must be True: the image features "
                              "reach the language model as input embeddings")
 
-    def part_options(self, name: str) -> dict:
-        """The `rbln_config` part `name` is compiled or loaded with (the model's batch_size: one image per prompt)."""
+    def derived_submodule_options(self, name: str) -> dict:
+        """The model's batch_size for both parts (one image per prompt); input embeddings for the language model."""
         derived = {"batch_size": self.batch_size} if "batch_size" in self.explicit_options() else {}
-        if name == LANGUAGE_MODEL:
-            derived["use_inputs_embeds"] = True
-        return self.options_for_submodule(name, derived)
+        return {**derived, "use_inputs_embeds": True} if name == LANGUAGE_MODEL else derived
 
 
 class _ImagePrefill(torch.nn.Module):
@@ -142,7 +140,7 @@ class RBLNLlavaForConditionalGeneration(RBLNModel):
         if not isinstance(hf_model, cls.hf_class):
             raise ValueError(f"{cls.__name__} compiles {cls.hf_class.__name__} models, got a {type(hf_model).__name__}")
         try:
-            vision = RBLNLlavaVisionTowerConfig(**config.part_options(VISION_TOWER))
+            vision = RBLNLlavaVisionTowerConfig(**config.options_for_submodule(VISION_TOWER))
         except (TypeError, ValueError) as err:
             raise type(err)(f"{CONFIG_KWARG}[{VISION_TOWER!r}]: {err}") from None
         if vision.create_runtimes:
@@ -152,7 +150,7 @@ class RBLNLlavaForConditionalGeneration(RBLNModel):
         specs = {name: [(s.name, list(s.shape), s.dtype) for s in g.program.inputs] for name, g in graphs.items()}
         try:
             language_model = RBLNAutoModelForCausalLM.from_model(_causal_lm(hf_model),
-                                                                 rbln_config=config.part_options(LANGUAGE_MODEL))
+                                                                 rbln_config=config.options_for_submodule(LANGUAGE_MODEL))
         except (TypeError, ValueError) as err:   # name the part whose options are wrong
             raise type(err)(f"{CONFIG_KWARG}[{LANGUAGE_MODEL!r}]: {err}") from None
         config = dataclasses.replace(config, vision_tower=vision.with_compiled(cls_name=cls.__name__, graphs=specs),
@@ -168,7 +166,7 @@ class RBLNLlavaForConditionalGeneration(RBLNModel):
         from .auto import RBLNAutoModelForCausalLM
 
         language_model = RBLNAutoModelForCausalLM.from_pretrained(folder / LANGUAGE_MODEL,
-                                                                  rbln_config=config.part_options(LANGUAGE_MODEL))
+                                                                  rbln_config=config.options_for_submodule(LANGUAGE_MODEL))
         try:
             config = config.with_loaded_submodules({LANGUAGE_MODEL: language_model.rbln_config},
                                                    str(folder / CONFIG_NAME))
