@@ -106,6 +106,7 @@ _EXPORTS = {
     "RBLNCosmosSafetyChecker": "optimum_npu.cosmos_guardrail",
     "RBLNCosmosSafetyCheckerConfig": "optimum_npu.cosmos_guardrail",
     "RBLNLlamaGuard3": "optimum_npu.cosmos_guardrail",
+    "RBLNQwen3Guard": "optimum_npu.cosmos_guardrail",
     "RBLNRetinaFace": "optimum_npu.cosmos_guardrail",
     "RBLNRetinaFaceConfig": "optimum_npu.cosmos_guardrail",
     "RBLNSiglipVisionModel": "optimum_npu.cosmos_guardrail",
