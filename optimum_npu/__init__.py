@@ -103,6 +103,7 @@ _EXPORTS = {
     "RBLNStableDiffusion3PipelineConfig": "optimum_npu.diffusers",
     "RBLNSD3Transformer2DModel": "optimum_npu.diffusers",
     "RBLNSD3Transformer2DModelConfig": "optimum_npu.diffusers",
+    "RBLNCosmosPromptUpsampler": "optimum_npu.diffusers",
     "RBLNCosmosSafetyChecker": "optimum_npu.cosmos_guardrail",
     "RBLNCosmosSafetyCheckerConfig": "optimum_npu.cosmos_guardrail",
     "RBLNLlamaGuard3": "optimum_npu.cosmos_guardrail",
