@@ -53,6 +53,11 @@ class CompiledChatModel:
         tokenizer = auto_class_from_pretrained(AutoTokenizer, folder)
         return cls(model, tokenizer)
 
+    @property
+    def rbln_config(self):
+        """The compiled decoder's options."""
+        return self.model.rbln_config
+
     def save_pretrained(self, folder: str | os.PathLike, *, exist_ok: bool = False) -> str:
         """The compiled decoder folder; it carries the tokenizer files of the checkpoint it came from."""
         return self.model.save_pretrained(folder, exist_ok=exist_ok)
