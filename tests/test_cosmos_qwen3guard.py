@@ -60,6 +60,7 @@ def test_qwen3guard_compiled_answers_as_transformers(tmp_path):
     guard.close()
 
 
+@pytest.mark.heavy   # two guard LLMs compiled twice (~40 s on a loaded 2-core machine); the guard itself is tested above
 def test_checker_runs_qwen3guard_after_the_guard_llm_and_saves_it(tmp_path, monkeypatch):
     source = build_tiny_cosmos_guardrail(tmp_path / "src", guard_answer="safe", qwen3guard_answer=UNSAFE)
     parts = {"rbln_video_filter": False, "rbln_face_blur": False}
