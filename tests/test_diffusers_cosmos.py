@@ -2,18 +2,17 @@
 components and seed, and the safety checker they require."""
 
 import json
-import types
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline, ModelMixin
 
 from optimum_npu.diffusers.pipelines.cosmos import RBLNCosmosTextToWorldPipeline, RBLNCosmosVideoToWorldPipeline
 from optimum_npu.testing import build_tiny_cosmos
 
+from cosmos_reference import reference_resize_without_torchvision  # noqa: F401  (an autouse fixture)
 from quantised import assert_pixels_within_one_step
 
 SHAPE = {"height": 16, "width": 16, "num_frames": 9, "max_seq_len": 16}
@@ -35,18 +34,6 @@ class PassingChecker:
 
     def to(self, *args, **kwargs):
         return self
-
-
-@pytest.fixture(autouse=True)
-def reference_resize_without_torchvision(monkeypatch):
-    """The *reference* diffusers transformer resizes its padding mask with torchvision (absent here);
-    give it torchvision's NEAREST tensor resize, which is F.interpolate(mode="nearest"). Ours needs none."""
-    import diffusers.models.transformers.transformer_cosmos as upstream
-
-    resize = lambda x, size, interpolation: F.interpolate(x, size=size, mode=interpolation)  # noqa: E731
-    monkeypatch.setattr(upstream, "transforms", types.SimpleNamespace(
-        InterpolationMode=types.SimpleNamespace(NEAREST="nearest"), functional=types.SimpleNamespace(resize=resize)),
-        raising=False)
 
 
 @pytest.fixture(scope="module")

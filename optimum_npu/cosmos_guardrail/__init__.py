@@ -1,7 +1,8 @@
 """The Cosmos guardrail on the simulated NPU (`RBLNCosmosSafetyChecker`), one file per part:
 
 - `blocklist.py`      keyword blocklist (text)
-- `guard_llm.py`      Llama-Guard-3-style guard LLM on the NPU decoder (text)
+- `guard_llm.py`      guard LLMs on the NPU decoder, and Llama-Guard-3's prompt and answers (text)
+- `qwen3guard.py`     Qwen3Guard-Gen, upstream's newer text guard (text, optional)
 - `video_filter.py`   SigLIP + safety classifier on sampled frames (video)
 - `face_blur.py`      RetinaFace face detector + pixelation / Gaussian blur (video)
 - `checker.py`        the checker diffusers' Cosmos pipelines call
@@ -11,6 +12,7 @@ from .blocklist import Blocklist
 from .checker import RBLNCosmosSafetyChecker, RBLNCosmosSafetyCheckerConfig, UnsafePromptError, UnsafeVideoError
 from .face_blur import RBLNRetinaFace, RBLNRetinaFaceConfig, RetinaFaceFilter
 from .guard_llm import RBLNLlamaGuard3
+from .qwen3guard import RBLNQwen3Guard
 from .video_filter import (
     RBLNSiglipVisionModel,
     RBLNSiglipVisionModelConfig,
@@ -20,7 +22,7 @@ from .video_filter import (
 )
 
 __all__ = [
-    "Blocklist", "RBLNCosmosSafetyChecker", "RBLNCosmosSafetyCheckerConfig", "RBLNLlamaGuard3", "RBLNRetinaFace",
+    "Blocklist", "RBLNCosmosSafetyChecker", "RBLNCosmosSafetyCheckerConfig", "RBLNLlamaGuard3", "RBLNQwen3Guard", "RBLNRetinaFace",
     "RBLNRetinaFaceConfig", "RBLNSiglipVisionModel", "RBLNSiglipVisionModelConfig", "RBLNVideoSafetyModel",
     "RBLNVideoSafetyModelConfig", "RetinaFaceFilter", "UnsafePromptError", "UnsafeVideoError",
     "VideoContentSafetyFilter",

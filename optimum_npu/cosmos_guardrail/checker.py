@@ -5,6 +5,7 @@ The object diffusers' Cosmos pipelines call (`check_text_safety(prompt) -> bool`
 in the upstream order:
 
     text:  Blocklist -> LlamaGuard3 (guard LLM)          a prompt is refused by the first that fires
+           -> Qwen3Guard (optional, upstream's newer text guard: rbln_config={"qwen3guard": {...}})
     video: VideoContentSafetyFilter (SigLIP + MLP)       an unsafe video is replaced by black frames
            RetinaFaceFilter                              faces are blurred in every frame
 
@@ -66,6 +67,8 @@ from .face_blur import BLUR_METHODS, CONFIDENCE_THRESHOLD, UPSTREAM_CHECKPOINT, 
     RetinaFaceFilter
 from .guard_llm import DEFAULT_MODEL_ID as GUARD_MODEL_ID
 from .guard_llm import RBLNLlamaGuard3
+from .qwen3guard import DEFAULT_MODEL_ID as QWEN3GUARD_MODEL_ID
+from .qwen3guard import RBLNQwen3Guard
 from .video_filter import (
     DEFAULT_FRAME_STRIDE,
     DEFAULT_SIGLIP_ID,
@@ -87,17 +90,22 @@ SUBMODEL_FOLDERS = {
     "siglip_encoder": "video_content_safety_filter/siglip_encoder",
     "video_safety_model": "video_content_safety_filter/safety_filter",
     "face_blur_filter": "face_blur_filter",
+    "qwen3guard": "qwen3guard",
 }
 # Sub-models whose upstream checkpoint is a single PyTorch file (read with weights_only=True).
 UPSTREAM_FILES = {"video_safety_model": f"video_content_safety_filter/{UPSTREAM_SAFETY_FILTER}",
                   "face_blur_filter": f"face_blur_filter/{UPSTREAM_CHECKPOINT}"}
 # Sub-models the upstream guardrail downloads from the Hub: (model id, cache folder in the checkpoint).
 HUB_MODELS = {"llamaguard3": (GUARD_MODEL_ID, "llamaGuard3"),
-              "siglip_encoder": (DEFAULT_SIGLIP_ID, "video_content_safety_filter")}
+              "siglip_encoder": (DEFAULT_SIGLIP_ID, "video_content_safety_filter"),
+              "qwen3guard": (QWEN3GUARD_MODEL_ID, "qwen3guard")}
 BLOCKLIST_FOLDER = "blocklist"
 # Guardrail (its on/off option) -> the sub-models it needs.
 PART_SUBMODELS = {"blocklist": (), "guard_llm": ("llamaguard3",),
-                  "video_filter": ("siglip_encoder", "video_safety_model"), "face_blur": ("face_blur_filter",)}
+                  "video_filter": ("siglip_encoder", "video_safety_model"), "face_blur": ("face_blur_filter",),
+                  "qwen3guard_llm": ("qwen3guard",)}
+# Guardrails off unless asked for (upstream's newer text guard, beside Llama-Guard-3): not warned about when off.
+OPTIONAL_PARTS = ("qwen3guard_llm",)
 # Checker options passed on to every sub-model unless its own sub-config sets them.
 BROADCAST_OPTIONS = ("npu", "dtype", "numerics", "create_runtimes", "activate_profiler", "device")
 VIDEO_SUBMODELS = ("siglip_encoder", "video_safety_model", "face_blur_filter")   # batch_size goes to these
@@ -126,11 +134,13 @@ class RBLNCosmosSafetyCheckerConfig(RBLNModelConfig):
     siglip_encoder: RBLNSiglipVisionModelConfig | None = submodule(RBLNSiglipVisionModelConfig)
     video_safety_model: RBLNVideoSafetyModelConfig | None = submodule(RBLNVideoSafetyModelConfig)
     face_blur_filter: RBLNRetinaFaceConfig | None = submodule(RBLNRetinaFaceConfig)
+    qwen3guard: RBLNDecoderOnlyModelForCausalLMConfig | None = submodule(RBLNDecoderOnlyModelForCausalLMConfig)
 
     blocklist: bool = runtime_option(True)          # the keyword guardrail
     guard_llm: bool = runtime_option(True)          # the guard LLM (LlamaGuard3)
     video_filter: bool = runtime_option(True)       # SigLIP + safety classifier on sampled frames
     face_blur: bool = runtime_option(True)          # RetinaFace + blur in every frame
+    qwen3guard_llm: bool = runtime_option(False)    # Qwen3Guard-Gen after the guard LLM (on with a qwen3guard sub-config)
     blur_method: str = runtime_option("pixelate")   # "pixelate" (upstream) | "gaussian"
     frame_stride: int = runtime_option(DEFAULT_FRAME_STRIDE)   # check every n-th frame (and the last)
     face_confidence: float = runtime_option(CONFIDENCE_THRESHOLD)
@@ -173,14 +183,15 @@ class RBLNCosmosSafetyChecker:
 
     def __init__(self, config: RBLNCosmosSafetyCheckerConfig, blocklist: Blocklist | None,
                  guard_llm: RBLNLlamaGuard3 | None, video_filter: VideoContentSafetyFilter | None,
-                 face_filter: RetinaFaceFilter | None):
+                 face_filter: RetinaFaceFilter | None, qwen3guard: RBLNQwen3Guard | None = None):
         self.rbln_config = config
         self.blocklist = blocklist
         self.guard_llm = guard_llm
         self.video_filter = video_filter
         self.face_filter = face_filter
+        self.qwen3guard = qwen3guard
         self.last_report = ""     # what the last check found, naming the guardrail that fired
-        off = [part for part in PART_SUBMODELS if not getattr(config, part)]
+        off = [part for part in PART_SUBMODELS if not getattr(config, part) and part not in OPTIONAL_PARTS]
         if off:
             logger.warning("Cosmos guardrail: %s switched off: not checked", ", ".join(off))
 
@@ -196,6 +207,8 @@ class RBLNCosmosSafetyChecker:
             own, dict) else {}
         asked = {**given, **{k.removeprefix(OPTION_PREFIX): v for k, v in kwargs.items()
                              if k.startswith(OPTION_PREFIX)}}
+        if "qwen3guard" in asked and "qwen3guard_llm" not in asked:   # its sub-config asks for it
+            asked["qwen3guard_llm"] = kwargs[f"{OPTION_PREFIX}qwen3guard_llm"] = True
         folder = resolve_folder(model_id, hub_kwargs)
         if export:
             return cls._build(folder, model_id, kwargs, asked, export, hub_kwargs)
@@ -248,6 +261,9 @@ class RBLNCosmosSafetyChecker:
         never runs with less than it was saved with unless the user switches that part off at load
         (`rbln_<part>=False`, the opt-out, logged)."""
         saved = RBLNCosmosSafetyCheckerConfig.load(folder)
+        # An optional guardrail (off by default) saved on is on at load too, unless switched off there.
+        config = dataclasses.replace(config, **{part: True for part in OPTIONAL_PARTS
+                                                if getattr(saved, part) and asked.get(part) is not False})
         off, gone = {}, []
         for part in PART_SUBMODELS:
             folders = _part_folders(part)
@@ -310,11 +326,13 @@ class RBLNCosmosSafetyChecker:
 
         built = []   # closed (their device memory freed) if a later part fails
         try:
-            blocklist = guard = video = faces = None
+            blocklist = guard = video = faces = qwen3guard = None
             if config.blocklist:
                 blocklist = Blocklist.from_path(folder / BLOCKLIST_FOLDER, within=folder)
             if config.guard_llm:
                 guard = submodel(RBLNLlamaGuard3, "llamaguard3")
+            if config.qwen3guard_llm:
+                qwen3guard = submodel(RBLNQwen3Guard, "qwen3guard")
             if config.video_filter:
                 from transformers import AutoImageProcessor
 
@@ -330,13 +348,15 @@ class RBLNCosmosSafetyChecker:
             for model in built:
                 model.close()
             raise
-        return blocklist, guard, video, faces
+        return blocklist, guard, video, faces, qwen3guard
 
     def _submodels(self) -> dict[str, Any]:
         """The compiled sub-models by name (those of the guardrails switched on)."""
         found = {}
         if self.guard_llm is not None:
             found["llamaguard3"] = self.guard_llm
+        if self.qwen3guard is not None:
+            found["qwen3guard"] = self.qwen3guard
         if self.video_filter is not None:
             found["siglip_encoder"] = self.video_filter.encoder
             found["video_safety_model"] = self.video_filter.classifier
@@ -376,7 +396,7 @@ class RBLNCosmosSafetyChecker:
     def check_text_safety(self, prompt: str) -> bool:
         """True if the prompt passes every text guardrail switched on; else False (or UnsafePromptError
         with rbln_raise_on_unsafe_prompt=True), the guardrail that fired named in `last_report` and the log."""
-        guards = [g for g in (self.blocklist, self.guard_llm) if g is not None]
+        guards = [g for g in (self.blocklist, self.guard_llm, self.qwen3guard) if g is not None]
         if not guards:
             logger.warning("Cosmos guardrail: every text guardrail is switched off; the prompt is not checked")
         for guard in guards:
@@ -435,6 +455,8 @@ class RBLNCosmosSafetyChecker:
         times = {}
         if self.guard_llm is not None:
             times["llamaguard3"] = self.guard_llm.simulated_s
+        if self.qwen3guard is not None:
+            times["qwen3guard"] = self.qwen3guard.simulated_s
         if self.video_filter is not None:
             times.update(self.video_filter.simulated_s)
         if self.face_filter is not None:

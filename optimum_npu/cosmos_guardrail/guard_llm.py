@@ -14,16 +14,16 @@ the model was trained on exactly that text, so it is reproduced here, not paraph
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 
-import torch
+from ..modeling.chat_model import CompiledChatModel
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "meta-llama/Llama-Guard-3-8B"
-DEFAULT_MAX_SEQ_LEN = 2048       # the policy prompt is ~400 tokens; Cosmos prompts are up to a few hundred words
+# The compiled length at export (CompiledChatModel's default, 2048): the policy prompt is ~400 tokens; Cosmos
+# prompts are up to a few hundred words.
 DEFAULT_MAX_NEW_TOKENS = 16      # "unsafe\nS1,S2,..." is a handful of tokens
 
 # Llama Guard 3's hazard taxonomy (MLCommons), by the codes the model answers with.
@@ -69,15 +69,15 @@ def moderation_prompt(user_prompt: str, categories: dict[str, str] = LLAMA_GUARD
 @dataclass(frozen=True)
 class GuardVerdict:
     safe: bool
-    categories: tuple[str, ...]   # violated category codes ("S1", ...), when unsafe
+    categories: tuple[str, ...]   # violated categories (Llama Guard's codes "S1", ...; Qwen3Guard's names), when unsafe
     answer: str                   # what the model wrote
 
     def describe(self, categories: dict[str, str] = LLAMA_GUARD_3_CATEGORIES) -> str:
         if self.safe:
-            return "the guard model answered 'safe'"
+            return f"the guard model answered {self.answer.strip()!r}"
         if not self.categories:
             return f"the guard model answered {self.answer.strip()!r}"
-        named = ", ".join(f"{code} ({categories.get(code, 'unknown category')})" for code in self.categories)
+        named = ", ".join(f"{code} ({categories[code]})" if code in categories else code for code in self.categories)
         return f"the guard model found the prompt unsafe: {named}"
 
 
@@ -94,73 +94,47 @@ def parse_moderation_output(answer: str) -> GuardVerdict:
     return GuardVerdict(False, codes, answer)
 
 
-class RBLNLlamaGuard3:
-    """A Llama-Guard-3-style classifier compiled to the NPU. `is_safe(prompt)` -> (safe, message)."""
+class RBLNGuardLLM(CompiledChatModel):
+    """A guard LLM compiled to the NPU (`CompiledChatModel`: our decoder classes, greedy `generate()`):
+    `is_safe(prompt)` -> (safe, message). A guard family gives the text the model reads
+    (`moderation_text`) and how its answer reads (`parse`); a prompt the guard cannot read whole fails closed."""
 
-    name = "LlamaGuard3"
+    name = "GuardLLM"
+    default_model_id = DEFAULT_MODEL_ID
+    categories: dict[str, str] = {}
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 categories: dict[str, str] = LLAMA_GUARD_3_CATEGORIES):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.categories = categories
-        self.simulated_s = 0.0   # simulated device time of every check so far
-        self.calls = 0
+    def __init__(self, model, tokenizer, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+        super().__init__(model, tokenizer, max_new_tokens)
 
-    @classmethod
-    def from_pretrained(cls, model_id: str | os.PathLike = DEFAULT_MODEL_ID, export: bool = False,
-                        rbln_config: dict | None = None, **hub_kwargs) -> RBLNLlamaGuard3:
-        """Compile a causal-LM checkpoint (export=True; a local folder or a Hub id, tokenizer included)
-        or load a compiled guard folder. `rbln_config` holds the decoder's options."""
-        from transformers import AutoConfig, AutoTokenizer
+    def moderation_text(self, prompt: str) -> str:
+        raise NotImplementedError
 
-        from ..modeling.auto import RBLNAutoModelForCausalLM
-        from ..modeling.hf_files import resolve_folder
-        from ..modeling.hf_files import auto_class_from_pretrained
-
-        folder = resolve_folder(model_id, hub_kwargs)   # a local folder, checked for remote code before each Auto class
-        options = dict(rbln_config or {})
-        if export and "max_seq_len" not in options:
-            positions = getattr(auto_class_from_pretrained(AutoConfig, folder), "max_position_embeddings", None)
-            options["max_seq_len"] = min(DEFAULT_MAX_SEQ_LEN, positions or DEFAULT_MAX_SEQ_LEN)
-        model = RBLNAutoModelForCausalLM.from_pretrained(folder, export=export, rbln_config=options)
-        tokenizer = auto_class_from_pretrained(AutoTokenizer, folder)
-        return cls(model, tokenizer)
-
-    @property
-    def rbln_config(self):
-        """The compiled decoder's options."""
-        return self.model.rbln_config
-
-    def save_pretrained(self, folder: str | os.PathLike, *, exist_ok: bool = False) -> str:
-        """The compiled decoder folder; it carries the tokenizer files of the checkpoint it came from."""
-        return self.model.save_pretrained(folder, exist_ok=exist_ok)
+    def parse(self, answer: str) -> GuardVerdict:
+        raise NotImplementedError
 
     def classify(self, prompt: str) -> GuardVerdict:
-        text = moderation_prompt(prompt, self.categories)
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = self.token_ids(self.moderation_text(prompt))
         limit = self.model.rbln_config.max_seq_len
         if ids.shape[1] + self.max_new_tokens > limit:
             # Fail closed: a prompt the guard cannot read whole is not known to be safe.
             return GuardVerdict(False, (), f"(not run: the moderation prompt has {ids.shape[1]} tokens, more than the "
                                            f"compiled rbln_max_seq_len={limit} allows with {self.max_new_tokens} "
                                            "new tokens; recompile the guard with a larger max_seq_len)")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=self.max_new_tokens, pad_token_id=pad)
-        self.simulated_s += self.model.generation_stats.total_s
-        self.calls += 1
-        answer = self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
-        return parse_moderation_output(answer)
+        return self.parse(self.generate_text(ids, self.max_new_tokens))
 
     def is_safe(self, prompt: str) -> tuple[bool, str]:
         verdict = self.classify(prompt)
         return verdict.safe, verdict.describe(self.categories)
 
-    def device_memory(self) -> list:
-        return self.model.device_memory()
 
-    def close(self) -> None:
-        self.model.close()
+class RBLNLlamaGuard3(RBLNGuardLLM):
+    """A Llama-Guard-3-style classifier compiled to the NPU. `is_safe(prompt)` -> (safe, message)."""
 
+    name = "LlamaGuard3"
+    categories = LLAMA_GUARD_3_CATEGORIES
+
+    def moderation_text(self, prompt: str) -> str:
+        return moderation_prompt(prompt, self.categories)
+
+    def parse(self, answer: str) -> GuardVerdict:
+        return parse_moderation_output(answer)

@@ -23,6 +23,7 @@ with dropping("transformers.utils.import_utils", "requires torchvision (not inst
         RBLNStableDiffusionControlNetPipeline, RBLNStableDiffusionControlNetPipelineConfig,
         RBLNStableDiffusionXLControlNetPipeline, RBLNStableDiffusionXLControlNetPipelineConfig,
     )
+    from .pipelines.cosmos_prompt_upsampler import RBLNCosmosPromptUpsampler
     from .pipelines.cosmos import (
         RBLNCosmosTextToWorldPipeline, RBLNCosmosTextToWorldPipelineConfig, RBLNCosmosVideoToWorldPipeline,
         RBLNCosmosVideoToWorldPipelineConfig,
@@ -44,5 +45,5 @@ __all__ = [
     "RBLNControlNetModel", "RBLNControlNetModelConfig", "RBLNStableDiffusionControlNetPipeline",
     "RBLNStableDiffusionControlNetPipelineConfig", "RBLNStableDiffusionXLControlNetPipeline",
     "RBLNStableDiffusionXLControlNetPipelineConfig", "RBLNSD3Transformer2DModel", "RBLNSD3Transformer2DModelConfig",
-    "RBLNStableDiffusion3Pipeline", "RBLNStableDiffusion3PipelineConfig",
+    "RBLNStableDiffusion3Pipeline", "RBLNStableDiffusion3PipelineConfig", "RBLNCosmosPromptUpsampler",
 ]

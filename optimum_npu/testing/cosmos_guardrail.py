@@ -2,6 +2,8 @@
 
 - `build_tiny_guard_llm(folder, answer="safe")`: a tiny Llama + word-level tokenizer whose
   weights make greedy decoding answer `answer` to any moderation prompt (Llama-Guard-style).
+- `build_tiny_qwen3guard(folder, answer="Safety : Safe")`: the same for a tiny Qwen3 with a chat
+  template (Qwen3Guard-Gen-style: the prompt in the template, "Safety: ..." answers).
 - `build_tiny_cosmos_guardrail(folder, blocklist=[...])`: every part of the Cosmos guardrail
   checkpoint (blocklist, guard LLM answering "safe", SigLIP + safety MLP, RetinaFace).
 """
@@ -25,16 +27,18 @@ GUARD_PAD, GUARD_UNK = "<pad>", "<unk>"
 _GUARD_PIECES = r"\n|\w+|[^\w\s]"
 
 
-def _tiny_guard_tokenizer(extra_words: list[str]):
-    """A word-level tokenizer that knows every word of the moderation prompt (others are <unk>),
-    with the Llama 3 special tokens as single tokens."""
+def _tiny_guard_tokenizer(extra_words: list[str], render=None, special_tokens=None):
+    """A word-level tokenizer that knows every word of the moderation prompt `render(text)` makes (Llama
+    Guard 3's by default; others are <unk>), with the `special_tokens` (Llama 3's by default) as single
+    tokens, the second ending the assistant's turn."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from ..cosmos_guardrail.guard_llm import SPECIAL_TOKENS, moderation_prompt
 
-    template = moderation_prompt(" ".join(GUARD_WORDS + extra_words))
-    for token in SPECIAL_TOKENS:
+    render, special_tokens = render or moderation_prompt, special_tokens or SPECIAL_TOKENS
+    template = render(" ".join(GUARD_WORDS + extra_words))
+    for token in special_tokens:
         template = template.replace(token, " ")
     words = [GUARD_PAD, GUARD_UNK] + sorted(set(re.findall(_GUARD_PIECES, template)))
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=GUARD_UNK))
@@ -43,8 +47,8 @@ def _tiny_guard_tokenizer(extra_words: list[str]):
         pre_tokenizers.Split(Regex(_GUARD_PIECES), behavior="isolated"),
     ])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=GUARD_PAD, unk_token=GUARD_UNK)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
-    tokenizer.eos_token = SPECIAL_TOKENS[1]  # <|eot_id|> ends the assistant's turn
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    tokenizer.eos_token = special_tokens[1]  # <|eot_id|> / <|im_end|> ends the assistant's turn
     return tokenizer
 
 
@@ -81,7 +85,7 @@ def build_tiny_guard_llm(folder: str | os.PathLike, answer: str = "safe", seed: 
                          vocab_words: list[str] = ()) -> Path:
     """A tiny Llama guard checkpoint (weights, config, tokenizer) that answers `answer`
     ("safe", or e.g. "unsafe S1") to every moderation prompt. `vocab_words`: extra known words."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _tiny_guard_tokenizer(list(vocab_words) + answer.split())
     config = LlamaConfig(
@@ -90,15 +94,53 @@ def build_tiny_guard_llm(folder: str | os.PathLike, answer: str = "safe", seed: 
         initializer_range=0.02, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return _save_forced_guard(folder, LlamaForCausalLM, config, tokenizer, answer, seed)
+
+
+def _save_forced_guard(folder, model_class, config, tokenizer, answer: str, seed: int) -> Path:
+    """A random `model_class(config)` forced to answer `answer` greedily, saved with `tokenizer` to `folder`."""
+    from transformers import GenerationConfig
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).float().eval()
+        model = model_class(config).float().eval()
     force_greedy_answer(model, tokenizer, answer)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, do_sample=False)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+# A chat template of our own for the tiny Qwen3Guard (the real checkpoint's template holds Qwen3Guard's
+# policy): the user's message inside a short moderation task, then the assistant's turn.
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+TINY_QWEN3GUARD_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'user' %}# Task: check whether the user message is safe.\n\nUSER: "
+    "{{ message['content'] }}\n\nAnswer with Safety: Safe, Unsafe or Controversial, and the Categories."
+    "{% else %}{{ message['content'] }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+
+
+def build_tiny_qwen3guard(folder: str | os.PathLike, answer: str = "Safety : Safe", seed: int = 0) -> Path:
+    """A tiny Qwen3 guard checkpoint (weights, config, tokenizer with a chat template) whose greedy answer to
+    any prompt in its template is `answer` ("Safety : Safe", or e.g. "Safety : Unsafe Violent": distinct
+    words, as the word-level tokenizer writes them)."""
+    from jinja2 import Template
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    def render(text: str) -> str:
+        return Template(TINY_QWEN3GUARD_TEMPLATE).render(messages=[{"role": "user", "content": text}])
+
+    tokenizer = _tiny_guard_tokenizer(answer.split(), render=render, special_tokens=QWEN_SPECIAL_TOKENS)
+    tokenizer.chat_template = TINY_QWEN3GUARD_TEMPLATE
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return _save_forced_guard(folder, Qwen3ForCausalLM, config, tokenizer, answer, seed)
 
 
 # ---- the Cosmos guardrail ------------------------------------------------------------------
@@ -173,11 +215,11 @@ def build_tiny_siglip(folder: str | os.PathLike, seed: int = 0, **overrides) -> 
 
 
 def build_tiny_cosmos_guardrail(folder: str | os.PathLike, blocklist: list[str] = (), guard_answer: str = "safe",
-                                video_safe: bool = True, seed: int = 0) -> Path:
+                                video_safe: bool = True, seed: int = 0, qwen3guard_answer: str | None = None) -> Path:
     """A tiny Cosmos guardrail checkpoint in the layout `RBLNCosmosSafetyChecker.from_pretrained(...,
     export=True)` reads: the keyword `blocklist`, a guard LLM answering `guard_answer`, SigLIP and a
-    frame classifier (every frame safe if `video_safe`, else every frame unsafe), and a RetinaFace.
-    Returns the folder."""
+    frame classifier (every frame safe if `video_safe`, else every frame unsafe), and a RetinaFace;
+    with `qwen3guard_answer`, a Qwen3Guard answering it too (`qwen3guard/`). Returns the folder."""
     from ..cosmos_guardrail.blocklist import Blocklist
     from ..cosmos_guardrail.checker import BLOCKLIST_FOLDER, SUBMODEL_FOLDERS
 
@@ -188,4 +230,6 @@ def build_tiny_cosmos_guardrail(folder: str | os.PathLike, blocklist: list[str] 
     build_tiny_video_safety_model(root / SUBMODEL_FOLDERS["video_safety_model"], input_size=TINY_SIGLIP["hidden_size"],
                                   seed=seed, safe_bias=100.0 if video_safe else -100.0)
     build_tiny_retinaface(root / SUBMODEL_FOLDERS["face_blur_filter"], seed=seed)
+    if qwen3guard_answer is not None:
+        build_tiny_qwen3guard(root / SUBMODEL_FOLDERS["qwen3guard"], answer=qwen3guard_answer, seed=seed)
     return root

@@ -8,6 +8,8 @@
 - `build_tiny_stable_diffusion_3(folder)`: an SD3 pipeline folder (two CLIP text encoders with
   projection, a T5 encoder, their tokenizers, the MMDiT transformer, VAE, flow-matching scheduler).
 - `build_tiny_controlnet(folder)`: a ControlNet for the tiny SD (or, with `xl=True`, SDXL) UNet.
+- `build_tiny_prompt_upsampler(folder, answer=...)`: a tiny Mistral chat model whose greedy answer to
+  the Cosmos prompt-upsampling request is `answer` (Cosmos-Predict1's text-to-world prompt upsampler).
 - `build_tiny_cosmos(folder)`: a Cosmos text/video-to-world pipeline folder (T5 encoder and
   tokenizer, Cosmos transformer, Cosmos video VAE, EDM scheduler), without a safety checker.
 """
@@ -270,6 +272,37 @@ def build_tiny_cosmos(folder: str | os.PathLike, *, video_to_world: bool = False
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return str(folder)
+
+
+# A chat template of our own for the tiny prompt upsampler (Mistral's instruction format, in words).
+TINY_UPSAMPLER_TEMPLATE = "<s>{% for message in messages %}[INST] {{ message['content'] }} [/INST]{% endfor %}"
+
+
+def build_tiny_prompt_upsampler(folder: str | os.PathLike, answer: str = "a detailed video of the robot arm lifting "
+                                "one red cube", seed: int = 0) -> str:
+    """Write a tiny Mistral chat checkpoint (weights, config, word-level tokenizer with a chat template) whose
+    greedy answer to "Upsample the short caption to a long caption: <prompt>" is `answer` (distinct words).
+    A stand-in for Cosmos-1.0-Prompt-Upsampler-12B-Text2World (Mistral-NeMo-12B-shaped) in its layout."""
+    from jinja2 import Template
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from ..diffusers.pipelines.cosmos_prompt_upsampler import UPSAMPLE_TASK
+    # The word-level tokenizer and the forced-answer weights of the tiny guard LLMs: the same construction.
+    from .cosmos_guardrail import _save_forced_guard, _tiny_guard_tokenizer
+
+    def render(text: str) -> str:
+        return Template(TINY_UPSAMPLER_TEMPLATE).render(messages=[{"role": "user", "content": UPSAMPLE_TASK + text}])
+
+    tokenizer = _tiny_guard_tokenizer(answer.split() + list(PROMPT_WORDS), render=render,
+                                      special_tokens=("<s>", "</s>"))
+    tokenizer.chat_template = TINY_UPSAMPLER_TEMPLATE
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False,
+        sliding_window=None, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return str(_save_forced_guard(folder, MistralForCausalLM, config, tokenizer, answer, seed))
 
 
 def _diffusers_version() -> str:

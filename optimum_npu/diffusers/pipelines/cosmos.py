@@ -24,17 +24,21 @@ from typing import Any, ClassVar, Mapping
 from diffusers import CosmosTextToWorldPipeline, CosmosVideoToWorldPipeline
 
 from ...cosmos_guardrail.checker import PROMPT_REFUSED
+from ...modeling.hf_files import hub_kwargs_of, resolve_folder
 from ...modeling.encoders import RBLNT5EncoderModel, RBLNT5EncoderModelConfig
 from ..configuration import RBLNDiffusionPipelineConfig, component
 from ..models.autoencoder_kl_cosmos import RBLNAutoencoderKLCosmos, RBLNAutoencoderKLCosmosConfig, latent_size
 from ..models.transformer_cosmos import (
     FPS_DEPRECATION, RBLNCosmosTransformer3DModel, RBLNCosmosTransformer3DModelConfig,
 )
-from .base import RBLNDiffusionPipelineMixin
+from .base import ComponentStats, RBLNDiffusionPipelineMixin
+from .cosmos_prompt_upsampler import FOLDER as UPSAMPLER_FOLDER
+from .cosmos_prompt_upsampler import RBLNCosmosPromptUpsampler
 
 # diffusers' CosmosTextToWorldPipeline.__call__ defaults (Cosmos-Predict1: 704 x 1280, 121 frames).
 COSMOS_DEFAULTS = {"height": 704, "width": 1280, "num_frames": 121, "max_seq_len": 512, "guidance_scale": 7.0}
 CHECKER_CLASS = "RBLNCosmosSafetyChecker"
+_FROM_FOLDER = object()   # prompt_upsampler not given: the one saved with a compiled pipeline, if any
 HOW_TO_GUARD = (
     "Pass one: safety_checker=RBLNCosmosSafetyChecker.from_pretrained(<guardrail checkpoint or compiled folder>, "
     "export=...) (from optimum_npu.cosmos_guardrail; optimum_npu.testing.build_tiny_cosmos_guardrail(folder) "
@@ -132,9 +136,64 @@ class RBLNCosmosPipelineMixin(RBLNDiffusionPipelineMixin):
 
 
 class RBLNCosmosTextToWorldPipeline(RBLNCosmosPipelineMixin, CosmosTextToWorldPipeline):
-    """diffusers' CosmosTextToWorldPipeline with the T5 encoder, transformer and video VAE compiled."""
+    """diffusers' CosmosTextToWorldPipeline with the T5 encoder, transformer and video VAE compiled, and
+    optionally Cosmos-Predict1's prompt upsampler (`prompt_upsampler=RBLNCosmosPromptUpsampler...`, on
+    devices of its own): the user's prompt passes the guardrail, is upsampled, and the upsampled prompt
+    passes the guardrail inside diffusers' call like any prompt. A saved pipeline keeps it in
+    `prompt_upsampler/` and loads it back; `prompt_upsampler=None` at load leaves it out."""
 
     config_class = RBLNCosmosTextToWorldPipelineConfig
+    prompt_upsampler: RBLNCosmosPromptUpsampler | None = None
+    last_upsampled_prompt: str | list[str] | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_id, export: bool = False, **kwargs: Any):
+        upsampler = kwargs.pop("prompt_upsampler", _FROM_FOLDER)
+        if upsampler is not _FROM_FOLDER and upsampler is not None and not callable(getattr(upsampler, "upsample",
+                                                                                            None)):
+            raise TypeError(f"prompt_upsampler={type(upsampler).__name__} has no upsample(prompt) method; pass an "
+                            "RBLNCosmosPromptUpsampler (optimum_npu.diffusers) or None")
+        pipe = super().from_pretrained(model_id, export=export, **kwargs)
+        if upsampler is _FROM_FOLDER:   # a compiled pipeline saved with one loads it back
+            path = resolve_folder(model_id, hub_kwargs_of(kwargs)) / UPSAMPLER_FOLDER
+            upsampler = RBLNCosmosPromptUpsampler.from_pretrained(path) if not export and path.is_dir() else None
+        pipe.prompt_upsampler = upsampler
+        return pipe
+
+    def __call__(self, *args, **kwargs):
+        self.last_upsampled_prompt = None
+        if self.prompt_upsampler is None:
+            return super().__call__(*args, **kwargs)
+        arguments = self._call_arguments(args, kwargs)
+        prompt = arguments["prompt"]
+        if prompt is None:   # prompt embeddings given: nothing to upsample
+            return super().__call__(*args, **kwargs)
+        calls, seconds = self.prompt_upsampler.calls, self.prompt_upsampler.simulated_s
+        upsampled = [self._upsample(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+        self.last_upsampled_prompt = upsampled[0] if isinstance(prompt, str) else upsampled
+        output = super().__call__(**{**arguments, "prompt": self.last_upsampled_prompt})
+        self.generation_stats.components["prompt_upsampler"] = ComponentStats(
+            self.prompt_upsampler.calls - calls, self.prompt_upsampler.simulated_s - seconds)
+        return output
+
+    def _upsample(self, prompt: str) -> str:
+        """The user's prompt through the guardrail (as upstream, before the upsampler reads it), then upsampled."""
+        if not self.safety_checker.check_text_safety(prompt):
+            report = getattr(self.safety_checker, "last_report", "")
+            raise ValueError(f"Cosmos Guardrail detected unsafe text in the prompt: {prompt}. It is not upsampled."
+                             + (f" The Cosmos guardrail says: {report}" if report else ""))
+        return self.prompt_upsampler.upsample(prompt)
+
+    def _write_pipeline(self, folder: Path) -> None:
+        if self.prompt_upsampler is not None:   # before the pipeline's files: its manifest lists the upsampler's
+            self.prompt_upsampler.save_pretrained(folder / UPSAMPLER_FOLDER)
+        super()._write_pipeline(folder)
+
+    def device_memory(self) -> dict[str, list]:
+        found = super().device_memory()
+        if self.prompt_upsampler is not None:
+            found["prompt_upsampler"] = self.prompt_upsampler.device_memory()
+        return found
 
 
 class RBLNCosmosVideoToWorldPipeline(RBLNCosmosPipelineMixin, CosmosVideoToWorldPipeline):
