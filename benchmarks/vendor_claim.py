@@ -74,7 +74,8 @@ def main() -> None:
 
 
 GAP = """
-In the planner's figures: device time from the cost model calibrated on Qwen3-4B (TP 4), plus the
+In the planner's figures: device time from the cost model (calibrated on Qwen3-4B at TP 4, ResNet-50
+and BERT-base: docs/performance-model.md), plus the
 serving stack's host work between steps (1 ms per step; sampling and detokenising per sequence:
 estimates, docs/performance-model.md). The constants were not tuned to this claim.
 The claim states no latency bound. With 2048-token prompts and equal lengths, every user's prompt
@@ -85,7 +86,7 @@ between the rows: on this table (16-card servers) it takes a batch of 8 to 16 pe
 instance, whose median first token comes after 2.5-5 s: a throughput figure measured without a
 2 s TTFT bound. What remains uncertain at equal bounds: FP16 priced at
 the bf16 rate, cross-card collectives priced from estimated PCIe latencies, the host-work
-estimates, and power (the claim is server wall power; the planner counts card TDP only)."""
+estimates, and power (the claim is server wall power; the planner counts card power only)."""
 
 
 if __name__ == "__main__":

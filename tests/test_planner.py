@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import optimum_npu
+from optimum_npu.sim_device import power
 from optimum_npu.cli import main
 from optimum_npu.compile import compile_from_torch
 from optimum_npu.compile.compiler import compile_exported, export
@@ -38,6 +39,9 @@ def test_plan_ranks_feasible_deployments(config_folder):
         assert c.tokens_per_s_per_card == pytest.approx(c.tokens_per_s * 4)   # 4 devices per CA25 card at TP 1
         assert c.tokens_per_s_per_server == pytest.approx(8 * c.tokens_per_s_per_card)
         assert c.tokens_per_s_per_rack == pytest.approx(100 * c.tokens_per_s_per_card)  # 35 kW / 350 W
+        # Per watt of the card's simulated power: above what it draws at rest, at most its 350 W TDP.
+        assert 350 * power.IDLE_FRACTION_OF_TDP < c.card_watts <= 350
+        assert c.tokens_per_s_per_watt == pytest.approx(c.tokens_per_s_per_card / c.card_watts)
     batch4 = next(c for c in result.candidates if c.batch_size == 4)
     batch1 = next(c for c in result.candidates if c.batch_size == 1)
     assert batch4.tokens_per_s > batch1.tokens_per_s  # batching shares the weight streaming
