@@ -389,7 +389,7 @@ def _write_json(folder, name, data):
     (["{llama}", "--batch_size", "2"], "-o DIR is required"),
     (["{llama}", "-o", "{llama}"], "the folder is not empty and holds no compiled model"),
     (["{llama}", "-o", "{out}", "--safety-checker", "{out}"], "RBLNLlamaForCausalLM takes no guardrail"),
-    (["{gpt2}", "-o", "{out}"], "model_type 'gpt2' (architectures ['GPT2LMHeadModel']) has no RBLN class here; "
+    (["{falcon}", "-o", "{out}"], "model_type 'falcon' (architectures ['FalconForCausalLM']) has no RBLN class here; "
                                 "the classes by model_type: "),
     (["{flux}", "-o", "{out}"], "names the pipeline 'FluxPipeline', which has no RBLN class here"),
     (["{empty}", "-o", "{out}"], "cannot tell which model it is"),
@@ -398,8 +398,8 @@ def _write_json(folder, name, data):
 ])
 def test_export_errors_are_one_line_and_name_the_fix(llama_source, tmp_path, capsys, argv, message):
     folders = {"llama": llama_source, "out": tmp_path / "out",
-               "gpt2": _write_json(tmp_path / "gpt2", "config.json",
-                                   {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}),
+               "falcon": _write_json(tmp_path / "falcon", "config.json",
+                                     {"model_type": "falcon", "architectures": ["FalconForCausalLM"]}),
                "flux": _write_json(tmp_path / "flux", "model_index.json", {"_class_name": "FluxPipeline"}),
                "empty": _write_json(tmp_path / "empty", "README.json", {}),
                "compiled": _write_json(tmp_path / "compiled", "rbln_config.json", {})}
@@ -408,7 +408,7 @@ def test_export_errors_are_one_line_and_name_the_fix(llama_source, tmp_path, cap
     assert err.count("\n") == 1 and err.startswith("optimum-npu export: error: ")
     assert message in err
     assert not (tmp_path / "out").exists()
-    if "gpt2" in argv[0]:
+    if "falcon" in argv[0]:
         assert "RBLNLlamaForCausalLM (llama)" in err and "RBLNBertModel (bert)" in err
 
 

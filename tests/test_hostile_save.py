@@ -415,7 +415,7 @@ def test_a_checkpoint_of_another_family_is_refused_at_export(tmp_path, monkeypat
     with pytest.raises(ValueError, match="model_type 'llama'.*RBLNLlamaForCausalLM"):
         RBLNQwen2ForCausalLM.from_model(make_hf_model("llama"), **OPTIONS)
 
-    from transformers import BertConfig, GPT2Config
+    from transformers import BertConfig, FalconConfig, GPT2Config
 
     bert = tmp_path / "bert"
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(bert)
@@ -423,8 +423,12 @@ def test_a_checkpoint_of_another_family_is_refused_at_export(tmp_path, monkeypat
         RBLNLlamaForCausalLM.from_pretrained(bert, export=True, **OPTIONS)
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(gpt2)
-    with pytest.raises(ValueError, match="model_type 'gpt2': no RBLN class supports it"):
+    with pytest.raises(ValueError, match="model_type 'gpt2': use RBLNGPT2LMHeadModel"):
         RBLNLlamaForCausalLM.from_pretrained(gpt2, export=True, **OPTIONS)
+    falcon = tmp_path / "falcon"
+    FalconConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=64).save_pretrained(falcon)
+    with pytest.raises(ValueError, match="model_type 'falcon': no RBLN class supports it"):
+        RBLNLlamaForCausalLM.from_pretrained(falcon, export=True, **OPTIONS)
 
 
 def test_a_generic_class_compiles_its_subclasses_families_and_no_other(monkeypatch):

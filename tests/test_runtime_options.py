@@ -35,7 +35,7 @@ def saved_configs(folder) -> dict[str, dict]:
 
 
 # Runtime options that say what a folder holds (not where or how to run it) are recorded: the guardrail's parts.
-RECORDED = {"blocklist", "guard_llm", "video_filter", "face_blur"}
+RECORDED = {"blocklist", "guard_llm", "video_filter", "face_blur", "qwen3guard_llm"}
 
 
 def assert_no_runtime_option_saved(folder) -> None:
